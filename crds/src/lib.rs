@@ -1,0 +1,42 @@
+//! The public `livedisk.io/v1alpha1` API: the custom resources users apply, their status shape,
+//! and the pure helpers every controller uses to report on them.
+//!
+//! The CRD YAML in `crds/generated/` and `charts/livedisk/crds/` is generated from these types by
+//! the `crdgen` binary (`make generate`); CI fails when the committed YAML drifts from the types.
+
+pub mod common;
+pub mod conditions;
+pub mod export;
+pub mod merge;
+pub mod migration;
+pub mod restore;
+pub mod schema;
+pub mod snapshot;
+
+pub use common::{Phase, Progress};
+pub use export::{DiskExport, DiskExportSpec, DiskExportStatus};
+pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
+pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus};
+pub use restore::{DiskRestore, DiskRestoreSpec, DiskRestoreStatus};
+pub use snapshot::{DiskSnapshot, DiskSnapshotSource, DiskSnapshotSpec, DiskSnapshotStatus};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every livedisk resource.
+pub const GROUP: &str = "livedisk.io";
+/// The served and stored version of the public API.
+pub const VERSION: &str = "v1alpha1";
+/// The `kubectl get <category>` name that lists every livedisk resource.
+pub const CATEGORY: &str = "livedisk";
+
+/// Every public CRD, in a stable order (the order `crdgen` writes them in).
+pub fn public_crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        DiskSnapshot::crd(),
+        DiskMerge::crd(),
+        DiskMigration::crd(),
+        DiskExport::crd(),
+        DiskRestore::crd(),
+    ]
+}

@@ -1,0 +1,81 @@
+//! `DiskMigration`: move a live volume to another node while it is written.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Phase, Progress};
+use crate::schema;
+
+/// A live block migration: the volume is mirrored to the target node's engine over an
+/// authenticated NBD connection while the consumer keeps writing, converges, cuts over in
+/// milliseconds and is verified.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "livedisk.io",
+    version = "v1alpha1",
+    kind = "DiskMigration",
+    doc = "A live block migration of a volume to another node.",
+    namespaced,
+    status = "DiskMigrationStatus",
+    shortname = "dmig",
+    category = "livedisk",
+    printcolumn = r#"{"name":"PVC","type":"string","jsonPath":".spec.persistentVolumeClaimName","description":"Volume being moved"}"#,
+    printcolumn = r#"{"name":"From","type":"string","jsonPath":".status.sourceNodeName"}"#,
+    printcolumn = r#"{"name":"To","type":"string","jsonPath":".spec.targetNodeName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"integer","jsonPath":".status.progress.percent","description":"Percent copied"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.spec.persistentVolumeClaimName == oldSelf.spec.persistentVolumeClaimName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.verify == oldSelf.spec.verify").message("persistentVolumeClaimName, targetNodeName and verify are immutable; only bandwidthLimit and cancel may change").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!oldSelf.spec.cancel || self.spec.cancel").message("spec.cancel cannot be set back to false").reason(Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskMigrationSpec {
+    /// The PersistentVolumeClaim to move, in the same namespace.
+    #[schemars(schema_with = "schema::object_name")]
+    pub persistent_volume_claim_name: String,
+    /// The node that will own the volume afterwards.
+    #[schemars(schema_with = "schema::object_name")]
+    pub target_node_name: String,
+    /// Maximum copy speed in bytes per second, e.g. `500Mi`. Empty: unlimited. May be changed
+    /// while the copy runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::bandwidth")]
+    pub bandwidth_limit: Option<String>,
+    /// Compare source and target after the cutover and before the source is released.
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// Set to true to cancel before the cutover; the volume stays where it was.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Observed state of a DiskMigration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskMigrationStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Running, Completed, Failed or Cancelled.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The node that owned the volume when the migration started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node_name: Option<String>,
+    /// Bytes copied so far, of how many, at what rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// How long the consumer's I/O was held during the cutover, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub cutover_pause_milliseconds: Option<i64>,
+    /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
+    #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+}

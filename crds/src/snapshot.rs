@@ -1,0 +1,115 @@
+//! `DiskSnapshot`: a point-in-time copy of a PVC, or of every livedisk disk of a VirtualMachine.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::Phase;
+use crate::schema;
+
+/// A live, crash-consistent snapshot of a disk (or of all disks of a VirtualMachine as one group).
+///
+/// The operator turns it into a standard VolumeSnapshot (or VolumeGroupSnapshot for a VM), so
+/// backup tools see the same snapshot. Taking it is O(1): the active qcow2 layer is sealed and a
+/// new one put on top without pausing the consumer. Deleting it merges its layer away live.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "livedisk.io",
+    version = "v1alpha1",
+    kind = "DiskSnapshot",
+    doc = "A live snapshot of a PVC or of every livedisk disk of a VirtualMachine.",
+    namespaced,
+    status = "DiskSnapshotStatus",
+    shortname = "dsnap",
+    category = "livedisk",
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.source","description":"What was snapshotted"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether the snapshot can be used"}"#,
+    printcolumn = r#"{"name":"Size","type":"string","jsonPath":".status.restoreSize","description":"Size of a volume restored from it"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why it is (not) ready"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable: create a new DiskSnapshot instead").reason(Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSnapshotSpec {
+    /// What to snapshot: exactly one PersistentVolumeClaim or one KubeVirt VirtualMachine in the
+    /// same namespace.
+    pub source: DiskSnapshotSource,
+    /// VolumeSnapshotClass (or VolumeGroupSnapshotClass for a VM) to use. Empty: the livedisk
+    /// default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::optional_object_name")]
+    pub snapshot_class_name: Option<String>,
+    /// Guest filesystem freeze around a VirtualMachine snapshot: `Auto` freezes when a guest agent
+    /// answers, `Required` fails the snapshot if it cannot freeze, `Never` takes a crash-consistent
+    /// snapshot. The guest is always thawed afterwards. Ignored for a PVC source.
+    #[serde(default)]
+    pub freeze: FreezePolicy,
+    /// What happens to the underlying snapshot when this object is deleted: `Delete` merges the
+    /// layer away and reclaims space; `Retain` keeps the VolumeSnapshotContent.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Exactly one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.persistentVolumeClaimName) != has(self.virtualMachineName)").message("exactly one of persistentVolumeClaimName or virtualMachineName must be set")
+)]
+pub struct DiskSnapshotSource {
+    /// Name of a PersistentVolumeClaim of the livedisk StorageClass in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::optional_object_name")]
+    pub persistent_volume_claim_name: Option<String>,
+    /// Name of a KubeVirt VirtualMachine in the same namespace: all its livedisk volumes are
+    /// snapshotted as one consistent group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::optional_object_name")]
+    pub virtual_machine_name: Option<String>,
+}
+
+/// Guest freeze behaviour for VirtualMachine snapshots.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum FreezePolicy {
+    #[default]
+    Auto,
+    Required,
+    Never,
+}
+
+/// Fate of the underlying snapshot when the DiskSnapshot is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// Observed state of a DiskSnapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSnapshotStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Ready, Failed or Deleting.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The source, as `PersistentVolumeClaim/<name>` or `VirtualMachine/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The standard VolumeSnapshot (PVC source) or VolumeGroupSnapshot (VM source) that carries
+    /// this snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_name: Option<String>,
+    /// Size of a volume restored from this snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+    /// When the point in time was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
+    #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
