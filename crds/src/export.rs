@@ -50,7 +50,9 @@ pub struct DiskExportSpec {
 }
 
 /// Wire protocol of an export.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum ExportProtocol {
     #[default]
     #[serde(rename = "NBD")]

@@ -65,7 +65,9 @@ pub struct DiskMergeSpec {
 }
 
 /// How layers are merged.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum MergeMode {
     #[default]
     Commit,

@@ -47,9 +47,12 @@ pub fn bandwidth(_: &mut SchemaGenerator) -> Schema {
 
 /// A list of conditions keyed by `type`, so server-side apply merges them one by one.
 pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator
-        .subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
+    let mut schema =
+        generator.subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
     schema
 }

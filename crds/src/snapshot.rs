@@ -69,7 +69,9 @@ pub struct DiskSnapshotSource {
 }
 
 /// Guest freeze behaviour for VirtualMachine snapshots.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum FreezePolicy {
     #[default]
     Auto,
@@ -78,7 +80,9 @@ pub enum FreezePolicy {
 }
 
 /// Fate of the underlying snapshot when the DiskSnapshot is deleted.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum DeletionPolicy {
     #[default]
     Delete,

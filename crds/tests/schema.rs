@@ -46,7 +46,10 @@ fn every_field_has_a_description() {
     for (crd, schema) in schemas() {
         let mut missing = Vec::new();
         undocumented("", &schema, &mut missing);
-        assert!(missing.is_empty(), "{crd}: fields without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{crd}: fields without a description: {missing:?}"
+        );
     }
 }
 
@@ -61,16 +64,42 @@ fn every_kind_reports_kstatus_fields_and_belongs_to_the_category() {
             Some(&[livedisk_api::CATEGORY.to_string()][..]),
             "{name}"
         );
-        assert!(crd.spec.names.short_names.as_ref().is_some_and(|s| !s.is_empty()), "{name}");
+        assert!(
+            crd.spec
+                .names
+                .short_names
+                .as_ref()
+                .is_some_and(|s| !s.is_empty()),
+            "{name}"
+        );
         let version = &crd.spec.versions[0];
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{name}");
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{name}"
+        );
         let schema = serde_json::to_value(version.schema.as_ref().unwrap()).unwrap();
         let status = &schema["openAPIV3Schema"]["properties"]["status"]["properties"];
-        assert!(status.get("observedGeneration").is_some(), "{name} lacks observedGeneration");
+        assert!(
+            status.get("observedGeneration").is_some(),
+            "{name} lacks observedGeneration"
+        );
         let conditions = &status["conditions"];
         assert_eq!(conditions["x-kubernetes-list-type"], "map", "{name}");
-        assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type", "{name}");
-        let columns = version.additional_printer_columns.as_ref().expect("printer columns");
-        assert!(columns.iter().any(|c| c.name == "Age"), "{name} has no Age column");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"][0], "type",
+            "{name}"
+        );
+        let columns = version
+            .additional_printer_columns
+            .as_ref()
+            .expect("printer columns");
+        assert!(
+            columns.iter().any(|c| c.name == "Age"),
+            "{name} has no Age column"
+        );
     }
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make up`: the local cluster on loopback, the livedisk CRDs, and the operator, ready for
+# `kubectl apply -f examples/`. The kubeconfig is written to ./.livedisk/kubeconfig.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export LIVEDISK_STATE_DIR="${LIVEDISK_STATE_DIR:-$ROOT/.livedisk}"
+STATE="$LIVEDISK_STATE_DIR"
+log() { echo "up: $*" >&2; }
+
+hack/deps.sh
+log "building the livedisk binaries (cargo build --workspace --bins; the first build takes a few minutes)"
+cargo build --workspace --bins
+hack/cluster.sh up >/dev/null
+# shellcheck disable=SC1091
+source "$STATE/env"
+log "installing the livedisk CRDs"
+kubectl apply --server-side --field-manager=livedisk-up -f crds/generated/ >/dev/null
+kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
+
+mkdir -p "$STATE/pids" "$STATE/logs"
+pidfile="$STATE/pids/livedisk-operator.pid"
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  log "operator already running (pid $(cat "$pidfile")); restarting it with the fresh build"
+  kill "$(cat "$pidfile")"; sleep 1
+fi
+setsid target/debug/livedisk-operator >"$STATE/logs/livedisk-operator.log" 2>&1 < /dev/null &
+echo $! > "$pidfile"
+for _ in $(seq 1 60); do
+  grep -q "all livedisk CRDs are established" "$STATE/logs/livedisk-operator.log" && break
+  kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$STATE/logs/livedisk-operator.log" >&2; log "operator exited"; exit 1; }
+  sleep 0.5
+done
+cat >&2 <<MSG
+up: ready. The operator runs (log: $STATE/logs/livedisk-operator.log).
+    source $STATE/env          # KUBECONFIG and kubectl on PATH
+    kubectl apply -f examples/
+    kubectl get livedisk
+    make down                  # stops everything
+MSG

@@ -1,0 +1,29 @@
+//! The operator's error type. Each variant names the pipeline stage that failed; its name becomes
+//! the reason of the Warning Event that reports it.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("reading {what}: {source}")]
+    Observe {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing status: {0}")]
+    UpdateStatus(#[source] kube::Error),
+    #[error("object cannot be read with this operator's API types: {0}")]
+    InvalidObject(String),
+}
+
+impl Error {
+    /// CamelCase reason for Events and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Observe { .. } => "ObserveFailed",
+            Error::UpdateStatus(_) => "StatusUpdateFailed",
+            Error::InvalidObject(_) => "InvalidObject",
+        }
+    }
+}

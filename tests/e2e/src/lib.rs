@@ -1,0 +1,137 @@
+//! Helpers for the end-to-end tests, which run against the real local cluster that `make test`
+//! (or `make up`) starts. Nothing here mocks the API server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::pinned_kind;
+use kube::{Client, ResourceExt};
+
+/// A client for the local cluster, or a message that says how to start it.
+pub async fn client() -> Result<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        bail!(
+            "KUBECONFIG is not set: start the local cluster with `make up` (or run `make test`), \
+             then `source .livedisk/env`"
+        );
+    }
+    let client = Client::try_default()
+        .await
+        .context("building a client from KUBECONFIG")?;
+    client.apiserver_version().await.context(
+        "the API server in KUBECONFIG does not answer; is the local cluster up (`make up`)?",
+    )?;
+    Ok(client)
+}
+
+/// The workspace root (this crate lives in `<root>/tests/e2e`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A namespace created for one test, with a unique name.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Result<Self> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{prefix}-{}", &suffix[..8]);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name }
+        }))?;
+        api.create(&PostParams::default(), &namespace)
+            .await
+            .context("creating namespace")?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+
+    /// Deletes the namespace (the garbage collector removes what is in it).
+    pub async fn delete(self) -> Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.delete(&self.name, &DeleteParams::default()).await?;
+        Ok(())
+    }
+}
+
+/// Parses a multi-document YAML manifest into JSON objects.
+pub fn parse_manifests(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).context("parsing YAML manifests")?;
+    Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// The API of the object's kind in `namespace`, found through discovery.
+pub async fn api_for(
+    client: &Client,
+    namespace: &str,
+    object: &serde_json::Value,
+) -> Result<(Api<DynamicObject>, DynamicObject)> {
+    let object: DynamicObject = serde_json::from_value(object.clone()).context("not an object")?;
+    let types = object
+        .types
+        .clone()
+        .context("object has no apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(&types)?;
+    let (resource, capabilities) = pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("discovering {}", types.kind))?;
+    let api = match capabilities.scope {
+        kube::discovery::Scope::Namespaced => {
+            Api::namespaced_with(client.clone(), namespace, &resource)
+        }
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    Ok((api, object))
+}
+
+/// Server-side applies one object with strict field validation, as `kubectl apply
+/// --server-side` would. Returns the API server's error unchanged so tests can read it.
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    object: &serde_json::Value,
+) -> Result<std::result::Result<DynamicObject, kube::Error>> {
+    let (api, object) = api_for(client, namespace, object).await?;
+    let params = PatchParams::apply("livedisk-e2e").validation_strict();
+    Ok(api
+        .patch(&object.name_any(), &params, &Patch::Apply(&object))
+        .await)
+}
+
+/// The message of an API error (what `kubectl` would print).
+pub fn error_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Path of a binary built by this workspace, or an error that says how to build it.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("debug").join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --workspace`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `kubectl` on PATH (the harness's build, via `.livedisk/env`).
+pub fn kubectl() -> std::process::Command {
+    std::process::Command::new("kubectl")
+}
