@@ -16,19 +16,25 @@ use serde::de::DeserializeOwned;
 
 use crate::decide::{EventKind, decide};
 use crate::error::Error;
-use crate::kinds::LivediskKind;
-use crate::{observe, status};
+use crate::kinds::{LivediskKind, Reference};
+use crate::observe::{self, Caches};
+use crate::status;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 pub struct Context {
     client: Client,
     recorder: Recorder,
+    caches: Caches,
 }
 
 /// Runs the controllers of all kinds until the process is stopped.
-pub async fn run_all(client: Client, reporter: Reporter) {
+pub async fn run_all(client: Client, reporter: Reporter) -> Result<(), Error> {
+    let caches = Caches::start(&client).await?;
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
+        caches,
     });
     tokio::join!(
         run::<DiskSnapshot>(context.clone()),
@@ -37,6 +43,7 @@ pub async fn run_all(client: Client, reporter: Reporter) {
         run::<DiskExport>(context.clone()),
         run::<DiskRestore>(context),
     );
+    Ok(())
 }
 
 async fn run<K>(context: Arc<Context>)
@@ -52,7 +59,32 @@ where
         + 'static,
 {
     let api: Api<DeserializeGuard<K>> = Api::all(context.client.clone());
-    Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    // A referenced PVC or DiskSnapshot appearing (or going) triggers the objects that name it at
+    // once, instead of waiting for the periodic requeue.
+    let store = controller.store();
+    let pvc_watchers = move |pvc: PersistentVolumeClaim| {
+        referrers(&store, &pvc, |name| {
+            Reference::PersistentVolumeClaim(name.to_string())
+        })
+    };
+    let store = controller.store();
+    let snapshot_watchers = move |snapshot: DiskSnapshot| {
+        referrers(&store, &snapshot, |name| {
+            Reference::DiskSnapshot(name.to_string())
+        })
+    };
+    controller
+        .watches(
+            Api::all(context.client.clone()),
+            watcher::Config::default().any_semantic(),
+            pvc_watchers,
+        )
+        .watches(
+            Api::all(context.client.clone()),
+            watcher::Config::default().any_semantic(),
+            snapshot_watchers,
+        )
         .shutdown_on_signal()
         .run(reconcile::<K>, error_policy::<K>, context)
         .for_each(|result| async move {
@@ -86,7 +118,13 @@ where
     let span = tracing::info_span!("reconcile", %kind, %namespace, %name);
     let _entered = span.enter();
 
-    let observation = observe::observe(&context.client, &namespace, &object.references()).await?;
+    let observation = observe::observe(
+        &context.caches,
+        &context.client,
+        &namespace,
+        &object.references(),
+    )
+    .await?;
     let decision = decide(&kind, &observation);
     let current = serde_json::to_value(object).ok();
     let update = status::build(
@@ -128,6 +166,31 @@ where
     Ok(Action::requeue(Duration::from_secs(
         decision.requeue_seconds,
     )))
+}
+
+/// The objects in the store that refer to `referenced` (same namespace, same name).
+fn referrers<K, R>(
+    store: &Store<DeserializeGuard<K>>,
+    referenced: &R,
+    as_reference: impl Fn(&str) -> Reference,
+) -> Vec<ObjectRef<DeserializeGuard<K>>>
+where
+    K: Resource<DynamicType = ()> + LivediskKind + Clone,
+    R: Resource,
+{
+    let namespace = referenced.namespace();
+    let reference = as_reference(&referenced.name_any());
+    store
+        .state()
+        .iter()
+        .filter_map(|guarded| guarded.0.as_ref().ok())
+        .filter(|object| {
+            object.namespace() == namespace && object.references().contains(&reference)
+        })
+        .map(|object| {
+            ObjectRef::new(&object.name_any()).within(&object.namespace().unwrap_or_default())
+        })
+        .collect()
 }
 
 fn error_policy<K>(

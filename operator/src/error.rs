@@ -13,6 +13,8 @@ pub enum Error {
     },
     #[error("writing status: {0}")]
     UpdateStatus(#[source] kube::Error),
+    #[error("caches did not sync: {0}")]
+    CacheSync(String),
     #[error("object cannot be read with this operator's API types: {0}")]
     InvalidObject(String),
 }
@@ -23,6 +25,7 @@ impl Error {
         match self {
             Error::Observe { .. } => "ObserveFailed",
             Error::UpdateStatus(_) => "StatusUpdateFailed",
+            Error::CacheSync(_) => "CacheSyncFailed",
             Error::InvalidObject(_) => "InvalidObject",
         }
     }

@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         controller: args.controller_name,
         instance: args.pod_name,
     };
-    controller::run_all(client, reporter).await;
+    controller::run_all(client, reporter).await?;
     Ok(())
 }
 

@@ -1,0 +1,256 @@
+//! Pure decisions over a volume record: what a snapshot deletion must do to
+//! the chain, what the record looks like afterwards, and which extent records
+//! answer a changed-block query. No I/O here, so all of it is unit-tested.
+
+use super::extents::{self, Extent};
+use super::ids::SnapshotId;
+use super::record::{SnapshotState, VolumeRecord};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(SnapshotId),
+    #[error("snapshot {0} is being deleted")]
+    SnapshotDeleting(SnapshotId),
+    #[error("snapshot {base} is not older than {target}")]
+    NotOlder {
+        base: SnapshotId,
+        target: SnapshotId,
+    },
+    #[error("changed blocks of snapshot {0} are not captured yet")]
+    NotCaptured(SnapshotId),
+    #[error("record inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// How to make a snapshot's layer disappear from the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeletePlan {
+    /// Commit layer `top` into layer `base` (the snapshot's layer). `base`
+    /// then takes over `top`'s role: the view of the next snapshot, or the
+    /// active layer when `active`. Committing *upwards-in* keeps every other
+    /// snapshot's view intact, whichever snapshot is deleted.
+    Commit { top: u64, base: u64, active: bool },
+    /// The volume was deleted and this is the topmost layer: nothing depends
+    /// on it, so the layer is simply dropped.
+    DropTop { layer: u64 },
+}
+
+pub fn plan_delete(rec: &VolumeRecord, snap: &SnapshotId) -> Result<DeletePlan, PlanError> {
+    let li = rec
+        .layer_of(snap)
+        .ok_or_else(|| PlanError::SnapshotNotFound(snap.clone()))?;
+    let base = rec.layers[li].seq;
+    match rec.layers.get(li + 1) {
+        Some(top) => Ok(DeletePlan::Commit {
+            top: top.seq,
+            base,
+            active: top.sealed_by.is_none(),
+        }),
+        None if rec.deleted => Ok(DeletePlan::DropTop { layer: base }),
+        None => Err(PlanError::Inconsistent(format!(
+            "snapshot {snap} has the top layer of a live volume"
+        ))),
+    }
+}
+
+/// The record after `plan` for deleting `snap` has been carried out.
+///
+/// The deleted snapshot's extent record is folded into the next snapshot's:
+/// the merged layer now holds both sets of writes, and no query can start or
+/// end at a deleted snapshot, so their union is exactly what a delta across
+/// it needs. If no later snapshot exists the writes live on in the active
+/// layer and will be in the next snapshot's record when it seals.
+pub fn apply_delete(
+    rec: &VolumeRecord,
+    snap: &SnapshotId,
+    plan: &DeletePlan,
+) -> Result<VolumeRecord, PlanError> {
+    let mut out = rec.clone();
+    let si = out
+        .snapshot_index(snap)
+        .ok_or_else(|| PlanError::SnapshotNotFound(snap.clone()))?;
+    let removed = out.snapshots.remove(si);
+    if let Some(next) = out.snapshots.get_mut(si) {
+        next.changed = match (&removed.changed, &next.changed) {
+            (Some(a), Some(b)) => Some(extents::union([a.as_slice(), b.as_slice()])),
+            _ => None,
+        };
+    }
+    match plan {
+        DeletePlan::Commit { top, base, .. } => {
+            let ti = out
+                .layers
+                .iter()
+                .position(|l| l.seq == *top)
+                .ok_or_else(|| PlanError::Inconsistent(format!("layer {top} missing")))?;
+            let top_layer = out.layers.remove(ti);
+            let bl = out
+                .layers
+                .iter_mut()
+                .find(|l| l.seq == *base)
+                .ok_or_else(|| PlanError::Inconsistent(format!("layer {base} missing")))?;
+            bl.sealed_by = top_layer.sealed_by;
+        }
+        DeletePlan::DropTop { layer } => out.layers.retain(|l| l.seq != *layer),
+    }
+    out.exports.retain(
+        |e| !matches!(&e.target, super::record::ExportTarget::Snapshot { id } if id == snap),
+    );
+    out.in_flight = None;
+    Ok(out)
+}
+
+fn ready_index(rec: &VolumeRecord, id: &SnapshotId) -> Result<usize, PlanError> {
+    let i = rec
+        .snapshot_index(id)
+        .ok_or_else(|| PlanError::SnapshotNotFound(id.clone()))?;
+    if rec.snapshots[i].state == SnapshotState::Deleting {
+        return Err(PlanError::SnapshotDeleting(id.clone()));
+    }
+    Ok(i)
+}
+
+fn union_range(
+    rec: &VolumeRecord,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<Extent>, PlanError> {
+    let mut lists = Vec::with_capacity(range.len());
+    for s in &rec.snapshots[range] {
+        lists.push(
+            s.changed
+                .as_deref()
+                .ok_or_else(|| PlanError::NotCaptured(s.id.clone()))?,
+        );
+    }
+    Ok(extents::union(lists))
+}
+
+/// Clusters allocated in a snapshot's view: every record up to it.
+pub fn allocated(rec: &VolumeRecord, target: &SnapshotId) -> Result<Vec<Extent>, PlanError> {
+    let j = ready_index(rec, target)?;
+    union_range(rec, 0..j + 1)
+}
+
+/// Clusters changed after `base` up to and including `target`.
+pub fn delta(
+    rec: &VolumeRecord,
+    base: &SnapshotId,
+    target: &SnapshotId,
+) -> Result<Vec<Extent>, PlanError> {
+    let i = ready_index(rec, base)?;
+    let j = ready_index(rec, target)?;
+    if i >= j {
+        return Err(PlanError::NotOlder {
+            base: base.clone(),
+            target: target.clone(),
+        });
+    }
+    union_range(rec, i + 1..j + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ids::VolumeId;
+    use crate::engine::record::{Layer, SnapshotRecord};
+
+    fn x(offset: u64, length: u64) -> Extent {
+        Extent { offset, length }
+    }
+
+    /// base(S1) <- L1(S2) <- L2(S3) <- L3 active
+    fn chain() -> (VolumeRecord, Vec<SnapshotId>) {
+        let mut r = VolumeRecord::new(VolumeId::generate(), 1 << 20);
+        let ids: Vec<_> = (0..3).map(|_| SnapshotId::generate()).collect();
+        r.layers = (0..4)
+            .map(|i| Layer {
+                seq: i,
+                sealed_by: ids.get(i as usize).cloned(),
+            })
+            .collect();
+        r.snapshots = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| SnapshotRecord {
+                id: id.clone(),
+                created: chrono::Utc::now(),
+                size: 1 << 20,
+                state: SnapshotState::Ready,
+                changed: Some(vec![x(i as u64 * 65536, 65536)]),
+            })
+            .collect();
+        (r, ids)
+    }
+
+    #[test]
+    fn delete_middle_commits_next_layer_down() {
+        let (r, ids) = chain();
+        let p = plan_delete(&r, &ids[1]).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 2,
+                base: 1,
+                active: false
+            }
+        );
+        let after = apply_delete(&r, &ids[1], &p).unwrap();
+        assert_eq!(after.layers.len(), 3);
+        assert_eq!(after.layers[1].sealed_by.as_ref(), Some(&ids[2]));
+        // S3's record now covers what S2's did: delta(S1,S3) is unchanged.
+        assert_eq!(delta(&r, &ids[0], &ids[2]).unwrap(), vec![x(65536, 131072)]);
+        assert_eq!(
+            delta(&after, &ids[0], &ids[2]).unwrap(),
+            vec![x(65536, 131072)]
+        );
+        assert_eq!(allocated(&after, &ids[2]).unwrap(), vec![x(0, 196608)]);
+    }
+
+    #[test]
+    fn delete_latest_is_active_commit_and_base_delete_keeps_deltas() {
+        let (r, ids) = chain();
+        let p = plan_delete(&r, &ids[2]).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 3,
+                base: 2,
+                active: true
+            }
+        );
+        let after = apply_delete(&r, &ids[2], &p).unwrap();
+        assert!(after.active().is_some());
+        assert_eq!(after.active().map(|l| l.seq), Some(2));
+
+        let p0 = plan_delete(&r, &ids[0]).unwrap();
+        let after0 = apply_delete(&r, &ids[0], &p0).unwrap();
+        assert_eq!(
+            delta(&after0, &ids[1], &ids[2]).unwrap(),
+            delta(&r, &ids[1], &ids[2]).unwrap()
+        );
+        assert_eq!(
+            allocated(&after0, &ids[2]).unwrap(),
+            allocated(&r, &ids[2]).unwrap()
+        );
+    }
+
+    #[test]
+    fn delta_rejects_wrong_order_unknown_and_deleting() {
+        let (mut r, ids) = chain();
+        assert!(matches!(
+            delta(&r, &ids[2], &ids[0]),
+            Err(PlanError::NotOlder { .. })
+        ));
+        let other = SnapshotId::generate();
+        assert!(matches!(
+            delta(&r, &other, &ids[0]),
+            Err(PlanError::SnapshotNotFound(_))
+        ));
+        r.snapshots[0].state = SnapshotState::Deleting;
+        assert!(matches!(
+            delta(&r, &ids[0], &ids[1]),
+            Err(PlanError::SnapshotDeleting(_))
+        ));
+    }
+}

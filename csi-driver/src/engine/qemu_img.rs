@@ -1,0 +1,71 @@
+//! Thin wrappers around `qemu-img` for work on files the daemon does not
+//! have open yet (creating layers) or only reads a sealed layer's metadata.
+
+use std::path::Path;
+
+use tokio::process::Command;
+
+use super::extents::{self, Extent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuImgError {
+    #[error(
+        "cannot run qemu-img ({0}); install it with `apt-get install qemu-utils qemu-system-common libnbd-bin`"
+    )]
+    Missing(std::io::Error),
+    #[error("qemu-img {args}: {stderr}")]
+    Failed { args: String, stderr: String },
+    #[error(transparent)]
+    Map(#[from] extents::MapParseError),
+}
+
+async fn run(args: &[&str]) -> Result<String, QemuImgError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(QemuImgError::Missing)?;
+    if !out.status.success() {
+        return Err(QemuImgError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn path_str(p: &Path) -> Result<&str, QemuImgError> {
+    p.to_str().ok_or_else(|| QemuImgError::Failed {
+        args: String::new(),
+        stderr: format!("non-UTF-8 path {}", p.display()),
+    })
+}
+
+/// A fresh qcow2 file, optionally naming its backing file (relative to its
+/// own directory) in the header so offline tools (`qemu-img check`,
+/// `compare`) can follow the chain. `-u` because the backing file is open in
+/// the daemon and must not be opened (locked) here.
+pub async fn create(file: &Path, size: u64, backing: Option<&str>) -> Result<(), QemuImgError> {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-u", "-b", b, "-F", "qcow2"]);
+    }
+    args.push(path_str(file)?);
+    args.push(&size);
+    run(&args).await.map(|_| ())
+}
+
+/// Allocation map of one layer alone (backing cut off), from metadata only.
+/// Safe while the daemon holds the file: the layer is sealed (nothing writes
+/// it) and the snapshot transaction flushed it; `-U` skips the image lock.
+pub async fn layer_allocation(file: &Path) -> Result<Vec<Extent>, QemuImgError> {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": path_str(file)? },
+        "backing": null,
+    });
+    let arg = format!("json:{spec}");
+    let out = run(&["map", "-U", "--output=json", &arg]).await?;
+    Ok(extents::parse_qemu_img_map(&out)?)
+}

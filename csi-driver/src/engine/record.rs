@@ -1,0 +1,295 @@
+//! Per-volume record files: the durable truth for a volume's chain layout,
+//! snapshots, changed-extent records and in-flight operation.
+//!
+//! `<pool>/<vol-id>/record.json`, replaced atomically (write temp, fsync,
+//! rename, fsync directory), so a crash leaves either the old or the new
+//! record, never a torn one.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::extents::Extent;
+use super::ids::{SnapshotId, VolumeId};
+
+pub const RECORD_FILE: &str = "record.json";
+const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record {0}: {1}")]
+    Io(PathBuf, io::Error),
+    #[error("record {0} is corrupt: {1}")]
+    Corrupt(PathBuf, serde_json::Error),
+    #[error("record {0} has unsupported version {1}")]
+    Version(PathBuf, u32),
+}
+
+/// One qcow2 file of a volume's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// Unique per volume; names the file and the QEMU node.
+    pub seq: u64,
+    /// The snapshot whose point-in-time view ends at this layer; `None` for
+    /// the active (writable) layer.
+    pub sealed_by: Option<SnapshotId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SnapshotState {
+    Ready,
+    /// A merge into this snapshot's layer has started: its data is no longer
+    /// its point-in-time view, so it is never exported or read again.
+    Deleting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub created: DateTime<Utc>,
+    /// Virtual size of the volume when the snapshot was taken.
+    pub size: u64,
+    pub state: SnapshotState,
+    /// Clusters written between the previous live snapshot (or volume
+    /// creation) and this one: the sealed layer's allocation map, captured
+    /// when it was sealed. `None` only between the snapshot transaction and
+    /// the capture; recovery captures it then.
+    pub changed: Option<Vec<Extent>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum ExportTarget {
+    /// The volume itself, writable (the consumer's attach path).
+    Volume,
+    /// A snapshot's point-in-time view, read-only.
+    Snapshot { id: SnapshotId },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    pub target: ExportTarget,
+}
+
+/// A long operation that must be finished after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "op")]
+pub enum InFlight {
+    /// Deleting `snapshot` by committing the layer above it into its layer.
+    Merge { snapshot: SnapshotId, job: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub version: u32,
+    pub id: VolumeId,
+    pub size: u64,
+    pub created: DateTime<Utc>,
+    /// Set when the volume was deleted while snapshots still exist: those
+    /// snapshots stay restorable, the volume itself is gone.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Base first; the last layer is the active one unless `deleted`.
+    pub layers: Vec<Layer>,
+    /// In creation order.
+    pub snapshots: Vec<SnapshotRecord>,
+    #[serde(default)]
+    pub exports: Vec<ExportRecord>,
+    pub next_layer_seq: u64,
+    #[serde(default)]
+    pub in_flight: Option<InFlight>,
+}
+
+impl VolumeRecord {
+    pub fn new(id: VolumeId, size: u64) -> Self {
+        Self {
+            version: RECORD_VERSION,
+            id,
+            size,
+            created: Utc::now(),
+            deleted: false,
+            layers: vec![Layer {
+                seq: 0,
+                sealed_by: None,
+            }],
+            snapshots: vec![],
+            exports: vec![],
+            next_layer_seq: 1,
+            in_flight: None,
+        }
+    }
+
+    pub fn snapshot(&self, id: &SnapshotId) -> Option<&SnapshotRecord> {
+        self.snapshots.iter().find(|s| &s.id == id)
+    }
+
+    pub fn snapshot_index(&self, id: &SnapshotId) -> Option<usize> {
+        self.snapshots.iter().position(|s| &s.id == id)
+    }
+
+    /// Index in `layers` of the layer sealed by `id`.
+    pub fn layer_of(&self, id: &SnapshotId) -> Option<usize> {
+        self.layers
+            .iter()
+            .position(|l| l.sealed_by.as_ref() == Some(id))
+    }
+
+    pub fn active(&self) -> Option<&Layer> {
+        self.layers.last().filter(|l| l.sealed_by.is_none())
+    }
+
+    /// File name of a layer, relative to the volume directory. Derived only
+    /// from a number, so it can never escape the directory.
+    pub fn layer_file(seq: u64) -> String {
+        format!("layer-{seq}.qcow2")
+    }
+
+    /// QEMU node name of a layer: QEMU caps node names at 31 characters, so
+    /// it is `n` + 64 bits of the volume UUID + the layer number.
+    pub fn node_name(&self, seq: u64) -> String {
+        format!("n{}-{seq}", &self.id.hex()[..16])
+    }
+
+    /// NBD export name / block-export id for an export target.
+    pub fn export_names(&self, target: &ExportTarget) -> (String, String) {
+        match target {
+            ExportTarget::Volume => (self.id.to_string(), format!("v{}", &self.id.hex()[..24])),
+            ExportTarget::Snapshot { id } => (id.to_string(), format!("s{}", &id.hex()[..24])),
+        }
+    }
+}
+
+/// Reads and writes records under one pool directory.
+#[derive(Debug, Clone)]
+pub struct RecordStore {
+    pool: PathBuf,
+}
+
+impl RecordStore {
+    pub fn new(pool: impl Into<PathBuf>) -> Self {
+        Self { pool: pool.into() }
+    }
+
+    pub fn pool(&self) -> &Path {
+        &self.pool
+    }
+
+    pub fn volume_dir(&self, id: &VolumeId) -> PathBuf {
+        self.pool.join(id.as_str())
+    }
+
+    fn record_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join(RECORD_FILE)
+    }
+
+    /// `Ok(None)` when the volume has no record.
+    pub fn load(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, RecordError> {
+        let path = self.record_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RecordError::Io(path, e)),
+        };
+        let rec: VolumeRecord =
+            serde_json::from_slice(&bytes).map_err(|e| RecordError::Corrupt(path.clone(), e))?;
+        if rec.version != RECORD_VERSION {
+            return Err(RecordError::Version(path, rec.version));
+        }
+        Ok(Some(rec))
+    }
+
+    /// Atomically replaces the record (creating the volume directory if needed).
+    pub fn save(&self, rec: &VolumeRecord) -> Result<(), RecordError> {
+        let dir = self.volume_dir(&rec.id);
+        let io_err = |e| RecordError::Io(dir.clone(), e);
+        fs::create_dir_all(&dir).map_err(io_err)?;
+        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
+        let body =
+            serde_json::to_vec_pretty(rec).map_err(|e| RecordError::Corrupt(tmp.clone(), e))?;
+        {
+            let mut f = fs::File::create(&tmp).map_err(io_err)?;
+            f.write_all(&body).map_err(io_err)?;
+            f.sync_all().map_err(io_err)?;
+        }
+        fs::rename(&tmp, dir.join(RECORD_FILE)).map_err(io_err)?;
+        // The rename is durable only once the directory entry is on disk.
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Every volume with a record. Directory entries that are not valid
+    /// volume IDs are ignored, never interpreted.
+    pub fn list(&self) -> Result<Vec<VolumeId>, RecordError> {
+        let rd = match fs::read_dir(&self.pool) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(RecordError::Io(self.pool.clone(), e)),
+        };
+        let mut out = vec![];
+        for ent in rd {
+            let ent = ent.map_err(|e| RecordError::Io(self.pool.clone(), e))?;
+            if let Some(id) = ent
+                .file_name()
+                .to_str()
+                .and_then(|n| VolumeId::parse(n).ok())
+                && ent.path().join(RECORD_FILE).exists()
+            {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes the volume directory and everything in it.
+    pub fn remove(&self, id: &VolumeId) -> Result<(), RecordError> {
+        let dir = self.volume_dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RecordError::Io(dir, e)),
+        }
+        fs::File::open(&self.pool)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| RecordError::Io(self.pool.clone(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip_and_list() {
+        let dir = std::env::temp_dir().join(format!("ld-rec-{}", uuid::Uuid::new_v4()));
+        let store = RecordStore::new(&dir);
+        let id = VolumeId::generate();
+        assert!(store.load(&id).unwrap().is_none());
+        let mut rec = VolumeRecord::new(id.clone(), 1 << 30);
+        rec.snapshots.push(SnapshotRecord {
+            id: SnapshotId::generate(),
+            created: Utc::now(),
+            size: 1 << 30,
+            state: SnapshotState::Ready,
+            changed: Some(vec![Extent {
+                offset: 0,
+                length: 65536,
+            }]),
+        });
+        store.save(&rec).unwrap();
+        store.save(&rec).unwrap();
+        assert_eq!(store.load(&id).unwrap().unwrap(), rec);
+        fs::create_dir_all(dir.join("not-a-volume")).unwrap();
+        assert_eq!(store.list().unwrap(), vec![id.clone()]);
+        assert!(rec.node_name(12345).len() <= 31);
+        store.remove(&id).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
