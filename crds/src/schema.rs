@@ -38,7 +38,7 @@ pub fn bandwidth(_: &mut SchemaGenerator) -> Schema {
                 "message": "must be a quantity of bytes per second such as 200Mi or 1Gi"
             },
             {
-                "rule": "!isQuantity(self) || quantity(self).sign() >= 0",
+                "rule": "!isQuantity(self) || !quantity(self).isLessThan(quantity('0'))",
                 "message": "must not be negative"
             }
         ]

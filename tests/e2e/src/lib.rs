@@ -131,7 +131,12 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The `kubectl` on PATH (the harness's build, via `.livedisk/env`).
+/// The `kubectl` on PATH (the harness's build, via `.livedisk/env`), with a discovery cache of its
+/// own: the shared one can predate CRDs installed moments ago, and categories such as `livedisk`
+/// are resolved from it.
 pub fn kubectl() -> std::process::Command {
-    std::process::Command::new("kubectl")
+    let cache = std::env::temp_dir().join(format!("livedisk-e2e-kubectl-{}", std::process::id()));
+    let mut command = std::process::Command::new("kubectl");
+    command.arg("--cache-dir").arg(cache);
+    command
 }
