@@ -111,7 +111,7 @@ if [ ${#todo[@]} -eq 0 ]; then
 fi
 
 echo "harness: building ${#todo[@]} binaries into $BIN_DIR (go $GOVER, -p $JOBS)" >&2
-echo "harness: a cold build (empty Go build cache) takes a long time, ~25-40 min on 2 cores; later runs reuse the cache" >&2
+echo "harness: a cold build (empty Go build cache) takes a long time, ~15-25 min on 2 cores; later runs reuse the cache" >&2
 T0=$SECONDS
 # Module downloads first, so their time is visible and not blamed on the first binary.
 ( cd "$HARNESS_DIR" && go mod download ) >&2 || die "go mod download failed (is the Go module proxy reachable?)"

@@ -121,14 +121,18 @@ async fn exists(
             let resource = ApiResource::from_gvk_with_plural(&gvk, "virtualmachines");
             let api: Api<DynamicObject> =
                 Api::namespaced_with(client.clone(), namespace, &resource);
-            // Without KubeVirt the API answers 404 like for a missing VM: both mean "not found".
-            api.get_opt(name)
-                .await
-                .map_err(|source| Error::Observe {
-                    what: reference.to_string(),
-                    source,
-                })?
-                .is_some()
+            match api.get_opt(name).await {
+                Ok(found) => found.is_some(),
+                // Without KubeVirt the kubevirt.io API is not served at all: a bare 404 page
+                // rather than a Status, which means "no such VirtualMachine" just the same.
+                Err(kube::Error::Api(status)) if status.code == 404 => false,
+                Err(source) => {
+                    return Err(Error::Observe {
+                        what: reference.to_string(),
+                        source,
+                    });
+                }
+            }
         }
     })
 }
