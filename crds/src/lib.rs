@@ -7,6 +7,7 @@
 pub mod common;
 pub mod conditions;
 pub mod export;
+pub mod internal;
 pub mod merge;
 pub mod migration;
 pub mod restore;
@@ -29,6 +30,14 @@ pub const GROUP: &str = "livedisk.io";
 pub const VERSION: &str = "v1alpha1";
 /// The `kubectl get <category>` name that lists every livedisk resource.
 pub const CATEGORY: &str = "livedisk";
+
+/// The internal CRDs shared by the CSI controller and the node plugins.
+pub fn internal_crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        internal::LivediskVolume::crd(),
+        internal::LivediskSnapshot::crd(),
+    ]
+}
 
 /// Every public CRD, in a stable order (the order `crdgen` writes them in).
 pub fn public_crds() -> Vec<CustomResourceDefinition> {

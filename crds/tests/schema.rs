@@ -5,6 +5,7 @@ use serde_json::Value;
 fn schemas() -> Vec<(String, Value)> {
     livedisk_api::public_crds()
         .into_iter()
+        .chain(livedisk_api::internal_crds())
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
             let version = &crd.spec.versions[0];

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
 fn run(check: bool) -> Result<bool> {
     let root = workspace_root();
     let mut up_to_date = true;
-    for crd in livedisk_api::public_crds() {
+    let crds = livedisk_api::public_crds()
+        .into_iter()
+        .chain(livedisk_api::internal_crds());
+    for crd in crds {
         let file_name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"));
         let yaml = render(&crd)?;
         for dir in OUTPUT_DIRS {

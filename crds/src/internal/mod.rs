@@ -1,0 +1,66 @@
+//! Internal, cluster-scoped kinds shared by the CSI controller and the node plugins.
+//!
+//! They are the volume and snapshot inventory *and* the node work items (in the TopoLVM
+//! `LogicalVolume` spirit): the controller declares a volume or snapshot with `spec.nodeName`, the
+//! node plugin of that node (watching with a field selector on the selectable `spec.nodeName`)
+//! makes it real with its engine and reports in `status`, including a typed error the controller
+//! turns into the right gRPC code. Users do not create these objects.
+
+pub mod snapshot;
+pub mod volume;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
+pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
+
+/// Volume IDs: `vol-` and a lowercase hyphenated UUID. Never a node, never a path.
+pub const VOLUME_ID_PATTERN: &str =
+    "^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+/// Snapshot IDs: `snap-` and a lowercase hyphenated UUID.
+pub const SNAPSHOT_ID_PATTERN: &str =
+    "^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+
+/// Where a node-side object is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum NodePhase {
+    /// Declared; the node has not acted on it yet.
+    #[default]
+    Pending,
+    /// The node is creating it (for example copying or flattening data).
+    Creating,
+    /// It exists on the node and can be used.
+    Ready,
+    /// The node could not create it; `status.error` says why. The controller deletes it.
+    Failed,
+    /// The node is removing it (a finalizer holds the object until it is gone).
+    Deleting,
+}
+
+/// A typed error from the node, as the CSI code the controller must answer with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeError {
+    /// The gRPC status code the CSI controller returns for this failure.
+    pub code: ErrorCode,
+    /// The whole error chain, for people.
+    pub message: String,
+}
+
+/// gRPC codes a node failure can map to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    Aborted,
+    OutOfRange,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+/// Finalizer the node plugin puts on objects it has storage for, so deletion waits for cleanup.
+pub const NODE_FINALIZER: &str = "livedisk.io/node-storage";

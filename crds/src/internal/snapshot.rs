@@ -1,0 +1,72 @@
+//! `LivediskSnapshot`: one snapshot, on the node that holds its layer.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeError, NodePhase};
+use crate::schema;
+
+/// A livedisk snapshot: declared by the CSI controller, taken by the node plugin of
+/// `spec.nodeName`. The object's name is the CSI snapshot ID (`snap-<uuid>`). It outlives its
+/// source volume, as CSI requires.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "livedisk.io",
+    version = "v1alpha1",
+    kind = "LivediskSnapshot",
+    doc = "Internal: a livedisk snapshot and the node that holds it (created by the CSI controller).",
+    status = "LivediskSnapshotStatus",
+    shortname = "ldsnap",
+    category = "livedisk-internal",
+    selectable = ".spec.nodeName",
+    selectable = ".spec.volumeId",
+    printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volumeId"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Ready","type":"boolean","jsonPath":".status.readyToUse"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.matches('^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')").message("the name must be a snapshot ID: snap-<lowercase uuid>"),
+    validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable").reason(Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LivediskSnapshotSpec {
+    /// The node whose engine holds the snapshot's layer.
+    #[schemars(schema_with = "schema::object_name")]
+    pub node_name: String,
+    /// The volume the snapshot was taken of (it may have been deleted since).
+    #[schemars(regex(
+        pattern = r"^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    ))]
+    pub volume_id: String,
+    /// The name the CSI CreateSnapshot call used: repeated calls find this object.
+    #[schemars(length(min = 1, max = 253))]
+    pub csi_name: String,
+}
+
+/// What the node reports about the snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LivediskSnapshotStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Ready, Failed or Deleting.
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// Whether a volume can be restored from it now.
+    #[serde(default)]
+    pub ready_to_use: bool,
+    /// Size of a volume restored from it (the source's size at the snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// The point in time captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<Time>,
+    /// Why the node could not take or delete it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<NodeError>,
+    /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
+    #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
