@@ -42,6 +42,9 @@ kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/
 step "Helm chart: lint, template, server-side dry run of every rendered object"
 hack/test-chart.sh
 
+step "csi-sanity (kubernetes-csi/csi-test v5), mount and block access types"
+hack/csi-sanity.sh
+
 step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster)"
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"

@@ -1,1 +1,50 @@
-fn main() {}
+//! `livedisk-csi`: the node binary. Today it carries the node-local admin
+//! command; the CSI controller and node services come later.
+
+mod cli;
+
+use clap::Parser;
+
+use cli::args::{Cli, Command};
+use cli::exit::{chain_messages, classify, report};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Admin(a) => match cli::admin::run(&a).await {
+            Ok(out) => {
+                if a.json {
+                    match serde_json::to_string_pretty(&out.json) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => eprintln!("error: formatting JSON: {e}"),
+                    }
+                } else {
+                    print!("{}", out.text);
+                }
+                0
+            }
+            Err(e) => {
+                eprint!("{}", report(&chain_messages(&e)));
+                classify(&e).code()
+            }
+        },
+        Command::Controller(args) => serve(livedisk_csi::csi::run::controller(args)).await,
+        Command::Node(args) => serve(livedisk_csi::csi::run::node(args)).await,
+    };
+    std::process::exit(code);
+}
+
+/// Runs a server mode with structured logs; exit 0 on a clean shutdown, 1 on an error.
+async fn serve(server: impl std::future::Future<Output = anyhow::Result<()>>) -> i32 {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match server.await {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "server stopped");
+            1
+        }
+    }
+}

@@ -31,7 +31,8 @@ BINARIES=(
   "csi-snapshot-metadata=github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata"
   "snapshot-metadata-lister=livedisk.io/harness/cmd/snapshot-metadata-lister"
   "snapshot-metadata-verifier=livedisk.io/harness/cmd/snapshot-metadata-verifier"
-  "csi-sanity=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity"
+  # A `dir:` prefix builds from that sub-module (see sanity/tools.go for why it is separate).
+  "csi-sanity=sanity:github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity"
 )
 
 die() { echo "build.sh: $*" >&2; exit 1; }
@@ -50,7 +51,7 @@ esac
 
 cache_key() {
   ( cd "$HARNESS_DIR"
-    cat go.mod go.sum
+    cat go.mod go.sum sanity/go.mod sanity/go.sum
     find cmd smtool -name '*.go' -type f | LC_ALL=C sort | xargs cat
     echo "$GOVER $(go env GOOS GOARCH) CGO_ENABLED=$CGO_ENABLED"
   ) | sha256sum | cut -c1-16
@@ -79,7 +80,7 @@ if [ ${#WANT[@]} -gt 0 ]; then
 fi
 
 # Version stamps, as the upstream release builds set them (kubectl version, /version).
-modver() { (cd "$HARNESS_DIR" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$1"); }
+modver() { (cd "$HARNESS_DIR/${MODDIR:-.}" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$1"); }
 ldflags() {
   local pkg="$1" f="-s -w" v
   case "$pkg" in
@@ -90,7 +91,7 @@ ldflags() {
         f="$f -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
       done ;;
     livedisk.io/*) ;;
-    *) v="$(modver "$(cd "$HARNESS_DIR" && go list -f '{{.Module.Path}}' "$pkg")")"; f="$f -X main.version=$v" ;;
+    *) v="$(modver "$(cd "$HARNESS_DIR/${MODDIR:-.}" && go list -f '{{.Module.Path}}' "$pkg")")"; f="$f -X main.version=$v" ;;
   esac
   echo "$f"
 }
@@ -114,15 +115,16 @@ echo "harness: building ${#todo[@]} binaries into $BIN_DIR (go $GOVER, -p $JOBS)
 echo "harness: a cold build (empty Go build cache) takes a long time, ~15-25 min on 2 cores; later runs reuse the cache" >&2
 T0=$SECONDS
 # Module downloads first, so their time is visible and not blamed on the first binary.
-( cd "$HARNESS_DIR" && go mod download ) >&2 || die "go mod download failed (is the Go module proxy reachable?)"
+( cd "$HARNESS_DIR" && go mod download && cd sanity && go mod download ) >&2 || die "go mod download failed (is the Go module proxy reachable?)"
 i=0
 for b in "${todo[@]}"; do
   i=$((i + 1))
-  name="${b%%=*}"; pkg="${b#*=}"
+  name="${b%%=*}"; pkg="${b#*=}"; MODDIR=.
+  case "$pkg" in *:*) MODDIR="${pkg%%:*}"; pkg="${pkg#*:}" ;; esac
   t=$SECONDS
   echo "harness: [$i/${#todo[@]}] building $name ($pkg) — may take several minutes when the Go build cache is cold..." >&2
   tmp="$BIN_DIR/.$name.tmp.$$"
-  if ! ( cd "$HARNESS_DIR" && go build -trimpath -p "$JOBS" -ldflags="$(ldflags "$pkg")" -o "$tmp" "$pkg" ) >&2; then
+  if ! ( cd "$HARNESS_DIR/$MODDIR" && go build -trimpath -p "$JOBS" -ldflags="$(ldflags "$pkg")" -o "$tmp" "$pkg" ) >&2; then
     rm -f "$tmp"
     die "building $name ($pkg) failed"
   fi

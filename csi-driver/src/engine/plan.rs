@@ -4,7 +4,9 @@
 
 use super::extents::{self, Extent};
 use super::ids::SnapshotId;
-use super::record::{SnapshotState, VolumeRecord};
+use super::record::{
+    Layer, MergeMode, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -34,14 +36,37 @@ pub enum DeletePlan {
     /// The volume was deleted and this is the topmost layer: nothing depends
     /// on it, so the layer is simply dropped.
     DropTop { layer: u64 },
+    /// Stream layer `removed` (the snapshot's) into layer `into` (the next
+    /// one), which then backs onto `base` (`None`: `removed` was the bottom).
+    /// `into` only gains copies of what it already showed, so every view
+    /// stays intact at every instant and no write target ever switches.
+    Stream {
+        into: u64,
+        removed: u64,
+        base: Option<u64>,
+    },
 }
 
+/// The commit plan (the default merge mode).
 pub fn plan_delete(rec: &VolumeRecord, snap: &SnapshotId) -> Result<DeletePlan, PlanError> {
+    plan_delete_with(rec, snap, MergeMode::Commit)
+}
+
+pub fn plan_delete_with(
+    rec: &VolumeRecord,
+    snap: &SnapshotId,
+    mode: MergeMode,
+) -> Result<DeletePlan, PlanError> {
     let li = rec
         .layer_of(snap)
         .ok_or_else(|| PlanError::SnapshotNotFound(snap.clone()))?;
     let base = rec.layers[li].seq;
     match rec.layers.get(li + 1) {
+        Some(top) if mode == MergeMode::Stream => Ok(DeletePlan::Stream {
+            into: top.seq,
+            removed: base,
+            base: li.checked_sub(1).map(|b| rec.layers[b].seq),
+        }),
         Some(top) => Ok(DeletePlan::Commit {
             top: top.seq,
             base,
@@ -51,6 +76,15 @@ pub fn plan_delete(rec: &VolumeRecord, snap: &SnapshotId) -> Result<DeletePlan, 
         None => Err(PlanError::Inconsistent(format!(
             "snapshot {snap} has the top layer of a live volume"
         ))),
+    }
+}
+
+/// Whether carrying out `plan` writes to or removes layer `seq`.
+pub fn touches(plan: &DeletePlan, seq: u64) -> bool {
+    match plan {
+        DeletePlan::Commit { top, base, .. } => *top == seq || *base == seq,
+        DeletePlan::DropTop { layer } => *layer == seq,
+        DeletePlan::Stream { into, removed, .. } => *into == seq || *removed == seq,
     }
 }
 
@@ -93,11 +127,39 @@ pub fn apply_delete(
             bl.sealed_by = top_layer.sealed_by;
         }
         DeletePlan::DropTop { layer } => out.layers.retain(|l| l.seq != *layer),
+        DeletePlan::Stream { removed, .. } => out.layers.retain(|l| l.seq != *removed),
     }
     out.exports.retain(
         |e| !matches!(&e.target, super::record::ExportTarget::Snapshot { id } if id == snap),
     );
     out.in_flight = None;
+    Ok(out)
+}
+
+/// The record once a snapshot transaction has run: the active layer is
+/// sealed by the snapshot and the overlay is the new active layer. The
+/// extent record stays `None` until the sealed layer's map is captured.
+pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, PlanError> {
+    let mut out = rec.clone();
+    let active = out
+        .layers
+        .last_mut()
+        .filter(|l| l.sealed_by.is_none())
+        .ok_or_else(|| PlanError::Inconsistent(format!("volume {} has no active layer", rec.id)))?;
+    active.sealed_by = Some(p.snapshot.clone());
+    out.layers.push(Layer {
+        seq: p.overlay,
+        sealed_by: None,
+    });
+    out.next_layer_seq = out.next_layer_seq.max(p.overlay + 1);
+    out.snapshots.push(SnapshotRecord {
+        id: p.snapshot.clone(),
+        created: p.created,
+        size: rec.size,
+        state: SnapshotState::Ready,
+        changed: None,
+    });
+    out.pending_snapshot = None;
     Ok(out)
 }
 
@@ -233,6 +295,79 @@ mod tests {
             allocated(&after0, &ids[2]).unwrap(),
             allocated(&r, &ids[2]).unwrap()
         );
+    }
+
+    #[test]
+    fn stream_plan_drops_the_snapshot_layer_and_keeps_deltas() {
+        let (r, ids) = chain();
+        let p = plan_delete_with(&r, &ids[1], MergeMode::Stream).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Stream {
+                into: 2,
+                removed: 1,
+                base: Some(0)
+            }
+        );
+        let after = apply_delete(&r, &ids[1], &p).unwrap();
+        assert_eq!(
+            after.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 2, 3]
+        );
+        assert_eq!(after.layers[1].sealed_by.as_ref(), Some(&ids[2]));
+        assert_eq!(
+            delta(&after, &ids[0], &ids[2]).unwrap(),
+            delta(&r, &ids[0], &ids[2]).unwrap()
+        );
+        let p0 = plan_delete_with(&r, &ids[0], MergeMode::Stream).unwrap();
+        assert_eq!(
+            p0,
+            DeletePlan::Stream {
+                into: 1,
+                removed: 0,
+                base: None
+            }
+        );
+    }
+
+    #[test]
+    fn touches_names_the_layers_a_plan_writes_or_drops() {
+        let c = DeletePlan::Commit {
+            top: 2,
+            base: 1,
+            active: false,
+        };
+        assert!(touches(&c, 1) && touches(&c, 2) && !touches(&c, 0));
+        let st = DeletePlan::Stream {
+            into: 2,
+            removed: 1,
+            base: Some(0),
+        };
+        assert!(touches(&st, 1) && touches(&st, 2) && !touches(&st, 0));
+        assert!(touches(&DeletePlan::DropTop { layer: 3 }, 3));
+    }
+
+    #[test]
+    fn seal_makes_the_overlay_active() {
+        let (r, _) = chain();
+        let s = SnapshotId::generate();
+        let p = PendingSnapshot {
+            snapshot: s.clone(),
+            overlay: 9,
+            created: chrono::Utc::now(),
+        };
+        let mut with = r.clone();
+        with.pending_snapshot = Some(p.clone());
+        let after = seal(&with, &p).unwrap();
+        assert_eq!(after.layers[3].sealed_by.as_ref(), Some(&s));
+        assert_eq!(after.active().map(|l| l.seq), Some(9));
+        assert_eq!(after.next_layer_seq, 10);
+        assert!(after.pending_snapshot.is_none());
+        assert_eq!(after.snapshot(&s).and_then(|x| x.changed.clone()), None);
+        // A volume without an active layer cannot be sealed.
+        let mut dead = r.clone();
+        dead.layers.pop();
+        assert!(seal(&dead, &p).is_err());
     }
 
     #[test]

@@ -69,3 +69,51 @@ pub async fn layer_allocation(file: &Path) -> Result<Vec<Extent>, QemuImgError> 
     let out = run(&["map", "-U", "--output=json", &arg]).await?;
     Ok(extents::parse_qemu_img_map(&out)?)
 }
+
+/// True if `file` opens as a qcow2 image (metadata only, no lock taken).
+pub async fn is_qcow2(file: &Path) -> Result<bool, QemuImgError> {
+    match run(&["info", "-U", "--output=json", path_str(file)?]).await {
+        Ok(out) => Ok(serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| {
+                v.get("format")
+                    .and_then(|f| f.as_str().map(|f| f == "qcow2"))
+            })
+            .unwrap_or(false)),
+        Err(QemuImgError::Failed { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A `json:` image spec for a chain of qcow2 files, base first, with the
+/// backing links given explicitly (never taken from the headers).
+pub fn chain_spec(files: &[&Path]) -> Result<String, QemuImgError> {
+    let mut spec = serde_json::Value::Null;
+    for f in files {
+        spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": path_str(f)? },
+            "backing": spec,
+        });
+    }
+    Ok(format!("json:{spec}"))
+}
+
+/// Whether two chains read the same (`qemu-img compare`). Reads data: only
+/// for recovery decisions, never for answering queries.
+pub async fn chains_equal(a: &[&Path], b: &[&Path]) -> Result<bool, QemuImgError> {
+    let (sa, sb) = (chain_spec(a)?, chain_spec(b)?);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-q", &sa, &sb])
+        .output()
+        .await
+        .map_err(QemuImgError::Missing)?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(QemuImgError::Failed {
+            args: "compare".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
+}

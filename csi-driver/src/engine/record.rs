@@ -75,12 +75,72 @@ pub struct ExportRecord {
     pub target: ExportTarget,
 }
 
+/// How far a merge got, as far as the durable record knows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MergePhase {
+    /// The job may be copying; the chain in the record is still the truth.
+    #[default]
+    Running,
+    /// `job-complete` of an active commit may have been sent: QEMU may have
+    /// switched writes to the base layer. Recovery must find out which layer
+    /// is the truth (see `recover::resolve_completing`).
+    Completing,
+}
+
+/// How a snapshot's layer is merged away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MergeMode {
+    /// `block-commit` of the next layer into the snapshot's layer (active
+    /// commit with `job-complete` when the next layer is the active one).
+    #[default]
+    Commit,
+    /// `block-stream` of the snapshot's layer into the next layer: the next
+    /// layer stays where it is, so no write target ever switches.
+    Stream,
+}
+
 /// A long operation that must be finished after a crash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "op")]
 pub enum InFlight {
-    /// Deleting `snapshot` by committing the layer above it into its layer.
-    Merge { snapshot: SnapshotId, job: String },
+    /// Deleting `snapshot` by merging its layer away.
+    Merge {
+        snapshot: SnapshotId,
+        job: String,
+        #[serde(default)]
+        mode: MergeMode,
+        #[serde(default)]
+        phase: MergePhase,
+    },
+}
+
+/// A snapshot whose overlay exists (or is being created) and whose QMP
+/// transaction may or may not have run. Written before the transaction, so
+/// recovery can always tell whether writes may have gone to the overlay.
+/// Kept apart from `in_flight`: a merge and a snapshot never overlap (both
+/// hold the volume lock), but older readers match on `InFlight` variants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSnapshot {
+    pub snapshot: SnapshotId,
+    /// Layer number of the new overlay.
+    pub overlay: u64,
+    pub created: DateTime<Utc>,
+}
+
+/// Where a clone's bottom layer gets its backing while it is not flattened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSource {
+    pub volume: VolumeId,
+    /// The source volume's layer (sealed, read-only) the clone sits on.
+    pub layer: u64,
+    /// The snapshot that sealed that layer, for messages and checks.
+    pub snapshot: SnapshotId,
+    /// Rate limit of the flatten job (bytes/s), kept so that a restarted
+    /// job (after a snapshot or a daemon restart) keeps it.
+    #[serde(default)]
+    pub flatten_speed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +162,18 @@ pub struct VolumeRecord {
     pub next_layer_seq: u64,
     #[serde(default)]
     pub in_flight: Option<InFlight>,
+    #[serde(default)]
+    pub pending_snapshot: Option<PendingSnapshot>,
+    /// Set while the volume is a clone still backed by another volume's
+    /// layer; cleared once `block-stream` has flattened it.
+    #[serde(default)]
+    pub clone_of: Option<CloneSource>,
+    /// A clone's inherited allocation (its source snapshot's allocated
+    /// extents), folded into the first snapshot's extent record when that
+    /// snapshot seals: the clone's own layers only hold its own writes
+    /// until flattening, yet its snapshots' "allocated" must cover it all.
+    #[serde(default)]
+    pub inherited: Vec<Extent>,
 }
 
 impl VolumeRecord {
@@ -120,6 +192,9 @@ impl VolumeRecord {
             exports: vec![],
             next_layer_seq: 1,
             in_flight: None,
+            pending_snapshot: None,
+            clone_of: None,
+            inherited: vec![],
         }
     }
 

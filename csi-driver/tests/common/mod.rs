@@ -49,8 +49,11 @@ impl TestEnv {
         Self { root, cfg }
     }
 
+    /// Opens the engine; every volume must have recovered.
     pub async fn engine(&self) -> Engine {
-        Engine::open(self.cfg.clone()).await.expect("engine open")
+        let e = Engine::open(self.cfg.clone()).await.expect("engine open");
+        assert_eq!(e.recovery_errors(), vec![], "volumes failed to recover");
+        e
     }
 
     fn pid(&self) -> Option<i32> {
@@ -90,6 +93,11 @@ pub struct NbdFile {
 }
 
 impl NbdFile {
+    /// PID of the nbdfuse process serving this file.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn mount(dir: &Path, uri: &str, readonly: bool) -> Self {
         std::fs::create_dir_all(dir).expect("mount dir");
         let pidfile = dir.with_extension("pid");
@@ -121,11 +129,21 @@ impl NbdFile {
 
 impl Drop for NbdFile {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
+        let ok = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.dir)
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still open somewhere (a failing test's writer): detach lazily
+            // so no mount outlives the test.
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -205,4 +223,222 @@ pub fn pool_fingerprint(pool: &Path) -> Vec<(PathBuf, u64, String)> {
     }
     out.sort();
     out
+}
+
+/// A second process hosting the engine library: the test binary re-executed
+/// with `LD_CHILD=<op>`, running only its `child_entry` test. Killing it is a
+/// real kill -9 of the process hosting the library.
+pub fn spawn_child(env: &TestEnv, op: &str, vars: &[(&str, String)]) -> Child {
+    let exe = std::env::current_exe().expect("test exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env("LD_CHILD", op)
+        .env("LD_POOL", &env.cfg.pool)
+        .env("LD_RUN", &env.cfg.runtime_dir)
+        .stdout(Stdio::null());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn child")
+}
+
+/// Waits for a child; kills it (by PID) if it overstays.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `qemu-img check` of one layer file alone (force-share: the daemon has it
+/// open). Leaked clusters (exit 3) are reported but accepted: a kill -9 can
+/// leave allocated-but-unreferenced clusters, which waste space but never
+/// corrupt data. Only meaningful while nothing writes the file.
+pub fn qemu_img_check(file: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", "-q"])
+        .arg(file)
+        .output()
+        .expect("qemu-img check");
+    let code = out.status.code();
+    if code == Some(3) {
+        eprintln!("qemu-img check {}: leaked clusters only", file.display());
+    }
+    assert!(
+        matches!(code, Some(0) | Some(3)),
+        "qemu-img check {} (exit {code:?}): {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every layer file of a volume passes `qemu-img check`; call it while no
+/// writer is running (the active layer's metadata moves under writes).
+pub fn check_volume_layers(e: &Engine, vol: &livedisk_csi::engine::VolumeId) {
+    let rec = e.record(vol).expect("record");
+    for l in &rec.layers {
+        qemu_img_check(&e.layer_path(vol, l.seq));
+    }
+}
+
+/// The sealed (read-only) layers pass `qemu-img check`, writer or not.
+pub fn check_sealed_layers(e: &Engine, vol: &livedisk_csi::engine::VolumeId) {
+    let rec = e.record(vol).expect("record");
+    for l in rec.layers.iter().filter(|l| l.sealed_by.is_some()) {
+        qemu_img_check(&e.layer_path(vol, l.seq));
+    }
+}
+
+/// Number of live qemu-storage-daemon processes serving this runtime dir.
+pub fn daemons_for(runtime: &Path) -> usize {
+    let needle = runtime.join("qmp.sock").display().to_string();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
+            !zombie && cmd.contains("qemu-storage-daemon") && cmd.contains(&needle)
+        })
+        .count()
+}
+
+/// `rd_bytes` of every named node, from the daemon's own block statistics.
+pub async fn node_read_bytes(e: &Engine) -> std::collections::BTreeMap<String, u64> {
+    let v = e
+        .qmp()
+        .execute(
+            "query-blockstats",
+            serde_json::json!({ "query-nodes": true }),
+        )
+        .await
+        .expect("query-blockstats");
+    let mut out = std::collections::BTreeMap::new();
+    for s in v.as_array().cloned().unwrap_or_default() {
+        if let Some(n) = s["node-name"].as_str() {
+            out.insert(n.to_owned(), s["stats"]["rd_bytes"].as_u64().unwrap_or(0));
+        }
+    }
+    out
+}
+
+/// Polls until `f` is true or the timeout passes (then panics with `what`).
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} is missing ({e}): apt-get install util-linux e2fsprogs fuse3")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A loop device over a file, without direct I/O (see the brief's pitfall:
+/// direct I/O over FUSE broke a filesystem). Detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> Self {
+        let f = file.to_str().expect("utf-8 path");
+        let dev = run_ok("losetup", &["--find", "--show", "--direct-io=off", f]);
+        Self {
+            dev: PathBuf::from(dev),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A mounted filesystem; unmounted on drop (lazily if still busy).
+pub struct Mounted {
+    pub target: PathBuf,
+}
+
+impl Mounted {
+    pub fn mount(dev: &Path, target: &Path) -> Self {
+        std::fs::create_dir_all(target).expect("mount target");
+        run_ok(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                dev.to_str().expect("utf-8"),
+                target.to_str().expect("utf-8"),
+            ],
+        );
+        Self {
+            target: target.to_owned(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.target)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.target)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+pub fn mkfs_ext4(dev: &Path) {
+    run_ok("mkfs.ext4", &["-q", "-F", dev.to_str().expect("utf-8")]);
+}
+
+/// `e2fsck -fn`: a forced, read-only check; panics unless clean.
+pub fn fsck_clean(dev: &Path) {
+    run_ok("e2fsck", &["-fn", dev.to_str().expect("utf-8")]);
+}
+
+/// Kills a process by PID with SIGKILL (a consumer-side crash).
+pub fn kill9(pid: u32) {
+    // SAFETY: signalling a process this test started, by its PID.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }

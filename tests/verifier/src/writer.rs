@@ -120,7 +120,16 @@ pub struct BackgroundWriter {
     stop: Arc<AtomicBool>,
     last_acked: Arc<AtomicU64>,
     next_issue: Arc<AtomicU64>,
-    handle: JoinHandle<io::Result<Vec<Ack>>>,
+    handle: Option<JoinHandle<(Vec<Ack>, Option<io::Error>)>>,
+}
+
+impl Drop for BackgroundWriter {
+    /// A writer dropped without `stop` (a failing test) stops writing, so
+    /// the file it holds open can be unmounted. Not joined: a write stuck on
+    /// a dead mount must not hang the drop.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl BackgroundWriter {
@@ -136,20 +145,24 @@ impl BackgroundWriter {
                 // Publish the seq *before* issuing so "next_issue" is an upper
                 // bound of anything that may have reached the disk.
                 ni.store(w.next_seq() + 1, Ordering::SeqCst);
-                let ack = w.write_block(first + i % count.max(1))?;
-                la.store(ack.seq, Ordering::SeqCst);
+                match w.write_block(first + i % count.max(1)) {
+                    Ok(ack) => la.store(ack.seq, Ordering::SeqCst),
+                    // Keep the log: what was acknowledged before the error
+                    // must still read back (fault tests).
+                    Err(e) => return (w.into_log(), Some(e)),
+                }
                 i += 1;
                 if !pause.is_zero() {
                     std::thread::sleep(pause);
                 }
             }
-            Ok(w.into_log())
+            (w.into_log(), None)
         });
         Self {
             stop,
             last_acked,
             next_issue,
-            handle,
+            handle: Some(handle),
         }
     }
 
@@ -163,10 +176,28 @@ impl BackgroundWriter {
         self.next_issue.load(Ordering::SeqCst)
     }
 
+    /// Stops the writer; any write error is an error.
     pub fn stop(self) -> io::Result<Vec<Ack>> {
+        match self.stop_with_error()? {
+            (log, None) => Ok(log),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Stops the writer and returns its log of acknowledged writes together
+    /// with the error that stopped it early, if any (a daemon killed under
+    /// it): the log up to the error still has to read back.
+    pub fn stop_with_error(mut self) -> io::Result<(Vec<Ack>, Option<io::Error>)> {
         self.stop.store(true, Ordering::SeqCst);
         self.handle
+            .take()
+            .ok_or_else(|| io::Error::other("writer already stopped"))?
             .join()
-            .map_err(|_| io::Error::other("writer thread panicked"))?
+            .map_err(|_| io::Error::other("writer thread panicked"))
+    }
+
+    /// Whether the writer thread has ended (stopped or failed).
+    pub fn finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }

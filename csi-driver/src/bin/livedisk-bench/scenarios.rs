@@ -1,0 +1,421 @@
+//! The four benchmarks. Each returns finished table rows.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use livedisk_csi::engine::{Engine, SnapshotId, VolumeId};
+
+use crate::report::{Row, Target, median, mibps, ms};
+use crate::tools::{
+    Writer, drop_caches, fill, qemu_img_bench, qemu_img_bench_fmt, run, sync_file, timed,
+};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const CLUSTER: u64 = 65536;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// Scales every data size (not the extent count).
+    pub scale: f64,
+    /// Runs of the cheap benchmarks (snapshot, query).
+    pub runs: usize,
+    /// Runs of the benchmarks that move a lot of data (merge, attach).
+    pub heavy_runs: usize,
+    /// Changed extents for the query benchmark.
+    pub extents: u64,
+}
+
+impl Config {
+    /// A data size scaled, rounded to whole MiB, at least 16 MiB.
+    pub fn bytes(&self, base: u64) -> u64 {
+        let b = (base as f64 * self.scale) as u64;
+        (b / MIB).max(16) * MIB
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+async fn attached_volume(e: &Engine, size: u64) -> Result<(VolumeId, String)> {
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, size).await.context("create volume")?;
+    let uri = e.attach_volume(&vol).await.context("attach")?.uri();
+    Ok((vol, uri))
+}
+
+/// (a) snapshot latency at 1 GiB and 64 GiB virtual size with the same
+/// allocated data and a writer running; peer: a full copy of that data.
+pub async fn snapshot_latency(e: &Engine, c: &Config) -> Result<Vec<Row>> {
+    let data = c.bytes(256 * MIB);
+    let mut totals = vec![];
+    let mut switch = vec![];
+    let mut small: Option<VolumeId> = None;
+    for size in [GIB.max(data), 64 * GIB] {
+        progress(&format!("snapshot latency at {} GiB", size / GIB));
+        let (vol, uri) = attached_volume(e, size).await?;
+        fill(&uri, data).await?;
+        let writer = Writer::start(&uri)?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut t_total = vec![];
+        let mut t_tx = vec![];
+        for _ in 0..c.runs {
+            let (_, t) = e
+                .create_snapshot(&vol, &SnapshotId::generate())
+                .await
+                .context("snapshot")?;
+            t_total.push(t.total.as_secs_f64());
+            t_tx.push(t.transaction.as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        writer.stop().await?;
+        totals.push(median(t_total));
+        switch.push(median(t_tx));
+        small.get_or_insert(vol);
+    }
+    let small = small.context("no volume")?;
+    progress("full-copy peer (cp + fsync of the same data)");
+    let src = e.layer_path(&small, 0);
+    let dst = c.dir.join("full-copy.qcow2");
+    let (s, d) = (src.display().to_string(), dst.display().to_string());
+    let mut copies = vec![];
+    for _ in 0..c.runs.min(3) {
+        let t = Instant::now();
+        run("cp", &[&s, &d]).await?;
+        sync_file(&dst).await?;
+        copies.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&dst).context("remove copy")?;
+    }
+    let copy = median(copies);
+    let mib = data / MIB;
+    Ok(vec![
+        Row {
+            name: format!("(a) snapshot, 64 GiB vs 1 GiB virtual, {mib} MiB data, writer on"),
+            measured: ms(totals[1]),
+            peer: ms(totals[0]),
+            ratio: totals[1] / totals[0],
+            target: Target::AtMost(1.10),
+        },
+        Row {
+            name: "(a) snapshot switch-over (QMP transaction), 64 vs 1 GiB".into(),
+            measured: ms(switch[1]),
+            peer: ms(switch[0]),
+            ratio: switch[1] / switch[0],
+            target: Target::Info,
+        },
+        Row {
+            name: format!("(a) snapshot vs full copy (cp+fsync) of {mib} MiB"),
+            measured: ms(totals[0]),
+            peer: ms(copy),
+            ratio: totals[0] / copy,
+            target: Target::AtMost(1.0),
+        },
+    ])
+}
+
+/// One engine merge of `data` bytes: a two-snapshot chain whose older
+/// snapshot is deleted (non-active commit), optionally with a writer on.
+async fn engine_merge(e: &Engine, data: u64, with_writer: bool) -> Result<f64> {
+    let (vol, uri) = attached_volume(e, 2 * data).await?;
+    let count = (data / MIB).to_string();
+    let write = |pattern: &'static str| {
+        let uri = uri.clone();
+        let count = count.clone();
+        async move { qemu_img_bench(&uri, &["-w", pattern, "-c", &count, "-s", "1M", "-d", "4"]).await }
+    };
+    write("--pattern=1").await?;
+    let s1 = SnapshotId::generate();
+    e.create_snapshot(&vol, &s1).await.context("snapshot 1")?;
+    write("--pattern=2").await?;
+    e.create_snapshot(&vol, &SnapshotId::generate())
+        .await
+        .context("snapshot 2")?;
+    drop_caches();
+    let writer = if with_writer {
+        Some(Writer::start(&uri)?)
+    } else {
+        None
+    };
+    let t = Instant::now();
+    e.delete_snapshot(&s1, None).await.context("merge")?;
+    let speed = mibps(data, t.elapsed().as_secs_f64());
+    if let Some(w) = writer {
+        w.stop().await?;
+    }
+    Ok(speed)
+}
+
+/// Raw `qemu-img commit` of an equal two-layer chain.
+async fn raw_commit(c: &Config, data: u64) -> Result<f64> {
+    let len = data.to_string();
+    let base = c.dir.join("raw-base.qcow2").display().to_string();
+    let top = c.dir.join("raw-top.qcow2").display().to_string();
+    let sz = (2 * data).to_string();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, &sz]).await?;
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", &format!("write -P 1 0 {len}"), &base],
+    )
+    .await?;
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+        ],
+    )
+    .await?;
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", &format!("write -P 2 0 {len}"), &top],
+    )
+    .await?;
+    drop_caches();
+    let d = timed("qemu-img", &["commit", "-q", "-d", "-f", "qcow2", &top]).await?;
+    for f in [&base, &top] {
+        std::fs::remove_file(f).with_context(|| format!("remove {f}"))?;
+    }
+    Ok(mibps(data, d.as_secs_f64()))
+}
+
+/// (b) deleting a snapshot (commit of `data` bytes) vs raw `qemu-img
+/// commit` of an equal chain; with the writer on (the target) and off.
+pub async fn merge_throughput(e: &Engine, c: &Config) -> Result<Vec<Row>> {
+    let data = c.bytes(512 * MIB);
+    let (mut live, mut quiet, mut raw) = (vec![], vec![], vec![]);
+    for i in 0..c.heavy_runs {
+        progress(&format!("merge run {}/{}", i + 1, c.heavy_runs));
+        live.push(engine_merge(e, data, true).await?);
+        quiet.push(engine_merge(e, data, false).await?);
+        raw.push(raw_commit(c, data).await?);
+    }
+    let (m, q, r) = (median(live), median(quiet), median(raw));
+    let mib = data / MIB;
+    Ok(vec![
+        Row {
+            name: format!("(b) merge {mib} MiB (delete snapshot, writer on) vs qemu-img commit"),
+            measured: format!("{m:.0} MiB/s"),
+            peer: format!("{r:.0} MiB/s"),
+            ratio: m / r,
+            target: Target::AtLeast(0.90),
+        },
+        Row {
+            name: format!("(b) merge {mib} MiB, no writer, vs qemu-img commit"),
+            measured: format!("{q:.0} MiB/s"),
+            peer: format!("{r:.0} MiB/s"),
+            ratio: q / r,
+            target: Target::AtLeast(0.90),
+        },
+    ])
+}
+
+/// (c) changed extents between two snapshots: `extents` scattered clusters
+/// on a 1 TiB virtual disk.
+pub async fn changed_extents(e: &Engine, c: &Config) -> Result<Vec<Row>> {
+    let n = c.extents;
+    let size = 1u64 << 40;
+    // Scattered: one 4 KiB write every `stride` bytes, each in its own cluster.
+    let stride = (size / n) / CLUSTER * CLUSTER;
+    ensure!(stride >= 2 * CLUSTER, "too many extents for 1 TiB");
+    let (vol, uri) = attached_volume(e, size).await?;
+    let count = n.to_string();
+    let step = stride.to_string();
+    progress(&format!("writing {n} scattered blocks (pattern 1)"));
+    qemu_img_bench(
+        &uri,
+        &["-w", "-c", &count, "-s", "4096", "-S", &step, "-d", "16"],
+    )
+    .await?;
+    let s1 = SnapshotId::generate();
+    e.create_snapshot(&vol, &s1).await.context("snapshot 1")?;
+    progress(&format!("writing {n} scattered blocks (pattern 2)"));
+    let half = (stride / 2 / CLUSTER * CLUSTER).to_string();
+    qemu_img_bench(
+        &uri,
+        &[
+            "-w", "-c", &count, "-s", "4096", "-S", &step, "-o", &half, "-d", "16",
+        ],
+    )
+    .await?;
+    let s2 = SnapshotId::generate();
+    let (_, snap_t) = e.create_snapshot(&vol, &s2).await.context("snapshot 2")?;
+
+    progress("querying");
+    let mut one = vec![];
+    let mut paged = vec![];
+    let mut found = 0;
+    for _ in 0..c.runs {
+        let t = Instant::now();
+        let p = e.delta(&s1, &s2, 0, usize::MAX).context("delta")?;
+        one.push(t.elapsed().as_secs_f64());
+        found = p.extents.len();
+        let t = Instant::now();
+        let mut start = 0;
+        let mut got = 0;
+        loop {
+            let p = e.delta(&s1, &s2, start, 10_000).context("delta page")?;
+            let Some(last) = p.extents.last() else { break };
+            start = last.end();
+            got += p.extents.len();
+        }
+        paged.push(t.elapsed().as_secs_f64());
+        ensure!(
+            got == found,
+            "paged walk saw {got} extents, one call {found}"
+        );
+    }
+    ensure!(
+        found as u64 == n,
+        "expected {n} changed extents, got {found}"
+    );
+    Ok(vec![
+        Row {
+            name: format!("(c) changed extents, {found} on 1 TiB, one call"),
+            measured: format!("{:.3} s", median(one.clone())),
+            peer: String::new(),
+            ratio: median(one),
+            target: Target::SecondsBelow(1.0),
+        },
+        Row {
+            name: "(c) same, paged 10 000 per call (resume by offset)".into(),
+            measured: format!("{:.3} s", median(paged.clone())),
+            peer: String::new(),
+            ratio: median(paged),
+            target: Target::SecondsBelow(1.0),
+        },
+        Row {
+            name: format!("(c) snapshot sealing a layer with {n} new extents"),
+            measured: ms(snap_t.total.as_secs_f64()),
+            peer: String::new(),
+            ratio: f64::NAN,
+            target: Target::Info,
+        },
+    ])
+}
+
+struct IoMode {
+    name: &'static str,
+    args: Vec<String>,
+    bytes: u64,
+    target: Target,
+}
+
+/// (d) sequential and 4 KiB random I/O through the consumer export (NBD)
+/// vs the raw file, caches dropped before each run.
+pub async fn attach_path(e: &Engine, c: &Config) -> Result<(Vec<Row>, bool)> {
+    let size = c.bytes(GIB);
+    let (_, uri) = attached_volume(e, size).await?;
+    let raw = c.dir.join("raw.img");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(size))
+        .context("raw file")?;
+    let raw_s = raw.display().to_string();
+    // Diagnostic peer: the same qcow2 format without daemon or NBD, to
+    // tell the format's cost from the transport's.
+    let q = c.dir.join("direct.qcow2").display().to_string();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &q, &size.to_string()],
+    )
+    .await?;
+    progress("filling the volume, the raw file and the qcow2 file");
+    fill(&uri, size).await?;
+    fill(&raw_s, size).await?;
+    let count = (size / MIB).to_string();
+    qemu_img_bench_fmt(
+        "qcow2",
+        &q,
+        &["-w", "--pattern=165", "-c", &count, "-s", "1M", "-d", "4"],
+    )
+    .await?;
+    let seq = (size / MIB).to_string();
+    let rnd_count = (size / 4096 / 8).min(32_768);
+    let rnd = rnd_count.to_string();
+    // A step co-prime with the block count visits blocks in a scattered order.
+    let step = (4096 * 7919u64).to_string();
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    let modes = [
+        IoMode {
+            name: "sequential read 1 MiB, depth 16",
+            args: s(&["-c", &seq, "-s", "1M", "-d", "16"]),
+            bytes: size,
+            target: Target::AtLeast(0.70),
+        },
+        IoMode {
+            name: "sequential write 1 MiB, depth 16",
+            args: s(&[
+                "-w",
+                "-c",
+                &seq,
+                "-s",
+                "1M",
+                "-d",
+                "16",
+                &format!("--flush-interval={seq}"),
+            ]),
+            bytes: size,
+            target: Target::AtLeast(0.70),
+        },
+        IoMode {
+            name: "random read 4 KiB, depth 16",
+            args: s(&["-c", &rnd, "-s", "4096", "-S", &step, "-d", "16"]),
+            bytes: rnd_count * 4096,
+            target: Target::Info,
+        },
+        IoMode {
+            name: "random write 4 KiB, depth 16",
+            args: s(&[
+                "-w",
+                "-c",
+                &rnd,
+                "-s",
+                "4096",
+                "-S",
+                &step,
+                "-d",
+                "16",
+                &format!("--flush-interval={rnd}"),
+            ]),
+            bytes: rnd_count * 4096,
+            target: Target::Info,
+        },
+    ];
+    let mut rows = vec![];
+    let mut dropped = true;
+    for m in &modes {
+        progress(&format!("attach path: {}", m.name));
+        let args: Vec<&str> = m.args.iter().map(String::as_str).collect();
+        let mut nbd = vec![];
+        let mut file = vec![];
+        let mut qcow = vec![];
+        for _ in 0..c.heavy_runs {
+            dropped &= drop_caches();
+            nbd.push(mibps(m.bytes, qemu_img_bench(&uri, &args).await?));
+            dropped &= drop_caches();
+            file.push(mibps(m.bytes, qemu_img_bench(&raw_s, &args).await?));
+            dropped &= drop_caches();
+            qcow.push(mibps(
+                m.bytes,
+                qemu_img_bench_fmt("qcow2", &q, &args).await?,
+            ));
+        }
+        let (a, b, d) = (median(nbd), median(file), median(qcow));
+        rows.push(Row {
+            name: format!("(d) {}, export vs raw file", m.name),
+            measured: format!("{a:.0} MiB/s"),
+            peer: format!("{b:.0} MiB/s"),
+            ratio: a / b,
+            target: m.target,
+        });
+        rows.push(Row {
+            name: "(d)   same on a local qcow2 file, no daemon/NBD (diagnostic)".into(),
+            measured: format!("{d:.0} MiB/s"),
+            peer: format!("{b:.0} MiB/s"),
+            ratio: d / b,
+            target: Target::Info,
+        });
+    }
+    Ok((rows, dropped))
+}

@@ -1,0 +1,350 @@
+//! The node agent: makes this node's `LivediskVolume`s and `LivediskSnapshot`s real with the
+//! engine and reports back in their status.
+//!
+//! It watches only its own objects (a field selector on the selectable `spec.nodeName`), keeps a
+//! finalizer on every object it holds storage for, and is idempotent: after a crash it simply
+//! reconciles everything again, and the engine's create/delete calls tolerate repeats.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use livedisk_api::internal::{
+    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+};
+use serde_json::{Value, json};
+
+use super::error::{CsiError, node_error};
+use super::names::snapshot_id_for;
+use crate::engine::{Code, Engine, EngineError, SnapshotId, VolumeId};
+
+pub struct Agent {
+    pub client: Client,
+    pub engine: Arc<Engine>,
+    pub node_name: String,
+}
+
+/// The hidden engine snapshot a clone of a volume is made from; deleted once the clone no
+/// longer depends on it.
+fn clone_base(clone: &VolumeId) -> SnapshotId {
+    snapshot_id_for(&format!("clone-base/{clone}"))
+}
+
+/// Runs the volume and snapshot reconcilers of this node until shutdown.
+pub async fn run(agent: Arc<Agent>) {
+    let selector = format!("spec.nodeName={}", agent.node_name);
+    let volumes: Api<LivediskVolume> = Api::all(agent.client.clone());
+    let snapshots: Api<LivediskSnapshot> = Api::all(agent.client.clone());
+    let volume_loop = Controller::new(volumes, watcher::Config::default().fields(&selector))
+        .shutdown_on_signal()
+        .run(reconcile_volume, retry_volume, agent.clone())
+        .for_each(|_| async {});
+    let snapshot_loop = Controller::new(snapshots, watcher::Config::default().fields(&selector))
+        .shutdown_on_signal()
+        .run(reconcile_snapshot, retry_snapshot, agent)
+        .for_each(|_| async {});
+    tokio::join!(volume_loop, snapshot_loop);
+}
+
+fn retry_volume(_: Arc<LivediskVolume>, error: &CsiError, _: Arc<Agent>) -> Action {
+    tracing::warn!(%error, "volume reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn retry_snapshot(_: Arc<LivediskSnapshot>, error: &CsiError, _: Arc<Agent>) -> Action {
+    tracing::warn!(%error, "snapshot reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Whether an engine error will not go away by retrying the same spec.
+fn permanent(error: &EngineError) -> bool {
+    !matches!(
+        error.code(),
+        Code::Aborted | Code::Unavailable | Code::Internal
+    )
+}
+
+async fn set_finalizers<K>(
+    api: &Api<K>,
+    name: &str,
+    finalizers: Vec<String>,
+) -> Result<(), CsiError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({ "metadata": { "finalizers": finalizers } });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn patch_status<K>(api: &Api<K>, name: &str, status: Value) -> Result<(), CsiError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+fn without_finalizer(finalizers: &[String]) -> Vec<String> {
+    finalizers
+        .iter()
+        .filter(|f| *f != NODE_FINALIZER)
+        .cloned()
+        .collect()
+}
+
+fn error_status(phase: NodePhase, generation: Option<i64>, error: NodeError) -> Value {
+    json!({ "phase": phase, "observedGeneration": generation, "error": error })
+}
+
+async fn reconcile_volume(
+    volume: Arc<LivediskVolume>,
+    agent: Arc<Agent>,
+) -> Result<Action, CsiError> {
+    let api: Api<LivediskVolume> = Api::all(agent.client.clone());
+    let name = volume.name_any();
+    let id = VolumeId::parse(&name).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+    let generation = volume.metadata.generation;
+    let finalizers = volume.finalizers().to_vec();
+
+    if volume.metadata.deletion_timestamp.is_some() {
+        if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        match agent.engine.delete_volume(&id).await {
+            Ok(()) => {}
+            Err(error) if error.code() == Code::NotFound => {}
+            Err(error) => {
+                patch_status(
+                    &api,
+                    &name,
+                    error_status(NodePhase::Deleting, generation, node_error(&error)),
+                )
+                .await?;
+                return Err(error.into());
+            }
+        }
+        // A clone's hidden base snapshot goes with it.
+        let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+        set_finalizers(&api, &name, without_finalizer(&finalizers)).await?;
+        tracing::info!(volume = %name, "volume deleted");
+        return Ok(Action::await_change());
+    }
+    if volume
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == NodePhase::Failed)
+    {
+        // The controller removes failed volumes; nothing to retry for this spec.
+        return Ok(Action::await_change());
+    }
+    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
+        let mut with = finalizers.clone();
+        with.push(NODE_FINALIZER.to_string());
+        set_finalizers(&api, &name, with).await?;
+    }
+
+    let size = volume.spec.capacity_bytes as u64;
+    let existing = agent.engine.volume(&id).ok().filter(|v| !v.deleted);
+    let created = match (&existing, &volume.spec.content_source) {
+        // Already made (a repeat, or an expansion of the spec): grow below if needed.
+        (Some(info), _) => Ok(info.clone()),
+        (None, None) => agent.engine.create_volume(&id, size).await,
+        (None, Some(source)) => match (&source.snapshot_id, &source.volume_id) {
+            (Some(snapshot), _) => match SnapshotId::parse(snapshot) {
+                Ok(snapshot) => {
+                    agent
+                        .engine
+                        .create_volume_from_snapshot(&id, &snapshot, Some(size))
+                        .await
+                }
+                Err(error) => Err(EngineError::InvalidArgument(error.to_string())),
+            },
+            (None, Some(source_volume)) => {
+                clone_volume(&agent.engine, &id, source_volume, size).await
+            }
+            (None, None) => Err(EngineError::InvalidArgument("empty content source".into())),
+        },
+    };
+    let info = match created {
+        Ok(info) => info,
+        Err(error) => {
+            let phase = if permanent(&error) {
+                NodePhase::Failed
+            } else {
+                NodePhase::Pending
+            };
+            patch_status(
+                &api,
+                &name,
+                error_status(phase, generation, node_error(&error)),
+            )
+            .await?;
+            return if permanent(&error) {
+                Ok(Action::await_change())
+            } else {
+                Err(error.into())
+            };
+        }
+    };
+    let info = if info.size < size {
+        match agent.engine.expand_volume(&id, size).await {
+            Ok(info) => info,
+            Err(error) => {
+                patch_status(
+                    &api,
+                    &name,
+                    error_status(NodePhase::Ready, generation, node_error(&error)),
+                )
+                .await?;
+                return Err(error.into());
+            }
+        }
+    } else {
+        info
+    };
+    // A clone of a volume keeps a hidden snapshot of its source until it is flattened.
+    let mut requeue = Duration::from_secs(300);
+    if volume
+        .spec
+        .content_source
+        .as_ref()
+        .is_some_and(|s| s.volume_id.is_some())
+    {
+        if agent.engine.is_flattened(&id).unwrap_or(false) {
+            let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+        } else {
+            requeue = Duration::from_secs(5);
+        }
+    }
+    let status = json!({
+        "phase": NodePhase::Ready,
+        "observedGeneration": generation,
+        "capacityBytes": info.size as i64,
+        "error": null,
+    });
+    patch_status(&api, &name, status).await?;
+    Ok(Action::requeue(requeue))
+}
+
+/// A clone: a hidden snapshot of the source, and a volume from it (flattened in the background).
+async fn clone_volume(
+    engine: &Engine,
+    id: &VolumeId,
+    source: &str,
+    size: u64,
+) -> Result<crate::engine::VolumeInfo, EngineError> {
+    let source =
+        VolumeId::parse(source).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    if let Ok(existing) = engine.volume(id) {
+        return Ok(existing);
+    }
+    let base = clone_base(id);
+    if engine.snapshot(&base).is_err() {
+        engine.create_snapshot(&source, &base).await?;
+    }
+    engine
+        .create_volume_from_snapshot(id, &base, Some(size))
+        .await
+}
+
+async fn reconcile_snapshot(
+    snapshot: Arc<LivediskSnapshot>,
+    agent: Arc<Agent>,
+) -> Result<Action, CsiError> {
+    let api: Api<LivediskSnapshot> = Api::all(agent.client.clone());
+    let name = snapshot.name_any();
+    let id = SnapshotId::parse(&name).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+    let generation = snapshot.metadata.generation;
+    let finalizers = snapshot.finalizers().to_vec();
+
+    if snapshot.metadata.deletion_timestamp.is_some() {
+        if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        match agent.engine.delete_snapshot(&id, None).await {
+            Ok(()) => {}
+            Err(error) if error.code() == Code::NotFound => {}
+            Err(error) => {
+                patch_status(
+                    &api,
+                    &name,
+                    error_status(NodePhase::Deleting, generation, node_error(&error)),
+                )
+                .await?;
+                return Err(error.into());
+            }
+        }
+        set_finalizers(&api, &name, without_finalizer(&finalizers)).await?;
+        tracing::info!(snapshot = %name, "snapshot deleted");
+        return Ok(Action::await_change());
+    }
+    if snapshot
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == NodePhase::Ready || s.phase == NodePhase::Failed)
+    {
+        return Ok(Action::await_change());
+    }
+    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
+        let mut with = finalizers.clone();
+        with.push(NODE_FINALIZER.to_string());
+        set_finalizers(&api, &name, with).await?;
+    }
+    let volume = VolumeId::parse(&snapshot.spec.volume_id)
+        .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+    let taken = match agent.engine.snapshot(&id) {
+        Ok(info) => Ok(info),
+        Err(_) => agent
+            .engine
+            .create_snapshot(&volume, &id)
+            .await
+            .map(|(info, _)| info),
+    };
+    match taken {
+        Ok(info) => {
+            let created = k8s_openapi::jiff::Timestamp::from_second(info.created.timestamp())
+                .ok()
+                .map(Time);
+            let status = json!({
+                "phase": NodePhase::Ready,
+                "observedGeneration": generation,
+                "readyToUse": info.ready,
+                "sizeBytes": info.size as i64,
+                "creationTime": created,
+                "error": null,
+            });
+            patch_status(&api, &name, status).await?;
+            Ok(Action::await_change())
+        }
+        Err(error) => {
+            let phase = if permanent(&error) {
+                NodePhase::Failed
+            } else {
+                NodePhase::Pending
+            };
+            patch_status(
+                &api,
+                &name,
+                error_status(phase, generation, node_error(&error)),
+            )
+            .await?;
+            if permanent(&error) {
+                Ok(Action::await_change())
+            } else {
+                Err(error.into())
+            }
+        }
+    }
+}

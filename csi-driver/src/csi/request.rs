@@ -1,0 +1,164 @@
+//! Pure validation of CSI request fields shared by the Controller and Node services.
+
+use livedisk_csi_proto::csi::v1::volume_capability::AccessType;
+use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
+use livedisk_csi_proto::csi::v1::{CapacityRange, VolumeCapability};
+
+use super::error::CsiError;
+
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_CAPACITY: i64 = 1 << 30;
+/// Volumes are sized in whole MiB: qcow2 needs sector multiples, and it keeps sizes readable.
+const GRANULE: i64 = 1 << 20;
+
+/// The size to create for a capacity range: the required bytes rounded up to a MiB, or the
+/// default when nothing is required, never above the limit.
+pub fn capacity(range: Option<&CapacityRange>) -> Result<i64, CsiError> {
+    let (required, limit) = range
+        .map(|r| (r.required_bytes, r.limit_bytes))
+        .unwrap_or((0, 0));
+    if required < 0 || limit < 0 {
+        return Err(CsiError::InvalidArgument(
+            "capacity_range bytes must not be negative".into(),
+        ));
+    }
+    if limit > 0 && required > limit {
+        return Err(CsiError::InvalidArgument(format!(
+            "capacity_range.required_bytes {required} exceeds limit_bytes {limit}"
+        )));
+    }
+    let wanted = if required > 0 {
+        required
+    } else if limit > 0 {
+        limit.min(DEFAULT_CAPACITY)
+    } else {
+        DEFAULT_CAPACITY
+    };
+    let rounded = (wanted + GRANULE - 1) / GRANULE * GRANULE;
+    if limit > 0 && rounded > limit {
+        if wanted <= limit && limit >= 512 {
+            // The limit is below the next MiB: honour it exactly at sector granularity.
+            return Ok(limit / 512 * 512);
+        }
+        return Err(CsiError::OutOfRange(format!(
+            "no size between {required} and {limit} bytes can be allocated"
+        )));
+    }
+    Ok(rounded)
+}
+
+/// Whether an existing volume of `size` bytes satisfies a capacity range (idempotent creates).
+pub fn satisfies(size: i64, range: Option<&CapacityRange>) -> bool {
+    match range {
+        None => true,
+        Some(range) => {
+            size >= range.required_bytes && (range.limit_bytes == 0 || size <= range.limit_bytes)
+        }
+    }
+}
+
+/// Checks that every capability is one livedisk serves: one node at a time, block or mount.
+pub fn capabilities(capabilities: &[VolumeCapability]) -> Result<(), CsiError> {
+    if capabilities.is_empty() {
+        return Err(CsiError::InvalidArgument(
+            "volume_capabilities must not be empty".into(),
+        ));
+    }
+    capabilities.iter().try_for_each(capability)
+}
+
+/// Checks one capability.
+pub fn capability(capability: &VolumeCapability) -> Result<(), CsiError> {
+    let access_type = capability
+        .access_type
+        .as_ref()
+        .ok_or_else(|| CsiError::InvalidArgument("volume capability has no access_type".into()))?;
+    if let AccessType::Mount(mount) = access_type
+        && !mount.fs_type.is_empty()
+        && !matches!(mount.fs_type.as_str(), "ext4" | "xfs")
+    {
+        return Err(CsiError::InvalidArgument(format!(
+            "fs_type {:?} is not supported (ext4 or xfs)",
+            mount.fs_type
+        )));
+    }
+    let mode = capability
+        .access_mode
+        .as_ref()
+        .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
+        .ok_or_else(|| CsiError::InvalidArgument("volume capability has no access_mode".into()))?;
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => Ok(()),
+        Mode::Unknown => Err(CsiError::InvalidArgument("access mode is unknown".into())),
+        other => Err(CsiError::InvalidArgument(format!(
+            "access mode {} is not supported: a livedisk volume is attached on one node at a time",
+            other.as_str_name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livedisk_csi_proto::csi::v1::volume_capability::{AccessMode, BlockVolume, MountVolume};
+
+    fn range(required: i64, limit: i64) -> CapacityRange {
+        CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }
+    }
+
+    #[test]
+    fn capacity_rounds_up_within_limits() {
+        assert_eq!(capacity(None).unwrap(), DEFAULT_CAPACITY);
+        assert_eq!(capacity(Some(&range(1, 0))).unwrap(), 1 << 20);
+        assert_eq!(capacity(Some(&range(0, 10 << 20))).unwrap(), 10 << 20);
+        assert_eq!(capacity(Some(&range(1000, 4096))).unwrap(), 4096);
+        assert!(matches!(
+            capacity(Some(&range(10, 5))),
+            Err(CsiError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            capacity(Some(&range(-1, 0))),
+            Err(CsiError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn satisfies_checks_both_bounds() {
+        assert!(satisfies(100, Some(&range(50, 0))));
+        assert!(!satisfies(100, Some(&range(150, 0))));
+        assert!(!satisfies(100, Some(&range(0, 99))));
+    }
+
+    fn cap(mode: Mode, block: bool) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(if block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume::default())
+            }),
+        }
+    }
+
+    #[test]
+    fn single_node_modes_only() {
+        assert!(
+            capabilities(&[
+                cap(Mode::SingleNodeWriter, true),
+                cap(Mode::SingleNodeReaderOnly, false)
+            ])
+            .is_ok()
+        );
+        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true)]).is_err());
+        assert!(capabilities(&[]).is_err());
+        let mut no_type = cap(Mode::SingleNodeWriter, true);
+        no_type.access_type = None;
+        assert!(capabilities(&[no_type]).is_err());
+    }
+}

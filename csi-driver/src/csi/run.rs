@@ -1,0 +1,118 @@
+//! The two server modes of the `livedisk-csi` binary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use livedisk_csi_proto::csi::v1::controller_server::ControllerServer;
+use livedisk_csi_proto::csi::v1::identity_server::IdentityServer;
+use livedisk_csi_proto::csi::v1::node_server::NodeServer;
+use tonic::transport::Server;
+
+use super::agent::{self, Agent};
+use super::controller::ControllerService;
+use super::identity::IdentityService;
+use super::node::NodeService;
+use super::server;
+use crate::engine::{Engine, EngineConfig};
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Where to serve CSI (Identity + Controller).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub csi_endpoint: String,
+    /// How long one CSI call waits for a node before answering DEADLINE_EXCEEDED.
+    #[arg(long, env = "LIVEDISK_NODE_WAIT_SECONDS", default_value_t = 120)]
+    pub node_wait_seconds: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Where to serve CSI (Identity + Node).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub csi_endpoint: String,
+    /// This node's name (the Node object), usually from the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The pool directory of this node's volumes.
+    #[arg(long, env = "LIVEDISK_POOL", default_value = "/var/lib/livedisk/pools")]
+    pub pool_dir: PathBuf,
+    /// Runtime directory of this host's engine daemon (QMP and NBD sockets, attach state).
+    #[arg(
+        long,
+        env = "LIVEDISK_RUNTIME_DIR",
+        default_value = "/var/lib/livedisk/engine"
+    )]
+    pub engine_socket_dir: PathBuf,
+}
+
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(livedisk_csi_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")
+}
+
+/// Serves the controller until SIGTERM.
+pub async fn controller(args: ControllerArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let path = server::socket_path(&args.csi_endpoint)?;
+    let listener = server::bind(&path)?;
+    tracing::info!(socket = %path.display(), "CSI controller serving");
+    Server::builder()
+        .add_service(IdentityServer::new(IdentityService { controller: true }))
+        .add_service(ControllerServer::new(ControllerService::new(
+            client,
+            Duration::from_secs(args.node_wait_seconds),
+        )))
+        .add_service(reflection()?)
+        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .await
+        .context("serving CSI")?;
+    Ok(())
+}
+
+/// Serves the node plugin and runs its agent until SIGTERM.
+pub async fn node(args: NodeArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let engine = Arc::new(
+        Engine::open(EngineConfig {
+            pool: args.pool_dir.clone(),
+            runtime_dir: args.engine_socket_dir.clone(),
+        })
+        .await
+        .context("opening the engine")?,
+    );
+    let path = server::socket_path(&args.csi_endpoint)?;
+    let listener = server::bind(&path)?;
+    let node_agent = Arc::new(Agent {
+        client,
+        engine: engine.clone(),
+        node_name: args.node_name.clone(),
+    });
+    let agent_task = tokio::spawn(agent::run(node_agent));
+    tracing::info!(socket = %path.display(), node = %args.node_name, "CSI node plugin serving");
+    Server::builder()
+        .add_service(IdentityServer::new(IdentityService { controller: false }))
+        .add_service(NodeServer::new(NodeService::new(
+            engine,
+            &args.engine_socket_dir,
+            args.node_name,
+        )))
+        .add_service(reflection()?)
+        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .await
+        .context("serving CSI")?;
+    agent_task.abort();
+    Ok(())
+}

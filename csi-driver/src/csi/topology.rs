@@ -1,0 +1,91 @@
+//! Topology: every livedisk volume lives on exactly one node, named by one segment.
+
+use std::collections::HashMap;
+
+use livedisk_csi_proto::csi::v1::{Topology, TopologyRequirement};
+
+/// The topology key of a livedisk node (also a Node label set by the harness and the chart).
+pub const NODE_KEY: &str = "topology.livedisk.io/node";
+
+/// The accessible topology of a volume on `node`.
+pub fn of_node(node: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(NODE_KEY.to_string(), node.to_string())]),
+    }
+}
+
+/// Chooses the node for a new volume: the first preferred topology that names a known node,
+/// then the first requisite one; without requirements, the known node with the fewest volumes.
+/// `None` when the requirements name no known node.
+pub fn choose_node(
+    requirement: Option<&TopologyRequirement>,
+    known_nodes: &[String],
+    volumes_per_node: &HashMap<String, usize>,
+) -> Option<String> {
+    let named = |topologies: &[Topology]| {
+        topologies
+            .iter()
+            .filter_map(|t| t.segments.get(NODE_KEY))
+            .find(|node| known_nodes.contains(node))
+            .cloned()
+    };
+    match requirement {
+        Some(requirement)
+            if !requirement.preferred.is_empty() || !requirement.requisite.is_empty() =>
+        {
+            named(&requirement.preferred).or_else(|| named(&requirement.requisite))
+        }
+        _ => known_nodes
+            .iter()
+            .min_by_key(|node| {
+                (
+                    volumes_per_node.get(*node).copied().unwrap_or(0),
+                    (*node).clone(),
+                )
+            })
+            .cloned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes() -> Vec<String> {
+        vec!["node-a".into(), "node-b".into()]
+    }
+
+    #[test]
+    fn preferred_wins_over_requisite() {
+        let requirement = TopologyRequirement {
+            requisite: vec![of_node("node-a"), of_node("node-b")],
+            preferred: vec![of_node("node-b")],
+        };
+        assert_eq!(
+            choose_node(Some(&requirement), &nodes(), &HashMap::new()).as_deref(),
+            Some("node-b")
+        );
+    }
+
+    #[test]
+    fn unknown_nodes_are_skipped_and_none_means_none() {
+        let requirement = TopologyRequirement {
+            requisite: vec![of_node("node-z")],
+            preferred: vec![],
+        };
+        assert_eq!(
+            choose_node(Some(&requirement), &nodes(), &HashMap::new()),
+            None
+        );
+    }
+
+    #[test]
+    fn without_requirements_the_emptiest_node_is_chosen() {
+        let counts = HashMap::from([("node-a".to_string(), 3), ("node-b".to_string(), 1)]);
+        assert_eq!(
+            choose_node(None, &nodes(), &counts).as_deref(),
+            Some("node-b")
+        );
+        assert_eq!(choose_node(None, &[], &counts), None);
+    }
+}

@@ -1,0 +1,320 @@
+//! New volumes from a snapshot: a fresh layer on top of the source's sealed
+//! layer (instant), flattened in the background by a `block-stream` job that
+//! copies the source's data in and then cuts the backing link.
+//!
+//! While a clone is not flattened its source volume refuses merges
+//! (FAILED_PRECONDITION): the clone reads the source's layers, and QEMU
+//! would refuse the write lock a commit into them needs anyway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::qmp::Qmp;
+use super::record::{CloneSource, RecordStore, SnapshotState, VolumeRecord};
+use super::{
+    Engine, EngineError, Locks, Result, SnapshotId, VolumeId, VolumeInfo, extents, info,
+    node_add_args, plan, qemu_img, qmp,
+};
+
+/// The flatten job of a clone.
+pub fn flatten_job_id(id: &VolumeId) -> String {
+    format!("f{}", &id.hex()[..24])
+}
+
+impl Engine {
+    /// Node a clone's bottom layer backs onto, if it is an unflattened clone.
+    pub(super) fn clone_backing(&self, rec: &VolumeRecord) -> Result<Option<String>> {
+        let Some(src) = &rec.clone_of else {
+            return Ok(None);
+        };
+        let srec = self.load(&src.volume)?;
+        Ok(Some(srec.node_name(src.layer)))
+    }
+
+    /// A new volume with the content of `snap`, usable at once. `size`
+    /// (rounded up to 512 bytes) may exceed the snapshot's size, never fall
+    /// below it. Idempotent for the same source and size.
+    pub async fn create_volume_from_snapshot(
+        &self,
+        id: &VolumeId,
+        snap: &SnapshotId,
+        size: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        self.create_volume_from_snapshot_with(id, snap, size, None)
+            .await
+    }
+
+    /// [`Engine::create_volume_from_snapshot`] with a rate limit (bytes/s)
+    /// for the background flatten; change it later with
+    /// [`Engine::set_job_speed`] on [`flatten_job_id`].
+    pub async fn create_volume_from_snapshot_with(
+        &self,
+        id: &VolumeId,
+        snap: &SnapshotId,
+        size: Option<u64>,
+        flatten_speed: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        let src = self.locate(snap)?;
+        let _gs = self.locks.try_lock(&src.id)?;
+        let _gn = self.locks.try_lock(id)?;
+        let src = self.load(&src.id)?;
+        let s = src
+            .snapshot(snap)
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {snap}")))?;
+        if s.state != SnapshotState::Ready {
+            return Err(plan::PlanError::SnapshotDeleting(snap.clone()).into());
+        }
+        let size = size.unwrap_or(s.size).div_ceil(512) * 512;
+        if size < s.size {
+            return Err(EngineError::OutOfRange(format!(
+                "snapshot {snap} is {} bytes; a volume from it cannot be {size}",
+                s.size
+            )));
+        }
+        if let Some(rec) = self.store.load(id)? {
+            let same = rec.size == size
+                && !rec.deleted
+                && rec.clone_of.as_ref().is_none_or(|c| &c.snapshot == snap);
+            return if same {
+                Ok(info(&rec))
+            } else {
+                Err(EngineError::AlreadyExists(format!("volume {id}")))
+            };
+        }
+        let li = src
+            .layer_of(snap)
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {snap}")))?;
+        let layer = src.layers[li].seq;
+        let inherited = plan::allocated(&src, snap)?;
+
+        let dir = self.vol_dir(id);
+        std::fs::create_dir_all(&dir)?;
+        let backing_name = format!("../{}/{}", src.id, VolumeRecord::layer_file(layer));
+        qemu_img::create(
+            &dir.join(VolumeRecord::layer_file(0)),
+            size,
+            Some(&backing_name),
+        )
+        .await?;
+        let mut rec = VolumeRecord::new(id.clone(), size);
+        rec.clone_of = Some(CloneSource {
+            volume: src.id.clone(),
+            layer,
+            snapshot: snap.clone(),
+            flatten_speed,
+        });
+        rec.inherited = inherited;
+        // Durable before the daemon knows it: recovery re-adds and flattens.
+        self.store.save(&rec)?;
+        self.qmp
+            .execute(
+                "blockdev-add",
+                node_add_args(&dir, &rec, 0, Value::String(src.node_name(layer))),
+            )
+            .await?;
+        self.ensure_flatten(&rec).await?;
+        Ok(info(&rec))
+    }
+
+    /// Starts the flatten job unless it runs or the clone is flat already.
+    /// Its rate limit is the one recorded at clone time.
+    pub(super) async fn ensure_flatten(&self, rec: &VolumeRecord) -> Result<()> {
+        if self.settle_flatten_locked(rec).await? {
+            return Ok(());
+        }
+        let job = flatten_job_id(&rec.id);
+        if qmp::query_jobs(&self.qmp)
+            .await?
+            .iter()
+            .any(|j| j.id == job)
+        {
+            return Ok(());
+        }
+        let bottom = rec
+            .layers
+            .first()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
+        self.qmp
+            .execute(
+                "block-stream",
+                json!({
+                    "job-id": job,
+                    "device": rec.node_name(bottom.seq),
+                    "auto-dismiss": false,
+                    "speed": rec.clone_of.as_ref().and_then(|c| c.flatten_speed).unwrap_or(0),
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// If the clone's flatten job concluded, records that the clone stands
+    /// alone. Returns whether it does. Takes the clone's lock (without
+    /// waiting: busy means "not settled yet").
+    pub(super) async fn settle_flatten(&self, rec: &VolumeRecord) -> Result<bool> {
+        let Ok(_g) = self.locks.try_lock(&rec.id) else {
+            return Ok(false);
+        };
+        let rec = self.load(&rec.id)?;
+        self.settle_flatten_locked(&rec).await
+    }
+
+    async fn settle_flatten_locked(&self, rec: &VolumeRecord) -> Result<bool> {
+        settle(&self.store, &self.qmp, rec).await
+    }
+
+    /// Cancels a clone's flatten job (the clone is being deleted): the job
+    /// holds the clone's node, which could not be deleted under it.
+    pub(super) async fn stop_flatten(&self, rec: &VolumeRecord) -> Result<()> {
+        let job = flatten_job_id(&rec.id);
+        let _ = self.qmp.execute("job-cancel", json!({ "id": job })).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let j = qmp::query_jobs(&self.qmp)
+                .await?
+                .into_iter()
+                .find(|j| j.id == job);
+            match j {
+                None => return Ok(()),
+                Some(j) if j.status == "concluded" => {
+                    self.dismiss(&job).await;
+                    return Ok(());
+                }
+                Some(_) if tokio::time::Instant::now() > deadline => {
+                    return Err(EngineError::Busy(format!(
+                        "flatten job {job} does not stop"
+                    )));
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Waits until a clone no longer depends on its source.
+    pub async fn wait_flattened(&self, id: &VolumeId, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let job = flatten_job_id(id);
+        loop {
+            let mut rx = self.qmp.subscribe();
+            // Busy means another task (the flatten watcher, an operation on
+            // the clone) holds the lock: look again after the wait below.
+            if let Ok(_g) = self.locks.try_lock(id) {
+                let rec = self.load(id)?;
+                if self.settle_flatten_locked(&rec).await? {
+                    return Ok(());
+                }
+                self.ensure_flatten(&rec).await?;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "volume {id} still not flattened"
+                )));
+            }
+            // Either the event or a short poll: a missed event cannot stall.
+            let _ = qmp::wait_job_status(
+                &mut rx,
+                &job,
+                &["concluded"],
+                left.min(Duration::from_secs(1)),
+            )
+            .await;
+        }
+    }
+
+    /// Whether a volume is a clone still backed by its source.
+    pub fn is_flattened(&self, id: &VolumeId) -> Result<bool> {
+        Ok(self.load(id)?.clone_of.is_none())
+    }
+}
+
+/// If the clone's flatten job concluded, records that the clone stands
+/// alone (the caller holds the clone's lock). Returns whether it does.
+async fn settle(store: &RecordStore, qmp: &Qmp, rec: &VolumeRecord) -> Result<bool> {
+    if rec.clone_of.is_none() {
+        return Ok(true);
+    }
+    let job = flatten_job_id(&rec.id);
+    let Some(j) = qmp::query_jobs(qmp)
+        .await?
+        .into_iter()
+        .find(|j| j.id == job)
+    else {
+        return Ok(false);
+    };
+    if j.status != "concluded" {
+        return Ok(false);
+    }
+    let dismiss = || qmp.execute("job-dismiss", json!({ "id": job }));
+    if let Some(e) = j.error {
+        tracing::warn!(volume = %rec.id, error = e, "flatten failed; it will be retried");
+        let _ = dismiss().await;
+        return Ok(false);
+    }
+    // Save first, dismiss after: a crash in between re-runs a (now
+    // trivial) stream, never loses the fact.
+    let mut rec = rec.clone();
+    rec.clone_of = None;
+    store.save(&rec)?;
+    let _ = dismiss().await;
+    tracing::info!(volume = %rec.id, "clone flattened");
+    Ok(true)
+}
+
+/// Background task: records each clone as flattened as soon as its job
+/// concludes, so that `is_flattened` and the source's merges see it without
+/// anyone polling. Ends when the QMP connection closes.
+pub(super) fn spawn_flatten_watcher(
+    store: RecordStore,
+    qmp: Qmp,
+    locks: Arc<Locks>,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx = qmp.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let concluded = ev.event == "JOB_STATUS_CHANGE"
+                && ev.data.get("status").and_then(Value::as_str) == Some("concluded");
+            let Some(job) = ev.job_id().filter(|j| concluded && j.starts_with('f')) else {
+                continue;
+            };
+            let Ok(ids) = store.list() else { continue };
+            let Some(id) = ids.into_iter().find(|id| flatten_job_id(id) == job) else {
+                continue;
+            };
+            // The volume may be busy with an operation: retry for a while;
+            // every later operation on it settles as well.
+            for _ in 0..600 {
+                if let Ok(_g) = locks.try_lock(&id) {
+                    if let Ok(Some(rec)) = store.load(&id)
+                        && let Err(e) = settle(&store, &qmp, &rec).await
+                    {
+                        tracing::warn!(volume = %id, error = %e, "settling flatten failed");
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })
+}
+
+/// Folds a clone's inherited allocation into a freshly captured record.
+pub(super) fn with_inherited(
+    rec: &mut VolumeRecord,
+    captured: Vec<extents::Extent>,
+) -> Vec<extents::Extent> {
+    if rec.inherited.is_empty() {
+        return captured;
+    }
+    let out = extents::union([captured.as_slice(), rec.inherited.as_slice()]);
+    rec.inherited.clear();
+    out
+}
