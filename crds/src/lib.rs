@@ -36,6 +36,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
     vec![
         internal::LivediskVolume::crd(),
         internal::LivediskSnapshot::crd(),
+        internal::LivediskNode::crd(),
     ]
 }
 

@@ -6,12 +6,14 @@
 //! makes it real with its engine and reports in `status`, including a typed error the controller
 //! turns into the right gRPC code. Users do not create these objects.
 
+pub mod node;
 pub mod snapshot;
 pub mod volume;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 

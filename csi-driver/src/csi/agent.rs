@@ -15,7 +15,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{
-    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+    ErrorCode, LivediskNode, LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
 };
 use serde_json::{Value, json};
 
@@ -44,11 +44,52 @@ pub async fn run(agent: Arc<Agent>) {
         .shutdown_on_signal()
         .run(reconcile_volume, retry_volume, agent.clone())
         .for_each(|_| async {});
+    let agent_for_report = agent.clone();
     let snapshot_loop = Controller::new(snapshots, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
         .run(reconcile_snapshot, retry_snapshot, agent)
         .for_each(|_| async {});
-    tokio::join!(volume_loop, snapshot_loop);
+    tokio::join!(volume_loop, snapshot_loop, report_node(agent_for_report));
+}
+
+/// How often the node refreshes its `LivediskNode` report.
+const REPORT_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Keeps this node's `LivediskNode` current: pool space, volume count, engine pid.
+async fn report_node(agent: Arc<Agent>) {
+    let api: Api<LivediskNode> = Api::all(agent.client.clone());
+    let params = PatchParams::apply("livedisk-node").force();
+    loop {
+        let pool = agent.engine.pool().to_path_buf();
+        let object = json!({
+            "apiVersion": "livedisk.io/v1alpha1",
+            "kind": "LivediskNode",
+            "metadata": { "name": agent.node_name },
+            "spec": { "poolPath": pool.display().to_string() },
+        });
+        let space = super::node::statvfs(&pool).ok();
+        let status = json!({
+            "apiVersion": "livedisk.io/v1alpha1",
+            "kind": "LivediskNode",
+            "status": {
+                "poolCapacityBytes": space.map(|s| (s.f_blocks * s.f_frsize) as i64),
+                "poolAvailableBytes": space.map(|s| (s.f_bavail * s.f_frsize) as i64),
+                "volumes": agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
+                "enginePid": agent.engine.daemon().pid.map(i64::from),
+                "heartbeatTime": Time(k8s_openapi::jiff::Timestamp::now()),
+            }
+        });
+        let result = async {
+            api.patch(&agent.node_name, &params, &Patch::Apply(&object))
+                .await?;
+            api.patch_status(&agent.node_name, &params, &Patch::Apply(&status))
+                .await
+        };
+        if let Err(error) = result.await {
+            tracing::warn!(%error, "could not report this node's LivediskNode");
+        }
+        tokio::time::sleep(REPORT_INTERVAL).await;
+    }
 }
 
 fn retry_volume(_: Arc<LivediskVolume>, error: &CsiError, _: Arc<Agent>) -> Action {
@@ -157,6 +198,16 @@ async fn reconcile_volume(
 
     let size = volume.spec.capacity_bytes as u64;
     let existing = agent.engine.volume(&id).ok().filter(|v| !v.deleted);
+    let growth = size.saturating_sub(existing.as_ref().map(|v| v.size).unwrap_or(0));
+    if let Some(error) = pool_too_small(agent.engine.pool(), growth) {
+        let phase = if existing.is_some() {
+            NodePhase::Ready
+        } else {
+            NodePhase::Failed
+        };
+        patch_status(&api, &name, error_status(phase, generation, error)).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
     let created = match (&existing, &volume.spec.content_source) {
         // Already made (a repeat, or an expansion of the spec): grow below if needed.
         (Some(info), _) => Ok(info.clone()),
@@ -236,6 +287,20 @@ async fn reconcile_volume(
     });
     patch_status(&api, &name, status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// Volumes are not overcommitted: a volume (or its growth) must fit in the pool's free space
+/// now, so a consumer never meets ENOSPC below a size it was promised.
+fn pool_too_small(pool: &std::path::Path, needed: u64) -> Option<NodeError> {
+    if needed == 0 {
+        return None;
+    }
+    let stat = super::node::statvfs(pool).ok()?;
+    let available = stat.f_bavail * stat.f_frsize;
+    (needed > available).then(|| NodeError {
+        code: ErrorCode::ResourceExhausted,
+        message: format!("the pool has {available} bytes free; the volume needs {needed} more"),
+    })
 }
 
 /// A clone: a hidden snapshot of the source, and a volume from it (flattened in the background).

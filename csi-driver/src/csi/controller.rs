@@ -8,8 +8,8 @@ use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{
-    ContentSource, LivediskSnapshot, LivediskSnapshotSpec, LivediskVolume, LivediskVolumeSpec,
-    NodePhase,
+    ContentSource, LivediskNode, LivediskSnapshot, LivediskSnapshotSpec, LivediskVolume,
+    LivediskVolumeSpec, NodePhase,
 };
 use livedisk_csi_proto::csi::v1::controller_server::Controller;
 use livedisk_csi_proto::csi::v1::controller_service_capability::{self, rpc};
@@ -599,8 +599,36 @@ impl Controller for ControllerService {
         Err(CsiError::Unimplemented("volume health is not offered".into()).into())
     }
 
-    async fn get_capacity(&self, _: Request<GetCapacityRequest>) -> Reply<GetCapacityResponse> {
-        Err(CsiError::Unimplemented("GetCapacity is not offered yet".into()).into())
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Reply<GetCapacityResponse> {
+        let request = request.into_inner();
+        if !request.volume_capabilities.is_empty() {
+            request::capabilities(&request.volume_capabilities)?;
+        }
+        // Each node plugin reports its pool's free space in its LivediskNode.
+        let nodes: Api<LivediskNode> = Api::all(self.client.clone());
+        let reports = nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(CsiError::from)?
+            .items;
+        let wanted = request
+            .accessible_topology
+            .as_ref()
+            .and_then(|t| t.segments.get(topology::NODE_KEY));
+        let available: Vec<i64> = reports
+            .iter()
+            .filter(|n| wanted.is_none_or(|w| n.name_any() == *w))
+            .filter_map(|n| n.status.as_ref().and_then(|s| s.pool_available_bytes))
+            .collect();
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: available.iter().sum(),
+            // One volume lives on one node: the largest one fits the emptiest pool.
+            maximum_volume_size: Some(available.iter().copied().max().unwrap_or(0)),
+            minimum_volume_size: None,
+        }))
     }
 
     async fn controller_get_capabilities(
@@ -614,6 +642,7 @@ impl Controller for ControllerService {
             rpc::Type::GetSnapshot,
             rpc::Type::CloneVolume,
             rpc::Type::ExpandVolume,
+            rpc::Type::GetCapacity,
             rpc::Type::SingleNodeMultiWriter,
         ]
         .into_iter()

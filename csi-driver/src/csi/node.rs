@@ -278,7 +278,7 @@ fn required_path(path: &str, field: &str) -> Result<PathBuf, CsiError> {
     Ok(PathBuf::from(path))
 }
 
-fn statvfs(path: &Path) -> Result<libc::statvfs, CsiError> {
+pub fn statvfs(path: &Path) -> Result<libc::statvfs, CsiError> {
     let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
         .map_err(|_| CsiError::InvalidArgument("volume_path contains a NUL byte".into()))?;
     // SAFETY: statvfs fills the zeroed struct for a valid NUL-terminated path.

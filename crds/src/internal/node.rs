@@ -1,0 +1,52 @@
+//! `LivediskNode`: what a node plugin reports about its host (pool space, engine).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+/// One per node that runs the livedisk node plugin; the plugin creates it and keeps its status
+/// current. The CSI controller answers GetCapacity from it (and so the provisioner's
+/// CSIStorageCapacity objects), without a call to the node.
+#[derive(
+    CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema,
+)]
+#[kube(
+    group = "livedisk.io",
+    version = "v1alpha1",
+    kind = "LivediskNode",
+    doc = "Internal: a livedisk node's pool and engine, as its node plugin reports them.",
+    status = "LivediskNodeStatus",
+    shortname = "ldnode",
+    category = "livedisk-internal",
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.poolAvailableBytes"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.poolCapacityBytes"}"#,
+    printcolumn = r#"{"name":"Volumes","type":"integer","jsonPath":".status.volumes"}"#,
+    printcolumn = r#"{"name":"Heartbeat","type":"date","jsonPath":".status.heartbeatTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LivediskNodeSpec {
+    /// The pool directory on the host, for people reading the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_path: Option<String>,
+}
+
+/// The node plugin's last report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LivediskNodeStatus {
+    /// Size of the filesystem holding the pool, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_capacity_bytes: Option<i64>,
+    /// Bytes new volumes can still use in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_available_bytes: Option<i64>,
+    /// Volumes the engine holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<i64>,
+    /// Process ID of the host's engine daemon (qemu-storage-daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_pid: Option<i64>,
+    /// When the node plugin last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_time: Option<Time>,
+}
