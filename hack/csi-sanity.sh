@@ -10,7 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command -v csi-sanity >/dev/null || { echo "csi-sanity not on PATH: source the cluster env (hack/harness/build.sh builds it)" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || { echo "csi-sanity.sh needs root (loop devices, mounts)" >&2; exit 1; }
 
-NODE=node-a
+# Its own node name, so that it never shares work items with a node plugin of `make up`.
+NODE=sanity-node
 WORK="$(mktemp -d /tmp/livedisk-sanity.XXXXXX)"
 BIN="$ROOT/target/debug/livedisk-csi"
 [ -x "$BIN" ] || { echo "$BIN missing: cargo build -p livedisk-csi" >&2; exit 1; }
@@ -22,6 +23,8 @@ cleanup() {
   if [ -f "$WORK/run/qsd.pid" ]; then kill "$(cat "$WORK/run/qsd.pid")" 2>/dev/null || true; fi
   for m in $(awk -v w="$WORK" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
   rm -rf "$WORK"
+  kubectl delete csinode "$NODE" --ignore-not-found >/dev/null 2>&1 || true
+  kubectl delete livedisknode "$NODE" --ignore-not-found >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 

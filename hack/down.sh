@@ -14,4 +14,5 @@ if [ -f "$pidfile" ]; then
   fi
   rm -f "$pidfile"
 fi
+[ -f "$LIVEDISK_STATE_DIR/env" ] && hack/driver.sh stop || true
 hack/cluster.sh down

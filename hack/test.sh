@@ -29,7 +29,8 @@ cargo build --workspace --all-targets
 
 step "local cluster (the first run builds the Go harness: many minutes, with progress)"
 cleanup() {
-  step "stopping the local cluster"
+  step "stopping the driver and the local cluster"
+  hack/driver.sh stop || true
   hack/cluster.sh down || true
 }
 trap cleanup EXIT
@@ -44,6 +45,9 @@ hack/test-chart.sh
 
 step "csi-sanity (kubernetes-csi/csi-test v5), mount and block access types"
 hack/csi-sanity.sh
+
+step "the CSI driver on the cluster: controller + sidecars, two nodes in their own namespaces"
+hack/driver.sh start
 
 step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster)"
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"

@@ -31,8 +31,11 @@ for _ in $(seq 1 60); do
   kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$STATE/logs/livedisk-operator.log" >&2; log "operator exited"; exit 1; }
   sleep 0.5
 done
+log "starting the CSI driver: controller with its sidecars, two nodes (engine + node plugin each)"
+hack/driver.sh start
 cat >&2 <<MSG
-up: ready. The operator runs (log: $STATE/logs/livedisk-operator.log).
+up: ready. The operator and the CSI driver run (logs: $STATE/logs/).
+    CSI sockets: $STATE/csi/controller.sock, $STATE/csi/node-a.sock, $STATE/csi/node-b.sock
     source $STATE/env          # KUBECONFIG and kubectl on PATH
     kubectl apply -f examples/
     kubectl get livedisk

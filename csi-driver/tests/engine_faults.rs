@@ -41,6 +41,13 @@ async fn child_entry() {
                 .await
                 .expect("child: snapshot");
         }
+        "group" => {
+            let v2 = VolumeId::parse(&var("LD_VOL2")).expect("LD_VOL2");
+            let s2 = SnapshotId::parse(&var("LD_SNAP2")).expect("LD_SNAP2");
+            e.create_snapshots(&[(vol(), snap()), (v2, s2)])
+                .await
+                .expect("child: group snapshot");
+        }
         "merge" => {
             e.delete_snapshot(&snap(), None)
                 .await
@@ -77,9 +84,13 @@ struct Live {
 
 impl Live {
     async fn start(env: &TestEnv, e: &Engine, vol: &VolumeId, blocks: u64) -> Self {
+        Self::start_at(env, e, vol, blocks, "c0").await
+    }
+
+    async fn start_at(env: &TestEnv, e: &Engine, vol: &VolumeId, blocks: u64, dir: &str) -> Self {
         e.create_volume(vol, 64 * MIB).await.expect("create");
         let uri = e.attach_volume(vol).await.expect("attach").uri();
-        let disk = NbdFile::mount(&env.root.join("c0"), &uri, false);
+        let disk = NbdFile::mount(&env.root.join(dir), &uri, false);
         let bg = BackgroundWriter::start(
             Writer::open(&disk.file, 1).expect("writer"),
             Pattern::Sequential {
@@ -502,4 +513,49 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let r = verify(&d.file, 3, &log).expect("verify");
     assert!(r.ok(), "{:?}", r.mismatches);
     drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshot_crash_is_all_or_nothing() {
+    for (point, daemon_too) in [
+        ("snapshot-before-transaction", false),
+        ("snapshot-after-transaction", false),
+        ("snapshot-after-transaction", true),
+    ] {
+        let case = format!("{point} daemon_killed={daemon_too}");
+        let env = TestEnv::new("grpcrash");
+        let (va, vb) = (VolumeId::generate(), VolumeId::generate());
+        let (sa, sb) = (SnapshotId::generate(), SnapshotId::generate());
+        let (mut la, mut lb) = {
+            let e = env.engine().await;
+            (
+                Live::start_at(&env, &e, &va, 32, "ca").await,
+                Live::start_at(&env, &e, &vb, 32, "cb").await,
+            )
+        };
+        let mut vars = fp_vars(&va, &sa, point, daemon_too);
+        vars.push(("LD_VOL2", vb.to_string()));
+        vars.push(("LD_SNAP2", sb.to_string()));
+        let mut child = spawn_child(&env, "group", &vars);
+        let st = wait_child(&mut child, CHILD_TIMEOUT);
+        assert!(killed(st), "{case}: failpoint not reached: {st}");
+        let e = env.engine().await;
+        let (ra, rb) = (e.record(&va).expect("a"), e.record(&vb).expect("b"));
+        assert!(ra.pending_snapshot.is_none() && rb.pending_snapshot.is_none());
+        // Both or neither: one QMP transaction, one decision per volume
+        // from the same evidence.
+        let (ha, hb) = (e.snapshot(&sa).is_ok(), e.snapshot(&sb).is_ok());
+        assert_eq!(ha, hb, "{case}: only one volume has its snapshot");
+        assert_eq!(
+            ha,
+            daemon_too || point == "snapshot-after-transaction",
+            "{case}"
+        );
+        let (loga, logb) = (la.stop(!daemon_too), lb.stop(!daemon_too));
+        check_volume_layers(&e, &va);
+        check_volume_layers(&e, &vb);
+        la.verify_fresh(&env, "ca2", &loga);
+        lb.verify_fresh(&env, "cb2", &logb);
+        eprintln!("{case}: ok, snapshots kept: {ha}");
+    }
 }

@@ -132,7 +132,7 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     // The clone is usable at once, flattened slowly in the background.
     let clone = VolumeId::generate();
     let t = std::time::Instant::now();
-    e.create_volume_from_snapshot_with(&clone, &s1, Some(48 * MIB), Some(MIB))
+    e.create_volume_from_snapshot_with(&clone, &s1, Some(48 * MIB), Some(256 * 1024))
         .await
         .expect("clone");
     eprintln!("clone of 8 MiB created in {:?}", t.elapsed());
@@ -392,4 +392,62 @@ async fn discard_from_the_consumer_reaches_the_image() {
         .expect("read");
     assert!(buf.iter().all(|b| *b == 0x11), "snapshot lost its data");
     check_volume_layers(&e, &vol);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_bad_input_and_deleting_an_unflattened_clone() {
+    let env = TestEnv::new("clonebad");
+    let e = env.engine().await;
+    let src = VolumeId::generate();
+    e.create_volume(&src, 16 * MIB).await.expect("create");
+    let uri = e.attach_volume(&src).await.expect("attach").uri();
+    qemu_io(&uri, "write -P 0x33 0 8M");
+    let s1 = SnapshotId::generate();
+    e.create_snapshot(&src, &s1).await.expect("s1");
+    let before = pool_fingerprint(&env.cfg.pool);
+    let c = VolumeId::generate();
+    assert_eq!(
+        code(
+            e.create_volume_from_snapshot(&c, &SnapshotId::generate(), None)
+                .await
+        ),
+        Some(Code::NotFound)
+    );
+    assert_eq!(
+        code(e.create_volume_from_snapshot(&c, &s1, Some(MIB)).await),
+        Some(Code::OutOfRange)
+    );
+    assert_eq!(
+        code(e.create_volume_from_snapshot(&src, &s1, None).await),
+        Some(Code::AlreadyExists)
+    );
+    assert_eq!(
+        pool_fingerprint(&env.cfg.pool),
+        before,
+        "refusals changed the pool"
+    );
+
+    // Idempotent for the same source and size.
+    e.create_volume_from_snapshot_with(&c, &s1, None, Some(64 * 1024))
+        .await
+        .expect("clone");
+    e.create_volume_from_snapshot(&c, &s1, None)
+        .await
+        .expect("same clone again");
+    assert!(!e.is_flattened(&c).expect("rec"));
+    // Deleting the clone mid-flatten stops its job and frees the source.
+    e.delete_volume(&c).await.expect("delete unflattened clone");
+    assert!(!env.cfg.pool.join(c.as_str()).exists());
+    assert!(
+        e.jobs()
+            .await
+            .expect("jobs")
+            .iter()
+            .all(|j| !j.id.starts_with('f'))
+    );
+    e.detach_volume(&src).await.expect("detach");
+    e.delete_snapshot(&s1, None)
+        .await
+        .expect("source merge allowed");
+    check_volume_layers(&e, &src);
 }

@@ -58,6 +58,9 @@ impl Engine {
         flatten_speed: Option<u64>,
     ) -> Result<VolumeInfo> {
         let src = self.locate(snap)?;
+        if &src.id == id {
+            return Err(EngineError::AlreadyExists(format!("volume {id}")));
+        }
         let _gs = self.locks.try_lock(&src.id)?;
         let _gn = self.locks.try_lock(id)?;
         let src = self.load(&src.id)?;

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests, which run against the real local cluster that `make test`
 //! (or `make up`) starts. Nothing here mocks the API server.
 
+pub mod csi;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};

@@ -1,0 +1,363 @@
+//! Deleting a snapshot by merging its layer away live (`block-commit` or
+//! `block-stream`), with job control.
+
+use super::*;
+
+impl Engine {
+    /// The merge job's id for deleting `snap` (for progress, speed, cancel).
+    pub fn merge_job_id(snap: &SnapshotId) -> String {
+        format!("m{}", &snap.hex()[..24])
+    }
+
+    /// Deletes a snapshot by merging its layer away live. `speed` limits the
+    /// merge in bytes per second (0 or `None`: unlimited). Returns once the
+    /// layer is gone; progress is visible through [`Engine::jobs`].
+    pub async fn delete_snapshot(&self, snap: &SnapshotId, speed: Option<u64>) -> Result<()> {
+        self.delete_snapshot_with(
+            snap,
+            MergeOptions {
+                mode: MergeMode::Commit,
+                speed,
+            },
+        )
+        .await
+    }
+
+    /// [`Engine::delete_snapshot`] with a choice of merge mode.
+    pub async fn delete_snapshot_with(&self, snap: &SnapshotId, opts: MergeOptions) -> Result<()> {
+        let (rec, _g) = self.lock_for_merge(snap).await?;
+        self.merge_locked(rec, snap, opts, true).await
+    }
+
+    /// Starts deleting a snapshot and returns the merge job's id without
+    /// waiting. The merge is recorded as in flight; calling
+    /// [`Engine::delete_snapshot`] again (or reopening the engine) waits for
+    /// it and finishes the deletion. Until then the volume is busy.
+    pub async fn start_snapshot_delete(
+        &self,
+        snap: &SnapshotId,
+        opts: MergeOptions,
+    ) -> Result<String> {
+        let (rec, _g) = self.lock_for_merge(snap).await?;
+        self.merge_locked(rec, snap, opts, false).await?;
+        Ok(Self::merge_job_id(snap))
+    }
+
+    pub(super) async fn lock_for_merge(
+        &self,
+        snap: &SnapshotId,
+    ) -> Result<(VolumeRecord, VolumeGuard)> {
+        let rec = self.locate(snap)?;
+        let g = self.locks.try_lock(&rec.id)?;
+        // Reload under the lock: the first read only found the volume.
+        let rec = self.load(&rec.id)?;
+        if rec
+            .exports
+            .iter()
+            .any(|e| matches!(&e.target, ExportTarget::Snapshot { id } if id == snap))
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "snapshot {snap} is exported; stop the export first"
+            )));
+        }
+        Ok((rec, g))
+    }
+
+    pub(super) async fn merge_locked(
+        &self,
+        mut rec: VolumeRecord,
+        snap: &SnapshotId,
+        opts: MergeOptions,
+        wait: bool,
+    ) -> Result<()> {
+        // An interrupted merge keeps the mode it started with.
+        let (mode, phase) = match &rec.in_flight {
+            Some(InFlight::Merge {
+                snapshot,
+                mode,
+                phase,
+                ..
+            }) if snapshot == snap => (*mode, *phase),
+            Some(InFlight::Merge { snapshot, .. }) => {
+                return Err(EngineError::Busy(format!(
+                    "volume {} (merge of {snapshot} in flight)",
+                    rec.id
+                )));
+            }
+            None => (opts.mode, MergePhase::Running),
+        };
+        self.refuse_if_cloned(&rec).await?;
+        let plan = plan::plan_delete_with(&rec, snap, mode)?;
+        // The flatten job of an unflattened clone holds its bottom layer.
+        if let (Some(src), Some(bottom)) = (&rec.clone_of, rec.layers.first())
+            && plan::touches(&plan, bottom.seq)
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "volume {} is a clone of {} still being flattened; retry later",
+                rec.id, src.volume
+            )));
+        }
+        let job = Self::merge_job_id(snap);
+        // The extents must be captured before the layer's content changes.
+        if let Some(i) = rec.snapshot_index(snap)
+            && rec.snapshots[i].changed.is_none()
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "snapshot {snap} extents not captured; reopen the engine to recover"
+            )));
+        }
+        // Point of no return, made durable before the first byte moves.
+        if let Some(i) = rec.snapshot_index(snap) {
+            rec.snapshots[i].state = SnapshotState::Deleting;
+        }
+        rec.in_flight = Some(InFlight::Merge {
+            snapshot: snap.clone(),
+            job: job.clone(),
+            mode,
+            phase,
+        });
+        self.store.save(&rec)?;
+
+        if !matches!(plan, plan::DeletePlan::DropTop { .. }) {
+            self.run_merge_job(&mut rec, &job, &plan, opts.speed, wait)
+                .await?;
+            if !wait {
+                return Ok(());
+            }
+            failpoint::hit("merge-after-complete", self.daemon.pid);
+        }
+        self.finish_merge(&rec, snap, &plan, &job).await
+    }
+
+    /// After the job concluded: save the new record, and only then dismiss
+    /// the job and drop the merged-away node, so that a crash in between
+    /// still finds the concluded job (or the new record).
+    pub(super) async fn finish_merge(
+        &self,
+        rec: &VolumeRecord,
+        snap: &SnapshotId,
+        plan: &plan::DeletePlan,
+        job: &str,
+    ) -> Result<()> {
+        let drop_seq = match plan {
+            plan::DeletePlan::Commit { top, .. } => *top,
+            plan::DeletePlan::DropTop { layer } => *layer,
+            plan::DeletePlan::Stream { removed, .. } => *removed,
+        };
+        let after = plan::apply_delete(rec, snap, plan)?;
+        let file = self
+            .vol_dir(&rec.id)
+            .join(VolumeRecord::layer_file(drop_seq));
+        if after.deleted && after.snapshots.is_empty() {
+            // No record will be left to sweep from: release the node first.
+            self.dismiss(job).await;
+            self.blockdev_del(&rec.node_name(drop_seq)).await?;
+            self.store.remove(&rec.id)?;
+            return Ok(());
+        }
+        self.store.save(&after)?;
+        // The job holds its nodes until dismissed; a crash from here on
+        // leaves an orphan node or file that the next reconcile sweeps.
+        self.dismiss(job).await;
+        self.blockdev_del(&rec.node_name(drop_seq)).await?;
+        remove_file_if_exists(&file)?;
+        Ok(())
+    }
+
+    pub(super) async fn dismiss(&self, job: &str) {
+        // Not found is fine: the daemon restarted or it was dismissed.
+        let _ = self.qmp.execute("job-dismiss", json!({ "id": job })).await;
+    }
+
+    /// Merges on a volume some unflattened clone still backs onto are
+    /// refused: QEMU would refuse the write lock on a layer a clone reads,
+    /// and a stream would pull the clone's backing away. The clone is
+    /// flattened in the background; retry once it is.
+    pub(super) async fn refuse_if_cloned(&self, rec: &VolumeRecord) -> Result<()> {
+        for id in self.store.list()? {
+            if let Some(c) = self.store.load(&id)?
+                && c.clone_of.as_ref().is_some_and(|s| s.volume == rec.id)
+            {
+                // It may have finished flattening since we last looked.
+                if self.settle_flatten(&c).await? {
+                    continue;
+                }
+                return Err(EngineError::FailedPrecondition(format!(
+                    "volume {} is a clone still backed by {}; it is being flattened, retry later",
+                    c.id, rec.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or picks up) the merge job and, when `wait`, drives it until
+    /// it concluded. A successful job is left undismissed for the caller.
+    pub(super) async fn run_merge_job(
+        &self,
+        rec: &mut VolumeRecord,
+        job: &str,
+        plan: &plan::DeletePlan,
+        speed: Option<u64>,
+        wait: bool,
+    ) -> Result<()> {
+        let mut rx = self.qmp.subscribe();
+        let existing = qmp::query_jobs(&self.qmp).await?;
+        let mut status = existing
+            .iter()
+            .find(|j| j.id == job)
+            .map(|j| j.status.clone());
+        let active = matches!(plan, plan::DeletePlan::Commit { active: true, .. });
+        if status.is_none() {
+            let (cmd, args) = self.merge_job_args(rec, job, plan, speed)?;
+            self.qmp.execute(cmd, args).await?;
+            status = Some("running".into());
+        }
+        if !wait {
+            return Ok(());
+        }
+        // Drive the job through its states. Statuses are re-read with
+        // query-jobs after each event so a missed event cannot stall us.
+        loop {
+            match status.as_deref() {
+                Some("ready") => {
+                    // From here QEMU may switch writes to the base at any
+                    // moment: recovery must know that.
+                    if let Some(InFlight::Merge { phase, .. }) = rec.in_flight.as_mut()
+                        && *phase != MergePhase::Completing
+                    {
+                        *phase = MergePhase::Completing;
+                        self.store.save(rec)?;
+                    }
+                    failpoint::hit("merge-before-complete", self.daemon.pid);
+                    self.qmp
+                        .execute("job-complete", json!({ "id": job }))
+                        .await?;
+                    qmp::wait_job_status(&mut rx, job, &["concluded"], JOB_TIMEOUT).await?;
+                }
+                Some("concluded") => {
+                    let info = qmp::query_jobs(&self.qmp)
+                        .await?
+                        .into_iter()
+                        .find(|j| j.id == job);
+                    return match info.and_then(|i| i.error) {
+                        None => Ok(()),
+                        Some(e) => {
+                            self.dismiss(job).await;
+                            if e.to_lowercase().contains("cancel") {
+                                Err(EngineError::Cancelled(job.to_owned()))
+                            } else {
+                                Err(EngineError::JobFailed {
+                                    job: job.to_owned(),
+                                    error: e,
+                                })
+                            }
+                        }
+                    };
+                }
+                None => {
+                    return Err(EngineError::JobFailed {
+                        job: job.to_owned(),
+                        error: "job vanished".into(),
+                    });
+                }
+                Some(_) => {
+                    qmp::wait_job_status(&mut rx, job, &["ready", "concluded"], JOB_TIMEOUT)
+                        .await
+                        .or_else(|e| match e {
+                            // Re-check below instead of failing on a lag.
+                            QmpError::Timeout(..) => Ok(String::new()),
+                            e => Err(e),
+                        })?;
+                }
+            }
+            status = qmp::query_jobs(&self.qmp)
+                .await?
+                .into_iter()
+                .find(|j| j.id == job)
+                .map(|j| j.status);
+            if status.as_deref() == Some("ready") && !active {
+                // Only active commits become ready; be defensive.
+                status = Some("running".into());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    pub(super) fn merge_job_args(
+        &self,
+        rec: &VolumeRecord,
+        job: &str,
+        plan: &plan::DeletePlan,
+        speed: Option<u64>,
+    ) -> Result<(&'static str, Value)> {
+        let speed = speed.unwrap_or(0);
+        match plan {
+            plan::DeletePlan::Commit { top, base, active } => {
+                let top_of_chain = rec
+                    .layers
+                    .last()
+                    .map(|l| rec.node_name(l.seq))
+                    .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
+                let mut args = json!({
+                    "job-id": job,
+                    "device": top_of_chain,
+                    "base-node": rec.node_name(*base),
+                    "auto-dismiss": false,
+                    "speed": speed,
+                });
+                if !active {
+                    args["top-node"] = json!(rec.node_name(*top));
+                }
+                Ok(("block-commit", args))
+            }
+            plan::DeletePlan::Stream { into, base, .. } => {
+                let mut args = json!({
+                    "job-id": job,
+                    "device": rec.node_name(*into),
+                    "auto-dismiss": false,
+                    "speed": speed,
+                });
+                match base {
+                    Some(b) => args["base-node"] = json!(rec.node_name(*b)),
+                    // Streaming the bottom layer of a clone would also pull
+                    // in the source's layers; that is the flatten job's work.
+                    None if rec.clone_of.is_some() => {
+                        return Err(EngineError::FailedPrecondition(format!(
+                            "volume {} is an unflattened clone",
+                            rec.id
+                        )));
+                    }
+                    None => {}
+                }
+                Ok(("block-stream", args))
+            }
+            plan::DeletePlan::DropTop { .. } => {
+                Err(plan::PlanError::Inconsistent("a dropped layer needs no job".into()).into())
+            }
+        }
+    }
+
+    /// Running and finished-but-undismissed jobs with byte progress.
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>> {
+        Ok(qmp::query_jobs(&self.qmp).await?)
+    }
+
+    /// Changes a running merge's rate limit (bytes/s, 0 = unlimited).
+    pub async fn set_job_speed(&self, job: &str, speed: u64) -> Result<()> {
+        self.qmp
+            .execute(
+                "block-job-set-speed",
+                json!({ "device": job, "speed": speed }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Cancels a running merge. The snapshot stays `deleting` (its layer may
+    /// already hold newer data); deleting it again finishes the merge.
+    pub async fn cancel_job(&self, job: &str) -> Result<()> {
+        self.qmp.execute("job-cancel", json!({ "id": job })).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! A CSI client over the driver's unix sockets, for tests that play kubelet's part.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+use livedisk_csi_proto::csi::v1::controller_client::ControllerClient;
+use livedisk_csi_proto::csi::v1::node_client::NodeClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The directory holding `controller.sock` and `<node>.sock` of the running driver.
+pub fn socket_dir() -> Result<PathBuf> {
+    let state = std::env::var_os("LIVEDISK_STATE_DIR").context(
+        "LIVEDISK_STATE_DIR is not set: source the cluster env (`source .livedisk/env`)",
+    )?;
+    Ok(PathBuf::from(state).join("csi"))
+}
+
+/// A gRPC channel over a unix socket.
+pub async fn channel(socket: &Path) -> Result<Channel> {
+    let socket = socket.to_path_buf();
+    let shown = socket.display().to_string();
+    Endpoint::try_from("http://[::1]:1")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to {shown} (is the driver running? `make up`)"))
+}
+
+pub async fn node(name: &str) -> Result<NodeClient<Channel>> {
+    Ok(NodeClient::new(
+        channel(&socket_dir()?.join(format!("{name}.sock"))).await?,
+    ))
+}
+
+pub async fn controller() -> Result<ControllerClient<Channel>> {
+    Ok(ControllerClient::new(
+        channel(&socket_dir()?.join("controller.sock")).await?,
+    ))
+}
+
+/// Runs a command inside a node's mount and network namespaces (hack/engine-ns.sh exec).
+pub fn in_node(node: &str, command: &[&str]) -> Result<std::process::Output> {
+    let script = crate::workspace_root().join("hack/engine-ns.sh");
+    let nodes = socket_dir()?.with_file_name("nodes");
+    let output = std::process::Command::new(script)
+        .env("LIVEDISK_NODES_DIR", nodes)
+        .arg("exec")
+        .arg(node)
+        .arg("--")
+        .args(command)
+        .output()
+        .context("running hack/engine-ns.sh exec")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} in {node} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}

@@ -1,0 +1,340 @@
+//! The CSI driver on the two-node local cluster: provisioning on the node the scheduler picked,
+//! snapshots through the standard VolumeSnapshot API, restores that outlive the source PVC, the
+//! documented cross-node restore error, and clean pools at the end. Tests play kubelet's part
+//! (NodeStage/NodePublish over the node plugin's socket), since no kubelet runs here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
+use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
+use livedisk_csi_proto::csi::v1::volume_capability::{
+    AccessMode, AccessType, BlockVolume, access_mode::Mode,
+};
+use livedisk_csi_proto::csi::v1::*;
+use livedisk_e2e::csi::{in_node, node};
+use livedisk_e2e::{TestNamespace, apply, client, error_message};
+use serde_json::json;
+
+async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {seconds}s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn block_capability() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+async fn must(client: &Client, namespace: &str, object: serde_json::Value) -> Result<()> {
+    apply(client, namespace, &object)
+        .await?
+        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
+    Ok(())
+}
+
+fn pvc(name: &str, data_source: Option<&str>) -> serde_json::Value {
+    let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": "64Mi"}}});
+    if let Some(snapshot) = data_source {
+        spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
+    }
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
+}
+
+/// A consumer pod, optionally pinned to a node through its hostname label (so the scheduler,
+/// not the test, binds it and the PVC gets the selected-node annotation).
+fn pod(name: &str, claim: &str, node: Option<&str>) -> serde_json::Value {
+    let mut spec = json!({"containers": [{"name": "c", "image": "busybox",
+                            "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}]}],
+                          "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]});
+    if let Some(node) = node {
+        spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    }
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+}
+
+/// The bound PV's CSI volume handle and the node the consumer pod was scheduled to.
+async fn bound(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    pod_name: &str,
+) -> Result<(String, String)> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let volume_name = eventually(90, &format!("PVC {claim} to be bound"), || async {
+        let object = claims.get(claim).await?;
+        Ok(object
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|_| object.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")))
+    })
+    .await?;
+    let pv: PersistentVolume = Api::all(client.clone()).get(&volume_name).await?;
+    let handle = pv
+        .spec
+        .and_then(|s| s.csi)
+        .map(|c| c.volume_handle)
+        .context("PV has no CSI source")?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let node = eventually(60, &format!("pod {pod_name} to be scheduled"), || async {
+        Ok(pods.get(pod_name).await?.spec.and_then(|s| s.node_name))
+    })
+    .await?;
+    Ok((handle, node))
+}
+
+/// Stages and publishes a block volume as kubelet would; returns the published device path.
+async fn attach(node_name: &str, volume_id: &str, tag: &str) -> Result<String> {
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    let staging = format!("{state}/kubelet/{node_name}/staging/{tag}");
+    let target = format!("{state}/kubelet/{node_name}/publish/{tag}/dev");
+    let mut client = node(node_name).await?;
+    client
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await?;
+    client
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging,
+            target_path: target.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await?;
+    Ok(target)
+}
+
+async fn detach(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    let mut client = node(node_name).await?;
+    client
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: format!("{state}/kubelet/{node_name}/publish/{tag}/dev"),
+        })
+        .await?;
+    client
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: format!("{state}/kubelet/{node_name}/staging/{tag}"),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Writes a 4 KiB block of `text` at block 0 of the device, synchronously.
+fn write_block(node_name: &str, device: &str, text: &str) -> Result<()> {
+    let script = format!(
+        "printf '%-4096s' '{text}' | dd of={device} bs=4096 count=1 oflag=direct conv=notrunc status=none"
+    );
+    in_node(node_name, &["sh", "-c", &script])?;
+    Ok(())
+}
+
+fn read_block(node_name: &str, device: &str) -> Result<String> {
+    let output = in_node(
+        node_name,
+        &[
+            "dd",
+            &format!("if={device}"),
+            "bs=4096",
+            "count=1",
+            "iflag=direct",
+            "status=none",
+        ],
+    )?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .trim_end()
+        .to_string())
+}
+
+async fn force_delete_pod(client: &Client, namespace: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let _ = pods
+        .delete(
+            name,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    Ok(())
+}
+
+/// The CSI snapshot ID behind a VolumeSnapshot (from its bound VolumeSnapshotContent).
+async fn snapshot_handle(client: &Client, snapshot: &DynamicObject) -> Result<String> {
+    let content_name = snapshot.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .context("VolumeSnapshot has no bound content")?;
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent");
+    let contents: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk));
+    let content = contents.get(content_name).await?;
+    content.data["status"]["snapshotHandle"]
+        .as_str()
+        .map(str::to_string)
+        .context("VolumeSnapshotContent has no snapshotHandle")
+}
+
+fn volume_snapshots(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk))
+}
+
+#[tokio::test]
+async fn pvc_snapshot_restore_across_source_deletion_and_clean_pools() -> Result<()> {
+    let client = client().await?;
+    let namespace = TestNamespace::create(&client, "csi").await?;
+    let ns = namespace.name.clone();
+
+    // A PVC gets a volume on the node the scheduler picked for its consumer.
+    must(&client, &ns, pvc("disk", None)).await?;
+    must(&client, &ns, pod("consumer", "disk", None)).await?;
+    let (volume_id, node_name) = bound(&client, &ns, "disk", "consumer").await?;
+    let volume: LivediskVolume = Api::all(client.clone()).get(&volume_id).await?;
+    assert_eq!(
+        volume.spec.node_name, node_name,
+        "volume provisioned on another node than its consumer's"
+    );
+
+    // Write through the attach path, snapshot, write again.
+    let device = attach(&node_name, &volume_id, "disk").await?;
+    write_block(&node_name, &device, "before-snapshot")?;
+    must(
+        &client,
+        &ns,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "snap"}, "spec": {"volumeSnapshotClassName": "livedisk",
+        "source": {"persistentVolumeClaimName": "disk"}}}),
+    )
+    .await?;
+    let snapshots = volume_snapshots(&client, &ns);
+    eventually(90, "VolumeSnapshot ReadyToUse", || async {
+        let object = snapshots.get("snap").await?;
+        Ok((object.data["status"]["readyToUse"] == json!(true)).then_some(()))
+    })
+    .await?;
+    write_block(&node_name, &device, "after-snapshot")?;
+    assert_eq!(read_block(&node_name, &device)?, "after-snapshot");
+    detach(&node_name, &volume_id, "disk").await?;
+
+    // The source PVC goes; its snapshot stays restorable.
+    force_delete_pod(&client, &ns, "consumer").await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    claims.delete("disk", &DeleteParams::default()).await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    eventually(90, "the source volume to be deleted", || async {
+        Ok(volumes.get_opt(&volume_id).await?.is_none().then_some(()))
+    })
+    .await?;
+
+    must(&client, &ns, pvc("restored", Some("snap"))).await?;
+    must(&client, &ns, pod("restorer", "restored", Some(&node_name))).await?;
+    let (restored_id, restored_node) = bound(&client, &ns, "restored", "restorer").await?;
+    assert_eq!(restored_node, node_name);
+    let device = attach(&node_name, &restored_id, "restored").await?;
+    assert_eq!(
+        read_block(&node_name, &device)?,
+        "before-snapshot",
+        "the restore must hold the snapshot's data"
+    );
+    detach(&node_name, &restored_id, "restored").await?;
+
+    // A restore whose consumer is on the other node fails with the documented error.
+    let other = if node_name == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    must(&client, &ns, pvc("elsewhere", Some("snap"))).await?;
+    must(&client, &ns, pod("far", "elsewhere", Some(other))).await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let message = eventually(
+        90,
+        "a ProvisioningFailed event for the cross-node restore",
+        || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.items.into_iter().find_map(|e| {
+                (e.reason.as_deref() == Some("ProvisioningFailed")
+                    && e.involved_object.name.as_deref() == Some("elsewhere"))
+                .then(|| e.message.unwrap_or_default())
+            }))
+        },
+    )
+    .await?;
+    assert!(
+        message.contains("restoring across nodes is not supported yet"),
+        "{message}"
+    );
+
+    // Deleting everything leaves both pools empty.
+    for pod_name in ["restorer", "far"] {
+        force_delete_pod(&client, &ns, pod_name).await?;
+    }
+    for claim in ["restored", "elsewhere"] {
+        let _ = claims.delete(claim, &DeleteParams::default()).await;
+    }
+    let snapshot_id = snapshot_handle(&client, &snapshots.get("snap").await?).await?;
+    snapshots.delete("snap", &DeleteParams::default()).await?;
+    let internal_snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
+    let ours = [volume_id.clone(), restored_id.clone(), snapshot_id.clone()];
+    eventually(
+        120,
+        "this test's volumes and snapshot to be gone",
+        || async {
+            let left_volumes = volumes.list(&ListParams::default()).await?.items;
+            let left_snapshots = internal_snapshots.list(&ListParams::default()).await?.items;
+            let names: Vec<String> = left_volumes
+                .iter()
+                .map(|v| v.name_any())
+                .chain(left_snapshots.iter().map(|s| s.name_any()))
+                .collect();
+            Ok((!names.iter().any(|n| ours.contains(n))).then_some(()))
+        },
+    )
+    .await?;
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    let mut leftovers = BTreeMap::new();
+    for node_name in ["node-a", "node-b"] {
+        let pool = std::path::Path::new(&state)
+            .join("nodes")
+            .join(node_name)
+            .join("pool");
+        let entries: Vec<String> = std::fs::read_dir(&pool)
+            .with_context(|| format!("reading {}", pool.display()))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| ours.contains(n))
+            .collect();
+        if !entries.is_empty() {
+            leftovers.insert(node_name, entries);
+        }
+    }
+    assert!(leftovers.is_empty(), "pools not empty: {leftovers:?}");
+    namespace.delete().await
+}
