@@ -25,6 +25,10 @@ die() { echo "driver: ERROR: $*" >&2; exit 1; }
 [ -f "$STATE/env" ] || die "no cluster in $STATE: run hack/cluster.sh up first"
 # shellcheck disable=SC1091
 source "$STATE/env"
+SNAPSHOT_METADATA_PORT="${LIVEDISK_SNAPSHOT_METADATA_PORT:-7443}"
+SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT:-7480}"
+AUDIENCE=livedisk-snapshot-metadata
+PKI="$STATE/driver-pki"
 APISERVER_PORT="$(sed -n 's#.*server: https://127.0.0.1:\([0-9]*\).*#\1#p' "$KUBECONFIG" | head -n1)"
 
 alive() { [ -f "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
@@ -41,10 +45,12 @@ stop_one() {
   local name="$1" pid
   [ -f "$PIDS/$name.pid" ] || return 0
   pid="$(cat "$PIDS/$name.pid")"
+  # start_bg made each process the leader of its own group: stop the whole group, so wrappers
+  # (engine-ns.sh exec, env) and what they run go together.
   if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 -- "-$pid" 2>/dev/null || true
   fi
   rm -f "$PIDS/$name.pid"
 }
@@ -52,6 +58,45 @@ stop_one() {
 wait_socket() {
   for _ in $(seq 1 150); do [ -S "$1" ] && return 0; sleep 0.1; done
   die "$1 did not appear (logs in $LOGS)"
+}
+
+# issue NAME CN SAN EKU: a key and a certificate signed by the driver CA, in $PKI/NAME/ with ca.crt.
+issue() {
+  local name="$1" cn="$2" san="$3" dir="$PKI/$1"
+  mkdir -p "$dir"
+  [ -f "$dir/tls.crt" ] && return 0
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/tls.key" -subj "/CN=$cn" -out "$dir/tls.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n' "$san" > "$dir/ext"
+  openssl x509 -req -in "$dir/tls.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 30 -extfile "$dir/ext" -out "$dir/tls.crt" 2>/dev/null
+  cp "$PKI/ca.crt" "$dir/ca.crt"
+  chmod 600 "$dir/tls.key"
+}
+
+# The driver's own CA: mutual TLS between the controller and the nodes' changed-block service,
+# and the serving certificate of the csi-snapshot-metadata sidecar.
+make_pki() {
+  mkdir -p "$PKI"; chmod 700 "$PKI"
+  if [ ! -f "$PKI/ca.crt" ]; then
+    openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -subj "/CN=livedisk-driver-ca" \
+      -days 30 -out "$PKI/ca.crt" 2>/dev/null
+  fi
+  issue node-tls livedisk-node "DNS:livedisk-node"
+  issue controller-tls livedisk-csi-controller "DNS:livedisk-csi-controller"
+  issue sidecar-tls livedisk-snapshot-metadata "DNS:localhost,IP:127.0.0.1"
+}
+
+# link_node NAME INDEX: a veth pair between the host and the node's network namespace, so the
+# controller reaches the node's private service over a real network hop (10.231.INDEX.0/30,
+# addresses of this project's own test hosts).
+link_node() {
+  local node="$1" i="$2" ns="$LIVEDISK_NODES_DIR/$1/ns/net" host_if="ld-$1"
+  ip link show "$host_if" >/dev/null 2>&1 && return 0
+  nsenter --net="$ns" ip link add eth0 type veth peer name "$host_if" netns 1
+  ip addr add "10.231.$i.1/30" dev "$host_if"
+  ip link set "$host_if" up
+  nsenter --net="$ns" ip addr add "10.231.$i.2/30" dev eth0
+  nsenter --net="$ns" ip link set eth0 up
 }
 
 cmd_start() {
@@ -66,8 +111,10 @@ cmd_start() {
     --show-only templates/storage/volumesnapshotclass.yaml | kubectl apply -f - >/dev/null
   kubectl create namespace livedisk-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
+  make_pki
   log "CSI controller and sidecars"
-  start_bg csi-controller "$BIN" controller --csi-endpoint "unix://$CSI_DIR/controller.sock"
+  start_bg csi-controller "$BIN" controller --csi-endpoint "unix://$CSI_DIR/controller.sock" \
+    --node-tls-dir "$PKI/controller-tls"
   wait_socket "$CSI_DIR/controller.sock"
   local common=(--csi-address="$CSI_DIR/controller.sock" --kubeconfig="$KUBECONFIG" --leader-election=false --timeout=150s)
   start_bg csi-provisioner env NAMESPACE=livedisk-system POD_NAME=csi-controller \
@@ -75,11 +122,26 @@ cmd_start() {
     --default-fstype=ext4 --enable-capacity --capacity-ownerref-level=-1 --capacity-poll-interval=15s
   start_bg csi-snapshotter csi-snapshotter "${common[@]}" --extra-create-metadata
   start_bg csi-resizer csi-resizer "${common[@]}"
+  start_bg csi-snapshot-metadata csi-snapshot-metadata --csi-address="$CSI_DIR/controller.sock" \
+    --kubeconfig="$KUBECONFIG" --port="$SNAPSHOT_METADATA_PORT" --audience="$AUDIENCE" \
+    --tls-cert="$PKI/sidecar-tls/tls.crt" --tls-key="$PKI/sidecar-tls/tls.key" \
+    --http-endpoint="127.0.0.1:$SNAPSHOT_METADATA_HTTP_PORT"
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: cbt.storage.k8s.io/v1beta1
+kind: SnapshotMetadataService
+metadata: {name: csi.livedisk.io}
+spec:
+  address: 127.0.0.1:$SNAPSHOT_METADATA_PORT
+  audience: $AUDIENCE
+  caCert: $(base64 -w0 "$PKI/ca.crt")
+YAML
 
-  local node
+  local node index=0
   for node in "${NODES[@]}"; do
+    index=$((index + 1))
     log "node $node: engine and node plugin in their own namespaces"
     "$ROOT/hack/engine-ns.sh" start "$node" >/dev/null
+    link_node "$node" "$index"
     local root="$LIVEDISK_NODES_DIR/$node" bridge="$LIVEDISK_NODES_DIR/$node/apiserver.sock"
     rm -f "$bridge"
     start_bg "apiserver-bridge-$node" socat "UNIX-LISTEN:$bridge,fork,mode=600" "TCP:127.0.0.1:$APISERVER_PORT"
@@ -88,7 +150,9 @@ cmd_start() {
       socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$bridge"
     start_bg "csi-node-$node" "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$KUBECONFIG" RUST_LOG=info \
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
-      --pool-dir "$root/pool" --engine-socket-dir "$root/run"
+      --pool-dir "$root/pool" --engine-socket-dir "$root/run" \
+      --metadata-listen "10.231.$index.2:9443" --metadata-advertise "https://10.231.$index.2:9443" \
+      --node-tls-dir "$PKI/node-tls"
     wait_socket "$CSI_DIR/$node.sock"
     kubectl apply -f - >/dev/null <<YAML
 apiVersion: storage.k8s.io/v1
@@ -101,7 +165,7 @@ spec:
     topologyKeys: [topology.livedisk.io/node]
 YAML
   done
-  for name in csi-controller csi-provisioner csi-snapshotter csi-resizer; do
+  for name in csi-controller csi-provisioner csi-snapshotter csi-resizer csi-snapshot-metadata; do
     alive "$name" || { tail -n 20 "$LOGS/$name.log" >&2; die "$name exited"; }
   done
   log "driver running: sockets in $CSI_DIR"
@@ -116,11 +180,13 @@ cmd_stop() {
     if [ -d "$LIVEDISK_NODES_DIR/$node/ns" ]; then
       # Release what the node plugin left attached inside its namespace (mounts, loop devices,
       # nbdfuse), then stop its engine.
-      "$ROOT/hack/engine-ns.sh" exec "$node" -- "$ROOT/hack/node-release.sh" "$STATE" 2>/dev/null || true
-      "$ROOT/hack/engine-ns.sh" stop "$node" >/dev/null 2>&1 || true
+      "$ROOT/hack/engine-ns.sh" exec "$node" -- "$ROOT/hack/node-release.sh" \
+        "$STATE/kubelet/$node" "$LIVEDISK_NODES_DIR/$node/run/attach" 2>/dev/null || true
+      "$ROOT/hack/engine-ns.sh" stop "$node" || log "stopping the engine of $node failed"
     fi
+    ip link del "ld-$node" 2>/dev/null || true
   done
-  for name in csi-resizer csi-snapshotter csi-provisioner csi-controller; do stop_one "$name"; done
+  for name in csi-snapshot-metadata csi-resizer csi-snapshotter csi-provisioner csi-controller; do stop_one "$name"; done
   rm -f "$CSI_DIR"/*.sock
   log "driver stopped"
 }

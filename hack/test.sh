@@ -37,7 +37,7 @@ trap cleanup EXIT
 hack/cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "$LIVEDISK_STATE_DIR/env"
-kubectl apply --server-side --field-manager=livedisk-test -f crds/generated/ >/dev/null
+kubectl apply --server-side --force-conflicts --field-manager=livedisk-test -f crds/generated/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
 
 step "Helm chart: lint, template, server-side dry run of every rendered object"

@@ -15,7 +15,7 @@ hack/cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "$STATE/env"
 log "installing the livedisk CRDs"
-kubectl apply --server-side --field-manager=livedisk-up -f crds/generated/ >/dev/null
+kubectl apply --server-side --force-conflicts --field-manager=livedisk-up -f crds/generated/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
 
 mkdir -p "$STATE/pids" "$STATE/logs"

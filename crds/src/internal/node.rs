@@ -46,6 +46,10 @@ pub struct LivediskNodeStatus {
     /// Process ID of the host's engine daemon (qemu-storage-daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_pid: Option<i64>,
+    /// Where the node serves its private changed-block service (gRPC over mutual TLS), which the
+    /// CSI controller's SnapshotMetadata service relays from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_endpoint: Option<String>,
     /// When the node plugin last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<Time>,

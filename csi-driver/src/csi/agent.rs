@@ -27,6 +27,8 @@ pub struct Agent {
     pub client: Client,
     pub engine: Arc<Engine>,
     pub node_name: String,
+    /// Where the controller reaches this node's changed-block service, if it is served.
+    pub metadata_endpoint: Option<String>,
 }
 
 /// The hidden engine snapshot a clone of a volume is made from; deleted once the clone no
@@ -77,6 +79,7 @@ async fn report_node(agent: Arc<Agent>) {
                 "volumes": agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
                 "enginePid": agent.engine.daemon().pid.map(i64::from),
                 "heartbeatTime": Time(k8s_openapi::jiff::Timestamp::now()),
+                "metadataEndpoint": agent.metadata_endpoint,
             }
         });
         let result = async {

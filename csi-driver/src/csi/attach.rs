@@ -117,8 +117,11 @@ impl Attacher {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // The child is deliberately not waited on: it outlives this process by design.
-        std::mem::forget(child);
+        // nbdfuse outlives this process by design (its own process group); while we live, a
+        // thread reaps it when it exits so that it never lingers as a zombie.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
         Ok(())
     }
 

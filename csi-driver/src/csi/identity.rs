@@ -15,6 +15,8 @@ use super::{DRIVER_NAME, DRIVER_VERSION};
 /// Identity; `controller` says whether this process also serves the Controller service.
 pub struct IdentityService {
     pub controller: bool,
+    /// Whether this process also serves the SnapshotMetadata service.
+    pub snapshot_metadata: bool,
 }
 
 fn service_capability(kind: service::Type) -> PluginCapability {
@@ -49,6 +51,9 @@ impl Identity for IdentityService {
         )];
         if self.controller {
             capabilities.push(service_capability(service::Type::ControllerService));
+        }
+        if self.snapshot_metadata {
+            capabilities.push(service_capability(service::Type::SnapshotMetadataService));
         }
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod error;
 pub mod identity;
 pub mod inflight;
+pub mod metadata;
 pub mod mounts;
 pub mod names;
 pub mod node;

@@ -14,9 +14,11 @@ use tonic::transport::Server;
 use super::agent::{self, Agent};
 use super::controller::ControllerService;
 use super::identity::IdentityService;
+use super::metadata::{NodeMetadata, RelayMetadata, TlsDir};
 use super::node::NodeService;
 use super::server;
 use crate::engine::{Engine, EngineConfig};
+use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -26,6 +28,10 @@ pub struct ControllerArgs {
     /// How long one CSI call waits for a node before answering DEADLINE_EXCEEDED.
     #[arg(long, env = "LIVEDISK_NODE_WAIT_SECONDS", default_value_t = 120)]
     pub node_wait_seconds: u64,
+    /// Directory with `ca.crt`, `tls.crt`, `tls.key`: the client side of the nodes' private
+    /// changed-block service. When set, the SnapshotMetadata service is served and relayed.
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
+    pub node_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +52,19 @@ pub struct NodeArgs {
         default_value = "/var/lib/livedisk/engine"
     )]
     pub engine_socket_dir: PathBuf,
+    /// Address (ip:port) for the private changed-block service, served with mutual TLS.
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_LISTEN", requires = "node_tls_dir")]
+    pub metadata_listen: Option<std::net::SocketAddr>,
+    /// URL under which the controller reaches that service (reported in the LivediskNode).
+    #[arg(
+        long,
+        env = "LIVEDISK_NODE_GRPC_ADVERTISE",
+        requires = "metadata_listen"
+    )]
+    pub metadata_advertise: Option<String>,
+    /// Directory with `ca.crt`, `tls.crt`, `tls.key` for the private service (server side).
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
+    pub node_tls_dir: Option<PathBuf>,
 }
 
 fn reflection() -> Result<
@@ -67,12 +86,23 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
     let path = server::socket_path(&args.csi_endpoint)?;
     let listener = server::bind(&path)?;
     tracing::info!(socket = %path.display(), "CSI controller serving");
+    let relay = match &args.node_tls_dir {
+        Some(dir) => Some(SnapshotMetadataServer::new(RelayMetadata {
+            client: client.clone(),
+            tls: TlsDir::load(dir)?.client(),
+        })),
+        None => None,
+    };
     Server::builder()
-        .add_service(IdentityServer::new(IdentityService { controller: true }))
+        .add_service(IdentityServer::new(IdentityService {
+            controller: true,
+            snapshot_metadata: relay.is_some(),
+        }))
         .add_service(ControllerServer::new(ControllerService::new(
             client,
             Duration::from_secs(args.node_wait_seconds),
         )))
+        .add_optional_service(relay)
         .add_service(reflection()?)
         .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
         .await
@@ -99,11 +129,31 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         client,
         engine: engine.clone(),
         node_name: args.node_name.clone(),
+        metadata_endpoint: args.metadata_advertise.clone(),
     });
+    let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
+        (Some(listen), Some(dir)) => {
+            let tls = TlsDir::load(dir)?.server();
+            let service = SnapshotMetadataServer::new(NodeMetadata {
+                engine: engine.clone(),
+            });
+            let server = Server::builder()
+                .tls_config(tls)
+                .context("TLS for the changed-block service")?
+                .add_service(service)
+                .serve_with_shutdown(listen, server::shutdown_signal());
+            tracing::info!(%listen, "private changed-block service (mutual TLS) serving");
+            Some(tokio::spawn(server))
+        }
+        _ => None,
+    };
     let agent_task = tokio::spawn(agent::run(node_agent));
     tracing::info!(socket = %path.display(), node = %args.node_name, "CSI node plugin serving");
     Server::builder()
-        .add_service(IdentityServer::new(IdentityService { controller: false }))
+        .add_service(IdentityServer::new(IdentityService {
+            controller: false,
+            snapshot_metadata: false,
+        }))
         .add_service(NodeServer::new(NodeService::new(
             engine,
             &args.engine_socket_dir,
@@ -114,5 +164,8 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         .await
         .context("serving CSI")?;
     agent_task.abort();
+    if let Some(task) = metadata_task {
+        task.abort();
+    }
     Ok(())
 }

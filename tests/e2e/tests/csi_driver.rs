@@ -338,3 +338,201 @@ async fn pvc_snapshot_restore_across_source_deletion_and_clean_pools() -> Result
     assert!(leftovers.is_empty(), "pools not empty: {leftovers:?}");
     namespace.delete().await
 }
+
+/// Writes 4 KiB blocks of recognisable data at the given block indices.
+fn write_blocks(node_name: &str, device: &str, blocks: &[u64], tag: &str) -> Result<()> {
+    for block in blocks {
+        let script = format!(
+            "printf '%-4096s' '{tag}-{block}' | dd of={device} bs=4096 seek={block} count=1 oflag=direct conv=notrunc status=none"
+        );
+        in_node(node_name, &["sh", "-c", &script])?;
+    }
+    Ok(())
+}
+
+/// The host path of the block device published at `target` inside the node's namespace.
+fn host_device(node_name: &str, target: &str) -> Result<String> {
+    let output = in_node(node_name, &["stat", "-L", "-c", "%t:%T", target])?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (major, minor) = text.trim().split_once(':').context("stat output")?;
+    let (major, minor) = (
+        u32::from_str_radix(major, 16)?,
+        u32::from_str_radix(minor, 16)?,
+    );
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
+    let name = uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .context("no DEVNAME")?;
+    Ok(format!("/dev/{name}"))
+}
+
+/// Clusters (64 KiB, qcow2's default) covering the given 4 KiB blocks, merged into extents.
+fn expected_extents(blocks: &[u64]) -> Vec<(u64, u64)> {
+    const CLUSTER: u64 = 64 << 10;
+    let mut clusters: Vec<u64> = blocks.iter().map(|b| b * 4096 / CLUSTER).collect();
+    clusters.sort_unstable();
+    clusters.dedup();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for cluster in clusters {
+        match extents.last_mut() {
+            Some((offset, length)) if *offset + *length == cluster * CLUSTER => *length += CLUSTER,
+            _ => extents.push((cluster * CLUSTER, CLUSTER)),
+        }
+    }
+    extents
+}
+
+/// Runs snapshot-metadata-lister (the external-snapshot-metadata client) as a backup tool would,
+/// with a token of the namespace's `backup` ServiceAccount, and returns the extents it printed.
+fn lister(namespace: &str, snapshot: &str, previous: Option<&str>) -> Result<Vec<(u64, u64)>> {
+    let mut command = std::process::Command::new("snapshot-metadata-lister");
+    command.args([
+        "-n",
+        namespace,
+        "-s",
+        snapshot,
+        "-o",
+        "json",
+        "-service-account",
+        "backup",
+        "-service-account-namespace",
+        namespace,
+    ]);
+    if let Some(previous) = previous {
+        command.args(["-p", previous]);
+    }
+    let output = command
+        .output()
+        .context("running snapshot-metadata-lister (harness binary on PATH)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "lister failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The JSON emitter prints one array of responses per stream; fields at zero are omitted.
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for value in serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>() {
+        let value = value.with_context(|| format!("lister output {stdout:?}"))?;
+        let responses = match value {
+            serde_json::Value::Array(items) => items,
+            other => vec![other],
+        };
+        for response in responses {
+            for block in response["block_metadata"].as_array().into_iter().flatten() {
+                let offset = block["byte_offset"].as_u64().unwrap_or(0);
+                let size = block["size_bytes"].as_u64().unwrap_or(0);
+                match extents.last_mut() {
+                    Some((o, l)) if *o + *l == offset => *l += size,
+                    _ => extents.push((offset, size)),
+                }
+            }
+        }
+    }
+    Ok(extents)
+}
+
+async fn snapshot_ready(client: &Client, namespace: &str, name: &str, claim: &str) -> Result<()> {
+    must(
+        client,
+        namespace,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": name}, "spec": {"volumeSnapshotClassName": "livedisk",
+        "source": {"persistentVolumeClaimName": claim}}}),
+    )
+    .await?;
+    let snapshots = volume_snapshots(client, namespace);
+    eventually(90, &format!("VolumeSnapshot {name} ReadyToUse"), || async {
+        let object = snapshots.get(name).await?;
+        Ok((object.data["status"]["readyToUse"] == json!(true)).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
+    let client = client().await?;
+    let namespace = TestNamespace::create(&client, "cbt").await?;
+    let ns = namespace.name.clone();
+    // The backup tool's identity: the sidecar authenticates its token and checks it may read
+    // VolumeSnapshots here.
+    must(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "backup"}}),
+    )
+    .await?;
+    must(&client, &ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "backup"},
+        "rules": [{"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["get", "list"]}]})).await?;
+    must(&client, &ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "backup"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "backup"},
+        "subjects": [{"kind": "ServiceAccount", "name": "backup", "namespace": ns}]})).await?;
+
+    must(&client, &ns, pvc("disk", None)).await?;
+    must(&client, &ns, pod("consumer", "disk", None)).await?;
+    let (volume_id, node_name) = bound(&client, &ns, "disk", "consumer").await?;
+    let device = attach(&node_name, &volume_id, "cbt").await?;
+    let first = [0, 5, 100];
+    let second = [5, 300, 1000];
+    write_blocks(&node_name, &device, &first, "one")?;
+    snapshot_ready(&client, &ns, "s1", "disk").await?;
+    write_blocks(&node_name, &device, &second, "two")?;
+    snapshot_ready(&client, &ns, "s2", "disk").await?;
+    detach(&node_name, &volume_id, "cbt").await?;
+
+    assert_eq!(
+        lister(&ns, "s1", None)?,
+        expected_extents(&first),
+        "allocated blocks of s1"
+    );
+    assert_eq!(
+        lister(&ns, "s2", Some("s1"))?,
+        expected_extents(&second),
+        "changed blocks s1 -> s2"
+    );
+
+    // The verifier applies the changed blocks to a restore of s1 and finds it equal to s2.
+    for (claim, snapshot, pod_name) in [("r1", "s1", "p1"), ("r2", "s2", "p2")] {
+        must(&client, &ns, pvc(claim, Some(snapshot))).await?;
+        must(&client, &ns, pod(pod_name, claim, Some(&node_name))).await?;
+    }
+    let (r1, _) = bound(&client, &ns, "r1", "p1").await?;
+    let (r2, _) = bound(&client, &ns, "r2", "p2").await?;
+    let r1_target = attach(&node_name, &r1, "r1").await?;
+    let r2_target = attach(&node_name, &r2, "r2").await?;
+    let (r1_device, r2_device) = (
+        host_device(&node_name, &r1_target)?,
+        host_device(&node_name, &r2_target)?,
+    );
+    let output = std::process::Command::new("snapshot-metadata-verifier")
+        .args([
+            "-n",
+            &ns,
+            "-s",
+            "s2",
+            "-p",
+            "s1",
+            "-service-account",
+            "backup",
+            "-service-account-namespace",
+            &ns,
+        ])
+        .arg(format!("-source-device-path={r2_device}"))
+        .arg(format!("-target-device-path={r1_device}"))
+        .output()
+        .context("running snapshot-metadata-verifier")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("match"),
+        "verifier: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    detach(&node_name, &r1, "r1").await?;
+    detach(&node_name, &r2, "r2").await?;
+
+    for pod_name in ["consumer", "p1", "p2"] {
+        force_delete_pod(&client, &ns, pod_name).await?;
+    }
+    namespace.delete().await
+}
