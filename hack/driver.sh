@@ -22,14 +22,22 @@ export LIVEDISK_BIN="$BIN"
 log() { echo "driver: $*" >&2; }
 die() { echo "driver: ERROR: $*" >&2; exit 1; }
 
-[ -f "$STATE/env" ] || die "no cluster in $STATE: run hack/cluster.sh up first"
-# shellcheck disable=SC1091
-source "$STATE/env"
+# Stopping needs no cluster (it may already be gone); starting does.
+if [ -f "$STATE/env" ]; then
+  # shellcheck disable=SC1091
+  source "$STATE/env"
+elif [ "${1:-}" = start ]; then
+  die "no cluster in $STATE: run hack/cluster.sh up first"
+fi
 SNAPSHOT_METADATA_PORT="${LIVEDISK_SNAPSHOT_METADATA_PORT:-7443}"
 SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT:-7480}"
 AUDIENCE=livedisk-snapshot-metadata
+# Host-side interface names and the /16 the node links use: distinct for `make test`'s cluster so
+# that it can run beside the one of `make up`.
+LINK_PREFIX="${LIVEDISK_LINK_PREFIX:-ld}"
+SUBNET="${LIVEDISK_SUBNET:-10.231}"
 PKI="$STATE/driver-pki"
-APISERVER_PORT="$(sed -n 's#.*server: https://127.0.0.1:\([0-9]*\).*#\1#p' "$KUBECONFIG" | head -n1)"
+APISERVER_PORT="$(sed -n 's#.*server: https://127.0.0.1:\([0-9]*\).*#\1#p' "${KUBECONFIG:-/dev/null}" | head -n1)"
 
 alive() { [ -f "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
 
@@ -87,15 +95,15 @@ make_pki() {
 }
 
 # link_node NAME INDEX: a veth pair between the host and the node's network namespace, so the
-# controller reaches the node's private service over a real network hop (10.231.INDEX.0/30,
+# controller reaches the node's private service over a real network hop ($SUBNET.INDEX.0/30,
 # addresses of this project's own test hosts).
 link_node() {
-  local node="$1" i="$2" ns="$LIVEDISK_NODES_DIR/$1/ns/net" host_if="ld-$1"
+  local node="$1" i="$2" ns="$LIVEDISK_NODES_DIR/$1/ns/net" host_if="$LINK_PREFIX-$1"
   ip link show "$host_if" >/dev/null 2>&1 && return 0
   nsenter --net="$ns" ip link add eth0 type veth peer name "$host_if" netns 1
-  ip addr add "10.231.$i.1/30" dev "$host_if"
+  ip addr add "$SUBNET.$i.1/30" dev "$host_if"
   ip link set "$host_if" up
-  nsenter --net="$ns" ip addr add "10.231.$i.2/30" dev eth0
+  nsenter --net="$ns" ip addr add "$SUBNET.$i.2/30" dev eth0
   nsenter --net="$ns" ip link set eth0 up
 }
 
@@ -151,7 +159,7 @@ YAML
     start_bg "csi-node-$node" "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$KUBECONFIG" RUST_LOG=info \
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
       --pool-dir "$root/pool" --engine-socket-dir "$root/run" \
-      --metadata-listen "10.231.$index.2:9443" --metadata-advertise "https://10.231.$index.2:9443" \
+      --metadata-listen "$SUBNET.$index.2:9443" --metadata-advertise "https://$SUBNET.$index.2:9443" \
       --node-tls-dir "$PKI/node-tls"
     wait_socket "$CSI_DIR/$node.sock"
     kubectl apply -f - >/dev/null <<YAML
@@ -184,7 +192,10 @@ cmd_stop() {
         "$STATE/kubelet/$node" "$LIVEDISK_NODES_DIR/$node/run/attach" 2>/dev/null || true
       "$ROOT/hack/engine-ns.sh" stop "$node" || log "stopping the engine of $node failed"
     fi
-    ip link del "ld-$node" 2>/dev/null || true
+    ip link del "$LINK_PREFIX-$node" 2>/dev/null || true
+    # The cluster's data goes with `hack/cluster.sh down`; the pools its objects described go
+    # with it, unless kept on purpose.
+    [ "${LIVEDISK_KEEP_DATA:-0}" = 1 ] || rm -rf "${LIVEDISK_NODES_DIR:?}/$node"
   done
   for name in csi-snapshot-metadata csi-resizer csi-snapshotter csi-provisioner csi-controller; do stop_one "$name"; done
   rm -f "$CSI_DIR"/*.sock

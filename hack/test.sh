@@ -14,6 +14,9 @@ export LIVEDISK_ETCD_PORT="${LIVEDISK_TEST_ETCD_PORT:-33790}"
 export LIVEDISK_ETCD_PEER_PORT="${LIVEDISK_TEST_ETCD_PEER_PORT:-33800}"
 export LIVEDISK_KCM_PORT="${LIVEDISK_TEST_KCM_PORT:-30257}"
 export LIVEDISK_SCHEDULER_PORT="${LIVEDISK_TEST_SCHEDULER_PORT:-30259}"
+export LIVEDISK_SNAPSHOT_METADATA_PORT="${LIVEDISK_TEST_SNAPSHOT_METADATA_PORT:-17443}"
+export LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_TEST_SNAPSHOT_METADATA_HTTP_PORT:-17480}"
+export LIVEDISK_LINK_PREFIX=lt LIVEDISK_SUBNET=10.232
 
 step "dependencies (apt packages, Rust components)"
 hack/deps.sh
@@ -34,6 +37,10 @@ cleanup() {
   hack/cluster.sh down || true
 }
 trap cleanup EXIT
+# A fresh cluster and fresh pools every run: stop whatever an interrupted run left.
+hack/driver.sh stop >/dev/null 2>&1 || true
+hack/cluster.sh down >/dev/null 2>&1 || true
+rm -rf "$LIVEDISK_STATE_DIR/nodes" "$LIVEDISK_STATE_DIR/driver-pki"
 hack/cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "$LIVEDISK_STATE_DIR/env"

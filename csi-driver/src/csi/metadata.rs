@@ -26,7 +26,7 @@ use crate::engine::{Engine, ExtentPage, SnapshotId};
 
 /// Extents per message when the caller leaves `max_results` at 0.
 const DEFAULT_PAGE: usize = 1024;
-/// The TLS name every node's certificate carries; nodes are told apart by address, not name.
+/// The default TLS name of the nodes' certificate; nodes are told apart by address, not name.
 pub const NODE_TLS_NAME: &str = "livedisk-node";
 
 type MetadataStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -58,11 +58,12 @@ impl TlsDir {
             .client_ca_root(Certificate::from_pem(&self.ca))
     }
 
-    pub fn client(&self) -> ClientTlsConfig {
+    /// Client side: trusts only that CA and expects `server_name` in the node's certificate.
+    pub fn client(&self, server_name: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(Identity::from_pem(&self.cert, &self.key))
-            .domain_name(NODE_TLS_NAME)
+            .domain_name(server_name)
     }
 }
 

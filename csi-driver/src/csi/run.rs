@@ -32,6 +32,9 @@ pub struct ControllerArgs {
     /// changed-block service. When set, the SnapshotMetadata service is served and relayed.
     #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
     pub node_tls_dir: Option<PathBuf>,
+    /// The name the nodes' server certificate carries (checked by the controller).
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_SERVER_NAME", default_value = super::metadata::NODE_TLS_NAME)]
+    pub node_tls_server_name: String,
 }
 
 #[derive(Debug, Args)]
@@ -89,7 +92,7 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
     let relay = match &args.node_tls_dir {
         Some(dir) => Some(SnapshotMetadataServer::new(RelayMetadata {
             client: client.clone(),
-            tls: TlsDir::load(dir)?.client(),
+            tls: TlsDir::load(dir)?.client(&args.node_tls_server_name),
         })),
         None => None,
     };
