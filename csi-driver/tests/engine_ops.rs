@@ -451,3 +451,232 @@ async fn clone_bad_input_and_deleting_an_unflattened_clone() {
         .expect("source merge allowed");
     check_volume_layers(&e, &src);
 }
+
+/// A volume with snapshots s1 then s2, written before, between and after,
+/// then deleted (its active layer dropped, its snapshots kept).
+struct DeletedWithSnapshots {
+    vol: VolumeId,
+    s1: SnapshotId,
+    s2: SnapshotId,
+    log: Vec<livedisk_verifier::Ack>,
+    at_s1: u64,
+    at_s2: u64,
+}
+
+async fn deleted_volume_with_two_snapshots(
+    e: &Engine,
+    env: &TestEnv,
+    between: u64,
+) -> DeletedWithSnapshots {
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 32 * MIB).await.expect("create");
+    let uri = e.attach_volume(&vol).await.expect("attach").uri();
+    let (s1, s2) = (SnapshotId::generate(), SnapshotId::generate());
+    let (log, at_s1, at_s2);
+    {
+        let disk = NbdFile::mount(&env.root.join("c"), &uri, false);
+        let mut w = Writer::open(&disk.file, 7).expect("writer");
+        write_clusters(&mut w, &[1, 2, 6]);
+        e.create_snapshot(&vol, &s1).await.expect("s1");
+        at_s1 = w.next_seq() - 1;
+        // Overwrites of s1's clusters and new ones: s1 and s2 differ.
+        write_clusters(&mut w, &[1, 18]);
+        for b in 0..between {
+            w.write_block(1024 + b).expect("write");
+        }
+        e.create_snapshot(&vol, &s2).await.expect("s2");
+        at_s2 = w.next_seq() - 1;
+        write_clusters(&mut w, &[2, 62]);
+        log = w.into_log();
+    }
+    e.detach_volume(&vol).await.expect("detach");
+    e.delete_volume(&vol).await.expect("delete volume");
+    assert_eq!(code(e.volume(&vol)), Some(Code::NotFound));
+    let rec = e.record(&vol).expect("record kept");
+    assert!(rec.deleted);
+    assert_eq!(rec.layers.len(), 2);
+    DeletedWithSnapshots {
+        vol,
+        s1,
+        s2,
+        log,
+        at_s1,
+        at_s2,
+    }
+}
+
+/// The snapshot's view holds exactly the writes acknowledged up to `at`.
+async fn check_snapshot_view(
+    e: &Engine,
+    env: &TestEnv,
+    d: &DeletedWithSnapshots,
+    s: &SnapshotId,
+    at: u64,
+) {
+    let x = e.export_snapshot(s).await.expect("export");
+    {
+        let dir = env.root.join(format!(
+            "v-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        let f = NbdFile::mount(&dir, &x.uri(), true);
+        let r = verify_point_in_time(&f.file, 7, &d.log, at, at + 1).expect("pit");
+        assert!(r.ok(), "view of {s}: {:?}", r.mismatches);
+    }
+    e.unexport_snapshot(s).await.expect("unexport");
+}
+
+/// Nothing of the volume is left: no directory, no node, no job.
+async fn assert_no_trace(e: &Engine, env: &TestEnv, vol: &VolumeId) {
+    assert!(
+        !env.cfg.pool.join(vol.as_str()).exists(),
+        "volume directory left behind"
+    );
+    assert_eq!(code(e.record(vol)), Some(Code::NotFound));
+    assert!(e.list_volumes().expect("list").iter().all(|v| &v.id != vol));
+    let nodes = e
+        .qmp()
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("nodes");
+    let prefix = format!("n{}-", &vol.hex()[..16]);
+    let left: Vec<_> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "nodes left: {left:?}");
+    assert_eq!(e.jobs().await.expect("jobs"), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_snapshots_of_a_deleted_volume_empties_the_pool() {
+    let env = TestEnv::new("delsnaps");
+    let e = env.engine().await;
+    let d = deleted_volume_with_two_snapshots(&e, &env, 16).await;
+    // Both snapshots outlive their volume.
+    check_snapshot_view(&e, &env, &d, &d.s1, d.at_s1).await;
+    check_snapshot_view(&e, &env, &d, &d.s2, d.at_s2).await;
+    let s2_before = std::fs::read(snapshot_raw(&e, &env, &d.s2).await).expect("raw");
+    let s2_delta = e.delta(&d.s1, &d.s2, 0, 1000).expect("delta").extents;
+    let s2_alloc = e.allocated(&d.s2, 0, 1000).expect("allocated").extents;
+
+    // The older snapshot: its layer takes in s2's layer (the top of the
+    // chain now). Bounded: this used to wait forever.
+    tokio::time::timeout(Duration::from_secs(60), e.delete_snapshot(&d.s1, None))
+        .await
+        .expect("deleting s1 must not hang")
+        .expect("delete s1");
+    let rec = e.record(&d.vol).expect("record");
+    assert!(rec.in_flight.is_none(), "merge left in flight: {rec:?}");
+    assert_eq!(rec.layers.len(), 1);
+    assert_eq!(rec.snapshots.len(), 1);
+    check_sealed_layers(&e, &d.vol);
+    // s2 reads back exactly as before, through an export and a new volume.
+    check_snapshot_view(&e, &env, &d, &d.s2, d.at_s2).await;
+    let s2_after = std::fs::read(snapshot_raw(&e, &env, &d.s2).await).expect("raw");
+    assert!(s2_before == s2_after, "s2 changed by deleting s1");
+    assert_eq!(
+        e.allocated(&d.s2, 0, 1000).expect("allocated").extents,
+        s2_alloc
+    );
+    assert!(s2_delta.iter().all(|x| {
+        s2_alloc
+            .iter()
+            .any(|a| a.offset <= x.offset && x.offset + x.length <= a.offset + a.length)
+    }));
+    let restored = VolumeId::generate();
+    e.create_volume_from_snapshot(&restored, &d.s2, None)
+        .await
+        .expect("restore s2");
+    e.wait_flattened(&restored, Duration::from_secs(120))
+        .await
+        .expect("flattened");
+    let ru = e.attach_volume(&restored).await.expect("attach").uri();
+    {
+        let rd = NbdFile::mount(&env.root.join("cr"), &ru, true);
+        let r = verify_point_in_time(&rd.file, 7, &d.log, d.at_s2, d.at_s2 + 1).expect("pit");
+        assert!(r.ok(), "restored s2: {:?}", r.mismatches);
+    }
+
+    // The last snapshot: the volume goes entirely.
+    tokio::time::timeout(Duration::from_secs(60), e.delete_snapshot(&d.s2, None))
+        .await
+        .expect("deleting s2 must not hang")
+        .expect("delete s2");
+    assert_no_trace(&e, &env, &d.vol).await;
+    // Reopening finds nothing to do, and the restored volume is intact.
+    drop(e);
+    let e = tokio::time::timeout(Duration::from_secs(90), env.engine())
+        .await
+        .expect("open must return");
+    assert_no_trace(&e, &env, &d.vol).await;
+    check_volume_layers(&e, &restored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_volume_snapshot_merge_survives_daemon_kill() {
+    let env = TestEnv::new("delkill");
+    let e = env.engine().await;
+    // 2 MiB between the snapshots: a rate-limited merge takes seconds.
+    let d = deleted_volume_with_two_snapshots(&e, &env, 512).await;
+    let job = e
+        .start_snapshot_delete(
+            &d.s1,
+            MergeOptions {
+                mode: MergeMode::Commit,
+                speed: Some(256 * 1024),
+            },
+        )
+        .await
+        .expect("start delete s1");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let running = e.jobs().await.expect("jobs");
+    assert!(
+        running.iter().any(|j| j.id == job && j.status == "running"),
+        "merge not mid-way: {running:?}"
+    );
+    // kill -9 of the daemon in the middle of the merge.
+    e.daemon()
+        .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+        .await
+        .expect("kill -9");
+    drop(e);
+    // Recovery finishes the merge, within a bound.
+    let t = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(90), env.engine())
+        .await
+        .expect("Engine::open must return");
+    eprintln!("recovery took {:?}", t.elapsed());
+    let rec = e.record(&d.vol).expect("record");
+    assert!(rec.in_flight.is_none(), "merge left in flight: {rec:?}");
+    assert_eq!(rec.layers.len(), 1);
+    assert_eq!(rec.snapshots.len(), 1);
+    assert_eq!(e.jobs().await.expect("jobs"), vec![]);
+    check_sealed_layers(&e, &d.vol);
+    check_snapshot_view(&e, &env, &d, &d.s2, d.at_s2).await;
+
+    // kill -9 again, then delete the last snapshot on the fresh daemon.
+    e.daemon()
+        .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+        .await
+        .expect("kill -9");
+    drop(e);
+    let e = tokio::time::timeout(Duration::from_secs(90), env.engine())
+        .await
+        .expect("Engine::open must return");
+    check_snapshot_view(&e, &env, &d, &d.s2, d.at_s2).await;
+    e.delete_snapshot(&d.s2, None).await.expect("delete s2");
+    assert_no_trace(&e, &env, &d.vol).await;
+    let left: Vec<_> = std::fs::read_dir(&env.cfg.pool)
+        .expect("pool")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "pool not empty: {left:?}");
+}

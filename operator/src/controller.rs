@@ -18,7 +18,7 @@ use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::kinds::{LivediskKind, Reference};
 use crate::observe::{self, Caches};
-use crate::status;
+use crate::{standard, status};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -125,7 +125,16 @@ where
         &object.references(),
     )
     .await?;
-    let decision = decide(&kind, &observation);
+    let work_state = match object.work() {
+        Some(work) if observation.ready_for_work() => {
+            let owner = object
+                .controller_owner_ref(&())
+                .ok_or_else(|| Error::InvalidObject(format!("{kind} {name} has no uid yet")))?;
+            Some(standard::ensure(&context.client, &namespace, &name, owner, &work).await?)
+        }
+        _ => None,
+    };
+    let decision = decide(&kind, &observation, work_state.as_ref());
     let current = serde_json::to_value(object).ok();
     let update = status::build(
         current.as_ref().and_then(|o| o.get("status")),

@@ -6,6 +6,7 @@ use livedisk_api::Phase;
 use livedisk_api::conditions::{ConditionUpdate, READY, RECONCILING, STALLED, Status};
 
 use crate::kinds::Reference;
+use crate::standard::WorkState;
 
 /// Everything the decision needs to know about the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -24,6 +25,15 @@ pub struct Decision {
     pub event: EventKind,
     /// Look again after this many seconds even if nothing changes (references may appear).
     pub requeue_seconds: u64,
+    /// Kind-specific status fields to set (for example `volumeSnapshotName`).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Observation {
+    /// Whether the work may start: every reference exists and the driver is registered.
+    pub fn ready_for_work(&self) -> bool {
+        self.missing.is_empty() && self.driver_registered
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +48,7 @@ pub const CSI_DRIVER_NAME: &str = "csi.livedisk.io";
 ///
 /// This revision of the operator performs no storage work itself: until the CSI driver and the
 /// node engine carry out the request, the honest answer is `Ready=False` with the reason why.
-pub fn decide(kind: &str, observation: &Observation) -> Decision {
+pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -> Decision {
     if !observation.missing.is_empty() {
         let names: Vec<String> = observation
             .missing
@@ -57,6 +67,9 @@ pub fn decide(kind: &str, observation: &Observation) -> Decision {
         );
         return waiting("WaitingForDriver", message, EventKind::Normal, 60);
     }
+    if let Some(state) = work {
+        return decide_work(state);
+    }
     let message = format!(
         "the {kind} request is valid and its references exist, but this livedisk version does not carry out {kind} work yet; nothing has been done"
     );
@@ -74,6 +87,72 @@ pub fn decide(kind: &str, observation: &Observation) -> Decision {
         ],
         event: EventKind::Warning,
         requeue_seconds: 300,
+        fields: Default::default(),
+    }
+}
+
+/// The status of a resource whose standard object exists, from that object's state.
+fn decide_work(state: &WorkState) -> Decision {
+    let mut fields = serde_json::Map::new();
+    let condition = |type_, status, reason: &str, message: &str| {
+        ConditionUpdate::new(type_, status, reason, message)
+    };
+    match state {
+        WorkState::InProgress { object } => {
+            fields.insert("volumeSnapshotName".into(), object.clone().into());
+            let message = format!("VolumeSnapshot {object} is being taken");
+            Decision {
+                phase: Phase::Running,
+                conditions: vec![
+                    condition(READY, Status::False, "SnapshotInProgress", &message),
+                    condition(RECONCILING, Status::True, "SnapshotInProgress", &message),
+                    condition(STALLED, Status::False, "SnapshotInProgress", &message),
+                ],
+                event: EventKind::Normal,
+                requeue_seconds: 3,
+                fields,
+            }
+        }
+        WorkState::Failed { object, message } => {
+            fields.insert("volumeSnapshotName".into(), object.clone().into());
+            let message = format!("VolumeSnapshot {object} failed: {message}");
+            Decision {
+                phase: Phase::Failed,
+                conditions: vec![
+                    condition(READY, Status::False, "SnapshotFailed", &message),
+                    condition(RECONCILING, Status::False, "SnapshotFailed", &message),
+                    condition(STALLED, Status::True, "SnapshotFailed", &message),
+                ],
+                event: EventKind::Warning,
+                requeue_seconds: 60,
+                fields,
+            }
+        }
+        WorkState::Ready {
+            object,
+            restore_size,
+            creation_time,
+        } => {
+            fields.insert("volumeSnapshotName".into(), object.clone().into());
+            if let Some(size) = restore_size {
+                fields.insert("restoreSize".into(), size.clone().into());
+            }
+            if let Some(time) = creation_time {
+                fields.insert("creationTime".into(), time.clone().into());
+            }
+            let message = format!("VolumeSnapshot {object} is ready to use");
+            Decision {
+                phase: Phase::Ready,
+                conditions: vec![
+                    condition(READY, Status::True, "SnapshotReady", &message),
+                    condition(RECONCILING, Status::False, "SnapshotReady", &message),
+                    condition(STALLED, Status::False, "SnapshotReady", &message),
+                ],
+                event: EventKind::Normal,
+                requeue_seconds: 300,
+                fields,
+            }
+        }
     }
 }
 
@@ -87,12 +166,51 @@ fn waiting(reason: &str, message: String, event: EventKind, requeue_seconds: u64
         ],
         event,
         requeue_seconds,
+        fields: Default::default(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_status_follows_its_volume_snapshot() {
+        let ready = WorkState::Ready {
+            object: "s".into(),
+            restore_size: Some("1Gi".into()),
+            creation_time: None,
+        };
+        let observation = Observation {
+            missing: vec![],
+            driver_registered: true,
+        };
+        let decision = decide("DiskSnapshot", &observation, Some(&ready));
+        assert_eq!(decision.phase, Phase::Ready);
+        assert_eq!(decision.conditions[0].status, Status::True);
+        assert_eq!(decision.fields["restoreSize"], "1Gi");
+        let failed = WorkState::Failed {
+            object: "s".into(),
+            message: "no space".into(),
+        };
+        let decision = decide("DiskSnapshot", &observation, Some(&failed));
+        assert!(
+            decision
+                .conditions
+                .iter()
+                .any(|c| c.type_ == STALLED && c.status == Status::True)
+        );
+        assert!(decision.conditions[0].message.contains("no space"));
+        // Missing references win over a stale work state.
+        let waiting = Observation {
+            missing: vec![Reference::PersistentVolumeClaim("p".into())],
+            driver_registered: true,
+        };
+        assert_eq!(
+            decide("DiskSnapshot", &waiting, Some(&ready)).conditions[0].reason,
+            "ReferenceNotFound"
+        );
+    }
 
     fn ready(decision: &Decision) -> &ConditionUpdate {
         decision
@@ -110,6 +228,7 @@ mod tests {
                 missing: vec![Reference::PersistentVolumeClaim("disk-a".into())],
                 driver_registered: true,
             },
+            None,
         );
         assert_eq!(decision.phase, Phase::Pending);
         assert_eq!(ready(&decision).status, Status::False);
@@ -129,7 +248,7 @@ mod tests {
 
     #[test]
     fn without_driver_nothing_is_claimed() {
-        let decision = decide("DiskMerge", &Observation::default());
+        let decision = decide("DiskMerge", &Observation::default(), None);
         assert_eq!(ready(&decision).status, Status::False);
         assert_eq!(ready(&decision).reason, "WaitingForDriver");
         assert!(ready(&decision).message.contains("nothing has been done"));
@@ -143,6 +262,7 @@ mod tests {
                 missing: vec![],
                 driver_registered: true,
             },
+            None,
         );
         assert_eq!(ready(&decision).status, Status::False);
         assert!(

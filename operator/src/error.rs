@@ -11,6 +11,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("applying {what}: {source}")]
+    Apply {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status: {0}")]
     UpdateStatus(#[source] kube::Error),
     #[error("caches did not sync: {0}")]
@@ -24,6 +30,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Observe { .. } => "ObserveFailed",
+            Error::Apply { .. } => "ApplyFailed",
             Error::UpdateStatus(_) => "StatusUpdateFailed",
             Error::CacheSync(_) => "CacheSyncFailed",
             Error::InvalidObject(_) => "InvalidObject",

@@ -5,6 +5,7 @@ mod decide;
 mod error;
 mod kinds;
 mod observe;
+mod standard;
 mod startup;
 mod status;
 

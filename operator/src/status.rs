@@ -43,6 +43,9 @@ pub fn build(
     if let Some(source) = &source {
         changed |= field("source").as_ref().and_then(Value::as_str) != Some(source.as_str());
     }
+    for (key, value) in &decision.fields {
+        changed |= field(key).as_ref() != Some(value);
+    }
     let new_reason = livedisk_api::conditions::find(&conditions, READY).map(|c| c.reason.clone());
     let mut status = json!({
         "observedGeneration": generation,
@@ -51,6 +54,9 @@ pub fn build(
     });
     if let Some(source) = source {
         status["source"] = Value::from(source);
+    }
+    for (key, value) in &decision.fields {
+        status[key] = value.clone();
     }
     StatusUpdate {
         patch: changed.then(|| json!({ "status": status })),
@@ -80,7 +86,7 @@ mod tests {
 
     #[test]
     fn first_status_carries_generation_everywhere() {
-        let decision = decide("DiskSnapshot", &Observation::default());
+        let decision = decide("DiskSnapshot", &Observation::default(), None);
         let update = build(
             None,
             Some(4),
@@ -102,7 +108,7 @@ mod tests {
 
     #[test]
     fn unchanged_status_is_not_rewritten() {
-        let decision = decide("DiskSnapshot", &Observation::default());
+        let decision = decide("DiskSnapshot", &Observation::default(), None);
         let first = build(None, Some(1), None, &decision, now())
             .patch
             .expect("patch");
@@ -113,7 +119,7 @@ mod tests {
 
     #[test]
     fn new_generation_is_written() {
-        let decision = decide("DiskSnapshot", &Observation::default());
+        let decision = decide("DiskSnapshot", &Observation::default(), None);
         let first = build(None, Some(1), None, &decision, now())
             .patch
             .expect("patch");

@@ -207,7 +207,6 @@ impl Engine {
             .iter()
             .find(|j| j.id == job)
             .map(|j| j.status.clone());
-        let active = matches!(plan, plan::DeletePlan::Commit { active: true, .. });
         if status.is_none() {
             let (cmd, args) = self.merge_job_args(rec, job, plan, speed)?;
             self.qmp.execute(cmd, args).await?;
@@ -217,10 +216,16 @@ impl Engine {
             return Ok(());
         }
         // Drive the job through its states. Statuses are re-read with
-        // query-jobs after each event so a missed event cannot stall us.
+        // query-jobs after each event, and at least every JOB_POLL, so a
+        // missed event delays us by one poll at most, never forever.
+        let mut completed = false;
         loop {
             match status.as_deref() {
-                Some("ready") => {
+                // QEMU alone decides whether a commit is active (its top is
+                // the top of the chain); whatever became READY waits for
+                // `job-complete`, so complete it rather than wait for a
+                // conclusion that cannot come.
+                Some("ready") if !completed => {
                     // From here QEMU may switch writes to the base at any
                     // moment: recovery must know that.
                     if let Some(InFlight::Merge { phase, .. }) = rec.in_flight.as_mut()
@@ -233,7 +238,8 @@ impl Engine {
                     self.qmp
                         .execute("job-complete", json!({ "id": job }))
                         .await?;
-                    qmp::wait_job_status(&mut rx, job, &["concluded"], JOB_TIMEOUT).await?;
+                    completed = true;
+                    Self::wait_job_poll(&mut rx, job, &["concluded"]).await?;
                 }
                 Some("concluded") => {
                     let info = qmp::query_jobs(&self.qmp)
@@ -262,13 +268,7 @@ impl Engine {
                     });
                 }
                 Some(_) => {
-                    qmp::wait_job_status(&mut rx, job, &["ready", "concluded"], JOB_TIMEOUT)
-                        .await
-                        .or_else(|e| match e {
-                            // Re-check below instead of failing on a lag.
-                            QmpError::Timeout(..) => Ok(String::new()),
-                            e => Err(e),
-                        })?;
+                    Self::wait_job_poll(&mut rx, job, &["ready", "concluded"]).await?;
                 }
             }
             status = qmp::query_jobs(&self.qmp)
@@ -276,11 +276,19 @@ impl Engine {
                 .into_iter()
                 .find(|j| j.id == job)
                 .map(|j| j.status);
-            if status.as_deref() == Some("ready") && !active {
-                // Only active commits become ready; be defensive.
-                status = Some("running".into());
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        }
+    }
+
+    /// Waits for one of `statuses` of `job`, at most one poll interval:
+    /// the caller re-reads the status with `query-jobs` either way.
+    async fn wait_job_poll(
+        rx: &mut tokio::sync::broadcast::Receiver<qmp::Event>,
+        job: &str,
+        statuses: &[&str],
+    ) -> Result<()> {
+        match qmp::wait_job_status(rx, job, statuses, JOB_POLL).await {
+            Ok(_) | Err(QmpError::Timeout(..)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -53,8 +53,24 @@ type Result<T, E = EngineError> = std::result::Result<T, E>;
 /// How long `open` waits for a volume another process holds.
 const RECOVERY_LOCK_WAIT: Duration = Duration::from_secs(60);
 
-/// Merges can take long on big layers; this only guards against a lost event.
-const JOB_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// How long `open` spends recovering one volume (after its lock was taken)
+/// before it reports the volume in `recovery_errors()` and goes on with the
+/// rest of the pool. A merge still running then goes on in the daemon;
+/// deleting its snapshot again (or reopening) finishes it. Overridable with
+/// `LIVEDISK_RECOVERY_TIMEOUT_SECS`.
+const RECOVERY_VOLUME_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Job states are re-read at least this often, so a lost event costs one
+/// poll, never a hang.
+const JOB_POLL: Duration = Duration::from_secs(2);
+
+fn recovery_volume_timeout() -> Duration {
+    std::env::var("LIVEDISK_RECOVERY_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(RECOVERY_VOLUME_TIMEOUT, Duration::from_secs)
+}
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -179,9 +195,20 @@ impl Engine {
             }
         }
         ids.extend(clones);
+        // Every wait below is bounded: the lock by RECOVERY_LOCK_WAIT, the
+        // recovery itself by the per-volume timeout.
+        let limit = recovery_volume_timeout();
         for id in &ids {
             let r = match engine.locks.lock_waiting(id, RECOVERY_LOCK_WAIT).await {
-                Ok(_guard) => engine.reconcile(id).await,
+                Ok(_guard) => match tokio::time::timeout(limit, engine.reconcile(id)).await {
+                    Ok(r) => r,
+                    // Reported as busy: what outlasts the bound is a merge
+                    // job still running in the daemon.
+                    Err(_) => Err(EngineError::Busy(format!(
+                        "volume {id} (recovery did not finish within {limit:?}; a merge may \
+                         still be running: deleting its snapshot again or reopening finishes it)"
+                    ))),
+                },
                 Err(e) => Err(e),
             };
             match r {

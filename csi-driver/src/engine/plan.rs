@@ -30,7 +30,9 @@ pub enum PlanError {
 pub enum DeletePlan {
     /// Commit layer `top` into layer `base` (the snapshot's layer). `base`
     /// then takes over `top`'s role: the view of the next snapshot, or the
-    /// active layer when `active`. Committing *upwards-in* keeps every other
+    /// active layer. `active` says that `top` is the top of the chain (the
+    /// active layer, or the topmost sealed layer of a deleted volume), so
+    /// QEMU runs an active commit that needs `job-complete`. Committing *upwards-in* keeps every other
     /// snapshot's view intact, whichever snapshot is deleted.
     Commit { top: u64, base: u64, active: bool },
     /// The volume was deleted and this is the topmost layer: nothing depends
@@ -67,10 +69,15 @@ pub fn plan_delete_with(
             removed: base,
             base: li.checked_sub(1).map(|b| rec.layers[b].seq),
         }),
+        // QEMU runs an active commit (READY, then `job-complete`) whenever
+        // the top is the top of the chain: the active layer of a live
+        // volume, or the topmost sealed layer of a deleted one. Planning a
+        // non-active commit there would wait for a conclusion that never
+        // comes without `job-complete`.
         Some(top) => Ok(DeletePlan::Commit {
             top: top.seq,
             base,
-            active: top.sealed_by.is_none(),
+            active: li + 2 == rec.layers.len(),
         }),
         None if rec.deleted => Ok(DeletePlan::DropTop { layer: base }),
         None => Err(PlanError::Inconsistent(format!(
@@ -294,6 +301,50 @@ mod tests {
         assert_eq!(
             allocated(&after0, &ids[2]).unwrap(),
             allocated(&r, &ids[2]).unwrap()
+        );
+    }
+
+    #[test]
+    fn deleted_volume_commits_into_the_older_snapshot_as_an_active_commit() {
+        // Volume deleted: the active layer is gone, S3's layer is the top.
+        let (mut r, ids) = chain();
+        r.deleted = true;
+        r.layers.pop();
+        // The top of the chain is committed: QEMU runs an active commit.
+        let p = plan_delete(&r, &ids[1]).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 2,
+                base: 1,
+                active: true
+            }
+        );
+        let after = apply_delete(&r, &ids[1], &p).unwrap();
+        assert_eq!(after.layers.len(), 2);
+        assert_eq!(after.layers[1].sealed_by.as_ref(), Some(&ids[2]));
+        assert!(after.active().is_none() && after.in_flight.is_none());
+        assert_eq!(
+            allocated(&after, &ids[2]).unwrap(),
+            allocated(&r, &ids[2]).unwrap()
+        );
+        // Lower layers stay non-active commits.
+        assert_eq!(
+            plan_delete(&r, &ids[0]).unwrap(),
+            DeletePlan::Commit {
+                top: 1,
+                base: 0,
+                active: false
+            }
+        );
+        // The topmost snapshot of a deleted volume is simply dropped, and
+        // then the last one too.
+        let p = plan_delete(&after, &ids[2]).unwrap();
+        assert_eq!(p, DeletePlan::DropTop { layer: 1 });
+        let after = apply_delete(&after, &ids[2], &p).unwrap();
+        assert_eq!(
+            plan_delete(&after, &ids[0]).unwrap(),
+            DeletePlan::DropTop { layer: 0 }
         );
     }
 
