@@ -536,3 +536,56 @@ async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
     }
     namespace.delete().await
 }
+
+#[tokio::test]
+async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Result<()> {
+    let client = client().await?;
+    let operator = livedisk_e2e::operator::Operator::start()?;
+    let namespace = TestNamespace::create(&client, "dsnap").await?;
+    let ns = namespace.name.clone();
+    must(&client, &ns, pvc("disk", None)).await?;
+    must(&client, &ns, pod("consumer", "disk", None)).await?;
+    let (volume_id, _node) = bound(&client, &ns, "disk", "consumer").await?;
+
+    must(&client, &ns, json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": "nightly"}, "spec": {"source": {"persistentVolumeClaimName": "disk"}}})).await?;
+    let disk_snapshots: Api<livedisk_api::DiskSnapshot> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(90, "DiskSnapshot Ready=True", || async {
+        let object = disk_snapshots.get("nightly").await?;
+        let status = object.status.clone().unwrap_or_default();
+        let ready =
+            livedisk_api::conditions::is_true(&status.conditions, livedisk_api::conditions::READY);
+        Ok((ready && status.observed_generation == object.metadata.generation).then_some(status))
+    })
+    .await
+    .with_context(|| operator.log())?;
+    assert_eq!(status.volume_snapshot_name.as_deref(), Some("nightly"));
+    assert_eq!(status.restore_size.as_deref(), Some("64Mi"));
+    assert_eq!(status.phase, livedisk_api::Phase::Ready);
+
+    // The standard VolumeSnapshot is the one the driver took: its content names our snapshot.
+    let snapshots = volume_snapshots(&client, &ns);
+    let volume_snapshot = snapshots.get("nightly").await?;
+    assert_eq!(volume_snapshot.data["status"]["readyToUse"], json!(true));
+    let handle = snapshot_handle(&client, &volume_snapshot).await?;
+    let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+    assert_eq!(internal.get(&handle).await?.spec.volume_id, volume_id);
+
+    // Deleting the DiskSnapshot takes the VolumeSnapshot (owned) and the storage snapshot along.
+    disk_snapshots
+        .delete("nightly", &DeleteParams::foreground())
+        .await?;
+    eventually(
+        90,
+        "the VolumeSnapshot and the storage snapshot to go",
+        || async {
+            let gone = snapshots.get_opt("nightly").await?.is_none()
+                && internal.get_opt(&handle).await?.is_none();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await?;
+    force_delete_pod(&client, &ns, "consumer").await?;
+    drop(operator);
+    namespace.delete().await
+}
