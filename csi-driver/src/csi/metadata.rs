@@ -86,6 +86,17 @@ fn checked_request(starting_offset: i64, max_results: i32) -> Result<(u64, usize
     Ok((starting_offset as u64, page))
 }
 
+/// A starting offset at or past the end of the volume asks for nothing that exists.
+fn within_volume(start: u64, page: &ExtentPage) -> Result<(), CsiError> {
+    if start >= page.volume_size {
+        return Err(CsiError::OutOfRange(format!(
+            "starting_offset {start} is not below the volume capacity {}",
+            page.volume_size
+        )));
+    }
+    Ok(())
+}
+
 fn snapshot_id(id: &str, field: &str) -> Result<SnapshotId, CsiError> {
     if id.is_empty() {
         return Err(CsiError::InvalidArgument(format!(
@@ -167,6 +178,7 @@ impl SnapshotMetadata for NodeMetadata {
             .engine
             .allocated(&snapshot, start, page)
             .map_err(CsiError::from)?;
+        within_volume(start, &first)?;
         let engine = self.engine.clone();
         let next = move |offset| {
             engine
@@ -197,6 +209,7 @@ impl SnapshotMetadata for NodeMetadata {
             .engine
             .delta(&base, &target, start, page)
             .map_err(CsiError::from)?;
+        within_volume(start, &first)?;
         let engine = self.engine.clone();
         let next = move |offset| {
             engine

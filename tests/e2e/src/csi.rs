@@ -39,6 +39,16 @@ pub async fn node(name: &str) -> Result<NodeClient<Channel>> {
     ))
 }
 
+/// The SnapshotMetadata service on the controller's socket (what the sidecar calls).
+pub async fn snapshot_metadata()
+-> Result<livedisk_csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient<Channel>> {
+    Ok(
+        livedisk_csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient::new(
+            channel(&socket_dir()?.join("controller.sock")).await?,
+        ),
+    )
+}
+
 pub async fn controller() -> Result<ControllerClient<Channel>> {
     Ok(ControllerClient::new(
         channel(&socket_dir()?.join("controller.sock")).await?,

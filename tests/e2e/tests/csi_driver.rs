@@ -492,6 +492,92 @@ async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
         "changed blocks s1 -> s2"
     );
 
+    // The same service on the controller's socket, as the sidecar calls it: paging, resuming,
+    // capacity in every message, and the spec's codes.
+    let snapshots = volume_snapshots(&client, &ns);
+    let s1 = snapshot_handle(&client, &snapshots.get("s1").await?).await?;
+    let s2 = snapshot_handle(&client, &snapshots.get("s2").await?).await?;
+    let mut metadata = livedisk_e2e::csi::snapshot_metadata().await?;
+    let delta = |starting_offset: i64, max_results: i32| GetMetadataDeltaRequest {
+        base_snapshot_id: s1.clone(),
+        target_snapshot_id: s2.clone(),
+        starting_offset,
+        max_results,
+        ..Default::default()
+    };
+    let mut stream = metadata.get_metadata_delta(delta(0, 1)).await?.into_inner();
+    let mut paged = Vec::new();
+    while let Some(message) = stream.message().await? {
+        assert_eq!(message.volume_capacity_bytes, 64 << 20);
+        assert_eq!(
+            message.block_metadata_type,
+            BlockMetadataType::VariableLength as i32
+        );
+        assert!(
+            message.block_metadata.len() <= 1,
+            "max_results is per message"
+        );
+        paged.extend(
+            message
+                .block_metadata
+                .iter()
+                .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+        );
+    }
+    assert_eq!(paged, expected_extents(&second), "paged delta");
+    assert!(
+        paged.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+        "ascending, non-overlapping"
+    );
+    let resume_at = paged[1].0 as i64;
+    let mut stream = metadata
+        .get_metadata_delta(delta(resume_at, 0))
+        .await?
+        .into_inner();
+    let mut resumed = Vec::new();
+    while let Some(message) = stream.message().await? {
+        resumed.extend(
+            message
+                .block_metadata
+                .iter()
+                .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+        );
+    }
+    assert_eq!(resumed, paged[1..].to_vec(), "resumed from starting_offset");
+    let code = |result: Result<
+        tonic::Response<tonic::Streaming<GetMetadataDeltaResponse>>,
+        tonic::Status,
+    >| { result.err().map(|status| status.code()) };
+    assert_eq!(
+        code(metadata.get_metadata_delta(delta(64 << 20, 0)).await),
+        Some(tonic::Code::OutOfRange)
+    );
+    assert_eq!(
+        code(metadata.get_metadata_delta(delta(-1, 0)).await),
+        Some(tonic::Code::InvalidArgument)
+    );
+    let mut unknown = delta(0, 0);
+    unknown.target_snapshot_id = "snap-00000000-0000-4000-8000-000000000000".into();
+    assert_eq!(
+        code(metadata.get_metadata_delta(unknown).await),
+        Some(tonic::Code::NotFound)
+    );
+    let mut empty = delta(0, 0);
+    empty.base_snapshot_id.clear();
+    assert_eq!(
+        code(metadata.get_metadata_delta(empty).await),
+        Some(tonic::Code::InvalidArgument)
+    );
+    let mut reversed = delta(0, 0);
+    std::mem::swap(
+        &mut reversed.base_snapshot_id,
+        &mut reversed.target_snapshot_id,
+    );
+    assert!(
+        code(metadata.get_metadata_delta(reversed).await).is_some(),
+        "a base newer than the target is refused"
+    );
+
     // The verifier applies the changed blocks to a restore of s1 and finds it equal to s2.
     for (claim, snapshot, pod_name) in [("r1", "s1", "p1"), ("r2", "s2", "p2")] {
         must(&client, &ns, pvc(claim, Some(snapshot))).await?;
