@@ -99,7 +99,9 @@ make_pki() {
 # addresses of this project's own test hosts).
 link_node() {
   local node="$1" i="$2" ns="$LIVEDISK_NODES_DIR/$1/ns/net" host_if="$LINK_PREFIX-$1"
-  ip link show "$host_if" >/dev/null 2>&1 && return 0
+  nsenter --net="$ns" ip link show eth0 >/dev/null 2>&1 && return 0
+  # A host end without its node end is left from an interrupted run: replace it.
+  ip link del "$host_if" 2>/dev/null || true
   nsenter --net="$ns" ip link add eth0 type veth peer name "$host_if" netns 1
   ip addr add "$SUBNET.$i.1/30" dev "$host_if"
   ip link set "$host_if" up
