@@ -14,6 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
+use livedisk_api::Progress;
 use livedisk_api::internal::{
     ErrorCode, LivediskNode, LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
 };
@@ -268,24 +269,39 @@ async fn reconcile_volume(
     } else {
         info
     };
-    // A clone of a volume keeps a hidden snapshot of its source until it is flattened.
+    // A volume made from a snapshot or a volume is an overlay flattened in the background: report
+    // the flatten's progress, and drop a clone's hidden base snapshot once it is done.
     let mut requeue = Duration::from_secs(300);
-    if volume
-        .spec
-        .content_source
-        .as_ref()
-        .is_some_and(|s| s.volume_id.is_some())
-    {
+    let mut progress = serde_json::Value::Null;
+    if volume.spec.content_source.is_some() {
         if agent.engine.is_flattened(&id).unwrap_or(false) {
-            let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+            if volume
+                .spec
+                .content_source
+                .as_ref()
+                .is_some_and(|s| s.volume_id.is_some())
+            {
+                let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+            }
         } else {
             requeue = Duration::from_secs(5);
+            let job_id = crate::engine::clone::flatten_job_id(&id);
+            if let Ok(jobs) = agent.engine.jobs().await
+                && let Some(job) = jobs.iter().find(|j| j.id == job_id)
+            {
+                progress = json!(Progress::new(
+                    job.current_progress as i64,
+                    job.total_progress as i64,
+                    None
+                ));
+            }
         }
     }
     let status = json!({
         "phase": NodePhase::Ready,
         "observedGeneration": generation,
         "capacityBytes": info.size as i64,
+        "progress": progress,
         "error": null,
     });
     patch_status(&api, &name, status).await?;
