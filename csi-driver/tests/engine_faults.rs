@@ -296,11 +296,22 @@ fn assert_filled(file: &std::path::Path, offset: u64, len: usize, byte: u8) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_survives_daemon_kill_at_several_points() {
-    // (name, delete the latest snapshot (active commit)?, how to kill)
+    // (name, delete the latest snapshot (internal seal, then commit)?).
+    // Deleting the latest snapshot never commits the layer that takes
+    // writes: the active layer is sealed internally first (an overlay in
+    // one transaction), then merged by a non-active commit. Each crash point
+    // around those steps, with and without the daemon.
     for (case, active) in [
         ("mid-way non-active commit", false),
-        ("active commit ready, before job-complete", true),
-        ("active commit, failpoint merge-before-complete", true),
+        (
+            "latest: mid-way commit of the internally sealed layer",
+            true,
+        ),
+        ("failpoint merge-before-seal, daemon too", true),
+        ("failpoint merge-after-seal, daemon too", true),
+        ("failpoint merge-before-seal, library only", true),
+        ("failpoint merge-after-seal, library only", true),
+        ("failpoint merge-after-complete, daemon too", true),
         ("failpoint merge-after-complete, library only", true),
     ] {
         let env = TestEnv::new("mergekill");
@@ -317,7 +328,8 @@ async fn merge_survives_daemon_kill_at_several_points() {
         }
         let daemon_killed;
         match case {
-            "mid-way non-active commit" | "active commit ready, before job-complete" => {
+            "mid-way non-active commit"
+            | "latest: mid-way commit of the internally sealed layer" => {
                 let job = e
                     .start_snapshot_delete(
                         &s1,
@@ -337,11 +349,9 @@ async fn merge_survives_daemon_kill_at_several_points() {
                         .into_iter()
                         .find(|j| j.id == job);
                     let j = j.expect("job exists");
-                    let hit = if active {
-                        j.status == "ready"
-                    } else {
-                        j.current_progress > 0 && j.current_progress < j.total_progress
-                    };
+                    // Never READY: no active commit any more.
+                    assert_ne!(j.status, "ready", "{case}");
+                    let hit = j.current_progress > 0 && j.current_progress < j.total_progress;
                     if hit {
                         eprintln!(
                             "{case}: killing daemon at {}/{} ({})",
@@ -361,15 +371,23 @@ async fn merge_survives_daemon_kill_at_several_points() {
             }
             _ => {
                 drop(e);
-                let daemon = case.contains("before-complete");
-                let point = if daemon {
-                    "merge-before-complete"
-                } else {
-                    "merge-after-complete"
-                };
+                let daemon = case.contains("daemon too");
+                let point = case
+                    .split_whitespace()
+                    .nth(1)
+                    .expect("failpoint name")
+                    .trim_end_matches(',');
+                let seen = live.last_acked();
                 let mut child = spawn_child(&env, "merge", &fp_vars(&vol, &s1, point, daemon));
                 let st = wait_child(&mut child, CHILD_TIMEOUT);
                 assert!(killed(st), "{case}: failpoint not reached: {st}");
+                if !daemon {
+                    // The writer talks to the daemon, not to the library.
+                    wait_until("writes after the kill", Duration::from_secs(30), || {
+                        live.last_acked() > seen + 20
+                    })
+                    .await;
+                }
                 daemon_killed = daemon;
             }
         }
@@ -386,7 +404,34 @@ async fn merge_survives_daemon_kill_at_several_points() {
         let d = NbdFile::mount(&env.root.join("c2"), &live.uri, true);
         assert_filled(&d.file, 4 * MIB, 16 * MIB as usize, 0x5a);
         drop(d);
-        if !active {
+        if active {
+            // No active commit ran, so there is no READY job left behind,
+            // no internal seal pending, and the chain is the bottom layer
+            // (now sealed by nobody) under a fresh active layer.
+            assert!(
+                e.jobs().await.expect("jobs").is_empty(),
+                "{case}: jobs left"
+            );
+            let rec = e.record(&vol).expect("record");
+            assert_eq!(rec.layers.len(), 2, "{case}: {:?}", rec.layers);
+            assert!(rec.layers.iter().all(|l| l.sealed_by.is_none()));
+            // The next snapshot's extent record is exact: it holds s1's
+            // writes and the merged-away layer's, as the daemon shows.
+            let s3 = SnapshotId::generate();
+            e.create_snapshot(&vol, &s3).await.expect("s3");
+            let x = e.export_snapshot(&s3).await.expect("export s3");
+            assert_eq!(
+                e.allocated(&s3, 0, 1000).expect("alloc").extents,
+                nbdinfo_allocated_extents(&x.uri()),
+                "{case}"
+            );
+            e.unexport_snapshot(&s3).await.expect("unexport");
+            check_sealed_layers(&e, &vol);
+            // And deleting the latest again works (and stays bounded).
+            e.delete_snapshot(&s3, None).await.expect("delete s3");
+            assert_eq!(e.record(&vol).expect("r").layers.len(), 2, "{case}");
+            check_volume_layers(&e, &vol);
+        } else {
             // Changed extents after the kill and the merge: s2 now covers
             // s1's writes too; the daemon's view of s2's layer agrees.
             let x = e.export_snapshot(&s2).await.expect("export s2");
@@ -462,7 +507,7 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
         clusters_of(p0.clone())
     );
 
-    // More writes, an active commit (delete the latest), another snapshot,
+    // More writes, delete the latest (internal seal + commit), another snapshot,
     // then kill -9 of the daemon.
     disk.replace(NbdFile::mount(&env.root.join("c1"), &uri, false));
     let mut w = Writer::open(&disk.as_ref().expect("disk").file, 3)
@@ -473,7 +518,7 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let p4 = write_clusters(&mut w, &[40, 900]);
     e.delete_snapshot(&s[3], None)
         .await
-        .expect("active commit s3");
+        .expect("delete the latest, s3");
     e.create_snapshot(&vol, &s[4]).await.expect("s4");
     log.extend(w.log());
     drop(w);
@@ -491,9 +536,25 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
         delta_all(&e, &s[0], &s[4]),
         clusters_of(p1.iter().chain(&p2).chain(&p3).chain(&p4).copied())
     );
-    // Independent check: the daemon's allocation view of s4's layer.
+    // Independent check: the daemon's allocation view of s4. s3's writes
+    // and the internally sealed layer's now live in the layer below s4's
+    // (sealed by nobody), so compare the whole view: every layer of it.
     let x = e.export_snapshot(&s[4]).await.expect("export");
-    assert_eq!(nbdinfo_local_extents(&x.uri()), d24);
+    assert_eq!(
+        nbdinfo_allocated_extents(&x.uri()),
+        e.allocated(&s[4], 0, 1000).expect("alloc").extents
+    );
+    assert_eq!(
+        e.allocated(&s[4], 0, 1000).expect("alloc").extents,
+        clusters_of(
+            p0.iter()
+                .chain(&p1)
+                .chain(&p2)
+                .chain(&p3)
+                .chain(&p4)
+                .copied()
+        )
+    );
     e.unexport_snapshot(&s[4]).await.expect("unexport");
 
     // Answering reads no data: the daemon's per-node read counters do not

@@ -121,23 +121,37 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
         Some(Code::NotFound)
     );
 
-    // Delete snapshot 3 = active commit (ready, then job-complete) under writes.
+    // Delete snapshot 3 (the latest) under writes: internal seal of the
+    // active layer, then a non-active commit of it into s3's layer.
     let t = Instant::now();
     e.delete_snapshot(&s3, None)
         .await
-        .expect("delete s3 (active commit)");
-    eprintln!("active commit took {:?}", t.elapsed());
+        .expect("delete s3 (seal + commit)");
+    eprintln!("latest deletion (seal + commit) took {:?}", t.elapsed());
     let p5 = write_clusters(&mut fg, &[50]);
     let s4 = SnapshotId::generate();
     e.create_snapshot(&vol, &s4).await.expect("snapshot 4");
-    // s3's writes were folded into the active layer, so they show up here.
+    // s3's writes (and the sealed layer's) were kept for the next record,
+    // so they show up here.
     assert_eq!(
         all_pages(&e, Some(&s2), &s4),
         clusters_of(p3.iter().chain(&p5).copied().chain([1000 * 16, 40 * 16, 0]))
     );
+    // The daemon agrees: what its view of s4 holds above s2's layer (s4's
+    // layer and the internal one under it, which took s3's writes and the
+    // internally sealed layer's).
+    let rec = e.record(&vol).expect("record");
+    let pos = |s: &SnapshotId| {
+        rec.layers
+            .iter()
+            .position(|l| l.sealed_by.as_ref() == Some(s))
+            .expect("layer")
+    };
+    let above = (pos(&s4) - pos(&s2)) as u64;
+    assert_eq!(above, 2, "{:?}", rec.layers);
     let x4 = e.export_snapshot(&s4).await.expect("export s4");
     assert_eq!(
-        nbdinfo_local_extents(&x4.uri()),
+        nbdinfo_extents_within(&x4.uri(), above),
         all_pages(&e, Some(&s2), &s4)
     );
     e.unexport_snapshot(&s4).await.expect("unexport s4");

@@ -232,11 +232,13 @@ async fn revert_to_the_latest_snapshot() {
     let uri = e.attach_volume(&vol).await.expect("attach").uri();
     let (s1, s2) = (SnapshotId::generate(), SnapshotId::generate());
     let log;
+    let at_s1;
     let at_s2;
     {
         let disk = NbdFile::mount(&env.root.join("c"), &uri, false);
         let mut w = Writer::open(&disk.file, 4).expect("writer");
         write_clusters(&mut w, &[1, 2]);
+        at_s1 = w.next_seq() - 1;
         e.create_snapshot(&vol, &s1).await.expect("s1");
         write_clusters(&mut w, &[3]);
         e.create_snapshot(&vol, &s2).await.expect("s2");
@@ -268,6 +270,47 @@ async fn revert_to_the_latest_snapshot() {
     assert!(r.ok(), "{:?}", r.mismatches);
     check_volume_layers(&e, &vol);
     assert_eq!(e.record(&vol).expect("rec").layers.len(), 3);
+    drop(disk);
+
+    // Deleting the latest (s2) seals the active layer internally and
+    // commits it into s2's layer, which stays sealed by nobody under a fresh
+    // active layer; its writes wait for the next snapshot's record.
+    e.delete_snapshot(&s2, None).await.expect("delete s2");
+    let rec = e.record(&vol).expect("rec");
+    assert_eq!(rec.layers.len(), 3, "{:?}", rec.layers);
+    assert!(rec.layers[1].sealed_by.is_none() && rec.in_flight.is_none());
+    assert!(!rec.inherited.is_empty());
+    // Reverting to s1 goes across that internal layer and drops it.
+    e.detach_volume(&vol).await.expect("detach");
+    e.revert_volume(&vol, &s1)
+        .await
+        .expect("revert to s1 across an internal layer");
+    let rec = e.record(&vol).expect("rec");
+    assert_eq!(rec.layers.len(), 2, "{:?}", rec.layers);
+    assert!(rec.inherited.is_empty());
+    let uri = e.attach_volume(&vol).await.expect("attach").uri();
+    let disk = NbdFile::mount(&env.root.join("c3"), &uri, true);
+    let r = verify_point_in_time(&disk.file, 4, &log, at_s1, at_s1 + 1).expect("pit s1");
+    assert!(r.ok(), "{:?}", r.mismatches);
+    drop(disk);
+    check_volume_layers(&e, &vol);
+
+    // Deleting the volume drops the active layer and the internal one
+    // under it; s1 lives on, and deleting it empties the pool.
+    let s3 = SnapshotId::generate();
+    e.create_snapshot(&vol, &s3).await.expect("s3");
+    e.delete_snapshot(&s3, None).await.expect("delete s3");
+    assert_eq!(e.record(&vol).expect("rec").layers.len(), 3);
+    e.detach_volume(&vol).await.expect("detach");
+    e.delete_volume(&vol).await.expect("delete volume");
+    let rec = e.record(&vol).expect("rec");
+    assert!(rec.deleted);
+    assert_eq!(rec.layers.len(), 1, "{:?}", rec.layers);
+    assert_eq!(rec.layers[0].sealed_by.as_ref(), Some(&s1));
+    check_volume_layers(&e, &vol);
+    e.delete_snapshot(&s1, None).await.expect("delete s1");
+    assert!(e.list_volumes().expect("list").is_empty());
+    assert!(!env.cfg.pool.join(vol.as_str()).exists());
 }
 
 /// Clusters of a layer file alone (backing cut off) that hold data, as

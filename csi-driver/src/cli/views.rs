@@ -105,7 +105,9 @@ pub fn chain(rec: &VolumeRecord, files: &[LayerFile]) -> Out {
     for (i, (l, f)) in rec.layers.iter().zip(files).enumerate() {
         let role = match (&l.sealed_by, i + 1 == rec.layers.len() && !rec.deleted) {
             (None, true) => "active".to_string(),
-            (None, false) => "orphan".to_string(),
+            // Sealed by the engine itself so that a merge never commits the layer taking writes
+            // (see csi-driver/README.md); it goes away with that merge.
+            (None, false) => "internal".to_string(),
             (Some(s), _) => s.to_string(),
         };
         let usage = f.disk_usage.map_or("missing".into(), format_size);

@@ -5,7 +5,9 @@
 //! (pid given by the caller), so both die at that instant.
 //!
 //! Points: `snapshot-before-transaction`, `snapshot-after-transaction`,
-//! `merge-before-complete`, `merge-after-complete`.
+//! `merge-before-seal`, `merge-after-seal` (around the internal seal's
+//! transaction when deleting the latest snapshot), `merge-before-complete`
+//! (active commits: deleted volumes only), `merge-after-complete`.
 
 /// Dies here if the environment asks for it; otherwise does nothing.
 pub fn hit(name: &str, daemon_pid: Option<i32>) {

@@ -74,6 +74,17 @@ impl Engine {
         let (mode, phase) = match &rec.in_flight {
             Some(InFlight::Merge {
                 snapshot,
+                seal: Some(_),
+                ..
+            }) if snapshot == snap => {
+                // Only a crash (or a lost daemon) mid-seal leaves this.
+                return Err(EngineError::FailedPrecondition(format!(
+                    "volume {} has an unresolved internal seal; reopen the engine to recover",
+                    rec.id
+                )));
+            }
+            Some(InFlight::Merge {
+                snapshot,
                 mode,
                 phase,
                 ..
@@ -87,7 +98,7 @@ impl Engine {
             None => (opts.mode, MergePhase::Running),
         };
         self.refuse_if_cloned(&rec).await?;
-        let plan = plan::plan_delete_with(&rec, snap, mode)?;
+        let mut plan = plan::plan_delete_with(&rec, snap, mode)?;
         // The flatten job of an unflattened clone holds its bottom layer.
         if let (Some(src), Some(bottom)) = (&rec.clone_of, rec.layers.first())
             && plan::touches(&plan, bottom.seq)
@@ -110,13 +121,24 @@ impl Engine {
         if let Some(i) = rec.snapshot_index(snap) {
             rec.snapshots[i].state = SnapshotState::Deleting;
         }
+        // Never commit the layer that takes writes: seal it internally
+        // first (its overlay's number is part of the same durable intent).
+        let seal = plan::needs_seal(&rec, &plan).then_some(rec.next_layer_seq);
+        if let Some(n) = seal {
+            rec.next_layer_seq = n + 1;
+        }
         rec.in_flight = Some(InFlight::Merge {
             snapshot: snap.clone(),
             job: job.clone(),
             mode,
             phase,
+            seal,
         });
         self.store.save(&rec)?;
+        if let Some(n) = seal {
+            rec = self.seal_for_merge(rec, n).await?;
+            plan = plan::plan_delete_with(&rec, snap, mode)?;
+        }
 
         if !matches!(plan, plan::DeletePlan::DropTop { .. }) {
             self.run_merge_job(&mut rec, &job, &plan, opts.speed, wait)
@@ -129,6 +151,79 @@ impl Engine {
         self.finish_merge(&rec, snap, &plan, &job).await
     }
 
+    /// Puts the fresh overlay `n` on the active layer in one `transaction`
+    /// (like a snapshot, but named by no snapshot), so that the old active
+    /// layer can be merged away by a non-active commit. The intent (`seal`
+    /// in the in-flight merge) is durable already; the record naming the
+    /// overlay is saved after the transaction.
+    async fn seal_for_merge(&self, mut rec: VolumeRecord, n: u64) -> Result<VolumeRecord> {
+        let dir = self.vol_dir(&rec.id);
+        let active = rec
+            .active()
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
+        let prepared = async {
+            qemu_img::create(
+                &dir.join(VolumeRecord::layer_file(n)),
+                rec.size,
+                Some(&VolumeRecord::layer_file(active.seq)),
+            )
+            .await?;
+            self.qmp
+                .execute("blockdev-add", node_add_args(&dir, &rec, n, Value::Null))
+                .await?;
+            Ok::<(), EngineError>(())
+        }
+        .await;
+        failpoint::hit("merge-before-seal", self.daemon.pid);
+        // `Err(true)`: nothing can have switched (the transaction was not
+        // sent, or the daemon refused it: QMP transactions are
+        // all-or-nothing). `Err(false)`: the daemon may have switched
+        // before it was lost, which only recovery can tell.
+        let tx: Result<(), (EngineError, bool)> = match prepared {
+            Ok(()) => self
+                .qmp
+                .execute(
+                    "transaction",
+                    json!({ "actions": [{
+                        "type": "blockdev-snapshot",
+                        "data": {
+                            "node": rec.node_name(active.seq),
+                            "overlay": rec.node_name(n),
+                        },
+                    }] }),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    let refused = matches!(e, QmpError::Command { .. });
+                    (e.into(), refused)
+                }),
+            Err(e) => Err((e, true)),
+        };
+        failpoint::hit("merge-after-seal", self.daemon.pid);
+        match tx {
+            Ok(()) => {}
+            Err((e, true)) => {
+                let _ = self.blockdev_del(&rec.node_name(n)).await;
+                let _ = remove_file_if_exists(&dir.join(VolumeRecord::layer_file(n)));
+                if let Some(InFlight::Merge { seal, .. }) = rec.in_flight.as_mut() {
+                    *seal = None;
+                }
+                self.store.save(&rec)?;
+                return Err(e);
+            }
+            Err((e, false)) => return Err(e),
+        }
+        // The sealed layer's writes, for the next snapshot's record: read
+        // now, before the commit job holds (and hides) the layer.
+        let map =
+            qemu_img::layer_allocation(&dir.join(VolumeRecord::layer_file(active.seq))).await?;
+        let rec = plan::seal_internal(&rec, n, &map)?;
+        self.store.save(&rec)?;
+        Ok(rec)
+    }
+
     /// After the job concluded: save the new record, and only then dismiss
     /// the job and drop the merged-away node, so that a crash in between
     /// still finds the concluded job (or the new record).
@@ -139,19 +234,14 @@ impl Engine {
         plan: &plan::DeletePlan,
         job: &str,
     ) -> Result<()> {
-        let drop_seq = match plan {
-            plan::DeletePlan::Commit { top, .. } => *top,
-            plan::DeletePlan::DropTop { layer } => *layer,
-            plan::DeletePlan::Stream { removed, .. } => *removed,
-        };
         let after = plan::apply_delete(rec, snap, plan)?;
-        let file = self
-            .vol_dir(&rec.id)
-            .join(VolumeRecord::layer_file(drop_seq));
+        let dir = self.vol_dir(&rec.id);
         if after.deleted && after.snapshots.is_empty() {
-            // No record will be left to sweep from: release the node first.
+            // No record will be left to sweep from: release the nodes first.
             self.dismiss(job).await;
-            self.blockdev_del(&rec.node_name(drop_seq)).await?;
+            for l in rec.layers.iter().rev() {
+                self.blockdev_del(&rec.node_name(l.seq)).await?;
+            }
             self.store.remove(&rec.id)?;
             return Ok(());
         }
@@ -159,8 +249,12 @@ impl Engine {
         // The job holds its nodes until dismissed; a crash from here on
         // leaves an orphan node or file that the next reconcile sweeps.
         self.dismiss(job).await;
-        self.blockdev_del(&rec.node_name(drop_seq)).await?;
-        remove_file_if_exists(&file)?;
+        for l in rec.layers.iter().rev() {
+            if !after.layers.iter().any(|a| a.seq == l.seq) {
+                self.blockdev_del(&rec.node_name(l.seq)).await?;
+                remove_file_if_exists(&dir.join(VolumeRecord::layer_file(l.seq)))?;
+            }
+        }
         Ok(())
     }
 

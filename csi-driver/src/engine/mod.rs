@@ -408,15 +408,26 @@ impl Engine {
             self.store.remove(id)?;
             return Ok(());
         }
-        let Some(active) = rec.active().cloned() else {
+        if rec.active().is_none() {
             return Err(EngineError::NotFound(format!("volume {id}")));
-        };
+        }
         rec.deleted = true;
-        rec.layers.pop();
+        // The active layer goes, and with it any internal layers (sealed by
+        // nobody) under it: no snapshot's view reaches them.
+        let mut gone = vec![];
+        while let Some(l) = rec.layers.last()
+            && l.sealed_by.is_none()
+        {
+            gone.push(l.seq);
+            rec.layers.pop();
+        }
+        rec.inherited.clear();
         // Record first: a crash after this leaves at worst an orphan file.
         self.store.save(&rec)?;
-        self.blockdev_del(&rec.node_name(active.seq)).await?;
-        remove_file_if_exists(&self.vol_dir(id).join(VolumeRecord::layer_file(active.seq)))?;
+        for seq in gone {
+            self.blockdev_del(&rec.node_name(seq)).await?;
+            remove_file_if_exists(&self.vol_dir(id).join(VolumeRecord::layer_file(seq)))?;
+        }
         Ok(())
     }
 
@@ -454,7 +465,12 @@ impl Engine {
         let (Some(active), Some(sealed)) = (rec.active().cloned(), rec.layer_of(snap)) else {
             return Err(EngineError::NotFound(format!("volume {id}")));
         };
-        if sealed + 2 != n {
+        // Only internal layers (sealed by nobody) may lie between the
+        // snapshot's layer and the active one; they go with it.
+        if rec.layers[sealed + 1..n - 1]
+            .iter()
+            .any(|l| l.sealed_by.is_some())
+        {
             return Err(EngineError::FailedPrecondition(format!(
                 "snapshot {snap} is not the latest snapshot of {id}; only the latest can be \
                  reverted to in place (restore older ones to a new volume)"
@@ -477,13 +493,21 @@ impl Engine {
                 node_add_args(&dir, &rec, seq, Value::String(rec.node_name(under))),
             )
             .await?;
-        if let Some(l) = rec.layers.last_mut() {
-            l.seq = seq;
-        }
+        let gone: Vec<u64> = rec.layers[sealed + 1..].iter().map(|l| l.seq).collect();
+        rec.layers.truncate(sealed + 1);
+        rec.layers.push(record::Layer {
+            seq,
+            sealed_by: None,
+        });
         rec.next_layer_seq = seq + 1;
+        // Writes since the snapshot are dropped, and with them their extents.
+        rec.inherited.clear();
         self.store.save(&rec)?;
-        self.blockdev_del(&rec.node_name(active.seq)).await?;
-        remove_file_if_exists(&dir.join(VolumeRecord::layer_file(active.seq)))?;
+        for old in gone.iter().rev() {
+            self.blockdev_del(&rec.node_name(*old)).await?;
+            remove_file_if_exists(&dir.join(VolumeRecord::layer_file(*old)))?;
+        }
+        debug_assert!(gone.contains(&active.seq));
         Ok(info(&rec))
     }
 

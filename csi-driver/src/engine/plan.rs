@@ -74,16 +74,64 @@ pub fn plan_delete_with(
         // volume, or the topmost sealed layer of a deleted one. Planning a
         // non-active commit there would wait for a conclusion that never
         // comes without `job-complete`.
-        Some(top) => Ok(DeletePlan::Commit {
-            top: top.seq,
-            base,
-            active: li + 2 == rec.layers.len(),
-        }),
+        // Internal layers (sealed by nobody) right below the snapshot's are
+        // merged in the same job: no view ends at them, and folding them
+        // keeps the chain from growing by one layer per deletion.
+        Some(top) => {
+            let mut bi = li;
+            while bi > 0 && rec.layers[bi - 1].sealed_by.is_none() {
+                bi -= 1;
+            }
+            Ok(DeletePlan::Commit {
+                top: top.seq,
+                base: rec.layers[bi].seq,
+                active: li + 2 == rec.layers.len(),
+            })
+        }
         None if rec.deleted => Ok(DeletePlan::DropTop { layer: base }),
         None => Err(PlanError::Inconsistent(format!(
             "snapshot {snap} has the top layer of a live volume"
         ))),
     }
+}
+
+/// Whether `plan` would commit the layer that takes the volume's writes (an
+/// active commit on a live volume). The engine never does that: it seals
+/// that layer internally first (see [`seal_internal`]), after which the plan
+/// is a non-active commit. Deleted volumes have no writer and keep it.
+pub fn needs_seal(rec: &VolumeRecord, plan: &DeletePlan) -> bool {
+    matches!(plan, DeletePlan::Commit { active: true, .. })
+        && !rec.deleted
+        && rec.active().is_some()
+}
+
+/// The record once the internal seal's transaction has run: the active
+/// layer stays, sealed by nobody, under the new active layer `overlay`, and
+/// the in-flight merge no longer waits for the transaction. `sealed_map` is
+/// the sealed layer's allocation map (captured before any job touches it):
+/// writes no snapshot record holds, kept in `inherited` for the next one.
+pub fn seal_internal(
+    rec: &VolumeRecord,
+    overlay: u64,
+    sealed_map: &[Extent],
+) -> Result<VolumeRecord, PlanError> {
+    let mut out = rec.clone();
+    if out.active().is_none() {
+        return Err(PlanError::Inconsistent(format!(
+            "volume {} has no active layer",
+            rec.id
+        )));
+    }
+    out.layers.push(Layer {
+        seq: overlay,
+        sealed_by: None,
+    });
+    out.next_layer_seq = out.next_layer_seq.max(overlay + 1);
+    out.inherited = extents::union([out.inherited.as_slice(), sealed_map]);
+    if let Some(super::record::InFlight::Merge { seal, .. }) = out.in_flight.as_mut() {
+        *seal = None;
+    }
+    Ok(out)
 }
 
 /// Whether carrying out `plan` writes to or removes layer `seq`.
@@ -117,21 +165,29 @@ pub fn apply_delete(
             (Some(a), Some(b)) => Some(extents::union([a.as_slice(), b.as_slice()])),
             _ => None,
         };
+    } else if !out.deleted {
+        // No later snapshot: the next one to seal takes these writes.
+        let mine = removed.changed.as_deref().unwrap_or_default();
+        out.inherited = extents::union([out.inherited.as_slice(), mine]);
     }
     match plan {
         DeletePlan::Commit { top, base, .. } => {
-            let ti = out
-                .layers
-                .iter()
-                .position(|l| l.seq == *top)
-                .ok_or_else(|| PlanError::Inconsistent(format!("layer {top} missing")))?;
-            let top_layer = out.layers.remove(ti);
-            let bl = out
-                .layers
-                .iter_mut()
-                .find(|l| l.seq == *base)
-                .ok_or_else(|| PlanError::Inconsistent(format!("layer {base} missing")))?;
-            bl.sealed_by = top_layer.sealed_by;
+            let pos = |seq: u64| {
+                out.layers
+                    .iter()
+                    .position(|l| l.seq == seq)
+                    .ok_or_else(|| PlanError::Inconsistent(format!("layer {seq} missing")))
+            };
+            let (ti, bi) = (pos(*top)?, pos(*base)?);
+            if bi >= ti {
+                return Err(PlanError::Inconsistent(format!(
+                    "layer {base} is not below {top}"
+                )));
+            }
+            // Every layer above the base up to the top is merged into it.
+            let sealed_by = out.layers[ti].sealed_by.clone();
+            out.layers.drain(bi + 1..=ti);
+            out.layers[bi].sealed_by = sealed_by;
         }
         DeletePlan::DropTop { layer } => out.layers.retain(|l| l.seq != *layer),
         DeletePlan::Stream { removed, .. } => out.layers.retain(|l| l.seq != *removed),
@@ -346,6 +402,121 @@ mod tests {
             plan_delete(&after, &ids[0]).unwrap(),
             DeletePlan::DropTop { layer: 0 }
         );
+    }
+
+    #[test]
+    fn deleting_the_latest_seals_internally_then_commits_non_active() {
+        let (r, ids) = chain();
+        // Latest snapshot: the plan would commit the active layer.
+        let p = plan_delete(&r, &ids[2]).unwrap();
+        assert!(needs_seal(&r, &p));
+        let sealed = seal_internal(&r, 9, &[x(5 * 65536, 65536)]).unwrap();
+        assert_eq!(sealed.active().map(|l| l.seq), Some(9));
+        assert_eq!(sealed.layers[3].sealed_by, None);
+        assert_eq!(sealed.next_layer_seq, 10);
+        let p = plan_delete(&sealed, &ids[2]).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 3,
+                base: 2,
+                active: false
+            }
+        );
+        assert!(!needs_seal(&sealed, &p));
+        let after = apply_delete(&sealed, &ids[2], &p).unwrap();
+        assert_eq!(
+            after.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2, 9]
+        );
+        assert_eq!(after.layers[2].sealed_by, None);
+        // The deleted snapshot's and the sealed layer's writes wait for the
+        // next snapshot's record.
+        assert_eq!(
+            after.inherited,
+            vec![x(2 * 65536, 65536), x(5 * 65536, 65536)]
+        );
+        // Deleting S2 now merges the internal layer down; its record joins.
+        let p = plan_delete(&after, &ids[1]).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 2,
+                base: 1,
+                active: false
+            }
+        );
+        let after2 = apply_delete(&after, &ids[1], &p).unwrap();
+        assert_eq!(
+            after2.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 1, 9]
+        );
+        assert_eq!(
+            after2.inherited,
+            vec![x(65536, 2 * 65536), x(5 * 65536, 65536)]
+        );
+        // Deleting S1 (latest, internal layer between it and the active
+        // one): no active commit, internal layers fold into the base.
+        let p = plan_delete(&after2, &ids[0]).unwrap();
+        assert!(!needs_seal(&after2, &p));
+        let after3 = apply_delete(&after2, &ids[0], &p).unwrap();
+        assert_eq!(
+            after3.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 9]
+        );
+        // A deleted volume keeps the active commit (nobody writes).
+        let mut dead = r.clone();
+        dead.deleted = true;
+        dead.layers.pop();
+        let p = plan_delete(&dead, &ids[1]).unwrap();
+        assert!(!needs_seal(&dead, &p));
+    }
+
+    #[test]
+    fn internal_layers_below_the_snapshot_join_the_commit() {
+        // base(int) <- L1(S) <- L2 active: sealed, then one commit of the
+        // sealed layer and S's layer into the internal base.
+        let mut r = VolumeRecord::new(VolumeId::generate(), 1 << 20);
+        let s = SnapshotId::generate();
+        r.layers = vec![
+            Layer {
+                seq: 0,
+                sealed_by: None,
+            },
+            Layer {
+                seq: 1,
+                sealed_by: Some(s.clone()),
+            },
+            Layer {
+                seq: 2,
+                sealed_by: None,
+            },
+        ];
+        r.next_layer_seq = 3;
+        r.snapshots = vec![SnapshotRecord {
+            id: s.clone(),
+            created: chrono::Utc::now(),
+            size: 1 << 20,
+            state: SnapshotState::Ready,
+            changed: Some(vec![x(0, 65536)]),
+        }];
+        let sealed = seal_internal(&r, 3, &[]).unwrap();
+        let p = plan_delete(&sealed, &s).unwrap();
+        assert_eq!(
+            p,
+            DeletePlan::Commit {
+                top: 2,
+                base: 0,
+                active: false
+            }
+        );
+        let after = apply_delete(&sealed, &s, &p).unwrap();
+        assert_eq!(
+            after.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 3]
+        );
+        assert!(after.layers.iter().all(|l| l.sealed_by.is_none()));
+        assert_eq!(after.inherited, vec![x(0, 65536)]);
     }
 
     #[test]

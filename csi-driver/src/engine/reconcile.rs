@@ -89,6 +89,62 @@ impl Engine {
         Ok(())
     }
 
+    /// Decides an internal seal (the overlay put on the active layer before
+    /// merging it away) interrupted around its transaction: the same
+    /// evidence and decision as an interrupted snapshot. Rolled back, the
+    /// merge stays in flight and seals again when it is finished.
+    pub(super) async fn resolve_merge_seal(&self, id: &VolumeId) -> Result<()> {
+        let rec = self.load(id)?;
+        let Some(InFlight::Merge {
+            snapshot,
+            seal: Some(n),
+            ..
+        }) = rec.in_flight.clone()
+        else {
+            return Ok(());
+        };
+        let depths = self.node_depths().await?;
+        let overlay_file = self.vol_dir(id).join(VolumeRecord::layer_file(n));
+        let has_volume = rec
+            .active()
+            .is_some_and(|a| depths.contains_key(&rec.node_name(a.seq)));
+        let evidence = if has_volume {
+            SnapshotEvidence::DaemonHasVolume {
+                overlay_backed: depths.get(&rec.node_name(n)).map(|d| *d > 0),
+            }
+        } else {
+            SnapshotEvidence::FilesOnly {
+                overlay_valid: qemu_img::is_qcow2(&overlay_file).await?,
+            }
+        };
+        let decision = recover::resolve_snapshot(evidence);
+        tracing::info!(volume = %id, %snapshot, overlay = n, ?evidence, ?decision, "interrupted internal seal");
+        match decision {
+            SnapshotResolution::RollForward => {
+                // No job has started on the sealed layer yet.
+                let sealed = rec
+                    .active()
+                    .map(|a| a.seq)
+                    .ok_or_else(|| EngineError::NotFound(format!("volume {id}")))?;
+                let map = qemu_img::layer_allocation(
+                    &self.vol_dir(id).join(VolumeRecord::layer_file(sealed)),
+                )
+                .await?;
+                self.store.save(&plan::seal_internal(&rec, n, &map)?)?;
+            }
+            SnapshotResolution::RollBack => {
+                self.blockdev_del(&rec.node_name(n)).await?;
+                remove_file_if_exists(&overlay_file)?;
+                let mut rec = rec;
+                if let Some(InFlight::Merge { seal, .. }) = rec.in_flight.as_mut() {
+                    *seal = None;
+                }
+                self.store.save(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Decides an active commit interrupted after `job-complete` may have
     /// been sent (see `recover::resolve_completing`).
     pub(super) async fn resolve_completing_merge(&self, id: &VolumeId) -> Result<()> {
@@ -98,6 +154,7 @@ impl Engine {
             job,
             mode: MergeMode::Commit,
             phase: MergePhase::Completing,
+            ..
         }) = rec.in_flight.clone()
         else {
             return Ok(());
@@ -136,6 +193,7 @@ impl Engine {
                         job,
                         mode: MergeMode::Commit,
                         phase: MergePhase::Running,
+                        seal: None,
                     });
                     self.store.save(&rec)?;
                 }
@@ -182,6 +240,7 @@ impl Engine {
     /// Makes the daemon hold what the record describes. Idempotent.
     pub(super) async fn reconcile(&self, id: &VolumeId) -> Result<()> {
         self.resolve_pending_snapshot(id).await?;
+        self.resolve_merge_seal(id).await?;
         self.resolve_completing_merge(id).await?;
         let Some(mut rec) = self.store.load(id)? else {
             return Ok(());

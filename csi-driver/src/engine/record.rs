@@ -34,7 +34,11 @@ pub struct Layer {
     /// Unique per volume; names the file and the QEMU node.
     pub seq: u64,
     /// The snapshot whose point-in-time view ends at this layer; `None` for
-    /// the active (writable) layer.
+    /// the active (writable) layer, and for an *internal* layer: one sealed
+    /// by nobody (below the active layer) because the engine put an overlay
+    /// on it to merge it away without committing the layer that takes
+    /// writes (see `InFlight::Merge::seal`). Its writes are accounted for in
+    /// `VolumeRecord::inherited` until the next snapshot seals.
     pub sealed_by: Option<SnapshotId>,
 }
 
@@ -113,6 +117,13 @@ pub enum InFlight {
         mode: MergeMode,
         #[serde(default)]
         phase: MergePhase,
+        /// Deleting the snapshot just below the active layer first seals the
+        /// active layer internally (an overlay on it, in one `transaction`):
+        /// this is the overlay's layer number while that transaction may or
+        /// may not have run. Cleared, with the overlay in `layers`, once it
+        /// ran; recovery decides it like a `PendingSnapshot`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<u64>,
     },
 }
 
@@ -168,10 +179,12 @@ pub struct VolumeRecord {
     /// layer; cleared once `block-stream` has flattened it.
     #[serde(default)]
     pub clone_of: Option<CloneSource>,
-    /// A clone's inherited allocation (its source snapshot's allocated
-    /// extents), folded into the first snapshot's extent record when that
-    /// snapshot seals: the clone's own layers only hold its own writes
-    /// until flattening, yet its snapshots' "allocated" must cover it all.
+    /// Extents folded into the next snapshot's extent record when it seals
+    /// (then cleared): a clone's inherited allocation (its source snapshot's
+    /// allocated extents: the clone's own layers only hold its own writes
+    /// until flattening, yet its snapshots' "allocated" must cover it all),
+    /// and the writes of deleted snapshots' intervals (and internally sealed
+    /// layers) that no later snapshot exists to take them yet.
     #[serde(default)]
     pub inherited: Vec<Extent>,
 }

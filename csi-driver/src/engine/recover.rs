@@ -64,9 +64,10 @@ pub enum CompletingResolution {
 /// merge is finished. If they differ the top layer is kept: QEMU switches
 /// only once the base is fully in sync, so a difference means either writes
 /// not yet copied (top is right) or writes after the switch (base is right)
-/// and nothing on disk tells them apart. This residual window — from QEMU's
-/// switch to the record's save, a few milliseconds — is documented; the
-/// `Stream` merge mode has no such window.
+/// and nothing on disk tells them apart. The engine runs active commits
+/// only on deleted volumes (nobody writes there); on a live volume the
+/// active layer is sealed internally first and merged by a non-active
+/// commit, so no write target ever switches unseen.
 pub fn resolve_completing(ev: CompletingEvidence) -> CompletingResolution {
     match ev {
         CompletingEvidence::JobInDaemon => CompletingResolution::Resume,

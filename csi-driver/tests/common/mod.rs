@@ -190,6 +190,39 @@ pub fn nbdinfo_local_extents(uri: &str) -> Vec<Extent> {
     )
 }
 
+/// Extents allocated anywhere in the exported view's chain (any
+/// `qemu:allocation-depth` above 0), read over NBD block status by `nbdinfo`.
+pub fn nbdinfo_allocated_extents(uri: &str) -> Vec<Extent> {
+    nbdinfo_extents_within(uri, u64::MAX)
+}
+
+/// Extents allocated in the top `depth` layers of the exported view (its
+/// own layer and the `depth - 1` below it), by `nbdinfo`.
+pub fn nbdinfo_extents_within(uri: &str, depth: u64) -> Vec<Extent> {
+    let out = Command::new("nbdinfo")
+        .arg("--json")
+        .arg("--map=qemu:allocation-depth")
+        .arg(uri)
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo json");
+    let list = v.as_array().cloned().unwrap_or_default();
+    livedisk_csi::engine::extents::normalize(
+        list.iter()
+            .filter(|e| e["type"].as_u64().is_some_and(|d| d > 0 && d <= depth))
+            .map(|e| Extent {
+                offset: e["offset"].as_u64().unwrap_or(0),
+                length: e["length"].as_u64().unwrap_or(0),
+            })
+            .collect(),
+    )
+}
+
 /// Copies an export to a raw file (for the verifier) with qemu-img.
 pub fn export_to_raw(uri: &str, dst: &Path) {
     let st = Command::new("qemu-img")
