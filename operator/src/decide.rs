@@ -114,17 +114,19 @@ fn decide_work(state: &WorkState) -> Decision {
             }
         }
         WorkState::Failed { object, message } => {
+            // The snapshot-controller keeps retrying after an error (an unbound PVC is one), so
+            // this is reported as still in progress, with the error for people to read.
             fields.insert("volumeSnapshotName".into(), object.clone().into());
-            let message = format!("VolumeSnapshot {object} failed: {message}");
+            let message = format!("VolumeSnapshot {object} reports: {message}");
             Decision {
-                phase: Phase::Failed,
+                phase: Phase::Pending,
                 conditions: vec![
-                    condition(READY, Status::False, "SnapshotFailed", &message),
-                    condition(RECONCILING, Status::False, "SnapshotFailed", &message),
-                    condition(STALLED, Status::True, "SnapshotFailed", &message),
+                    condition(READY, Status::False, "SnapshotError", &message),
+                    condition(RECONCILING, Status::True, "SnapshotError", &message),
+                    condition(STALLED, Status::False, "SnapshotError", &message),
                 ],
                 event: EventKind::Warning,
-                requeue_seconds: 60,
+                requeue_seconds: 15,
                 fields,
             }
         }
@@ -194,11 +196,12 @@ mod tests {
             message: "no space".into(),
         };
         let decision = decide("DiskSnapshot", &observation, Some(&failed));
+        assert_eq!(decision.conditions[0].reason, "SnapshotError");
         assert!(
             decision
                 .conditions
                 .iter()
-                .any(|c| c.type_ == STALLED && c.status == Status::True)
+                .any(|c| c.type_ == RECONCILING && c.status == Status::True)
         );
         assert!(decision.conditions[0].message.contains("no space"));
         // Missing references win over a stale work state.

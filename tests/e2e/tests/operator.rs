@@ -185,9 +185,9 @@ async fn operator_waits_for_crds_then_reports_honest_status() -> Result<()> {
         "never Ready=True for work that did not happen"
     );
     // Without the driver nothing can happen; with it, the VolumeSnapshot waits for the unbound
-    // PVC (WaitForFirstConsumer): either way not Ready.
+    // PVC (WaitForFirstConsumer, no consumer) and says so: either way not Ready.
     assert!(
-        ["WaitingForDriver", "SnapshotInProgress"].contains(&reason.1.as_str()),
+        ["WaitingForDriver", "SnapshotInProgress", "SnapshotError"].contains(&reason.1.as_str()),
         "{reason:?}"
     );
 
