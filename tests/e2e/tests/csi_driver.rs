@@ -4,9 +4,8 @@
 //! (NodeStage/NodePublish over the node plugin's socket), since no kubelet runs here.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -17,25 +16,8 @@ use livedisk_csi_proto::csi::v1::volume_capability::{
 };
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{in_node, node};
-use livedisk_e2e::{TestNamespace, apply, client, error_message};
+use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 use serde_json::json;
-
-async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {seconds}s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 fn block_capability() -> VolumeCapability {
     VolumeCapability {

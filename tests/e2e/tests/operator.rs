@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::{DiskMerge, DiskSnapshot};
 use livedisk_e2e::operator::Operator;
-use livedisk_e2e::{TestNamespace, apply, client, error_message};
+use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 use serde_json::json;
 
 async fn remove_crds(client: &Client) -> Result<()> {
@@ -46,24 +46,6 @@ async fn install_crds(client: &Client) -> Result<()> {
         .await?;
     }
     Ok(())
-}
-
-/// Polls until `check` returns Some, or fails with `what` after `seconds`.
-async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {seconds}s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 fn ready_reason(
