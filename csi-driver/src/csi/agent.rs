@@ -149,6 +149,35 @@ fn without_finalizer(finalizers: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The deletion half shared by volumes and snapshots: once the object is being deleted and still
+/// holds the node's finalizer, release the storage (already gone counts as released), report a
+/// failure in status and retry, and drop the finalizer only when the storage is gone.
+async fn release<K>(
+    api: &Api<K>,
+    object: &K,
+    storage_released: impl std::future::Future<Output = Result<(), EngineError>>,
+) -> Result<Action, CsiError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let finalizers = object.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    match storage_released.await {
+        Ok(()) => {}
+        Err(error) if error.code() == Code::NotFound => {}
+        Err(error) => {
+            let generation = object.meta().generation;
+            let status = error_status(NodePhase::Deleting, generation, node_error(&error));
+            patch_status(api, &object.name_any(), status).await?;
+            return Err(error.into());
+        }
+    }
+    set_finalizers(api, &object.name_any(), without_finalizer(&finalizers)).await?;
+    Ok(Action::await_change())
+}
+
 fn error_status(phase: NodePhase, generation: Option<i64>, error: NodeError) -> Value {
     json!({ "phase": phase, "observedGeneration": generation, "error": error })
 }
@@ -164,27 +193,18 @@ async fn reconcile_volume(
     let finalizers = volume.finalizers().to_vec();
 
     if volume.metadata.deletion_timestamp.is_some() {
-        if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        match agent.engine.delete_volume(&id).await {
-            Ok(()) => {}
-            Err(error) if error.code() == Code::NotFound => {}
-            Err(error) => {
-                patch_status(
-                    &api,
-                    &name,
-                    error_status(NodePhase::Deleting, generation, node_error(&error)),
-                )
-                .await?;
-                return Err(error.into());
+        let released = release(&api, volume.as_ref(), async {
+            match agent.engine.delete_volume(&id).await {
+                Err(error) if error.code() != Code::NotFound => return Err(error),
+                _ => {}
             }
-        }
-        // A clone's hidden base snapshot goes with it.
-        let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
-        set_finalizers(&api, &name, without_finalizer(&finalizers)).await?;
+            // A clone's hidden base snapshot goes with it.
+            let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+            Ok(())
+        })
+        .await?;
         tracing::info!(volume = %name, "volume deleted");
-        return Ok(Action::await_change());
+        return Ok(released);
     }
     if volume
         .status
@@ -354,25 +374,14 @@ async fn reconcile_snapshot(
     let finalizers = snapshot.finalizers().to_vec();
 
     if snapshot.metadata.deletion_timestamp.is_some() {
-        if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        match agent.engine.delete_snapshot(&id, None).await {
-            Ok(()) => {}
-            Err(error) if error.code() == Code::NotFound => {}
-            Err(error) => {
-                patch_status(
-                    &api,
-                    &name,
-                    error_status(NodePhase::Deleting, generation, node_error(&error)),
-                )
-                .await?;
-                return Err(error.into());
-            }
-        }
-        set_finalizers(&api, &name, without_finalizer(&finalizers)).await?;
+        let released = release(
+            &api,
+            snapshot.as_ref(),
+            agent.engine.delete_snapshot(&id, None),
+        )
+        .await?;
         tracing::info!(snapshot = %name, "snapshot deleted");
-        return Ok(Action::await_change());
+        return Ok(released);
     }
     if snapshot
         .status
