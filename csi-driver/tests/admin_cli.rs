@@ -327,3 +327,29 @@ fn two_engines_in_their_own_namespaces() {
     assert_eq!(links.lines().count(), 1, "{links}");
     assert!(links.contains("lo:"), "{links}");
 }
+
+/// The daemon's admin monitor answers the CLI's queries while an engine process (the node plugin)
+/// holds the main monitor, as it always does on a running node.
+#[tokio::test]
+async fn queries_work_while_an_engine_holds_the_main_monitor() {
+    let env = TestEnv::new("mon");
+    let engine = env.engine().await;
+    let vol = livedisk_csi::engine::VolumeId::generate();
+    engine
+        .create_volume(&vol, 8 * MIB)
+        .await
+        .expect("create volume");
+    engine.attach_volume(&vol).await.expect("attach");
+    let (info, err) = text(&admin(&env, &["info"]));
+    assert!(
+        info.contains(&format!("daemon pid:   {}", env.daemon_pid())),
+        "{info}{err}"
+    );
+    assert!(info.contains("qemu version: 7."), "{info}");
+    let exports = json(&env, &["exports"]);
+    assert!(exports.to_string().contains(vol.as_str()), "{exports}");
+    json(&env, &["jobs"]);
+    // The engine's own connection still works afterwards.
+    engine.detach_volume(&vol).await.expect("detach");
+    drop(engine);
+}

@@ -342,11 +342,15 @@ fn record(store: &RecordStore, id: &VolumeId) -> Result<Out> {
     })
 }
 
-/// A QMP session on the running daemon, without starting one. QSD serves
-/// one monitor client at a time, so this fails fast while another engine
-/// process (the node plugin) holds the monitor.
+/// A QMP session on the running daemon, without starting one: its admin monitor when it has one
+/// (daemons the engine starts do), so that queries work while the node plugin holds the main
+/// monitor; else the main monitor, which fails fast while another engine process holds it.
 async fn monitor(runtime: &RuntimeDir) -> Result<Qmp> {
-    let sock = runtime.qmp_socket();
+    let sock = if runtime.admin_socket().exists() {
+        runtime.admin_socket()
+    } else {
+        runtime.qmp_socket()
+    };
     if !sock.exists() {
         return Err(CliError::new(
             ExitClass::Unavailable,

@@ -51,6 +51,11 @@ impl RuntimeDir {
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// A second QMP monitor for people and tools on the host (the admin CLI): the engine process
+    /// holds the first one, and a daemon serves one client per monitor.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
     pub fn nbd_socket(&self) -> PathBuf {
         self.dir.join("nbd.sock")
     }
@@ -178,6 +183,7 @@ pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), Daemo
 
     // Stale leftovers of a dead daemon.
     let _ = fs::remove_file(runtime.qmp_socket());
+    let _ = fs::remove_file(runtime.admin_socket());
     let _ = fs::remove_file(runtime.nbd_socket());
     let _ = fs::remove_file(runtime.pid_file());
 
@@ -193,6 +199,13 @@ pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), Daemo
         ))
         .arg("--monitor")
         .arg("chardev=qmp0")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=qmp1,path={},server=on,wait=off",
+            runtime.admin_socket().display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=qmp1")
         .arg("--pidfile")
         .arg(runtime.pid_file())
         .arg("--daemonize")
