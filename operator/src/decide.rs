@@ -75,16 +75,7 @@ pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -
     );
     Decision {
         phase: Phase::Pending,
-        conditions: vec![
-            ConditionUpdate::new(READY, Status::False, "NotSupportedYet", message.clone()),
-            ConditionUpdate::new(
-                RECONCILING,
-                Status::False,
-                "NotSupportedYet",
-                message.clone(),
-            ),
-            ConditionUpdate::new(STALLED, Status::True, "NotSupportedYet", message),
-        ],
+        conditions: conditions(Health::Stalled, "NotSupportedYet", &message),
         event: EventKind::Warning,
         requeue_seconds: 300,
         fields: Default::default(),
@@ -94,20 +85,13 @@ pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -
 /// The status of a resource whose standard object exists, from that object's state.
 fn decide_work(state: &WorkState) -> Decision {
     let mut fields = serde_json::Map::new();
-    let condition = |type_, status, reason: &str, message: &str| {
-        ConditionUpdate::new(type_, status, reason, message)
-    };
     match state {
         WorkState::InProgress { object } => {
             fields.insert("volumeSnapshotName".into(), object.clone().into());
             let message = format!("VolumeSnapshot {object} is being taken");
             Decision {
                 phase: Phase::Running,
-                conditions: vec![
-                    condition(READY, Status::False, "SnapshotInProgress", &message),
-                    condition(RECONCILING, Status::True, "SnapshotInProgress", &message),
-                    condition(STALLED, Status::False, "SnapshotInProgress", &message),
-                ],
+                conditions: conditions(Health::InProgress, "SnapshotInProgress", &message),
                 event: EventKind::Normal,
                 requeue_seconds: 3,
                 fields,
@@ -120,11 +104,7 @@ fn decide_work(state: &WorkState) -> Decision {
             let message = format!("VolumeSnapshot {object} reports: {message}");
             Decision {
                 phase: Phase::Pending,
-                conditions: vec![
-                    condition(READY, Status::False, "SnapshotError", &message),
-                    condition(RECONCILING, Status::True, "SnapshotError", &message),
-                    condition(STALLED, Status::False, "SnapshotError", &message),
-                ],
+                conditions: conditions(Health::InProgress, "SnapshotError", &message),
                 event: EventKind::Warning,
                 requeue_seconds: 15,
                 fields,
@@ -145,11 +125,7 @@ fn decide_work(state: &WorkState) -> Decision {
             let message = format!("VolumeSnapshot {object} is ready to use");
             Decision {
                 phase: Phase::Ready,
-                conditions: vec![
-                    condition(READY, Status::True, "SnapshotReady", &message),
-                    condition(RECONCILING, Status::False, "SnapshotReady", &message),
-                    condition(STALLED, Status::False, "SnapshotReady", &message),
-                ],
+                conditions: conditions(Health::Ready, "SnapshotReady", &message),
                 event: EventKind::Normal,
                 requeue_seconds: 300,
                 fields,
@@ -158,14 +134,35 @@ fn decide_work(state: &WorkState) -> Decision {
     }
 }
 
+/// The three states kstatus tells apart, each a fixed combination of the three conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    /// Ready=False, Reconciling=True: work is under way or waiting for something that will come.
+    InProgress,
+    /// Ready=False, Stalled=True: nothing will happen without a person.
+    Stalled,
+    /// Ready=True: the result exists.
+    Ready,
+}
+
+/// Ready, Reconciling and Stalled for a health, all with the same reason and message.
+fn conditions(health: Health, reason: &str, message: &str) -> Vec<ConditionUpdate> {
+    let (ready, reconciling, stalled) = match health {
+        Health::InProgress => (Status::False, Status::True, Status::False),
+        Health::Stalled => (Status::False, Status::False, Status::True),
+        Health::Ready => (Status::True, Status::False, Status::False),
+    };
+    vec![
+        ConditionUpdate::new(READY, ready, reason, message),
+        ConditionUpdate::new(RECONCILING, reconciling, reason, message),
+        ConditionUpdate::new(STALLED, stalled, reason, message),
+    ]
+}
+
 fn waiting(reason: &str, message: String, event: EventKind, requeue_seconds: u64) -> Decision {
     Decision {
         phase: Phase::Pending,
-        conditions: vec![
-            ConditionUpdate::new(READY, Status::False, reason, message.clone()),
-            ConditionUpdate::new(RECONCILING, Status::True, reason, message.clone()),
-            ConditionUpdate::new(STALLED, Status::False, reason, message),
-        ],
+        conditions: conditions(Health::InProgress, reason, &message),
         event,
         requeue_seconds,
         fields: Default::default(),

@@ -178,6 +178,35 @@ where
     Ok(Action::await_change())
 }
 
+/// Reports a failed create in status: `Failed` when retrying the same spec cannot help (the
+/// controller then answers with the error and removes the object), else `Pending` and a retry.
+async fn creation_failed<K>(
+    api: &Api<K>,
+    name: &str,
+    generation: Option<i64>,
+    error: EngineError,
+) -> Result<Action, CsiError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let phase = if permanent(&error) {
+        NodePhase::Failed
+    } else {
+        NodePhase::Pending
+    };
+    patch_status(
+        api,
+        name,
+        error_status(phase, generation, node_error(&error)),
+    )
+    .await?;
+    if permanent(&error) {
+        Ok(Action::await_change())
+    } else {
+        Err(error.into())
+    }
+}
+
 fn error_status(phase: NodePhase, generation: Option<i64>, error: NodeError) -> Value {
     json!({ "phase": phase, "observedGeneration": generation, "error": error })
 }
@@ -255,22 +284,7 @@ async fn reconcile_volume(
     let info = match created {
         Ok(info) => info,
         Err(error) => {
-            let phase = if permanent(&error) {
-                NodePhase::Failed
-            } else {
-                NodePhase::Pending
-            };
-            patch_status(
-                &api,
-                &name,
-                error_status(phase, generation, node_error(&error)),
-            )
-            .await?;
-            return if permanent(&error) {
-                Ok(Action::await_change())
-            } else {
-                Err(error.into())
-            };
+            return creation_failed(&api, &name, generation, error).await;
         }
     };
     let info = if info.size < size {
@@ -421,23 +435,6 @@ async fn reconcile_snapshot(
             patch_status(&api, &name, status).await?;
             Ok(Action::await_change())
         }
-        Err(error) => {
-            let phase = if permanent(&error) {
-                NodePhase::Failed
-            } else {
-                NodePhase::Pending
-            };
-            patch_status(
-                &api,
-                &name,
-                error_status(phase, generation, node_error(&error)),
-            )
-            .await?;
-            if permanent(&error) {
-                Ok(Action::await_change())
-            } else {
-                Err(error.into())
-            }
-        }
+        Err(error) => creation_failed(&api, &name, generation, error).await,
     }
 }
