@@ -9,6 +9,7 @@
 #   LIVEDISK_BENCH_RUNS        runs of snapshot/query benches (default 5)
 #   LIVEDISK_BENCH_HEAVY_RUNS  runs of merge/attach benches (default 3)
 #   LIVEDISK_BENCH_EXTENTS     changed extents on the 1 TiB disk (default 100000)
+#   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" (default: all)
 #   LIVEDISK_BENCH_DIR         where the temporary pool goes (default /var/tmp;
 #                              use a real disk, not tmpfs)
 set -euo pipefail

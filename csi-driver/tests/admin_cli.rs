@@ -4,8 +4,11 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
 
-use common::{TestEnv, pool_fingerprint};
+use common::{TestEnv, daemons_for, pool_fingerprint, wait_until};
+use livedisk_csi::engine::{Code, Engine, SnapshotId, VolumeId};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livedisk-csi");
@@ -46,6 +49,72 @@ fn fails(env: &TestEnv, args: &[&str], code: i32, needle: &str) {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
     assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+}
+
+/// The CLI with extra environment (failpoints), returning its raw output.
+fn admin_env(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("admin")
+        .arg("--pool")
+        .arg(&env.cfg.pool)
+        .arg("--runtime-dir")
+        .arg(&env.cfg.runtime_dir)
+        .args(args)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("run livedisk-csi")
+}
+
+fn qemu_io_read(uri: &str, pattern: u8, offset: u64, len: u64) {
+    let rd = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c"])
+        .arg(format!("read -P {pattern} {offset} {len}"))
+        .arg(uri)
+        .output()
+        .expect("qemu-io read");
+    let out = String::from_utf8_lossy(&rd.stdout);
+    assert!(
+        rd.status.success()
+            && out.contains(&format!("read {len}/{len}"))
+            && !out.contains("Pattern verification failed"),
+        "{out}{}",
+        String::from_utf8_lossy(&rd.stderr)
+    );
+}
+
+/// A call on the held engine, retried while it answers ABORTED: the
+/// engine's adopter may hold the volume for a moment (as a CSI sidecar
+/// retries ABORTED).
+async fn retry_busy<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, livedisk_csi::engine::EngineError>>,
+{
+    let t = std::time::Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.code() == Code::Aborted && t.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn record_text(env: &TestEnv, vol: &VolumeId) -> String {
+    std::fs::read_to_string(env.cfg.pool.join(vol.as_str()).join("record.json"))
+        .expect("record.json")
+}
+
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 fn qemu_io_write(uri: &str, pattern: u8, offset: u64, len: u64) {
@@ -206,6 +275,52 @@ fn admin_cli_against_a_real_daemon() {
         String::from_utf8_lossy(&rd.stdout)
     );
     fails(&env, &["delete-snapshot", &s2], 7, "exported");
+
+    // A newer snapshot exported with the clusters changed since s2 as a
+    // dirty-bitmap context, read back by nbdinfo: the same as `delta`.
+    qemu_io_write(&uri, 3, 8 * MIB, 3 * 65536);
+    let g = str_of(&json(&env, &["snapshot", &vol])["snapshots"][0]["id"]);
+    let x = json(&env, &["export", &g, "--changed-since", &s2]);
+    let ctx = format!("qemu:dirty-bitmap:changed-since-{s2}");
+    assert_eq!(x["dirtyBitmap"], ctx.as_str());
+    let out = Command::new("nbdinfo")
+        .args(["--json", &format!("--map={ctx}"), &str_of(&x["uri"])])
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo json");
+    let dirty: Vec<(u64, u64)> = map
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == 1)
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap_or(0),
+                e["length"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        !dirty.is_empty(),
+        "no writes between s2 and the group snapshot"
+    );
+    assert_eq!(dirty, extents(&json(&env, &["delta", &s2, &g])));
+    let listed = json(&env, &["exports"]);
+    assert!(
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["dirtyBitmap"] == ctx.as_str()),
+        "{listed}"
+    );
+    fails(&env, &["export", &g], 4, "already exists");
+    json(&env, &["unexport", &g]);
     json(&env, &["unexport", &s2]);
     json(&env, &["detach", &vol]);
     json(&env, &["delete-volume", &vol]);
@@ -352,4 +467,383 @@ async fn queries_work_while_an_engine_holds_the_main_monitor() {
     // The engine's own connection still works afterwards.
     engine.detach_volume(&vol).await.expect("detach");
     drop(engine);
+}
+
+/// Changing commands beside a running node plugin: the test process holds an
+/// engine on the daemon's main monitor (as the node plugin does, with its
+/// adopter running) while every command below is the real CLI binary. Each
+/// one succeeds, the held engine sees the same records and state and can
+/// work on the volumes itself afterwards, and no second daemon ever starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_commands_work_beside_a_held_engine() {
+    let env = TestEnv::new("beside");
+    let engine = Arc::new(env.engine().await);
+    let runtime = env.cfg.runtime_dir.clone();
+    let one_daemon = |when: &str| assert_eq!(daemons_for(&runtime), 1, "{when}");
+    one_daemon("held engine open");
+
+    // Create: the held engine lists the new volume.
+    let vol = str_of(&json(&env, &["create-volume", "--size", "32MiB"])["id"]);
+    let vid = VolumeId::parse(&vol).expect("volume id");
+    let listed = engine.list_volumes().expect("list");
+    assert!(
+        listed.iter().any(|v| v.id == vid && v.size == 32 * MIB),
+        "{listed:?}"
+    );
+    one_daemon("create-volume");
+
+    // The consumer attaches through the held engine and writes.
+    let uri = engine.attach_volume(&vid).await.expect("attach").uri();
+    qemu_io_write(&uri, 1, 0, MIB);
+
+    // Snapshot: the held engine sees it ready, with its extents.
+    let s1 = str_of(&json(&env, &["snapshot", &vol])["snapshots"][0]["id"]);
+    let sid1 = SnapshotId::parse(&s1).expect("snapshot id");
+    let snaps = engine.list_snapshots(&vid).expect("snapshots");
+    assert_eq!(snaps.len(), 1);
+    assert!(snaps[0].id == sid1 && snaps[0].ready, "{snaps:?}");
+    let alloc = engine.allocated(&sid1, 0, 0).expect("allocated");
+    assert_eq!(alloc.extents.len(), 1);
+    assert_eq!((alloc.extents[0].offset, alloc.extents[0].length), (0, MIB));
+    one_daemon("snapshot");
+
+    // 8 MiB above s1: at 1 MiB/s its merge takes seconds.
+    qemu_io_write(&uri, 2, 0, 8 * MIB);
+    let started = json(&env, &["delete-snapshot", &s1, "--speed", "1MiB"]);
+    assert_eq!(started["deleted"], false, "{started}");
+    let job = str_of(&started["job"]);
+    assert_eq!(job, Engine::merge_job_id(&sid1));
+    // The held engine's session sees the CLI's job (one daemon, one job).
+    let jobs = engine.jobs().await.expect("jobs");
+    assert!(jobs.iter().any(|j| j.id == job), "{jobs:?}");
+    let listed = json(&env, &["jobs"]);
+    assert!(listed.to_string().contains(&job), "{listed}");
+
+    // Cancel: the job is gone, the merge stays in flight, s1 unreadable.
+    let c = json(&env, &["cancel", &job]);
+    assert_eq!(c["cancelled"], true);
+    assert!(c["status"].is_null(), "job still there: {c}");
+    assert!(
+        !engine
+            .jobs()
+            .await
+            .expect("jobs")
+            .iter()
+            .any(|j| j.id == job)
+    );
+    let rec = engine.record(&vid).expect("record");
+    assert!(rec.in_flight.is_some(), "{rec:?}");
+    assert!(!engine.snapshot(&sid1).expect("s1").ready);
+    // The adopter does not restart a cancelled merge.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        !engine
+            .jobs()
+            .await
+            .expect("jobs")
+            .iter()
+            .any(|j| j.id == job)
+    );
+    one_daemon("cancel");
+
+    // Finishing: delete again (throttled), unthrottle; the CLI has exited
+    // by then, and the held engine records the end of the merge itself.
+    let again = json(&env, &["delete-snapshot", &s1, "--speed", "1MiB"]);
+    assert_eq!(again["deleted"], false, "{again}");
+    json(&env, &["set-speed", &job, "0"]);
+    wait_until(
+        "the held engine finishing the CLI's merge",
+        Duration::from_secs(60),
+        || {
+            engine
+                .record(&vid)
+                .is_ok_and(|r| r.in_flight.is_none() && r.snapshots.is_empty())
+        },
+    )
+    .await;
+    assert!(
+        !engine
+            .jobs()
+            .await
+            .expect("jobs")
+            .iter()
+            .any(|j| j.id == job)
+    );
+    let rec = engine.record(&vid).expect("record");
+    assert_eq!(
+        rec.layers.len(),
+        2,
+        "internal seal + commit keeps two layers: {rec:?}"
+    );
+    qemu_io_read(&uri, 2, 0, 8 * MIB);
+    one_daemon("merge finished");
+
+    // The held engine works on the volume itself afterwards.
+    let own = SnapshotId::generate();
+    retry_busy("held snapshot", || engine.create_snapshot(&vid, &own)).await;
+    qemu_io_write(&uri, 3, 4 * MIB, MIB);
+    retry_busy("held merge", || engine.delete_snapshot(&own, None)).await;
+    qemu_io_read(&uri, 3, 4 * MIB, MIB);
+    qemu_io_read(&uri, 2, 0, 4 * MIB);
+
+    // Export start/stop of a snapshot the held engine took.
+    let s2 = SnapshotId::generate();
+    retry_busy("held snapshot s2", || engine.create_snapshot(&vid, &s2)).await;
+    let e = json(&env, &["export", s2.as_str()]);
+    let ro = str_of(&e["uri"]);
+    qemu_io_read(&ro, 3, 4 * MIB, MIB);
+    let rec = engine.record(&vid).expect("record");
+    assert_eq!(rec.exports.len(), 2, "attach + snapshot export: {rec:?}");
+    json(&env, &["unexport", s2.as_str()]);
+    assert_eq!(engine.record(&vid).expect("record").exports.len(), 1);
+    one_daemon("export/unexport");
+
+    // Busy: while the held engine merges s2 (throttled, waiting, holding the
+    // volume), CLI commands on the volume answer 5 and change nothing.
+    qemu_io_write(&uri, 4, 8 * MIB, 8 * MIB);
+    let held = {
+        let (engine, s2) = (engine.clone(), s2.clone());
+        tokio::spawn(async move { engine.delete_snapshot(&s2, Some(MIB)).await })
+    };
+    let hjob = Engine::merge_job_id(&s2);
+    wait_until(
+        "the held engine's merge running",
+        Duration::from_secs(30),
+        || {
+            engine
+                .record(&vid)
+                .is_ok_and(|r| r.in_flight.is_some() && r.pending_snapshot.is_none())
+        },
+    )
+    .await;
+    let t = std::time::Instant::now();
+    loop {
+        let jobs = engine.jobs().await.expect("jobs");
+        if jobs.iter().any(|j| j.id == hjob && j.status == "running") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{jobs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = (
+        record_text(&env, &vid),
+        file_names(&env.cfg.pool.join(&vol)),
+    );
+    fails(&env, &["snapshot", &vol], 5, "held by another process");
+    fails(&env, &["delete-volume", &vol], 5, "held by another process");
+    fails(
+        &env,
+        &["delete-snapshot", s2.as_str()],
+        5,
+        "held by another process",
+    );
+    fails(&env, &["detach", &vol], 5, "held by another process");
+    let after = (
+        record_text(&env, &vid),
+        file_names(&env.cfg.pool.join(&vol)),
+    );
+    assert_eq!(before, after, "a refused command changed the volume");
+    let jobs = engine.jobs().await.expect("jobs");
+    assert!(
+        jobs.iter().any(|j| j.id == hjob && j.status == "running"),
+        "the held merge must still run (else the refusals proved nothing): {jobs:?}"
+    );
+    // Job control needs no volume lock: the CLI unthrottles the held merge.
+    json(&env, &["set-speed", &hjob, "0"]);
+    tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .expect("held merge bounded")
+        .expect("join")
+        .expect("held merge");
+    qemu_io_read(&uri, 4, 8 * MIB, 8 * MIB);
+    one_daemon("busy");
+
+    // Delete: the held engine sees the volume gone.
+    engine.detach_volume(&vid).await.expect("detach");
+    json(&env, &["delete-volume", &vol]);
+    assert!(engine.volume(&vid).is_err());
+    assert!(engine.list_volumes().expect("list").is_empty());
+    // `stop` refuses while the held engine holds the main monitor, even forced.
+    fails(
+        &env,
+        &["stop", "--force"],
+        7,
+        "holds the daemon's main monitor",
+    );
+    one_daemon("end");
+    // The held engine's own session still works.
+    engine.jobs().await.expect("jobs");
+}
+
+/// An admin command killed mid-step while the node plugin runs: its engine
+/// (the held one here) recovers the step by itself, restarting nothing, and
+/// no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
+    let env = TestEnv::new("clikill");
+    let engine = Arc::new(env.engine().await);
+    let vid = VolumeId::generate();
+    engine.create_volume(&vid, 16 * MIB).await.expect("create");
+    let uri = engine.attach_volume(&vid).await.expect("attach").uri();
+    qemu_io_write(&uri, 1, 0, 2 * MIB);
+    let pid = env.daemon_pid();
+
+    // Killed right after the snapshot transaction: rolled forward.
+    let s1 = SnapshotId::generate();
+    let o = admin_env(
+        &env,
+        &[("LIVEDISK_FAILPOINT", "snapshot-after-transaction")],
+        &["snapshot", vid.as_str(), "--id", s1.as_str()],
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(libc::SIGKILL),
+        "failpoint not reached: {}",
+        text(&o).1
+    );
+    wait_until(
+        "the adopter resolving the snapshot",
+        Duration::from_secs(30),
+        || {
+            engine.record(&vid).is_ok_and(|r| {
+                r.pending_snapshot.is_none() && r.snapshots.iter().all(|s| s.changed.is_some())
+            })
+        },
+    )
+    .await;
+    let s = engine.snapshot(&s1).expect("rolled forward");
+    assert!(s.ready);
+    let alloc = engine.allocated(&s1, 0, 0).expect("allocated");
+    assert_eq!(
+        alloc.extents.iter().map(|e| e.length).sum::<u64>(),
+        2 * MIB,
+        "{alloc:?}"
+    );
+
+    // Killed right after the internal seal of a merge: the seal is resolved,
+    // the merge waits in flight, and deleting again finishes it.
+    qemu_io_write(&uri, 2, MIB, 2 * MIB);
+    let o = admin_env(
+        &env,
+        &[("LIVEDISK_FAILPOINT", "merge-after-seal")],
+        &["delete-snapshot", s1.as_str()],
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(libc::SIGKILL),
+        "failpoint not reached: {}",
+        text(&o).1
+    );
+    wait_until(
+        "the adopter resolving the seal",
+        Duration::from_secs(30),
+        || {
+            engine.record(&vid).is_ok_and(|r| {
+                matches!(
+                    &r.in_flight,
+                    Some(livedisk_csi::engine::record::InFlight::Merge { seal: None, .. })
+                )
+            })
+        },
+    )
+    .await;
+    // The writer never stopped: the daemon is the same, and writes go on.
+    assert_eq!(env.daemon_pid(), pid);
+    assert_eq!(daemons_for(&env.cfg.runtime_dir), 1);
+    qemu_io_write(&uri, 3, 8 * MIB, MIB);
+    retry_busy("finish the merge", || engine.delete_snapshot(&s1, None)).await;
+    let rec = engine.record(&vid).expect("record");
+    assert!(
+        rec.in_flight.is_none() && rec.snapshots.is_empty(),
+        "{rec:?}"
+    );
+    qemu_io_read(&uri, 1, 0, MIB);
+    qemu_io_read(&uri, 2, MIB, 2 * MIB);
+    qemu_io_read(&uri, 3, 8 * MIB, MIB);
+    for l in &rec.layers {
+        common::qemu_img_check(&engine.layer_path(&vid, l.seq));
+    }
+    engine.detach_volume(&vid).await.expect("detach");
+}
+
+/// `qemu-img compare` of two NBD exports: whether they read the same.
+fn same_content(a: &str, b: &str) -> bool {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw", a, b])
+        .output()
+        .expect("qemu-img compare");
+    match o.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        c => panic!(
+            "qemu-img compare {c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    }
+}
+
+#[test]
+fn admin_revert_to_an_older_snapshot_keeps_the_newer_one() {
+    let env = TestEnv::new("clirev");
+    let vol = str_of(&json(&env, &["create-volume", "--size", "16MiB"])["id"]);
+    let uri = str_of(&json(&env, &["attach", &vol])["uri"]);
+    qemu_io_write(&uri, 1, 0, 65536);
+    let s1 = str_of(&json(&env, &["snapshot", &vol])["snapshots"][0]["id"]);
+    qemu_io_write(&uri, 2, 0, 65536);
+    qemu_io_write(&uri, 3, MIB, 65536);
+    let s2 = str_of(&json(&env, &["snapshot", &vol])["snapshots"][0]["id"]);
+    qemu_io_write(&uri, 4, 2 * MIB, 65536);
+    let other = str_of(&json(&env, &["create-volume", "--size", "1MiB"])["id"]);
+    let o1 = str_of(&json(&env, &["snapshot", &other])["snapshots"][0]["id"]);
+
+    // Refusals: attached (7), unknown (3), another volume's snapshot (2),
+    // a bad ID (2); nothing changes.
+    let before = pool_fingerprint(&env.cfg.pool);
+    fails(&env, &["revert", &vol, &s1], 7, "attached");
+    json(&env, &["detach", &vol]);
+    let before_detached = pool_fingerprint(&env.cfg.pool);
+    assert_ne!(before, before_detached, "detach is recorded");
+    let ghost = "snap-00000000-0000-4000-8000-000000000000";
+    fails(&env, &["revert", &vol, ghost], 3, "not found");
+    fails(&env, &["revert", &vol, &o1], 2, "belongs to volume");
+    fails(
+        &env,
+        &["revert", &vol, "snap-../x"],
+        2,
+        "invalid snapshot id",
+    );
+    assert_eq!(before_detached, pool_fingerprint(&env.cfg.pool));
+
+    let r = json(&env, &["revert", &vol, &s1]);
+    assert_eq!(r["volume"], vol.as_str());
+    assert_eq!(r["snapshot"], s1.as_str());
+    assert_eq!(r["snapshots"], 2, "{r}");
+    assert_eq!(r["layers"], 3, "{r}");
+    // Table output, and a second revert to the same snapshot is fine.
+    let o = admin(&env, &["revert", &vol, &s1]);
+    let (table, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        table.contains("reverted to") && table.contains(&s1),
+        "{table}"
+    );
+
+    // The volume reads as s1; s2 is still there and still reads as s2.
+    let vu = str_of(&json(&env, &["attach", &vol])["uri"]);
+    let u1 = str_of(&json(&env, &["export", &s1])["uri"]);
+    let u2 = str_of(&json(&env, &["export", &s2])["uri"]);
+    assert!(same_content(&vu, &u1), "volume must read as s1");
+    assert!(!same_content(&vu, &u2));
+    let snaps = json(&env, &["snapshots", &vol]);
+    assert_eq!(snaps.as_array().map(Vec::len), Some(2), "{snaps}");
+    // s2 still holds its own writes (pattern 3 at 1 MiB is only in s2).
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 3 1048576 65536", &u2])
+        .output()
+        .expect("qemu-io");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    json(&env, &["unexport", &s1]);
+    json(&env, &["unexport", &s2]);
+    json(&env, &["detach", &vol]);
 }

@@ -1,20 +1,24 @@
 //! Runs admin commands. Read-only commands read the pool's records directly
 //! and never touch the daemon, so they work while a node plugin holds it;
-//! commands that change something open the engine (which re-attaches to the
-//! daemon, or starts it) and go through its operations.
+//! commands that change something open an engine on the daemon's admin
+//! monitor (`Engine::open_admin`: it re-attaches to the daemon, or starts it
+//! when none runs) and go through its operations, beside a running node
+//! plugin: per-volume locks keep the two off each other's volumes, and the
+//! node plugin's engine finishes what a command leaves running (a merge).
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use livedisk_csi::engine::daemon::{Daemon, Origin, RuntimeDir, pid_alive};
+use livedisk_csi::engine::qmp::{Greeting, probe};
 use livedisk_csi::engine::qmp::{Qmp, query_jobs};
 use livedisk_csi::engine::record::{RECORD_FILE, RecordStore, VolumeRecord};
 use livedisk_csi::engine::{
-    Engine, EngineConfig, EngineError, ExtentPage, SnapshotId, VolumeId, extents, plan,
+    Engine, EngineConfig, EngineError, ExtentPage, MergeMode, MergeOptions, Monitor, Recovery,
+    SnapshotId, VolumeId, extents, plan,
 };
 use serde_json::{Value, json};
 
@@ -99,12 +103,33 @@ pub async fn run(a: &AdminArgs) -> Result<Out> {
 }
 
 async fn mutate(a: &AdminArgs, cmd: &AdminCmd, known: bool) -> Result<Out> {
-    let engine = Engine::open(EngineConfig {
-        pool: a.pool.clone(),
-        runtime_dir: a.runtime_dir.clone(),
-    })
+    // `start` is the explicit "bring everything in line": it also restarts
+    // interrupted or cancelled merges and waits for them. Every other
+    // command only recovers what nobody holds and never waits for a merge.
+    let recovery = match cmd {
+        AdminCmd::Start => Recovery::Full,
+        _ => Recovery::Light,
+    };
+    let engine = Engine::open_admin(
+        EngineConfig {
+            pool: a.pool.clone(),
+            runtime_dir: a.runtime_dir.clone(),
+        },
+        recovery,
+    )
     .await
     .context("opening the engine")?;
+    for (vol, e) in engine.recovery_errors() {
+        eprintln!("warning: volume {vol} not recovered: {e}");
+    }
+    let out = run_mutation(a, &engine, cmd, known).await;
+    // The deleted layers leave their directories at once and are unlinked
+    // in the background: wait for that, so the command leaves no garbage.
+    engine.reclaimed().await;
+    out
+}
+
+async fn run_mutation(a: &AdminArgs, engine: &Engine, cmd: &AdminCmd, known: bool) -> Result<Out> {
     match cmd {
         AdminCmd::Start => {
             let d = engine.daemon();
@@ -176,9 +201,13 @@ async fn mutate(a: &AdminArgs, cmd: &AdminCmd, known: bool) -> Result<Out> {
                 .cancel_job(job)
                 .await
                 .with_context(|| format!("cancelling job {job}"))?;
+            let status = settle_cancelled(engine, job).await?;
             Ok(views::message(
-                format!("job {job}: cancel requested"),
-                json!({ "job": job, "cancelled": true }),
+                match &status {
+                    None => format!("job {job}: cancelled"),
+                    Some(s) => format!("job {job}: cancel requested ({s})"),
+                },
+                json!({ "job": job, "cancelled": true, "status": status }),
             ))
         }
         AdminCmd::DeleteVolume { volume } => {
@@ -191,12 +220,35 @@ async fn mutate(a: &AdminArgs, cmd: &AdminCmd, known: bool) -> Result<Out> {
                 json!({ "volume": volume, "deleted": true }),
             ))
         }
-        AdminCmd::Export { snapshot } => {
-            let e = engine
-                .export_snapshot(snapshot)
-                .await
-                .with_context(|| format!("exporting snapshot {snapshot}"))?;
+        AdminCmd::Export {
+            snapshot,
+            changed_since,
+        } => {
+            let e = match changed_since {
+                Some(base) => engine
+                    .export_snapshot_changed_since(snapshot, base)
+                    .await
+                    .with_context(|| {
+                        format!("exporting snapshot {snapshot} changed since {base}")
+                    })?,
+                None => engine
+                    .export_snapshot(snapshot)
+                    .await
+                    .with_context(|| format!("exporting snapshot {snapshot}"))?,
+            };
             Ok(views::export_started(&e))
+        }
+        AdminCmd::Revert { volume, snapshot } => {
+            let t = std::time::Instant::now();
+            let v = engine
+                .revert_volume(volume, snapshot)
+                .await
+                .with_context(|| format!("reverting volume {volume} to snapshot {snapshot}"))?;
+            Ok(views::reverted(
+                &v,
+                snapshot,
+                t.elapsed().as_secs_f64() * 1e3,
+            ))
         }
         AdminCmd::Unexport { snapshot } => {
             engine
@@ -229,28 +281,102 @@ async fn mutate(a: &AdminArgs, cmd: &AdminCmd, known: bool) -> Result<Out> {
     }
 }
 
-/// Starts the merge and, unless `wait`, returns as soon as the daemon runs
+/// Waits (bounded) until a cancelled job is gone: whoever drives it (a
+/// waiting merge in the node plugin or another command) dismisses it, and a
+/// merge nobody waits for is dismissed here (`recover_idle`), so the next
+/// command finds the volume settled (snapshot `deleting`, merge in flight
+/// without a job). Returns the job's status if it is still there.
+async fn settle_cancelled(engine: &Engine, job: &str) -> Result<Option<String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = engine
+            .jobs()
+            .await
+            .context("query-jobs")?
+            .into_iter()
+            .find(|j| j.id == job)
+            .map(|j| j.status);
+        match status.as_deref() {
+            None => return Ok(None),
+            Some("concluded") => {
+                engine
+                    .recover_idle()
+                    .await
+                    .context("recording the cancel")?;
+            }
+            Some(_) => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts the merge and, unless `wait`, returns once the daemon runs
 /// the job: the job goes on in the daemon and the record marks it in
-/// flight, so the next engine start (any mutating admin command, the node
-/// plugin, or `delete-snapshot --wait`) finishes it.
+/// flight; when it concludes the node plugin's engine (its adopter) finishes
+/// it, or else the next admin command or `delete-snapshot --wait`.
 async fn delete_snapshot(
-    engine: Engine,
+    engine: &Engine,
     snap: &SnapshotId,
     speed: Option<u64>,
     wait: bool,
 ) -> Result<Out> {
-    let engine = Arc::new(engine);
     let job = Engine::merge_job_id(snap);
-    let task = {
-        let (engine, snap) = (engine.clone(), snap.clone());
-        tokio::spawn(async move { engine.delete_snapshot(&snap, speed).await })
-    };
+    if !wait {
+        // Takes the volume (Busy if another process holds it: then the job
+        // seen in the daemon would be that process's, not ours), starts the
+        // job and lets the volume go.
+        engine
+            .start_snapshot_delete(
+                snap,
+                MergeOptions {
+                    mode: MergeMode::Commit,
+                    speed,
+                },
+            )
+            .await
+            .with_context(|| format!("deleting snapshot {snap}"))?;
+        let status = engine
+            .jobs()
+            .await
+            .context("query-jobs")?
+            .into_iter()
+            .find(|j| j.id == job)
+            .map(|j| j.status);
+        match status {
+            Some(s) if s != "concluded" => {
+                return Ok(views::message(
+                    format!(
+                        "merge job {job} started for snapshot {snap} ({s}); follow it with `admin jobs`"
+                    ),
+                    json!({ "snapshot": snap, "job": job, "status": s, "deleted": false }),
+                ));
+            }
+            // No job (nothing to copy, done already) or one that ended
+            // already: finish it below rather than leave it to others.
+            _ => {}
+        }
+    }
+    let merge = engine.delete_snapshot(snap, speed);
+    tokio::pin!(merge);
     let mut last_report = std::time::Instant::now();
     loop {
-        if task.is_finished() {
-            task.await
-                .context("merge task")?
-                .with_context(|| format!("deleting snapshot {snap}"))?;
+        let result = tokio::select! {
+            r = &mut merge => Some(r),
+            () = tokio::time::sleep(Duration::from_secs(1)) => None,
+        };
+        if let Some(r) = result {
+            match r {
+                Ok(()) => {}
+                // Our own quick merge that another engine (the node plugin's
+                // adopter) finished first: the snapshot is gone.
+                Err(EngineError::NotFound(_)) if !wait => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("deleting snapshot {snap}"));
+                }
+            }
             return Ok(views::message(
                 format!("deleted snapshot {snap}"),
                 json!({ "snapshot": snap, "deleted": true }),
@@ -262,26 +388,16 @@ async fn delete_snapshot(
             .context("query-jobs")?
             .into_iter()
             .find(|j| j.id == job);
-        if let Some(j) = running {
-            if !wait {
-                return Ok(views::message(
-                    format!(
-                        "merge job {job} started for snapshot {snap} ({}); follow it with `admin jobs`",
-                        j.status
-                    ),
-                    json!({ "snapshot": snap, "job": job, "status": j.status, "deleted": false }),
-                ));
-            }
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                eprintln!(
-                    "{job}: {} {}",
-                    j.status,
-                    views::percent(j.current_progress, j.total_progress)
-                );
-                last_report = std::time::Instant::now();
-            }
+        if let Some(j) = running
+            && last_report.elapsed() >= Duration::from_secs(1)
+        {
+            eprintln!(
+                "{job}: {} {}",
+                j.status,
+                views::percent(j.current_progress, j.total_progress)
+            );
+            last_report = std::time::Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -372,6 +488,17 @@ async fn monitor(runtime: &RuntimeDir) -> Result<Qmp> {
 }
 
 async fn stop(store: &RecordStore, runtime: &RuntimeDir, force: bool) -> Result<Out> {
+    // The node plugin's engine holds the main monitor while it runs: the
+    // daemon is its, and killing it would stop every volume's I/O under it
+    // (its engine does not reconnect by itself). Not even with --force.
+    if probe(&runtime.qmp_socket(), Duration::from_secs(1)).await == Greeting::Held {
+        return Err(CliError::new(
+            ExitClass::FailedPrecondition,
+            "another engine process (the node plugin) holds the daemon's main monitor; \
+             stop it first",
+        )
+        .into());
+    }
     let exported: usize = all_records(store)?.iter().map(|r| r.exports.len()).sum();
     if exported > 0 && !force {
         return Err(CliError::new(
@@ -394,6 +521,7 @@ async fn stop(store: &RecordStore, runtime: &RuntimeDir, force: bool) -> Result<
         runtime: runtime.clone(),
         pid: Some(pid),
         origin: Origin::Attached,
+        monitor: Monitor::Admin,
     };
     d.signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
         .await

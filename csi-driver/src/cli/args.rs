@@ -134,6 +134,14 @@ pub enum AdminCmd {
         #[arg(value_parser = vol)]
         volume: VolumeId,
     },
+    /// Reverts a detached volume to any of its snapshots; every snapshot is
+    /// kept (writes since the latest snapshot are discarded).
+    Revert {
+        #[arg(value_parser = vol)]
+        volume: VolumeId,
+        #[arg(value_parser = snap)]
+        snapshot: SnapshotId,
+    },
     /// Allocated extents of a snapshot (from the records; no data read).
     Allocated {
         #[arg(value_parser = snap)]
@@ -154,6 +162,11 @@ pub enum AdminCmd {
     Export {
         #[arg(value_parser = snap)]
         snapshot: SnapshotId,
+        /// Also publish the clusters changed since this older snapshot of the
+        /// same volume as the NBD metadata context
+        /// `qemu:dirty-bitmap:changed-since-BASE` (for incremental backup).
+        #[arg(long, value_name = "BASE", value_parser = snap)]
+        changed_since: Option<SnapshotId>,
     },
     /// Stops a snapshot's export.
     Unexport {

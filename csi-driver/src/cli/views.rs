@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use livedisk_csi::engine::record::{ExportTarget, InFlight, SnapshotState, VolumeRecord};
-use livedisk_csi::engine::{ExportInfo, ExtentPage, JobInfo, SnapshotInfo, VolumeInfo};
+use livedisk_csi::engine::{ExportInfo, ExtentPage, JobInfo, SnapshotId, SnapshotInfo, VolumeInfo};
 use serde_json::{Value, json};
 
 use super::size::format_size;
@@ -20,6 +20,7 @@ pub struct Out {
 fn state_of(rec: &VolumeRecord) -> &'static str {
     match (&rec.in_flight, rec.deleted) {
         (Some(InFlight::Merge { .. }), _) => "merging",
+        (None, false) if rec.pending_revert.is_some() => "reverting",
         (None, true) => "deleted",
         (None, false) => "live",
     }
@@ -217,10 +218,15 @@ pub fn exports(recs: &[VolumeRecord], live: &HashSet<String>, socket: &Path) -> 
                 ExportTarget::Volume => ("volume", true),
                 ExportTarget::Snapshot { .. } => ("snapshot", false),
             };
+            let dirty_bitmap = e
+                .changed_since
+                .as_ref()
+                .map(livedisk_csi::engine::bitmap::context_name);
             let info = ExportInfo {
                 name: name.clone(),
                 socket: socket.to_path_buf(),
                 writable,
+                dirty_bitmap: dirty_bitmap.clone(),
             };
             let served = live.contains(&eid);
             rows.push(vec![
@@ -233,6 +239,7 @@ pub fn exports(recs: &[VolumeRecord], live: &HashSet<String>, socket: &Path) -> 
             js.push(json!({
                 "name": name, "kind": kind, "volume": r.id, "exportId": eid,
                 "writable": writable, "served": served, "uri": info.uri(),
+                "dirtyBitmap": dirty_bitmap,
             }));
         }
     }
@@ -299,13 +306,37 @@ pub fn extent_page(p: &ExtentPage) -> Out {
 }
 
 pub fn export_started(e: &ExportInfo) -> Out {
+    let mut kv = vec![
+        ("name", e.name.clone()),
+        ("writable", e.writable.to_string()),
+        ("uri", e.uri()),
+    ];
+    if let Some(b) = &e.dirty_bitmap {
+        kv.push(("dirty-bitmap", b.clone()));
+    }
+    Out {
+        text: render_kv(&kv),
+        json: json!({
+            "name": e.name, "socket": e.socket, "writable": e.writable, "uri": e.uri(),
+            "dirtyBitmap": e.dirty_bitmap,
+        }),
+    }
+}
+
+pub fn reverted(v: &VolumeInfo, snap: &SnapshotId, ms: f64) -> Out {
     Out {
         text: render_kv(&[
-            ("name", e.name.clone()),
-            ("writable", e.writable.to_string()),
-            ("uri", e.uri()),
+            ("volume", v.id.to_string()),
+            ("reverted to", snap.to_string()),
+            ("size", format_size(v.size)),
+            ("layers", v.layers.to_string()),
+            ("snapshots kept", v.snapshots.to_string()),
+            ("took", format!("{ms:.1} ms")),
         ]),
-        json: json!({ "name": e.name, "socket": e.socket, "writable": e.writable, "uri": e.uri() }),
+        json: json!({
+            "volume": v.id, "snapshot": snap, "size": v.size,
+            "layers": v.layers, "snapshots": v.snapshots, "ms": ms,
+        }),
     }
 }
 
@@ -411,6 +442,15 @@ mod tests {
         let mut r = rec();
         r.exports.push(livedisk_csi::engine::record::ExportRecord {
             target: ExportTarget::Volume,
+            changed_since: None,
+        });
+        let (s, b) = (
+            livedisk_csi::engine::SnapshotId::generate(),
+            livedisk_csi::engine::SnapshotId::generate(),
+        );
+        r.exports.push(livedisk_csi::engine::record::ExportRecord {
+            target: ExportTarget::Snapshot { id: s },
+            changed_since: Some(b.clone()),
         });
         let o = exports(
             std::slice::from_ref(&r),
@@ -419,6 +459,11 @@ mod tests {
         );
         assert!(o.text.contains(" NO "));
         assert_eq!(o.json[0]["served"], false);
+        assert_eq!(o.json[0]["dirtyBitmap"], serde_json::Value::Null);
+        assert_eq!(
+            o.json[1]["dirtyBitmap"],
+            format!("qemu:dirty-bitmap:changed-since-{b}")
+        );
         assert!(
             o.json[0]["uri"]
                 .as_str()

@@ -2,9 +2,14 @@
 //! process (daemonized, its own session), so that restarts or upgrades of the
 //! process hosting this library never stop volume I/O.
 //!
-//! `start_or_attach` is the only entry point: it re-attaches to a live daemon
-//! whenever there is one and starts a new one only when there is not, under an
-//! exclusive lock so that two callers racing can never produce two daemons.
+//! `start_or_attach_on` is the only entry point: it re-attaches to a live
+//! daemon whenever there is one and starts a new one only when there is not,
+//! under an exclusive lock so that two callers racing can never produce two
+//! daemons. Nothing here ever stops a daemon that runs.
+//!
+//! A daemon has two QMP monitors and QEMU 7.2 serves one client on each: the
+//! main one (`qmp.sock`) belongs to the node plugin's engine, the admin one
+//! (`admin.sock`) to the admin CLI, so that both can work at once.
 
 use std::fs;
 use std::io;
@@ -26,8 +31,23 @@ pub enum DaemonError {
     Missing(io::Error),
     #[error("qemu-storage-daemon failed to start: {0}")]
     StartFailed(String),
+    #[error(
+        "the daemon's monitor {0} does not answer: another process holds it (QEMU 7.2 serves one \
+         client per monitor); {1}"
+    )]
+    MonitorBusy(PathBuf, &'static str),
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+}
+
+/// Which of the daemon's monitors a session talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Monitor {
+    /// `qmp.sock`: the long-lived engine of the node plugin.
+    Main,
+    /// `admin.sock`: the admin CLI, beside the node plugin. Falls back to the
+    /// main monitor for a daemon started without an admin monitor.
+    Admin,
 }
 
 /// How we came to hold the daemon: callers use this to decide whether the
@@ -76,6 +96,8 @@ pub struct Daemon {
     pub runtime: RuntimeDir,
     pub pid: Option<i32>,
     pub origin: Origin,
+    /// The monitor this handle's QMP session is on.
+    pub monitor: Monitor,
 }
 
 /// Exclusive advisory lock on a file, released on drop.
@@ -133,8 +155,20 @@ fn is_qsd(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Starts the host's daemon or attaches to the one already running.
+/// Starts the host's daemon or attaches to the one already running, on its
+/// main monitor.
 pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), DaemonError> {
+    start_or_attach_on(runtime, Monitor::Main).await
+}
+
+/// Starts the host's daemon or attaches to the one already running, with a
+/// QMP session on the monitor `want`. A daemon is started only when none is
+/// alive, and its session is then on `want` as well: an admin command that
+/// started the daemon leaves the main monitor free for the node plugin.
+pub async fn start_or_attach_on(
+    runtime: RuntimeDir,
+    want: Monitor,
+) -> Result<(Daemon, Qmp), DaemonError> {
     let rt = runtime.clone();
     let dir_err = |e| DaemonError::RuntimeDir(rt.dir.clone(), e);
     fs::DirBuilder::new()
@@ -153,29 +187,61 @@ pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), Daemo
         .map_err(dir_err)?;
 
     let pid = read_pid(&runtime.pid_file()).filter(|p| pid_alive(*p) && is_qsd(*p));
+    // The monitors to try, in order. The admin CLI uses the main monitor
+    // only on a daemon without an admin monitor (started by an older build).
+    let mut candidates = vec![];
+    if want == Monitor::Admin && runtime.admin_socket().exists() {
+        candidates.push((Monitor::Admin, runtime.admin_socket()));
+    }
     if runtime.qmp_socket().exists() {
-        match Qmp::connect(&runtime.qmp_socket()).await {
+        candidates.push((Monitor::Main, runtime.qmp_socket()));
+    }
+    let mut busy = None;
+    for (monitor, sock) in &candidates {
+        match Qmp::connect(sock).await {
             Ok(qmp) => {
-                tracing::info!(?pid, "attached to running qemu-storage-daemon");
+                tracing::info!(?pid, ?monitor, "attached to running qemu-storage-daemon");
                 return Ok((
                     Daemon {
                         runtime,
                         pid,
                         origin: Origin::Attached,
+                        monitor: *monitor,
                     },
                     qmp,
                 ));
             }
-            Err(e) if pid.is_some() => {
-                // Alive but not answering: starting a second daemon on the same
-                // images would corrupt them, so refuse instead.
-                return Err(DaemonError::StartFailed(format!(
-                    "daemon pid {pid:?} is alive but its QMP socket does not answer: {e}"
-                )));
+            // Accepted but never greeted: another session holds it. No other
+            // monitor is tried then: the admin monitor being held means
+            // another admin command runs, and the main one is the node
+            // plugin's.
+            Err(QmpError::Timeout(..)) => {
+                busy = Some(sock.clone());
+                break;
             }
+            // Refused: a stale socket file; try the next one.
             Err(_) => {}
         }
-    } else if let Some(p) = pid {
+    }
+    if let Some(sock) = busy {
+        return Err(DaemonError::MonitorBusy(
+            sock,
+            if want == Monitor::Admin {
+                "retry when the other admin command has finished, or stop the node plugin \
+                 if this daemon has no admin monitor"
+            } else {
+                "another engine process is attached; stop it first"
+            },
+        ));
+    }
+    if let Some(p) = pid {
+        // Alive but no monitor answers: starting a second daemon on the same
+        // images would corrupt them, so refuse instead.
+        if !candidates.is_empty() {
+            return Err(DaemonError::StartFailed(format!(
+                "daemon pid {p} is alive but its QMP socket does not answer"
+            )));
+        }
         return Err(DaemonError::StartFailed(format!(
             "daemon pid {p} is alive but its QMP socket is gone; stop it first"
         )));
@@ -219,14 +285,19 @@ pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), Daemo
         let msg = fs::read_to_string(runtime.log_file()).unwrap_or_default();
         return Err(DaemonError::StartFailed(format!("{out}: {}", msg.trim())));
     }
-    let qmp = Qmp::connect(&runtime.qmp_socket()).await?;
+    let sock = match want {
+        Monitor::Main => runtime.qmp_socket(),
+        Monitor::Admin => runtime.admin_socket(),
+    };
+    let qmp = Qmp::connect(&sock).await?;
     let pid = read_pid(&runtime.pid_file());
-    tracing::info!(?pid, "started qemu-storage-daemon");
+    tracing::info!(?pid, monitor = ?want, "started qemu-storage-daemon");
     Ok((
         Daemon {
             runtime,
             pid,
             origin: Origin::Started,
+            monitor: want,
         },
         qmp,
     ))

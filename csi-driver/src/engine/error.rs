@@ -38,6 +38,8 @@ pub enum EngineError {
     QemuImg(#[from] QemuImgError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Nbd(#[from] super::nbd_client::NbdError),
     #[error("pool I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -78,9 +80,12 @@ impl EngineError {
             E::Qmp(QmpError::Disconnected | QmpError::Connect(_)) | E::Daemon(_) => {
                 Code::Unavailable
             }
-            E::JobFailed { .. } | E::Qmp(_) | E::Record(_) | E::QemuImg(_) | E::Io(_) => {
-                Code::Internal
-            }
+            E::JobFailed { .. }
+            | E::Qmp(_)
+            | E::Record(_)
+            | E::QemuImg(_)
+            | E::Io(_)
+            | E::Nbd(_) => Code::Internal,
         }
     }
 }

@@ -6,11 +6,28 @@ use super::*;
 impl Engine {
     // ----- exports ---------------------------------------------------------
 
+    /// Serves an export as its record describes. A snapshot export with a
+    /// base (`changed_since`) also publishes its changed-block bitmap (see
+    /// `engine/bitmap.rs`); building it needs the snapshot's export not to
+    /// be served yet, which holds when the record is new or the daemon
+    /// restarted.
     pub(super) async fn add_export(
         &self,
         rec: &VolumeRecord,
-        target: &ExportTarget,
+        export: &ExportRecord,
     ) -> Result<ExportInfo> {
+        self.add_export_with(rec, export, None).await
+    }
+
+    /// `add_export` with the changed-block list already at hand (a new
+    /// export computed and froze it); `None`: read it back (recovery).
+    async fn add_export_with(
+        &self,
+        rec: &VolumeRecord,
+        export: &ExportRecord,
+        list: Option<&[Extent]>,
+    ) -> Result<ExportInfo> {
+        let target = &export.target;
         let (name, eid) = rec.export_names(target);
         let (node, writable) = match target {
             ExportTarget::Volume => {
@@ -26,29 +43,82 @@ impl Engine {
                 (rec.node_name(rec.layers[li].seq), false)
             }
         };
-        let r = self
-            .qmp
-            .execute(
-                "block-export-add",
-                json!({
-                    "type": "nbd", "id": eid, "node-name": node, "name": name,
-                    "writable": writable,
-                    // Publishes qemu:allocation-depth so readers can tell this
-                    // layer's own clusters from its backing's.
-                    "allocation-depth": true,
-                }),
-            )
-            .await;
+        let mut args = json!({
+            "type": "nbd", "id": eid, "node-name": node, "name": name,
+            "writable": writable,
+            // Publishes qemu:allocation-depth so readers can tell this
+            // layer's own clusters from its backing's.
+            "allocation-depth": true,
+        });
+        let mut dirty_bitmap = None;
+        if let (ExportTarget::Snapshot { id }, Some(base)) = (target, &export.changed_since) {
+            dirty_bitmap = Some(bitmap::context_name(base));
+            if self.export_ids().await?.contains(&eid) {
+                // Served already (re-attached to a live daemon): it may only
+                // be left alone if it publishes this very bitmap.
+                if self.serves_bitmap(id, base).await? {
+                    return Ok(self.export_info(name, writable, dirty_bitmap));
+                }
+                return Err(EngineError::AlreadyExists(format!(
+                    "export of snapshot {id} (served without the bitmap changed since {base}; \
+                     stop the export first)"
+                )));
+            }
+            let owned;
+            let list = match list {
+                Some(l) => l,
+                None => {
+                    owned = self.export_changed_extents(rec, id, base)?;
+                    &owned
+                }
+            };
+            let b = self
+                .build_changed_bitmap(rec, id, base, &node, list)
+                .await?;
+            tracing::info!(snapshot = %id, %base, build = ?b, "changed-block bitmap built");
+            args["bitmaps"] =
+                json!([{ "node": bitmap::helper_node(id), "name": bitmap::bitmap_name(base) }]);
+        }
+        let r = self.qmp.execute("block-export-add", args).await;
         match r {
             Ok(_) => {}
             Err(e) if e.desc_contains("already") => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                if let (ExportTarget::Snapshot { id }, Some(_)) = (target, &export.changed_since)
+                    && let Err(e2) = self.drop_changed_bitmap(rec, id).await
+                {
+                    tracing::warn!(snapshot = %id, error = %e2, "could not remove bitmap helper");
+                }
+                return Err(e.into());
+            }
         }
-        Ok(ExportInfo {
+        Ok(self.export_info(name, writable, dirty_bitmap))
+    }
+
+    fn export_info(
+        &self,
+        name: String,
+        writable: bool,
+        dirty_bitmap: Option<String>,
+    ) -> ExportInfo {
+        ExportInfo {
             name,
             socket: self.daemon.runtime.nbd_socket(),
             writable,
-        })
+            dirty_bitmap,
+        }
+    }
+
+    /// True when the helper node of `snap` carries the bitmap changed since
+    /// `base` (the export then publishes it: only exports add helpers).
+    async fn serves_bitmap(&self, snap: &SnapshotId, base: &SnapshotId) -> Result<bool> {
+        let want = bitmap::bitmap_name(base);
+        Ok(self.helper_bitmap(snap).await?.is_some_and(|b| {
+            b.as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["name"].as_str() == Some(want.as_str()))
+        }))
     }
 
     pub(super) async fn remove_export(
@@ -85,8 +155,10 @@ impl Engine {
         &self,
         volume: &VolumeId,
         target: ExportTarget,
+        changed_since: Option<SnapshotId>,
     ) -> Result<ExportInfo> {
         let _g = self.locks.try_lock(volume)?;
+        self.settle_revert(volume).await?;
         let mut rec = self.load(volume)?;
         if let ExportTarget::Snapshot { id } = &target {
             match rec.snapshot(id) {
@@ -99,11 +171,47 @@ impl Engine {
         } else if rec.deleted {
             return Err(EngineError::NotFound(format!("volume {volume}")));
         }
-        let info = self.add_export(&rec, &target).await?;
-        if !rec.exports.iter().any(|e| e.target == target) {
-            rec.exports.push(ExportRecord { target });
-            self.store.save(&rec)?;
+        let want = ExportRecord {
+            target: target.clone(),
+            changed_since,
+        };
+        match rec.exports.iter().find(|e| e.target == target) {
+            // Idempotent: the same export again.
+            Some(e) if *e == want => return self.add_export(&rec, &want).await,
+            Some(e) => {
+                return Err(EngineError::AlreadyExists(format!(
+                    "export of {} ({}; stop the export first)",
+                    rec.export_names(&target).0,
+                    match &e.changed_since {
+                        Some(b) => format!("served changed since {b}"),
+                        None => "served without a changed-block bitmap".into(),
+                    }
+                )));
+            }
+            None => {}
         }
+        let mut frozen = None;
+        if let (ExportTarget::Snapshot { id }, Some(base)) = (&target, &want.changed_since) {
+            // Same checks and errors as `delta`; the list is frozen before
+            // the daemon changes, so a crash leaves at worst a file that
+            // recovery sweeps.
+            let list = self.changed_since_list(&rec, base, id)?;
+            self.save_changed_file(volume, id, base, &list)?;
+            frozen = Some(list);
+        }
+        let info = match self.add_export_with(&rec, &want, frozen.as_deref()).await {
+            Ok(i) => i,
+            Err(e) => {
+                if let ExportTarget::Snapshot { id } = &target
+                    && want.changed_since.is_some()
+                {
+                    let _ = self.remove_changed_file(volume, id);
+                }
+                return Err(e);
+            }
+        };
+        rec.exports.push(want);
+        self.store.save(&rec)?;
         Ok(info)
     }
 
@@ -111,18 +219,50 @@ impl Engine {
         let _g = self.locks.try_lock(volume)?;
         let mut rec = self.load(volume)?;
         self.remove_export(&rec, &target).await?;
+        if let ExportTarget::Snapshot { id } = &target {
+            // After the export is gone, never before (see bitmap.rs). Done
+            // whether or not the record names a base: an interrupted build
+            // may have left a helper.
+            self.drop_changed_bitmap(&rec, id).await?;
+        }
         rec.exports.retain(|e| e.target != target);
         self.store.save(&rec)?;
+        if let ExportTarget::Snapshot { id } = &target {
+            self.remove_changed_file(volume, id)?;
+        }
         Ok(())
     }
 
     /// Read-only NBD export of a snapshot's point-in-time view.
     pub async fn export_snapshot(&self, snap: &SnapshotId) -> Result<ExportInfo> {
         let rec = self.locate(snap)?;
-        self.export(&rec.id, ExportTarget::Snapshot { id: snap.clone() })
+        self.export(&rec.id, ExportTarget::Snapshot { id: snap.clone() }, None)
             .await
     }
 
+    /// Read-only NBD export of a snapshot's point-in-time view that also
+    /// publishes the clusters changed since the older snapshot `base` (same
+    /// volume) as the NBD metadata context
+    /// `qemu:dirty-bitmap:changed-since-<base>` (`ExportInfo::dirty_bitmap`):
+    /// exactly [`Engine::delta`]`(base, snap)`, built from the extent
+    /// records without reading volume data. The list is frozen when the
+    /// export starts, so the bitmap stays the same after `base` is merged
+    /// away and after a daemon restart. Errors as `delta`'s.
+    pub async fn export_snapshot_changed_since(
+        &self,
+        snap: &SnapshotId,
+        base: &SnapshotId,
+    ) -> Result<ExportInfo> {
+        let rec = self.locate(snap)?;
+        self.export(
+            &rec.id,
+            ExportTarget::Snapshot { id: snap.clone() },
+            Some(base.clone()),
+        )
+        .await
+    }
+
+    /// Stops a snapshot's export and removes what its bitmap needed.
     pub async fn unexport_snapshot(&self, snap: &SnapshotId) -> Result<()> {
         let rec = self.locate(snap)?;
         self.unexport(&rec.id, ExportTarget::Snapshot { id: snap.clone() })
@@ -133,7 +273,7 @@ impl Engine {
     /// active layer across snapshots and merges (QEMU moves the export's
     /// node), and is re-created from the record after a daemon restart.
     pub async fn attach_volume(&self, volume: &VolumeId) -> Result<ExportInfo> {
-        self.export(volume, ExportTarget::Volume).await
+        self.export(volume, ExportTarget::Volume, None).await
     }
 
     pub async fn detach_volume(&self, volume: &VolumeId) -> Result<()> {

@@ -7,7 +7,11 @@
 //! Points: `snapshot-before-transaction`, `snapshot-after-transaction`,
 //! `merge-before-seal`, `merge-after-seal` (around the internal seal's
 //! transaction when deleting the latest snapshot), `merge-before-complete`
-//! (active commits: deleted volumes only), `merge-after-complete`.
+//! (active commits: deleted volumes only), `merge-after-complete`;
+//! `revert-before-rebase` (the new layer's file exists, its difference not
+//! yet computed), `revert-before-built` (computed, not yet marked built),
+//! `revert-after-built` (marked built, no switch yet), `revert-after-switch`
+//! (the record names the new layer, the old ones not yet dropped).
 
 /// Dies here if the environment asks for it; otherwise does nothing.
 pub fn hit(name: &str, daemon_pid: Option<i32>) {

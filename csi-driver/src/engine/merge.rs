@@ -49,6 +49,7 @@ impl Engine {
     ) -> Result<(VolumeRecord, VolumeGuard)> {
         let rec = self.locate(snap)?;
         let g = self.locks.try_lock(&rec.id)?;
+        self.settle_revert(&rec.id).await?;
         // Reload under the lock: the first read only found the volume.
         let rec = self.load(&rec.id)?;
         if rec
@@ -252,7 +253,8 @@ impl Engine {
         for l in rec.layers.iter().rev() {
             if !after.layers.iter().any(|a| a.seq == l.seq) {
                 self.blockdev_del(&rec.node_name(l.seq)).await?;
-                remove_file_if_exists(&dir.join(VolumeRecord::layer_file(l.seq)))?;
+                self.reclaim
+                    .file(&dir.join(VolumeRecord::layer_file(l.seq)))?;
             }
         }
         Ok(())
@@ -410,6 +412,12 @@ impl Engine {
                 });
                 if !active {
                     args["top-node"] = json!(rec.node_name(*top));
+                    // The name QEMU writes into the header of the layer
+                    // above `top`: by default the base node's filename,
+                    // which for nodes added with explicit backing is a
+                    // `json:` spec of the whole chain below, stale (and
+                    // unopenable by offline tools) after the next merge.
+                    args["backing-file"] = json!(VolumeRecord::layer_file(*base));
                 }
                 Ok(("block-commit", args))
             }

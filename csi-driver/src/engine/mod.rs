@@ -7,6 +7,7 @@
 //! work that recovery must be able to finish (in-flight merges) and *after*
 //! work that is harmless to lose (a layer file nobody references yet).
 
+pub mod bitmap;
 pub mod clone;
 pub mod daemon;
 pub mod error;
@@ -16,12 +17,15 @@ pub mod failpoint;
 pub mod ids;
 pub mod lock;
 mod merge;
+pub mod nbd_client;
 pub mod plan;
 pub mod qemu_img;
 pub mod qmp;
+mod reclaim;
 mod reconcile;
 pub mod record;
 pub mod recover;
+mod revert;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -34,7 +38,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use clone::flatten_job_id;
-pub use daemon::{Daemon, Origin, RuntimeDir};
+pub use daemon::{Daemon, Monitor, Origin, RuntimeDir};
 pub use error::{Code, EngineError};
 pub use extents::Extent;
 pub use ids::{SnapshotId, VolumeId};
@@ -104,6 +108,11 @@ pub struct ExportInfo {
     pub name: String,
     pub socket: PathBuf,
     pub writable: bool,
+    /// The NBD metadata context with the changed blocks
+    /// (`qemu:dirty-bitmap:changed-since-<base>`), for a snapshot exported
+    /// changed since a base.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_bitmap: Option<String>,
 }
 
 impl ExportInfo {
@@ -142,14 +151,36 @@ pub struct Engine {
     daemon: Daemon,
     qmp: Qmp,
     locks: Arc<Locks>,
-    flatten_watcher: tokio::task::JoinHandle<()>,
+    reclaim: reclaim::Reclaimer,
+    /// Background tasks (the flatten watcher; the adopter of the node
+    /// plugin's engine), ended with the engine.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     recovery_errors: Mutex<Vec<(VolumeId, String)>>,
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.flatten_watcher.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
+}
+
+/// How much recovery an engine does when it opens (see `reconcile.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Every volume, waiting (bounded) for one another process holds, and
+    /// every interrupted merge finished: restarted if its job is gone, and
+    /// waited for. The node plugin's open, `admin start`, and any open that
+    /// started the daemon (which then holds no volume at all).
+    Full,
+    /// Only volumes that show unfinished work and that no one holds: held
+    /// ones are being worked on by a live process. Merges whose job ended
+    /// are finished; a running merge is left to its job, and one whose job
+    /// is gone (cancelled, or its starter died before starting it) waits
+    /// for its snapshot to be deleted again. What the admin CLI does beside
+    /// a running node plugin, and what the node plugin's adopter does.
+    Light,
 }
 
 fn node_add_args(pool_dir: &Path, rec: &VolumeRecord, seq: u64, backing: Value) -> Value {
@@ -167,48 +198,123 @@ fn node_add_args(pool_dir: &Path, rec: &VolumeRecord, seq: u64, backing: Value) 
 impl Engine {
     /// Starts or re-attaches to the host's daemon and brings it in line with
     /// the pool's records: after a daemon restart every volume's chain and
-    /// every export is added again, and interrupted work is finished.
+    /// every export is added again, and interrupted work is finished. The
+    /// node plugin's engine: it holds the daemon's main monitor and, while
+    /// it lives, adopts work other processes (the admin CLI) left behind.
     pub async fn open(cfg: EngineConfig) -> Result<Self> {
+        let mut engine = Self::open_on(&cfg, daemon::Monitor::Main, Recovery::Full).await?;
+        let adopter = reconcile::spawn_adopter(engine.background_handle());
+        engine.tasks.push(adopter);
+        Ok(engine)
+    }
+
+    /// An engine for the admin CLI, on the daemon's admin monitor, so that it
+    /// works beside a running node plugin. It never starts a daemon while one
+    /// runs (it starts one only when none does, as `open` would). Per-volume
+    /// locks keep it and the node plugin off each other's volumes;
+    /// `recovery` says how much it recovers (always `Full` when it started
+    /// the daemon). It adopts nothing once open: it is short-lived.
+    pub async fn open_admin(cfg: EngineConfig, recovery: Recovery) -> Result<Self> {
+        Self::open_on(&cfg, daemon::Monitor::Admin, recovery).await
+    }
+
+    async fn open_on(
+        cfg: &EngineConfig,
+        monitor: daemon::Monitor,
+        recovery: Recovery,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&cfg.pool)?;
-        let (daemon, qmp) = daemon::start_or_attach(RuntimeDir::new(&cfg.runtime_dir)).await?;
+        let (daemon, qmp) =
+            daemon::start_or_attach_on(RuntimeDir::new(&cfg.runtime_dir), monitor).await?;
+        // A daemon started just now holds no volume: rebuild it all.
+        let recovery = if daemon.origin == Origin::Started {
+            Recovery::Full
+        } else {
+            recovery
+        };
         let store = RecordStore::new(&cfg.pool);
         let locks = Arc::new(Locks::new(cfg.runtime_dir.join("locks")));
         let flatten_watcher =
             clone::spawn_flatten_watcher(store.clone(), qmp.clone(), locks.clone());
+        let reclaim = reclaim::Reclaimer::new(&cfg.pool);
+        reclaim.sweep_leftovers();
         let engine = Engine {
             store,
             daemon,
             qmp,
             locks,
-            flatten_watcher,
+            reclaim,
+            tasks: vec![flatten_watcher],
             recovery_errors: Mutex::default(),
         };
         engine.ensure_nbd_server().await?;
-        // Sources before clones: a clone's bottom layer backs onto a node
-        // of its source volume, which must exist first.
+        match recovery {
+            Recovery::Full => engine.recover_all().await?,
+            Recovery::Light => {
+                for (id, e) in engine.recover_idle().await? {
+                    engine.note_recovery_error(&id, &e);
+                }
+            }
+        }
+        engine.dismiss_stale_jobs().await?;
+        Ok(engine)
+    }
+
+    /// Another handle on the same daemon session, pool and locks, for a
+    /// background task that outlives no engine (the caller aborts it).
+    fn background_handle(&self) -> Engine {
+        Engine {
+            store: self.store.clone(),
+            daemon: self.daemon.clone(),
+            qmp: self.qmp.clone(),
+            locks: self.locks.clone(),
+            reclaim: self.reclaim.clone(),
+            tasks: vec![],
+            recovery_errors: Mutex::default(),
+        }
+    }
+
+    fn note_recovery_error(&self, id: &VolumeId, e: &EngineError) {
+        tracing::error!(volume = %id, error = %e, "recovery failed");
+        if let Ok(mut errs) = self.recovery_errors.lock() {
+            errs.push((id.clone(), e.to_string()));
+        }
+    }
+
+    /// Volume ids, sources before clones: a clone's bottom layer backs onto
+    /// a node of its source volume, which must exist first.
+    fn ids_sources_first(&self) -> Result<Vec<VolumeId>> {
         let mut ids = vec![];
         let mut clones = vec![];
-        for id in engine.store.list()? {
-            match engine.store.load(&id)? {
+        for id in self.store.list()? {
+            match self.store.load(&id)? {
                 Some(r) if r.clone_of.is_some() => clones.push(id),
                 _ => ids.push(id),
             }
         }
         ids.extend(clones);
+        Ok(ids)
+    }
+
+    /// `Recovery::Full` of every volume.
+    async fn recover_all(&self) -> Result<()> {
         // Every wait below is bounded: the lock by RECOVERY_LOCK_WAIT, the
         // recovery itself by the per-volume timeout.
         let limit = recovery_volume_timeout();
-        for id in &ids {
-            let r = match engine.locks.lock_waiting(id, RECOVERY_LOCK_WAIT).await {
-                Ok(_guard) => match tokio::time::timeout(limit, engine.reconcile(id)).await {
-                    Ok(r) => r,
-                    // Reported as busy: what outlasts the bound is a merge
-                    // job still running in the daemon.
-                    Err(_) => Err(EngineError::Busy(format!(
-                        "volume {id} (recovery did not finish within {limit:?}; a merge may \
+        for id in &self.ids_sources_first()? {
+            let r = match self.locks.lock_waiting(id, RECOVERY_LOCK_WAIT).await {
+                Ok(_guard) => {
+                    match tokio::time::timeout(limit, self.reconcile_with(id, Recovery::Full)).await
+                    {
+                        Ok(r) => r,
+                        // Reported as busy: what outlasts the bound is a merge
+                        // job still running in the daemon.
+                        Err(_) => Err(EngineError::Busy(format!(
+                            "volume {id} (recovery did not finish within {limit:?}; a merge may \
                          still be running: deleting its snapshot again or reopening finishes it)"
-                    ))),
-                },
+                        ))),
+                    }
+                }
                 Err(e) => Err(e),
             };
             match r {
@@ -217,21 +323,20 @@ impl Engine {
                 Err(e) if e.code() == Code::Unavailable => return Err(e),
                 // One volume that cannot be recovered must not keep every
                 // other volume of the host offline; it is reported instead.
-                Err(e) => {
-                    tracing::error!(volume = %id, error = %e, "recovery failed");
-                    if let Ok(mut errs) = engine.recovery_errors.lock() {
-                        errs.push((id.clone(), e.to_string()));
-                    }
-                }
+                Err(e) => self.note_recovery_error(id, &e),
             }
         }
-        engine.dismiss_stale_jobs().await?;
-        Ok(engine)
+        Ok(())
     }
 
     /// Dismisses finished jobs of ours that no record waits for any more
     /// (the record was saved, then the process died before dismissing).
     async fn dismiss_stale_jobs(&self) -> Result<()> {
+        // Jobs first, records after: every job's record names it before the
+        // job starts, and stops naming it only when its finisher is about to
+        // dismiss it. Read the other way round, a job another process
+        // started after the records were read would look stale.
+        let jobs = qmp::query_jobs(&self.qmp).await?;
         let mut wanted = HashSet::new();
         for id in self.store.list()? {
             if let Some(r) = self.store.load(&id)? {
@@ -243,7 +348,7 @@ impl Engine {
                 }
             }
         }
-        for j in qmp::query_jobs(&self.qmp).await? {
+        for j in jobs {
             if j.status == "concluded" && !wanted.contains(&j.id) {
                 let _ = self.qmp.execute("job-dismiss", json!({ "id": j.id })).await;
             }
@@ -253,6 +358,13 @@ impl Engine {
 
     /// Volumes whose recovery failed during `open`, with the reason. Each
     /// stays as its record says; reopening retries it.
+    /// Waits until the layer files of finished deletions are unlinked (they
+    /// leave their volume's directory at once; see `reclaim.rs`). A process
+    /// about to exit calls this so that it leaves no garbage behind.
+    pub async fn reclaimed(&self) {
+        self.reclaim.settled().await;
+    }
+
     pub fn recovery_errors(&self) -> Vec<(VolumeId, String)> {
         self.recovery_errors
             .lock()
@@ -387,6 +499,7 @@ impl Engine {
     /// only the active layer goes.
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let _g = self.locks.try_lock(id)?;
+        self.settle_revert(id).await?;
         let mut rec = self.load_live(id)?;
         if rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
             return Err(EngineError::FailedPrecondition(format!(
@@ -426,94 +539,16 @@ impl Engine {
         self.store.save(&rec)?;
         for seq in gone {
             self.blockdev_del(&rec.node_name(seq)).await?;
-            remove_file_if_exists(&self.vol_dir(id).join(VolumeRecord::layer_file(seq)))?;
+            self.reclaim
+                .file(&self.vol_dir(id).join(VolumeRecord::layer_file(seq)))?;
         }
         Ok(())
-    }
-
-    /// Reverts a volume to its latest snapshot: a fresh empty active layer
-    /// on the snapshot's layer replaces the current one, whose writes are
-    /// dropped. Refused while the volume is attached (the consumer would see
-    /// its disk change under it) and for older snapshots (their layers have
-    /// later snapshots on top; restore those to a new volume instead).
-    pub async fn revert_volume(&self, id: &VolumeId, snap: &SnapshotId) -> Result<VolumeInfo> {
-        let _g = self.locks.try_lock(id)?;
-        let mut rec = self.load_live(id)?;
-        if rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
-            return Err(EngineError::FailedPrecondition(format!(
-                "volume {id} is attached; detach it before reverting"
-            )));
-        }
-        if rec.in_flight.is_some() || rec.pending_snapshot.is_some() {
-            return Err(EngineError::Busy(format!(
-                "volume {id} (operation in flight)"
-            )));
-        }
-        let Some(s) = rec.snapshot(snap) else {
-            return Err(match self.locate(snap) {
-                Ok(other) => EngineError::InvalidArgument(format!(
-                    "snapshot {snap} belongs to volume {}, not to {id}",
-                    other.id
-                )),
-                Err(e) => e,
-            });
-        };
-        if s.state != SnapshotState::Ready {
-            return Err(plan::PlanError::SnapshotDeleting(snap.clone()).into());
-        }
-        let n = rec.layers.len();
-        let (Some(active), Some(sealed)) = (rec.active().cloned(), rec.layer_of(snap)) else {
-            return Err(EngineError::NotFound(format!("volume {id}")));
-        };
-        // Only internal layers (sealed by nobody) may lie between the
-        // snapshot's layer and the active one; they go with it.
-        if rec.layers[sealed + 1..n - 1]
-            .iter()
-            .any(|l| l.sealed_by.is_some())
-        {
-            return Err(EngineError::FailedPrecondition(format!(
-                "snapshot {snap} is not the latest snapshot of {id}; only the latest can be \
-                 reverted to in place (restore older ones to a new volume)"
-            )));
-        }
-        let under = rec.layers[sealed].seq;
-        let seq = rec.next_layer_seq;
-        let dir = self.vol_dir(id);
-        // New layer and node first (an orphan if we crash), then the record
-        // (the switch), then the old layer goes (an orphan if we crash).
-        qemu_img::create(
-            &dir.join(VolumeRecord::layer_file(seq)),
-            rec.size,
-            Some(&VolumeRecord::layer_file(under)),
-        )
-        .await?;
-        self.qmp
-            .execute(
-                "blockdev-add",
-                node_add_args(&dir, &rec, seq, Value::String(rec.node_name(under))),
-            )
-            .await?;
-        let gone: Vec<u64> = rec.layers[sealed + 1..].iter().map(|l| l.seq).collect();
-        rec.layers.truncate(sealed + 1);
-        rec.layers.push(record::Layer {
-            seq,
-            sealed_by: None,
-        });
-        rec.next_layer_seq = seq + 1;
-        // Writes since the snapshot are dropped, and with them their extents.
-        rec.inherited.clear();
-        self.store.save(&rec)?;
-        for old in gone.iter().rev() {
-            self.blockdev_del(&rec.node_name(*old)).await?;
-            remove_file_if_exists(&dir.join(VolumeRecord::layer_file(*old)))?;
-        }
-        debug_assert!(gone.contains(&active.seq));
-        Ok(info(&rec))
     }
 
     /// Grows a volume. Shrinking is refused: it would destroy data.
     pub async fn expand_volume(&self, id: &VolumeId, new_size: u64) -> Result<VolumeInfo> {
         let _g = self.locks.try_lock(id)?;
+        self.settle_revert(id).await?;
         let mut rec = self.load_live(id)?;
         let new_size = new_size.div_ceil(512) * 512;
         if new_size < rec.size {

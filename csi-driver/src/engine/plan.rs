@@ -5,7 +5,7 @@
 use super::extents::{self, Extent};
 use super::ids::SnapshotId;
 use super::record::{
-    Layer, MergeMode, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
+    Layer, MergeMode, PendingRevert, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,6 +224,89 @@ pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, Pla
     });
     out.pending_snapshot = None;
     Ok(out)
+}
+
+/// How reverting a live volume to a snapshot changes its chain.
+///
+/// The chain stays linear and every snapshot keeps its layer: a new active
+/// layer goes on the *latest* snapshot's layer (`onto`) and holds exactly
+/// the clusters where the target snapshot's view differs from the latest
+/// snapshot's view; the old active layer and any internal layers above the
+/// latest snapshot's layer go. When the target *is* the latest snapshot the
+/// new layer is simply empty (`diff == false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevertPlan {
+    /// The latest snapshot (topmost layer sealed by a snapshot).
+    pub onto: SnapshotId,
+    /// Index in `layers` of the target snapshot's layer.
+    pub snap_layer: usize,
+    /// Index in `layers` of the latest snapshot's layer.
+    pub onto_layer: usize,
+    /// Whether the new layer needs content (target older than `onto`).
+    pub diff: bool,
+}
+
+pub fn plan_revert(rec: &VolumeRecord, snap: &SnapshotId) -> Result<RevertPlan, PlanError> {
+    ready_index(rec, snap)?;
+    if rec.deleted || rec.active().is_none() {
+        return Err(PlanError::Inconsistent(format!(
+            "volume {} has no active layer",
+            rec.id
+        )));
+    }
+    let snap_layer = rec
+        .layer_of(snap)
+        .ok_or_else(|| PlanError::Inconsistent(format!("snapshot {snap} has no layer")))?;
+    let (onto_layer, onto) = rec
+        .layers
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, l)| l.sealed_by.clone().map(|s| (i, s)))
+        .ok_or_else(|| PlanError::Inconsistent("no sealed layer".into()))?;
+    // A merge into the latest snapshot's layer is in flight: its view is
+    // no longer a point in time to compute a difference against.
+    ready_index(rec, &onto)?;
+    Ok(RevertPlan {
+        diff: snap_layer != onto_layer,
+        onto,
+        snap_layer,
+        onto_layer,
+    })
+}
+
+/// The record once a built revert switches: the new layer `p.layer` is the
+/// active layer on the latest snapshot's layer, the layers above that one
+/// go (returned, top first, to be dropped after the record is saved), and
+/// the pending extents go with them: the new layer's own allocation map
+/// (the revert's difference plus later writes) is all the next snapshot's
+/// record needs against the latest snapshot.
+pub fn apply_revert(
+    rec: &VolumeRecord,
+    p: &PendingRevert,
+) -> Result<(VolumeRecord, Vec<u64>), PlanError> {
+    let plan = plan_revert(rec, &p.snapshot)?;
+    if plan.onto != p.onto {
+        return Err(PlanError::Inconsistent(format!(
+            "revert of {} was built against {} but the latest snapshot is {}",
+            rec.id, p.onto, plan.onto
+        )));
+    }
+    let mut out = rec.clone();
+    let gone: Vec<u64> = out.layers[plan.onto_layer + 1..]
+        .iter()
+        .rev()
+        .map(|l| l.seq)
+        .collect();
+    out.layers.truncate(plan.onto_layer + 1);
+    out.layers.push(Layer {
+        seq: p.layer,
+        sealed_by: None,
+    });
+    out.next_layer_seq = out.next_layer_seq.max(p.layer + 1);
+    out.inherited.clear();
+    out.pending_revert = None;
+    Ok((out, gone))
 }
 
 fn ready_index(rec: &VolumeRecord, id: &SnapshotId) -> Result<usize, PlanError> {
@@ -590,6 +673,98 @@ mod tests {
         let mut dead = r.clone();
         dead.layers.pop();
         assert!(seal(&dead, &p).is_err());
+    }
+
+    #[test]
+    fn revert_puts_a_new_layer_on_the_latest_snapshot_and_keeps_every_snapshot() {
+        let (mut r, ids) = chain();
+        r.inherited = vec![x(9 * 65536, 65536)];
+        r.next_layer_seq = 4;
+        // Oldest snapshot: a difference layer on S3's layer.
+        let p = plan_revert(&r, &ids[0]).unwrap();
+        assert_eq!(
+            p,
+            RevertPlan {
+                onto: ids[2].clone(),
+                snap_layer: 0,
+                onto_layer: 2,
+                diff: true
+            }
+        );
+        let pending = PendingRevert {
+            snapshot: ids[0].clone(),
+            onto: ids[2].clone(),
+            layer: 4,
+            built: true,
+        };
+        let mut with = r.clone();
+        with.pending_revert = Some(pending.clone());
+        with.next_layer_seq = 5;
+        let (after, gone) = apply_revert(&with, &pending).unwrap();
+        assert_eq!(gone, vec![3]);
+        assert_eq!(
+            after.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2, 4]
+        );
+        assert_eq!(after.active().map(|l| l.seq), Some(4));
+        assert_eq!(after.snapshots, r.snapshots, "every snapshot kept");
+        assert!(after.inherited.is_empty() && after.pending_revert.is_none());
+        assert_eq!(after.next_layer_seq, 5);
+        // Deltas between the kept snapshots are untouched.
+        assert_eq!(
+            delta(&after, &ids[0], &ids[2]).unwrap(),
+            delta(&r, &ids[0], &ids[2]).unwrap()
+        );
+        // The latest snapshot: an empty layer, no difference to build.
+        assert!(!plan_revert(&r, &ids[2]).unwrap().diff);
+        // Internal layers above the latest snapshot go with the active one.
+        let sealed = seal_internal(&r, 7, &[]).unwrap();
+        let p2 = PendingRevert {
+            snapshot: ids[1].clone(),
+            onto: ids[2].clone(),
+            layer: 8,
+            built: true,
+        };
+        let (after, gone) = apply_revert(&sealed, &p2).unwrap();
+        assert_eq!(gone, vec![7, 3]);
+        assert_eq!(
+            after.layers.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2, 8]
+        );
+    }
+
+    #[test]
+    fn revert_is_refused_for_unknown_deleting_and_stale_intents() {
+        let (mut r, ids) = chain();
+        assert!(matches!(
+            plan_revert(&r, &SnapshotId::generate()),
+            Err(PlanError::SnapshotNotFound(_))
+        ));
+        // Built against S3, but S3 is gone meanwhile: never switch.
+        let p = PendingRevert {
+            snapshot: ids[0].clone(),
+            onto: ids[1].clone(),
+            layer: 9,
+            built: true,
+        };
+        assert!(matches!(
+            apply_revert(&r, &p),
+            Err(PlanError::Inconsistent(_))
+        ));
+        r.snapshots[2].state = SnapshotState::Deleting;
+        assert!(matches!(
+            plan_revert(&r, &ids[0]),
+            Err(PlanError::SnapshotDeleting(_))
+        ));
+        r.snapshots[0].state = SnapshotState::Deleting;
+        assert!(matches!(
+            plan_revert(&r, &ids[0]),
+            Err(PlanError::SnapshotDeleting(_))
+        ));
+        let (mut dead, ids) = chain();
+        dead.deleted = true;
+        dead.layers.pop();
+        assert!(plan_revert(&dead, &ids[0]).is_err());
     }
 
     #[test]

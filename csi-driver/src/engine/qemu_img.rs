@@ -117,3 +117,97 @@ pub async fn chains_equal(a: &[&Path], b: &[&Path]) -> Result<bool, QemuImgError
         }),
     }
 }
+
+/// Fills a fresh layer `file` (no backing in its header yet) with exactly
+/// the clusters where the chain `view` (what the layer must show, base
+/// first) differs from the chain `onto` (what it will back onto), then
+/// names `onto_header` (relative to the layer's directory) as its backing
+/// file in the header, for offline tools.
+///
+/// `qemu-img rebase` in safe mode does the comparison: the image is opened
+/// with its backing given explicitly as `view`, the new backing is the
+/// explicit chain `onto`, and every 512-byte run where the two differ is
+/// written into the layer (allocating its cluster); clusters where they
+/// agree stay unallocated. Both chains are given as `json:` specs because a
+/// layer's header may name a stale backing file after merges (QEMU rewrites
+/// headers with absolute names, clones name another volume's directory):
+/// only the record knows the chain. Safe mode writes the `json:` spec into
+/// the header, so a second, metadata-only rebase (`-u`) sets the plain
+/// name. `-U` because the daemon holds the chains' files open; it only
+/// reads them, and they are sealed (flushed, nothing writes them). The
+/// file is synced before returning: the caller's "built" mark must not
+/// outrun the data.
+pub async fn build_difference(
+    file: &Path,
+    view: &[&Path],
+    onto: &[&Path],
+    onto_header: &str,
+) -> Result<(), QemuImgError> {
+    let image = {
+        // `-U` covers the image and the new backing, not the backing given
+        // inside the image's spec: each of those layers is opened read-only
+        // with force-share itself, or qemu-img would refuse to share the
+        // write permission that the daemon holds on every layer it re-added
+        // after a restart (seen on QEMU 7.2: "Failed to get shared write
+        // lock").
+        let mut spec = serde_json::Value::Null;
+        for f in view {
+            spec = serde_json::json!({
+                "driver": "qcow2",
+                "read-only": true,
+                "force-share": true,
+                "file": { "driver": "file", "filename": path_str(f)? },
+                "backing": spec,
+            });
+        }
+        serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": path_str(file)? },
+            "backing": spec,
+        })
+    };
+    let image = format!("json:{image}");
+    let onto_spec = chain_spec(onto)?;
+    run(&[
+        "rebase", "-q", "-U", "-F", "qcow2", "-b", &onto_spec, &image,
+    ])
+    .await?;
+    run(&[
+        "rebase",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        onto_header,
+        path_str(file)?,
+    ])
+    .await?;
+    sync_file(file).await
+}
+
+/// fsync of a file and of its directory (its entry must survive too).
+pub async fn sync_file(file: &Path) -> Result<(), QemuImgError> {
+    let file = file.to_owned();
+    let r = tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&file)?.sync_all()?;
+        if let Some(dir) = file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(QemuImgError::Failed {
+            args: "fsync".into(),
+            stderr: e.to_string(),
+        }),
+        Err(e) => Err(QemuImgError::Failed {
+            args: "fsync".into(),
+            stderr: e.to_string(),
+        }),
+    }
+}

@@ -5,7 +5,7 @@
 //! broadcast channel. Callers that need to see the events a command causes
 //! subscribe *before* sending it, so no event can slip past them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +63,10 @@ impl Event {
 }
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+type Claims = Arc<std::sync::Mutex<HashSet<String>>>;
+
+/// Commands that start a block job named by their `job-id` argument.
+const JOB_STARTERS: &[&str] = &["block-commit", "block-stream"];
 
 /// A connected QMP session. Cheap to clone; all clones share one socket.
 #[derive(Clone)]
@@ -72,6 +76,12 @@ pub struct Qmp {
     events: broadcast::Sender<Event>,
     next_id: Arc<AtomicU64>,
     timeout: Duration,
+    /// Jobs this session started (or claimed), until the daemon reports
+    /// them dismissed. Several processes drive one daemon (the node plugin,
+    /// the admin CLI): a job is driven to its end by whoever started it, and
+    /// the node plugin's adopter (`reconcile.rs`) takes over only jobs that
+    /// were started elsewhere.
+    claims: Claims,
 }
 
 impl Qmp {
@@ -92,13 +102,20 @@ impl Qmp {
         }
         let (events, _) = broadcast::channel(1024);
         let pending: Pending = Arc::default();
-        tokio::spawn(read_loop(rd, pending.clone(), events.clone()));
+        let claims: Claims = Arc::default();
+        tokio::spawn(read_loop(
+            rd,
+            pending.clone(),
+            events.clone(),
+            claims.clone(),
+        ));
         let qmp = Qmp {
             writer: Arc::new(Mutex::new(wr)),
             pending,
             events,
             next_id: Arc::new(AtomicU64::new(1)),
             timeout: Duration::from_secs(60),
+            claims,
         };
         qmp.execute("qmp_capabilities", json!({})).await?;
         Ok(qmp)
@@ -110,8 +127,27 @@ impl Qmp {
         self.events.subscribe()
     }
 
+    /// Marks a job as driven by this session (see `claims`): recovery that
+    /// picked up a job another session started claims it.
+    pub fn claim(&self, job: &str) {
+        if let Ok(mut c) = self.claims.lock() {
+            c.insert(job.to_owned());
+        }
+    }
+
+    /// Whether this session started or claimed `job` and the daemon has not
+    /// dismissed it since.
+    pub fn claimed(&self, job: &str) -> bool {
+        self.claims.lock().is_ok_and(|c| c.contains(job))
+    }
+
     /// Runs one command and returns its `return` value.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let started_job = JOB_STARTERS
+            .contains(&command)
+            .then(|| arguments.get("job-id").and_then(Value::as_str))
+            .flatten()
+            .map(str::to_owned);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -140,6 +176,11 @@ impl Qmp {
                 Err(QmpError::Timeout(self.timeout, command.to_owned()))
             }
         };
+        if reply.is_ok()
+            && let Some(job) = started_job
+        {
+            self.claim(&job);
+        }
         reply.map_err(|e| match e {
             QmpError::Command { class, desc, .. } => QmpError::Command {
                 command: command.to_owned(),
@@ -161,6 +202,7 @@ async fn read_loop(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     pending: Pending,
     events: broadcast::Sender<Event>,
+    claims: Claims,
 ) {
     let mut line = String::new();
     loop {
@@ -176,6 +218,15 @@ async fn read_loop(
         if v.get("event").is_some() {
             if let Ok(ev) = serde_json::from_value::<Event>(v) {
                 tracing::debug!(event = ev.event, data = %ev.data, "qmp event");
+                // Status "null": the job was dismissed (by any session); its
+                // id may be used again by a later job.
+                if ev.event == "JOB_STATUS_CHANGE"
+                    && ev.data.get("status").and_then(Value::as_str) == Some("null")
+                    && let Some(job) = ev.job_id()
+                    && let Ok(mut c) = claims.lock()
+                {
+                    c.remove(job);
+                }
                 // No receivers is fine: nobody is waiting for events right now.
                 let _ = events.send(ev);
             }
@@ -286,4 +337,30 @@ pub struct JobInfo {
 pub async fn query_jobs(qmp: &Qmp) -> Result<Vec<JobInfo>, QmpError> {
     let v = qmp.execute("query-jobs", json!({})).await?;
     serde_json::from_value(v).map_err(|e| QmpError::Protocol(format!("query-jobs: {e}")))
+}
+
+/// What a monitor socket does for a new client within `within`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// It greeted: nobody else holds the monitor (the probe let go again).
+    Free,
+    /// It accepted the connection but stayed silent: QEMU 7.2 serves one
+    /// client per monitor, so another process holds it.
+    Held,
+    /// Nothing listens (no socket, or a stale one).
+    Absent,
+}
+
+/// Probes a monitor socket without sending any command.
+pub async fn probe(path: &Path, within: Duration) -> Greeting {
+    let Ok(stream) = UnixStream::connect(path).await else {
+        return Greeting::Absent;
+    };
+    let mut rd = BufReader::new(stream);
+    let mut line = String::new();
+    match tokio::time::timeout(within, rd.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 && line.contains("\"QMP\"") => Greeting::Free,
+        Ok(_) => Greeting::Absent,
+        Err(_) => Greeting::Held,
+    }
 }

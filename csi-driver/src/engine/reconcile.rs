@@ -1,5 +1,15 @@
 //! Recovery: bringing the daemon in line with the records after any
 //! interruption (interrupted snapshots and merges, orphans, lost nodes).
+//!
+//! Several processes may drive the host's daemon at once: the node plugin's
+//! long-lived engine and short-lived admin CLI engines. Recovery only ever
+//! touches a volume whose lock it holds: a volume another process holds is
+//! that process's, in the middle of a step. A volume whose lock is free but
+//! whose record shows unfinished work was left by a process that is gone
+//! (or that returned before the end, like `admin delete-snapshot` without
+//! `--wait`): the node plugin's engine adopts it (`spawn_adopter`), woken
+//! by the daemon's job events (QMP events go to every monitor) and by a
+//! periodic look at the records.
 
 use super::*;
 
@@ -211,12 +221,24 @@ impl Engine {
     pub(super) async fn sweep_orphans(&self, rec: &VolumeRecord) -> Result<()> {
         let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
         let prefix = format!("n{}-", &rec.id.hex()[..16]);
-        for node in self.named_nodes().await? {
-            let orphan = node
-                .strip_prefix(prefix.as_str())
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|seq| !live.contains(&seq));
-            if orphan && let Err(e) = self.blockdev_del(&node).await {
+        // Newest first: a node's backing always has a lower layer number
+        // (it existed before the overlay was made), and QEMU refuses to
+        // delete a node another one still backs onto (e.g. the old active
+        // layer and the internal layers under it after a revert).
+        let mut orphans: Vec<(u64, String)> = self
+            .named_nodes()
+            .await?
+            .into_iter()
+            .filter_map(|node| {
+                let seq = node
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|n| n.parse::<u64>().ok())?;
+                (!live.contains(&seq)).then_some((seq, node))
+            })
+            .collect();
+        orphans.sort_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, node) in orphans {
+            if let Err(e) = self.blockdev_del(&node).await {
                 tracing::warn!(node, error = %e, "could not delete orphan node");
             }
         }
@@ -237,8 +259,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes the daemon hold what the record describes. Idempotent.
-    pub(super) async fn reconcile(&self, id: &VolumeId) -> Result<()> {
+    /// Makes the daemon hold what the record describes. Idempotent. The
+    /// caller holds the volume's lock.
+    pub(super) async fn reconcile_with(&self, id: &VolumeId, mode: Recovery) -> Result<()> {
+        self.resolve_pending_revert(id).await?;
         self.resolve_pending_snapshot(id).await?;
         self.resolve_merge_seal(id).await?;
         self.resolve_completing_merge(id).await?;
@@ -264,9 +288,10 @@ impl Engine {
         for e in rec.exports.clone() {
             let (_, eid) = rec.export_names(&e.target);
             if !exports.contains(&eid) {
-                self.add_export(&rec, &e.target).await?;
+                self.add_export(&rec, &e).await?;
             }
         }
+        self.sweep_export_helpers(&rec).await?;
         // Snapshots sealed but whose extents were not captured before a crash.
         for i in 0..rec.snapshots.len() {
             if rec.snapshots[i].changed.is_none()
@@ -282,11 +307,276 @@ impl Engine {
         if rec.clone_of.is_some() {
             self.ensure_flatten(&rec).await?;
         }
-        if let Some(InFlight::Merge { snapshot, mode, .. }) = rec.in_flight.clone() {
-            tracing::info!(volume = %id, %snapshot, "finishing interrupted merge");
-            self.merge_locked(rec, &snapshot, MergeOptions { mode, speed: None }, true)
-                .await?;
+        let Some(InFlight::Merge {
+            snapshot,
+            job,
+            mode: merge_mode,
+            ..
+        }) = rec.in_flight.clone()
+        else {
+            return Ok(());
+        };
+        let opts = MergeOptions {
+            mode: merge_mode,
+            speed: None,
+        };
+        match mode {
+            Recovery::Full => {
+                tracing::info!(volume = %id, %snapshot, "finishing interrupted merge");
+                // Whoever opens the engine finishes this merge (or deletes
+                // the snapshot again if the bound below runs out): it is
+                // this engine's, not the adopter's.
+                self.qmp.claim(&job);
+                self.merge_locked(rec, &snapshot, opts, true).await?;
+            }
+            Recovery::Light => {
+                let status = qmp::query_jobs(&self.qmp)
+                    .await?
+                    .into_iter()
+                    .find(|j| j.id == job)
+                    .map(|j| j.status);
+                // Only a job that ended (or waits for `job-complete`) is
+                // finished here; a running one goes on by itself, and a
+                // missing one is not restarted: it was cancelled (or never
+                // started) and stays so until the snapshot is deleted again.
+                if matches!(status.as_deref(), Some("concluded" | "ready"))
+                    && !self.qmp.claimed(&job)
+                {
+                    tracing::info!(volume = %id, %snapshot, "finishing a merge another process started");
+                    match self.merge_locked(rec, &snapshot, opts, true).await {
+                        // Dismissed; the snapshot stays `deleting`.
+                        Err(EngineError::Cancelled(job)) => {
+                            tracing::info!(volume = %id, %snapshot, job, "merge was cancelled");
+                        }
+                        r => r?,
+                    }
+                }
+            }
         }
         Ok(())
     }
+
+    /// What the daemon holds, read once for a look at many records; `None`
+    /// while a stream job settles (see `stream_settling`).
+    async fn daemon_view(&self) -> Result<Option<DaemonView>> {
+        let jobs = qmp::query_jobs(&self.qmp).await?;
+        if stream_settling(&jobs) {
+            return Ok(None);
+        }
+        Ok(Some(DaemonView {
+            nodes: self.named_nodes().await?,
+            exports: self.export_ids().await?,
+            jobs: jobs.into_iter().map(|j| (j.id.clone(), j)).collect(),
+        }))
+    }
+
+    /// Whether a record shows work left unfinished, or a daemon out of line
+    /// with it: decided without the lock, so only a hint (the recovery
+    /// itself re-reads everything under the lock). Jobs this engine's own
+    /// session started are its callers' to finish and do not count.
+    fn needs_recovery(&self, rec: &VolumeRecord, view: &DaemonView) -> bool {
+        if rec.pending_snapshot.is_some() || rec.pending_revert.is_some() {
+            return true;
+        }
+        if let Some(InFlight::Merge {
+            job, seal, phase, ..
+        }) = &rec.in_flight
+        {
+            let status = view.jobs.get(job).map(|j| j.status.as_str());
+            let ended = matches!(status, Some("concluded" | "ready")) && !self.qmp.claimed(job);
+            let lost_completion = status.is_none() && *phase == MergePhase::Completing;
+            if seal.is_some() || ended || lost_completion {
+                return true;
+            }
+        }
+        if rec.snapshots.iter().any(|s| s.changed.is_none()) {
+            return true;
+        }
+        let layers: HashSet<String> = rec.layers.iter().map(|l| rec.node_name(l.seq)).collect();
+        if !layers.is_subset(&view.nodes) {
+            return true;
+        }
+        let prefix = format!("n{}-", &rec.id.hex()[..16]);
+        if view
+            .nodes
+            .iter()
+            .any(|n| n.starts_with(&prefix) && !layers.contains(n))
+        {
+            return true;
+        }
+        if rec
+            .exports
+            .iter()
+            .any(|e| !view.exports.contains(&rec.export_names(&e.target).1))
+        {
+            return true;
+        }
+        if rec.clone_of.is_some() && !view.jobs.contains_key(&flatten_job_id(&rec.id)) {
+            return true;
+        }
+        // Layer files no record names (a step interrupted between creating
+        // a file and saving the record).
+        let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
+        std::fs::read_dir(self.vol_dir(&rec.id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("layer-"))
+                    .and_then(|n| n.strip_suffix(".qcow2"))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .any(|seq| !live.contains(&seq))
+    }
+
+    /// `Recovery::Light` of the pool: every volume that needs it and that no
+    /// one holds (never waits for a lock), each within the per-volume bound.
+    /// Returns the volumes that failed. The admin CLI runs it at open (and
+    /// after `cancel`); the node plugin's adopter runs it in the background.
+    pub async fn recover_idle(&self) -> Result<Vec<(VolumeId, EngineError)>> {
+        Ok(self.recover_idle_pass().await?.failed)
+    }
+
+    async fn recover_idle_pass(&self) -> Result<IdlePass> {
+        let mut pass = IdlePass::default();
+        let Some(view) = self.daemon_view().await? else {
+            pass.busy = true;
+            return Ok(pass);
+        };
+        let limit = recovery_volume_timeout();
+        for id in self.ids_sources_first()? {
+            let Some(rec) = self.store.load(&id)? else {
+                continue;
+            };
+            if !self.needs_recovery(&rec, &view) {
+                continue;
+            }
+            let _guard = match self.locks.try_lock(&id) {
+                Ok(g) => g,
+                // A live process is working on it; look again later.
+                Err(EngineError::Busy(_)) => {
+                    pass.busy = true;
+                    continue;
+                }
+                Err(e) => {
+                    pass.failed.push((id, e));
+                    continue;
+                }
+            };
+            // Checked again right before: a stream may have ended since.
+            if stream_settling(&qmp::query_jobs(&self.qmp).await?) {
+                pass.busy = true;
+                return Ok(pass);
+            }
+            let r = tokio::time::timeout(limit, self.reconcile_with(&id, Recovery::Light))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(EngineError::Busy(format!(
+                        "volume {id} (recovery did not finish within {limit:?})"
+                    )))
+                });
+            match r {
+                Ok(()) => {}
+                // Looked at again on the next pass.
+                Err(EngineError::Busy(_)) => pass.busy = true,
+                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                Err(e) => pass.failed.push((id, e)),
+            }
+        }
+        Ok(pass)
+    }
+}
+
+/// Whether a `block-stream` job has finished but is not dismissed yet.
+/// QEMU 7.2 then crashes on `query-named-block-nodes` (segfault in
+/// `bdrv_refresh_filename`, seen here: the job's copy-on-read filter node is
+/// half torn down until the job is dismissed), and every recovery step
+/// queries the nodes. Its owner dismisses it at once (a merge's finisher,
+/// the flatten watcher), so light recovery waits for that instead.
+fn stream_settling(jobs: &[JobInfo]) -> bool {
+    jobs.iter().any(|j| {
+        j.kind == "stream"
+            && matches!(
+                j.status.as_str(),
+                "waiting" | "pending" | "aborting" | "concluded"
+            )
+    })
+}
+
+/// Names of what the daemon holds.
+struct DaemonView {
+    nodes: HashSet<String>,
+    exports: HashSet<String>,
+    jobs: HashMap<String, JobInfo>,
+}
+
+#[derive(Default)]
+struct IdlePass {
+    /// Some volume needed recovery but was held.
+    busy: bool,
+    failed: Vec<(VolumeId, EngineError)>,
+}
+
+/// How often the adopter looks at the records when no job event wakes it
+/// (`LIVEDISK_ADOPT_INTERVAL_SECS`): the bound on how long a step another
+/// process left unfinished (the admin CLI killed mid-way) waits.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How soon the adopter looks again when a volume that needs it was held.
+const ADOPT_RETRY: Duration = Duration::from_millis(500);
+
+fn adopt_interval() -> Duration {
+    std::env::var("LIVEDISK_ADOPT_INTERVAL_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(ADOPT_INTERVAL, Duration::from_secs)
+}
+
+/// The node plugin's adopter: a `Recovery::Light` pass whenever a merge job
+/// ends or waits (`JOB_STATUS_CHANGE` to concluded/ready, seen on every
+/// monitor, so also for jobs the admin CLI started), and every
+/// `ADOPT_INTERVAL`. A merge the CLI started and left running is thus
+/// finished and recorded by the node plugin as soon as its job concludes,
+/// and a CLI killed mid-step is recovered without a restart of anything.
+/// Ends when the QMP session closes.
+pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
+    let mut rx = engine.qmp.subscribe();
+    tokio::spawn(async move {
+        let interval = adopt_interval();
+        let mut next = tokio::time::Instant::now() + interval;
+        loop {
+            match tokio::time::timeout_at(next, rx.recv()).await {
+                Ok(Ok(ev)) => {
+                    let wakes = ev.event == "JOB_STATUS_CHANGE"
+                        && ev.job_id().is_some_and(|j| j.starts_with('m'))
+                        && matches!(
+                            ev.data.get("status").and_then(Value::as_str),
+                            Some("concluded" | "ready")
+                        );
+                    if !wakes {
+                        continue;
+                    }
+                }
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+                Err(_) => {}
+            }
+            let busy = match engine.recover_idle_pass().await {
+                Ok(pass) => {
+                    for (id, e) in &pass.failed {
+                        tracing::warn!(volume = %id, error = %e, "adopting unfinished work failed");
+                    }
+                    pass.busy
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "adopter pass failed");
+                    false
+                }
+            };
+            next = tokio::time::Instant::now() + if busy { ADOPT_RETRY } else { interval };
+        }
+    })
 }

@@ -77,6 +77,12 @@ pub enum ExportTarget {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportRecord {
     pub target: ExportTarget,
+    /// For a snapshot export: the older snapshot whose changes up to the
+    /// target it publishes as `qemu:dirty-bitmap:changed-since-<base>`. The
+    /// list itself is frozen in `export-<snap>.changed.json` beside this
+    /// record (the base may be merged away while the export lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_since: Option<SnapshotId>,
 }
 
 /// How far a merge got, as far as the durable record knows.
@@ -140,6 +146,26 @@ pub struct PendingSnapshot {
     pub created: DateTime<Utc>,
 }
 
+/// A revert of the volume to an older snapshot, between its first durable
+/// step and the switch (see `engine/revert.rs`). Saved before the new
+/// layer's file exists. `built` is set (and saved) only once the new layer
+/// holds its complete content and is on disk: recovery rolls a built revert
+/// forward and anything earlier back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRevert {
+    /// The snapshot whose view the volume takes.
+    pub snapshot: SnapshotId,
+    /// The latest snapshot: the new layer backs onto its layer and holds
+    /// exactly the clusters where `snapshot`'s view differs from its view.
+    /// Named by snapshot, not by layer number, since its view (not the
+    /// layer holding it) is what the new layer was computed against.
+    pub onto: SnapshotId,
+    /// Layer number of the new active layer.
+    pub layer: u64,
+    #[serde(default)]
+    pub built: bool,
+}
+
 /// Where a clone's bottom layer gets its backing while it is not flattened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloneSource {
@@ -175,6 +201,10 @@ pub struct VolumeRecord {
     pub in_flight: Option<InFlight>,
     #[serde(default)]
     pub pending_snapshot: Option<PendingSnapshot>,
+    /// An interrupted revert (see [`PendingRevert`]); every other operation
+    /// on the volume waits until it is resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_revert: Option<PendingRevert>,
     /// Set while the volume is a clone still backed by another volume's
     /// layer; cleared once `block-stream` has flattened it.
     #[serde(default)]
@@ -206,6 +236,7 @@ impl VolumeRecord {
             next_layer_seq: 1,
             in_flight: None,
             pending_snapshot: None,
+            pending_revert: None,
             clone_of: None,
             inherited: vec![],
         }

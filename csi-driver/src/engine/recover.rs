@@ -76,9 +76,60 @@ pub fn resolve_completing(ev: CompletingEvidence) -> CompletingResolution {
     }
 }
 
+/// What is known about an interrupted revert (a `PendingRevert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevertEvidence {
+    /// The record says the new layer was complete and on disk.
+    pub built: bool,
+    /// The new layer's file opens as a qcow2 image.
+    pub layer_valid: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevertResolution {
+    /// Switch to the new layer: the volume shows the snapshot's view.
+    RollForward,
+    /// Drop the new layer: the volume keeps its content from before.
+    RollBack,
+}
+
+/// A revert never switches a write target before the record says `built`
+/// (the volume is detached, nobody writes, and the old active layer stays
+/// until the record stops naming it), so until then rolling back loses
+/// nothing and keeps the pre-revert content. Once built, the new layer is
+/// complete and synced: rolling forward finishes what the caller asked
+/// for. A built layer that no longer opens (a lost disk write, which the
+/// sync rules out) is rolled back: the old layers are all still there.
+pub fn resolve_revert(ev: RevertEvidence) -> RevertResolution {
+    match ev {
+        RevertEvidence {
+            built: true,
+            layer_valid: true,
+        } => RevertResolution::RollForward,
+        _ => RevertResolution::RollBack,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revert_rolls_forward_only_once_built() {
+        use RevertResolution::*;
+        for (built, layer_valid, want) in [
+            (true, true, RollForward),
+            (true, false, RollBack),
+            (false, true, RollBack),
+            (false, false, RollBack),
+        ] {
+            assert_eq!(
+                resolve_revert(RevertEvidence { built, layer_valid }),
+                want,
+                "built={built} valid={layer_valid}"
+            );
+        }
+    }
 
     #[test]
     fn snapshot_rolls_forward_only_when_writes_may_have_switched() {

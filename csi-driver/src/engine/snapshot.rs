@@ -55,6 +55,7 @@ impl Engine {
         let mut recs = vec![];
         let mut existing = 0;
         for (v, s) in pairs {
+            self.settle_revert(v).await?;
             let rec = self.load_live(v)?;
             if rec.snapshot(s).is_some() {
                 existing += 1;

@@ -241,6 +241,11 @@ pub fn pool_fingerprint(pool: &Path) -> Vec<(PathBuf, u64, String)> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).expect("read pool").flatten() {
             let p = e.path();
+            // Layer files of earlier, finished deletions being unlinked in
+            // the background (engine/reclaim.rs): not part of any volume.
+            if e.file_name() == ".reclaim" {
+                continue;
+            }
             if p.is_dir() {
                 stack.push(p);
             } else {

@@ -28,6 +28,25 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     }
 }
 
+/// `LIVEDISK_BENCH_ONLY=b,d` runs only those benchmarks (letters of the
+/// table rows); unset runs them all.
+fn only_scenarios() -> Result<Option<Vec<char>>> {
+    let Ok(v) = std::env::var("LIVEDISK_BENCH_ONLY") else {
+        return Ok(None);
+    };
+    let mut picked = vec![];
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "a" | "b" | "c" | "d" => picked.extend(part.chars()),
+            other => anyhow::bail!(
+                "LIVEDISK_BENCH_ONLY: unknown benchmark {other:?} (choose from a, b, c, d)"
+            ),
+        }
+    }
+    anyhow::ensure!(!picked.is_empty(), "LIVEDISK_BENCH_ONLY is empty");
+    Ok(Some(picked))
+}
+
 fn config() -> Result<Config> {
     let base: PathBuf = env_or("LIVEDISK_BENCH_DIR", PathBuf::from("/var/tmp"))?;
     // Short: NBD/QMP unix socket paths are limited to 107 bytes.
@@ -41,15 +60,27 @@ fn config() -> Result<Config> {
         runs: env_or("LIVEDISK_BENCH_RUNS", 5usize)?.max(1),
         heavy_runs: env_or("LIVEDISK_BENCH_HEAVY_RUNS", 3usize)?.max(1),
         extents: env_or("LIVEDISK_BENCH_EXTENTS", 100_000u64)?,
+        only: only_scenarios()?,
     })
 }
 
 async fn all(e: &Engine, c: &Config) -> Result<(Vec<report::Row>, bool)> {
-    let mut rows = scenarios::snapshot_latency(e, c).await?;
-    rows.extend(scenarios::merge_throughput(e, c).await?);
-    rows.extend(scenarios::changed_extents(e, c).await?);
-    let (io, dropped) = scenarios::attach_path(e, c).await?;
-    rows.extend(io);
+    let mut rows = vec![];
+    let mut dropped = tools::drop_caches();
+    if c.selected('a') {
+        rows.extend(scenarios::snapshot_latency(e, c).await?);
+    }
+    if c.selected('b') {
+        rows.extend(scenarios::merge_throughput(e, c).await?);
+    }
+    if c.selected('c') {
+        rows.extend(scenarios::changed_extents(e, c).await?);
+    }
+    if c.selected('d') {
+        let (io, d) = scenarios::attach_path(e, c).await?;
+        rows.extend(io);
+        dropped = d;
+    }
     Ok((rows, dropped))
 }
 

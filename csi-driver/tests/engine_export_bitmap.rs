@@ -1,0 +1,477 @@
+//! Snapshot exports "changed since" a base publish the changed blocks as an
+//! NBD `qemu:dirty-bitmap:` metadata context: against a real daemon, real
+//! qcow2 files, a live writer, merges and a daemon kill -9.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use livedisk_csi::engine::bitmap::context_name;
+use livedisk_csi::engine::nbd_client::NbdClient;
+use livedisk_csi::engine::record::ExportTarget;
+use livedisk_csi::engine::{Code, Engine, Extent, SnapshotId, VolumeId};
+use livedisk_verifier::{BackgroundWriter, Pattern, Writer};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+fn write_clusters(w: &mut Writer, clusters: &[u64]) -> Vec<u64> {
+    clusters
+        .iter()
+        .map(|c| {
+            let b = c * CLUSTER / BLOCK;
+            w.write_block(b).expect("foreground write");
+            b
+        })
+        .collect()
+}
+
+fn run_json(cmd: &str, args: &[&str]) -> Value {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+fn to_extents(v: &Value, keep: impl Fn(&Value) -> bool, off: &str) -> Vec<Extent> {
+    livedisk_csi::engine::extents::normalize(
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| keep(e))
+            .map(|e| Extent {
+                offset: e[off].as_u64().unwrap_or(0),
+                length: e["length"].as_u64().unwrap_or(0),
+            })
+            .collect(),
+    )
+}
+
+/// Dirty ranges of a `qemu:dirty-bitmap:` context, read by `nbdinfo`.
+fn nbdinfo_dirty(uri: &str, context: &str) -> Vec<Extent> {
+    let v = run_json("nbdinfo", &["--json", &format!("--map={context}"), uri]);
+    to_extents(&v, |e| e["type"].as_u64() == Some(1), "offset")
+}
+
+/// Dirty ranges read by QEMU's own NBD client: with `x-dirty-bitmap`,
+/// `qemu-img map` reports dirty ranges as `"data": false`.
+fn qemu_img_dirty(socket: &Path, export: &str, context: &str) -> Vec<Extent> {
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={export},x-dirty-bitmap={context}",
+        socket.display()
+    );
+    let v = run_json(
+        "qemu-img",
+        &["map", "--output=json", "--image-opts", opts.as_str()],
+    );
+    to_extents(&v, |e| e["data"].as_bool() == Some(false), "start")
+}
+
+/// `rd_bytes` of the volume's layer nodes only.
+async fn layer_reads(e: &Engine, vol: &VolumeId) -> BTreeMap<String, u64> {
+    let prefix = format!("n{}-", &vol.hex()[..16]);
+    node_read_bytes(e)
+        .await
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Named nodes and exports of the daemon that serve snapshot `s`'s bitmap.
+async fn helpers(e: &Engine, s: &SnapshotId) -> Vec<String> {
+    let hex = &s.hex()[..24];
+    let mut out = vec![];
+    let nodes = e
+        .qmp()
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .expect("nodes");
+    let exports = e
+        .qmp()
+        .execute("query-block-exports", json!({}))
+        .await
+        .expect("exports");
+    for (v, key) in [(nodes, "node-name"), (exports, "id")] {
+        for n in v.as_array().cloned().unwrap_or_default() {
+            if let Some(name) = n[key].as_str()
+                && name.ends_with(hex)
+                && !name.starts_with('s')
+            {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The helper's bitmap as the daemon reports it.
+async fn helper_bitmap(e: &Engine, s: &SnapshotId) -> Value {
+    let nodes = e
+        .qmp()
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .expect("nodes");
+    let name = format!("c{}", &s.hex()[..24]);
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node-name"].as_str() == Some(name.as_str()))
+        .map(|n| n["dirty-bitmaps"][0].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// The snapshot's view read offline from its layer file and the backing
+/// files its header names (no daemon involved).
+fn offline_view(e: &Engine, vol: &VolumeId, s: &SnapshotId, dst: &Path) -> Vec<u8> {
+    let rec = e.record(vol).expect("record");
+    let l = rec
+        .layers
+        .iter()
+        .find(|l| l.sealed_by.as_ref() == Some(s))
+        .expect("snapshot layer");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(e.layer_path(vol, l.seq))
+        .arg(dst)
+        .status()
+        .expect("qemu-img convert");
+    assert!(st.success());
+    std::fs::read(dst).expect("read offline view")
+}
+
+/// CPU time (user + system) the daemon has used so far.
+fn daemon_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name; utime and stime are the 12th and 13th.
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+fn export_view(uri: &str, dst: &Path) -> Vec<u8> {
+    export_to_raw(uri, dst);
+    std::fs::read(dst).expect("read export view")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
+    let env = TestEnv::new("xbm");
+    let socket = env.cfg.runtime_dir.join("nbd.sock");
+    let vol = VolumeId::generate();
+    let (b, m, s) = (
+        SnapshotId::generate(),
+        SnapshotId::generate(),
+        SnapshotId::generate(),
+    );
+    let expected;
+    let context = context_name(&b);
+    {
+        let e = env.engine().await;
+        e.create_volume(&vol, 64 * MIB).await.expect("create");
+        let attach = e.attach_volume(&vol).await.expect("attach");
+        let disk = NbdFile::mount(&env.root.join("consumer"), &attach.uri(), false);
+        // Background writer: cluster 0 the whole time, snapshots under it.
+        let bg = BackgroundWriter::start(
+            Writer::open(&disk.file, 1).expect("open bg"),
+            Pattern::Sequential {
+                first: 0,
+                count: 16,
+            },
+            Duration::from_millis(1),
+        );
+        let mut fg = Writer::open(&disk.file, 2).expect("open fg");
+        while bg.last_acked() < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        write_clusters(&mut fg, &[3, 7]);
+        e.create_snapshot(&vol, &b).await.expect("snapshot b");
+        let p2 = write_clusters(&mut fg, &[10, 11, 500, 501, 502]);
+        e.create_snapshot(&vol, &m).await.expect("snapshot m");
+        let p3 = write_clusters(&mut fg, &[20, 700, 1023]);
+        e.create_snapshot(&vol, &s).await.expect("snapshot s");
+        write_clusters(&mut fg, &[40, 41]);
+        bg.stop().expect("bg writer");
+        // The writer's log between b and s, at cluster granularity.
+        expected = clusters_of(p2.iter().chain(&p3).copied().chain([0]));
+        assert_eq!(e.delta(&b, &s, 0, 1000).expect("delta").extents, expected);
+
+        // Bad requests: the errors `delta` gives, and nothing left behind.
+        let other = VolumeId::generate();
+        e.create_volume(&other, 8 * MIB).await.expect("other");
+        let os = SnapshotId::generate();
+        e.create_snapshot(&other, &os).await.expect("other snap");
+        let code = |r: Result<livedisk_csi::engine::ExportInfo, _>| {
+            r.map(|_| ())
+                .map_err(|e: livedisk_csi::engine::EngineError| e.code())
+                .err()
+        };
+        assert_eq!(
+            code(e.export_snapshot_changed_since(&b, &s).await),
+            Some(Code::InvalidArgument),
+            "base not older"
+        );
+        assert_eq!(
+            code(e.export_snapshot_changed_since(&s, &s).await),
+            Some(Code::InvalidArgument),
+            "base = target"
+        );
+        assert_eq!(
+            code(e.export_snapshot_changed_since(&s, &os).await),
+            Some(Code::InvalidArgument),
+            "other volume"
+        );
+        assert_eq!(
+            code(
+                e.export_snapshot_changed_since(&s, &SnapshotId::generate())
+                    .await
+            ),
+            Some(Code::NotFound),
+            "unknown base"
+        );
+        assert_eq!(
+            code(
+                e.export_snapshot_changed_since(&SnapshotId::generate(), &b)
+                    .await
+            ),
+            Some(Code::NotFound),
+            "unknown snapshot"
+        );
+        assert_eq!(helpers(&e, &s).await, Vec::<String>::new());
+        assert!(e.record(&vol).expect("record").exports.len() == 1);
+
+        // The export: no volume data read to build it.
+        let reads_before = layer_reads(&e, &vol).await;
+        let t = Instant::now();
+        let x = e
+            .export_snapshot_changed_since(&s, &b)
+            .await
+            .expect("export changed since b");
+        eprintln!(
+            "export with a {}-extent bitmap: {:?}",
+            expected.len(),
+            t.elapsed()
+        );
+        assert_eq!(
+            layer_reads(&e, &vol).await,
+            reads_before,
+            "layers were read"
+        );
+        assert_eq!(x.dirty_bitmap.as_deref(), Some(context.as_str()));
+        assert!(!x.writable);
+        // Cluster granularity, frozen (not recording), on the helper node.
+        let bm = helper_bitmap(&e, &s).await;
+        assert_eq!(bm["granularity"], CLUSTER, "{bm}");
+        assert_eq!(bm["recording"], false, "{bm}");
+        assert_eq!(bm["name"], format!("changed-since-{b}"), "{bm}");
+
+        assert_eq!(nbdinfo_dirty(&x.uri(), &context), expected);
+        assert_eq!(qemu_img_dirty(&socket, &x.name, &context), expected);
+        // The data read through the export is the snapshot.
+        assert!(
+            export_view(&x.uri(), &env.root.join("x1.raw"))
+                == offline_view(&e, &vol, &s, &env.root.join("o1.raw")),
+            "export data differs from the snapshot"
+        );
+        // Idempotent with the same base; another base is another export.
+        let again = e
+            .export_snapshot_changed_since(&s, &b)
+            .await
+            .expect("again");
+        assert_eq!(again, x);
+        assert_eq!(
+            code(e.export_snapshot_changed_since(&s, &m).await),
+            Some(Code::AlreadyExists)
+        );
+        assert_eq!(code(e.export_snapshot(&s).await), Some(Code::AlreadyExists));
+
+        // The base is merged away (b's interval folds into m's record), then
+        // m too (s's layer is committed into m's: the export moves node).
+        e.delete_snapshot(&b, None).await.expect("delete b");
+        assert_eq!(nbdinfo_dirty(&x.uri(), &context), expected);
+        e.delete_snapshot(&m, None).await.expect("delete m");
+        assert_eq!(nbdinfo_dirty(&x.uri(), &context), expected);
+        assert_eq!(qemu_img_dirty(&socket, &x.name, &context), expected);
+        assert!(
+            export_view(&x.uri(), &env.root.join("x2.raw"))
+                == offline_view(&e, &vol, &s, &env.root.join("o2.raw")),
+            "export data differs from the snapshot after merges"
+        );
+
+        // kill -9 of the daemon.
+        e.daemon()
+            .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+            .await
+            .expect("kill daemon");
+        drop(fg);
+        drop(disk);
+    }
+    // Reopen: the export and its bitmap come back from the records although
+    // b no longer exists.
+    let e = env.engine().await;
+    let reads_before = layer_reads(&e, &vol).await;
+    let rec = e.record(&vol).expect("record");
+    assert!(rec.snapshot(&b).is_none());
+    let uri = format!("nbd+unix:///{s}?socket={}", socket.display());
+    assert_eq!(layer_reads(&e, &vol).await, reads_before);
+    assert_eq!(nbdinfo_dirty(&uri, &context), expected);
+    assert_eq!(helper_bitmap(&e, &s).await["granularity"], CLUSTER);
+    assert!(
+        export_view(&uri, &env.root.join("x3.raw"))
+            == offline_view(&e, &vol, &s, &env.root.join("o3.raw")),
+        "export data differs from the snapshot after restart"
+    );
+
+    // Stopping the export removes every helper node, export and file.
+    let frozen = env
+        .cfg
+        .pool
+        .join(vol.as_str())
+        .join(format!("export-{s}.changed.json"));
+    assert!(frozen.exists());
+    assert_eq!(helpers(&e, &s).await.len(), 1, "the helper node");
+    e.unexport_snapshot(&s).await.expect("unexport");
+    assert_eq!(helpers(&e, &s).await, Vec::<String>::new());
+    assert!(!frozen.exists());
+    assert!(
+        !e.record(&vol)
+            .expect("record")
+            .exports
+            .iter()
+            .any(|x| matches!(x.target, ExportTarget::Snapshot { .. })),
+        "snapshot export still recorded"
+    );
+    // The snapshot can now be merged like any other.
+    e.delete_snapshot(&s, None).await.expect("delete s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bitmap_of_100k_extents_is_built_without_reading_data() {
+    const N: u64 = 100_000;
+    // Shows the engine's own breakdown of the build (`changed-block bitmap
+    // built`: NBD part and total).
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let env = TestEnv::new("xbk");
+    let e = env.engine().await;
+    let vol = VolumeId::generate();
+    // Every other cluster of 2N clusters: N separate extents.
+    e.create_volume(&vol, 2 * N * CLUSTER)
+        .await
+        .expect("create");
+    let (b, s) = (SnapshotId::generate(), SnapshotId::generate());
+    e.create_snapshot(&vol, &b).await.expect("snapshot b");
+    let attach = e.attach_volume(&vol).await.expect("attach");
+    let list: Vec<Extent> = (0..N)
+        .map(|i| Extent {
+            offset: 2 * i * CLUSTER,
+            length: CLUSTER,
+        })
+        .collect();
+    // Real writes (zero clusters over the backing layer) through the
+    // consumer's export, by the engine's own NBD client.
+    let mut c = NbdClient::connect(&attach.socket, &attach.name)
+        .await
+        .expect("connect");
+    let t = Instant::now();
+    c.write_zeroes(&list, Duration::from_secs(300))
+        .await
+        .expect("write");
+    c.disconnect().await.expect("disconnect");
+    eprintln!("{N} writes to the volume: {:?}", t.elapsed());
+    e.create_snapshot(&vol, &s).await.expect("snapshot s");
+    let delta = e.delta(&b, &s, 0, usize::MAX).expect("delta").extents;
+    assert_eq!(delta, list);
+
+    let t = Instant::now();
+    e.delta(&b, &s, 0, usize::MAX).expect("delta");
+    eprintln!("delta query alone (record load + union): {:?}", t.elapsed());
+    let reads_before = layer_reads(&e, &vol).await;
+    let cpu = daemon_cpu(env.daemon_pid());
+    let t = Instant::now();
+    let x = e
+        .export_snapshot_changed_since(&s, &b)
+        .await
+        .expect("export");
+    let took = t.elapsed();
+    eprintln!(
+        "export changed since b with a {N}-extent bitmap: {took:?} (daemon CPU {:?})",
+        daemon_cpu(env.daemon_pid()) - cpu
+    );
+    assert_eq!(
+        layer_reads(&e, &vol).await,
+        reads_before,
+        "layers were read"
+    );
+    let context = context_name(&b);
+    let t = Instant::now();
+    let dirty = nbdinfo_dirty(&x.uri(), &context);
+    eprintln!("nbdinfo --map of it: {:?}", t.elapsed());
+    assert_eq!(dirty.len(), N as usize);
+    assert_eq!(dirty, list);
+    e.unexport_snapshot(&s).await.expect("unexport");
+    assert_eq!(helpers(&e, &s).await, Vec::<String>::new());
+
+    // The mechanism alone at the other extreme: one fully changed 1 TiB
+    // range (1 GiB requests) on a null-co node marks every granule.
+    const TIB: u64 = 1 << 40;
+    let q = e.qmp();
+    q.execute(
+        "blockdev-add",
+        json!({ "driver": "null-co", "node-name": "tbig", "size": TIB, "read-zeroes": true }),
+    )
+    .await
+    .expect("null-co");
+    q.execute(
+        "block-dirty-bitmap-add",
+        json!({ "node": "tbig", "name": "b", "granularity": CLUSTER }),
+    )
+    .await
+    .expect("bitmap");
+    q.execute(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "tbig", "node-name": "tbig", "name": "tbig", "writable": true }),
+    )
+    .await
+    .expect("export");
+    let mut c = NbdClient::connect(&attach.socket, "tbig")
+        .await
+        .expect("connect");
+    let t = Instant::now();
+    let n = c
+        .write_zeroes(
+            &[Extent {
+                offset: 0,
+                length: TIB,
+            }],
+            Duration::from_secs(300),
+        )
+        .await
+        .expect("write_zeroes");
+    eprintln!("1 TiB as {n} write-zeroes requests: {:?}", t.elapsed());
+    c.disconnect().await.expect("disconnect");
+    let nodes = q
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .expect("nodes");
+    let count = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node-name"] == "tbig")
+        .map(|n| n["dirty-bitmaps"][0]["count"].clone());
+    assert_eq!(count, Some(json!(TIB)));
+}
