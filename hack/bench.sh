@@ -15,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in qemu-storage-daemon qemu-img qemu-io; do
+for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   command -v "$tool" >/dev/null || {
-    echo "bench: $tool missing: apt-get install qemu-system-common qemu-utils libnbd-bin" >&2
+    echo "bench: $tool missing: apt-get install qemu-system-common qemu-utils libnbd-bin fuse3 util-linux" >&2
     exit 1
   }
 done

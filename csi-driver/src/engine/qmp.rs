@@ -141,6 +141,11 @@ impl Qmp {
         self.claims.lock().is_ok_and(|c| c.contains(job))
     }
 
+    /// The jobs [`Qmp::claimed`] holds right now.
+    pub fn claimed_jobs(&self) -> std::collections::HashSet<String> {
+        self.claims.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     /// Runs one command and returns its `return` value.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let started_job = JOB_STARTERS

@@ -272,13 +272,23 @@ impl Engine {
         let dir = self.vol_dir(id);
         let nodes = self.named_nodes().await?;
         let mut below: Option<String> = self.clone_backing(&rec)?;
+        let top = rec.layers.last().map(|l| l.seq);
         for l in &rec.layers {
             let name = rec.node_name(l.seq);
             if !nodes.contains(&name) {
                 let backing = below.clone().map_or(Value::Null, Value::String);
-                self.qmp
-                    .execute("blockdev-add", node_add_args(&dir, &rec, l.seq, backing))
-                    .await?;
+                let mut args = node_add_args(&dir, &rec, l.seq, backing);
+                // Layers under another one are read-only, as the snapshot
+                // transaction left them. Besides keeping offline readers'
+                // locks shareable, it makes every commit into such a layer
+                // end with QEMU's reopen to read-only, which flushes it: a
+                // commit into a read-write base concludes with the copied
+                // data (and qcow2 metadata) still unflushed, and the engine
+                // drops the merged-away layer right after.
+                if Some(l.seq) != top {
+                    args["read-only"] = json!(true);
+                }
+                self.qmp.execute("blockdev-add", args).await?;
                 tracing::info!(volume = %id, node = name, "re-added layer");
             }
             below = Some(name);
@@ -359,6 +369,11 @@ impl Engine {
     /// What the daemon holds, read once for a look at many records; `None`
     /// while a stream job settles (see `stream_settling`).
     async fn daemon_view(&self) -> Result<Option<DaemonView>> {
+        // Claims first, jobs after: a job its owner dismisses in between is
+        // then either still claimed here or already gone from the list. The
+        // other order could see it concluded and no longer claimed, and
+        // take the volume's lock from under its owner's next step.
+        let claimed = self.qmp.claimed_jobs();
         let jobs = qmp::query_jobs(&self.qmp).await?;
         if stream_settling(&jobs) {
             return Ok(None);
@@ -367,6 +382,7 @@ impl Engine {
             nodes: self.named_nodes().await?,
             exports: self.export_ids().await?,
             jobs: jobs.into_iter().map(|j| (j.id.clone(), j)).collect(),
+            claimed,
         }))
     }
 
@@ -383,7 +399,8 @@ impl Engine {
         }) = &rec.in_flight
         {
             let status = view.jobs.get(job).map(|j| j.status.as_str());
-            let ended = matches!(status, Some("concluded" | "ready")) && !self.qmp.claimed(job);
+            let ended =
+                matches!(status, Some("concluded" | "ready")) && !view.claimed.contains(job);
             let lost_completion = status.is_none() && *phase == MergePhase::Completing;
             if seal.is_some() || ended || lost_completion {
                 return true;
@@ -510,6 +527,8 @@ struct DaemonView {
     nodes: HashSet<String>,
     exports: HashSet<String>,
     jobs: HashMap<String, JobInfo>,
+    /// Jobs this session drove when the view was taken.
+    claimed: HashSet<String>,
 }
 
 #[derive(Default)]
