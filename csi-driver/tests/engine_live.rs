@@ -289,21 +289,14 @@ async fn reattach_and_recovery_after_daemon_kill() {
     // Rebuilt like the snapshot left it: the sealed layer read-only (so a
     // commit into it ends with QEMU's flushing reopen), the active one not.
     let rec = e.record(&vol).expect("record");
-    let nodes = e
-        .qmp()
-        .execute(
-            "query-named-block-nodes",
-            serde_json::json!({ "flat": true }),
-        )
-        .await
-        .expect("query-named-block-nodes");
+    let nodes = block_nodes(&e).await;
     let ro = |seq: u64| {
         let name = rec.node_name(seq);
         nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n["node-name"] == name.as_str()))
+            .iter()
+            .find(|n| n["node-name"] == name.as_str())
             .and_then(|n| n["ro"].as_bool())
-            .unwrap_or_else(|| panic!("node {name} missing: {nodes}"))
+            .unwrap_or_else(|| panic!("node {name} missing: {nodes:?}"))
     };
     let (sealed, active) = (rec.layers[0].seq, rec.layers[rec.layers.len() - 1].seq);
     assert!(ro(sealed), "sealed layer must be read-only after a rebuild");

@@ -574,22 +574,7 @@ async fn assert_no_trace(e: &Engine, env: &TestEnv, vol: &VolumeId) {
     );
     assert_eq!(code(e.record(vol)), Some(Code::NotFound));
     assert!(e.list_volumes().expect("list").iter().all(|v| &v.id != vol));
-    let nodes = e
-        .qmp()
-        .execute(
-            "query-named-block-nodes",
-            serde_json::json!({ "flat": true }),
-        )
-        .await
-        .expect("nodes");
-    let prefix = format!("n{}-", &vol.hex()[..16]);
-    let left: Vec<_> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
+    let left = volume_node_names(e, vol).await;
     assert!(left.is_empty(), "nodes left: {left:?}");
     assert_eq!(e.jobs().await.expect("jobs"), vec![]);
 }

@@ -139,23 +139,7 @@ async fn assert_clean(e: &Engine, env: &TestEnv, vol: &VolumeId, case: &str) {
         .filter_map(|d| d.file_name().to_str().map(str::to_owned))
         .collect();
     assert_eq!(files, want_files, "{case}: files");
-    let nodes = e
-        .qmp()
-        .execute(
-            "query-named-block-nodes",
-            serde_json::json!({ "flat": true }),
-        )
-        .await
-        .expect("nodes");
-    let prefix = format!("n{}-", &vol.hex()[..16]);
-    let have: BTreeSet<String> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with(&prefix))
-        .map(str::to_owned)
-        .collect();
+    let have: BTreeSet<String> = volume_node_names(e, vol).await.into_iter().collect();
     let want: BTreeSet<String> = rec.layers.iter().map(|l| rec.node_name(l.seq)).collect();
     assert_eq!(have, want, "{case}: nodes");
 }

@@ -545,6 +545,8 @@ const ADOPT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How soon the adopter looks again when a volume that needs it was held.
 const ADOPT_RETRY: Duration = Duration::from_millis(500);
+/// How long the adopter lets a job's owner finish after the job ended.
+const ADOPT_SETTLE: Duration = Duration::from_secs(1);
 
 fn adopt_interval() -> Duration {
     std::env::var("LIVEDISK_ADOPT_INTERVAL_SECS")
@@ -578,6 +580,10 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
                     if !wakes {
                         continue;
                     }
+                    // The job's owner, if alive, finishes it right now (saves
+                    // the record, dismisses, drops nodes): give it that moment
+                    // rather than take the volume's lock from under it.
+                    tokio::time::sleep(ADOPT_SETTLE).await;
                 }
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,

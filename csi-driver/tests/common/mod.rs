@@ -480,3 +480,31 @@ pub fn kill9(pid: u32) {
     // SAFETY: signalling a process this test started, by its PID.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
+
+/// The daemon's block nodes (`query-named-block-nodes`, flat).
+pub async fn block_nodes(e: &livedisk_csi::engine::Engine) -> Vec<serde_json::Value> {
+    let nodes = e
+        .qmp()
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("query-named-block-nodes");
+    nodes.as_array().cloned().unwrap_or_default()
+}
+
+/// Names of the daemon's block nodes of one volume.
+pub async fn volume_node_names(
+    e: &livedisk_csi::engine::Engine,
+    vol: &livedisk_csi::engine::VolumeId,
+) -> Vec<String> {
+    let prefix = format!("n{}-", &vol.hex()[..16]);
+    block_nodes(e)
+        .await
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
