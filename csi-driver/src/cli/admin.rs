@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use livedisk_csi::engine::daemon::{Daemon, Origin, RuntimeDir, pid_alive};
 use livedisk_csi::engine::qmp::{Greeting, probe};
-use livedisk_csi::engine::qmp::{Qmp, query_jobs};
+use livedisk_csi::engine::qmp::{JobInfo, Qmp, query_jobs};
 use livedisk_csi::engine::record::{RECORD_FILE, RecordStore, VolumeRecord};
 use livedisk_csi::engine::{
     Engine, EngineConfig, EngineError, ExtentPage, MergeMode, MergeOptions, Monitor, Recovery,
@@ -286,16 +286,23 @@ async fn run_mutation(a: &AdminArgs, engine: &Engine, cmd: &AdminCmd, known: boo
 /// merge nobody waits for is dismissed here (`recover_idle`), so the next
 /// command finds the volume settled (snapshot `deleting`, merge in flight
 /// without a job). Returns the job's status if it is still there.
+/// The daemon's view of one job, if it still has it.
+async fn job_info(engine: &Engine, job: &str) -> Result<Option<JobInfo>> {
+    Ok(engine
+        .jobs()
+        .await
+        .context("query-jobs")?
+        .into_iter()
+        .find(|j| j.id == job))
+}
+
 async fn settle_cancelled(engine: &Engine, job: &str) -> Result<Option<String>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Backing off: a pass of `recover_idle` reads every record of the pool,
+    // and a volume someone else holds stays so for a while.
+    let mut delay = Duration::from_millis(50);
     loop {
-        let status = engine
-            .jobs()
-            .await
-            .context("query-jobs")?
-            .into_iter()
-            .find(|j| j.id == job)
-            .map(|j| j.status);
+        let status = job_info(engine, job).await?.map(|j| j.status);
         match status.as_deref() {
             None => return Ok(None),
             Some("concluded") => {
@@ -309,7 +316,8 @@ async fn settle_cancelled(engine: &Engine, job: &str) -> Result<Option<String>> 
         if std::time::Instant::now() > deadline {
             return Ok(status);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -338,13 +346,7 @@ async fn delete_snapshot(
             )
             .await
             .with_context(|| format!("deleting snapshot {snap}"))?;
-        let status = engine
-            .jobs()
-            .await
-            .context("query-jobs")?
-            .into_iter()
-            .find(|j| j.id == job)
-            .map(|j| j.status);
+        let status = job_info(engine, &job).await?.map(|j| j.status);
         match status {
             Some(s) if s != "concluded" => {
                 return Ok(views::message(
@@ -382,12 +384,7 @@ async fn delete_snapshot(
                 json!({ "snapshot": snap, "deleted": true }),
             ));
         }
-        let running = engine
-            .jobs()
-            .await
-            .context("query-jobs")?
-            .into_iter()
-            .find(|j| j.id == job);
+        let running = job_info(engine, &job).await?;
         if let Some(j) = running
             && last_report.elapsed() >= Duration::from_secs(1)
         {

@@ -35,8 +35,6 @@
 //! the file (never expected), the list is recomputed from the records while
 //! B still exists.
 
-use std::io::Write;
-
 use serde::Deserialize;
 
 use super::nbd_client::NbdClient;
@@ -123,26 +121,6 @@ pub(super) fn granule_bytes(list: &[Extent], granularity: u64, size: u64) -> u64
 }
 
 impl Engine {
-    /// `delta(base, snap)` of one volume's record, with the errors
-    /// [`Engine::delta`] gives.
-    pub(super) fn changed_since_list(
-        &self,
-        rec: &VolumeRecord,
-        base: &SnapshotId,
-        snap: &SnapshotId,
-    ) -> Result<Vec<Extent>> {
-        if rec.snapshot(base).is_none() {
-            return Err(match self.locate(base) {
-                Ok(other) => EngineError::InvalidArgument(format!(
-                    "base snapshot {base} belongs to volume {}, not to {}",
-                    other.id, rec.id
-                )),
-                Err(e) => e,
-            });
-        }
-        Ok(plan::delta(rec, base, snap)?)
-    }
-
     /// The list an export of `snap` changed since `base` publishes: the
     /// frozen file if present, else the records.
     pub(super) fn export_changed_extents(
@@ -167,16 +145,15 @@ impl Engine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        self.changed_since_list(rec, base, snap)
-            .map_err(|e| match e {
-                EngineError::NotFound(_) | EngineError::Plan(_) => {
-                    EngineError::FailedPrecondition(format!(
-                        "the changed-block list of the export of {snap} since {base} is lost and \
+        self.delta_list(rec, base, snap).map_err(|e| match e {
+            EngineError::NotFound(_) | EngineError::Plan(_) => {
+                EngineError::FailedPrecondition(format!(
+                    "the changed-block list of the export of {snap} since {base} is lost and \
                      cannot be recomputed ({e}); stop the export and export again"
-                    ))
-                }
-                e => e,
-            })
+                ))
+            }
+            e => e,
+        })
     }
 
     /// Freezes an export's list next to the record, atomically (temp file,
@@ -188,22 +165,13 @@ impl Engine {
         base: &SnapshotId,
         list: &[Extent],
     ) -> Result<()> {
-        let dir = self.vol_dir(vol);
-        let path = changed_file(&dir, snap);
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec(&ChangedFile {
             base: base.clone(),
             snapshot: snap.clone(),
             extents: list.to_vec(),
         })
         .map_err(std::io::Error::other)?;
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&dir)?.sync_all()?;
+        record::atomic_write(&changed_file(&self.vol_dir(vol), snap), &body)?;
         Ok(())
     }
 
@@ -213,15 +181,9 @@ impl Engine {
 
     /// Virtual size and cluster size of a node, as the daemon reports them.
     async fn node_geometry(&self, node: &str) -> Result<(u64, u64)> {
-        let v = self
-            .qmp
-            .execute("query-named-block-nodes", json!({ "flat": true }))
-            .await?;
-        let n = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
+        let n = self
+            .block_node(node)
+            .await?
             .ok_or_else(|| EngineError::NotFound(format!("node {node}")))?;
         let image = &n["image"];
         let size = image["virtual-size"]
@@ -282,15 +244,9 @@ impl Engine {
     /// The bitmap of the helper node published as `bitmap_name(base)`, if
     /// the helper exists.
     pub(super) async fn helper_bitmap(&self, snap: &SnapshotId) -> Result<Option<Value>> {
-        let v = self
-            .qmp
-            .execute("query-named-block-nodes", json!({ "flat": true }))
-            .await?;
-        let helper = helper_node(snap);
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(helper.as_str()))
+        Ok(self
+            .block_node(&helper_node(snap))
+            .await?
             .map(|n| n["dirty-bitmaps"].clone()))
     }
 
@@ -396,19 +352,26 @@ impl Engine {
     pub(super) async fn sweep_export_helpers(&self, rec: &VolumeRecord) -> Result<()> {
         let nodes = self.named_nodes().await?;
         let exports = self.export_ids().await?;
-        for s in &rec.snapshots {
-            let recorded = rec.exports.iter().any(|e| {
+        let recorded_with_base = |snap: &SnapshotId| {
+            rec.exports.iter().any(|e| {
                 e.changed_since.is_some()
-                    && matches!(&e.target, ExportTarget::Snapshot { id } if id == &s.id)
-            });
+                    && matches!(&e.target, ExportTarget::Snapshot { id } if id == snap)
+            })
+        };
+        for s in &rec.snapshots {
             if exports.contains(&writer_export(&s.id)) {
                 // Only a build holds it, and builds hold the lock we hold.
                 self.delete_export_and_wait(&writer_export(&s.id)).await?;
             }
             let (_, eid) = rec.export_names(&ExportTarget::Snapshot { id: s.id.clone() });
-            if !recorded && nodes.contains(&helper_node(&s.id)) && !exports.contains(&eid) {
+            if !recorded_with_base(&s.id)
+                && nodes.contains(&helper_node(&s.id))
+                && !exports.contains(&eid)
+            {
+                // Its writer export is gone (above) and no export publishes
+                // its bitmap: the node alone is left.
                 tracing::info!(volume = %rec.id, snapshot = %s.id, "removing orphan bitmap helper");
-                self.drop_changed_bitmap(rec, &s.id).await?;
+                self.blockdev_del(&helper_node(&s.id)).await?;
             }
         }
         let dir = self.vol_dir(&rec.id);
@@ -422,11 +385,7 @@ impl Engine {
             else {
                 continue;
             };
-            let named = rec.exports.iter().any(|e| {
-                e.changed_since.is_some()
-                    && matches!(&e.target, ExportTarget::Snapshot { id } if id == &snap)
-            });
-            if !named {
+            if !recorded_with_base(&snap) {
                 remove_file_if_exists(&ent.path())?;
             }
         }

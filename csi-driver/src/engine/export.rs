@@ -158,8 +158,7 @@ impl Engine {
         changed_since: Option<SnapshotId>,
     ) -> Result<ExportInfo> {
         let _g = self.locks.try_lock(volume)?;
-        self.settle_revert(volume).await?;
-        let mut rec = self.load(volume)?;
+        let mut rec = self.settled(self.load(volume)?).await?;
         if let ExportTarget::Snapshot { id } = &target {
             match rec.snapshot(id) {
                 None => return Err(EngineError::NotFound(format!("snapshot {id}"))),
@@ -195,7 +194,7 @@ impl Engine {
             // Same checks and errors as `delta`; the list is frozen before
             // the daemon changes, so a crash leaves at worst a file that
             // recovery sweeps.
-            let list = self.changed_since_list(&rec, base, id)?;
+            let list = self.delta_list(&rec, base, id)?;
             self.save_changed_file(volume, id, base, &list)?;
             frozen = Some(list);
         }

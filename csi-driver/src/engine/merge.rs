@@ -49,9 +49,8 @@ impl Engine {
     ) -> Result<(VolumeRecord, VolumeGuard)> {
         let rec = self.locate(snap)?;
         let g = self.locks.try_lock(&rec.id)?;
-        self.settle_revert(&rec.id).await?;
         // Reload under the lock: the first read only found the volume.
-        let rec = self.load(&rec.id)?;
+        let rec = self.settled(self.load(&rec.id)?).await?;
         if rec
             .exports
             .iter()

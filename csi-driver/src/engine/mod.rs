@@ -356,8 +356,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Volumes whose recovery failed during `open`, with the reason. Each
-    /// stays as its record says; reopening retries it.
     /// Waits until the layer files of finished deletions are unlinked (they
     /// leave their volume's directory at once; see `reclaim.rs`). A process
     /// about to exit calls this so that it leaves no garbage behind.
@@ -365,6 +363,8 @@ impl Engine {
         self.reclaim.settled().await;
     }
 
+    /// Volumes whose recovery failed during `open`, with the reason. Each
+    /// stays as its record says; reopening retries it.
     pub fn recovery_errors(&self) -> Vec<(VolumeId, String)> {
         self.recovery_errors
             .lock()
@@ -420,17 +420,36 @@ impl Engine {
         Ok(rec)
     }
 
-    async fn named_nodes(&self) -> Result<HashSet<String>> {
+    /// The daemon's block nodes as `query-named-block-nodes` (flat) lists
+    /// them.
+    async fn block_nodes(&self) -> Result<Vec<Value>> {
         let v = self
             .qmp
             .execute("query-named-block-nodes", json!({ "flat": true }))
             .await?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
+        Ok(match v {
+            Value::Array(nodes) => nodes,
+            _ => vec![],
+        })
+    }
+
+    async fn named_nodes(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .block_nodes()
+            .await?
+            .iter()
             .filter_map(|n| n.get("node-name").and_then(Value::as_str))
             .map(str::to_owned)
             .collect())
+    }
+
+    /// One block node of the daemon, by name.
+    async fn block_node(&self, name: &str) -> Result<Option<Value>> {
+        Ok(self
+            .block_nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(name)))
     }
 
     async fn export_ids(&self) -> Result<HashSet<String>> {
@@ -499,8 +518,7 @@ impl Engine {
     /// only the active layer goes.
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let _g = self.locks.try_lock(id)?;
-        self.settle_revert(id).await?;
-        let mut rec = self.load_live(id)?;
+        let mut rec = self.settled(self.load_live(id)?).await?;
         if rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
             return Err(EngineError::FailedPrecondition(format!(
                 "volume {id} is attached; detach it first"
@@ -548,8 +566,7 @@ impl Engine {
     /// Grows a volume. Shrinking is refused: it would destroy data.
     pub async fn expand_volume(&self, id: &VolumeId, new_size: u64) -> Result<VolumeInfo> {
         let _g = self.locks.try_lock(id)?;
-        self.settle_revert(id).await?;
-        let mut rec = self.load_live(id)?;
+        let mut rec = self.settled(self.load_live(id)?).await?;
         let new_size = new_size.div_ceil(512) * 512;
         if new_size < rec.size {
             return Err(EngineError::OutOfRange(format!(
@@ -618,6 +635,18 @@ impl Engine {
         max: usize,
     ) -> Result<ExtentPage> {
         let rec = self.locate(target)?;
+        let list = self.delta_list(&rec, base, target)?;
+        Ok(Self::page(&rec, &list, start, max))
+    }
+
+    /// The whole list of extents changed after `base` up to `target` of the
+    /// volume `rec`; a base of another volume is named in the error.
+    pub(super) fn delta_list(
+        &self,
+        rec: &VolumeRecord,
+        base: &SnapshotId,
+        target: &SnapshotId,
+    ) -> Result<Vec<Extent>> {
         if rec.snapshot(base).is_none() {
             return Err(match self.locate(base) {
                 Ok(other) => EngineError::InvalidArgument(format!(
@@ -627,8 +656,7 @@ impl Engine {
                 Err(e) => e,
             });
         }
-        let list = plan::delta(&rec, base, target)?;
-        Ok(Self::page(&rec, &list, start, max))
+        Ok(plan::delta(rec, base, target)?)
     }
 }
 

@@ -147,11 +147,6 @@ impl NbdClient {
         })
     }
 
-    /// Size of the export in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Sends one write-zeroes request per extent (split at 1 GiB), all
     /// pipelined, and waits for every reply. Extents are clipped to the
     /// export's size. Returns the number of requests sent.

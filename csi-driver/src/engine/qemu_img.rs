@@ -88,6 +88,12 @@ pub async fn is_qcow2(file: &Path) -> Result<bool, QemuImgError> {
 /// A `json:` image spec for a chain of qcow2 files, base first, with the
 /// backing links given explicitly (never taken from the headers).
 pub fn chain_spec(files: &[&Path]) -> Result<String, QemuImgError> {
+    Ok(format!("json:{}", chain_value(files, false)?))
+}
+
+/// The options of [`chain_spec`]; `shared`: every layer read-only with
+/// force-share.
+fn chain_value(files: &[&Path], shared: bool) -> Result<serde_json::Value, QemuImgError> {
     let mut spec = serde_json::Value::Null;
     for f in files {
         spec = serde_json::json!({
@@ -95,8 +101,12 @@ pub fn chain_spec(files: &[&Path]) -> Result<String, QemuImgError> {
             "file": { "driver": "file", "filename": path_str(f)? },
             "backing": spec,
         });
+        if shared {
+            spec["read-only"] = serde_json::json!(true);
+            spec["force-share"] = serde_json::json!(true);
+        }
     }
-    Ok(format!("json:{spec}"))
+    Ok(spec)
 }
 
 /// Whether two chains read the same (`qemu-img compare`). Reads data: only
@@ -150,20 +160,10 @@ pub async fn build_difference(
         // write permission that the daemon holds on every layer it re-added
         // after a restart (seen on QEMU 7.2: "Failed to get shared write
         // lock").
-        let mut spec = serde_json::Value::Null;
-        for f in view {
-            spec = serde_json::json!({
-                "driver": "qcow2",
-                "read-only": true,
-                "force-share": true,
-                "file": { "driver": "file", "filename": path_str(f)? },
-                "backing": spec,
-            });
-        }
         serde_json::json!({
             "driver": "qcow2",
             "file": { "driver": "file", "filename": path_str(file)? },
-            "backing": spec,
+            "backing": chain_value(view, true)?,
         })
     };
     let image = format!("json:{image}");
@@ -199,15 +199,10 @@ pub async fn sync_file(file: &Path) -> Result<(), QemuImgError> {
         Ok::<(), std::io::Error>(())
     })
     .await;
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(QemuImgError::Failed {
+    r.map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|stderr| QemuImgError::Failed {
             args: "fsync".into(),
-            stderr: e.to_string(),
-        }),
-        Err(e) => Err(QemuImgError::Failed {
-            args: "fsync".into(),
-            stderr: e.to_string(),
-        }),
-    }
+            stderr,
+        })
 }

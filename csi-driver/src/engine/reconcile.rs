@@ -219,44 +219,34 @@ impl Engine {
     /// Deletes nodes and files of this volume that no record references:
     /// leftovers of an operation interrupted between its steps.
     pub(super) async fn sweep_orphans(&self, rec: &VolumeRecord) -> Result<()> {
-        let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
-        let prefix = format!("n{}-", &rec.id.hex()[..16]);
-        // Newest first: a node's backing always has a lower layer number
-        // (it existed before the overlay was made), and QEMU refuses to
-        // delete a node another one still backs onto (e.g. the old active
-        // layer and the internal layers under it after a revert).
-        let mut orphans: Vec<(u64, String)> = self
-            .named_nodes()
-            .await?
-            .into_iter()
-            .filter_map(|node| {
-                let seq = node
-                    .strip_prefix(prefix.as_str())
-                    .and_then(|n| n.parse::<u64>().ok())?;
-                (!live.contains(&seq)).then_some((seq, node))
-            })
-            .collect();
-        orphans.sort_by_key(|o| std::cmp::Reverse(o.0));
-        for (_, node) in orphans {
+        for node in orphan_nodes(rec, &self.named_nodes().await?) {
             if let Err(e) = self.blockdev_del(&node).await {
                 tracing::warn!(node, error = %e, "could not delete orphan node");
             }
         }
-        for ent in std::fs::read_dir(self.vol_dir(&rec.id))?.flatten() {
-            let name = ent.file_name();
-            let seq = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("layer-"))
-                .and_then(|n| n.strip_suffix(".qcow2"))
-                .and_then(|n| n.parse::<u64>().ok());
-            if let Some(seq) = seq
-                && !live.contains(&seq)
-            {
-                tracing::info!(volume = %rec.id, seq, "removing orphan layer file");
-                remove_file_if_exists(&ent.path())?;
-            }
+        for (seq, path) in self.orphan_files(rec) {
+            tracing::info!(volume = %rec.id, seq, "removing orphan layer file");
+            remove_file_if_exists(&path)?;
         }
         Ok(())
+    }
+
+    /// Layer files in the volume's directory that its record does not name
+    /// (a step interrupted between creating a file and saving the record).
+    fn orphan_files(&self, rec: &VolumeRecord) -> Vec<(u64, PathBuf)> {
+        let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
+        std::fs::read_dir(self.vol_dir(&rec.id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let seq = e
+                    .file_name()
+                    .to_str()
+                    .and_then(VolumeRecord::parse_layer_file)?;
+                (!live.contains(&seq)).then(|| (seq, e.path()))
+            })
+            .collect()
     }
 
     /// Makes the daemon hold what the record describes. Idempotent. The
@@ -410,15 +400,7 @@ impl Engine {
             return true;
         }
         let layers: HashSet<String> = rec.layers.iter().map(|l| rec.node_name(l.seq)).collect();
-        if !layers.is_subset(&view.nodes) {
-            return true;
-        }
-        let prefix = format!("n{}-", &rec.id.hex()[..16]);
-        if view
-            .nodes
-            .iter()
-            .any(|n| n.starts_with(&prefix) && !layers.contains(n))
-        {
+        if !layers.is_subset(&view.nodes) || !orphan_nodes(rec, &view.nodes).is_empty() {
             return true;
         }
         if rec
@@ -431,21 +413,7 @@ impl Engine {
         if rec.clone_of.is_some() && !view.jobs.contains_key(&flatten_job_id(&rec.id)) {
             return true;
         }
-        // Layer files no record names (a step interrupted between creating
-        // a file and saving the record).
-        let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
-        std::fs::read_dir(self.vol_dir(&rec.id))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("layer-"))
-                    .and_then(|n| n.strip_suffix(".qcow2"))
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .any(|seq| !live.contains(&seq))
+        !self.orphan_files(rec).is_empty()
     }
 
     /// `Recovery::Light` of the pool: every volume that needs it and that no
@@ -504,6 +472,27 @@ impl Engine {
         }
         Ok(pass)
     }
+}
+
+/// Nodes of `rec`'s volume that its record does not name, newest layer
+/// first: a node's backing always has a lower layer number (it existed
+/// before the overlay was made), and QEMU refuses to delete a node another
+/// one still backs onto (e.g. the old active layer and the internal layers
+/// under it after a revert).
+fn orphan_nodes<'a>(
+    rec: &VolumeRecord,
+    nodes: impl IntoIterator<Item = &'a String>,
+) -> Vec<String> {
+    let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
+    let mut orphans: Vec<(u64, &String)> = nodes
+        .into_iter()
+        .filter_map(|n| {
+            let seq = rec.layer_of_node(n)?;
+            (!live.contains(&seq)).then_some((seq, n))
+        })
+        .collect();
+    orphans.sort_by_key(|o| std::cmp::Reverse(o.0));
+    orphans.into_iter().map(|(_, n)| n.clone()).collect()
 }
 
 /// Whether a `block-stream` job has finished but is not dismissed yet.

@@ -267,10 +267,30 @@ impl VolumeRecord {
         format!("layer-{seq}.qcow2")
     }
 
+    /// The layer number a [`VolumeRecord::layer_file`] name stands for.
+    pub fn parse_layer_file(name: &str) -> Option<u64> {
+        name.strip_prefix("layer-")?
+            .strip_suffix(".qcow2")?
+            .parse()
+            .ok()
+    }
+
     /// QEMU node name of a layer: QEMU caps node names at 31 characters, so
     /// it is `n` + 64 bits of the volume UUID + the layer number.
     pub fn node_name(&self, seq: u64) -> String {
-        format!("n{}-{seq}", &self.id.hex()[..16])
+        format!("{}{seq}", Self::node_prefix(&self.id))
+    }
+
+    /// What every layer node name of volume `id` starts with.
+    pub fn node_prefix(id: &VolumeId) -> String {
+        format!("n{}-", &id.hex()[..16])
+    }
+
+    /// The layer number of one of this volume's node names, if it is one.
+    pub fn layer_of_node(&self, node: &str) -> Option<u64> {
+        node.strip_prefix(Self::node_prefix(&self.id).as_str())?
+            .parse()
+            .ok()
     }
 
     /// NBD export name / block-export id for an export target.
@@ -280,6 +300,26 @@ impl VolumeRecord {
             ExportTarget::Snapshot { id } => (id.to_string(), format!("s{}", &id.hex()[..24])),
         }
     }
+}
+
+/// Replaces `path` with `body` atomically and durably: write a temporary
+/// file beside it, fsync, rename over, fsync the directory (the rename is
+/// durable only once the directory entry is on disk). A crash leaves the
+/// old or the new content, never a mix.
+pub fn atomic_write(path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Reads and writes records under one pool directory.
@@ -326,20 +366,9 @@ impl RecordStore {
         let dir = self.volume_dir(&rec.id);
         let io_err = |e| RecordError::Io(dir.clone(), e);
         fs::create_dir_all(&dir).map_err(io_err)?;
-        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
-        let body =
-            serde_json::to_vec_pretty(rec).map_err(|e| RecordError::Corrupt(tmp.clone(), e))?;
-        {
-            let mut f = fs::File::create(&tmp).map_err(io_err)?;
-            f.write_all(&body).map_err(io_err)?;
-            f.sync_all().map_err(io_err)?;
-        }
-        fs::rename(&tmp, dir.join(RECORD_FILE)).map_err(io_err)?;
-        // The rename is durable only once the directory entry is on disk.
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err)?;
-        Ok(())
+        let body = serde_json::to_vec_pretty(rec)
+            .map_err(|e| RecordError::Corrupt(dir.join(RECORD_FILE), e))?;
+        atomic_write(&dir.join(RECORD_FILE), &body).map_err(io_err)
     }
 
     /// Every volume with a record. Directory entries that are not valid

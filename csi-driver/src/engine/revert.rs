@@ -129,9 +129,7 @@ impl Engine {
         .await;
         if let Err(e) = built {
             // Nothing switched and nothing names N: undo here.
-            remove_file_if_exists(&file)?;
-            rec.pending_revert = None;
-            self.store.save(rec)?;
+            self.abandon_revert(rec).await?;
             return Err(e);
         }
         failpoint::hit("revert-before-built", self.daemon.pid);
@@ -178,7 +176,8 @@ impl Engine {
         // Top first: each node is the backing of the one above it.
         for seq in gone {
             self.blockdev_del(&rec.node_name(seq)).await?;
-            remove_file_if_exists(&dir.join(VolumeRecord::layer_file(seq)))?;
+            self.reclaim
+                .file(&dir.join(VolumeRecord::layer_file(seq)))?;
         }
         Ok(after)
     }
@@ -215,23 +214,35 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        self.blockdev_del(&rec.node_name(p.layer)).await?;
-        remove_file_if_exists(&file)?;
         let mut rec = rec;
-        rec.pending_revert = None;
-        self.store.save(&rec)?;
+        self.abandon_revert(&mut rec).await?;
         Ok(decision)
     }
 
-    /// Called by the other operations right after taking the volume's lock.
-    pub(super) async fn settle_revert(&self, id: &VolumeId) -> Result<()> {
-        if self
-            .store
-            .load(id)?
-            .is_some_and(|r| r.pending_revert.is_some())
-        {
-            self.resolve_pending_revert(id).await?;
+    /// Undoes a revert that did not switch: drops its new layer (node and
+    /// file; either may not exist yet), then the intent.
+    async fn abandon_revert(&self, rec: &mut VolumeRecord) -> Result<()> {
+        if let Some(p) = rec.pending_revert.take() {
+            self.blockdev_del(&rec.node_name(p.layer)).await?;
+            remove_file_if_exists(
+                &self
+                    .vol_dir(&rec.id)
+                    .join(VolumeRecord::layer_file(p.layer)),
+            )?;
         }
+        self.store.save(rec)?;
         Ok(())
+    }
+
+    /// The volume's record as the other operations start from it, right
+    /// after taking the volume's lock: a revert left pending (by another
+    /// process) is decided first, so it never blocks the volume until the
+    /// next restart. `rec` was loaded under the lock.
+    pub(super) async fn settled(&self, rec: VolumeRecord) -> Result<VolumeRecord> {
+        if rec.pending_revert.is_none() {
+            return Ok(rec);
+        }
+        self.resolve_pending_revert(&rec.id).await?;
+        self.load(&rec.id)
     }
 }

@@ -55,8 +55,7 @@ impl Engine {
         let mut recs = vec![];
         let mut existing = 0;
         for (v, s) in pairs {
-            self.settle_revert(v).await?;
-            let rec = self.load_live(v)?;
+            let rec = self.settled(self.load_live(v)?).await?;
             if rec.snapshot(s).is_some() {
                 existing += 1;
             } else if let Ok(other) = self.locate(s) {
