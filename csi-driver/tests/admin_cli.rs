@@ -678,6 +678,17 @@ async fn changing_commands_work_beside_a_held_engine() {
 /// An admin command killed mid-step while the node plugin runs: its engine
 /// (the held one here) recovers the step by itself, restarting nothing, and
 /// no acknowledged write is lost.
+/// Runs an admin command that kills itself (kill -9) at `failpoint`.
+fn admin_killed_at(env: &TestEnv, failpoint: &str, args: &[&str]) {
+    let o = admin_env(env, &[("LIVEDISK_FAILPOINT", failpoint)], args);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(libc::SIGKILL),
+        "failpoint {failpoint} not reached: {}",
+        text(&o).1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
     let env = TestEnv::new("clikill");
@@ -690,16 +701,10 @@ async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
 
     // Killed right after the snapshot transaction: rolled forward.
     let s1 = SnapshotId::generate();
-    let o = admin_env(
+    admin_killed_at(
         &env,
-        &[("LIVEDISK_FAILPOINT", "snapshot-after-transaction")],
+        "snapshot-after-transaction",
         &["snapshot", vid.as_str(), "--id", s1.as_str()],
-    );
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&o.status),
-        Some(libc::SIGKILL),
-        "failpoint not reached: {}",
-        text(&o).1
     );
     wait_until(
         "the adopter resolving the snapshot",
@@ -723,17 +728,7 @@ async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
     // Killed right after the internal seal of a merge: the seal is resolved,
     // the merge waits in flight, and deleting again finishes it.
     qemu_io_write(&uri, 2, MIB, 2 * MIB);
-    let o = admin_env(
-        &env,
-        &[("LIVEDISK_FAILPOINT", "merge-after-seal")],
-        &["delete-snapshot", s1.as_str()],
-    );
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&o.status),
-        Some(libc::SIGKILL),
-        "failpoint not reached: {}",
-        text(&o).1
-    );
+    admin_killed_at(&env, "merge-after-seal", &["delete-snapshot", s1.as_str()]);
     wait_until(
         "the adopter resolving the seal",
         Duration::from_secs(30),
@@ -837,12 +832,7 @@ fn admin_revert_to_an_older_snapshot_keeps_the_newer_one() {
     let snaps = json(&env, &["snapshots", &vol]);
     assert_eq!(snaps.as_array().map(Vec::len), Some(2), "{snaps}");
     // s2 still holds its own writes (pattern 3 at 1 MiB is only in s2).
-    let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 3 1048576 65536", &u2])
-        .output()
-        .expect("qemu-io");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qemu_io_read(&u2, 3, MIB, 65536);
     json(&env, &["unexport", &s1]);
     json(&env, &["unexport", &s2]);
     json(&env, &["detach", &vol]);

@@ -14,7 +14,7 @@ use livedisk_csi::engine::bitmap::context_name;
 use livedisk_csi::engine::nbd_client::NbdClient;
 use livedisk_csi::engine::record::ExportTarget;
 use livedisk_csi::engine::{Code, Engine, Extent, SnapshotId, VolumeId};
-use livedisk_verifier::{BackgroundWriter, Pattern, Writer};
+use livedisk_verifier::Writer;
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -56,8 +56,7 @@ fn to_extents(v: &Value, keep: impl Fn(&Value) -> bool, off: &str) -> Vec<Extent
 
 /// Dirty ranges of a `qemu:dirty-bitmap:` context, read by `nbdinfo`.
 fn nbdinfo_dirty(uri: &str, context: &str) -> Vec<Extent> {
-    let v = run_json("nbdinfo", &["--json", &format!("--map={context}"), uri]);
-    to_extents(&v, |e| e["type"].as_u64() == Some(1), "offset")
+    nbdinfo_map(uri, context, |t| t == 1)
 }
 
 /// Dirty ranges read by QEMU's own NBD client: with `x-dirty-bitmap`,
@@ -76,7 +75,7 @@ fn qemu_img_dirty(socket: &Path, export: &str, context: &str) -> Vec<Extent> {
 
 /// `rd_bytes` of the volume's layer nodes only.
 async fn layer_reads(e: &Engine, vol: &VolumeId) -> BTreeMap<String, u64> {
-    let prefix = format!("n{}-", &vol.hex()[..16]);
+    let prefix = livedisk_csi::engine::record::VolumeRecord::node_prefix(vol);
     node_read_bytes(e)
         .await
         .into_iter()
@@ -88,18 +87,14 @@ async fn layer_reads(e: &Engine, vol: &VolumeId) -> BTreeMap<String, u64> {
 async fn helpers(e: &Engine, s: &SnapshotId) -> Vec<String> {
     let hex = &s.hex()[..24];
     let mut out = vec![];
-    let nodes = e
-        .qmp()
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .await
-        .expect("nodes");
     let exports = e
         .qmp()
         .execute("query-block-exports", json!({}))
         .await
         .expect("exports");
-    for (v, key) in [(nodes, "node-name"), (exports, "id")] {
-        for n in v.as_array().cloned().unwrap_or_default() {
+    let exports = exports.as_array().cloned().unwrap_or_default();
+    for (v, key) in [(block_nodes(e).await, "node-name"), (exports, "id")] {
+        for n in v {
             if let Some(name) = n[key].as_str()
                 && name.ends_with(hex)
                 && !name.starts_with('s')
@@ -113,19 +108,22 @@ async fn helpers(e: &Engine, s: &SnapshotId) -> Vec<String> {
 
 /// The helper's bitmap as the daemon reports it.
 async fn helper_bitmap(e: &Engine, s: &SnapshotId) -> Value {
-    let nodes = e
-        .qmp()
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .await
-        .expect("nodes");
     let name = format!("c{}", &s.hex()[..24]);
-    nodes
-        .as_array()
+    let node = block_nodes(e)
+        .await
         .into_iter()
-        .flatten()
         .find(|n| n["node-name"].as_str() == Some(name.as_str()))
-        .map(|n| n["dirty-bitmaps"][0].clone())
-        .unwrap_or(Value::Null)
+        .unwrap_or_else(|| panic!("helper node {name} missing"));
+    let bitmaps = node["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        bitmaps.len(),
+        1,
+        "the helper holds exactly one bitmap: {bitmaps:?}"
+    );
+    bitmaps[0].clone()
 }
 
 /// The snapshot's view read offline from its layer file and the backing
@@ -186,18 +184,7 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
         let attach = e.attach_volume(&vol).await.expect("attach");
         let disk = NbdFile::mount(&env.root.join("consumer"), &attach.uri(), false);
         // Background writer: cluster 0 the whole time, snapshots under it.
-        let bg = BackgroundWriter::start(
-            Writer::open(&disk.file, 1).expect("open bg"),
-            Pattern::Sequential {
-                first: 0,
-                count: 16,
-            },
-            Duration::from_millis(1),
-        );
-        let mut fg = Writer::open(&disk.file, 2).expect("open fg");
-        while bg.last_acked() < 5 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let (bg, mut fg) = live_writers(&disk.file).await;
         write_clusters(&mut fg, &[3, 7]);
         e.create_snapshot(&vol, &b).await.expect("snapshot b");
         let p2 = write_clusters(&mut fg, &[10, 11, 500, 501, 502]);
@@ -323,12 +310,23 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
     // Reopen: the export and its bitmap come back from the records although
     // b no longer exists.
     let e = env.engine().await;
-    let reads_before = layer_reads(&e, &vol).await;
+    // The daemon is new and the bitmap was rebuilt by the open: no layer
+    // node of the volume has served a single byte of data for it.
+    let reads = layer_reads(&e, &vol).await;
+    assert!(!reads.is_empty(), "no layer nodes found");
+    assert!(
+        reads.values().all(|r| *r == 0),
+        "rebuilding the bitmap read data: {reads:?}"
+    );
     let rec = e.record(&vol).expect("record");
     assert!(rec.snapshot(&b).is_none());
     let uri = format!("nbd+unix:///{s}?socket={}", socket.display());
-    assert_eq!(layer_reads(&e, &vol).await, reads_before);
     assert_eq!(nbdinfo_dirty(&uri, &context), expected);
+    assert_eq!(
+        layer_reads(&e, &vol).await,
+        reads,
+        "reading the dirty-bitmap context read data"
+    );
     assert_eq!(helper_bitmap(&e, &s).await["granularity"], CLUSTER);
     assert!(
         export_view(&uri, &env.root.join("x3.raw"))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use livedisk_csi::engine::{Code, Engine, Extent, Origin, SnapshotId, VolumeId};
 use livedisk_verifier::writer::longest_stall;
-use livedisk_verifier::{BackgroundWriter, Pattern, Writer, verify, verify_point_in_time};
+use livedisk_verifier::{Writer, verify, verify_point_in_time};
 
 const MIB: u64 = 1 << 20;
 
@@ -52,20 +52,9 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
     let attach = e.attach_volume(&vol).await.expect("attach");
     let disk = NbdFile::mount(&env.root.join("consumer"), &attach.uri(), false);
 
-    // Background writer: cycles through cluster 0 the whole time.
-    let bg = BackgroundWriter::start(
-        Writer::open(&disk.file, 1).expect("open bg"),
-        Pattern::Sequential {
-            first: 0,
-            count: 16,
-        },
-        Duration::from_millis(1),
-    );
-    // Foreground writer (tag 2): chosen clusters between snapshots.
-    let mut fg = Writer::open(&disk.file, 2).expect("open fg");
-    while bg.last_acked() < 5 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Background writer through cluster 0 the whole time; foreground writer
+    // (tag 2) for chosen clusters between snapshots.
+    let (bg, mut fg) = live_writers(&disk.file).await;
 
     let p1 = write_clusters(&mut fg, &[10, 11]);
     let s1 = SnapshotId::generate();

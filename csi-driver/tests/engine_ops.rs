@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use livedisk_csi::engine::clone::flatten_job_id;
 use livedisk_csi::engine::{Code, Engine, Extent, MergeMode, MergeOptions, SnapshotId, VolumeId};
-use livedisk_verifier::{BackgroundWriter, Pattern, Writer, verify, verify_point_in_time};
+use livedisk_verifier::{Writer, verify, verify_point_in_time};
 
 const MIB: u64 = 1 << 20;
 
@@ -47,15 +47,7 @@ async fn stream_merge_mode_keeps_every_view() {
     e.create_volume(&vol, 64 * MIB).await.expect("create");
     let uri = e.attach_volume(&vol).await.expect("attach").uri();
     let disk = NbdFile::mount(&env.root.join("c"), &uri, false);
-    let bg = BackgroundWriter::start(
-        Writer::open(&disk.file, 1).expect("bg"),
-        Pattern::Sequential {
-            first: 0,
-            count: 16,
-        },
-        Duration::from_millis(1),
-    );
-    let mut fg = Writer::open(&disk.file, 2).expect("fg");
+    let (bg, mut fg) = live_writers(&disk.file).await;
     let s: Vec<SnapshotId> = (0..3).map(|_| SnapshotId::generate()).collect();
     let p0 = write_clusters(&mut fg, &[10]);
     e.create_snapshot(&vol, &s[0]).await.expect("s0");

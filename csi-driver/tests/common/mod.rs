@@ -199,9 +199,15 @@ pub fn nbdinfo_allocated_extents(uri: &str) -> Vec<Extent> {
 /// Extents allocated in the top `depth` layers of the exported view (its
 /// own layer and the `depth - 1` below it), by `nbdinfo`.
 pub fn nbdinfo_extents_within(uri: &str, depth: u64) -> Vec<Extent> {
+    nbdinfo_map(uri, "qemu:allocation-depth", |d| d > 0 && d <= depth)
+}
+
+/// The extents of metadata `context` (`nbdinfo --map`) whose type `keep`
+/// selects, normalized.
+pub fn nbdinfo_map(uri: &str, context: &str, keep: impl Fn(u64) -> bool) -> Vec<Extent> {
     let out = Command::new("nbdinfo")
         .arg("--json")
-        .arg("--map=qemu:allocation-depth")
+        .arg(format!("--map={context}"))
         .arg(uri)
         .output()
         .expect("nbdinfo");
@@ -214,7 +220,7 @@ pub fn nbdinfo_extents_within(uri: &str, depth: u64) -> Vec<Extent> {
     let list = v.as_array().cloned().unwrap_or_default();
     livedisk_csi::engine::extents::normalize(
         list.iter()
-            .filter(|e| e["type"].as_u64().is_some_and(|d| d > 0 && d <= depth))
+            .filter(|e| e["type"].as_u64().is_some_and(&keep))
             .map(|e| Extent {
                 offset: e["offset"].as_u64().unwrap_or(0),
                 length: e["length"].as_u64().unwrap_or(0),
@@ -269,11 +275,17 @@ pub fn pool_fingerprint(pool: &Path) -> Vec<(PathBuf, u64, String)> {
 pub fn spawn_child(env: &TestEnv, op: &str, vars: &[(&str, String)]) -> Child {
     let exe = std::env::current_exe().expect("test exe");
     let mut cmd = Command::new(exe);
-    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("LD_CHILD", op)
-        .env("LD_POOL", &env.cfg.pool)
-        .env("LD_RUN", &env.cfg.runtime_dir)
-        .stdout(Stdio::null());
+    cmd.args([
+        "--exact",
+        "child_entry",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("LD_CHILD", op)
+    .env("LD_POOL", &env.cfg.pool)
+    .env("LD_RUN", &env.cfg.runtime_dir)
+    .stdout(Stdio::null());
     for (k, v) in vars {
         cmd.env(k, v);
     }
@@ -499,7 +511,7 @@ pub async fn volume_node_names(
     e: &livedisk_csi::engine::Engine,
     vol: &livedisk_csi::engine::VolumeId,
 ) -> Vec<String> {
-    let prefix = format!("n{}-", &vol.hex()[..16]);
+    let prefix = livedisk_csi::engine::record::VolumeRecord::node_prefix(vol);
     block_nodes(e)
         .await
         .iter()
@@ -507,4 +519,30 @@ pub async fn volume_node_names(
         .filter(|n| n.starts_with(&prefix))
         .map(str::to_owned)
         .collect()
+}
+
+/// The writers of the live tests on one consumer file: a background writer
+/// (tag 1) cycling through clusters 0..16 every millisecond, running once it
+/// has 5 acknowledged writes, and a foreground writer (tag 2) for chosen
+/// clusters between operations.
+pub async fn live_writers(
+    file: &Path,
+) -> (
+    livedisk_verifier::BackgroundWriter,
+    livedisk_verifier::Writer,
+) {
+    use livedisk_verifier::{BackgroundWriter, Pattern, Writer};
+    let bg = BackgroundWriter::start(
+        Writer::open(file, 1).expect("open background writer"),
+        Pattern::Sequential {
+            first: 0,
+            count: 16,
+        },
+        Duration::from_millis(1),
+    );
+    let fg = Writer::open(file, 2).expect("open foreground writer");
+    while bg.last_acked() < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (bg, fg)
 }
