@@ -166,28 +166,7 @@ pub fn clusters_of(blocks: impl IntoIterator<Item = u64>) -> Vec<Extent> {
 /// layer itself), read over NBD block status by `nbdinfo`: an independent
 /// view of what the engine's records should say.
 pub fn nbdinfo_local_extents(uri: &str) -> Vec<Extent> {
-    let out = Command::new("nbdinfo")
-        .arg("--json")
-        .arg("--map=qemu:allocation-depth")
-        .arg(uri)
-        .output()
-        .expect("nbdinfo");
-    assert!(
-        out.status.success(),
-        "nbdinfo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo json");
-    let list = v.as_array().cloned().unwrap_or_default();
-    livedisk_csi::engine::extents::normalize(
-        list.iter()
-            .filter(|e| e["type"].as_u64() == Some(1))
-            .map(|e| Extent {
-                offset: e["offset"].as_u64().unwrap_or(0),
-                length: e["length"].as_u64().unwrap_or(0),
-            })
-            .collect(),
-    )
+    nbdinfo_map(uri, "qemu:allocation-depth", |d| d == 1)
 }
 
 /// Extents allocated anywhere in the exported view's chain (any
