@@ -534,16 +534,43 @@ async fn changing_commands_work_beside_a_held_engine() {
     let rec = engine.record(&vid).expect("record");
     assert!(rec.in_flight.is_some(), "{rec:?}");
     assert!(!engine.snapshot(&sid1).expect("s1").ready);
-    // The adopter does not restart a cancelled merge.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The adopter does not restart a cancelled merge. Proven by a pass of
+    // the adopter over this very volume after the cancel, not by sleeping:
+    // a stray layer file (what a step killed between creating a file and
+    // saving the record leaves) makes the volume need recovery; the
+    // adopter's light recovery deletes it and, with the volume's lock still
+    // held, decides about the merge in flight. Once the file is gone and
+    // the lock is free again, that decision has been taken.
+    let marker =
+        env.cfg
+            .pool
+            .join(&vol)
+            .join(livedisk_csi::engine::record::VolumeRecord::layer_file(
+                rec.next_layer_seq + 1000,
+            ));
+    std::fs::write(&marker, b"").expect("stray layer file");
+    wait_until(
+        "the adopter's pass over the volume (it removes the stray layer file)",
+        Duration::from_secs(30),
+        || !marker.exists(),
+    )
+    .await;
+    // Taking the volume's lock (an idempotent attach) waits out the pass.
+    retry_busy("attach after the adopter's pass", || {
+        engine.attach_volume(&vid)
+    })
+    .await;
+    let jobs = engine.jobs().await.expect("jobs");
     assert!(
-        !engine
-            .jobs()
-            .await
-            .expect("jobs")
-            .iter()
-            .any(|j| j.id == job)
+        !jobs.iter().any(|j| j.id == job),
+        "the adopter restarted the cancelled merge: {jobs:?}"
     );
+    let rec = engine.record(&vid).expect("record");
+    assert!(
+        rec.in_flight.is_some(),
+        "the cancelled merge left the record: {rec:?}"
+    );
+    assert!(!engine.snapshot(&sid1).expect("s1").ready);
     one_daemon("cancel");
 
     // Finishing: delete again (throttled), unthrottle; the CLI has exited
@@ -756,6 +783,41 @@ async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
     qemu_io_read(&uri, 2, MIB, 2 * MIB);
     qemu_io_read(&uri, 3, 8 * MIB, MIB);
     for l in &rec.layers {
+        common::qemu_img_check(&engine.layer_path(&vid, l.seq));
+    }
+
+    // Killed with its merge copied and flushed but not finalized: the job
+    // waits in the daemon (`pending`) for a finisher, and the adopter is it.
+    let (s2, s3) = (SnapshotId::generate(), SnapshotId::generate());
+    qemu_io_write(&uri, 4, 4 * MIB, 2 * MIB);
+    engine.create_snapshot(&vid, &s2).await.expect("s2");
+    qemu_io_write(&uri, 5, 5 * MIB, 2 * MIB);
+    engine.create_snapshot(&vid, &s3).await.expect("s3");
+    admin_killed_at(
+        &env,
+        "merge-before-finalize",
+        &["delete-snapshot", s2.as_str(), "--wait"],
+    );
+    wait_until(
+        "the adopter finalizing and finishing the merge",
+        Duration::from_secs(30),
+        || {
+            engine
+                .record(&vid)
+                .is_ok_and(|r| r.in_flight.is_none() && r.snapshots.len() == 1)
+        },
+    )
+    .await;
+    assert!(engine.snapshot(&s2).is_err(), "s2 still there");
+    assert!(engine.jobs().await.expect("jobs").is_empty(), "job left");
+    assert_eq!(env.daemon_pid(), pid);
+    qemu_io_read(&uri, 4, 4 * MIB, MIB);
+    qemu_io_read(&uri, 5, 5 * MIB, 2 * MIB);
+    let x = engine.export_snapshot(&s3).await.expect("export s3");
+    qemu_io_read(&x.uri(), 4, 4 * MIB, MIB);
+    qemu_io_read(&x.uri(), 5, 5 * MIB, 2 * MIB);
+    engine.unexport_snapshot(&s3).await.expect("unexport");
+    for l in &engine.record(&vid).expect("record").layers {
         common::qemu_img_check(&engine.layer_path(&vid, l.seq));
     }
     engine.detach_volume(&vid).await.expect("detach");

@@ -7,10 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use livedisk_csi::engine::bitmap::context_name;
+use livedisk_csi::engine::bitmap::{LAYER_CLUSTER_SIZE, context_name};
 use livedisk_csi::engine::nbd_client::NbdClient;
 use livedisk_csi::engine::record::ExportTarget;
 use livedisk_csi::engine::{Code, Engine, Extent, SnapshotId, VolumeId};
@@ -124,6 +125,107 @@ async fn helper_bitmap(e: &Engine, s: &SnapshotId) -> Value {
         "the helper holds exactly one bitmap: {bitmaps:?}"
     );
     bitmaps[0].clone()
+}
+
+/// The QMP commands a future sends (the engine's `qmp send` debug events),
+/// in order: a subscriber scoped to that future only, so other tests of
+/// this binary and the engine's background tasks do not count.
+struct QmpLog(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QmpLog {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        #[derive(Default)]
+        struct V {
+            command: Option<String>,
+            send: bool,
+        }
+        impl tracing::field::Visit for V {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                if f.name() == "command" {
+                    self.command = Some(v.to_owned());
+                }
+            }
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" && format!("{v:?}") == "qmp send" {
+                    self.send = true;
+                }
+            }
+        }
+        let mut v = V::default();
+        event.record(&mut v);
+        if let (true, Some(c)) = (v.send, v.command) {
+            self.0.lock().expect("qmp log").push(c);
+        }
+    }
+}
+
+/// Runs `fut` and returns its output with the QMP commands it sent.
+async fn qmp_commands<T>(fut: impl std::future::Future<Output = T>) -> (T, Vec<String>) {
+    use tracing::instrument::WithSubscriber;
+    use tracing_subscriber::layer::SubscriberExt;
+    let log = Arc::new(Mutex::new(vec![]));
+    let sub = tracing_subscriber::registry().with(QmpLog(log.clone()));
+    let out = fut.with_subscriber(sub).await;
+    let cmds = log.lock().expect("qmp log").clone();
+    (out, cmds)
+}
+
+/// The helper node's bitmap, looked up by name the way the engine does
+/// (`x-debug-block-dirty-bitmap-sha256`): `None` when the helper or the
+/// bitmap is absent. Lists no nodes, so it is safe while a stream settles.
+async fn helper_bitmap_hash(e: &Engine, s: &SnapshotId, base: &SnapshotId) -> Option<String> {
+    match e
+        .qmp()
+        .execute(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({ "node": format!("c{}", &s.hex()[..24]), "name": format!("changed-since-{base}") }),
+        )
+        .await
+    {
+        Ok(v) => Some(v["sha256"].as_str().expect("sha256").to_owned()),
+        Err(err) if err.desc_contains("not found") => None,
+        Err(err) => panic!("x-debug-block-dirty-bitmap-sha256: {err}"),
+    }
+}
+
+/// Export ids of the daemon (`query-block-exports`).
+async fn export_ids(e: &Engine) -> Vec<String> {
+    let v = e
+        .qmp()
+        .execute("query-block-exports", json!({}))
+        .await
+        .expect("exports");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `qemu-img info` of a layer file (the daemon holds it: `-U`).
+fn image_info(file: &Path) -> Value {
+    run_json(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--output=json",
+            file.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
+/// A node of the daemon by name (`query-named-block-nodes`).
+async fn node(e: &Engine, name: &str) -> Value {
+    block_nodes(e)
+        .await
+        .into_iter()
+        .find(|n| n["node-name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("node {name} missing"))
 }
 
 /// The snapshot's view read offline from its layer file and the backing
@@ -265,6 +367,27 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
         assert_eq!(bm["granularity"], CLUSTER, "{bm}");
         assert_eq!(bm["recording"], false, "{bm}");
         assert_eq!(bm["name"], format!("changed-since-{b}"), "{bm}");
+        // The geometry the engine takes from the record is the daemon's:
+        // the helper is as large as the snapshot's layer node, and every
+        // layer file has the cluster size the bitmaps are built with.
+        let rec = e.record(&vol).expect("record");
+        let layer = rec
+            .layers
+            .iter()
+            .find(|l| l.sealed_by.as_ref() == Some(&s))
+            .expect("layer of s");
+        assert_eq!(
+            node(&e, &format!("c{}", &s.hex()[..24])).await["image"]["virtual-size"],
+            node(&e, &rec.node_name(layer.seq)).await["image"]["virtual-size"],
+        );
+        for l in &rec.layers {
+            assert_eq!(
+                image_info(&e.layer_path(&vol, l.seq))["cluster-size"],
+                LAYER_CLUSTER_SIZE,
+                "layer {}",
+                l.seq
+            );
+        }
 
         assert_eq!(nbdinfo_dirty(&x.uri(), &context), expected);
         assert_eq!(qemu_img_dirty(&socket, &x.name, &context), expected);
@@ -472,4 +595,255 @@ async fn a_bitmap_of_100k_extents_is_built_without_reading_data() {
         .find(|n| n["node-name"] == "tbig")
         .map(|n| n["dirty-bitmaps"][0]["count"].clone());
     assert_eq!(count, Some(json!(TIB)));
+}
+
+/// QEMU 7.2 segfaults on `query-named-block-nodes` while a finished
+/// `block-stream` job is not dismissed (a merge in stream mode or a clone's
+/// flatten of any volume, between its end and its owner's `job-dismiss`).
+/// Exporting (with a bitmap or without) and stopping exports must work then
+/// and leave the daemon alive: the export path lists no nodes. The volume
+/// was grown after the snapshot, so the helper's size must come from the
+/// snapshot, not from the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_work_while_a_finished_stream_job_waits_for_dismissal() {
+    let env = TestEnv::new("xst");
+    let e = env.engine().await;
+    let vol = VolumeId::generate();
+    let (b, s) = (SnapshotId::generate(), SnapshotId::generate());
+    e.create_volume(&vol, 16 * MIB).await.expect("create");
+    let write = |list: Vec<Extent>| {
+        let e = &e;
+        let vol = &vol;
+        async move {
+            let a = e.attach_volume(vol).await.expect("attach");
+            let mut c = NbdClient::connect(&a.socket, &a.name)
+                .await
+                .expect("connect");
+            c.write_zeroes(&list, Duration::from_secs(30))
+                .await
+                .expect("write");
+            c.disconnect().await.expect("disconnect");
+            e.detach_volume(vol).await.expect("detach");
+        }
+    };
+    let x = |offset: u64, length: u64| Extent { offset, length };
+    write(vec![x(0, CLUSTER)]).await;
+    e.create_snapshot(&vol, &b).await.expect("snapshot b");
+    let changed = vec![x(3 * CLUSTER, 2 * CLUSTER), x(100 * CLUSTER, CLUSTER)];
+    write(changed.clone()).await;
+    e.create_snapshot(&vol, &s).await.expect("snapshot s");
+    e.expand_volume(&vol, 32 * MIB).await.expect("expand");
+    assert_eq!(e.delta(&b, &s, 0, 100).expect("delta").extents, changed);
+
+    // A stream job of two scratch nodes (no volume's), finished and left
+    // undismissed.
+    let (base, top) = (env.root.join("tsbase.qcow2"), env.root.join("tstop.qcow2"));
+    for (f, backing) in [(&base, None), (&top, Some("tsbase.qcow2"))] {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            cmd.args(["-u", "-b", b, "-F", "qcow2"]);
+        }
+        assert!(cmd.arg(f).arg("4M").status().expect("qemu-img").success());
+    }
+    let io = Command::new("qemu-io")
+        .args(["-c", "write 0 1M"])
+        .arg(&base)
+        .output()
+        .expect("qemu-io");
+    assert!(io.status.success());
+    let q = e.qmp();
+    for (name, file, backing) in [
+        ("tsbase", &base, Value::Null),
+        ("tstop", &top, json!("tsbase")),
+    ] {
+        q.execute(
+            "blockdev-add",
+            json!({ "driver": "qcow2", "node-name": name, "backing": backing,
+                    "file": { "driver": "file", "filename": file } }),
+        )
+        .await
+        .expect("scratch node");
+    }
+    q.execute(
+        "block-stream",
+        json!({ "job-id": "tstream", "device": "tstop", "auto-dismiss": false }),
+    )
+    .await
+    .expect("block-stream");
+    let t = Instant::now();
+    loop {
+        let jobs = e.jobs().await.expect("jobs");
+        if jobs
+            .iter()
+            .any(|j| j.id == "tstream" && j.status == "concluded")
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "stream not concluded: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = env.daemon_pid();
+
+    // Changed since b: built, published, read back; idempotent; stopped.
+    let context = context_name(&b);
+    let xp = e
+        .export_snapshot_changed_since(&s, &b)
+        .await
+        .expect("export changed since b while a stream settles");
+    assert_eq!(nbdinfo_dirty(&xp.uri(), &context), changed);
+    assert!(helper_bitmap_hash(&e, &s, &b).await.is_some());
+    assert_eq!(
+        e.export_snapshot_changed_since(&s, &b)
+            .await
+            .expect("again"),
+        xp
+    );
+    e.unexport_snapshot(&s).await.expect("unexport");
+    assert_eq!(helper_bitmap_hash(&e, &s, &b).await, None, "helper left");
+    // Plain: exported and stopped.
+    let sid = format!("s{}", &s.hex()[..24]);
+    let plain = e.export_snapshot(&s).await.expect("plain export");
+    assert_eq!(plain.dirty_bitmap, None);
+    assert!(export_ids(&e).await.contains(&sid));
+    e.unexport_snapshot(&s).await.expect("plain unexport");
+    assert!(!export_ids(&e).await.contains(&sid));
+    // The same daemon throughout, still answering.
+    assert_eq!(env.daemon_pid(), pid);
+    assert_eq!(daemons_for(&env.cfg.runtime_dir), 1);
+    assert!(
+        e.jobs()
+            .await
+            .expect("the daemon answers")
+            .iter()
+            .any(|j| j.id == "tstream" && j.status == "concluded")
+    );
+
+    // Dismissed, the node list is safe again: the helper of a new export
+    // is as large as the snapshot (16 MiB), not as the volume (32 MiB).
+    q.execute("job-dismiss", json!({ "id": "tstream" }))
+        .await
+        .expect("dismiss");
+    for n in ["tstop", "tsbase"] {
+        q.execute("blockdev-del", json!({ "node-name": n }))
+            .await
+            .expect("drop scratch node");
+    }
+    let xp = e
+        .export_snapshot_changed_since(&s, &b)
+        .await
+        .expect("export again");
+    assert_eq!(nbdinfo_dirty(&xp.uri(), &context), changed);
+    let helper = node(&e, &format!("c{}", &s.hex()[..24])).await;
+    assert_eq!(helper["image"]["virtual-size"], 16 * MIB, "{helper}");
+    assert_eq!(helper_bitmap(&e, &s).await["granularity"], CLUSTER);
+    e.unexport_snapshot(&s).await.expect("unexport");
+    assert_eq!(helpers(&e, &s).await, Vec::<String>::new());
+}
+
+/// Stopping a plain snapshot export (no bitmap in its record) sends only
+/// the export's own deletion and the check that it is gone: no lookups of
+/// bitmap helpers. A helper an interrupted export left is still removed:
+/// by recovery's sweep, and by stopping an export the record does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_unexport_skips_the_bitmap_cleanup_and_leftovers_are_swept() {
+    let env = TestEnv::new("xpl");
+    let vol = VolumeId::generate();
+    let s = SnapshotId::generate();
+    let helper = format!("c{}", &s.hex()[..24]);
+    let add_leftover = |e: &Engine| {
+        let helper = helper.clone();
+        let q = e.qmp().clone();
+        async move {
+            // What a build killed before its record was saved leaves.
+            q.execute(
+                "blockdev-add",
+                json!({ "driver": "null-co", "node-name": helper, "size": 8 * MIB }),
+            )
+            .await
+            .expect("leftover helper");
+        }
+    };
+    let has_helper = |e: &Engine| {
+        let helper = helper.clone();
+        let e = e.qmp().clone();
+        async move {
+            let v = e
+                .execute("query-named-block-nodes", json!({ "flat": true }))
+                .await
+                .expect("nodes");
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["node-name"].as_str() == Some(helper.as_str()))
+        }
+    };
+    {
+        let e = env.engine().await;
+        e.create_volume(&vol, 8 * MIB).await.expect("create");
+        e.create_snapshot(&vol, &s).await.expect("snapshot");
+        add_leftover(&e).await;
+        let x = e.export_snapshot(&s).await.expect("plain export");
+        assert_eq!(x.dirty_bitmap, None);
+        let (r, cmds) = qmp_commands(e.unexport_snapshot(&s)).await;
+        r.expect("unexport");
+        assert!(
+            cmds.len() >= 2
+                && cmds[0] == "block-export-del"
+                && cmds[1..].iter().all(|c| c == "query-block-exports"),
+            "a plain unexport sent {cmds:?}"
+        );
+        assert!(
+            !export_ids(&e)
+                .await
+                .contains(&format!("s{}", &s.hex()[..24]))
+        );
+        assert!(has_helper(&e).await, "the plain path touched the helper");
+    }
+    // Recovery (a new engine on the same daemon) sweeps the leftover.
+    let e = env.engine().await;
+    assert!(!has_helper(&e).await, "recovery left the helper");
+    // Stopping an export the record does not name cleans up too.
+    add_leftover(&e).await;
+    e.unexport_snapshot(&s).await.expect("unexport unrecorded");
+    assert!(!has_helper(&e).await, "unexport left the helper");
+    // The bitmap path still removes its helper (see the first test) and a
+    // plain export of the same snapshot works again.
+    e.export_snapshot(&s).await.expect("plain export again");
+    e.unexport_snapshot(&s).await.expect("unexport again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nbd_client_writes_data_that_reads_back() {
+    let env = TestEnv::new("xwr");
+    let e = env.engine().await;
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 4 * CLUSTER).await.expect("create");
+    let attach = e.attach_volume(&vol).await.expect("attach");
+    let mut c = NbdClient::connect(&attach.socket, &attach.name)
+        .await
+        .expect("connect");
+    c.write(CLUSTER, &[0x5a; 8192]).await.expect("write");
+    c.disconnect().await.expect("disconnect");
+    let read = |pattern: &str, offset: u64, len: u64| {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c"])
+            .arg(format!("read -P {pattern} {offset} {len}"))
+            .arg(attach.uri())
+            .output()
+            .expect("qemu-io")
+    };
+    let ok = |o: std::process::Output| {
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        o.status.success() && !out.contains("Pattern verification failed")
+    };
+    assert!(ok(read("0x5a", CLUSTER, 8192)), "written data reads back");
+    assert!(ok(read("0", 0, CLUSTER)), "nothing else written");
+    assert!(
+        ok(read("0", CLUSTER + 8192, CLUSTER)),
+        "nothing else written"
+    );
 }

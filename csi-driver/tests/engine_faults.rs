@@ -313,6 +313,10 @@ async fn merge_survives_daemon_kill_at_several_points() {
         ("failpoint merge-after-seal, library only", true),
         ("failpoint merge-after-complete, daemon too", true),
         ("failpoint merge-after-complete, library only", true),
+        // Copied, flushed by the library, not yet finalized: the job waits
+        // (`pending`) for a finisher that died.
+        ("failpoint merge-before-finalize, daemon too", true),
+        ("failpoint merge-before-finalize, library only", true),
     ] {
         let env = TestEnv::new("mergekill");
         let vol = VolumeId::generate();

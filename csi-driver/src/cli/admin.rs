@@ -348,7 +348,8 @@ async fn delete_snapshot(
             .with_context(|| format!("deleting snapshot {snap}"))?;
         let status = job_info(engine, &job).await?.map(|j| j.status);
         match status {
-            Some(s) if s != "concluded" => {
+            // Pending: copied, waiting for its finisher (see below).
+            Some(s) if s != "concluded" && s != "pending" => {
                 return Ok(views::message(
                     format!(
                         "merge job {job} started for snapshot {snap} ({s}); follow it with `admin jobs`"

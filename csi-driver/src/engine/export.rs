@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// Bound on waiting for a deleted export to leave the daemon.
+const EXPORT_GONE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The export list is read again at least this often while no
+/// `BLOCK_EXPORT_DELETED` arrives.
+const EXPORT_GONE_POLL: Duration = Duration::from_millis(100);
+
 impl Engine {
     // ----- exports ---------------------------------------------------------
 
@@ -72,9 +78,7 @@ impl Engine {
                     &owned
                 }
             };
-            let b = self
-                .build_changed_bitmap(rec, id, base, &node, list)
-                .await?;
+            let b = self.build_changed_bitmap(rec, id, base, list).await?;
             tracing::info!(snapshot = %id, %base, build = ?b, "changed-block bitmap built");
             args["bitmaps"] =
                 json!([{ "node": bitmap::helper_node(id), "name": bitmap::bitmap_name(base) }]);
@@ -112,42 +116,62 @@ impl Engine {
     /// True when the helper node of `snap` carries the bitmap changed since
     /// `base` (the export then publishes it: only exports add helpers).
     async fn serves_bitmap(&self, snap: &SnapshotId, base: &SnapshotId) -> Result<bool> {
-        let want = bitmap::bitmap_name(base);
-        Ok(self.helper_bitmap(snap).await?.is_some_and(|b| {
-            b.as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["name"].as_str() == Some(want.as_str()))
-        }))
+        Ok(self.helper_bitmap_sha256(snap, base).await?.is_some())
     }
 
+    /// Stops an export as `rec` names it and waits until it is gone.
     pub(super) async fn remove_export(
         &self,
         rec: &VolumeRecord,
         target: &ExportTarget,
     ) -> Result<()> {
         let (_, eid) = rec.export_names(target);
+        self.delete_export_and_wait(&eid).await
+    }
+
+    /// Deletes an export (safe mode: refused while a client is connected)
+    /// and returns once the daemon no longer lists it; absent already:
+    /// nothing to wait for. The one way the engine stops an export: the
+    /// consumer's, a snapshot's, and the internal writer export of a bitmap
+    /// build (a bitmap's helper node may only go once no export is left).
+    ///
+    /// `BLOCK_EXPORT_DELETED` only wakes the wait; `query-block-exports` is
+    /// the truth (a lagging event subscriber, or a late event of an earlier
+    /// export with the same id, must not make us believe it gone), read
+    /// again at least every `EXPORT_GONE_POLL`.
+    pub(super) async fn delete_export_and_wait(&self, eid: &str) -> Result<()> {
+        // Subscribed before the command, so its event cannot slip past.
         let mut rx = self.qmp.subscribe();
         match self
             .qmp
             .execute("block-export-del", json!({ "id": eid }))
             .await
         {
-            Ok(_) => {
-                qmp::wait_event(
-                    &mut rx,
-                    "BLOCK_EXPORT_DELETED",
-                    Duration::from_secs(30),
-                    |e| {
-                        e.event == "BLOCK_EXPORT_DELETED"
-                            && e.data.get("id").and_then(Value::as_str) == Some(&eid)
-                    },
-                )
-                .await?;
-                Ok(())
+            Ok(_) => {}
+            Err(e) if e.desc_contains("not found") => return Ok(()),
+            // Shutting down already: wait for it below.
+            Err(e) if e.desc_contains("already shutting down") => {}
+            Err(e) => return Err(e.into()),
+        }
+        let deadline = Instant::now() + EXPORT_GONE_TIMEOUT;
+        loop {
+            let wait = EXPORT_GONE_POLL.min(deadline.saturating_duration_since(Instant::now()));
+            // Woken by the event or after `wait`; a closed session shows
+            // in the query below.
+            let _ = qmp::wait_event(&mut rx, "BLOCK_EXPORT_DELETED", wait, |e| {
+                e.event == "BLOCK_EXPORT_DELETED"
+                    && e.data.get("id").and_then(Value::as_str) == Some(eid)
+            })
+            .await;
+            if !self.export_ids().await?.contains(eid) {
+                return Ok(());
             }
-            Err(e) if e.desc_contains("not found") => Ok(()),
-            Err(e) => Err(e.into()),
+            if Instant::now() >= deadline {
+                return Err(EngineError::Busy(format!(
+                    "export {eid} (still shutting down after {EXPORT_GONE_TIMEOUT:?}: \
+                     a client is still connected)"
+                )));
+            }
         }
     }
 
@@ -217,16 +241,27 @@ impl Engine {
     pub(super) async fn unexport(&self, volume: &VolumeId, target: ExportTarget) -> Result<()> {
         let _g = self.locks.try_lock(volume)?;
         let mut rec = self.load(volume)?;
+        // What the record says of the export's bitmap. A plain export never
+        // had a helper; one the record does not name at all may have been
+        // left half-built by an interrupted export, so it is cleaned up as
+        // if it had one. (Helpers a crash leaves behind a plain export are
+        // found by recovery's `sweep_export_helpers`.)
+        let has_bitmap = match rec.exports.iter().find(|e| e.target == target) {
+            Some(e) => e.changed_since.is_some(),
+            None => true,
+        };
         self.remove_export(&rec, &target).await?;
-        if let ExportTarget::Snapshot { id } = &target {
-            // After the export is gone, never before (see bitmap.rs). Done
-            // whether or not the record names a base: an interrupted build
-            // may have left a helper.
+        if let ExportTarget::Snapshot { id } = &target
+            && has_bitmap
+        {
+            // After the export is gone, never before (see bitmap.rs).
             self.drop_changed_bitmap(&rec, id).await?;
         }
         rec.exports.retain(|e| e.target != target);
         self.store.save(&rec)?;
         if let ExportTarget::Snapshot { id } = &target {
+            // A file operation only: also a frozen list an interrupted
+            // export left.
             self.remove_changed_file(volume, id)?;
         }
         Ok(())

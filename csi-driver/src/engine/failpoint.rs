@@ -7,7 +7,9 @@
 //! Points: `snapshot-before-transaction`, `snapshot-after-transaction`,
 //! `merge-before-seal`, `merge-after-seal` (around the internal seal's
 //! transaction when deleting the latest snapshot), `merge-before-complete`
-//! (active commits: deleted volumes only), `merge-after-complete`;
+//! (active commits: deleted volumes only), `merge-before-finalize` (a
+//! non-active commit copied and flushed, its job `pending`),
+//! `merge-after-complete`;
 //! `revert-before-rebase` (the new layer's file exists, its difference not
 //! yet computed), `revert-before-built` (computed, not yet marked built),
 //! `revert-after-built` (marked built, no switch yet), `revert-after-switch`

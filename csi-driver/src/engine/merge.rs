@@ -259,6 +259,19 @@ impl Engine {
         Ok(())
     }
 
+    /// The file of the layer a merge job writes into when the engine
+    /// finalizes the job itself (non-active commits: the base).
+    fn finalized_by_us(&self, rec: &VolumeRecord, plan: &plan::DeletePlan) -> Option<PathBuf> {
+        match plan {
+            plan::DeletePlan::Commit {
+                base,
+                active: false,
+                ..
+            } => Some(self.vol_dir(&rec.id).join(VolumeRecord::layer_file(*base))),
+            _ => None,
+        }
+    }
+
     pub(super) async fn dismiss(&self, job: &str) {
         // Not found is fine: the daemon restarted or it was dismissed.
         let _ = self.qmp.execute("job-dismiss", json!({ "id": job })).await;
@@ -310,6 +323,14 @@ impl Engine {
         if !wait {
             return Ok(());
         }
+        // The layer a non-active commit writes into: written back while the
+        // job copies, and flushed by us before the job is finalized (see
+        // `writeback.rs`).
+        let written = self.finalized_by_us(rec, plan);
+        let mut pacer = written
+            .clone()
+            .filter(|_| status.as_deref() == Some("running"))
+            .and_then(writeback::WritebackPacer::start);
         // Drive the job through its states. Statuses are re-read with
         // query-jobs after each event, and at least every JOB_POLL, so a
         // missed event delays us by one poll at most, never forever.
@@ -334,6 +355,23 @@ impl Engine {
                         .execute("job-complete", json!({ "id": job }))
                         .await?;
                     completed = true;
+                    Self::wait_job_poll(&mut rx, job, &["concluded"]).await?;
+                }
+                Some("pending") => {
+                    drop(pacer.take());
+                    if let Some(file) = &written {
+                        // Not drained now: the consumer keeps writing while
+                        // this runs, and the finalize's reopen flush below
+                        // (under drain) finds the data on disk already.
+                        if let Err(e) = writeback::flush_file(file).await {
+                            tracing::warn!(file = %file.display(), error = %e,
+                                "flushing a merged layer early failed; QEMU flushes it");
+                        }
+                    }
+                    failpoint::hit("merge-before-finalize", self.daemon.pid);
+                    self.qmp
+                        .execute("job-finalize", json!({ "id": job }))
+                        .await?;
                     Self::wait_job_poll(&mut rx, job, &["concluded"]).await?;
                 }
                 Some("concluded") => {
@@ -363,7 +401,7 @@ impl Engine {
                     });
                 }
                 Some(_) => {
-                    Self::wait_job_poll(&mut rx, job, &["ready", "concluded"]).await?;
+                    Self::wait_job_poll(&mut rx, job, &["ready", "pending", "concluded"]).await?;
                 }
             }
             status = qmp::query_jobs(&self.qmp)
@@ -410,6 +448,10 @@ impl Engine {
                     "speed": speed,
                 });
                 if !active {
+                    // Finalized by us after flushing the base (see
+                    // `writeback.rs`). Not for active commits: a mirror keeps
+                    // the chain drained from its last copy until finalized.
+                    args["auto-finalize"] = json!(false);
                     args["top-node"] = json!(rec.node_name(*top));
                     // The name QEMU writes into the header of the layer
                     // above `top`: by default the base node's filename,
@@ -454,19 +496,45 @@ impl Engine {
 
     /// Changes a running merge's rate limit (bytes/s, 0 = unlimited).
     pub async fn set_job_speed(&self, job: &str, speed: u64) -> Result<()> {
-        self.qmp
+        let r = self
+            .qmp
             .execute(
                 "block-job-set-speed",
                 json!({ "device": job, "speed": speed }),
             )
-            .await?;
-        Ok(())
+            .await;
+        self.job_verb_result(job, "its speed can no longer change", r)
+            .await
     }
 
     /// Cancels a running merge. The snapshot stays `deleting` (its layer may
     /// already hold newer data); deleting it again finishes the merge.
     pub async fn cancel_job(&self, job: &str) -> Result<()> {
-        self.qmp.execute("job-cancel", json!({ "id": job })).await?;
-        Ok(())
+        let r = self.qmp.execute("job-cancel", json!({ "id": job })).await;
+        self.job_verb_result(job, "it can no longer be cancelled", r)
+            .await
+    }
+
+    /// A job that has copied everything and waits for its finisher
+    /// (`pending`) refuses cancel and speed changes: say so plainly instead
+    /// of QEMU's verb error.
+    async fn job_verb_result(
+        &self,
+        job: &str,
+        refused: &str,
+        r: std::result::Result<Value, QmpError>,
+    ) -> Result<()> {
+        let Err(e) = r else { return Ok(()) };
+        let status = qmp::query_jobs(&self.qmp)
+            .await?
+            .into_iter()
+            .find(|j| j.id == job)
+            .map(|j| j.status);
+        match status.as_deref() {
+            Some("pending") => Err(EngineError::FailedPrecondition(format!(
+                "merge job {job} has copied everything and is finishing; {refused}"
+            ))),
+            _ => Err(e.into()),
+        }
     }
 }

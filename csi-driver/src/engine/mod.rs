@@ -27,6 +27,7 @@ pub mod record;
 pub mod recover;
 mod revert;
 mod snapshot;
+mod writeback;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -441,15 +442,6 @@ impl Engine {
             .filter_map(|n| n.get("node-name").and_then(Value::as_str))
             .map(str::to_owned)
             .collect())
-    }
-
-    /// One block node of the daemon, by name.
-    async fn block_node(&self, name: &str) -> Result<Option<Value>> {
-        Ok(self
-            .block_nodes()
-            .await?
-            .into_iter()
-            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(name)))
     }
 
     async fn export_ids(&self) -> Result<HashSet<String>> {

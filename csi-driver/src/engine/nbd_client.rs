@@ -1,5 +1,6 @@
 //! A minimal NBD client: fixed-newstyle handshake with `NBD_OPT_GO`, then
-//! pipelined `NBD_CMD_WRITE_ZEROES` requests with simple replies.
+//! pipelined `NBD_CMD_WRITE_ZEROES` requests with simple replies (and single
+//! durable writes, for the benchmark's latency probe).
 //!
 //! It exists for one job: setting bits of a dirty bitmap in our own daemon
 //! (see `engine/bitmap.rs`). QEMU has no QMP command that sets arbitrary
@@ -33,8 +34,11 @@ const REP_INFO: u32 = 3;
 const REP_ERR_BIT: u32 = 1 << 31;
 const INFO_EXPORT: u16 = 0;
 const TFLAG_READ_ONLY: u16 = 1 << 1;
+const TFLAG_SEND_FUA: u16 = 1 << 3;
 const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_WRITE_ZEROES: u16 = 6;
 
 /// Largest single request: the 32-bit length field's maximum rounded down
@@ -210,6 +214,41 @@ impl NbdClient {
             .await
             .map_err(|_| NbdError::Timeout(timeout))??;
         Ok(count)
+    }
+
+    /// One write, with FUA where the export offers it (QEMU's do), so the
+    /// reply means the data is durable: what a consumer's `O_DSYNC` write
+    /// waits for. Used by the benchmark to time a consumer's writes.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        if self.flags & TFLAG_READ_ONLY != 0 {
+            return Err(NbdError::Protocol("export is read-only".into()));
+        }
+        let length = u32::try_from(data.len())
+            .map_err(|_| NbdError::Protocol("write larger than 4 GiB".into()))?;
+        let flags = if self.flags & TFLAG_SEND_FUA != 0 {
+            CMD_FLAG_FUA
+        } else {
+            0
+        };
+        let mut req = request(CMD_WRITE, 0, offset, length);
+        req[4..6].copy_from_slice(&flags.to_be_bytes());
+        self.stream.write_all(&req).await?;
+        self.stream.write_all(data).await?;
+        let mut rep = [0u8; 16];
+        self.stream.read_exact(&mut rep).await?;
+        let magic = u32::from_be_bytes(be4(&rep[0..4]));
+        let errno = u32::from_be_bytes(be4(&rep[4..8]));
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(NbdError::Protocol(format!("reply magic {magic:#x}")));
+        }
+        if errno != 0 {
+            return Err(NbdError::Request {
+                offset,
+                length: u64::from(length),
+                errno,
+            });
+        }
+        Ok(())
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`); the server closes it.

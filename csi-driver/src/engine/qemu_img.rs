@@ -45,9 +45,15 @@ fn path_str(p: &Path) -> Result<&str, QemuImgError> {
 /// own directory) in the header so offline tools (`qemu-img check`,
 /// `compare`) can follow the chain. `-u` because the backing file is open in
 /// the daemon and must not be opened (locked) here.
+/// The qcow2 cluster size of every layer file (new volumes, snapshot
+/// overlays, internal seals, clones, reverts all come from [`create`]): the
+/// granularity of extent records and of changed-block bitmaps.
+pub const LAYER_CLUSTER_SIZE: u64 = 65536;
+
 pub async fn create(file: &Path, size: u64, backing: Option<&str>) -> Result<(), QemuImgError> {
     let size = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    let cluster = format!("cluster_size={LAYER_CLUSTER_SIZE}");
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &cluster];
     if let Some(b) = backing {
         args.extend(["-u", "-b", b, "-F", "qcow2"]);
     }

@@ -335,11 +335,11 @@ impl Engine {
                     .into_iter()
                     .find(|j| j.id == job)
                     .map(|j| j.status);
-                // Only a job that ended (or waits for `job-complete`) is
-                // finished here; a running one goes on by itself, and a
+                // Only a job that ended (or waits for `job-complete` or
+                // `job-finalize`) is finished here; a running one goes on by itself, and a
                 // missing one is not restarted: it was cancelled (or never
                 // started) and stays so until the snapshot is deleted again.
-                if matches!(status.as_deref(), Some("concluded" | "ready"))
+                if matches!(status.as_deref(), Some("concluded" | "ready" | "pending"))
                     && !self.qmp.claimed(&job)
                 {
                     tracing::info!(volume = %id, %snapshot, "finishing a merge another process started");
@@ -389,8 +389,8 @@ impl Engine {
         }) = &rec.in_flight
         {
             let status = view.jobs.get(job).map(|j| j.status.as_str());
-            let ended =
-                matches!(status, Some("concluded" | "ready")) && !view.claimed.contains(job);
+            let ended = matches!(status, Some("concluded" | "ready" | "pending"))
+                && !view.claimed.contains(job);
             let lost_completion = status.is_none() && *phase == MergePhase::Completing;
             if seal.is_some() || ended || lost_completion {
                 return true;
@@ -411,6 +411,15 @@ impl Engine {
             return true;
         }
         if rec.clone_of.is_some() && !view.jobs.contains_key(&flatten_job_id(&rec.id)) {
+            return true;
+        }
+        // Bitmap helpers, writer exports and frozen extent lists an
+        // interrupted export left: exactly what `sweep_export_helpers`
+        // (run by `reconcile_with`) removes, so this never flags forever.
+        if !self
+            .export_leftovers(rec, &view.nodes, &view.exports)
+            .is_empty()
+        {
             return true;
         }
         !self.orphan_files(rec).is_empty()
@@ -501,7 +510,7 @@ fn orphan_nodes<'a>(
 /// half torn down until the job is dismissed), and every recovery step
 /// queries the nodes. Its owner dismisses it at once (a merge's finisher,
 /// the flatten watcher), so light recovery waits for that instead.
-fn stream_settling(jobs: &[JobInfo]) -> bool {
+pub(super) fn stream_settling(jobs: &[JobInfo]) -> bool {
     jobs.iter().any(|j| {
         j.kind == "stream"
             && matches!(
@@ -546,7 +555,7 @@ fn adopt_interval() -> Duration {
 }
 
 /// The node plugin's adopter: a `Recovery::Light` pass whenever a merge job
-/// ends or waits (`JOB_STATUS_CHANGE` to concluded/ready, seen on every
+/// ends or waits (`JOB_STATUS_CHANGE` to concluded/ready/pending, seen on every
 /// monitor, so also for jobs the admin CLI started), and every
 /// `ADOPT_INTERVAL`. A merge the CLI started and left running is thus
 /// finished and recorded by the node plugin as soon as its job concludes,
@@ -564,7 +573,7 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
                         && ev.job_id().is_some_and(|j| j.starts_with('m'))
                         && matches!(
                             ev.data.get("status").and_then(Value::as_str),
-                            Some("concluded" | "ready")
+                            Some("concluded" | "ready" | "pending")
                         );
                     if !wakes {
                         continue;

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use livedisk_csi::csi::attach::Attacher;
-use livedisk_csi::engine::{Engine, SnapshotId, VolumeId};
+use livedisk_csi::engine::nbd_client::NbdClient;
+use livedisk_csi::engine::{Engine, ExportInfo, SnapshotId, VolumeId};
 
 use crate::report::{Row, Target, median, mibps, ms};
 use crate::tools::{
@@ -123,12 +124,17 @@ pub async fn snapshot_latency(e: &Engine, c: &Config) -> Result<Vec<Row>> {
     ])
 }
 
-/// One engine merge of `data` bytes: a two-snapshot chain whose older
-/// snapshot is deleted (non-active commit), optionally with a writer on.
-/// Before the merge, the two layers are copied to `peer_dir` (same names,
-/// same qcow2 layout) for the raw `qemu-img commit` of the same chain.
-async fn engine_merge(e: &Engine, data: u64, with_writer: bool, peer_dir: &Path) -> Result<f64> {
-    let (vol, uri) = attached_volume(e, 2 * data).await?;
+/// The merge benchmark's chain on a new volume of `2 * data` bytes:
+/// `layer0` (`data` bytes) ← `layer1` (`data` bytes over the same range) ←
+/// active, written through the volume's export. Returns the volume, its
+/// export and the older snapshot, whose deletion commits layer1 into layer0.
+async fn merge_chain(e: &Engine, data: u64) -> Result<(VolumeId, ExportInfo, SnapshotId)> {
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 2 * data)
+        .await
+        .context("create volume")?;
+    let export = e.attach_volume(&vol).await.context("attach")?;
+    let uri = export.uri();
     let count = (data / MIB).to_string();
     let write = |pattern: &'static str| {
         let uri = uri.clone();
@@ -142,6 +148,70 @@ async fn engine_merge(e: &Engine, data: u64, with_writer: bool, peer_dir: &Path)
     e.create_snapshot(&vol, &SnapshotId::generate())
         .await
         .context("snapshot 2")?;
+    Ok((vol, export, s1))
+}
+
+/// What the consumer feels of a merge: one more merge of the benchmark's
+/// chain, with the writer on and a probe timing single durable 4 KiB
+/// writes (FUA, what an `O_DSYNC` write waits for) on the merged volume all
+/// the way through; returns the longest. Kept out of the throughput runs:
+/// the probe's flushes are load the peer would not share.
+async fn merge_stall(e: &Engine, data: u64) -> Result<Duration> {
+    let (_, export, s1) = merge_chain(e, data).await?;
+    let uri = export.uri();
+    let mut client = NbdClient::connect(&export.socket, &export.name)
+        .await
+        .context("probe connect")?;
+    drop_caches();
+    let writer = Writer::start(&uri)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let block = [0x5au8; 4096];
+            let mut longest = Duration::ZERO;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Above the merged range: the probe never touches its data.
+                let offset = data + (i % 4096) * 4096;
+                let t = Instant::now();
+                client.write(offset, &block).await?;
+                longest = longest.max(t.elapsed());
+                i += 1;
+            }
+            client.disconnect().await?;
+            Ok::<_, anyhow::Error>(longest)
+        })
+    };
+    // The probe is writing before the merge starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let merged = e.delete_snapshot(&s1, None).await.context("merge");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let longest = probe.await.context("probe task")??;
+    writer.stop().await?;
+    merged?;
+    e.reclaimed().await;
+    Ok(longest)
+}
+
+/// One pair of the merge benchmark: an engine merge of `data` bytes (a
+/// two-snapshot chain whose older snapshot is deleted: a non-active commit)
+/// and the raw `qemu-img commit` of a copy of the same two layers (same
+/// names, same qcow2 layout, copied before either runs), each from a cold
+/// page cache, with the writer on or not. `peer_first` alternates the order
+/// between runs, so that whatever the first one leaves behind on the
+/// machine (the host's own write-back of the data just written) weighs on
+/// both sides alike. Returns (engine, peer) MiB/s.
+async fn merge_pair(
+    e: &Engine,
+    data: u64,
+    load: Option<&str>,
+    peer_dir: &Path,
+    peer_first: bool,
+) -> Result<(f64, f64)> {
+    let (vol, export, s1) = merge_chain(e, data).await?;
+    let uri = export.uri();
     // Layers 0 and 1 are sealed: nothing writes them any more.
     std::fs::create_dir_all(peer_dir).context("peer dir")?;
     for seq in [0, 1] {
@@ -150,12 +220,13 @@ async fn engine_merge(e: &Engine, data: u64, with_writer: bool, peer_dir: &Path)
         std::fs::copy(&src, peer_dir.join(name))
             .with_context(|| format!("copy {}", src.display()))?;
     }
-    drop_caches();
-    let writer = if with_writer {
-        Some(Writer::start(&uri)?)
+    let peer = if peer_first {
+        Some(raw_commit(peer_dir, data, load).await?)
     } else {
         None
     };
+    drop_caches();
+    let writer = load.map(|_| Writer::start(&uri)).transpose()?;
     let t = Instant::now();
     e.delete_snapshot(&s1, None).await.context("merge")?;
     let speed = mibps(data, t.elapsed().as_secs_f64());
@@ -165,10 +236,14 @@ async fn engine_merge(e: &Engine, data: u64, with_writer: bool, peer_dir: &Path)
     // Freeing the merged-away file is not part of the merge (the engine
     // does it in the background); keep it out of the next measurement.
     e.reclaimed().await;
-    Ok(speed)
+    let peer = match peer {
+        Some(p) => p,
+        None => raw_commit(peer_dir, data, load).await?,
+    };
+    Ok((speed, peer))
 }
 
-/// Raw `qemu-img commit` of the chain `engine_merge` copied to `peer_dir`
+/// Raw `qemu-img commit` of the chain `merge_pair` copied to `peer_dir`
 /// (`layer-1.qcow2` over `layer-0.qcow2`), caches dropped first. With
 /// `load`, the same writer as the engine's runs meanwhile, on a scratch
 /// volume of the engine (an offline commit cannot have a writer on its own
@@ -198,18 +273,19 @@ pub async fn merge_throughput(e: &Engine, c: &Config) -> Result<Vec<Row>> {
     let (mut live_ratio, mut quiet_ratio, mut idle_peer_ratio) = (vec![], vec![], vec![]);
     for i in 0..c.heavy_runs {
         progress(&format!("merge run {}/{}", i + 1, c.heavy_runs));
-        let m = engine_merge(e, data, true, &peer_dir).await?;
-        let r = raw_commit(&peer_dir, data, Some(&scratch)).await?;
+        let peer_first = i % 2 == 1;
+        let (m, r) = merge_pair(e, data, Some(&scratch), &peer_dir, peer_first).await?;
         live.push(m);
         raw_live.push(r);
         live_ratio.push(m / r);
-        let q = engine_merge(e, data, false, &peer_dir).await?;
-        let r = raw_commit(&peer_dir, data, None).await?;
+        let (q, r) = merge_pair(e, data, None, &peer_dir, !peer_first).await?;
         quiet.push(q);
         raw_quiet.push(r);
         quiet_ratio.push(q / r);
         idle_peer_ratio.push(m / r);
     }
+    progress("merge: the consumer's longest write during a merge");
+    let stall = merge_stall(e, data).await?;
     let mib = data / MIB;
     Ok(vec![
         Row {
@@ -231,6 +307,15 @@ pub async fn merge_throughput(e: &Engine, c: &Config) -> Result<Vec<Row>> {
             measured: format!("{:.0} MiB/s", median(live)),
             peer: format!("{:.0} MiB/s", median(raw_quiet)),
             ratio: median(idle_peer_ratio),
+            target: Target::Info,
+        },
+        Row {
+            name: format!(
+                "(b)   consumer's longest durable 4 KiB write during a {mib} MiB merge (one run)"
+            ),
+            measured: ms(stall.as_secs_f64()),
+            peer: String::new(),
+            ratio: f64::NAN,
             target: Target::Info,
         },
     ])
