@@ -7,7 +7,8 @@
 #   LIVEDISK_BENCH_SCALE       data sizes x this (default 1: 256 MiB snapshot
 #                              data, 512 MiB merge, 1 GiB attach I/O)
 #   LIVEDISK_BENCH_RUNS        runs of snapshot/query benches (default 5)
-#   LIVEDISK_BENCH_HEAVY_RUNS  runs of merge/attach benches (default 3)
+#   LIVEDISK_BENCH_HEAVY_RUNS  runs of merge/attach benches (default 4: the merge
+#                              alternates which side goes first)
 #   LIVEDISK_BENCH_EXTENTS     changed extents on the 1 TiB disk (default 100000)
 #   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" (default: all)
 #   LIVEDISK_BENCH_DIR         where the temporary pool goes (default /var/tmp;

@@ -58,7 +58,7 @@ fn config() -> Result<Config> {
         dir,
         scale: env_or("LIVEDISK_BENCH_SCALE", 1.0)?,
         runs: env_or("LIVEDISK_BENCH_RUNS", 5usize)?.max(1),
-        heavy_runs: env_or("LIVEDISK_BENCH_HEAVY_RUNS", 3usize)?.max(1),
+        heavy_runs: env_or("LIVEDISK_BENCH_HEAVY_RUNS", 4usize)?.max(1),
         extents: env_or("LIVEDISK_BENCH_EXTENTS", 100_000u64)?,
         only: only_scenarios()?,
     })
