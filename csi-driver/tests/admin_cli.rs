@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestEnv, daemons_for, pool_fingerprint, wait_until};
+use common::{TestEnv, daemons_for, pool_fingerprint, qemu_io_read, qemu_io_write, wait_until};
 use livedisk_csi::engine::{Code, Engine, SnapshotId, VolumeId};
 use serde_json::Value;
 
@@ -65,23 +65,6 @@ fn admin_env(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> Output {
         .expect("run livedisk-csi")
 }
 
-fn qemu_io_read(uri: &str, pattern: u8, offset: u64, len: u64) {
-    let rd = Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c"])
-        .arg(format!("read -P {pattern} {offset} {len}"))
-        .arg(uri)
-        .output()
-        .expect("qemu-io read");
-    let out = String::from_utf8_lossy(&rd.stdout);
-    assert!(
-        rd.status.success()
-            && out.contains(&format!("read {len}/{len}"))
-            && !out.contains("Pattern verification failed"),
-        "{out}{}",
-        String::from_utf8_lossy(&rd.stderr)
-    );
-}
-
 /// A call on the held engine, retried while it answers ABORTED: the
 /// engine's adopter may hold the volume for a moment (as a CSI sidecar
 /// retries ABORTED).
@@ -115,20 +98,6 @@ fn file_names(dir: &std::path::Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn qemu_io_write(uri: &str, pattern: u8, offset: u64, len: u64) {
-    let st = Command::new("qemu-io")
-        .args(["-f", "raw", "-c"])
-        .arg(format!("write -P {pattern} {offset} {len}"))
-        .arg(uri)
-        .output()
-        .expect("qemu-io");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
 }
 
 fn extents(v: &Value) -> Vec<(u64, u64)> {

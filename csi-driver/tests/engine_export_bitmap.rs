@@ -828,22 +828,9 @@ async fn the_nbd_client_writes_data_that_reads_back() {
         .expect("connect");
     c.write(CLUSTER, &[0x5a; 8192]).await.expect("write");
     c.disconnect().await.expect("disconnect");
-    let read = |pattern: &str, offset: u64, len: u64| {
-        std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c"])
-            .arg(format!("read -P {pattern} {offset} {len}"))
-            .arg(attach.uri())
-            .output()
-            .expect("qemu-io")
-    };
-    let ok = |o: std::process::Output| {
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        o.status.success() && !out.contains("Pattern verification failed")
-    };
-    assert!(ok(read("0x5a", CLUSTER, 8192)), "written data reads back");
-    assert!(ok(read("0", 0, CLUSTER)), "nothing else written");
-    assert!(
-        ok(read("0", CLUSTER + 8192, CLUSTER)),
-        "nothing else written"
-    );
+    let uri = attach.uri();
+    // Written data reads back, and nothing else was written.
+    common::qemu_io_read(&uri, 0x5a, CLUSTER, 8192);
+    common::qemu_io_read(&uri, 0, 0, CLUSTER);
+    common::qemu_io_read(&uri, 0, CLUSTER + 8192, CLUSTER);
 }

@@ -437,13 +437,7 @@ impl Engine {
         nodes: &HashSet<String>,
         exports: &HashSet<String>,
     ) -> ExportLeftovers {
-        let files: Vec<PathBuf> = std::fs::read_dir(self.vol_dir(&rec.id))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        leftovers_in(rec, nodes, exports, &files)
+        leftovers_in(rec, nodes, exports, &self.vol_files(&rec.id))
     }
 
     /// Deletes what an interrupted export build left of this volume
@@ -504,7 +498,7 @@ impl ExportLeftovers {
 }
 
 /// [`Engine::export_leftovers`] on the entries of the volume's directory.
-fn leftovers_in(
+pub(super) fn leftovers_in(
     rec: &VolumeRecord,
     nodes: &HashSet<String>,
     exports: &HashSet<String>,

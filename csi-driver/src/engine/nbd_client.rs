@@ -188,12 +188,7 @@ impl NbdClient {
             for _ in 0..requests.len() {
                 let mut rep = [0u8; 16];
                 r.read_exact(&mut rep).await?;
-                let magic = u32::from_be_bytes(be4(&rep[0..4]));
-                let errno = u32::from_be_bytes(be4(&rep[4..8]));
-                let cookie = u64::from_be_bytes(be8(&rep[8..16]));
-                if magic != SIMPLE_REPLY_MAGIC {
-                    return Err(NbdError::Protocol(format!("reply magic {magic:#x}")));
-                }
+                let (errno, cookie) = simple_reply(&rep)?;
                 let i = usize::try_from(cookie)
                     .ok()
                     .filter(|i| *i < requests.len() && !seen[*i])
@@ -230,17 +225,13 @@ impl NbdClient {
         } else {
             0
         };
-        let mut req = request(CMD_WRITE, 0, offset, length);
-        req[4..6].copy_from_slice(&flags.to_be_bytes());
-        self.stream.write_all(&req).await?;
+        self.stream
+            .write_all(&request_with(CMD_WRITE, flags, 0, offset, length))
+            .await?;
         self.stream.write_all(data).await?;
         let mut rep = [0u8; 16];
         self.stream.read_exact(&mut rep).await?;
-        let magic = u32::from_be_bytes(be4(&rep[0..4]));
-        let errno = u32::from_be_bytes(be4(&rep[4..8]));
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(NbdError::Protocol(format!("reply magic {magic:#x}")));
-        }
+        let (errno, _) = simple_reply(&rep)?;
         if errno != 0 {
             return Err(NbdError::Request {
                 offset,
@@ -273,10 +264,26 @@ fn be4(b: &[u8]) -> [u8; 4] {
     a
 }
 
+/// `(errno, cookie)` of a simple reply.
+fn simple_reply(rep: &[u8; 16]) -> Result<(u32, u64), NbdError> {
+    let magic = u32::from_be_bytes(be4(&rep[0..4]));
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(NbdError::Protocol(format!("reply magic {magic:#x}")));
+    }
+    Ok((
+        u32::from_be_bytes(be4(&rep[4..8])),
+        u64::from_be_bytes(be8(&rep[8..16])),
+    ))
+}
+
 fn request(kind: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
+    request_with(kind, 0, cookie, offset, length)
+}
+
+fn request_with(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
     let mut m = [0u8; 28];
     m[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    // m[4..6]: command flags, none.
+    m[4..6].copy_from_slice(&flags.to_be_bytes());
     m[6..8].copy_from_slice(&kind.to_be_bytes());
     m[8..16].copy_from_slice(&cookie.to_be_bytes());
     m[16..24].copy_from_slice(&offset.to_be_bytes());
@@ -342,5 +349,8 @@ mod tests {
         assert_eq!(u64::from_be_bytes(be8(&m[8..16])), 7);
         assert_eq!(u64::from_be_bytes(be8(&m[16..24])), 0x1122_3344_5566_7788);
         assert_eq!(u32::from_be_bytes(be4(&m[24..28])), 65536);
+        assert_eq!(&m[4..6], &[0, 0]);
+        let w = request_with(CMD_WRITE, CMD_FLAG_FUA, 1, 0, 4096);
+        assert_eq!(&w[4..8], &[0, 1, 0, 1]);
     }
 }

@@ -234,18 +234,16 @@ impl Engine {
     /// Layer files in the volume's directory that its record does not name
     /// (a step interrupted between creating a file and saving the record).
     fn orphan_files(&self, rec: &VolumeRecord) -> Vec<(u64, PathBuf)> {
-        let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
-        std::fs::read_dir(self.vol_dir(&rec.id))
+        orphan_layer_files(rec, &self.vol_files(&rec.id))
+    }
+
+    /// The entries of a volume's directory (none if it cannot be read).
+    pub(super) fn vol_files(&self, id: &VolumeId) -> Vec<PathBuf> {
+        std::fs::read_dir(self.vol_dir(id))
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                let seq = e
-                    .file_name()
-                    .to_str()
-                    .and_then(VolumeRecord::parse_layer_file)?;
-                (!live.contains(&seq)).then(|| (seq, e.path()))
-            })
+            .map(|e| e.path())
             .collect()
     }
 
@@ -336,12 +334,11 @@ impl Engine {
                     .find(|j| j.id == job)
                     .map(|j| j.status);
                 // Only a job that ended (or waits for `job-complete` or
-                // `job-finalize`) is finished here; a running one goes on by itself, and a
-                // missing one is not restarted: it was cancelled (or never
-                // started) and stays so until the snapshot is deleted again.
-                if matches!(status.as_deref(), Some("concluded" | "ready" | "pending"))
-                    && !self.qmp.claimed(&job)
-                {
+                // `job-finalize`) is finished here; a running one goes on by
+                // itself, and a missing one is not restarted: it was
+                // cancelled (or never started) and stays so until the
+                // snapshot is deleted again.
+                if awaits_finisher(status.as_deref()) && !self.qmp.claimed(&job) {
                     tracing::info!(volume = %id, %snapshot, "finishing a merge another process started");
                     match self.merge_locked(rec, &snapshot, opts, true).await {
                         // Dismissed; the snapshot stays `deleting`.
@@ -389,8 +386,7 @@ impl Engine {
         }) = &rec.in_flight
         {
             let status = view.jobs.get(job).map(|j| j.status.as_str());
-            let ended = matches!(status, Some("concluded" | "ready" | "pending"))
-                && !view.claimed.contains(job);
+            let ended = awaits_finisher(status) && !view.claimed.contains(job);
             let lost_completion = status.is_none() && *phase == MergePhase::Completing;
             if seal.is_some() || ended || lost_completion {
                 return true;
@@ -413,16 +409,15 @@ impl Engine {
         if rec.clone_of.is_some() && !view.jobs.contains_key(&flatten_job_id(&rec.id)) {
             return true;
         }
+        // One listing of the directory for both kinds of leftover files.
+        let files = self.vol_files(&rec.id);
         // Bitmap helpers, writer exports and frozen extent lists an
         // interrupted export left: exactly what `sweep_export_helpers`
         // (run by `reconcile_with`) removes, so this never flags forever.
-        if !self
-            .export_leftovers(rec, &view.nodes, &view.exports)
-            .is_empty()
-        {
+        if !bitmap::leftovers_in(rec, &view.nodes, &view.exports, &files).is_empty() {
             return true;
         }
-        !self.orphan_files(rec).is_empty()
+        !orphan_layer_files(rec, &files).is_empty()
     }
 
     /// `Recovery::Light` of the pool: every volume that needs it and that no
@@ -504,6 +499,31 @@ fn orphan_nodes<'a>(
     orphans.into_iter().map(|(_, n)| n.clone()).collect()
 }
 
+/// Whether a merge job in this status waits for whoever drives it: ended
+/// (`concluded`), or waiting for `job-complete` (`ready`, active commits)
+/// or for `job-finalize` (`pending`, non-active commits, see
+/// `writeback.rs`). Nothing moves it on until its owner, or an adopter if
+/// the owner is gone, does.
+fn awaits_finisher(status: Option<&str>) -> bool {
+    matches!(status, Some("concluded" | "ready" | "pending"))
+}
+
+/// Layer files among a volume directory's entries that its record does not
+/// name.
+fn orphan_layer_files(rec: &VolumeRecord, files: &[PathBuf]) -> Vec<(u64, PathBuf)> {
+    let live: HashSet<u64> = rec.layers.iter().map(|l| l.seq).collect();
+    files
+        .iter()
+        .filter_map(|f| {
+            let seq = f
+                .file_name()?
+                .to_str()
+                .and_then(VolumeRecord::parse_layer_file)?;
+            (!live.contains(&seq)).then(|| (seq, f.clone()))
+        })
+        .collect()
+}
+
 /// Whether a `block-stream` job has finished but is not dismissed yet.
 /// QEMU 7.2 then crashes on `query-named-block-nodes` (segfault in
 /// `bdrv_refresh_filename`, seen here: the job's copy-on-read filter node is
@@ -571,10 +591,7 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
                 Ok(Ok(ev)) => {
                     let wakes = ev.event == "JOB_STATUS_CHANGE"
                         && ev.job_id().is_some_and(|j| j.starts_with('m'))
-                        && matches!(
-                            ev.data.get("status").and_then(Value::as_str),
-                            Some("concluded" | "ready" | "pending")
-                        );
+                        && awaits_finisher(ev.data.get("status").and_then(Value::as_str));
                     if !wakes {
                         continue;
                     }

@@ -525,3 +525,37 @@ pub async fn live_writers(
     }
     (bg, fg)
 }
+
+/// Reads `len` bytes at `offset` of an NBD URI with `qemu-io` and asserts
+/// they all hold `pattern`.
+pub fn qemu_io_read(uri: &str, pattern: u8, offset: u64, len: u64) {
+    let rd = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c"])
+        .arg(format!("read -P {pattern} {offset} {len}"))
+        .arg(uri)
+        .output()
+        .expect("qemu-io read");
+    let out = String::from_utf8_lossy(&rd.stdout);
+    assert!(
+        rd.status.success()
+            && out.contains(&format!("read {len}/{len}"))
+            && !out.contains("Pattern verification failed"),
+        "{out}{}",
+        String::from_utf8_lossy(&rd.stderr)
+    );
+}
+
+/// Writes `len` bytes of `pattern` at `offset` of an NBD URI with `qemu-io`.
+pub fn qemu_io_write(uri: &str, pattern: u8, offset: u64, len: u64) {
+    let st = Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("write -P {pattern} {offset} {len}"))
+        .arg(uri)
+        .output()
+        .expect("qemu-io");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
