@@ -42,7 +42,7 @@ pub enum EventKind {
     Warning,
 }
 
-pub const CSI_DRIVER_NAME: &str = "csi.livedisk.io";
+pub use livedisk_common::DRIVER_NAME as CSI_DRIVER_NAME;
 
 /// Decides the status of a livedisk object of kind `kind` from an observation.
 ///

@@ -17,12 +17,20 @@ pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 
-/// Volume IDs: `vol-` and a lowercase hyphenated UUID. Never a node, never a path.
-pub const VOLUME_ID_PATTERN: &str =
-    "^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
-/// Snapshot IDs: `snap-` and a lowercase hyphenated UUID.
-pub const SNAPSHOT_ID_PATTERN: &str =
-    "^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+pub use livedisk_common::ids::{SNAPSHOT_ID_PATTERN, VOLUME_ID_PATTERN};
+
+/// CEL: a LivediskVolume is named by its volume ID.
+const VOLUME_NAME_RULE: &str = concat!(
+    "self.metadata.name.matches('",
+    livedisk_common::volume_id_regex!(),
+    "')"
+);
+/// CEL: a LivediskSnapshot is named by its snapshot ID.
+const SNAPSHOT_NAME_RULE: &str = concat!(
+    "self.metadata.name.matches('",
+    livedisk_common::snapshot_id_regex!(),
+    "')"
+);
 
 /// Where a node-side object is in its life.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -50,19 +58,8 @@ pub struct NodeError {
     pub message: String,
 }
 
-/// gRPC codes a node failure can map to.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum ErrorCode {
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    Aborted,
-    OutOfRange,
-    FailedPrecondition,
-    ResourceExhausted,
-    Unavailable,
-    Internal,
-}
+/// The code of a node failure: the one error-code vocabulary of livedisk.
+pub use livedisk_common::ErrorCode;
 
 /// Finalizer the node plugin puts on objects it has storage for, so deletion waits for cleanup.
 pub const NODE_FINALIZER: &str = "livedisk.io/node-storage";

@@ -25,7 +25,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Ready","type":"boolean","jsonPath":".status.readyToUse"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.matches('^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')").message("the name must be a snapshot ID: snap-<lowercase uuid>"),
+    validation = Rule::new(super::SNAPSHOT_NAME_RULE).message("the name must be a snapshot ID: snap-<lowercase uuid>"),
     validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable").reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
@@ -35,7 +35,7 @@ pub struct LivediskSnapshotSpec {
     pub node_name: String,
     /// The volume the snapshot was taken of (it may have been deleted since).
     #[schemars(regex(
-        pattern = r"^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+        pattern = livedisk_common::VOLUME_ID_PATTERN
     ))]
     pub volume_id: String,
     /// The name the CSI CreateSnapshot call used: repeated calls find this object.

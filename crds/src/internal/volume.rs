@@ -25,7 +25,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"CSI Name","type":"string","priority":1,"jsonPath":".spec.csiName"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.matches('^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')").message("the name must be a volume ID: vol-<lowercase uuid>"),
+    validation = Rule::new(super::VOLUME_NAME_RULE).message("the name must be a volume ID: vol-<lowercase uuid>"),
     validation = Rule::new("self.spec.csiName == oldSelf.spec.csiName && has(self.spec.contentSource) == has(oldSelf.spec.contentSource) && (!has(self.spec.contentSource) || self.spec.contentSource == oldSelf.spec.contentSource)").message("csiName and contentSource are immutable").reason(Reason::FieldValueForbidden),
     validation = Rule::new("self.spec.capacityBytes >= oldSelf.spec.capacityBytes").message("capacityBytes can only grow").reason(Reason::FieldValueInvalid)
 )]
@@ -56,13 +56,13 @@ pub struct ContentSource {
     /// Restore from this snapshot (`snap-<uuid>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(
-        pattern = r"^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+        pattern = livedisk_common::SNAPSHOT_ID_PATTERN
     ))]
     pub snapshot_id: Option<String>,
     /// Clone this volume (`vol-<uuid>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(
-        pattern = r"^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+        pattern = livedisk_common::VOLUME_ID_PATTERN
     ))]
     pub volume_id: Option<String>,
 }

@@ -21,8 +21,8 @@ use livedisk_api::internal::{
 use serde_json::{Value, json};
 
 use super::error::{CsiError, node_error};
-use super::names::snapshot_id_for;
 use crate::engine::{Code, Engine, EngineError, SnapshotId, VolumeId};
+use livedisk_common::names::snapshot_id_for;
 
 pub struct Agent {
     pub client: Client,

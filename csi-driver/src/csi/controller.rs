@@ -20,10 +20,10 @@ use tonic::{Request, Response, Status};
 
 use super::error::CsiError;
 use super::inflight::{Guard, InFlight};
-use super::names::{snapshot_id_for, volume_id_for};
 use super::wait::{self, Poll};
 use super::{DRIVER_NAME, request, topology};
 use crate::engine::{SnapshotId, VolumeId};
+use livedisk_common::names::{snapshot_id_for, volume_id_for};
 
 type Reply<T> = Result<Response<T>, Status>;
 

@@ -10,7 +10,6 @@ pub mod identity;
 pub mod inflight;
 pub mod metadata;
 pub mod mounts;
-pub mod names;
 pub mod node;
 pub mod request;
 pub mod run;
@@ -18,7 +17,6 @@ pub mod server;
 pub mod topology;
 pub mod wait;
 
-/// The CSI driver name, as registered in the CSIDriver object.
-pub const DRIVER_NAME: &str = "csi.livedisk.io";
+pub use livedisk_common::DRIVER_NAME;
 /// The driver's version, reported by GetPluginInfo.
 pub const DRIVER_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -4,8 +4,7 @@ use std::collections::HashMap;
 
 use livedisk_csi_proto::csi::v1::{Topology, TopologyRequirement};
 
-/// The topology key of a livedisk node (also a Node label set by the harness and the chart).
-pub const NODE_KEY: &str = "topology.livedisk.io/node";
+pub use livedisk_common::TOPOLOGY_NODE_KEY as NODE_KEY;
 
 /// The accessible topology of a volume on `node`.
 pub fn of_node(node: &str) -> Topology {

@@ -2,11 +2,11 @@
 //! caller can act on, and maps to exactly one CSI status code.
 
 use super::daemon::DaemonError;
-use super::ids::IdError;
 use super::plan::PlanError;
 use super::qemu_img::QemuImgError;
 use super::qmp::QmpError;
 use super::record::RecordError;
+use livedisk_common::ids::IdError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

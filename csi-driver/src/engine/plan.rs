@@ -3,10 +3,10 @@
 //! answer a changed-block query. No I/O here, so all of it is unit-tested.
 
 use super::extents::{self, Extent};
-use super::ids::SnapshotId;
 use super::record::{
     Layer, MergeMode, PendingRevert, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
 };
+use livedisk_common::ids::SnapshotId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::extents::Extent;
-use super::ids::{SnapshotId, VolumeId};
+use livedisk_common::ids::{SnapshotId, VolumeId};
 
 pub const RECORD_FILE: &str = "record.json";
 const RECORD_VERSION: u32 = 1;

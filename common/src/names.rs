@@ -6,7 +6,7 @@
 
 use uuid::Uuid;
 
-use crate::engine::{SnapshotId, VolumeId};
+use crate::ids::{SnapshotId, VolumeId};
 
 /// Namespace of livedisk's name-derived IDs (a fixed random UUID; changing it orphans volumes).
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_53d8_9a7e_4b0c_8f35_2d0e_91a4_c7b2);

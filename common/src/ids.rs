@@ -10,6 +10,28 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The regular expression of a volume ID, as a literal usable in `concat!` (CEL rules and
+/// OpenAPI patterns are built from it). [`VolumeId::parse`] accepts exactly what it matches.
+#[macro_export]
+macro_rules! volume_id_regex {
+    () => {
+        "^vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    };
+}
+
+/// The regular expression of a snapshot ID (see [`volume_id_regex`]).
+#[macro_export]
+macro_rules! snapshot_id_regex {
+    () => {
+        "^snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    };
+}
+
+/// Volume IDs: `vol-` and a lowercase hyphenated UUID. Never a node, never a path.
+pub const VOLUME_ID_PATTERN: &str = volume_id_regex!();
+/// Snapshot IDs: `snap-` and a lowercase hyphenated UUID.
+pub const SNAPSHOT_ID_PATTERN: &str = snapshot_id_regex!();
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {kind} id {shown:?}: expected {kind_prefix}<lowercase uuid>")]
 pub struct IdError {
@@ -19,7 +41,8 @@ pub struct IdError {
     shown: String,
 }
 
-/// Checks `s` is `prefix` + 36 chars of lowercase hyphenated UUID.
+/// Checks `s` is `prefix` + 36 chars of lowercase hyphenated UUID: the patterns above, without a
+/// regex engine on every call (a test holds the two to the same answers).
 fn valid(prefix: &str, s: &str) -> bool {
     let Some(rest) = s.strip_prefix(prefix) else {
         return false;
@@ -134,6 +157,31 @@ mod tests {
             assert!(VolumeId::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(SnapshotId::parse(good).is_err());
+    }
+
+    #[test]
+    fn parse_accepts_exactly_what_the_pattern_matches() {
+        let volume = regex::Regex::new(VOLUME_ID_PATTERN).unwrap();
+        let snapshot = regex::Regex::new(SNAPSHOT_ID_PATTERN).unwrap();
+        let generated = [VolumeId::generate().0, SnapshotId::generate().0];
+        let samples = [
+            "vol-0f8e2a3c-1d2b-4c5d-8e9f-0a1b2c3d4e5f",
+            "snap-0f8e2a3c-1d2b-4c5d-8e9f-0a1b2c3d4e5f",
+            "vol-0F8E2A3C-1D2B-4C5D-8E9F-0A1B2C3D4E5F",
+            "vol-0f8e2a3c-1d2b-4c5d-8e9f-0a1b2c3d4e5f\n",
+            "xvol-0f8e2a3c-1d2b-4c5d-8e9f-0a1b2c3d4e5f",
+            "vol-0f8e2a3c-1d2b-4c5d-8e9f0-a1b2c3d4e5f",
+            "snap-",
+            "",
+        ];
+        for s in samples
+            .iter()
+            .copied()
+            .chain(generated.iter().map(String::as_str))
+        {
+            assert_eq!(VolumeId::parse(s).is_ok(), volume.is_match(s), "{s:?}");
+            assert_eq!(SnapshotId::parse(s).is_ok(), snapshot.is_match(s), "{s:?}");
+        }
     }
 
     #[test]
