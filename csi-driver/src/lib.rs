@@ -1,5 +1,22 @@
-//! livedisk node-side library: the engine that owns volumes on one host by
-//! driving that host's qemu-storage-daemon over QMP.
+//! livedisk's CSI driver: one binary, two sides.
+//!
+//! * [`cluster`]: the CSI Controller service (a Deployment beside the CSI sidecars). It declares
+//!   volumes and snapshots as internal CRs with `spec.nodeName` and waits for their status; it
+//!   never touches a host.
+//! * [`node`]: the CSI Node service and the node agent (a DaemonSet on every host). The agent
+//!   turns this node's internal CRs into work for the engine (`livedisk-engine`); the Node service
+//!   stages and publishes volumes through it.
+//! * [`metadata`]: the changed-block (SnapshotMetadata) service: served by the node from its
+//!   engine's records over mutual TLS, relayed by the cluster side to the sidecar.
+//! * [`grpc`]: what both sides share: the unix-socket server, Identity, the error type mapped to
+//!   gRPC codes, request validation, in-flight guards and topology.
+//! * [`run`]: the two server modes the binary starts.
 
-pub mod csi;
-pub mod engine;
+pub mod cluster;
+pub mod grpc;
+pub mod metadata;
+pub mod node;
+pub mod run;
+
+/// The driver's version, reported by GetPluginInfo.
+pub const DRIVER_VERSION: &str = env!("CARGO_PKG_VERSION");

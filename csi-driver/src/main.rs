@@ -29,8 +29,8 @@ async fn main() {
                 classify(&e).code()
             }
         },
-        Command::Controller(args) => serve(livedisk_csi::csi::run::controller(args)).await,
-        Command::Node(args) => serve(livedisk_csi::csi::run::node(args)).await,
+        Command::Controller(args) => serve(livedisk_csi::run::controller(args)).await,
+        Command::Node(args) => serve(livedisk_csi::run::node(args)).await,
     };
     std::process::exit(code);
 }

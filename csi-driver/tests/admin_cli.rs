@@ -1,6 +1,7 @@
 //! The admin CLI through the real binary against a real daemon in a temp
 //! pool: every call below is a separate `livedisk-csi admin` process.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output};
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestEnv, daemons_for, pool_fingerprint, qemu_io_read, qemu_io_write, wait_until};
-use livedisk_csi::engine::{Code, Engine, SnapshotId, VolumeId};
+use livedisk_engine::{Code, Engine, SnapshotId, VolumeId};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livedisk-csi");
@@ -71,7 +72,7 @@ fn admin_env(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> Output {
 async fn retry_busy<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, livedisk_csi::engine::EngineError>>,
+    Fut: std::future::Future<Output = Result<T, livedisk_engine::EngineError>>,
 {
     let t = std::time::Instant::now();
     loop {
@@ -418,7 +419,7 @@ fn two_engines_in_their_own_namespaces() {
 async fn queries_work_while_an_engine_holds_the_main_monitor() {
     let env = TestEnv::new("mon");
     let engine = env.engine().await;
-    let vol = livedisk_csi::engine::VolumeId::generate();
+    let vol = livedisk_engine::VolumeId::generate();
     engine
         .create_volume(&vol, 8 * MIB)
         .await
@@ -510,13 +511,13 @@ async fn changing_commands_work_beside_a_held_engine() {
     // adopter's light recovery deletes it and, with the volume's lock still
     // held, decides about the merge in flight. Once the file is gone and
     // the lock is free again, that decision has been taken.
-    let marker =
-        env.cfg
-            .pool
-            .join(&vol)
-            .join(livedisk_csi::engine::record::VolumeRecord::layer_file(
-                rec.next_layer_seq + 1000,
-            ));
+    let marker = env
+        .cfg
+        .pool
+        .join(&vol)
+        .join(livedisk_engine::record::VolumeRecord::layer_file(
+            rec.next_layer_seq + 1000,
+        ));
     std::fs::write(&marker, b"").expect("stray layer file");
     wait_until(
         "the adopter's pass over the volume (it removes the stray layer file)",
@@ -732,7 +733,7 @@ async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
             engine.record(&vid).is_ok_and(|r| {
                 matches!(
                     &r.in_flight,
-                    Some(livedisk_csi::engine::record::InFlight::Merge { seal: None, .. })
+                    Some(livedisk_engine::record::InFlight::Merge { seal: None, .. })
                 )
             })
         },

@@ -12,11 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use livedisk_csi::engine::daemon::{Daemon, Origin, RuntimeDir, pid_alive};
-use livedisk_csi::engine::qmp::{Greeting, probe};
-use livedisk_csi::engine::qmp::{JobInfo, Qmp, query_jobs};
-use livedisk_csi::engine::record::{RECORD_FILE, RecordStore, VolumeRecord};
-use livedisk_csi::engine::{
+use livedisk_engine::daemon::{Daemon, Origin, RuntimeDir, pid_alive};
+use livedisk_engine::qmp::{Greeting, probe};
+use livedisk_engine::qmp::{JobInfo, Qmp, query_jobs};
+use livedisk_engine::record::{RECORD_FILE, RecordStore, VolumeRecord};
+use livedisk_engine::{
     Engine, EngineConfig, EngineError, ExtentPage, MergeMode, MergeOptions, Monitor, Recovery,
     SnapshotId, VolumeId, extents, plan,
 };

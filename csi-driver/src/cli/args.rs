@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use livedisk_csi::engine::{SnapshotId, VolumeId};
+use livedisk_engine::{SnapshotId, VolumeId};
 
 use super::size::parse_size;
 
@@ -20,9 +20,9 @@ pub enum Command {
     /// Inspect and repair the volumes of this host's pool.
     Admin(AdminArgs),
     /// Serve the CSI Identity and Controller services (cluster side).
-    Controller(livedisk_csi::csi::run::ControllerArgs),
+    Controller(livedisk_csi::run::ControllerArgs),
     /// Serve the CSI Identity and Node services and run this node's agent (host side).
-    Node(livedisk_csi::csi::run::NodeArgs),
+    Node(livedisk_csi::run::NodeArgs),
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,7 @@
 //! Exit codes per error class and the error report printed on failure.
 
-use livedisk_csi::engine::ids::IdError;
-use livedisk_csi::engine::{Code, EngineError};
+use livedisk_engine::ids::IdError;
+use livedisk_engine::{Code, EngineError};
 
 /// Process exit codes; stable, documented in docs/admin-cli.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn classifies_id_errors() {
-        let r: Result<(), _> = livedisk_csi::engine::VolumeId::parse("../x").map(|_| ());
+        let r: Result<(), _> = livedisk_engine::VolumeId::parse("../x").map(|_| ());
         let e = r.context("parsing").err();
         assert_eq!(e.as_ref().map(classify), Some(ExitClass::InvalidArgument));
     }

@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use livedisk_csi::engine::record::{ExportTarget, InFlight, SnapshotState, VolumeRecord};
-use livedisk_csi::engine::{ExportInfo, ExtentPage, JobInfo, SnapshotId, SnapshotInfo, VolumeInfo};
+use livedisk_engine::record::{ExportTarget, InFlight, SnapshotState, VolumeRecord};
+use livedisk_engine::{ExportInfo, ExtentPage, JobInfo, SnapshotId, SnapshotInfo, VolumeInfo};
 use serde_json::{Value, json};
 
 use super::size::format_size;
@@ -221,7 +221,7 @@ pub fn exports(recs: &[VolumeRecord], live: &HashSet<String>, socket: &Path) -> 
             let dirty_bitmap = e
                 .changed_since
                 .as_ref()
-                .map(livedisk_csi::engine::bitmap::context_name);
+                .map(livedisk_engine::bitmap::context_name);
             let info = ExportInfo {
                 name: name.clone(),
                 socket: socket.to_path_buf(),
@@ -350,8 +350,8 @@ pub fn message(msg: String, json: Value) -> Out {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use livedisk_csi::engine::record::{Layer, SnapshotRecord};
-    use livedisk_csi::engine::{Extent, SnapshotId, VolumeId};
+    use livedisk_engine::record::{Layer, SnapshotRecord};
+    use livedisk_engine::{Extent, SnapshotId, VolumeId};
 
     fn rec() -> VolumeRecord {
         let mut r = VolumeRecord::new(VolumeId::generate(), 1 << 30);
@@ -440,15 +440,15 @@ mod tests {
     #[test]
     fn exports_flag_unserved() {
         let mut r = rec();
-        r.exports.push(livedisk_csi::engine::record::ExportRecord {
+        r.exports.push(livedisk_engine::record::ExportRecord {
             target: ExportTarget::Volume,
             changed_since: None,
         });
         let (s, b) = (
-            livedisk_csi::engine::SnapshotId::generate(),
-            livedisk_csi::engine::SnapshotId::generate(),
+            livedisk_engine::SnapshotId::generate(),
+            livedisk_engine::SnapshotId::generate(),
         );
-        r.exports.push(livedisk_csi::engine::record::ExportRecord {
+        r.exports.push(livedisk_engine::record::ExportRecord {
             target: ExportTarget::Snapshot { id: s },
             changed_since: Some(b.clone()),
         });

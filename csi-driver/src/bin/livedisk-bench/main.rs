@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use livedisk_csi::engine::{Engine, EngineConfig};
+use livedisk_engine::{Engine, EngineConfig};
 
 use scenarios::Config;
 

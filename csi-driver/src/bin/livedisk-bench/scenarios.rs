@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use livedisk_csi::csi::attach::Attacher;
-use livedisk_csi::engine::nbd_client::NbdClient;
-use livedisk_csi::engine::{Engine, ExportInfo, SnapshotId, VolumeId};
+use livedisk_csi::node::attach::Attacher;
+use livedisk_engine::nbd_client::NbdClient;
+use livedisk_engine::{Engine, ExportInfo, SnapshotId, VolumeId};
 
 use crate::report::{Row, Target, median, mibps, ms};
 use crate::tools::{

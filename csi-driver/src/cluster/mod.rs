@@ -1,0 +1,5 @@
+//! The cluster side: the CSI Controller service. It owns no storage; it declares `LivediskVolume`
+//! and `LivediskSnapshot` objects for a chosen node and answers from their status.
+
+pub mod controller;
+pub mod wait;

@@ -1,0 +1,7 @@
+//! The node side: the CSI Node service (stage, publish, stats) and the agent that makes this
+//! node's internal CRs real with the engine.
+
+pub mod agent;
+pub mod attach;
+pub mod mounts;
+pub mod service;

@@ -1,0 +1,174 @@
+//! The two server modes of the `livedisk-csi` binary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use livedisk_csi_proto::csi::v1::controller_server::ControllerServer;
+use livedisk_csi_proto::csi::v1::identity_server::IdentityServer;
+use livedisk_csi_proto::csi::v1::node_server::NodeServer;
+use tonic::transport::Server;
+
+use crate::cluster::controller::ControllerService;
+use crate::grpc::identity::IdentityService;
+use crate::grpc::server;
+use crate::metadata::{NodeMetadata, RelayMetadata, TlsDir};
+use crate::node::agent::{self, Agent};
+use crate::node::service::NodeService;
+use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
+use livedisk_engine::{Engine, EngineConfig};
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Where to serve CSI (Identity + Controller).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub csi_endpoint: String,
+    /// How long one CSI call waits for a node before answering DEADLINE_EXCEEDED.
+    #[arg(long, env = "LIVEDISK_NODE_WAIT_SECONDS", default_value_t = 120)]
+    pub node_wait_seconds: u64,
+    /// Directory with `ca.crt`, `tls.crt`, `tls.key`: the client side of the nodes' private
+    /// changed-block service. When set, the SnapshotMetadata service is served and relayed.
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
+    pub node_tls_dir: Option<PathBuf>,
+    /// The name the nodes' server certificate carries (checked by the controller).
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_SERVER_NAME", default_value = crate::metadata::NODE_TLS_NAME)]
+    pub node_tls_server_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Where to serve CSI (Identity + Node).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub csi_endpoint: String,
+    /// This node's name (the Node object), usually from the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The pool directory of this node's volumes.
+    #[arg(long, env = "LIVEDISK_POOL", default_value = "/var/lib/livedisk/pools")]
+    pub pool_dir: PathBuf,
+    /// Runtime directory of this host's engine daemon (QMP and NBD sockets, attach state).
+    #[arg(
+        long,
+        env = "LIVEDISK_RUNTIME_DIR",
+        default_value = "/var/lib/livedisk/engine"
+    )]
+    pub engine_socket_dir: PathBuf,
+    /// Address (ip:port) for the private changed-block service, served with mutual TLS.
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_LISTEN", requires = "node_tls_dir")]
+    pub metadata_listen: Option<std::net::SocketAddr>,
+    /// URL under which the controller reaches that service (reported in the LivediskNode).
+    #[arg(
+        long,
+        env = "LIVEDISK_NODE_GRPC_ADVERTISE",
+        requires = "metadata_listen"
+    )]
+    pub metadata_advertise: Option<String>,
+    /// Directory with `ca.crt`, `tls.crt`, `tls.key` for the private service (server side).
+    #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
+    pub node_tls_dir: Option<PathBuf>,
+}
+
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(livedisk_csi_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")
+}
+
+/// Serves the controller until SIGTERM.
+pub async fn controller(args: ControllerArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let path = server::socket_path(&args.csi_endpoint)?;
+    let listener = server::bind(&path)?;
+    tracing::info!(socket = %path.display(), "CSI controller serving");
+    let relay = match &args.node_tls_dir {
+        Some(dir) => Some(SnapshotMetadataServer::new(RelayMetadata {
+            client: client.clone(),
+            tls: TlsDir::load(dir)?.client(&args.node_tls_server_name),
+        })),
+        None => None,
+    };
+    Server::builder()
+        .add_service(IdentityServer::new(IdentityService {
+            controller: true,
+            snapshot_metadata: relay.is_some(),
+        }))
+        .add_service(ControllerServer::new(ControllerService::new(
+            client,
+            Duration::from_secs(args.node_wait_seconds),
+        )))
+        .add_optional_service(relay)
+        .add_service(reflection()?)
+        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .await
+        .context("serving CSI")?;
+    Ok(())
+}
+
+/// Serves the node plugin and runs its agent until SIGTERM.
+pub async fn node(args: NodeArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let engine = Arc::new(
+        Engine::open(EngineConfig {
+            pool: args.pool_dir.clone(),
+            runtime_dir: args.engine_socket_dir.clone(),
+        })
+        .await
+        .context("opening the engine")?,
+    );
+    let path = server::socket_path(&args.csi_endpoint)?;
+    let listener = server::bind(&path)?;
+    let node_agent = Arc::new(Agent {
+        client,
+        engine: engine.clone(),
+        node_name: args.node_name.clone(),
+        metadata_endpoint: args.metadata_advertise.clone(),
+    });
+    let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
+        (Some(listen), Some(dir)) => {
+            let tls = TlsDir::load(dir)?.server();
+            let service = SnapshotMetadataServer::new(NodeMetadata {
+                engine: engine.clone(),
+            });
+            let server = Server::builder()
+                .tls_config(tls)
+                .context("TLS for the changed-block service")?
+                .add_service(service)
+                .serve_with_shutdown(listen, server::shutdown_signal());
+            tracing::info!(%listen, "private changed-block service (mutual TLS) serving");
+            Some(tokio::spawn(server))
+        }
+        _ => None,
+    };
+    let agent_task = tokio::spawn(agent::run(node_agent));
+    tracing::info!(socket = %path.display(), node = %args.node_name, "CSI node plugin serving");
+    Server::builder()
+        .add_service(IdentityServer::new(IdentityService {
+            controller: false,
+            snapshot_metadata: false,
+        }))
+        .add_service(NodeServer::new(NodeService::new(
+            engine,
+            &args.engine_socket_dir,
+            args.node_name,
+        )))
+        .add_service(reflection()?)
+        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .await
+        .context("serving CSI")?;
+    agent_task.abort();
+    if let Some(task) = metadata_task {
+        task.abort();
+    }
+    Ok(())
+}
