@@ -174,17 +174,15 @@ impl SnapshotMetadata for NodeMetadata {
         let request = request.into_inner();
         let snapshot = snapshot_id(&request.snapshot_id, "snapshot_id")?;
         let (start, page) = checked_request(request.starting_offset, request.max_results)?;
-        let first = self
+        // The whole list once per stream; every page is cut from it.
+        let list = self
             .engine
-            .allocated(&snapshot, start, page)
+            .allocated_extents(&snapshot)
+            .await
             .map_err(CsiError::from)?;
+        let first = list.page(start, page);
         within_volume(start, &first)?;
-        let engine = self.engine.clone();
-        let next = move |offset| {
-            engine
-                .allocated(&snapshot, offset, page)
-                .map_err(CsiError::from)
-        };
+        let next = move |offset| Ok(list.page(offset, page));
         Ok(Response::new(page_stream(
             first,
             page,
@@ -205,17 +203,15 @@ impl SnapshotMetadata for NodeMetadata {
         let base = snapshot_id(&request.base_snapshot_id, "base_snapshot_id")?;
         let target = snapshot_id(&request.target_snapshot_id, "target_snapshot_id")?;
         let (start, page) = checked_request(request.starting_offset, request.max_results)?;
-        let first = self
+        // The whole list once per stream; every page is cut from it.
+        let list = self
             .engine
-            .delta(&base, &target, start, page)
+            .changed_extents(&base, &target)
+            .await
             .map_err(CsiError::from)?;
+        let first = list.page(start, page);
         within_volume(start, &first)?;
-        let engine = self.engine.clone();
-        let next = move |offset| {
-            engine
-                .delta(&base, &target, offset, page)
-                .map_err(CsiError::from)
-        };
+        let next = move |offset| Ok(list.page(offset, page));
         Ok(Response::new(page_stream(
             first,
             page,

@@ -472,7 +472,7 @@ async fn changing_commands_work_beside_a_held_engine() {
     let snaps = engine.list_snapshots(&vid).expect("snapshots");
     assert_eq!(snaps.len(), 1);
     assert!(snaps[0].id == sid1 && snaps[0].ready, "{snaps:?}");
-    let alloc = engine.allocated(&sid1, 0, 0).expect("allocated");
+    let alloc = engine.allocated(&sid1, 0, 0).await.expect("allocated");
     assert_eq!(alloc.extents.len(), 1);
     assert_eq!((alloc.extents[0].offset, alloc.extents[0].length), (0, MIB));
     one_daemon("snapshot");
@@ -715,7 +715,7 @@ async fn a_cli_killed_mid_step_is_recovered_by_the_held_engine() {
     .await;
     let s = engine.snapshot(&s1).expect("rolled forward");
     assert!(s.ready);
-    let alloc = engine.allocated(&s1, 0, 0).expect("allocated");
+    let alloc = engine.allocated(&s1, 0, 0).await.expect("allocated");
     assert_eq!(
         alloc.extents.iter().map(|e| e.length).sum::<u64>(),
         2 * MIB,

@@ -5,6 +5,8 @@
 //! (pid given by the caller), so both die at that instant.
 //!
 //! Points: `snapshot-before-transaction`, `snapshot-after-transaction`,
+//! `capture-before-store` (a snapshot returned; its background capture read
+//! the sealed layer's map but did not store it),
 //! `merge-before-seal`, `merge-after-seal` (around the internal seal's
 //! transaction when deleting the latest snapshot), `merge-before-complete`
 //! (active commits: deleted volumes only), `merge-before-finalize` (a

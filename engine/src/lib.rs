@@ -27,7 +27,7 @@ pub use extents::Extent;
 pub use livedisk_common::{SnapshotId, VolumeId, ids};
 pub use qcow2::record::MergeMode;
 pub use qcow2::{
-    Engine, EngineConfig, ExportInfo, ExtentPage, MergeOptions, Recovery, SnapshotInfo,
+    Engine, EngineConfig, ExportInfo, ExtentList, ExtentPage, MergeOptions, Recovery, SnapshotInfo,
     SnapshotTimings, VolumeInfo,
 };
 pub use qsd::daemon::{Daemon, Monitor, Origin, RuntimeDir};

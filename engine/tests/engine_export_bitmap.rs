@@ -297,7 +297,10 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
         bg.stop().expect("bg writer");
         // The writer's log between b and s, at cluster granularity.
         expected = clusters_of(p2.iter().chain(&p3).copied().chain([0]));
-        assert_eq!(e.delta(&b, &s, 0, 1000).expect("delta").extents, expected);
+        assert_eq!(
+            e.delta(&b, &s, 0, 1000).await.expect("delta").extents,
+            expected
+        );
 
         // Bad requests: the errors `delta` gives, and nothing left behind.
         let other = VolumeId::generate();
@@ -514,11 +517,11 @@ async fn a_bitmap_of_100k_extents_is_built_without_reading_data() {
     c.disconnect().await.expect("disconnect");
     eprintln!("{N} writes to the volume: {:?}", t.elapsed());
     e.create_snapshot(&vol, &s).await.expect("snapshot s");
-    let delta = e.delta(&b, &s, 0, usize::MAX).expect("delta").extents;
+    let delta = e.delta(&b, &s, 0, usize::MAX).await.expect("delta").extents;
     assert_eq!(delta, list);
 
     let t = Instant::now();
-    e.delta(&b, &s, 0, usize::MAX).expect("delta");
+    e.delta(&b, &s, 0, usize::MAX).await.expect("delta");
     eprintln!("delta query alone (record load + union): {:?}", t.elapsed());
     let reads_before = layer_reads(&e, &vol).await;
     let cpu = daemon_cpu(env.daemon_pid());
@@ -633,7 +636,10 @@ async fn exports_work_while_a_finished_stream_job_waits_for_dismissal() {
     write(changed.clone()).await;
     e.create_snapshot(&vol, &s).await.expect("snapshot s");
     e.expand_volume(&vol, 32 * MIB).await.expect("expand");
-    assert_eq!(e.delta(&b, &s, 0, 100).expect("delta").extents, changed);
+    assert_eq!(
+        e.delta(&b, &s, 0, 100).await.expect("delta").extents,
+        changed
+    );
 
     // A stream job of two scratch nodes (no volume's), finished and left
     // undismissed.

@@ -8,6 +8,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -40,6 +41,15 @@ async fn child_entry() {
             e.create_snapshot(&vol(), &snap())
                 .await
                 .expect("child: snapshot");
+        }
+        "snapshot-then-wait" => {
+            // The snapshot returns first; its extent record is captured
+            // after, by a background task that the failpoint kills.
+            e.create_snapshot(&vol(), &snap())
+                .await
+                .expect("child: snapshot");
+            std::fs::write(var("LD_MARK"), b"returned").expect("child: mark");
+            tokio::time::sleep(CHILD_TIMEOUT).await;
         }
         "group" => {
             let v2 = VolumeId::parse(&var("LD_VOL2")).expect("LD_VOL2");
@@ -211,7 +221,10 @@ async fn snapshot_crash_windows_lose_no_acknowledged_write() {
         assert!(r.ok(), "{case}: {:?}", r.mismatches);
         // Its extent record is what the daemon shows for its layer.
         assert_eq!(
-            e.allocated(&snap, 0, 1000).expect("allocated").extents,
+            e.allocated(&snap, 0, 1000)
+                .await
+                .expect("allocated")
+                .extents,
             nbdinfo_local_extents(&x.uri()),
             "{case}"
         );
@@ -425,7 +438,7 @@ async fn merge_survives_daemon_kill_at_several_points() {
             e.create_snapshot(&vol, &s3).await.expect("s3");
             let x = e.export_snapshot(&s3).await.expect("export s3");
             assert_eq!(
-                e.allocated(&s3, 0, 1000).expect("alloc").extents,
+                e.allocated(&s3, 0, 1000).await.expect("alloc").extents,
                 nbdinfo_allocated_extents(&x.uri()),
                 "{case}"
             );
@@ -440,7 +453,7 @@ async fn merge_survives_daemon_kill_at_several_points() {
             // s1's writes too; the daemon's view of s2's layer agrees.
             let x = e.export_snapshot(&s2).await.expect("export s2");
             assert_eq!(
-                e.allocated(&s2, 0, 1000).expect("alloc").extents,
+                e.allocated(&s2, 0, 1000).await.expect("alloc").extents,
                 nbdinfo_local_extents(&x.uri())
             );
             e.unexport_snapshot(&s2).await.expect("unexport");
@@ -461,11 +474,11 @@ fn write_clusters(w: &mut Writer, clusters: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn delta_all(e: &Engine, base: &SnapshotId, target: &SnapshotId) -> Vec<Extent> {
+async fn delta_all(e: &Engine, base: &SnapshotId, target: &SnapshotId) -> Vec<Extent> {
     let mut out = vec![];
     let mut start = 0;
     loop {
-        let p = e.delta(base, target, start, 3).expect("delta");
+        let p = e.delta(base, target, start, 3).await.expect("delta");
         let Some(last) = p.extents.last() else {
             return out;
         };
@@ -505,9 +518,9 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let e = env.engine().await;
     assert_eq!(e.daemon().origin, Origin::Started);
     let d12 = clusters_of(p1.iter().chain(&p2).copied());
-    assert_eq!(delta_all(&e, &s[0], &s[2]), d12);
+    assert_eq!(delta_all(&e, &s[0], &s[2]).await, d12);
     assert_eq!(
-        e.allocated(&s[0], 0, 100).expect("a").extents,
+        e.allocated(&s[0], 0, 100).await.expect("a").extents,
         clusters_of(p0.clone())
     );
 
@@ -535,9 +548,9 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let e = env.engine().await;
     assert_eq!(e.daemon().origin, Origin::Started);
     let d24 = clusters_of(p3.iter().chain(&p4).copied());
-    assert_eq!(delta_all(&e, &s[2], &s[4]), d24);
+    assert_eq!(delta_all(&e, &s[2], &s[4]).await, d24);
     assert_eq!(
-        delta_all(&e, &s[0], &s[4]),
+        delta_all(&e, &s[0], &s[4]).await,
         clusters_of(p1.iter().chain(&p2).chain(&p3).chain(&p4).copied())
     );
     // Independent check: the daemon's allocation view of s4. s3's writes
@@ -546,10 +559,10 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let x = e.export_snapshot(&s[4]).await.expect("export");
     assert_eq!(
         nbdinfo_allocated_extents(&x.uri()),
-        e.allocated(&s[4], 0, 1000).expect("alloc").extents
+        e.allocated(&s[4], 0, 1000).await.expect("alloc").extents
     );
     assert_eq!(
-        e.allocated(&s[4], 0, 1000).expect("alloc").extents,
+        e.allocated(&s[4], 0, 1000).await.expect("alloc").extents,
         clusters_of(
             p0.iter()
                 .chain(&p1)
@@ -566,9 +579,9 @@ async fn changed_extents_across_restarts_and_merges_read_no_data() {
     let before = node_read_bytes(&e).await;
     assert!(!before.is_empty());
     for _ in 0..50 {
-        delta_all(&e, &s[0], &s[4]);
-        delta_all(&e, &s[2], &s[4]);
-        e.allocated(&s[4], 0, 1000).expect("alloc");
+        delta_all(&e, &s[0], &s[4]).await;
+        delta_all(&e, &s[2], &s[4]).await;
+        e.allocated(&s[4], 0, 1000).await.expect("alloc");
     }
     let after = node_read_bytes(&e).await;
     assert_eq!(before, after, "extent queries read data");
@@ -623,4 +636,116 @@ async fn group_snapshot_crash_is_all_or_nothing() {
         lb.verify_fresh(&env, "cb2", &logb);
         eprintln!("{case}: ok, snapshots kept: {ha}");
     }
+}
+
+/// A snapshot returns before its extent record is captured (decision 3: the
+/// record is the sealed layer's allocation map, read after the call); a crash
+/// in between loses nothing: recovery captures it, and the changed blocks
+/// equal what was written and what the daemon shows for the layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extent_record_is_captured_after_the_snapshot_returns_and_survives_a_crash() {
+    let env = TestEnv::new("capture");
+    let vol = VolumeId::generate();
+    let (s0, s1) = (SnapshotId::generate(), SnapshotId::generate());
+    let written: Vec<u64> = (0..400).map(|i| i * 3).collect();
+    {
+        let e = env.engine().await;
+        e.create_volume(&vol, 256 * MIB).await.expect("create");
+        e.create_snapshot(&vol, &s0).await.expect("s0");
+        let x = e.attach_volume(&vol).await.expect("attach");
+        qemu_io_write_clusters(&x.uri(), &written);
+    }
+    let mark = env.root.join("returned");
+    let mut vars = fp_vars(&vol, &s1, "capture-before-store", false);
+    vars.push(("LD_MARK", mark.display().to_string()));
+    let mut child = spawn_child(&env, "snapshot-then-wait", &vars);
+    let st = wait_child(&mut child, CHILD_TIMEOUT);
+    assert!(killed(st), "failpoint not reached: {st}");
+    assert!(
+        mark.exists(),
+        "the snapshot call did not return before its capture"
+    );
+
+    // The record names the snapshot, without its extent record yet.
+    let rec = livedisk_engine::record::RecordStore::new(&env.cfg.pool)
+        .load(&vol)
+        .expect("load")
+        .expect("record");
+    let s = rec.snapshot(&s1).expect("s1 in the record");
+    assert!(s.changed.is_none(), "captured before the call returned");
+
+    // A new engine (recovery) captures it; the answer is the writes.
+    let e = env.engine().await;
+    let want = clusters_of(written.iter().map(|c| c * CLUSTER / BLOCK));
+    assert_eq!(delta_all(&e, &s0, &s1).await, want);
+    let x = e.export_snapshot(&s1).await.expect("export s1");
+    assert_eq!(
+        e.allocated(&s1, 0, usize::MAX)
+            .await
+            .expect("allocated")
+            .extents,
+        nbdinfo_allocated_extents(&x.uri())
+    );
+    assert_eq!(nbdinfo_local_extents(&x.uri()), want);
+    e.unexport_snapshot(&s1).await.expect("unexport");
+}
+
+/// A changed-block query and a merge issued the instant a snapshot returns
+/// (its record most likely still being captured) answer exactly the writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_and_merges_right_after_a_snapshot_wait_for_its_record() {
+    let env = TestEnv::new("capture-race");
+    let e = env.engine().await;
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 1024 * MIB).await.expect("create");
+    let s = [
+        SnapshotId::generate(),
+        SnapshotId::generate(),
+        SnapshotId::generate(),
+    ];
+    e.create_snapshot(&vol, &s[0]).await.expect("s0");
+    let x = e.attach_volume(&vol).await.expect("attach");
+    // Thousands of separate clusters make the map take a while to read.
+    let first: Vec<u64> = (0..3000).map(|i| i * 2).collect();
+    qemu_io_write_clusters(&x.uri(), &first);
+    e.create_snapshot(&vol, &s[1]).await.expect("s1");
+    let pending = e
+        .record(&vol)
+        .expect("record")
+        .snapshot(&s[1])
+        .is_some_and(|r| r.changed.is_none());
+    let want1 = clusters_of(first.iter().map(|c| c * CLUSTER / BLOCK));
+    assert_eq!(delta_all(&e, &s[0], &s[1]).await, want1);
+    eprintln!("record still being captured when queried: {pending}");
+
+    let second: Vec<u64> = (0..3000).map(|i| i * 2 + 1).collect();
+    qemu_io_write_clusters(&x.uri(), &second);
+    e.create_snapshot(&vol, &s[2]).await.expect("s2");
+    let pending = e
+        .record(&vol)
+        .expect("record")
+        .snapshot(&s[2])
+        .is_some_and(|r| r.changed.is_none());
+    // Merge s1 away at once: its record and s2's must be captured first.
+    e.delete_snapshot(&s[1], None).await.expect("merge s1");
+    eprintln!("record still being captured when merged: {pending}");
+    let both = clusters_of(first.iter().chain(&second).map(|c| c * CLUSTER / BLOCK));
+    assert_eq!(delta_all(&e, &s[0], &s[2]).await, both);
+    e.detach_volume(&vol).await.expect("detach");
+}
+
+/// One block in each listed cluster, in one `qemu-io` run.
+fn qemu_io_write_clusters(uri: &str, clusters: &[u64]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in clusters {
+        cmd.arg("-c")
+            .arg(format!("write -P 0x5a {} 4k", c * CLUSTER));
+    }
+    let out = cmd.arg(uri).output().expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -24,14 +24,14 @@ fn write_clusters(w: &mut Writer, clusters: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn all_pages(e: &Engine, base: Option<&SnapshotId>, target: &SnapshotId) -> Vec<Extent> {
+async fn all_pages(e: &Engine, base: Option<&SnapshotId>, target: &SnapshotId) -> Vec<Extent> {
     // Small pages on purpose: exercises resuming at a starting offset.
     let mut out = vec![];
     let mut start = 0;
     loop {
         let page = match base {
-            Some(b) => e.delta(b, target, start, 2),
-            None => e.allocated(target, start, 2),
+            Some(b) => e.delta(b, target, start, 2).await,
+            None => e.allocated(target, start, 2).await,
         }
         .expect("extent query");
         let Some(last) = page.extents.last() else {
@@ -80,9 +80,9 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
     let exp_alloc_s1 = clusters_of(p1.iter().copied().chain([0]));
     let exp_d12 = clusters_of(p2.iter().copied().chain([0]));
     let exp_d23 = clusters_of(p3.iter().copied().chain([0]));
-    assert_eq!(all_pages(&e, None, &s1), exp_alloc_s1);
-    assert_eq!(all_pages(&e, Some(&s1), &s2), exp_d12);
-    assert_eq!(all_pages(&e, Some(&s2), &s3), exp_d23);
+    assert_eq!(all_pages(&e, None, &s1).await, exp_alloc_s1);
+    assert_eq!(all_pages(&e, Some(&s1), &s2).await, exp_d12);
+    assert_eq!(all_pages(&e, Some(&s2), &s3).await, exp_d23);
     // And the daemon's own view over NBD block status agrees.
     let x2 = e.export_snapshot(&s2).await.expect("export s2");
     assert_eq!(nbdinfo_local_extents(&x2.uri()), exp_d12);
@@ -100,13 +100,13 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
         .await
         .expect("delete s1 (merge)");
     eprintln!("merge (non-active) took {:?}", t.elapsed());
-    assert_eq!(all_pages(&e, Some(&s2), &s3), exp_d23);
+    assert_eq!(all_pages(&e, Some(&s2), &s3).await, exp_d23);
     assert_eq!(
-        all_pages(&e, None, &s2),
+        all_pages(&e, None, &s2).await,
         clusters_of(p1.iter().chain(&p2).copied().chain([0]))
     );
     assert_eq!(
-        e.delta(&s1, &s3, 0, 10).map_err(|e| e.code()).err(),
+        e.delta(&s1, &s3, 0, 10).await.map_err(|e| e.code()).err(),
         Some(Code::NotFound)
     );
 
@@ -123,7 +123,7 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
     // s3's writes (and the sealed layer's) were kept for the next record,
     // so they show up here.
     assert_eq!(
-        all_pages(&e, Some(&s2), &s4),
+        all_pages(&e, Some(&s2), &s4).await,
         clusters_of(p3.iter().chain(&p5).copied().chain([1000 * 16, 40 * 16, 0]))
     );
     // The daemon agrees: what its view of s4 holds above s2's layer (s4's
@@ -141,7 +141,7 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
     let x4 = e.export_snapshot(&s4).await.expect("export s4");
     assert_eq!(
         nbdinfo_extents_within(&x4.uri(), above),
-        all_pages(&e, Some(&s2), &s4)
+        all_pages(&e, Some(&s2), &s4).await
     );
     e.unexport_snapshot(&s4).await.expect("unexport s4");
 
@@ -202,11 +202,15 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let shrink = e.expand_volume(&a, 4 * MIB).await.expect_err("shrink");
     assert_eq!(shrink.code(), Code::OutOfRange);
     assert!(shrink.to_string().contains("cannot shrink"), "{shrink}");
-    let other = e.delta(&sb, &sa2, 0, 10).expect_err("other volume's base");
+    let other = e
+        .delta(&sb, &sa2, 0, 10)
+        .await
+        .expect_err("other volume's base");
     assert_eq!(other.code(), Code::InvalidArgument);
     assert!(other.to_string().contains("belongs to volume"), "{other}");
     assert_eq!(
         e.delta(&sa2, &sa, 0, 10)
+            .await
             .map(|_| ())
             .map_err(|e| e.code())
             .err(),
@@ -262,7 +266,10 @@ async fn reattach_and_recovery_after_daemon_kill() {
     let e = env.engine().await;
     assert_eq!(e.daemon().origin, Origin::Attached);
     assert_eq!(env.daemon_pid(), pid);
-    assert_eq!(e.allocated(&s1, 0, 100).expect("alloc").extents, expected);
+    assert_eq!(
+        e.allocated(&s1, 0, 100).await.expect("alloc").extents,
+        expected
+    );
 
     // The daemon dies hard; the next open starts one and rebuilds everything
     // (chains and the volume's export) from the records.
@@ -274,7 +281,10 @@ async fn reattach_and_recovery_after_daemon_kill() {
     let e = env.engine().await;
     assert_eq!(e.daemon().origin, Origin::Started);
     assert_ne!(env.daemon_pid(), pid);
-    assert_eq!(e.allocated(&s1, 0, 100).expect("alloc").extents, expected);
+    assert_eq!(
+        e.allocated(&s1, 0, 100).await.expect("alloc").extents,
+        expected
+    );
     // Rebuilt like the snapshot left it: the sealed layer read-only (so a
     // commit into it ends with QEMU's flushing reopen), the active one not.
     let rec = e.record(&vol).expect("record");

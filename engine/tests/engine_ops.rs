@@ -56,7 +56,7 @@ async fn stream_merge_mode_keeps_every_view() {
     let p2 = write_clusters(&mut fg, &[30]);
     e.create_snapshot(&vol, &s[2]).await.expect("s2");
     let _p3 = write_clusters(&mut fg, &[40]);
-    let d02 = e.delta(&s[0], &s[2], 0, 100).expect("delta").extents;
+    let d02 = e.delta(&s[0], &s[2], 0, 100).await.expect("delta").extents;
 
     // Stream s1's layer into s2's (a sealed layer): s2's view must not move.
     let raw2 = snapshot_raw(&e, &env, &s[2]).await;
@@ -67,7 +67,10 @@ async fn stream_merge_mode_keeps_every_view() {
     e.delete_snapshot_with(&s[1], opts)
         .await
         .expect("stream s1");
-    assert_eq!(e.delta(&s[0], &s[2], 0, 100).expect("delta").extents, d02);
+    assert_eq!(
+        e.delta(&s[0], &s[2], 0, 100).await.expect("delta").extents,
+        d02
+    );
     let raw2b = snapshot_raw(&e, &env, &s[2]).await;
     assert_eq!(
         std::fs::read(&raw2).expect("r"),
@@ -147,10 +150,13 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
     // Its allocated extents include what it inherited from the source.
-    let alloc = e.allocated(&cs, 0, 1000).expect("allocated").extents;
+    let alloc = e.allocated(&cs, 0, 1000).await.expect("allocated").extents;
     assert_eq!(
         alloc,
-        e.allocated(&s1, 0, 1000).expect("src allocated").extents
+        e.allocated(&s1, 0, 1000)
+            .await
+            .expect("src allocated")
+            .extents
     );
     let cu = e.attach_volume(&clone).await.expect("attach clone").uri();
     {
@@ -580,8 +586,12 @@ async fn deleting_the_snapshots_of_a_deleted_volume_empties_the_pool() {
     check_snapshot_view(&e, &env, &d, &d.s1, d.at_s1).await;
     check_snapshot_view(&e, &env, &d, &d.s2, d.at_s2).await;
     let s2_before = std::fs::read(snapshot_raw(&e, &env, &d.s2).await).expect("raw");
-    let s2_delta = e.delta(&d.s1, &d.s2, 0, 1000).expect("delta").extents;
-    let s2_alloc = e.allocated(&d.s2, 0, 1000).expect("allocated").extents;
+    let s2_delta = e.delta(&d.s1, &d.s2, 0, 1000).await.expect("delta").extents;
+    let s2_alloc = e
+        .allocated(&d.s2, 0, 1000)
+        .await
+        .expect("allocated")
+        .extents;
 
     // The older snapshot: its layer takes in s2's layer (the top of the
     // chain now). Bounded: this used to wait forever.
@@ -599,7 +609,10 @@ async fn deleting_the_snapshots_of_a_deleted_volume_empties_the_pool() {
     let s2_after = std::fs::read(snapshot_raw(&e, &env, &d.s2).await).expect("raw");
     assert!(s2_before == s2_after, "s2 changed by deleting s1");
     assert_eq!(
-        e.allocated(&d.s2, 0, 1000).expect("allocated").extents,
+        e.allocated(&d.s2, 0, 1000)
+            .await
+            .expect("allocated")
+            .extents,
         s2_alloc
     );
     assert!(s2_delta.iter().all(|x| {

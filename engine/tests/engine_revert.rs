@@ -301,7 +301,11 @@ async fn revert_to_any_snapshot_keeps_every_snapshot() {
     e.create_snapshot(vol, &s4).await.expect("s4");
     let v4 = snapshot_raw(&e, &env, &s4, "s4").await;
     let exact = differing_clusters(&before[2], &v4);
-    let delta = e.delta(&t.s[2], &s4, 0, 10_000).expect("delta").extents;
+    let delta = e
+        .delta(&t.s[2], &s4, 0, 10_000)
+        .await
+        .expect("delta")
+        .extents;
     assert!(covers(&delta, &exact), "delta {delta:?} misses {exact:?}");
     // The record is S4's layer's allocation map: the same as nbdinfo's
     // block status of S4's own layer, and (no write rewrote equal bytes)
@@ -313,9 +317,17 @@ async fn revert_to_any_snapshot_keeps_every_snapshot() {
     assert_eq!(delta, map);
     assert_eq!(delta, exact);
     // Wider deltas and "allocated" never under-report.
-    let d14 = e.delta(&t.s[0], &s4, 0, 10_000).expect("delta").extents;
+    let d14 = e
+        .delta(&t.s[0], &s4, 0, 10_000)
+        .await
+        .expect("delta")
+        .extents;
     assert!(covers(&d14, &differing_clusters(&before[0], &v4)));
-    let alloc = e.allocated(&s4, 0, 10_000).expect("allocated").extents;
+    let alloc = e
+        .allocated(&s4, 0, 10_000)
+        .await
+        .expect("allocated")
+        .extents;
     assert!(covers(&alloc, &alloc_view), "{alloc:?} vs {alloc_view:?}");
     let vol4 = volume_raw(&e, &env, vol).await;
     {
@@ -337,7 +349,11 @@ async fn revert_to_any_snapshot_keeps_every_snapshot() {
     let rec = e.record(vol).expect("rec");
     assert_eq!(rec.snapshots.len(), 1);
     assert_eq!(rec.layers.len(), 2, "{:?}", rec.layers);
-    let alloc = e.allocated(&s4, 0, 10_000).expect("allocated").extents;
+    let alloc = e
+        .allocated(&s4, 0, 10_000)
+        .await
+        .expect("allocated")
+        .extents;
     assert!(covers(&alloc, &alloc_view));
     e.detach_volume(vol).await.expect("detach");
     assert_clean(&e, &env, vol, "merges").await;

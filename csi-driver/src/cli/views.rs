@@ -375,6 +375,7 @@ mod tests {
                 offset: 0,
                 length: 65536,
             }]),
+            inherited: vec![],
         }];
         r
     }

@@ -579,6 +579,7 @@ mod tests {
                 size: 1 << 20,
                 state: SnapshotState::Ready,
                 changed: Some(vec![]),
+                inherited: vec![],
             })
             .collect();
         let snap = |i: usize| ExportTarget::Snapshot { id: ids[i].clone() };

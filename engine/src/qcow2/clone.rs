@@ -15,8 +15,8 @@ use tokio::sync::broadcast;
 use super::qmp::Qmp;
 use super::record::{CloneSource, RecordStore, SnapshotState, VolumeRecord};
 use super::{
-    Engine, EngineError, Locks, Result, SnapshotId, VolumeId, VolumeInfo, extents, info,
-    node_add_args, plan, qemu_img, qmp,
+    Engine, EngineError, Locks, Result, SnapshotId, VolumeId, VolumeInfo, info, node_add_args,
+    plan, qemu_img, qmp,
 };
 
 /// The flatten job of a clone.
@@ -63,7 +63,8 @@ impl Engine {
         }
         let _gs = self.locks.try_lock(&src.id)?;
         let _gn = self.locks.try_lock(id)?;
-        let src = self.load(&src.id)?;
+        // The clone's snapshots report the source's allocation as theirs.
+        let src = self.capture_locked(self.load(&src.id)?).await?;
         let s = src
             .snapshot(snap)
             .ok_or_else(|| EngineError::NotFound(format!("snapshot {snap}")))?;
@@ -307,17 +308,4 @@ pub(super) fn spawn_flatten_watcher(
             }
         }
     })
-}
-
-/// Folds a clone's inherited allocation into a freshly captured record.
-pub(super) fn with_inherited(
-    rec: &mut VolumeRecord,
-    captured: Vec<extents::Extent>,
-) -> Vec<extents::Extent> {
-    if rec.inherited.is_empty() {
-        return captured;
-    }
-    let out = extents::union([captured.as_slice(), rec.inherited.as_slice()]);
-    rec.inherited.clear();
-    out
 }

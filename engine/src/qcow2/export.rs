@@ -182,7 +182,13 @@ impl Engine {
         changed_since: Option<SnapshotId>,
     ) -> Result<ExportInfo> {
         let _g = self.locks.try_lock(volume)?;
-        let mut rec = self.settled(self.load(volume)?).await?;
+        let rec = self.settled(self.load(volume)?).await?;
+        // A changed-since export is built from the extent records.
+        let mut rec = if changed_since.is_some() {
+            self.capture_locked(rec).await?
+        } else {
+            rec
+        };
         if let ExportTarget::Snapshot { id } = &target {
             match rec.snapshot(id) {
                 None => return Err(EngineError::NotFound(format!("snapshot {id}"))),

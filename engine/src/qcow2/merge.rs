@@ -65,7 +65,7 @@ impl Engine {
 
     pub(super) async fn merge_locked(
         &self,
-        mut rec: VolumeRecord,
+        rec: VolumeRecord,
         snap: &SnapshotId,
         opts: MergeOptions,
         wait: bool,
@@ -109,14 +109,9 @@ impl Engine {
             )));
         }
         let job = Self::merge_job_id(snap);
-        // The extents must be captured before the layer's content changes.
-        if let Some(i) = rec.snapshot_index(snap)
-            && rec.snapshots[i].changed.is_none()
-        {
-            return Err(EngineError::FailedPrecondition(format!(
-                "snapshot {snap} extents not captured; reopen the engine to recover"
-            )));
-        }
+        // The extent records must be captured before any layer's content
+        // changes (a merge writes into one layer and removes another).
+        let mut rec = self.capture_locked(rec).await?;
         // Point of no return, made durable before the first byte moves.
         if let Some(i) = rec.snapshot_index(snap) {
             rec.snapshots[i].state = SnapshotState::Deleting;

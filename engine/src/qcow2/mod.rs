@@ -9,6 +9,7 @@
 //! work that is harmless to lose (a layer file nobody references yet).
 
 pub mod bitmap;
+mod capture;
 pub mod clone;
 mod export;
 mod merge;
@@ -125,6 +126,26 @@ pub struct ExtentPage {
     pub extents: Vec<Extent>,
 }
 
+/// The whole answer of a changed/allocated-block query, computed once: a
+/// stream of pages reads from it instead of asking the engine again per page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentList {
+    pub volume_size: u64,
+    /// Ascending, non-overlapping, coalesced.
+    pub extents: Vec<Extent>,
+}
+
+impl ExtentList {
+    /// The extents ending after `start` (the first clipped to it), at most
+    /// `max` (at least one).
+    pub fn page(&self, start: u64, max: usize) -> ExtentPage {
+        ExtentPage {
+            volume_size: self.volume_size,
+            extents: extents::page(&self.extents, start, max.max(1)),
+        }
+    }
+}
+
 /// Timings of a snapshot call, for the benchmark and the logs.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct SnapshotTimings {
@@ -148,6 +169,8 @@ pub struct Engine {
     qmp: Qmp,
     locks: Arc<Locks>,
     reclaim: reclaim::Reclaimer,
+    /// Extent records being captured after snapshots (see `capture.rs`).
+    captures: Arc<capture::Captures>,
     /// Background tasks (the flatten watcher; the adopter of the node
     /// plugin's engine), ended with the engine.
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -240,6 +263,7 @@ impl Engine {
             qmp,
             locks,
             reclaim,
+            captures: Arc::default(),
             tasks: vec![flatten_watcher],
             recovery_errors: Mutex::default(),
         };
@@ -265,6 +289,7 @@ impl Engine {
             qmp: self.qmp.clone(),
             locks: self.locks.clone(),
             reclaim: self.reclaim.clone(),
+            captures: self.captures.clone(),
             tasks: vec![],
             recovery_errors: Mutex::default(),
         }
@@ -599,31 +624,44 @@ impl Engine {
 
     // ----- changed-block tracking -----------------------------------------
 
-    fn page(rec: &VolumeRecord, list: &[Extent], start: u64, max: usize) -> ExtentPage {
-        ExtentPage {
+    /// Allocated extents of a snapshot, from the durable records only (a
+    /// record still being captured is waited for).
+    pub async fn allocated_extents(&self, snap: &SnapshotId) -> Result<ExtentList> {
+        let rec = self.locate_captured(snap).await?;
+        Ok(ExtentList {
             volume_size: rec.size,
-            extents: extents::page(list, start, max.max(1)),
-        }
+            extents: plan::allocated(&rec, snap)?,
+        })
     }
 
-    /// Allocated extents of a snapshot, from the durable records only.
-    pub fn allocated(&self, snap: &SnapshotId, start: u64, max: usize) -> Result<ExtentPage> {
-        let rec = self.locate(snap)?;
-        let list = plan::allocated(&rec, snap)?;
-        Ok(Self::page(&rec, &list, start, max))
+    /// Extents changed after `base` up to `target` (same volume only), from
+    /// the durable records only.
+    pub async fn changed_extents(
+        &self,
+        base: &SnapshotId,
+        target: &SnapshotId,
+    ) -> Result<ExtentList> {
+        let rec = self.locate_captured(target).await?;
+        Ok(ExtentList {
+            volume_size: rec.size,
+            extents: self.delta_list(&rec, base, target)?,
+        })
     }
 
-    /// Extents changed after `base` up to `target` (same volume only).
-    pub fn delta(
+    /// One page of [`Engine::allocated_extents`].
+    pub async fn allocated(&self, snap: &SnapshotId, start: u64, max: usize) -> Result<ExtentPage> {
+        Ok(self.allocated_extents(snap).await?.page(start, max))
+    }
+
+    /// One page of [`Engine::changed_extents`].
+    pub async fn delta(
         &self,
         base: &SnapshotId,
         target: &SnapshotId,
         start: u64,
         max: usize,
     ) -> Result<ExtentPage> {
-        let rec = self.locate(target)?;
-        let list = self.delta_list(&rec, base, target)?;
-        Ok(Self::page(&rec, &list, start, max))
+        Ok(self.changed_extents(base, target).await?.page(start, max))
     }
 
     /// The whole list of extents changed after `base` up to `target` of the
@@ -671,6 +709,8 @@ fn snap_info(rec: &VolumeRecord, s: &SnapshotRecord) -> SnapshotInfo {
         volume: rec.id.clone(),
         created: s.created,
         size: s.size,
-        ready: s.state == SnapshotState::Ready && s.changed.is_some(),
+        // Restorable from the instant its layer is sealed; its extent record
+        // may still be on its way (changed-block queries wait for it).
+        ready: s.state == SnapshotState::Ready,
     }
 }

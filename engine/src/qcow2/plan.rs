@@ -201,7 +201,8 @@ pub fn apply_delete(
 
 /// The record once a snapshot transaction has run: the active layer is
 /// sealed by the snapshot and the overlay is the new active layer. The
-/// extent record stays `None` until the sealed layer's map is captured.
+/// extent record stays `None` until the sealed layer's map is captured; the
+/// volume's inherited extents go with the snapshot now, to be folded in then.
 pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, PlanError> {
     let mut out = rec.clone();
     let active = out
@@ -221,6 +222,7 @@ pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, Pla
         size: rec.size,
         state: SnapshotState::Ready,
         changed: None,
+        inherited: std::mem::take(&mut out.inherited),
     });
     out.pending_snapshot = None;
     Ok(out)
@@ -386,6 +388,7 @@ mod tests {
                 size: 1 << 20,
                 state: SnapshotState::Ready,
                 changed: Some(vec![x(i as u64 * 65536, 65536)]),
+                inherited: vec![],
             })
             .collect();
         (r, ids)
@@ -582,6 +585,7 @@ mod tests {
             size: 1 << 20,
             state: SnapshotState::Ready,
             changed: Some(vec![x(0, 65536)]),
+            inherited: vec![],
         }];
         let sealed = seal_internal(&r, 3, &[]).unwrap();
         let p = plan_delete(&sealed, &s).unwrap();

@@ -254,9 +254,13 @@ impl Engine {
         self.resolve_pending_snapshot(id).await?;
         self.resolve_merge_seal(id).await?;
         self.resolve_completing_merge(id).await?;
-        let Some(mut rec) = self.store.load(id)? else {
+        let Some(rec) = self.store.load(id)? else {
             return Ok(());
         };
+        // Snapshots sealed whose extent records were not captured yet (a
+        // crash, or an admin CLI that exited before its background capture);
+        // before the exports, whose changed-block lists are built from them.
+        let rec = self.capture_locked(rec).await?;
         let dir = self.vol_dir(id);
         let nodes = self.named_nodes().await?;
         let mut below: Option<String> = self.clone_backing(&rec)?;
@@ -290,18 +294,6 @@ impl Engine {
             }
         }
         self.sweep_export_helpers(&rec).await?;
-        // Snapshots sealed but whose extents were not captured before a crash.
-        for i in 0..rec.snapshots.len() {
-            if rec.snapshots[i].changed.is_none()
-                && let Some(li) = rec.layer_of(&rec.snapshots[i].id)
-            {
-                let seq = rec.layers[li].seq;
-                let ext =
-                    qemu_img::layer_allocation(&dir.join(VolumeRecord::layer_file(seq))).await?;
-                rec.snapshots[i].changed = Some(clone::with_inherited(&mut rec, ext));
-                self.store.save(&rec)?;
-            }
-        }
         if rec.clone_of.is_some() {
             self.ensure_flatten(&rec).await?;
         }
@@ -392,9 +384,8 @@ impl Engine {
                 return true;
             }
         }
-        if rec.snapshots.iter().any(|s| s.changed.is_none()) {
-            return true;
-        }
+        // Missing extent records alone are no reason to take the volume:
+        // `recover_idle_pass` captures them in the background.
         let layers: HashSet<String> = rec.layers.iter().map(|l| rec.node_name(l.seq)).collect();
         if !layers.is_subset(&view.nodes) || !orphan_nodes(rec, &view.nodes).is_empty() {
             return true;
@@ -439,6 +430,11 @@ impl Engine {
             let Some(rec) = self.store.load(&id)? else {
                 continue;
             };
+            // Left by a process that exited before its background capture
+            // (or whose capture failed): captured without holding the volume.
+            if !capture::missing(&rec).is_empty() && !self.capture_pending(&id) {
+                self.spawn_capture(vec![id.clone()]);
+            }
             if !self.needs_recovery(&rec, &view) {
                 continue;
             }

@@ -60,9 +60,13 @@ pub struct SnapshotRecord {
     pub state: SnapshotState,
     /// Clusters written between the previous live snapshot (or volume
     /// creation) and this one: the sealed layer's allocation map, captured
-    /// when it was sealed. `None` only between the snapshot transaction and
-    /// the capture; recovery captures it then.
+    /// after the snapshot returned (see `capture.rs`). `None` until then;
+    /// whatever needs it captures it first.
     pub changed: Option<Vec<Extent>>,
+    /// Extents this snapshot took over from `VolumeRecord::inherited` when it
+    /// sealed, folded into `changed` when that is captured (then emptied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inherited: Vec<Extent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,6 +433,7 @@ mod tests {
                 offset: 0,
                 length: 65536,
             }]),
+            inherited: vec![],
         });
         store.save(&rec).unwrap();
         store.save(&rec).unwrap();

@@ -149,33 +149,23 @@ impl Engine {
             return Err(e);
         }
         self.restart_flattens(&reflatten).await;
-        // 3. Records, then the sealed layers' allocation maps.
+        // 3. The records: the snapshot is durable and returned from here. The
+        //    sealed layers' allocation maps become extent records in the
+        //    background (`capture.rs`); whatever needs one first captures it.
         let mut infos = vec![];
         for rec in recs.iter_mut() {
             let p = rec
                 .pending_snapshot
                 .clone()
                 .ok_or_else(|| plan::PlanError::Inconsistent("intent lost".into()))?;
-            let sealed_seq = rec
-                .active()
-                .map(|l| l.seq)
-                .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
             *rec = plan::seal(rec, &p)?;
-            self.store.save(rec)?;
-            let file = self
-                .vol_dir(&rec.id)
-                .join(VolumeRecord::layer_file(sealed_seq));
-            let ext = qemu_img::layer_allocation(&file).await?;
-            let ext = clone::with_inherited(rec, ext);
-            if let Some(s) = rec.snapshots.last_mut() {
-                s.changed = Some(ext);
-            }
             self.store.save(rec)?;
             if let Some(s) = rec.snapshots.last() {
                 infos.push(snap_info(rec, s));
             }
         }
         drop(guards);
+        self.spawn_capture(recs.iter().map(|r| r.id.clone()).collect());
         Ok((
             infos,
             SnapshotTimings {
