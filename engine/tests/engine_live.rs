@@ -178,6 +178,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     e.create_snapshot(&a, &sa).await.expect("snap a");
     e.create_snapshot(&a, &sa2).await.expect("snap a2");
     e.create_snapshot(&b, &sb).await.expect("snap b");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
 
     for bad in ["../x", "vol-../../etc", "/etc/passwd", "vol-", ""] {

@@ -143,6 +143,7 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     e.create_snapshot(&clone, &cs)
         .await
         .expect("snapshot of clone");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.delete_snapshot(&cs, None).await),
@@ -251,6 +252,7 @@ async fn revert_to_the_latest_snapshot() {
         Some(Code::FailedPrecondition)
     );
     e.detach_volume(&vol).await.expect("detach");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(&vol, &SnapshotId::generate()).await),
@@ -442,6 +444,7 @@ async fn clone_bad_input_and_deleting_an_unflattened_clone() {
     qemu_io(&uri, "write -P 0x33 0 8M");
     let s1 = SnapshotId::generate();
     e.create_snapshot(&src, &s1).await.expect("s1");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     let c = VolumeId::generate();
     assert_eq!(

@@ -384,6 +384,7 @@ async fn revert_refusals_change_nothing() {
 
     // Attached.
     e.attach_volume(vol).await.expect("attach");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(vol, &t.s[0]).await),
@@ -391,6 +392,7 @@ async fn revert_refusals_change_nothing() {
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
     e.detach_volume(vol).await.expect("detach");
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     // Unknown snapshot; another volume's snapshot; unknown volume.
     assert_eq!(
@@ -429,6 +431,7 @@ async fn revert_refusals_change_nothing() {
         assert!(t0.elapsed() < Duration::from_secs(30), "cancel: {jobs:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(&other, &o1).await),

@@ -167,6 +167,14 @@ async fn run_mutation(a: &AdminArgs, engine: &Engine, cmd: &AdminCmd, known: boo
                 .create_snapshots(&pairs)
                 .await
                 .context("snapshot transaction")?;
+            // A short-lived process: the extent records are captured before
+            // it exits (timings above are the snapshot's own).
+            for v in volumes.iter() {
+                engine
+                    .capture_extents(v)
+                    .await
+                    .with_context(|| format!("capturing the extent records of {v}"))?;
+            }
             Ok(views::snapshots_created(
                 &list,
                 t.transaction.as_secs_f64() * 1e3,

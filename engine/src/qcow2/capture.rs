@@ -15,12 +15,13 @@
 //! Why a map read without the volume's lock is still right when it is stored: a sealed layer is
 //! never written until a merge, and a merge captures every missing record of its volume under
 //! the lock before it starts. So when the stored record is found captured already, or the layer
-//! is gone or changed, the read is dropped (`apply`).
+//! is gone or changed, the read is dropped (`apply`). The background capture never takes the
+//! volume's lock at all — an operation right after a snapshot never finds the volume busy — and
+//! stores with one atomic update of the record file that no later save undoes.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use livedisk_common::{SnapshotId, VolumeId};
 
@@ -28,10 +29,6 @@ use super::record::{SnapshotRecord, VolumeRecord};
 use super::{Engine, Result, qemu_img};
 use crate::extents::{self, Extent};
 use crate::failpoint;
-
-/// How long a background capture waits for its volume to store what it read (a merge may hold
-/// the volume; it captures first itself, so giving up then loses nothing).
-const STORE_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// The engine's captures in flight.
 #[derive(Default)]
@@ -136,27 +133,35 @@ impl Engine {
         Ok(rec)
     }
 
-    /// Captures every missing record of a volume nobody needs to hold for it: the maps are read
-    /// without the volume's lock, which is taken only to store them.
+    /// Captures every missing record of a volume without holding it: an operation on the
+    /// volume runs meanwhile. The maps are read first, then stored with one atomic update of the
+    /// record file (`RecordStore::update`, milliseconds), which a save of an operation's older
+    /// copy does not undo (`record::keep_captured`).
     pub(super) async fn capture_unlocked(&self, id: &VolumeId) -> Result<()> {
         let _one_at_a_time = self.captures.running.lock().await;
-        let rec = self.load(id)?;
+        let Some(rec) = self.store.load(id)? else {
+            return Ok(());
+        };
         let list = missing(&rec);
         if list.is_empty() {
             return Ok(());
         }
         let maps = self.read_maps(&rec, &list).await?;
         failpoint::hit("capture-before-store", self.daemon.pid);
-        let _volume = self.locks.lock_waiting(id, STORE_LOCK_WAIT).await?;
-        let mut rec = self.load(id)?;
-        let mut changed = false;
-        for (m, map) in list.iter().zip(&maps) {
-            changed |= apply(&mut rec, m, map);
-        }
-        if changed {
-            self.store.save(&rec)?;
-        }
+        self.store.update(id, |rec| {
+            let mut changed = false;
+            for (m, map) in list.iter().zip(&maps) {
+                changed |= apply(rec, m, map);
+            }
+            changed
+        })?;
         Ok(())
+    }
+
+    /// Makes sure every extent record of `volume` is captured, waiting for or doing the
+    /// capture (for callers that read records directly, like the admin CLI and the tests).
+    pub async fn capture_extents(&self, volume: &VolumeId) -> Result<()> {
+        self.capture_unlocked(volume).await
     }
 
     /// Captures the missing records of `volumes` in the background, after a snapshot returned.
@@ -177,9 +182,31 @@ impl Engine {
         });
     }
 
-    /// Whether a background capture of this process has the volume's missing records in hand.
-    pub(super) fn capture_pending(&self, id: &VolumeId) -> bool {
-        self.captures.is_pending(id)
+    /// Captures in the background what no capture of this process has in hand: records left
+    /// by a process that exited before its background capture (an admin CLI), or whose capture
+    /// failed. The node plugin's adopter calls it on every pass.
+    pub(super) fn spawn_missing_captures(&self) {
+        let ids = match self.store.list() {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::warn!(%error, "listing volumes for missing extent records failed");
+                return;
+            }
+        };
+        let left: Vec<VolumeId> = ids
+            .into_iter()
+            .filter(|id| !self.captures.is_pending(id))
+            .filter(|id| {
+                self.store
+                    .load(id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|rec| !missing(&rec).is_empty())
+            })
+            .collect();
+        if !left.is_empty() {
+            self.spawn_capture(left);
+        }
     }
 
     /// The record of the volume holding `snap`, with every extent record captured (waiting for

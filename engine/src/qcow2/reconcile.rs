@@ -430,11 +430,6 @@ impl Engine {
             let Some(rec) = self.store.load(&id)? else {
                 continue;
             };
-            // Left by a process that exited before its background capture
-            // (or whose capture failed): captured without holding the volume.
-            if !capture::missing(&rec).is_empty() && !self.capture_pending(&id) {
-                self.spawn_capture(vec![id.clone()]);
-            }
             if !self.needs_recovery(&rec, &view) {
                 continue;
             }
@@ -600,6 +595,7 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
                 Err(_) => {}
             }
+            engine.spawn_missing_captures();
             let busy = match engine.recover_idle_pass().await {
                 Ok(pass) => {
                     for (id, e) in &pass.failed {

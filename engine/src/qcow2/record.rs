@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -310,6 +311,34 @@ impl VolumeRecord {
 /// file beside it, fsync, rename over, fsync the directory (the rename is
 /// durable only once the directory entry is on disk). A crash leaves the
 /// old or the new content, never a mix.
+/// `rec` with the extent records that `on_disk` has captured and `rec` lacks
+/// (same snapshot, sealed by the same layer): a record only ever goes from
+/// "not captured" to "captured", so a save of an older copy must not undo a
+/// capture stored in between.
+pub fn keep_captured(mut rec: VolumeRecord, on_disk: Option<&VolumeRecord>) -> VolumeRecord {
+    let Some(disk) = on_disk else {
+        return rec;
+    };
+    let sealing_layer = |r: &VolumeRecord, id: &SnapshotId| r.layer_of(id).map(|i| r.layers[i].seq);
+    let mut kept = vec![];
+    for (i, s) in rec.snapshots.iter().enumerate() {
+        if s.changed.is_some() {
+            continue;
+        }
+        if let Some(d) = disk.snapshot(&s.id)
+            && d.changed.is_some()
+            && sealing_layer(&rec, &s.id) == sealing_layer(disk, &s.id)
+        {
+            kept.push((i, d.changed.clone(), d.inherited.clone()));
+        }
+    }
+    for (i, changed, inherited) in kept {
+        rec.snapshots[i].changed = changed;
+        rec.snapshots[i].inherited = inherited;
+    }
+    rec
+}
+
 pub fn atomic_write(path: &Path, body: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -365,14 +394,55 @@ impl RecordStore {
         Ok(Some(rec))
     }
 
-    /// Atomically replaces the record (creating the volume directory if needed).
+    /// Atomically replaces the record (creating the volume directory if
+    /// needed). Extent records captured on disk since `rec` was loaded are
+    /// kept (see [`keep_captured`]): the background capture stores them
+    /// without holding the volume.
     pub fn save(&self, rec: &VolumeRecord) -> Result<(), RecordError> {
+        let _file = self.lock_file(&rec.id)?;
+        let on_disk = self.load(&rec.id)?;
+        self.write(&keep_captured(rec.clone(), on_disk.as_ref()))
+    }
+
+    /// Changes the record as it is on disk now, atomically with respect to
+    /// every other save of this volume (any task or process): `change`
+    /// returns whether it changed anything. `Ok(None)`: no record.
+    pub fn update(
+        &self,
+        id: &VolumeId,
+        change: impl FnOnce(&mut VolumeRecord) -> bool,
+    ) -> Result<Option<VolumeRecord>, RecordError> {
+        let _file = self.lock_file(id)?;
+        let Some(mut rec) = self.load(id)? else {
+            return Ok(None);
+        };
+        if change(&mut rec) {
+            self.write(&rec)?;
+        }
+        Ok(Some(rec))
+    }
+
+    fn write(&self, rec: &VolumeRecord) -> Result<(), RecordError> {
         let dir = self.volume_dir(&rec.id);
         let io_err = |e| RecordError::Io(dir.clone(), e);
-        fs::create_dir_all(&dir).map_err(io_err)?;
         let body = serde_json::to_vec_pretty(rec)
             .map_err(|e| RecordError::Corrupt(dir.join(RECORD_FILE), e))?;
         atomic_write(&dir.join(RECORD_FILE), &body).map_err(io_err)
+    }
+
+    /// Holds the record file of one volume for a read-modify-write: an
+    /// exclusive `flock` on the volume's directory (no extra file in it),
+    /// held for the milliseconds of one save, never across an operation
+    /// (that is the volume lock's job, see `lock.rs`).
+    fn lock_file(&self, id: &VolumeId) -> Result<fs::File, RecordError> {
+        let dir = self.volume_dir(id);
+        fs::create_dir_all(&dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
+        let handle = fs::File::open(&dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
+        // SAFETY: flock on a descriptor we own; released when it closes.
+        if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(RecordError::Io(dir, io::Error::last_os_error()));
+        }
+        Ok(handle)
     }
 
     /// Every volume with a record. Directory entries that are not valid
@@ -443,6 +513,57 @@ mod tests {
         assert!(rec.node_name(12345).len() <= 31);
         store.remove(&id).unwrap();
         assert!(store.list().unwrap().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_save_of_an_older_copy_keeps_a_capture_stored_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("ld-rec-{}", uuid::Uuid::new_v4()));
+        let store = RecordStore::new(&dir);
+        let mut rec = VolumeRecord::new(VolumeId::generate(), 1 << 30);
+        let snap = SnapshotId::generate();
+        rec.layers[0].sealed_by = Some(snap.clone());
+        rec.layers.push(Layer {
+            seq: 1,
+            sealed_by: None,
+        });
+        rec.snapshots.push(SnapshotRecord {
+            id: snap.clone(),
+            created: Utc::now(),
+            size: 1 << 30,
+            state: SnapshotState::Ready,
+            changed: None,
+            inherited: vec![Extent {
+                offset: 0,
+                length: 65536,
+            }],
+        });
+        store.save(&rec).unwrap();
+        // An operation holds this copy while the capture stores the record.
+        let older = rec.clone();
+        let captured = vec![Extent {
+            offset: 0,
+            length: 131072,
+        }];
+        store
+            .update(&rec.id, |r| {
+                r.snapshots[0].changed = Some(captured.clone());
+                r.snapshots[0].inherited.clear();
+                true
+            })
+            .unwrap();
+        let mut older = older;
+        older.next_layer_seq = 7;
+        store.save(&older).unwrap();
+        let now = store.load(&rec.id).unwrap().unwrap();
+        assert_eq!(now.next_layer_seq, 7, "the operation's change is saved");
+        assert_eq!(now.snapshots[0].changed.as_ref(), Some(&captured));
+        assert!(now.snapshots[0].inherited.is_empty());
+        // A snapshot now sealed by another layer does not take the old map.
+        let mut moved = older.clone();
+        moved.layers[0].sealed_by = None;
+        moved.layers[1].sealed_by = Some(snap);
+        assert_eq!(keep_captured(moved, Some(&now)).snapshots[0].changed, None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

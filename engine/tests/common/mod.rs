@@ -559,3 +559,12 @@ pub fn qemu_io_write(uri: &str, pattern: u8, offset: u64, len: u64) {
         String::from_utf8_lossy(&st.stderr)
     );
 }
+
+/// Waits until every extent record of the pool is captured (a snapshot's is
+/// captured in the background after the call returns), so that what a test
+/// reads from the pool now stays put.
+pub async fn all_captured(e: &Engine) {
+    for v in e.list_volumes().expect("list volumes") {
+        e.capture_extents(&v.id).await.expect("capture extents");
+    }
+}

@@ -125,7 +125,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         requisite: vec![],
         preferred: vec![Topology {
             segments: [(
-                "topology.livedisk.io/node".to_string(),
+                livedisk_common::TOPOLOGY_NODE_KEY.to_string(),
                 "node-a".to_string(),
             )]
             .into(),
