@@ -19,7 +19,9 @@ pub enum PlanError {
         base: SnapshotId,
         target: SnapshotId,
     },
-    #[error("changed blocks of snapshot {0} are not captured yet")]
+    #[error(
+        "changed blocks of snapshot {0} are not captured yet (the engine captures them right after the snapshot; ask again in a moment)"
+    )]
     NotCaptured(SnapshotId),
     #[error("record inconsistent: {0}")]
     Inconsistent(String),
