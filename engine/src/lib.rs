@@ -31,7 +31,7 @@ pub use qcow2::{
     SnapshotTimings, VolumeInfo,
 };
 pub use qsd::daemon::{Daemon, Monitor, Origin, RuntimeDir};
-pub use qsd::qmp::JobInfo;
+pub use qsd::qmp::{JobInfo, SessionState};
 // Modules the admin CLI and the tests reach into by path.
 pub use qcow2::{bitmap, clone, plan, qemu_img, record, recover};
 pub use qsd::{daemon, nbd_client, qmp};

@@ -369,7 +369,7 @@ impl Engine {
                     }),
                 )
                 .await?;
-            let socket = self.daemon.runtime.nbd_socket();
+            let socket = self.daemon().runtime.nbd_socket();
             let tn = Instant::now();
             let mut c = NbdClient::connect(&socket, &writer).await?;
             let requests = c.write_zeroes(list, BUILD_TIMEOUT).await?;

@@ -147,7 +147,7 @@ impl Engine {
             return Ok(());
         }
         let maps = self.read_maps(&rec, &list).await?;
-        failpoint::hit("capture-before-store", self.daemon.pid);
+        failpoint::hit("capture-before-store", self.daemon().pid);
         self.store.update(id, |rec| {
             let mut changed = false;
             for (m, map) in list.iter().zip(&maps) {

@@ -270,7 +270,8 @@ async fn settle(store: &RecordStore, qmp: &Qmp, rec: &VolumeRecord) -> Result<bo
 
 /// Background task: records each clone as flattened as soon as its job
 /// concludes, so that `is_flattened` and the source's merges see it without
-/// anyone polling. Ends when the QMP connection closes.
+/// anyone polling. Follows the session across a daemon restart (its events
+/// are the session's); settles only while the session is `Live`.
 pub(super) fn spawn_flatten_watcher(
     store: RecordStore,
     qmp: Qmp,
@@ -296,6 +297,7 @@ pub(super) fn spawn_flatten_watcher(
             // The volume may be busy with an operation: retry for a while;
             // every later operation on it settles as well.
             for _ in 0..600 {
+                qmp.until_live().await;
                 if let Ok(_g) = locks.try_lock(&id) {
                     if let Ok(Some(rec)) = store.load(&id)
                         && let Err(e) = settle(&store, &qmp, &rec).await

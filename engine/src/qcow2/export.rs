@@ -107,7 +107,7 @@ impl Engine {
     ) -> ExportInfo {
         ExportInfo {
             name,
-            socket: self.daemon.runtime.nbd_socket(),
+            socket: self.daemon().runtime.nbd_socket(),
             writable,
             dirty_bitmap,
         }

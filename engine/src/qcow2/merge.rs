@@ -141,7 +141,7 @@ impl Engine {
             if !wait {
                 return Ok(());
             }
-            failpoint::hit("merge-after-complete", self.daemon.pid);
+            failpoint::hit("merge-after-complete", self.daemon().pid);
         }
         self.finish_merge(&rec, snap, &plan, &job).await
     }
@@ -170,7 +170,7 @@ impl Engine {
             Ok::<(), EngineError>(())
         }
         .await;
-        failpoint::hit("merge-before-seal", self.daemon.pid);
+        failpoint::hit("merge-before-seal", self.daemon().pid);
         // `Err(true)`: nothing can have switched (the transaction was not
         // sent, or the daemon refused it: QMP transactions are
         // all-or-nothing). `Err(false)`: the daemon may have switched
@@ -196,7 +196,7 @@ impl Engine {
                 }),
             Err(e) => Err((e, true)),
         };
-        failpoint::hit("merge-after-seal", self.daemon.pid);
+        failpoint::hit("merge-after-seal", self.daemon().pid);
         match tx {
             Ok(()) => {}
             Err((e, true)) => {
@@ -345,7 +345,7 @@ impl Engine {
                         *phase = MergePhase::Completing;
                         self.store.save(rec)?;
                     }
-                    failpoint::hit("merge-before-complete", self.daemon.pid);
+                    failpoint::hit("merge-before-complete", self.daemon().pid);
                     self.qmp
                         .execute("job-complete", json!({ "id": job }))
                         .await?;
@@ -363,7 +363,7 @@ impl Engine {
                                 "flushing a merged layer early failed; QEMU flushes it");
                         }
                     }
-                    failpoint::hit("merge-before-finalize", self.daemon.pid);
+                    failpoint::hit("merge-before-finalize", self.daemon().pid);
                     self.qmp
                         .execute("job-finalize", json!({ "id": job }))
                         .await?;

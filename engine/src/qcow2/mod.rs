@@ -17,6 +17,7 @@ pub mod plan;
 pub mod qemu_img;
 mod reclaim;
 mod reconcile;
+mod reconnect;
 pub mod record;
 pub mod recover;
 mod revert;
@@ -25,7 +26,7 @@ mod writeback;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -38,7 +39,7 @@ pub use crate::failpoint;
 pub use crate::lock::{self, Locks, VolumeGuard};
 pub use crate::qsd::daemon::{self, Daemon, Monitor, Origin, RuntimeDir};
 pub use crate::qsd::nbd_client;
-pub use crate::qsd::qmp::{self, JobInfo, Qmp, QmpError};
+pub use crate::qsd::qmp::{self, JobInfo, Qmp, QmpError, SessionState};
 use clone::flatten_job_id;
 pub use livedisk_common::ids;
 pub use livedisk_common::{SnapshotId, VolumeId};
@@ -165,16 +166,18 @@ pub struct MergeOptions {
 
 pub struct Engine {
     store: RecordStore,
-    daemon: Daemon,
+    /// The daemon the session is attached to: another one after the node
+    /// plugin's engine re-attached to a restarted daemon (`reconnect.rs`).
+    daemon: Arc<RwLock<Daemon>>,
     qmp: Qmp,
     locks: Arc<Locks>,
     reclaim: reclaim::Reclaimer,
     /// Extent records being captured after snapshots (see `capture.rs`).
     captures: Arc<capture::Captures>,
-    /// Background tasks (the flatten watcher; the adopter of the node
-    /// plugin's engine), ended with the engine.
+    /// Background tasks (the flatten watcher; the adopter and the
+    /// reconnector of the node plugin's engine), ended with the engine.
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    recovery_errors: Mutex<Vec<(VolumeId, String)>>,
+    recovery_errors: Arc<Mutex<Vec<(VolumeId, String)>>>,
 }
 
 impl Drop for Engine {
@@ -219,11 +222,14 @@ impl Engine {
     /// the pool's records: after a daemon restart every volume's chain and
     /// every export is added again, and interrupted work is finished. The
     /// node plugin's engine: it holds the daemon's main monitor and, while
-    /// it lives, adopts work other processes (the admin CLI) left behind.
+    /// it lives, adopts work other processes (the admin CLI) left behind,
+    /// and follows the daemon when it restarts: it re-attaches and brings
+    /// the new daemon in line as this open does (see [`Engine::session`]).
     pub async fn open(cfg: EngineConfig) -> Result<Self> {
         let mut engine = Self::open_on(&cfg, daemon::Monitor::Main, Recovery::Full).await?;
         let adopter = reconcile::spawn_adopter(engine.background_handle());
-        engine.tasks.push(adopter);
+        let reconnector = reconnect::spawn_reconnector(engine.restoring_handle());
+        engine.tasks.extend([adopter, reconnector]);
         Ok(engine)
     }
 
@@ -259,39 +265,60 @@ impl Engine {
         reclaim.sweep_leftovers();
         let engine = Engine {
             store,
-            daemon,
+            daemon: Arc::new(RwLock::new(daemon)),
             qmp,
             locks,
             reclaim,
             captures: Arc::default(),
             tasks: vec![flatten_watcher],
-            recovery_errors: Mutex::default(),
+            recovery_errors: Arc::default(),
         };
-        engine.ensure_nbd_server().await?;
+        engine.bring_in_line(recovery).await?;
+        Ok(engine)
+    }
+
+    /// Makes the daemon hold what the records describe and finishes or
+    /// undoes interrupted work, as much as `recovery` says: what `open`
+    /// does once attached, and what the node plugin's engine does again
+    /// after it re-attached to a restarted daemon.
+    async fn bring_in_line(&self, recovery: Recovery) -> Result<()> {
+        if let Ok(mut errs) = self.recovery_errors.lock() {
+            errs.clear();
+        }
+        self.ensure_nbd_server().await?;
         match recovery {
-            Recovery::Full => engine.recover_all().await?,
+            Recovery::Full => self.recover_all().await?,
             Recovery::Light => {
-                for (id, e) in engine.recover_idle().await? {
-                    engine.note_recovery_error(&id, &e);
+                for (id, e) in self.recover_idle().await? {
+                    self.note_recovery_error(&id, &e);
                 }
             }
         }
-        engine.dismiss_stale_jobs().await?;
-        Ok(engine)
+        self.dismiss_stale_jobs().await
     }
 
     /// Another handle on the same daemon session, pool and locks, for a
     /// background task that outlives no engine (the caller aborts it).
     fn background_handle(&self) -> Engine {
+        self.handle_on(self.qmp.clone())
+    }
+
+    /// A background handle that may use the session while it is
+    /// `Restoring`: the reconnector's, and only the reconnector's.
+    fn restoring_handle(&self) -> Engine {
+        self.handle_on(self.qmp.restorer())
+    }
+
+    fn handle_on(&self, qmp: Qmp) -> Engine {
         Engine {
             store: self.store.clone(),
             daemon: self.daemon.clone(),
-            qmp: self.qmp.clone(),
+            qmp,
             locks: self.locks.clone(),
             reclaim: self.reclaim.clone(),
             captures: self.captures.clone(),
             tasks: vec![],
-            recovery_errors: Mutex::default(),
+            recovery_errors: self.recovery_errors.clone(),
         }
     }
 
@@ -384,8 +411,9 @@ impl Engine {
         self.reclaim.settled().await;
     }
 
-    /// Volumes whose recovery failed during `open`, with the reason. Each
-    /// stays as its record says; reopening retries it.
+    /// Volumes whose recovery failed during `open` (or during the last
+    /// re-attach to a restarted daemon), with the reason. Each stays as its
+    /// record says; reopening retries it.
     pub fn recovery_errors(&self) -> Vec<(VolumeId, String)> {
         self.recovery_errors
             .lock()
@@ -393,8 +421,25 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    pub fn daemon(&self) -> &Daemon {
-        &self.daemon
+    /// The daemon the engine's session is attached to now.
+    pub fn daemon(&self) -> Daemon {
+        match self.daemon.read() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Where the engine stands with its daemon: `Live` while it can work,
+    /// `Lost` while its daemon is gone (every operation fails UNAVAILABLE),
+    /// `Restoring` while the node plugin's engine brings a restarted daemon
+    /// in line (operations fail UNAVAILABLE until it is done).
+    pub fn session(&self) -> SessionState {
+        self.qmp.state()
+    }
+
+    /// Every change of [`Engine::session`] from now on.
+    pub fn session_changes(&self) -> tokio::sync::watch::Receiver<SessionState> {
+        self.qmp.state_changes()
     }
 
     pub fn pool(&self) -> &Path {
@@ -407,7 +452,7 @@ impl Engine {
     }
 
     async fn ensure_nbd_server(&self) -> Result<()> {
-        let path = self.daemon.runtime.nbd_socket();
+        let path = self.daemon().runtime.nbd_socket();
         let r = self
             .qmp
             .execute(

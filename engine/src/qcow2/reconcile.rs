@@ -571,13 +571,20 @@ fn adopt_interval() -> Duration {
 /// `ADOPT_INTERVAL`. A merge the CLI started and left running is thus
 /// finished and recorded by the node plugin as soon as its job concludes,
 /// and a CLI killed mid-step is recovered without a restart of anything.
-/// Ends when the QMP session closes.
+/// While the session is not `Live` (the daemon is gone, or a restarted one
+/// is being brought in line by the reconnector) it waits, then follows the
+/// session: events are the session's, not one connection's.
 pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
     let mut rx = engine.qmp.subscribe();
     tokio::spawn(async move {
         let interval = adopt_interval();
         let mut next = tokio::time::Instant::now() + interval;
         loop {
+            if engine.qmp.state() != SessionState::Live {
+                engine.qmp.until_live().await;
+                // The restore was a full recovery: the next look can wait.
+                next = tokio::time::Instant::now() + interval;
+            }
             match tokio::time::timeout_at(next, rx.recv()).await {
                 Ok(Ok(ev)) => {
                     let wakes = ev.event == "JOB_STATUS_CHANGE"
@@ -594,6 +601,10 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
                 Err(_) => {}
+            }
+            // Lost while waiting: wait for the session first (top of the loop).
+            if engine.qmp.state() != SessionState::Live {
+                continue;
             }
             engine.spawn_missing_captures();
             let busy = match engine.recover_idle_pass().await {

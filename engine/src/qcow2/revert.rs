@@ -106,7 +106,7 @@ impl Engine {
         let built = async {
             if plan.diff {
                 qemu_img::create(&file, rec.size, None).await?;
-                failpoint::hit("revert-before-rebase", self.daemon.pid);
+                failpoint::hit("revert-before-rebase", self.daemon().pid);
                 let view = self.chain_files(rec, plan.snap_layer)?;
                 let onto = self.chain_files(rec, plan.onto_layer)?;
                 let view: Vec<&Path> = view.iter().map(PathBuf::as_path).collect();
@@ -132,13 +132,13 @@ impl Engine {
             self.abandon_revert(rec).await?;
             return Err(e);
         }
-        failpoint::hit("revert-before-built", self.daemon.pid);
+        failpoint::hit("revert-before-built", self.daemon().pid);
         // 3. Point of no return.
         if let Some(p) = rec.pending_revert.as_mut() {
             p.built = true;
         }
         self.store.save(rec)?;
-        failpoint::hit("revert-after-built", self.daemon.pid);
+        failpoint::hit("revert-after-built", self.daemon().pid);
         // 4. + 5.
         self.switch_revert(rec).await?;
         Ok(())
@@ -172,7 +172,7 @@ impl Engine {
                 .await?;
         }
         self.store.save(&after)?;
-        failpoint::hit("revert-after-switch", self.daemon.pid);
+        failpoint::hit("revert-after-switch", self.daemon().pid);
         // Top first: each node is the backing of the one above it.
         for seq in gone {
             self.blockdev_del(&rec.node_name(seq)).await?;

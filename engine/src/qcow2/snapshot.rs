@@ -118,7 +118,7 @@ impl Engine {
             .prepare_overlays(&mut recs, pairs, now, &mut actions, &mut overlays)
             .await;
         // 2. The switch-over: atomic across all volumes.
-        failpoint::hit("snapshot-before-transaction", self.daemon.pid);
+        failpoint::hit("snapshot-before-transaction", self.daemon().pid);
         let t0 = Instant::now();
         let tx = match prepared {
             Ok(()) => self
@@ -129,7 +129,7 @@ impl Engine {
             Err(e) => Err(e),
         };
         let transaction = t0.elapsed();
-        failpoint::hit("snapshot-after-transaction", self.daemon.pid);
+        failpoint::hit("snapshot-after-transaction", self.daemon().pid);
         if let Err(e) = tx {
             // A failed transaction changed nothing (QMP transactions are
             // all-or-nothing): undo the overlays and the intents.

@@ -2,7 +2,7 @@
 //! process (daemonized, its own session), so that restarts or upgrades of the
 //! process hosting this library never stop volume I/O.
 //!
-//! `start_or_attach_on` is the only entry point: it re-attaches to a live
+//! `start_or_attach_on` is the entry point: it re-attaches to a live
 //! daemon whenever there is one and starts a new one only when there is not,
 //! under an exclusive lock so that two callers racing can never produce two
 //! daemons. Nothing here ever stops a daemon that runs.
@@ -10,6 +10,9 @@
 //! A daemon has two QMP monitors and QEMU 7.2 serves one client on each: the
 //! main one (`qmp.sock`) belongs to the node plugin's engine, the admin one
 //! (`admin.sock`) to the admin CLI, so that both can work at once.
+//!
+//! `reattach` follows a daemon that restarted under a live session (see
+//! `reconnect.rs`); it only ever attaches.
 
 use std::fs;
 use std::io;
@@ -301,6 +304,30 @@ pub async fn start_or_attach_on(
         },
         qmp,
     ))
+}
+
+/// Connects the lost session `qmp` to the daemon running now, on the
+/// monitor `monitor`, and never starts one: the node plugin's engine follows
+/// a daemon that whoever owns it (the engine DaemonSet, `admin start`)
+/// restarted. Fails while no daemon listens there.
+pub async fn reattach(
+    runtime: &RuntimeDir,
+    monitor: Monitor,
+    qmp: &Qmp,
+) -> Result<Daemon, DaemonError> {
+    let sock = match monitor {
+        Monitor::Main => runtime.qmp_socket(),
+        Monitor::Admin => runtime.admin_socket(),
+    };
+    qmp.reconnect(&sock).await?;
+    let pid = read_pid(&runtime.pid_file()).filter(|p| pid_alive(*p) && is_qsd(*p));
+    tracing::info!(?pid, ?monitor, "re-attached to qemu-storage-daemon");
+    Ok(Daemon {
+        runtime: runtime.clone(),
+        pid,
+        origin: Origin::Attached,
+        monitor,
+    })
 }
 
 impl Daemon {

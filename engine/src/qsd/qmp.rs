@@ -4,11 +4,20 @@
 //! caller by the `id` we put on the command, and fans events out on a
 //! broadcast channel. Callers that need to see the events a command causes
 //! subscribe *before* sending it, so no event can slip past them.
+//!
+//! A [`Qmp`] is a *session*, which outlives one connection: when the reader
+//! meets the end of its stream (the daemon died or closed the monitor) the
+//! session is `Lost`, and it can be connected again to a restarted daemon
+//! (`reconnect`). The events channel and the job claims belong to the
+//! session, so a subscriber follows it across reconnects. A reconnected
+//! session is `Restoring` until its owner has brought the new daemon in line
+//! with the records: meanwhile only the restoring handle (`restorer`) may
+//! send, so that no caller works on a daemon that lacks its volumes.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,7 +25,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Mutex, broadcast, oneshot};
+use tokio::sync::{Mutex, broadcast, oneshot, watch};
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QmpError {
@@ -62,19 +72,48 @@ impl Event {
     }
 }
 
+/// Where a session stands with its daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Connected: every handle may send.
+    Live,
+    /// The connection is gone since `since` (the daemon died or closed the
+    /// monitor): every command fails with [`QmpError::Disconnected`].
+    Lost { since: Instant },
+    /// Connected again, to a daemon that does not hold what the records
+    /// describe yet: only the restoring handle may send; every other one
+    /// gets [`QmpError::Disconnected`] until [`Qmp::finish_restoring`].
+    Restoring,
+}
+
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
 type Claims = Arc<std::sync::Mutex<HashSet<String>>>;
 
 /// Commands that start a block job named by their `job-id` argument.
 const JOB_STARTERS: &[&str] = &["block-commit", "block-stream"];
 
-/// A connected QMP session. Cheap to clone; all clones share one socket.
+/// How long a monitor may take to greet a new client. One that accepts but
+/// stays silent is held by another client (QEMU 7.2 serves one per monitor).
+const GREETING_WAIT: Duration = Duration::from_secs(10);
+
+/// A QMP session. Cheap to clone; all clones share the session, and every
+/// clone but a [`Qmp::restorer`] is held back while it is `Restoring`.
 #[derive(Clone)]
 pub struct Qmp {
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    pending: Pending,
+    session: Arc<Session>,
+    /// Whether this handle may send while the session is `Restoring`.
+    restorer: bool,
+}
+
+struct Session {
+    /// The connection, while there is one.
+    link: std::sync::Mutex<Option<Link>>,
+    state: watch::Sender<SessionState>,
     events: broadcast::Sender<Event>,
-    next_id: Arc<AtomicU64>,
+    next_id: AtomicU64,
+    /// Numbers the connections, so that a reader that ends marks the
+    /// session lost only if its connection is still the session's.
+    next_link: AtomicU64,
     timeout: Duration,
     /// Jobs this session started (or claimed), until the daemon reports
     /// them dismissed. Several processes drive one daemon (the node plugin,
@@ -84,53 +123,159 @@ pub struct Qmp {
     claims: Claims,
 }
 
+/// One connection to a monitor. Only the session holds its write half:
+/// when the last handle on the session goes, the write half closes, the
+/// daemon closes the monitor, and the reader ends.
+#[derive(Clone)]
+struct Link {
+    id: u64,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    pending: Pending,
+}
+
+impl Session {
+    /// Called by a reader that ended: its connection is gone.
+    fn lose(&self, link: u64) {
+        let Ok(mut slot) = self.link.lock() else {
+            return;
+        };
+        if slot.as_ref().is_some_and(|l| l.id == link) {
+            *slot = None;
+            self.state.send_replace(SessionState::Lost {
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
 impl Qmp {
     /// Connects, reads the greeting and leaves negotiation mode.
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        let (events, _) = broadcast::channel(1024);
+        let session = Session {
+            link: std::sync::Mutex::new(None),
+            state: watch::Sender::new(SessionState::Lost {
+                since: Instant::now(),
+            }),
+            events,
+            next_id: AtomicU64::new(1),
+            next_link: AtomicU64::new(1),
+            timeout: Duration::from_secs(60),
+            claims: Arc::default(),
+        };
+        let qmp = Qmp {
+            session: Arc::new(session),
+            restorer: false,
+        };
+        qmp.reconnect(path).await?;
+        qmp.finish_restoring();
+        Ok(qmp)
+    }
+
+    /// Connects a lost session to the monitor at `path` again (a restarted
+    /// daemon's). The session is then `Restoring`: the caller brings the
+    /// daemon in line through a [`Qmp::restorer`] handle, then calls
+    /// [`Qmp::finish_restoring`]. The claims are dropped: the jobs they named
+    /// died with the daemon, or lost the callers that drove them.
+    pub async fn reconnect(&self, path: &Path) -> Result<(), QmpError> {
+        if !matches!(self.state(), SessionState::Lost { .. }) {
+            return Err(QmpError::Protocol("the session is connected".into()));
+        }
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| QmpError::Connect(format!("{}: {e}", path.display())))?;
         let (rd, wr) = stream.into_split();
         let mut rd = BufReader::new(rd);
         let mut greeting = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), rd.read_line(&mut greeting))
+        let n = tokio::time::timeout(GREETING_WAIT, rd.read_line(&mut greeting))
             .await
-            .map_err(|_| QmpError::Timeout(Duration::from_secs(10), "QMP greeting".into()))?
+            .map_err(|_| QmpError::Timeout(GREETING_WAIT, "QMP greeting".into()))?
             .map_err(|e| QmpError::Connect(e.to_string()))?;
         if n == 0 || !greeting.contains("\"QMP\"") {
             return Err(QmpError::Protocol(format!("bad greeting {greeting:?}")));
         }
-        let (events, _) = broadcast::channel(1024);
-        let pending: Pending = Arc::default();
-        let claims: Claims = Arc::default();
+        let s = &self.session;
+        let link = Link {
+            id: s.next_link.fetch_add(1, Ordering::Relaxed),
+            writer: Arc::new(Mutex::new(wr)),
+            pending: Pending::default(),
+        };
+        if let Ok(mut c) = s.claims.lock() {
+            c.clear();
+        }
+        {
+            let mut slot = s
+                .link
+                .lock()
+                .map_err(|_| QmpError::Protocol("session poisoned".into()))?;
+            *slot = Some(link.clone());
+            s.state.send_replace(SessionState::Restoring);
+        }
         tokio::spawn(read_loop(
             rd,
-            pending.clone(),
-            events.clone(),
-            claims.clone(),
+            link.id,
+            link.pending.clone(),
+            Arc::downgrade(&self.session),
+            s.events.clone(),
+            s.claims.clone(),
         ));
-        let qmp = Qmp {
-            writer: Arc::new(Mutex::new(wr)),
-            pending,
-            events,
-            next_id: Arc::new(AtomicU64::new(1)),
-            timeout: Duration::from_secs(60),
-            claims,
-        };
-        qmp.execute("qmp_capabilities", json!({})).await?;
-        Ok(qmp)
+        match self.execute_on(&link, "qmp_capabilities", json!({})).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                s.lose(link.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// A handle on this session that may send while it is `Restoring`: for
+    /// the one task that brings a reconnected daemon in line.
+    pub fn restorer(&self) -> Qmp {
+        Qmp {
+            session: self.session.clone(),
+            restorer: true,
+        }
+    }
+
+    /// Opens a `Restoring` session to every handle. Does nothing in any
+    /// other state (a session lost again meanwhile stays lost).
+    pub fn finish_restoring(&self) {
+        self.session.state.send_if_modified(|s| {
+            let restoring = *s == SessionState::Restoring;
+            if restoring {
+                *s = SessionState::Live;
+            }
+            restoring
+        });
+    }
+
+    /// Where the session stands now.
+    pub fn state(&self) -> SessionState {
+        *self.session.state.borrow()
+    }
+
+    /// Every change of [`Qmp::state`] from now on.
+    pub fn state_changes(&self) -> watch::Receiver<SessionState> {
+        self.session.state.subscribe()
+    }
+
+    /// Waits until the session is `Live`.
+    pub async fn until_live(&self) {
+        let mut states = self.state_changes();
+        // Err: the session is gone, which cannot happen while `self` holds it.
+        let _ = states.wait_for(|s| *s == SessionState::Live).await;
     }
 
     /// Subscribe to events. Subscribe before issuing the command whose
     /// events you need.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.session.events.subscribe()
     }
 
     /// Marks a job as driven by this session (see `claims`): recovery that
     /// picked up a job another session started claims it.
     pub fn claim(&self, job: &str) {
-        if let Ok(mut c) = self.claims.lock() {
+        if let Ok(mut c) = self.session.claims.lock() {
             c.insert(job.to_owned());
         }
     }
@@ -138,24 +283,55 @@ impl Qmp {
     /// Whether this session started or claimed `job` and the daemon has not
     /// dismissed it since.
     pub fn claimed(&self, job: &str) -> bool {
-        self.claims.lock().is_ok_and(|c| c.contains(job))
+        self.session.claims.lock().is_ok_and(|c| c.contains(job))
     }
 
     /// The jobs [`Qmp::claimed`] holds right now.
     pub fn claimed_jobs(&self) -> std::collections::HashSet<String> {
-        self.claims.lock().map(|c| c.clone()).unwrap_or_default()
+        self.session
+            .claims
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// The connection this handle may send on now.
+    fn link(&self) -> Result<Link, QmpError> {
+        match self.state() {
+            SessionState::Live => {}
+            SessionState::Restoring if self.restorer => {}
+            SessionState::Restoring | SessionState::Lost { .. } => {
+                return Err(QmpError::Disconnected);
+            }
+        }
+        self.session
+            .link
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .ok_or(QmpError::Disconnected)
     }
 
     /// Runs one command and returns its `return` value.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let link = self.link()?;
+        self.execute_on(&link, command, arguments).await
+    }
+
+    async fn execute_on(
+        &self,
+        link: &Link,
+        command: &str,
+        arguments: Value,
+    ) -> Result<Value, QmpError> {
         let started_job = JOB_STARTERS
             .contains(&command)
             .then(|| arguments.get("job-id").and_then(Value::as_str))
             .flatten()
             .map(str::to_owned);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.session.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
+        link.pending
             .lock()
             .map_err(|_| QmpError::Protocol("pending map poisoned".into()))?
             .insert(id, tx);
@@ -167,18 +343,19 @@ impl Qmp {
         line.push('\n');
         tracing::debug!(command, id, "qmp send");
         {
-            let mut w = self.writer.lock().await;
+            let mut w = link.writer.lock().await;
             if w.write_all(line.as_bytes()).await.is_err() {
-                self.forget(id);
+                forget(&link.pending, id);
                 return Err(QmpError::Disconnected);
             }
         }
-        let reply = match tokio::time::timeout(self.timeout, rx).await {
+        let timeout = self.session.timeout;
+        let reply = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(QmpError::Disconnected),
             Err(_) => {
-                self.forget(id);
-                Err(QmpError::Timeout(self.timeout, command.to_owned()))
+                forget(&link.pending, id);
+                Err(QmpError::Timeout(timeout, command.to_owned()))
             }
         };
         if reply.is_ok()
@@ -195,17 +372,22 @@ impl Qmp {
             other => other,
         })
     }
+}
 
-    fn forget(&self, id: u64) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.remove(&id);
-        }
+fn forget(pending: &Pending, id: u64) {
+    if let Ok(mut p) = pending.lock() {
+        p.remove(&id);
     }
 }
 
+/// Reads one connection until it ends. Holds no strong reference on the
+/// session: a session nobody holds any more must be able to go (and with it
+/// the write half, which makes the daemon close the monitor).
 async fn read_loop(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    link: u64,
     pending: Pending,
+    session: Weak<Session>,
     events: broadcast::Sender<Event>,
     claims: Claims,
 ) {
@@ -267,7 +449,11 @@ async fn read_loop(
             let _ = tx.send(result);
         }
     }
-    // Connection gone: wake every caller instead of leaving them hanging.
+    // Connection gone: the session is lost (if this is still its
+    // connection), and every caller is woken instead of left hanging.
+    if let Some(s) = session.upgrade() {
+        s.lose(link);
+    }
     if let Ok(mut p) = pending.lock() {
         for (_, tx) in p.drain() {
             let _ = tx.send(Err(QmpError::Disconnected));
