@@ -4,6 +4,8 @@
 #     csi-resizer, on the host, socket ./.livedisk/csi/controller.sock;
 #   * per node (node-a, node-b): an engine daemon and a node plugin in the node's own mount and
 #     network namespace with its own pool (hack/engine-ns.sh), socket ./.livedisk/csi/<node>.sock.
+#     The node plugin is restarted when it exits non-zero (hack/restart-on-failure.sh), as the
+#     chart's DaemonSet restarts it.
 #     A node reaches the API server through a unix-socket bridge (socat), as its own loopback
 #     has nothing on it; the node is registered as a CSINode the way node-driver-registrar would.
 #
@@ -158,7 +160,11 @@ YAML
     wait_socket "$bridge"
     start_bg "node-bridge-$node" "$ROOT/hack/engine-ns.sh" exec "$node" -- \
       socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$bridge"
-    start_bg "csi-node-$node" "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$KUBECONFIG" RUST_LOG=info \
+    # Restarted whenever it exits non-zero, as the DaemonSet restarts it: it does so when its engine
+    # daemon stays away longer than LIVEDISK_ENGINE_RECONNECT_SECONDS (default 30).
+    start_bg "csi-node-$node" "$ROOT/hack/restart-on-failure.sh" \
+      "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$KUBECONFIG" RUST_LOG=info \
+      LIVEDISK_ENGINE_RECONNECT_SECONDS="${LIVEDISK_ENGINE_RECONNECT_SECONDS:-30}" \
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
       --pool-dir "$root/pool" --engine-socket-dir "$root/run" \
       --metadata-listen "$SUBNET.$index.2:9443" --metadata-advertise "https://$SUBNET.$index.2:9443" \

@@ -16,6 +16,7 @@ use crate::grpc::identity::IdentityService;
 use crate::grpc::server;
 use crate::metadata::{NodeMetadata, RelayMetadata, TlsDir};
 use crate::node::agent::{self, Agent};
+use crate::node::engine_health;
 use crate::node::service::NodeService;
 use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use livedisk_engine::{Engine, EngineConfig};
@@ -68,6 +69,11 @@ pub struct NodeArgs {
     /// Directory with `ca.crt`, `tls.crt`, `tls.key` for the private service (server side).
     #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
     pub node_tls_dir: Option<PathBuf>,
+    /// How long the node plugin waits for its engine daemon to come back once it is gone. The
+    /// engine re-attaches to a restarted daemon by itself; after this long without one the
+    /// plugin exits non-zero, so that it is restarted and opens its engine afresh.
+    #[arg(long, env = "LIVEDISK_ENGINE_RECONNECT_SECONDS", default_value_t = 30)]
+    pub engine_reconnect_seconds: u64,
 }
 
 fn reflection() -> Result<
@@ -100,6 +106,7 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
         .add_service(IdentityServer::new(IdentityService {
             controller: true,
             snapshot_metadata: relay.is_some(),
+            readiness: None,
         }))
         .add_service(ControllerServer::new(ControllerService::new(
             client,
@@ -113,7 +120,8 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
     Ok(())
 }
 
-/// Serves the node plugin and runs its agent until SIGTERM.
+/// Serves the node plugin and runs its agent until SIGTERM, or until its engine has had no daemon
+/// for `--engine-reconnect-seconds` (then it returns an error: the process exits non-zero).
 pub async fn node(args: NodeArgs) -> Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -151,11 +159,26 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         _ => None,
     };
     let agent_task = tokio::spawn(agent::run(node_agent));
+    let (gave_up, gave_up_reason) = tokio::sync::oneshot::channel();
+    let abandoned = engine_health::abandoned(
+        engine.session_changes(),
+        Duration::from_secs(args.engine_reconnect_seconds),
+    );
+    let shutdown = async move {
+        tokio::select! {
+            () = server::shutdown_signal() => {}
+            reason = abandoned => {
+                tracing::error!(reason, "giving up on the engine daemon");
+                let _ = gave_up.send(reason);
+            }
+        }
+    };
     tracing::info!(socket = %path.display(), node = %args.node_name, "CSI node plugin serving");
     Server::builder()
         .add_service(IdentityServer::new(IdentityService {
             controller: false,
             snapshot_metadata: false,
+            readiness: Some(engine.clone()),
         }))
         .add_service(NodeServer::new(NodeService::new(
             engine,
@@ -163,12 +186,15 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             args.node_name,
         )))
         .add_service(reflection()?)
-        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .serve_with_incoming_shutdown(server::incoming(listener), shutdown)
         .await
         .context("serving CSI")?;
     agent_task.abort();
     if let Some(task) = metadata_task {
         task.abort();
     }
-    Ok(())
+    match gave_up_reason.await {
+        Ok(reason) => anyhow::bail!(reason),
+        Err(_) => Ok(()),
+    }
 }

@@ -3,5 +3,6 @@
 
 pub mod agent;
 pub mod attach;
+pub mod engine_health;
 pub mod mounts;
 pub mod service;
