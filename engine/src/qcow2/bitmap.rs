@@ -19,7 +19,7 @@
 //!   disabled (nothing may change it while it is published).
 //! * The export path never lists the daemon's nodes: QEMU 7.2 segfaults on
 //!   `query-named-block-nodes` while a concluded `block-stream` job is not
-//!   dismissed yet (see `stream_settling` in `reconcile.rs`), which another
+//!   dismissed yet (see `qmp::stream_settling`), which another
 //!   volume's merge or flatten can cause at any time. The helper's size and
 //!   granularity come from the record (the snapshot's size is its layer's
 //!   virtual size: layers are created at the volume's size, and volumes
@@ -45,11 +45,23 @@
 //! the file (never expected), the list is recomputed from the records while
 //! B still exists.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::nbd_client::NbdClient;
-use super::*;
+use crate::qsd::nbd_client::NbdClient;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::engine::{Engine, Result, remove_file_if_exists};
+use super::record::{ExportTarget, VolumeRecord};
+use super::{qemu_img, record};
+use crate::error::EngineError;
+use crate::extents::{self, Extent};
+use crate::qsd::qmp::{self};
+use livedisk_common::{SnapshotId, VolumeId};
 
 /// Bound on building one bitmap (100k extents take well under a second).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -415,11 +427,11 @@ impl Engine {
 
     /// The daemon's node names, unless a `block-stream` job is settling
     /// (finished, not dismissed yet), when listing them would crash QEMU 7.2
-    /// (see `stream_settling` in `reconcile.rs`, whose test this repeats).
+    /// (see `qmp::stream_settling`, whose test this repeats).
     /// Its owner dismisses such a job at once, so callers skip what needs
     /// the list and leave it to a later pass.
     async fn named_nodes_unless_stream_settles(&self) -> Result<Option<HashSet<String>>> {
-        if reconcile::stream_settling(&qmp::query_jobs(&self.qmp).await?) {
+        if qmp::stream_settling(&qmp::query_jobs(&self.qmp).await?) {
             return Ok(None);
         }
         Ok(Some(self.named_nodes().await?))
@@ -540,6 +552,7 @@ pub(super) fn leftovers_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::record::{ExportRecord, SnapshotState};
 
     fn x(offset: u64, length: u64) -> Extent {
         Extent { offset, length }

@@ -19,43 +19,15 @@
 //! volume's lock at all — an operation right after a snapshot never finds the volume busy — and
 //! stores with one atomic update of the record file that no later save undoes.
 
-use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
 
 use livedisk_common::{SnapshotId, VolumeId};
 
+use super::engine::{Engine, Result};
+use super::qemu_img;
 use super::record::{SnapshotRecord, VolumeRecord};
-use super::{Engine, Result, qemu_img};
 use crate::extents::{self, Extent};
 use crate::failpoint;
-
-/// The engine's captures in flight.
-#[derive(Default)]
-pub(super) struct Captures {
-    /// One capture at a time per engine: a query that needs a record waits for the background
-    /// capture already reading it instead of reading the same layer again.
-    running: tokio::sync::Mutex<()>,
-    /// Volumes with a background capture queued or running in this process: the adopter leaves
-    /// them alone instead of "recovering" them under the volume's lock.
-    pending: Mutex<HashSet<VolumeId>>,
-}
-
-impl Captures {
-    fn mark(&self, id: &VolumeId, on: bool) {
-        if let Ok(mut set) = self.pending.lock() {
-            if on {
-                set.insert(id.clone());
-            } else {
-                set.remove(id);
-            }
-        }
-    }
-
-    pub(super) fn is_pending(&self, id: &VolumeId) -> bool {
-        self.pending.lock().is_ok_and(|set| set.contains(id))
-    }
-}
 
 /// A sealed layer whose extent record is missing: the snapshot and its layer's number.
 #[derive(Debug, Clone, PartialEq, Eq)]

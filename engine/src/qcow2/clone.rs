@@ -12,12 +12,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::qmp::Qmp;
+use super::engine::{Engine, Result, node_add_args};
 use super::record::{CloneSource, RecordStore, SnapshotState, VolumeRecord};
-use super::{
-    Engine, EngineError, Locks, Result, SnapshotId, VolumeId, VolumeInfo, info, node_add_args,
-    plan, qemu_img, qmp,
-};
+use super::types::{VolumeInfo, info};
+use super::{plan, qemu_img};
+use crate::error::EngineError;
+use crate::lock::Locks;
+use crate::qsd::qmp::{self, Qmp};
+use livedisk_common::{SnapshotId, VolumeId};
 
 /// The flatten job of a clone.
 pub fn flatten_job_id(id: &VolumeId) -> String {

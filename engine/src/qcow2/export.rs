@@ -1,7 +1,18 @@
 //! NBD exports: the consumer's writable attach path and read-only
 //! snapshot views.
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::engine::{Engine, Result};
+use super::record::{ExportRecord, ExportTarget, SnapshotState, VolumeRecord};
+use super::types::ExportInfo;
+use super::{bitmap, plan};
+use crate::error::EngineError;
+use crate::extents::Extent;
+use crate::qsd::qmp::{self};
+use livedisk_common::{SnapshotId, VolumeId};
 
 /// Bound on waiting for a deleted export to leave the daemon.
 const EXPORT_GONE_TIMEOUT: Duration = Duration::from_secs(30);

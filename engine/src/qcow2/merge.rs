@@ -1,7 +1,19 @@
 //! Deleting a snapshot by merging its layer away live (`block-commit` or
 //! `block-stream`), with job control.
 
-use super::*;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use super::engine::{Engine, JOB_POLL, Result, node_add_args, remove_file_if_exists};
+use super::record::{ExportTarget, InFlight, MergeMode, MergePhase, SnapshotState, VolumeRecord};
+use super::types::MergeOptions;
+use super::{plan, qemu_img, writeback};
+use crate::error::EngineError;
+use crate::failpoint;
+use crate::lock::VolumeGuard;
+use crate::qsd::qmp::{self, JobInfo, QmpError};
+use livedisk_common::SnapshotId;
 
 impl Engine {
     /// The merge job's id for deleting `snap` (for progress, speed, cancel).

@@ -2,10 +2,10 @@
 //! the chain, what the record looks like afterwards, and which extent records
 //! answer a changed-block query. No I/O here, so all of it is unit-tested.
 
-use super::extents::{self, Extent};
 use super::record::{
     Layer, MergeMode, PendingRevert, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
 };
+use crate::extents::{self, Extent};
 use livedisk_common::ids::SnapshotId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tokio::process::Command;
 
-use super::extents::{self, Extent};
+use crate::extents::{self, Extent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuImgError {

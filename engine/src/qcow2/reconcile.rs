@@ -11,7 +11,26 @@
 //! by the daemon's job events (QMP events go to every monitor) and by a
 //! periodic look at the records.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::clone::flatten_job_id;
+use super::engine::{
+    Engine, RECOVERY_LOCK_WAIT, Result, node_add_args, recovery_volume_timeout,
+    remove_file_if_exists,
+};
+use super::record::{InFlight, MergeMode, MergePhase, VolumeRecord};
+use super::recover::{
+    CompletingEvidence, CompletingResolution, SnapshotEvidence, SnapshotResolution,
+};
+use super::types::{MergeOptions, Recovery};
+use super::{bitmap, plan, qemu_img, recover};
+use crate::error::{Code, EngineError};
+use crate::qsd::qmp::{self, JobInfo, SessionState};
+use livedisk_common::VolumeId;
 
 impl Engine {
     /// Node name -> `backing_file_depth` of every named node in the daemon.
@@ -354,7 +373,7 @@ impl Engine {
         // take the volume's lock from under its owner's next step.
         let claimed = self.qmp.claimed_jobs();
         let jobs = qmp::query_jobs(&self.qmp).await?;
-        if stream_settling(&jobs) {
+        if qmp::stream_settling(&jobs) {
             return Ok(None);
         }
         Ok(Some(DaemonView {
@@ -446,7 +465,7 @@ impl Engine {
                 }
             };
             // Checked again right before: a stream may have ended since.
-            if stream_settling(&qmp::query_jobs(&self.qmp).await?) {
+            if qmp::stream_settling(&qmp::query_jobs(&self.qmp).await?) {
                 pass.busy = true;
                 return Ok(pass);
             }
@@ -513,22 +532,6 @@ fn orphan_layer_files(rec: &VolumeRecord, files: &[PathBuf]) -> Vec<(u64, PathBu
             (!live.contains(&seq)).then(|| (seq, f.clone()))
         })
         .collect()
-}
-
-/// Whether a `block-stream` job has finished but is not dismissed yet.
-/// QEMU 7.2 then crashes on `query-named-block-nodes` (segfault in
-/// `bdrv_refresh_filename`, seen here: the job's copy-on-read filter node is
-/// half torn down until the job is dismissed), and every recovery step
-/// queries the nodes. Its owner dismisses it at once (a merge's finisher,
-/// the flatten watcher), so light recovery waits for that instead.
-pub(super) fn stream_settling(jobs: &[JobInfo]) -> bool {
-    jobs.iter().any(|j| {
-        j.kind == "stream"
-            && matches!(
-                j.status.as_str(),
-                "waiting" | "pending" | "aborting" | "concluded"
-            )
-    })
 }
 
 /// Names of what the daemon holds.
@@ -622,4 +625,101 @@ pub(super) fn spawn_adopter(engine: Engine) -> tokio::task::JoinHandle<()> {
             next = tokio::time::Instant::now() + if busy { ADOPT_RETRY } else { interval };
         }
     })
+}
+
+impl Engine {
+    /// Makes the daemon hold what the records describe and finishes or
+    /// undoes interrupted work, as much as `recovery` says: what `open`
+    /// does once attached, and what the node plugin's engine does again
+    /// after it re-attached to a restarted daemon.
+    pub(super) async fn bring_in_line(&self, recovery: Recovery) -> Result<()> {
+        if let Ok(mut errs) = self.recovery_errors.lock() {
+            errs.clear();
+        }
+        self.ensure_nbd_server().await?;
+        match recovery {
+            Recovery::Full => self.recover_all().await?,
+            Recovery::Light => {
+                for (id, e) in self.recover_idle().await? {
+                    self.note_recovery_error(&id, &e);
+                }
+            }
+        }
+        self.dismiss_stale_jobs().await
+    }
+
+    /// Volume ids, sources before clones: a clone's bottom layer backs onto
+    /// a node of its source volume, which must exist first.
+    pub(super) fn ids_sources_first(&self) -> Result<Vec<VolumeId>> {
+        let mut ids = vec![];
+        let mut clones = vec![];
+        for id in self.store.list()? {
+            match self.store.load(&id)? {
+                Some(r) if r.clone_of.is_some() => clones.push(id),
+                _ => ids.push(id),
+            }
+        }
+        ids.extend(clones);
+        Ok(ids)
+    }
+
+    /// `Recovery::Full` of every volume.
+    pub(super) async fn recover_all(&self) -> Result<()> {
+        // Every wait below is bounded: the lock by RECOVERY_LOCK_WAIT, the
+        // recovery itself by the per-volume timeout.
+        let limit = recovery_volume_timeout();
+        for id in &self.ids_sources_first()? {
+            let r = match self.locks.lock_waiting(id, RECOVERY_LOCK_WAIT).await {
+                Ok(_guard) => {
+                    match tokio::time::timeout(limit, self.reconcile_with(id, Recovery::Full)).await
+                    {
+                        Ok(r) => r,
+                        // Reported as busy: what outlasts the bound is a merge
+                        // job still running in the daemon.
+                        Err(_) => Err(EngineError::Busy(format!(
+                            "volume {id} (recovery did not finish within {limit:?}; a merge may \
+                         still be running: deleting its snapshot again or reopening finishes it)"
+                        ))),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {}
+                // Without the daemon nothing can be recovered: give up.
+                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                // One volume that cannot be recovered must not keep every
+                // other volume of the host offline; it is reported instead.
+                Err(e) => self.note_recovery_error(id, &e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Dismisses finished jobs of ours that no record waits for any more
+    /// (the record was saved, then the process died before dismissing).
+    pub(super) async fn dismiss_stale_jobs(&self) -> Result<()> {
+        // Jobs first, records after: every job's record names it before the
+        // job starts, and stops naming it only when its finisher is about to
+        // dismiss it. Read the other way round, a job another process
+        // started after the records were read would look stale.
+        let jobs = qmp::query_jobs(&self.qmp).await?;
+        let mut wanted = HashSet::new();
+        for id in self.store.list()? {
+            if let Some(r) = self.store.load(&id)? {
+                if let Some(InFlight::Merge { job, .. }) = &r.in_flight {
+                    wanted.insert(job.clone());
+                }
+                if r.clone_of.is_some() {
+                    wanted.insert(flatten_job_id(&r.id));
+                }
+            }
+        }
+        for j in jobs {
+            if j.status == "concluded" && !wanted.contains(&j.id) {
+                let _ = self.qmp.execute("job-dismiss", json!({ "id": j.id })).await;
+            }
+        }
+        Ok(())
+    }
 }

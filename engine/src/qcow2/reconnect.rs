@@ -14,7 +14,12 @@
 //! plugin watches [`Engine::session`] and exits after its own bound, so that
 //! it is restarted and opens afresh (see `csi-driver/src/node/engine_health.rs`).
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use super::engine::Engine;
+use super::types::Recovery;
+use crate::qsd::daemon::{self};
+use crate::qsd::qmp::SessionState;
 
 /// Between attempts to reach a restarted daemon: it listens within a moment
 /// of being started.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::extents::Extent;
+use crate::extents::Extent;
 use livedisk_common::ids::{SnapshotId, VolumeId};
 
 pub const RECORD_FILE: &str = "record.json";
@@ -400,6 +400,11 @@ impl RecordStore {
     /// without holding the volume.
     pub fn save(&self, rec: &VolumeRecord) -> Result<(), RecordError> {
         let _file = self.lock_file(&rec.id)?;
+        // Only a copy that lacks an extent record can undo a capture; reading
+        // the file back (large with 100 k extents) is skipped otherwise.
+        if rec.snapshots.iter().all(|s| s.changed.is_some()) {
+            return self.write(rec);
+        }
         let on_disk = self.load(&rec.id)?;
         self.write(&keep_captured(rec.clone(), on_disk.as_ref()))
     }

@@ -21,7 +21,17 @@
 //! 5. the old active layer and the internal layers above the latest
 //!    snapshot's layer are deleted (orphans if we crash: swept).
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::engine::{Engine, Result, node_add_args, remove_file_if_exists};
+use super::record::{ExportTarget, SnapshotState, VolumeRecord};
+use super::types::{VolumeInfo, info};
+use super::{plan, qemu_img, record, recover};
+use crate::error::EngineError;
+use crate::failpoint;
+use livedisk_common::{SnapshotId, VolumeId};
 use record::PendingRevert;
 use recover::{RevertEvidence, RevertResolution};
 

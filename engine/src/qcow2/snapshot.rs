@@ -1,7 +1,19 @@
 //! Live snapshots: one QMP `transaction` per call, across volumes, with a
 //! durable intent written before the switch-over.
 
-use super::*;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::engine::{Engine, Result, node_add_args, remove_file_if_exists};
+use super::record::{PendingSnapshot, VolumeRecord};
+use super::types::{SnapshotInfo, SnapshotTimings, snap_info};
+use super::{plan, qemu_img};
+use crate::error::EngineError;
+use crate::failpoint;
+use livedisk_common::{SnapshotId, VolumeId};
 
 impl Engine {
     // ----- snapshots -------------------------------------------------------

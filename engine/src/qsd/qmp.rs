@@ -555,3 +555,19 @@ pub async fn probe(path: &Path, within: Duration) -> Greeting {
         Err(_) => Greeting::Held,
     }
 }
+
+/// Whether a `block-stream` job has finished but is not dismissed yet.
+/// QEMU 7.2 then crashes on `query-named-block-nodes` (segfault in
+/// `bdrv_refresh_filename`, seen here: the job's copy-on-read filter node is
+/// half torn down until the job is dismissed), and every recovery step
+/// queries the nodes. Its owner dismisses it at once (a merge's finisher,
+/// the flatten watcher), so light recovery waits for that instead.
+pub fn stream_settling(jobs: &[JobInfo]) -> bool {
+    jobs.iter().any(|j| {
+        j.kind == "stream"
+            && matches!(
+                j.status.as_str(),
+                "waiting" | "pending" | "aborting" | "concluded"
+            )
+    })
+}
