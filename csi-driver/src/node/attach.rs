@@ -182,7 +182,7 @@ impl Attacher {
         }
         let fuse_dir = self.fuse_dir(volume);
         if self.backing_file(volume).exists() {
-            run("fusermount3", &["-u", &fuse_dir.to_string_lossy()]).await?;
+            unmount_fuse(&fuse_dir).await?;
         }
         if let Ok(pid) = std::fs::read_to_string(dir.join("nbdfuse.pid"))
             && let Ok(pid) = pid.trim().parse::<i32>()
@@ -199,6 +199,27 @@ impl Attacher {
         }
         tracing::info!(volume = %volume, "volume detached");
         Ok(())
+    }
+}
+
+/// How long a FUSE unmount is retried while the kernel still holds the file.
+const FUSE_BUSY_RETRY: Duration = Duration::from_secs(10);
+
+/// Unmounts the nbdfuse mount. The kernel lets go of a loop device's backing
+/// file after `losetup --detach` returns (the release is deferred), so the
+/// unmount can meet EBUSY for a moment: retried, bounded.
+async fn unmount_fuse(fuse_dir: &std::path::Path) -> Result<(), CsiError> {
+    let started = Instant::now();
+    loop {
+        match run("fusermount3", &["-u", &fuse_dir.to_string_lossy()]).await {
+            Err(CsiError::Internal(message))
+                if message.contains("busy") && started.elapsed() < FUSE_BUSY_RETRY =>
+            {
+                tracing::debug!(%message, "FUSE mount still busy; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            result => return result.map(|_| ()),
+        }
     }
 }
 
