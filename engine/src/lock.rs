@@ -22,7 +22,10 @@ type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 /// Holds a volume for one operation; dropping it releases the volume.
 pub struct VolumeGuard {
+    // Declared before `_slot`: the mutex is released before the slot checks whether its entry
+    // can go.
     _task: OwnedMutexGuard<()>,
+    _slot: Slot,
     file: fs::File,
 }
 
@@ -33,32 +36,72 @@ impl Drop for VolumeGuard {
     }
 }
 
+type Table = Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>;
+
+/// One use of a volume's entry in the table (a holder, or an attempt to become one). When the
+/// last use ends the entry goes, so the table holds only volumes in use. Every clone of an
+/// entry's `Arc` outside the table lives in a slot (or in the guard of the mutex a slot
+/// took), and clones are only made under the table's lock: so an entry whose only reference is
+/// the table's has nobody holding or trying it, and removing it cannot split one volume's
+/// lock in two.
+struct Slot {
+    table: Arc<Table>,
+    id: VolumeId,
+    mutex: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Slot {
+    fn take(table: &Arc<Table>, id: &VolumeId) -> Result<Self> {
+        let mutex = table
+            .lock()
+            .map_err(|_| EngineError::Busy("lock table poisoned".into()))?
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        Ok(Self {
+            table: table.clone(),
+            id: id.clone(),
+            mutex: Some(mutex),
+        })
+    }
+
+    fn try_lock(&self) -> Option<OwnedMutexGuard<()>> {
+        self.mutex.as_ref()?.clone().try_lock_owned().ok()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.mutex.take());
+        // A poisoned table is left as it is: try_lock already refuses with it.
+        if let Ok(mut map) = self.table.lock()
+            && map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
 pub struct Locks {
     dir: PathBuf,
-    /// Held only to find or insert a volume's mutex, never across an operation.
-    tasks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held only to find, insert or prune a volume's mutex, never across an operation.
+    tasks: Arc<Table>,
 }
 
 impl Locks {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            tasks: Mutex::default(),
+            tasks: Arc::default(),
         }
     }
 
     /// Takes the volume or fails at once with `Busy` (CSI: ABORTED, retry).
     pub fn try_lock(&self, id: &VolumeId) -> Result<VolumeGuard> {
-        let m = {
-            let mut map = self
-                .tasks
-                .lock()
-                .map_err(|_| EngineError::Busy("lock table poisoned".into()))?;
-            map.entry(id.clone()).or_default().clone()
-        };
-        let task = m
-            .try_lock_owned()
-            .map_err(|_| EngineError::Busy(id.to_string()))?;
+        let slot = Slot::take(&self.tasks, id)?;
+        let task = slot
+            .try_lock()
+            .ok_or_else(|| EngineError::Busy(id.to_string()))?;
         fs::create_dir_all(&self.dir)?;
         // The file name comes from a validated id: it cannot leave the dir.
         let file = fs::OpenOptions::new()
@@ -76,7 +119,17 @@ impl Locks {
                 e.into()
             });
         }
-        Ok(VolumeGuard { _task: task, file })
+        Ok(VolumeGuard {
+            _task: task,
+            _slot: slot,
+            file,
+        })
+    }
+
+    /// How many volumes the in-process table holds an entry for (tests).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.tasks.lock().map(|m| m.len()).unwrap_or(usize::MAX)
     }
 
     /// Waits up to `timeout` for the volume (recovery at open: another
@@ -114,6 +167,54 @@ mod tests {
             .lock_waiting(&v, Duration::from_secs(5))
             .await
             .expect("after release");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn the_table_empties_when_no_volume_is_held() {
+        let dir = std::env::temp_dir().join(format!("ld-lock-{}", uuid::Uuid::new_v4()));
+        let (a, other_process) = (Arc::new(Locks::new(&dir)), Locks::new(&dir));
+        let (v, w) = (VolumeId::generate(), VolumeId::generate());
+
+        let g = a.try_lock(&v).expect("v");
+        let h = a.try_lock(&w).expect("w");
+        assert_eq!(a.entries(), 2);
+        // A refused attempt while v is held leaves v's entry to its holder and adds nothing.
+        assert!(matches!(a.try_lock(&v), Err(EngineError::Busy(_))));
+        assert_eq!(a.entries(), 2);
+        drop(g);
+        assert_eq!(a.entries(), 1, "v's entry goes with its guard");
+        // Released means released: the pruned volume is taken again at once.
+        let g = a.try_lock(&v).expect("v again");
+        drop(g);
+        drop(h);
+        assert_eq!(a.entries(), 0);
+
+        // Refused by the file lock (another process holds the volume): no entry is left behind.
+        let elsewhere = other_process.try_lock(&v).expect("v in the other table");
+        assert!(matches!(a.try_lock(&v), Err(EngineError::Busy(_))));
+        assert_eq!(a.entries(), 0);
+        drop(elsewhere);
+        assert_eq!(other_process.entries(), 0);
+
+        // A waiter polls with try_lock: it holds no entry between tries, and the table empties
+        // once it has had the volume and let it go.
+        let held = a.try_lock(&v).expect("v held");
+        let waiter = {
+            let (a, v) = (a.clone(), v.clone());
+            tokio::spawn(async move {
+                let guard = a
+                    .lock_waiting(&v, Duration::from_secs(5))
+                    .await
+                    .expect("the waiter gets v");
+                drop(guard);
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(a.entries(), 1);
+        drop(held);
+        waiter.await.expect("waiter");
+        assert_eq!(a.entries(), 0);
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
