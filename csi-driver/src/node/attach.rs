@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
+use super::blocking::io;
 use crate::grpc::error::CsiError;
 use livedisk_engine::{Code, Engine, VolumeId};
 
@@ -40,7 +41,9 @@ impl Attacher {
 
     /// The loop device of an attached volume, if it is attached and healthy.
     pub async fn device(&self, volume: &VolumeId) -> Option<PathBuf> {
-        let recorded = std::fs::read_to_string(self.dir(volume).join("device")).ok()?;
+        let recorded = tokio::fs::read_to_string(self.dir(volume).join("device"))
+            .await
+            .ok()?;
         let device = PathBuf::from(recorded.trim());
         let backing = run(
             "losetup",
@@ -64,17 +67,20 @@ impl Attacher {
         }
         let export = engine.attach_volume(volume).await?;
         let fuse_dir = self.fuse_dir(volume);
-        std::fs::create_dir_all(&fuse_dir).map_err(io("creating the attach directory"))?;
-        if !self.backing_file(volume).exists() {
+        tokio::fs::create_dir_all(&fuse_dir)
+            .await
+            .map_err(io("creating the attach directory"))?;
+        if !exists(&self.backing_file(volume)).await {
             self.start_nbdfuse(volume, &export.uri()).await?;
         }
         let backing = self.backing_file(volume);
         let device = run("losetup", &["--find", "--show", &backing.to_string_lossy()]).await?;
         let device = PathBuf::from(device.trim());
-        std::fs::write(
+        tokio::fs::write(
             self.dir(volume).join("device"),
             device.to_string_lossy().as_bytes(),
         )
+        .await
         .map_err(io("recording the loop device"))?;
         tracing::info!(volume = %volume, device = %device.display(), "volume attached");
         Ok(device)
@@ -83,9 +89,12 @@ impl Attacher {
     async fn start_nbdfuse(&self, volume: &VolumeId, uri: &str) -> Result<(), CsiError> {
         let dir = self.dir(volume);
         let pidfile = dir.join("nbdfuse.pid");
-        let _ = std::fs::remove_file(&pidfile);
-        let log = std::fs::File::create(dir.join("nbdfuse.log"))
-            .map_err(io("creating the nbdfuse log"))?;
+        let _ = tokio::fs::remove_file(&pidfile).await;
+        let log = tokio::fs::File::create(dir.join("nbdfuse.log"))
+            .await
+            .map_err(io("creating the nbdfuse log"))?
+            .into_std()
+            .await;
         let mut command = std::process::Command::new("nbdfuse");
         command
             .arg("-P")
@@ -102,9 +111,11 @@ impl Attacher {
             ))
         })?;
         let started = Instant::now();
-        while !pidfile.exists() {
+        while !exists(&pidfile).await {
             if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(dir.join("nbdfuse.log")).unwrap_or_default();
+                let log = tokio::fs::read_to_string(dir.join("nbdfuse.log"))
+                    .await
+                    .unwrap_or_default();
                 return Err(CsiError::Internal(format!(
                     "nbdfuse exited ({status}): {log}"
                 )));
@@ -130,8 +141,9 @@ impl Attacher {
     }
 
     /// The paths the volume is published at (as recorded by [`Attacher::add_target`]).
-    pub fn targets(&self, volume: &VolumeId) -> Vec<PathBuf> {
-        std::fs::read_to_string(self.targets_file(volume))
+    pub async fn targets(&self, volume: &VolumeId) -> Vec<PathBuf> {
+        tokio::fs::read_to_string(self.targets_file(volume))
+            .await
             .unwrap_or_default()
             .lines()
             .filter(|l| !l.is_empty())
@@ -139,41 +151,46 @@ impl Attacher {
             .collect()
     }
 
-    fn write_targets(&self, volume: &VolumeId, targets: &[PathBuf]) -> Result<(), CsiError> {
+    async fn write_targets(&self, volume: &VolumeId, targets: &[PathBuf]) -> Result<(), CsiError> {
         let text: String = targets
             .iter()
             .map(|t| format!("{}\n", t.display()))
             .collect();
         let file = self.targets_file(volume);
         let temporary = file.with_extension("tmp");
-        std::fs::write(&temporary, text).map_err(io("recording publish targets"))?;
-        std::fs::rename(&temporary, &file).map_err(io("recording publish targets"))
+        tokio::fs::write(&temporary, text)
+            .await
+            .map_err(io("recording publish targets"))?;
+        tokio::fs::rename(&temporary, &file)
+            .await
+            .map_err(io("recording publish targets"))
     }
 
-    pub fn add_target(&self, volume: &VolumeId, target: &Path) -> Result<(), CsiError> {
-        let mut targets = self.targets(volume);
+    pub async fn add_target(&self, volume: &VolumeId, target: &Path) -> Result<(), CsiError> {
+        let mut targets = self.targets(volume).await;
         if !targets.iter().any(|t| t == target) {
             targets.push(target.to_path_buf());
         }
-        self.write_targets(volume, &targets)
+        self.write_targets(volume, &targets).await
     }
 
-    pub fn remove_target(&self, volume: &VolumeId, target: &Path) -> Result<(), CsiError> {
-        if !self.dir(volume).exists() {
+    pub async fn remove_target(&self, volume: &VolumeId, target: &Path) -> Result<(), CsiError> {
+        if !exists(&self.dir(volume)).await {
             return Ok(());
         }
         let targets: Vec<PathBuf> = self
             .targets(volume)
+            .await
             .into_iter()
             .filter(|t| t != target)
             .collect();
-        self.write_targets(volume, &targets)
+        self.write_targets(volume, &targets).await
     }
 
     /// Detaches the volume: loop device, nbdfuse, engine export. Idempotent.
     pub async fn detach(&self, engine: &Engine, volume: &VolumeId) -> Result<(), CsiError> {
         let dir = self.dir(volume);
-        if let Ok(recorded) = std::fs::read_to_string(dir.join("device")) {
+        if let Ok(recorded) = tokio::fs::read_to_string(dir.join("device")).await {
             let device = recorded.trim().to_string();
             if let Some(current) = self.device(volume).await {
                 run("losetup", &["--detach", &current.to_string_lossy()]).await?;
@@ -181,10 +198,10 @@ impl Attacher {
             tracing::debug!(%device, "loop device released");
         }
         let fuse_dir = self.fuse_dir(volume);
-        if self.backing_file(volume).exists() {
+        if exists(&self.backing_file(volume)).await {
             unmount_fuse(&fuse_dir).await?;
         }
-        if let Ok(pid) = std::fs::read_to_string(dir.join("nbdfuse.pid"))
+        if let Ok(pid) = tokio::fs::read_to_string(dir.join("nbdfuse.pid")).await
             && let Ok(pid) = pid.trim().parse::<i32>()
         {
             wait_gone(pid).await;
@@ -194,8 +211,10 @@ impl Attacher {
             Err(error) if error.code() == Code::NotFound => {}
             Err(error) => return Err(error.into()),
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io("removing the attach directory"))?;
+        if exists(&dir).await {
+            tokio::fs::remove_dir_all(&dir)
+                .await
+                .map_err(io("removing the attach directory"))?;
         }
         tracing::info!(volume = %volume, "volume detached");
         Ok(())
@@ -238,8 +257,9 @@ async fn wait_gone(pid: i32) {
     }
 }
 
-fn io(what: &'static str) -> impl Fn(std::io::Error) -> CsiError {
-    move |error| CsiError::Internal(format!("{what}: {error}"))
+/// Whether a path exists; an unreadable one counts as absent, as `Path::exists` has it.
+async fn exists(path: &Path) -> bool {
+    tokio::fs::try_exists(path).await.unwrap_or(false)
 }
 
 /// Runs a host tool and returns its stdout, or an error with its stderr.

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod attach;
+mod blocking;
 pub mod engine_health;
+pub mod mount_decision;
 pub mod mounts;
 pub mod service;

@@ -13,11 +13,14 @@ use livedisk_csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::attach::{Attacher, run};
+use super::blocking::off_runtime;
+use super::mount_decision::{self, Decision, Source, Wanted};
 use super::mounts;
+pub use super::mounts::statvfs;
 use crate::grpc::error::CsiError;
 use crate::grpc::inflight::InFlight;
 use crate::grpc::{request, topology};
-use livedisk_engine::{Engine, VolumeId};
+use livedisk_engine::{Engine, VolumeId, VolumeInfo};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -39,7 +42,7 @@ impl NodeService {
     }
 
     /// The volume, or NOT_FOUND: an ID of the wrong shape names no volume.
-    fn volume(&self, id: &str) -> Result<VolumeId, CsiError> {
+    async fn volume(&self, id: &str) -> Result<VolumeId, CsiError> {
         if id.is_empty() {
             return Err(CsiError::InvalidArgument(
                 "volume_id must not be empty".into(),
@@ -47,12 +50,26 @@ impl NodeService {
         }
         let volume = VolumeId::parse(id)
             .map_err(|_| CsiError::NotFound(format!("volume {id:?} does not exist")))?;
-        self.engine.volume(&volume).map_err(|_| {
+        self.volume_info(&volume).await.map_err(|_| {
             CsiError::NotFound(format!("volume {id} is not on node {}", self.node_name))
         })?;
         Ok(volume)
     }
 
+    /// The engine's view of a volume (it reads the volume's record file: off the runtime).
+    async fn volume_info(&self, volume: &VolumeId) -> Result<VolumeInfo, CsiError> {
+        let (engine, volume) = (self.engine.clone(), volume.clone());
+        off_runtime("reading the volume record", move || {
+            engine.volume(&volume).map_err(CsiError::from)
+        })
+        .await
+    }
+
+    /// Stages: attaches the volume and, for the mount access type, mounts its filesystem at the
+    /// staging path. A repeat succeeds; a staging path where anything else is mounted (another
+    /// device, another filesystem type, other flags) is refused with ALREADY_EXISTS, the code
+    /// the spec gives for a volume staged there incompatibly, and is left as it is; when the
+    /// mount there cannot be this volume's (the volume is not attached), nothing is attached.
     async fn stage(&self, request: NodeStageVolumeRequest) -> Result<(), CsiError> {
         let staging = required_path(&request.staging_target_path, "staging_target_path")?;
         let capability = request
@@ -60,22 +77,48 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         request::capability(capability)?;
-        let volume = self.volume(&request.volume_id)?;
+        let volume = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
-        let device = self.attacher.attach(&self.engine, &volume).await?;
-        if let Some(AccessType::Mount(mount)) = &capability.access_type
-            && !mounts::is_mounted(&staging)
-        {
-            std::fs::create_dir_all(&staging)
-                .map_err(|e| CsiError::Internal(format!("creating {}: {e}", staging.display())))?;
-            let fs_type = if mount.fs_type.is_empty() {
-                "ext4"
-            } else {
-                mount.fs_type.as_str()
-            };
-            mounts::format_and_mount(&device, fs_type, &staging, &mount.mount_flags).await?;
+        let Some(AccessType::Mount(mount)) = &capability.access_type else {
+            // Block access: the device is all there is to stage; nothing goes at the path.
+            self.attacher.attach(&self.engine, &volume).await?;
+            return Ok(());
+        };
+        let fs_type = if mount.fs_type.is_empty() {
+            "ext4"
+        } else {
+            mount.fs_type.as_str()
+        };
+        let options = mount_decision::mount_options(&mount.mount_flags);
+        let existing = mounts::mounted_at(&staging).await?;
+        let device = match &existing {
+            None => self.attacher.attach(&self.engine, &volume).await?,
+            Some(mounted) => self.attacher.device(&volume).await.ok_or_else(|| {
+                CsiError::AlreadyExists(format!(
+                    "staging path {}: {} is mounted there, and volume {volume} is not attached",
+                    staging.display(),
+                    mounted.describe()
+                ))
+            })?,
+        };
+        let wanted = Wanted {
+            source: Source::Filesystem {
+                device: mounts::device_number(&device).await?,
+                fs_type: fs_type.to_string(),
+            },
+            read_only: options.read_only(),
+            options: options.visible.clone(),
+        };
+        match mount_decision::decide(existing.as_ref(), &wanted) {
+            Decision::NotMounted => {
+                mounts::format_and_mount(&device, fs_type, &staging, &options).await
+            }
+            Decision::AlreadyDone => Ok(()),
+            Decision::Conflict(why) => Err(CsiError::AlreadyExists(format!(
+                "staging path {}: {why}",
+                staging.display()
+            ))),
         }
-        Ok(())
     }
 
     async fn unstage(&self, request: NodeUnstageVolumeRequest) -> Result<(), CsiError> {
@@ -96,6 +139,10 @@ impl NodeService {
         self.attacher.detach(&self.engine, &volume).await
     }
 
+    /// Publishes: binds the staged volume (its staging mount, or its block device) onto the
+    /// target, read-only when asked. A repeat succeeds; a target where anything else is mounted,
+    /// or the volume with the other read-only flag, is refused with ALREADY_EXISTS (the spec's
+    /// code for a volume published there incompatibly) and left as it is.
     async fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
         let target = required_path(&request.target_path, "target_path")?;
         let staging = required_path(&request.staging_target_path, "staging_target_path")?;
@@ -104,74 +151,88 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         request::capability(capability)?;
-        let volume = self.volume(&request.volume_id)?;
+        let volume = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
-        if mounts::is_mounted(&target) {
-            return Ok(());
+        let staged = self.staged(&volume, capability, &staging).await?;
+        let wanted = Wanted {
+            source: staged.source,
+            read_only: request.readonly,
+            options: Default::default(),
+        };
+        match mount_decision::decide(mounts::mounted_at(&target).await?.as_ref(), &wanted) {
+            Decision::NotMounted => {}
+            Decision::AlreadyDone => return Ok(()),
+            Decision::Conflict(why) => {
+                return Err(CsiError::AlreadyExists(format!(
+                    "target path {}: {why}",
+                    target.display()
+                )));
+            }
         }
         let single_writer = capability
             .access_mode
             .as_ref()
             .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32);
         if single_writer {
-            let elsewhere: Vec<PathBuf> = self
-                .attacher
-                .targets(&volume)
-                .into_iter()
-                .filter(|t| *t != target && mounts::is_mounted(t))
-                .collect();
-            if !elsewhere.is_empty() {
-                return Err(CsiError::FailedPrecondition(format!(
-                    "volume {volume} has the single-writer access mode and is already published at {}",
-                    elsewhere[0].display()
-                )));
+            for other in self.attacher.targets(&volume).await {
+                if other != target && mounts::mounted_at(&other).await?.is_some() {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {volume} has the single-writer access mode and is already published at {}",
+                        other.display()
+                    )));
+                }
             }
         }
-        self.publish_at(&volume, capability, &staging, &target, request.readonly)
-            .await?;
-        self.attacher.add_target(&volume, &target)
+        if staged.block {
+            mounts::create_file(&target).await?;
+        } else {
+            mounts::create_dir(&target).await?;
+        }
+        mounts::bind(&staged.path, &target, request.readonly).await?;
+        self.attacher.add_target(&volume, &target).await
     }
 
-    async fn publish_at(
+    /// What publishing binds from: the volume's block device, or its filesystem mounted at the
+    /// staging path. FAILED_PRECONDITION when the volume is not staged there.
+    async fn staged(
         &self,
         volume: &VolumeId,
         capability: &VolumeCapability,
         staging: &Path,
-        target: &Path,
-        readonly: bool,
-    ) -> Result<(), CsiError> {
-        match &capability.access_type {
-            Some(AccessType::Block(_)) => {
-                let device = self.attacher.device(volume).await.ok_or_else(|| {
-                    CsiError::FailedPrecondition(format!(
-                        "volume {volume} is not staged on this node"
-                    ))
-                })?;
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        CsiError::Internal(format!("creating {}: {e}", parent.display()))
-                    })?;
-                }
-                if !target.exists() {
-                    std::fs::write(target, b"").map_err(|e| {
-                        CsiError::Internal(format!("creating {}: {e}", target.display()))
-                    })?;
-                }
-                mounts::bind(&device, target, readonly).await
-            }
-            _ => {
-                if !mounts::is_mounted(staging) {
-                    return Err(CsiError::FailedPrecondition(format!(
-                        "volume {volume} is not staged at {}",
-                        staging.display()
-                    )));
-                }
-                std::fs::create_dir_all(target).map_err(|e| {
-                    CsiError::Internal(format!("creating {}: {e}", target.display()))
-                })?;
-                mounts::bind(staging, target, readonly).await
-            }
+    ) -> Result<Staged, CsiError> {
+        let not_staged = || {
+            CsiError::FailedPrecondition(format!(
+                "volume {volume} is not staged at {}",
+                staging.display()
+            ))
+        };
+        let device = self.attacher.device(volume).await.ok_or_else(not_staged)?;
+        let device_number = mounts::device_number(&device).await?;
+        if let Some(AccessType::Block(_)) = &capability.access_type {
+            return Ok(Staged {
+                path: device,
+                block: true,
+                source: Source::DeviceNode {
+                    device: device_number,
+                },
+            });
         }
+        let mounted = mounts::mounted_at(staging).await?.ok_or_else(not_staged)?;
+        if mounted.filesystem != device_number || mounted.root != "/" {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {volume} is not staged at {}: {} is mounted there",
+                staging.display(),
+                mounted.describe()
+            )));
+        }
+        Ok(Staged {
+            path: staging.to_path_buf(),
+            block: false,
+            source: Source::BindOf {
+                filesystem: mounted.filesystem,
+                root: mounted.root,
+            },
+        })
     }
 
     async fn unpublish(&self, request: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
@@ -184,13 +245,9 @@ impl NodeService {
         let _guard = self.in_flight.begin(&request.volume_id)?;
         mounts::unmount(&target).await?;
         if let Ok(volume) = VolumeId::parse(&request.volume_id) {
-            self.attacher.remove_target(&volume, &target)?;
+            self.attacher.remove_target(&volume, &target).await?;
         }
-        if target.is_dir() {
-            let _ = std::fs::remove_dir(&target);
-        } else if target.exists() {
-            let _ = std::fs::remove_file(&target);
-        }
+        mounts::remove_target(&target).await;
         Ok(())
     }
 
@@ -199,15 +256,15 @@ impl NodeService {
         request: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
         let path = required_path(&request.volume_path, "volume_path")?;
-        let volume = self.volume(&request.volume_id)?;
-        if !path.exists() {
+        let volume = self.volume(&request.volume_id).await?;
+        let Ok(metadata) = tokio::fs::metadata(&path).await else {
             return Err(CsiError::NotFound(format!(
                 "volume path {} does not exist",
                 path.display()
             )));
-        }
-        let usage = if path.is_dir() {
-            let stat = statvfs(&path)?;
+        };
+        let usage = if metadata.is_dir() {
+            let stat = mounts::statvfs_off_runtime(&path).await?;
             vec![
                 VolumeUsage {
                     available: (stat.f_bavail * stat.f_frsize) as i64,
@@ -223,7 +280,7 @@ impl NodeService {
                 },
             ]
         } else {
-            let size = self.engine.volume(&volume)?.size as i64;
+            let size = self.volume_info(&volume).await?.size as i64;
             vec![VolumeUsage {
                 available: 0,
                 total: size,
@@ -239,9 +296,9 @@ impl NodeService {
         request: NodeExpandVolumeRequest,
     ) -> Result<NodeExpandVolumeResponse, CsiError> {
         let path = required_path(&request.volume_path, "volume_path")?;
-        let volume = self.volume(&request.volume_id)?;
+        let volume = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
-        let size = self.engine.volume(&volume)?.size as i64;
+        let size = self.volume_info(&volume).await?.size as i64;
         if let Some(device) = self.attacher.device(&volume).await {
             // The loop device learns the new size of its backing file, then the filesystem grows.
             run("losetup", &["--set-capacity", &device.to_string_lossy()]).await?;
@@ -252,7 +309,8 @@ impl NodeService {
                     .and_then(|c| c.access_type.as_ref()),
                 Some(AccessType::Block(_))
             );
-            if !block && path.is_dir() {
+            let is_dir = tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir());
+            if !block && is_dir {
                 match mounts::filesystem(&device).await?.as_deref() {
                     Some("xfs") => {
                         run("xfs_growfs", &[&path.to_string_lossy()]).await?;
@@ -279,19 +337,11 @@ fn required_path(path: &str, field: &str) -> Result<PathBuf, CsiError> {
     Ok(PathBuf::from(path))
 }
 
-pub fn statvfs(path: &Path) -> Result<libc::statvfs, CsiError> {
-    let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
-        .map_err(|_| CsiError::InvalidArgument("volume_path contains a NUL byte".into()))?;
-    // SAFETY: statvfs fills the zeroed struct for a valid NUL-terminated path.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(CsiError::Internal(format!(
-            "statvfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(stat)
+/// Where publishing binds from, and what the target then shows.
+struct Staged {
+    path: PathBuf,
+    block: bool,
+    source: Source,
 }
 
 fn capability(kind: rpc::Type) -> NodeServiceCapability {
