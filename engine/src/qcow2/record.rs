@@ -417,7 +417,10 @@ impl RecordStore {
         id: &VolumeId,
         change: impl FnOnce(&mut VolumeRecord) -> bool,
     ) -> Result<Option<VolumeRecord>, RecordError> {
-        let _file = self.lock_file(id)?;
+        // A volume removed meanwhile is left removed: no directory is made.
+        let Some(_file) = self.lock_existing(id)? else {
+            return Ok(None);
+        };
         let Some(mut rec) = self.load(id)? else {
             return Ok(None);
         };
@@ -442,12 +445,24 @@ impl RecordStore {
     fn lock_file(&self, id: &VolumeId) -> Result<fs::File, RecordError> {
         let dir = self.volume_dir(id);
         fs::create_dir_all(&dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
-        let handle = fs::File::open(&dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
+        self.lock_existing(id)?
+            .ok_or_else(|| RecordError::Io(dir, io::ErrorKind::NotFound.into()))
+    }
+
+    /// [`Self::lock_file`] of a volume whose directory exists; `None` when
+    /// it does not (it is never created here).
+    fn lock_existing(&self, id: &VolumeId) -> Result<Option<fs::File>, RecordError> {
+        let dir = self.volume_dir(id);
+        let handle = match fs::File::open(&dir) {
+            Ok(h) => h,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RecordError::Io(dir, e)),
+        };
         // SAFETY: flock on a descriptor we own; released when it closes.
         if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(RecordError::Io(dir, io::Error::last_os_error()));
         }
-        Ok(handle)
+        Ok(Some(handle))
     }
 
     /// Every volume with a record. Directory entries that are not valid
