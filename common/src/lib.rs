@@ -4,16 +4,20 @@
 //! * [`ids`]: the strict opaque volume and snapshot IDs, and the one pattern they match;
 //! * [`names`]: CSI names to IDs (idempotent creation across restarts);
 //! * [`ErrorCode`]: the one code vocabulary an error carries across every boundary (engine →
-//!   internal CR status → gRPC status → condition reason);
+//!   internal CR status → gRPC status → condition and Event reason), and whether it is worth
+//!   retrying soon ([`Persistence`]);
+//! * [`error_chain`]: an error and its causes as one line, for status messages and Events;
 //! * the CSI driver name and the topology key.
 //!
 //! It depends on no Kubernetes, gRPC or QEMU crate, so every other crate can import it.
 
+pub mod chain;
 pub mod code;
 pub mod ids;
 pub mod names;
 
-pub use code::ErrorCode;
+pub use chain::error_chain;
+pub use code::{ErrorCode, Persistence};
 pub use ids::{IdError, SNAPSHOT_ID_PATTERN, SnapshotId, VOLUME_ID_PATTERN, VolumeId};
 
 /// The CSI driver name, as registered in the CSIDriver object and answered by GetPluginInfo.

@@ -8,6 +8,7 @@ pub mod common;
 pub mod conditions;
 pub mod export;
 pub mod internal;
+pub mod kube_error;
 pub mod merge;
 pub mod migration;
 pub mod restore;
@@ -16,6 +17,7 @@ pub mod snapshot;
 
 pub use common::{Phase, Progress};
 pub use export::{DiskExport, DiskExportSpec, DiskExportStatus};
+pub use kube_error::{kube_error_code, kube_error_message};
 pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
 pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus};
 pub use restore::{DiskRestore, DiskRestoreSpec, DiskRestoreStatus};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestEnv, daemons_for, pool_fingerprint, qemu_io_read, qemu_io_write, wait_until};
-use livedisk_engine::{Code, Engine, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, SnapshotId, VolumeId};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livedisk-csi");
@@ -78,7 +78,7 @@ where
     loop {
         match f().await {
             Ok(v) => return v,
-            Err(e) if e.code() == Code::Aborted && t.elapsed() < Duration::from_secs(30) => {
+            Err(e) if e.code() == ErrorCode::Aborted && t.elapsed() < Duration::from_secs(30) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("{what}: {e}"),

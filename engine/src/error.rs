@@ -1,11 +1,13 @@
 //! The engine's one error type. Each variant says what went wrong in terms a
-//! caller can act on, and maps to exactly one CSI status code.
+//! caller can act on, and maps to exactly one code of livedisk's one vocabulary,
+//! [`ErrorCode`] (the CSI side turns that into a gRPC status, a node into its CR's status).
 
 use crate::qcow2::plan::PlanError;
 use crate::qcow2::qemu_img::QemuImgError;
 use crate::qcow2::record::RecordError;
 use crate::qsd::daemon::DaemonError;
 use crate::qsd::qmp::QmpError;
+use livedisk_common::ErrorCode;
 use livedisk_common::ids::IdError;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,23 +46,11 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
 }
 
-/// CSI / gRPC status codes the engine's errors map to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    Aborted,
-    OutOfRange,
-    FailedPrecondition,
-    Cancelled,
-    Internal,
-    Unavailable,
-}
-
 impl EngineError {
-    pub fn code(&self) -> Code {
+    /// The code of this error; exhaustive, nested errors included.
+    pub fn code(&self) -> ErrorCode {
         use EngineError as E;
+        use ErrorCode as Code;
         match self {
             E::InvalidId(_) | E::InvalidArgument(_) => Code::InvalidArgument,
             E::NotFound(_) => Code::NotFound,
@@ -77,15 +67,108 @@ impl EngineError {
                 }
                 PlanError::Inconsistent(_) => Code::Internal,
             },
-            E::Qmp(QmpError::Disconnected | QmpError::Connect(_)) | E::Daemon(_) => {
-                Code::Unavailable
+            E::Qmp(qmp) => match qmp {
+                QmpError::Disconnected | QmpError::Connect(_) => Code::Unavailable,
+                QmpError::Timeout(..) => Code::DeadlineExceeded,
+                QmpError::Protocol(_) | QmpError::Command { .. } => Code::Internal,
+            },
+            E::Daemon(_) => Code::Unavailable,
+            E::JobFailed { .. } | E::Record(_) | E::QemuImg(_) | E::Io(_) | E::Nbd(_) => {
+                Code::Internal
             }
-            E::JobFailed { .. }
-            | E::Qmp(_)
-            | E::Record(_)
-            | E::QemuImg(_)
-            | E::Io(_)
-            | E::Nbd(_) => Code::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SnapshotId, VolumeId};
+    use std::time::Duration;
+
+    fn snapshot() -> SnapshotId {
+        SnapshotId::parse("snap-00000000-0000-4000-8000-000000000000").expect("snapshot id")
+    }
+
+    fn io() -> std::io::Error {
+        std::io::Error::other("disk")
+    }
+
+    #[test]
+    fn every_engine_error_has_its_code() {
+        use ErrorCode as C;
+        let id_error = VolumeId::parse("../x").expect_err("not an ID");
+        let table: Vec<(EngineError, ErrorCode)> = vec![
+            (EngineError::InvalidId(id_error), C::InvalidArgument),
+            (EngineError::InvalidArgument("x".into()), C::InvalidArgument),
+            (EngineError::NotFound("x".into()), C::NotFound),
+            (EngineError::AlreadyExists("x".into()), C::AlreadyExists),
+            (EngineError::Busy("x".into()), C::Aborted),
+            (EngineError::OutOfRange("x".into()), C::OutOfRange),
+            (
+                EngineError::FailedPrecondition("x".into()),
+                C::FailedPrecondition,
+            ),
+            (EngineError::Cancelled("job".into()), C::Cancelled),
+            (
+                EngineError::JobFailed {
+                    job: "job".into(),
+                    error: "boom".into(),
+                },
+                C::Internal,
+            ),
+            (PlanError::SnapshotNotFound(snapshot()).into(), C::NotFound),
+            (
+                PlanError::SnapshotDeleting(snapshot()).into(),
+                C::FailedPrecondition,
+            ),
+            (
+                PlanError::NotOlder {
+                    base: snapshot(),
+                    target: snapshot(),
+                }
+                .into(),
+                C::InvalidArgument,
+            ),
+            (
+                PlanError::NotCaptured(snapshot()).into(),
+                C::FailedPrecondition,
+            ),
+            (PlanError::Inconsistent("x".into()).into(), C::Internal),
+            (QmpError::Disconnected.into(), C::Unavailable),
+            (QmpError::Connect("refused".into()).into(), C::Unavailable),
+            (
+                QmpError::Timeout(Duration::from_secs(1), "x".into()).into(),
+                C::DeadlineExceeded,
+            ),
+            (QmpError::Protocol("x".into()).into(), C::Internal),
+            (
+                QmpError::Command {
+                    command: "c".into(),
+                    class: "GenericError".into(),
+                    desc: "d".into(),
+                }
+                .into(),
+                C::Internal,
+            ),
+            (RecordError::Io("r".into(), io()).into(), C::Internal),
+            (
+                QemuImgError::Failed {
+                    args: "map".into(),
+                    stderr: "x".into(),
+                }
+                .into(),
+                C::Internal,
+            ),
+            (DaemonError::StartFailed("x".into()).into(), C::Unavailable),
+            (
+                crate::qsd::nbd_client::NbdError::Protocol("x".into()).into(),
+                C::Internal,
+            ),
+            (EngineError::Io(io()), C::Internal),
+        ];
+        for (error, code) in table {
+            assert_eq!(error.code(), code, "{error}");
         }
     }
 }

@@ -22,9 +22,9 @@ pub mod lock;
 pub mod qcow2;
 pub mod qsd;
 
-pub use error::{Code, EngineError};
+pub use error::EngineError;
 pub use extents::Extent;
-pub use livedisk_common::{SnapshotId, VolumeId, ids};
+pub use livedisk_common::{ErrorCode, SnapshotId, VolumeId, ids};
 pub use qcow2::record::MergeMode;
 pub use qcow2::{
     Engine, EngineConfig, ExportInfo, ExtentList, ExtentPage, MergeOptions, Recovery, SnapshotInfo,

@@ -14,7 +14,7 @@ use common::*;
 use livedisk_engine::bitmap::{LAYER_CLUSTER_SIZE, context_name};
 use livedisk_engine::nbd_client::NbdClient;
 use livedisk_engine::record::ExportTarget;
-use livedisk_engine::{Code, Engine, Extent, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, Extent, SnapshotId, VolumeId};
 use livedisk_verifier::Writer;
 use serde_json::{Value, json};
 
@@ -314,17 +314,17 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
         };
         assert_eq!(
             code(e.export_snapshot_changed_since(&b, &s).await),
-            Some(Code::InvalidArgument),
+            Some(ErrorCode::InvalidArgument),
             "base not older"
         );
         assert_eq!(
             code(e.export_snapshot_changed_since(&s, &s).await),
-            Some(Code::InvalidArgument),
+            Some(ErrorCode::InvalidArgument),
             "base = target"
         );
         assert_eq!(
             code(e.export_snapshot_changed_since(&s, &os).await),
-            Some(Code::InvalidArgument),
+            Some(ErrorCode::InvalidArgument),
             "other volume"
         );
         assert_eq!(
@@ -332,7 +332,7 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
                 e.export_snapshot_changed_since(&s, &SnapshotId::generate())
                     .await
             ),
-            Some(Code::NotFound),
+            Some(ErrorCode::NotFound),
             "unknown base"
         );
         assert_eq!(
@@ -340,7 +340,7 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
                 e.export_snapshot_changed_since(&SnapshotId::generate(), &b)
                     .await
             ),
-            Some(Code::NotFound),
+            Some(ErrorCode::NotFound),
             "unknown snapshot"
         );
         assert_eq!(helpers(&e, &s).await, Vec::<String>::new());
@@ -408,9 +408,12 @@ async fn changed_since_export_publishes_the_writers_log_as_a_dirty_bitmap() {
         assert_eq!(again, x);
         assert_eq!(
             code(e.export_snapshot_changed_since(&s, &m).await),
-            Some(Code::AlreadyExists)
+            Some(ErrorCode::AlreadyExists)
         );
-        assert_eq!(code(e.export_snapshot(&s).await), Some(Code::AlreadyExists));
+        assert_eq!(
+            code(e.export_snapshot(&s).await),
+            Some(ErrorCode::AlreadyExists)
+        );
 
         // The base is merged away (b's interval folds into m's record), then
         // m too (s's layer is committed into m's: the export moves node).

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use livedisk_engine::{Code, Engine, Extent, Origin, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, Extent, Origin, SnapshotId, VolumeId};
 use livedisk_verifier::writer::longest_stall;
 use livedisk_verifier::{Writer, verify, verify_point_in_time};
 
@@ -107,7 +107,7 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
     );
     assert_eq!(
         e.delta(&s1, &s3, 0, 10).await.map_err(|e| e.code()).err(),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
 
     // Delete snapshot 3 (the latest) under writes: internal seal of the
@@ -187,10 +187,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
     }
     let unknown = VolumeId::generate();
     let code = |r: Result<(), livedisk_engine::EngineError>| r.map_err(|e| e.code()).err();
-    assert_eq!(code(e.delete_volume(&unknown).await), Some(Code::NotFound));
+    assert_eq!(
+        code(e.delete_volume(&unknown).await),
+        Some(ErrorCode::NotFound)
+    );
     assert_eq!(
         code(e.expand_volume(&unknown, 16 * MIB).await.map(|_| ())),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(
         code(
@@ -198,16 +201,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 .await
                 .map(|_| ())
         ),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     let shrink = e.expand_volume(&a, 4 * MIB).await.expect_err("shrink");
-    assert_eq!(shrink.code(), Code::OutOfRange);
+    assert_eq!(shrink.code(), ErrorCode::OutOfRange);
     assert!(shrink.to_string().contains("cannot shrink"), "{shrink}");
     let other = e
         .delta(&sb, &sa2, 0, 10)
         .await
         .expect_err("other volume's base");
-    assert_eq!(other.code(), Code::InvalidArgument);
+    assert_eq!(other.code(), ErrorCode::InvalidArgument);
     assert!(other.to_string().contains("belongs to volume"), "{other}");
     assert_eq!(
         e.delta(&sa2, &sa, 0, 10)
@@ -215,20 +218,20 @@ async fn bad_input_is_refused_and_changes_nothing() {
             .map(|_| ())
             .map_err(|e| e.code())
             .err(),
-        Some(Code::InvalidArgument)
+        Some(ErrorCode::InvalidArgument)
     );
     assert_eq!(
         code(e.delete_snapshot(&SnapshotId::generate(), None).await),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     // A snapshot id reused for another volume.
     assert_eq!(
         code(e.create_snapshot(&b, &sa).await.map(|_| ())),
-        Some(Code::AlreadyExists)
+        Some(ErrorCode::AlreadyExists)
     );
     assert_eq!(
         code(e.create_volume(&a, 16 * MIB).await.map(|_| ())),
-        Some(Code::AlreadyExists)
+        Some(ErrorCode::AlreadyExists)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before, "pool changed");
     // Idempotent retries succeed without changes.
@@ -448,11 +451,11 @@ async fn merge_progress_rate_limit_and_cancel() {
             .map(|_| ())
             .map_err(|e| e.code())
             .err(),
-        Some(Code::Aborted)
+        Some(ErrorCode::Aborted)
     );
     e.cancel_job(&job).await.expect("cancel");
     let r = merge.await.expect("join");
-    assert_eq!(r.map_err(|e| e.code()).err(), Some(Code::Cancelled));
+    assert_eq!(r.map_err(|e| e.code()).err(), Some(ErrorCode::Cancelled));
     // s1 is doomed (its layer may hold s2 data now) and cannot be read...
     assert_eq!(
         e.export_snapshot(&s1)
@@ -460,7 +463,7 @@ async fn merge_progress_rate_limit_and_cancel() {
             .map(|_| ())
             .map_err(|e| e.code())
             .err(),
-        Some(Code::FailedPrecondition)
+        Some(ErrorCode::FailedPrecondition)
     );
     // ...but deleting it again finishes the merge, unthrottled.
     e.delete_snapshot(&s1, None).await.expect("finish merge");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use livedisk_engine::clone::flatten_job_id;
-use livedisk_engine::{Code, Engine, Extent, MergeMode, MergeOptions, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, Extent, MergeMode, MergeOptions, SnapshotId, VolumeId};
 use livedisk_verifier::{Writer, verify, verify_point_in_time};
 
 const MIB: u64 = 1 << 20;
@@ -26,7 +26,7 @@ fn write_clusters(w: &mut Writer, clusters: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<Code> {
+fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<ErrorCode> {
     r.map(|_| ()).map_err(|e| e.code()).err()
 }
 
@@ -135,7 +135,7 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     // Merging the layer the clone reads is refused until it is flattened.
     assert_eq!(
         code(e.delete_snapshot(&s1, None).await),
-        Some(Code::FailedPrecondition)
+        Some(ErrorCode::FailedPrecondition)
     );
     // A snapshot of the unflattened clone works; merging it into the bottom
     // layer (which the flatten job writes) is refused, and changes nothing.
@@ -147,7 +147,7 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.delete_snapshot(&cs, None).await),
-        Some(Code::FailedPrecondition)
+        Some(ErrorCode::FailedPrecondition)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
     // Its allocated extents include what it inherited from the source.
@@ -196,7 +196,7 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     // Delete the source volume: its snapshot lives on and stays restorable.
     e.detach_volume(&src).await.expect("detach");
     e.delete_volume(&src).await.expect("delete source");
-    assert_eq!(code(e.volume(&src)), Some(Code::NotFound));
+    assert_eq!(code(e.volume(&src)), Some(ErrorCode::NotFound));
     let restored = VolumeId::generate();
     e.create_volume_from_snapshot(&restored, &s1, None)
         .await
@@ -249,14 +249,14 @@ async fn revert_to_the_latest_snapshot() {
     // snapshots: `engine_revert`.)
     assert_eq!(
         code(e.revert_volume(&vol, &s2).await),
-        Some(Code::FailedPrecondition)
+        Some(ErrorCode::FailedPrecondition)
     );
     e.detach_volume(&vol).await.expect("detach");
     all_captured(&e).await;
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(&vol, &SnapshotId::generate()).await),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
 
@@ -452,15 +452,15 @@ async fn clone_bad_input_and_deleting_an_unflattened_clone() {
             e.create_volume_from_snapshot(&c, &SnapshotId::generate(), None)
                 .await
         ),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(
         code(e.create_volume_from_snapshot(&c, &s1, Some(MIB)).await),
-        Some(Code::OutOfRange)
+        Some(ErrorCode::OutOfRange)
     );
     assert_eq!(
         code(e.create_volume_from_snapshot(&src, &s1, None).await),
-        Some(Code::AlreadyExists)
+        Some(ErrorCode::AlreadyExists)
     );
     assert_eq!(
         pool_fingerprint(&env.cfg.pool),
@@ -532,7 +532,7 @@ async fn deleted_volume_with_two_snapshots(
     }
     e.detach_volume(&vol).await.expect("detach");
     e.delete_volume(&vol).await.expect("delete volume");
-    assert_eq!(code(e.volume(&vol)), Some(Code::NotFound));
+    assert_eq!(code(e.volume(&vol)), Some(ErrorCode::NotFound));
     let rec = e.record(&vol).expect("record kept");
     assert!(rec.deleted);
     assert_eq!(rec.layers.len(), 2);
@@ -573,7 +573,7 @@ async fn assert_no_trace(e: &Engine, env: &TestEnv, vol: &VolumeId) {
         !env.cfg.pool.join(vol.as_str()).exists(),
         "volume directory left behind"
     );
-    assert_eq!(code(e.record(vol)), Some(Code::NotFound));
+    assert_eq!(code(e.record(vol)), Some(ErrorCode::NotFound));
     assert!(e.list_volumes().expect("list").iter().all(|v| &v.id != vol));
     let left = volume_node_names(e, vol).await;
     assert!(left.is_empty(), "nodes left: {left:?}");

@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::*;
 use livedisk_engine::daemon::{self, Monitor};
 use livedisk_engine::{
-    Code, Engine, MergeMode, MergeOptions, Recovery, RuntimeDir, SessionState, SnapshotId, VolumeId,
+    Engine, ErrorCode, MergeMode, MergeOptions, Recovery, RuntimeDir, SessionState, SnapshotId,
+    VolumeId,
 };
 
 const MIB: u64 = 1 << 20;
@@ -72,7 +73,7 @@ async fn engine_follows_its_daemon_across_a_restart() {
     .await;
     assert_eq!(
         e.jobs().await.map(drop).map_err(|e| e.code()).err(),
-        Some(Code::Unavailable),
+        Some(ErrorCode::Unavailable),
         "an operation without a daemon"
     );
     // The engine waits for the daemon's owner; it never starts one itself (it retries every

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use livedisk_engine::{
-    Code, Engine, EngineConfig, Extent, MergeMode, MergeOptions, SnapshotId, VolumeId,
+    Engine, EngineConfig, ErrorCode, Extent, MergeMode, MergeOptions, SnapshotId, VolumeId,
 };
 use livedisk_verifier::{Ack, BackgroundWriter, Pattern, Writer, verify, verify_point_in_time};
 
@@ -44,7 +44,7 @@ async fn child_entry() {
     }
 }
 
-fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<Code> {
+fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<ErrorCode> {
     r.map(|_| ()).map_err(|e| e.code()).err()
 }
 
@@ -388,7 +388,7 @@ async fn revert_refusals_change_nothing() {
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(vol, &t.s[0]).await),
-        Some(Code::FailedPrecondition)
+        Some(ErrorCode::FailedPrecondition)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
     e.detach_volume(vol).await.expect("detach");
@@ -397,15 +397,15 @@ async fn revert_refusals_change_nothing() {
     // Unknown snapshot; another volume's snapshot; unknown volume.
     assert_eq!(
         code(e.revert_volume(vol, &SnapshotId::generate()).await),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(
         code(e.revert_volume(vol, &o1).await),
-        Some(Code::InvalidArgument)
+        Some(ErrorCode::InvalidArgument)
     );
     assert_eq!(
         code(e.revert_volume(&VolumeId::generate(), &t.s[0]).await),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
 
@@ -435,13 +435,13 @@ async fn revert_refusals_change_nothing() {
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.revert_volume(&other, &o1).await),
-        Some(Code::FailedPrecondition),
+        Some(ErrorCode::FailedPrecondition),
         "deleting snapshot"
     );
     // The volume has a merge in flight: busy, for any snapshot.
     assert_eq!(
         code(e.revert_volume(&other, &o2).await),
-        Some(Code::Aborted)
+        Some(ErrorCode::Aborted)
     );
     assert_eq!(pool_fingerprint(&env.cfg.pool), before);
     // Finishing the merge frees the volume; reverting then works.

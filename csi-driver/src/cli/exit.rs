@@ -1,7 +1,7 @@
 //! Exit codes per error class and the error report printed on failure.
 
 use livedisk_engine::ids::IdError;
-use livedisk_engine::{Code, EngineError};
+use livedisk_engine::{EngineError, ErrorCode};
 
 /// Process exit codes; stable, documented in docs/admin-cli.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,17 +25,26 @@ impl ExitClass {
         self as i32
     }
 
-    pub fn from_engine(code: Code) -> Self {
+    pub fn from_engine(code: ErrorCode) -> Self {
         match code {
-            Code::InvalidArgument => Self::InvalidArgument,
-            Code::NotFound => Self::NotFound,
-            Code::AlreadyExists => Self::AlreadyExists,
-            Code::Aborted => Self::Busy,
-            Code::OutOfRange => Self::OutOfRange,
-            Code::FailedPrecondition => Self::FailedPrecondition,
-            Code::Cancelled => Self::Cancelled,
-            Code::Unavailable => Self::Unavailable,
-            Code::Internal => Self::Internal,
+            ErrorCode::InvalidArgument => Self::InvalidArgument,
+            ErrorCode::NotFound => Self::NotFound,
+            ErrorCode::AlreadyExists => Self::AlreadyExists,
+            ErrorCode::Aborted => Self::Busy,
+            ErrorCode::OutOfRange => Self::OutOfRange,
+            ErrorCode::FailedPrecondition => Self::FailedPrecondition,
+            ErrorCode::Cancelled => Self::Cancelled,
+            ErrorCode::Unavailable => Self::Unavailable,
+            ErrorCode::Internal => Self::Internal,
+            // A QMP command that timed out: the daemon did not answer in time.
+            ErrorCode::DeadlineExceeded => Self::Unavailable,
+            // Codes of the cluster side (pool space is checked by the node agent, permissions
+            // and authentication are the API server's); the engine does not produce them, so
+            // they get no exit code of their own.
+            ErrorCode::ResourceExhausted
+            | ErrorCode::PermissionDenied
+            | ErrorCode::Unauthenticated
+            | ErrorCode::Unimplemented => Self::Internal,
         }
     }
 }

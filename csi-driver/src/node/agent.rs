@@ -21,8 +21,9 @@ use livedisk_api::internal::{
 use serde_json::{Value, json};
 
 use crate::grpc::error::{CsiError, node_error};
+use livedisk_common::error_chain;
 use livedisk_common::names::snapshot_id_for;
-use livedisk_engine::{Code, Engine, EngineError, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, EngineError, SnapshotId, VolumeId};
 
 pub struct Agent {
     pub client: Client,
@@ -96,22 +97,28 @@ async fn report_node(agent: Arc<Agent>) {
     }
 }
 
-fn retry_volume(_: Arc<LivediskVolume>, error: &CsiError, _: Arc<Agent>) -> Action {
-    tracing::warn!(%error, "volume reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+fn retry_volume(volume: Arc<LivediskVolume>, error: &CsiError, _: Arc<Agent>) -> Action {
+    retry(&volume.name_any(), error)
 }
 
-fn retry_snapshot(_: Arc<LivediskSnapshot>, error: &CsiError, _: Arc<Agent>) -> Action {
-    tracing::warn!(%error, "snapshot reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+fn retry_snapshot(snapshot: Arc<LivediskSnapshot>, error: &CsiError, _: Arc<Agent>) -> Action {
+    retry(&snapshot.name_any(), error)
+}
+
+/// The agent's error policy: a transient error (a conflict, the engine daemon or the API server
+/// restarting) is retried soon; a permanent one (a missing permission, an object the API
+/// rejects) slowly, since only a person changing something can make it pass. What failed is
+/// already in the object's `status.error` where the engine was at fault.
+fn retry(name: &str, error: &CsiError) -> Action {
+    let code = error.error_code();
+    let error = error_chain(error);
+    tracing::warn!(object = %name, %code, %error, "reconcile failed: {}", code.retry_note());
+    Action::requeue(code.retry_after())
 }
 
 /// Whether an engine error will not go away by retrying the same spec.
 fn permanent(error: &EngineError) -> bool {
-    !matches!(
-        error.code(),
-        Code::Aborted | Code::Unavailable | Code::Internal
-    )
+    !error.code().is_transient()
 }
 
 async fn set_finalizers<K>(
@@ -166,7 +173,7 @@ where
     }
     match storage_released.await {
         Ok(()) => {}
-        Err(error) if error.code() == Code::NotFound => {}
+        Err(error) if error.code() == ErrorCode::NotFound => {}
         Err(error) => {
             let generation = object.meta().generation;
             let status = error_status(NodePhase::Deleting, generation, node_error(&error));
@@ -224,7 +231,7 @@ async fn reconcile_volume(
     if volume.metadata.deletion_timestamp.is_some() {
         let released = release(&api, volume.as_ref(), async {
             match agent.engine.delete_volume(&id).await {
-                Err(error) if error.code() != Code::NotFound => return Err(error),
+                Err(error) if error.code() != ErrorCode::NotFound => return Err(error),
                 _ => {}
             }
             // A clone's hidden base snapshot goes with it.

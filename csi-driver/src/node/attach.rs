@@ -13,7 +13,7 @@ use tokio::process::Command;
 
 use super::blocking::io;
 use crate::grpc::error::CsiError;
-use livedisk_engine::{Code, Engine, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, VolumeId};
 
 /// Attachment state lives under `<runtime dir>/attach/<volume>/`.
 pub struct Attacher {
@@ -208,7 +208,7 @@ impl Attacher {
         }
         match engine.detach_volume(volume).await {
             Ok(()) => {}
-            Err(error) if error.code() == Code::NotFound => {}
+            Err(error) if error.code() == ErrorCode::NotFound => {}
             Err(error) => return Err(error.into()),
         }
         if exists(&dir).await {

@@ -28,8 +28,9 @@ use super::recover::{
 };
 use super::types::{MergeOptions, Recovery};
 use super::{bitmap, plan, qemu_img, recover};
-use crate::error::{Code, EngineError};
+use crate::error::EngineError;
 use crate::qsd::qmp::{self, JobInfo, SessionState};
+use livedisk_common::ErrorCode;
 use livedisk_common::VolumeId;
 
 impl Engine {
@@ -480,7 +481,7 @@ impl Engine {
                 Ok(()) => {}
                 // Looked at again on the next pass.
                 Err(EngineError::Busy(_)) => pass.busy = true,
-                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                Err(e) if e.code() == ErrorCode::Unavailable => return Err(e),
                 Err(e) => pass.failed.push((id, e)),
             }
         }
@@ -687,7 +688,7 @@ impl Engine {
             match r {
                 Ok(()) => {}
                 // Without the daemon nothing can be recovered: give up.
-                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                Err(e) if e.code() == ErrorCode::Unavailable => return Err(e),
                 // One volume that cannot be recovered must not keep every
                 // other volume of the host offline; it is reported instead.
                 Err(e) => self.note_recovery_error(id, &e),
