@@ -95,6 +95,8 @@ where
         .await;
 }
 
+/// One reconcile: the pipeline, and on failure a Warning Event (and, for a permanent error, a
+/// Stalled condition) on the object, so the failure is seen where the object is looked at.
 async fn reconcile<K>(
     guarded: Arc<DeserializeGuard<K>>,
     context: Arc<Context>,
@@ -107,11 +109,27 @@ where
         + Serialize
         + std::fmt::Debug,
 {
-    let object = match &guarded.0 {
-        Ok(object) => object,
+    let result = match &guarded.0 {
+        Ok(object) => reconcile_object(object, &context).await,
         // One unreadable object must not stall the others: report it and move on.
-        Err(invalid) => return Err(Error::InvalidObject(invalid.to_string())),
+        Err(invalid) => Err(Error::InvalidObject(invalid.to_string())),
     };
+    if let Err(error) = &result {
+        report_failure(guarded.as_ref(), error, &context).await;
+    }
+    result
+}
+
+/// The pipeline for one readable object: observe → decide → apply → status → Event.
+async fn reconcile_object<K>(object: &K, context: &Context) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + LivediskKind
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
     let kind = K::kind(&()).to_string();
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_default();
@@ -160,7 +178,7 @@ where
                 EventKind::Warning => EventType::Warning,
             },
             reason: ready.reason.clone(),
-            note: Some(ready.message.clone()),
+            note: Some(event_note(&ready.message)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -202,6 +220,87 @@ where
         .collect()
 }
 
+/// The Event note limit of the events.k8s.io API, in bytes.
+const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// Pure: a note cut to the Event API's limit, at a character boundary.
+fn event_note(message: &str) -> String {
+    if message.len() <= EVENT_NOTE_LIMIT {
+        return message.to_string();
+    }
+    let ellipsis = "…";
+    let mut end = EVENT_NOTE_LIMIT - ellipsis.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &message[..end])
+}
+
+/// Pure: what a failed reconcile says about itself: the whole error chain, then how it is retried.
+fn failure_message(error: &Error) -> String {
+    format!(
+        "{}; {}",
+        livedisk_common::error_chain(error),
+        error.code().retry_note()
+    )
+}
+
+/// Publishes a failed reconcile as a Warning Event on the object (reason: the error's code;
+/// action: the stage that failed; note: the whole chain), and for a permanent error also sets
+/// `Stalled=True` with the same reason. Both are best-effort: the error itself is returned to
+/// the controller either way, and a failure to report it is only logged.
+async fn report_failure<K>(guarded: &DeserializeGuard<K>, error: &Error, context: &Context)
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let code = error.code();
+    let message = failure_message(error);
+    let event = Event {
+        type_: EventType::Warning,
+        reason: code.reason().into(),
+        note: Some(event_note(&message)),
+        action: error.action().into(),
+        secondary: None,
+    };
+    if let Err(publish_error) = context
+        .recorder
+        .publish(&event, &guarded.object_ref(&()))
+        .await
+    {
+        tracing::warn!(error = %publish_error, "could not publish the Warning Event");
+    }
+    // A transient error is retried soon and usually gone by then: the conditions keep saying
+    // what the last successful pass found, rather than flapping.
+    if code.is_transient() {
+        return;
+    }
+    // An object this operator cannot read has no status it could safely rewrite.
+    let Ok(object) = &guarded.0 else { return };
+    let current = serde_json::to_value(object).ok();
+    let Some(patch) = status::stalled(
+        current.as_ref().and_then(|o| o.get("status")),
+        object.meta().generation,
+        code,
+        &message,
+        k8s_openapi::jiff::Timestamp::now(),
+    ) else {
+        return;
+    };
+    let api: Api<K> = Api::namespaced(
+        context.client.clone(),
+        &object.namespace().unwrap_or_default(),
+    );
+    if let Err(status_error) = status::write(&api, &object.name_any(), &patch).await {
+        tracing::warn!(error = %status_error, "could not write the Stalled condition");
+    }
+}
+
+/// The operator's error policy: transient errors are retried soon, permanent ones slowly (see
+/// `ErrorCode::persistence`). The Event was published by [`reconcile`], which can await.
 fn error_policy<K>(
     guarded: Arc<DeserializeGuard<K>>,
     error: &Error,
@@ -215,6 +314,37 @@ where
         .as_ref()
         .map(|o| o.name_any())
         .unwrap_or_else(|invalid| invalid.metadata.name.clone().unwrap_or_default());
-    tracing::warn!(kind = %K::kind(&()), %name, reason = error.reason(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+    let code = error.code();
+    tracing::warn!(
+        kind = %K::kind(&()),
+        %name,
+        %code,
+        action = error.action(),
+        error = %livedisk_common::error_chain(error),
+        "reconcile failed: {}",
+        code.retry_note()
+    );
+    Action::requeue(code.retry_after())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_are_cut_to_the_event_limit() {
+        assert_eq!(event_note("short"), "short");
+        let long = "ä".repeat(EVENT_NOTE_LIMIT);
+        let note = event_note(&long);
+        assert!(note.len() <= EVENT_NOTE_LIMIT, "{}", note.len());
+        assert!(note.ends_with('…'));
+    }
+
+    #[test]
+    fn the_failure_message_says_how_it_is_retried() {
+        let error = Error::InvalidObject("missing field `spec`".into());
+        let message = failure_message(&error);
+        assert!(message.contains("missing field `spec`"), "{message}");
+        assert!(message.contains("until something is changed"), "{message}");
+    }
 }

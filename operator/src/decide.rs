@@ -4,6 +4,7 @@
 
 use livedisk_api::Phase;
 use livedisk_api::conditions::{ConditionUpdate, READY, RECONCILING, STALLED, Status};
+use livedisk_common::ErrorCode;
 
 use crate::kinds::Reference;
 use crate::standard::WorkState;
@@ -134,6 +135,12 @@ fn decide_work(state: &WorkState) -> Decision {
     }
 }
 
+/// The conditions of an object whose reconcile failed with a permanent error: `Stalled=True`
+/// (kstatus "failed": nothing will happen without a person), the error's code as the reason.
+pub fn failure_conditions(code: ErrorCode, message: &str) -> Vec<ConditionUpdate> {
+    conditions(Health::Stalled, code.reason(), message)
+}
+
 /// The three states kstatus tells apart, each a fixed combination of the three conditions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Health {
@@ -252,6 +259,29 @@ mod tests {
         assert_eq!(ready(&decision).status, Status::False);
         assert_eq!(ready(&decision).reason, "WaitingForDriver");
         assert!(ready(&decision).message.contains("nothing has been done"));
+    }
+
+    #[test]
+    fn a_permanent_failure_stalls_with_its_code_as_reason() {
+        let conditions = failure_conditions(ErrorCode::PermissionDenied, "forbidden");
+        let status_of = |type_| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| (c.status, c.reason.as_str(), c.message.as_str()))
+        };
+        assert_eq!(
+            status_of(READY),
+            Some((Status::False, "PermissionDenied", "forbidden"))
+        );
+        assert_eq!(
+            status_of(STALLED),
+            Some((Status::True, "PermissionDenied", "forbidden"))
+        );
+        assert_eq!(
+            status_of(RECONCILING),
+            Some((Status::False, "PermissionDenied", "forbidden"))
+        );
     }
 
     #[test]

@@ -126,10 +126,10 @@ async fn exists(
                 // Without KubeVirt the kubevirt.io API is not served at all: a bare 404 page
                 // rather than a Status, which means "no such VirtualMachine" just the same.
                 Err(kube::Error::Api(status)) if status.code == 404 => false,
-                Err(source) => {
+                Err(cause) => {
                     return Err(Error::Observe {
                         what: reference.to_string(),
-                        source,
+                        cause,
                     });
                 }
             }

@@ -107,16 +107,19 @@ pub async fn ensure(
     let Work::VolumeSnapshot { pvc, class, retain } = work;
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &volume_snapshots());
-    let apply_error = |source| Error::Apply {
+    let apply_error = |cause| Error::Apply {
         what: format!("VolumeSnapshot {namespace}/{name}"),
-        source,
+        cause,
     };
     let existing = match api.get_opt(name).await.map_err(apply_error)? {
         Some(object) => object,
         None => {
             let desired: DynamicObject =
                 serde_json::from_value(volume_snapshot(name, pvc, class.as_deref(), owner))
-                    .map_err(|e| Error::InvalidObject(e.to_string()))?;
+                    .map_err(|source| Error::Build {
+                        what: format!("VolumeSnapshot {namespace}/{name}"),
+                        source,
+                    })?;
             api.create(&PostParams::default(), &desired)
                 .await
                 .map_err(apply_error)?
@@ -135,9 +138,9 @@ pub async fn ensure(
         contents
             .patch(content, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| Error::Apply {
+            .map_err(|cause| Error::Apply {
                 what: format!("VolumeSnapshotContent {content}"),
-                source,
+                cause,
             })?;
     }
     Ok(state)

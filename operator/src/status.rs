@@ -6,7 +6,9 @@ use kube::api::{Api, Patch, PatchParams};
 use livedisk_api::conditions::{READY, set_condition};
 use serde_json::{Value, json};
 
-use crate::decide::Decision;
+use livedisk_common::ErrorCode;
+
+use crate::decide::{Decision, failure_conditions};
 use crate::error::Error;
 
 /// The status fields the pipeline owns, computed from the current status and a decision.
@@ -26,10 +28,7 @@ pub fn build(
     decision: &Decision,
     now: Timestamp,
 ) -> StatusUpdate {
-    let mut conditions: Vec<Condition> = current_status
-        .and_then(|s| s.get("conditions"))
-        .and_then(|c| serde_json::from_value(c.clone()).ok())
-        .unwrap_or_default();
+    let mut conditions = current_conditions(current_status);
     let previous_reason =
         livedisk_api::conditions::find(&conditions, READY).map(|c| c.reason.clone());
     let mut changed = false;
@@ -62,6 +61,35 @@ pub fn build(
         patch: changed.then(|| json!({ "status": status })),
         ready_reason_changed: previous_reason != new_reason,
     }
+}
+
+/// Pure: the patch that reports a permanent reconcile failure in the conditions (see
+/// [`crate::decide::failure_conditions`]), or `None` when the status already says so. Phase and
+/// kind-specific fields stay: they still describe the work that was done.
+pub fn stalled(
+    current_status: Option<&Value>,
+    generation: Option<i64>,
+    code: ErrorCode,
+    message: &str,
+    now: Timestamp,
+) -> Option<Value> {
+    let mut conditions = current_conditions(current_status);
+    let mut changed = false;
+    for update in failure_conditions(code, message) {
+        changed |= set_condition(&mut conditions, update, generation, now);
+    }
+    let observed = current_status.and_then(|s| s.get("observedGeneration"));
+    changed |= observed != generation.map(Value::from).as_ref();
+    changed.then(
+        || json!({ "status": { "observedGeneration": generation, "conditions": conditions } }),
+    )
+}
+
+fn current_conditions(current_status: Option<&Value>) -> Vec<Condition> {
+    current_status
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
 }
 
 /// Writes a status patch through the status subresource.
@@ -115,6 +143,47 @@ mod tests {
         let second = build(Some(&first["status"]), Some(1), None, &decision, now());
         assert_eq!(second.patch, None);
         assert!(!second.ready_reason_changed);
+    }
+
+    #[test]
+    fn a_permanent_failure_is_written_once_and_keeps_the_phase() {
+        let decision = decide("DiskSnapshot", &Observation::default(), None);
+        let first = build(None, Some(1), None, &decision, now())
+            .patch
+            .expect("patch");
+        let patch = stalled(
+            Some(&first["status"]),
+            Some(1),
+            ErrorCode::PermissionDenied,
+            "forbidden",
+            now(),
+        )
+        .expect("the conditions change");
+        assert!(patch["status"].get("phase").is_none(), "{patch}");
+        let conditions = patch["status"]["conditions"].as_array().expect("list");
+        let stalled_condition = conditions
+            .iter()
+            .find(|c| c["type"] == "Stalled")
+            .expect("Stalled");
+        assert_eq!(stalled_condition["status"], "True");
+        assert_eq!(stalled_condition["reason"], "PermissionDenied");
+        // Merged into the status, the same failure again changes nothing.
+        let mut merged = first["status"].clone();
+        merged["conditions"] = patch["status"]["conditions"].clone();
+        assert_eq!(
+            stalled(
+                Some(&merged),
+                Some(1),
+                ErrorCode::PermissionDenied,
+                "forbidden",
+                now()
+            ),
+            None
+        );
+        // Once the error is gone, the next decision takes the conditions back.
+        let update = build(Some(&merged), Some(1), None, &decision, now());
+        assert!(update.patch.is_some());
+        assert!(update.ready_reason_changed);
     }
 
     #[test]
