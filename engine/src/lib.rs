@@ -25,10 +25,11 @@ pub mod qsd;
 pub use error::EngineError;
 pub use extents::Extent;
 pub use livedisk_common::{ErrorCode, SnapshotId, VolumeId, ids};
+pub use qcow2::clone::FlattenProgress;
 pub use qcow2::record::MergeMode;
 pub use qcow2::{
     Engine, EngineConfig, ExportInfo, ExtentList, ExtentPage, MergeOptions, Recovery, SnapshotInfo,
-    SnapshotTimings, VolumeInfo,
+    SnapshotTimings, VolumeInfo, hidden_base_id,
 };
 pub use qsd::daemon::{Daemon, Monitor, Origin, RuntimeDir};
 pub use qsd::qmp::{JobInfo, SessionState};

@@ -593,6 +593,7 @@ mod tests {
                 state: SnapshotState::Ready,
                 changed: Some(vec![]),
                 inherited: vec![],
+                for_clone: None,
             })
             .collect();
         let snap = |i: usize| ExportTarget::Snapshot { id: ids[i].clone() };

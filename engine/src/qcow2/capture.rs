@@ -225,6 +225,7 @@ mod tests {
             state: SnapshotState::Ready,
             changed: None,
             inherited,
+            for_clone: None,
         });
         id
     }

@@ -6,19 +6,18 @@
 //! (FAILED_PRECONDITION): the clone reads the source's layers, and QEMU
 //! would refuse the write lock a commit into them needs anyway.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::engine::{Engine, Result, node_add_args};
-use super::record::{CloneSource, RecordStore, SnapshotState, VolumeRecord};
+use super::record::{CloneSource, ClonedFrom, SnapshotState, VolumeRecord};
 use super::types::{VolumeInfo, info};
 use super::{plan, qemu_img};
 use crate::error::EngineError;
-use crate::lock::Locks;
-use crate::qsd::qmp::{self, Qmp};
+use crate::qsd::nbd_client::NbdClient;
+use crate::qsd::qmp;
 use livedisk_common::{SnapshotId, VolumeId};
 
 /// The flatten job of a clone.
@@ -65,8 +64,25 @@ impl Engine {
         }
         let _gs = self.locks.try_lock(&src.id)?;
         let _gn = self.locks.try_lock(id)?;
+        self.restore_locked(id, &src.id, snap, size, flatten_speed, None)
+            .await
+    }
+
+    /// [`Engine::create_volume_from_snapshot_with`] once the caller holds
+    /// the locks of the new volume and of `source`, the volume holding
+    /// `snap`. `cloned_from` is recorded with the new volume in its first
+    /// save (a clone of a volume, made from its hidden base).
+    pub(super) async fn restore_locked(
+        &self,
+        id: &VolumeId,
+        source: &VolumeId,
+        snap: &SnapshotId,
+        size: Option<u64>,
+        flatten_speed: Option<u64>,
+        cloned_from: Option<ClonedFrom>,
+    ) -> Result<VolumeInfo> {
         // The clone's snapshots report the source's allocation as theirs.
-        let src = self.capture_locked(self.load(&src.id)?).await?;
+        let src = self.capture_locked(self.load(source)?).await?;
         let s = src
             .snapshot(snap)
             .ok_or_else(|| EngineError::NotFound(format!("snapshot {snap}")))?;
@@ -112,6 +128,7 @@ impl Engine {
             snapshot: snap.clone(),
             flatten_speed,
         });
+        rec.cloned_from = cloned_from;
         rec.inherited = inherited;
         // Durable before the daemon knows it: recovery re-adds and flattens.
         self.store.save(&rec)?;
@@ -168,13 +185,81 @@ impl Engine {
         self.settle_flatten_locked(&rec).await
     }
 
+    /// If the clone's flatten job concluded, records that the clone stands
+    /// alone (the caller holds the clone's lock). Returns whether it does.
     async fn settle_flatten_locked(&self, rec: &VolumeRecord) -> Result<bool> {
-        settle(&self.store, &self.qmp, rec).await
+        if rec.clone_of.is_none() {
+            return Ok(true);
+        }
+        let job = flatten_job_id(&rec.id);
+        let Some(j) = qmp::query_jobs(&self.qmp)
+            .await?
+            .into_iter()
+            .find(|j| j.id == job)
+        else {
+            return Ok(false);
+        };
+        if j.status != "concluded" {
+            return Ok(false);
+        }
+        if let Some(e) = j.error {
+            tracing::warn!(volume = %rec.id, error = e, "flatten failed; it will be retried");
+            self.dismiss(&job).await;
+            return Ok(false);
+        }
+        // The copied data must be durable before the record stops naming
+        // the source: the job leaves QEMU's qcow2 metadata of what it
+        // copied in QEMU's cache, while the file's header already lost its
+        // backing link (seen here: a daemon killed right after the job
+        // lost the clone's content). Until the save, recovery puts the
+        // clone back on its source, which still holds everything.
+        let bottom = rec
+            .layers
+            .first()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
+        self.flush_node(&rec.node_name(bottom.seq)).await?;
+        // Save first, dismiss after: a crash in between re-runs a (now
+        // trivial) stream, never loses the fact.
+        let mut rec = rec.clone();
+        rec.clone_of = None;
+        self.store.save(&rec)?;
+        self.dismiss(&job).await;
+        tracing::info!(volume = %rec.id, "clone flattened");
+        Ok(true)
+    }
+
+    /// Makes a node's content durable: QMP has no flush command, so an NBD
+    /// `FLUSH` on a short-lived read-only export of the node does it. The
+    /// export's name derives from the node, so one an interrupted flush
+    /// left behind is removed first.
+    pub(super) async fn flush_node(&self, node: &str) -> Result<()> {
+        let eid = flush_export(node);
+        self.delete_export_and_wait(&eid).await?;
+        self.qmp
+            .execute(
+                "block-export-add",
+                json!({ "type": "nbd", "id": eid, "node-name": node, "name": eid, "writable": false }),
+            )
+            .await?;
+        let socket = self.daemon().runtime.nbd_socket();
+        let flushed = async {
+            let mut c = NbdClient::connect(&socket, &eid).await?;
+            c.flush(FLUSH_TIMEOUT).await?;
+            c.disconnect().await
+        }
+        .await;
+        self.delete_export_and_wait(&eid).await?;
+        Ok(flushed?)
     }
 
     /// Cancels a clone's flatten job (the clone is being deleted): the job
     /// holds the clone's node, which could not be deleted under it.
     pub(super) async fn stop_flatten(&self, rec: &VolumeRecord) -> Result<()> {
+        // An export a flush interrupted by a crash left would hold the node.
+        if let Some(bottom) = rec.layers.first() {
+            self.delete_export_and_wait(&flush_export(&rec.node_name(bottom.seq)))
+                .await?;
+        }
         let job = flatten_job_id(&rec.id);
         let _ = self.qmp.execute("job-cancel", json!({ "id": job })).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -235,51 +320,55 @@ impl Engine {
     pub fn is_flattened(&self, id: &VolumeId) -> Result<bool> {
         Ok(self.load(id)?.clone_of.is_none())
     }
+
+    /// How far a volume made from a snapshot or a volume is from standing
+    /// alone: `None` once it does, else its flatten job's bytes done and
+    /// total (both 0 while no job runs, e.g. right after a daemon restart).
+    pub async fn flatten_progress(&self, id: &VolumeId) -> Result<Option<FlattenProgress>> {
+        if self.is_flattened(id)? {
+            return Ok(None);
+        }
+        let job = flatten_job_id(id);
+        let progress = qmp::query_jobs(&self.qmp)
+            .await?
+            .into_iter()
+            .find(|j| j.id == job)
+            .map_or(FlattenProgress::default(), |j| FlattenProgress {
+                done: j.current_progress,
+                total: j.total_progress,
+            });
+        Ok(Some(progress))
+    }
 }
 
-/// If the clone's flatten job concluded, records that the clone stands
-/// alone (the caller holds the clone's lock). Returns whether it does.
-async fn settle(store: &RecordStore, qmp: &Qmp, rec: &VolumeRecord) -> Result<bool> {
-    if rec.clone_of.is_none() {
-        return Ok(true);
-    }
-    let job = flatten_job_id(&rec.id);
-    let Some(j) = qmp::query_jobs(qmp)
-        .await?
-        .into_iter()
-        .find(|j| j.id == job)
-    else {
-        return Ok(false);
-    };
-    if j.status != "concluded" {
-        return Ok(false);
-    }
-    let dismiss = || qmp.execute("job-dismiss", json!({ "id": job }));
-    if let Some(e) = j.error {
-        tracing::warn!(volume = %rec.id, error = e, "flatten failed; it will be retried");
-        let _ = dismiss().await;
-        return Ok(false);
-    }
-    // Save first, dismiss after: a crash in between re-runs a (now
-    // trivial) stream, never loses the fact.
-    let mut rec = rec.clone();
-    rec.clone_of = None;
-    store.save(&rec)?;
-    let _ = dismiss().await;
-    tracing::info!(volume = %rec.id, "clone flattened");
-    Ok(true)
+/// Bytes a flatten job has copied, of how many (QEMU's job progress).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlattenProgress {
+    pub done: u64,
+    pub total: u64,
 }
+
+/// The export a flush of `node` uses (see `Engine::flush_node`).
+fn flush_export(node: &str) -> String {
+    format!("F{node}")
+}
+
+/// Bound on one flush of a node (it writes what QEMU caches of it).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Background task: records each clone as flattened as soon as its job
 /// concludes, so that `is_flattened` and the source's merges see it without
-/// anyone polling. Follows the session across a daemon restart (its events
-/// are the session's); settles only while the session is `Live`.
+/// anyone polling; a clone of a volume whose hidden base it no longer reads
+/// goes to `releases` (see `hidden_base.rs`), never deleted here: this loop
+/// must stay quick, since a concluded stream job waiting for it to be
+/// dismissed makes QEMU 7.2 crash on `query-named-block-nodes`. Follows the
+/// session across a daemon restart (its events are the session's); settles
+/// only while the session is `Live`.
 pub(super) fn spawn_flatten_watcher(
-    store: RecordStore,
-    qmp: Qmp,
-    locks: Arc<Locks>,
+    engine: Engine,
+    releases: mpsc::UnboundedSender<VolumeId>,
 ) -> tokio::task::JoinHandle<()> {
-    let mut rx = qmp.subscribe();
+    let mut rx = engine.qmp.subscribe();
     tokio::spawn(async move {
         loop {
             let ev = match rx.recv().await {
@@ -292,19 +381,30 @@ pub(super) fn spawn_flatten_watcher(
             let Some(job) = ev.job_id().filter(|j| concluded && j.starts_with('f')) else {
                 continue;
             };
-            let Ok(ids) = store.list() else { continue };
+            let Ok(ids) = engine.store.list() else {
+                continue;
+            };
             let Some(id) = ids.into_iter().find(|id| flatten_job_id(id) == job) else {
                 continue;
             };
             // The volume may be busy with an operation: retry for a while;
             // every later operation on it settles as well.
             for _ in 0..600 {
-                qmp.until_live().await;
-                if let Ok(_g) = locks.try_lock(&id) {
-                    if let Ok(Some(rec)) = store.load(&id)
-                        && let Err(e) = settle(&store, &qmp, &rec).await
-                    {
-                        tracing::warn!(volume = %id, error = %e, "settling flatten failed");
+                engine.qmp.until_live().await;
+                if let Ok(_g) = engine.locks.try_lock(&id) {
+                    let settled = match engine.store.load(&id) {
+                        Ok(Some(rec)) => engine.settle_flatten_locked(&rec).await,
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(e.into()),
+                    };
+                    match settled {
+                        Ok(true) => {
+                            let _ = releases.send(id.clone());
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(volume = %id, error = %e, "settling flatten failed")
+                        }
                     }
                     break;
                 }

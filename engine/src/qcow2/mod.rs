@@ -12,6 +12,7 @@ mod capture;
 pub mod clone;
 mod engine;
 mod export;
+mod hidden_base;
 mod merge;
 mod open;
 pub mod plan;
@@ -29,6 +30,7 @@ mod volume;
 mod writeback;
 
 pub use engine::Engine;
+pub use hidden_base::hidden_base_id;
 pub use record::MergeMode;
 pub use types::{
     EngineConfig, ExportInfo, ExtentList, ExtentPage, MergeOptions, Recovery, SnapshotInfo,

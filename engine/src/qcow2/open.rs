@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use super::engine::{Engine, Result};
 use super::record::RecordStore;
 use super::types::{EngineConfig, Recovery};
-use super::{clone, reclaim, reconcile, reconnect};
+use super::{clone, hidden_base, reclaim, reconcile, reconnect};
 use crate::lock::Locks;
 use crate::qsd::daemon::{self, Origin, RuntimeDir};
 
@@ -52,20 +52,21 @@ impl Engine {
         };
         let store = RecordStore::new(&cfg.pool);
         let locks = Arc::new(Locks::new(cfg.runtime_dir.join("locks")));
-        let flatten_watcher =
-            clone::spawn_flatten_watcher(store.clone(), qmp.clone(), locks.clone());
         let reclaim = reclaim::Reclaimer::new(&cfg.pool);
         reclaim.sweep_leftovers();
-        let engine = Engine {
+        let mut engine = Engine {
             store,
             daemon: Arc::new(RwLock::new(daemon)),
             qmp,
             locks,
             reclaim,
             captures: Arc::default(),
-            tasks: vec![flatten_watcher],
+            tasks: vec![],
             recovery_errors: Arc::default(),
         };
+        let (releases, releaser) = hidden_base::spawn_releaser(engine.background_handle());
+        let flatten_watcher = clone::spawn_flatten_watcher(engine.background_handle(), releases);
+        engine.tasks.extend([flatten_watcher, releaser]);
         engine.bring_in_line(recovery).await?;
         Ok(engine)
     }

@@ -225,6 +225,7 @@ pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, Pla
         state: SnapshotState::Ready,
         changed: None,
         inherited: std::mem::take(&mut out.inherited),
+        for_clone: p.for_clone.clone(),
     });
     out.pending_snapshot = None;
     Ok(out)
@@ -391,6 +392,7 @@ mod tests {
                 state: SnapshotState::Ready,
                 changed: Some(vec![x(i as u64 * 65536, 65536)]),
                 inherited: vec![],
+                for_clone: None,
             })
             .collect();
         (r, ids)
@@ -588,6 +590,7 @@ mod tests {
             state: SnapshotState::Ready,
             changed: Some(vec![x(0, 65536)]),
             inherited: vec![],
+            for_clone: None,
         }];
         let sealed = seal_internal(&r, 3, &[]).unwrap();
         let p = plan_delete(&sealed, &s).unwrap();
@@ -666,6 +669,7 @@ mod tests {
             snapshot: s.clone(),
             overlay: 9,
             created: chrono::Utc::now(),
+            for_clone: None,
         };
         let mut with = r.clone();
         with.pending_snapshot = Some(p.clone());
@@ -679,6 +683,19 @@ mod tests {
         let mut dead = r.clone();
         dead.layers.pop();
         assert!(seal(&dead, &p).is_err());
+        // A hidden base keeps its mark through the seal, also when recovery
+        // rolls the intent forward.
+        let clone = VolumeId::generate();
+        let marked = PendingSnapshot {
+            for_clone: Some(clone.clone()),
+            ..p.clone()
+        };
+        with.pending_snapshot = Some(marked.clone());
+        let after = seal(&with, &marked).unwrap();
+        assert_eq!(
+            after.snapshot(&s).and_then(|x| x.for_clone.clone()),
+            Some(clone)
+        );
     }
 
     #[test]

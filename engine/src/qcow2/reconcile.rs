@@ -458,6 +458,7 @@ impl Engine {
                 // A live process is working on it; look again later.
                 Err(EngineError::Busy(_)) => {
                     pass.busy = true;
+                    pass.held.insert(id);
                     continue;
                 }
                 Err(e) => {
@@ -480,11 +481,20 @@ impl Engine {
             match r {
                 Ok(()) => {}
                 // Looked at again on the next pass.
-                Err(EngineError::Busy(_)) => pass.busy = true,
+                Err(EngineError::Busy(_)) => {
+                    pass.busy = true;
+                    pass.held.insert(id);
+                }
                 Err(e) if e.code() == ErrorCode::Unavailable => return Err(e),
                 Err(e) => pass.failed.push((id, e)),
             }
         }
+        // Hidden bases last, once the daemon holds what the records say:
+        // their deletion merges on volumes this pass may have just put
+        // back in line (never on one it could not).
+        let mut unrecovered = pass.held.clone();
+        unrecovered.extend(pass.failed.iter().map(|(id, _)| id.clone()));
+        self.finish_pool_hidden_bases(&unrecovered, limit).await;
         Ok(pass)
     }
 }
@@ -548,6 +558,8 @@ struct DaemonView {
 struct IdlePass {
     /// Some volume needed recovery but was held.
     busy: bool,
+    /// The volumes that needed recovery and were held.
+    held: HashSet<VolumeId>,
     failed: Vec<(VolumeId, EngineError)>,
 }
 
@@ -669,6 +681,7 @@ impl Engine {
         // Every wait below is bounded: the lock by RECOVERY_LOCK_WAIT, the
         // recovery itself by the per-volume timeout.
         let limit = recovery_volume_timeout();
+        let mut failed = HashSet::new();
         for id in &self.ids_sources_first()? {
             let r = match self.locks.lock_waiting(id, RECOVERY_LOCK_WAIT).await {
                 Ok(_guard) => {
@@ -691,9 +704,15 @@ impl Engine {
                 Err(e) if e.code() == ErrorCode::Unavailable => return Err(e),
                 // One volume that cannot be recovered must not keep every
                 // other volume of the host offline; it is reported instead.
-                Err(e) => self.note_recovery_error(id, &e),
+                Err(e) => {
+                    self.note_recovery_error(id, &e);
+                    failed.insert(id.clone());
+                }
             }
         }
+        // Hidden bases last: their deletion merges on volumes that must be
+        // in the daemon first.
+        self.finish_pool_hidden_bases(&failed, limit).await;
         Ok(())
     }
 

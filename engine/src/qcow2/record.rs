@@ -68,6 +68,12 @@ pub struct SnapshotRecord {
     /// sealed, folded into `changed` when that is captured (then emptied).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inherited: Vec<Extent>,
+    /// Set on a *hidden base*: a snapshot the engine took itself to make
+    /// this clone of the volume (`Engine::clone_volume`). Nobody else knows
+    /// its ID; the engine deletes it once the clone no longer reads it, and
+    /// recovery deletes it when the clone's record is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_clone: Option<VolumeId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +155,11 @@ pub struct PendingSnapshot {
     /// Layer number of the new overlay.
     pub overlay: u64,
     pub created: DateTime<Utc>,
+    /// The clone this snapshot is the hidden base of (see
+    /// `SnapshotRecord::for_clone`): part of the intent, so that a snapshot
+    /// recovery rolls forward is marked as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_clone: Option<VolumeId>,
 }
 
 /// A revert of the volume to an older snapshot, between its first durable
@@ -185,6 +196,20 @@ pub struct CloneSource {
     pub flatten_speed: Option<u64>,
 }
 
+/// The origin of a volume cloned from another volume. The clone is made
+/// from a hidden snapshot of the source (its *hidden base*), which the engine
+/// deletes once the clone is flattened (`clone_of` cleared), then records
+/// that here, so that a crash in between is finished by recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClonedFrom {
+    /// The volume cloned.
+    pub volume: VolumeId,
+    /// The hidden base snapshot of `volume` while it exists; `None` once
+    /// the engine deleted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_base: Option<SnapshotId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub version: u32,
@@ -214,6 +239,10 @@ pub struct VolumeRecord {
     /// layer; cleared once `block-stream` has flattened it.
     #[serde(default)]
     pub clone_of: Option<CloneSource>,
+    /// Set on a volume made by `Engine::clone_volume`: where it came from,
+    /// and whether its hidden base snapshot still waits to be deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<ClonedFrom>,
     /// Extents folded into the next snapshot's extent record when it seals
     /// (then cleared): a clone's inherited allocation (its source snapshot's
     /// allocated extents: the clone's own layers only hold its own writes
@@ -243,8 +272,27 @@ impl VolumeRecord {
             pending_snapshot: None,
             pending_revert: None,
             clone_of: None,
+            cloned_from: None,
             inherited: vec![],
         }
+    }
+
+    /// The hidden base snapshot this volume's clone no longer reads and the
+    /// engine still has to delete: the clone is flattened (or gone from the
+    /// daemon's view entirely) and the base is still recorded.
+    pub fn hidden_base_to_release(&self) -> Option<&SnapshotId> {
+        if self.clone_of.is_some() {
+            return None;
+        }
+        self.cloned_from.as_ref()?.hidden_base.as_ref()
+    }
+
+    /// Hidden base snapshots of this volume, with the clone each was taken
+    /// for.
+    pub fn hidden_bases(&self) -> impl Iterator<Item = (&SnapshotId, &VolumeId)> {
+        self.snapshots
+            .iter()
+            .filter_map(|s| s.for_clone.as_ref().map(|c| (&s.id, c)))
     }
 
     pub fn snapshot(&self, id: &SnapshotId) -> Option<&SnapshotRecord> {
@@ -524,6 +572,7 @@ mod tests {
                 length: 65536,
             }]),
             inherited: vec![],
+            for_clone: None,
         });
         store.save(&rec).unwrap();
         store.save(&rec).unwrap();
@@ -557,6 +606,7 @@ mod tests {
                 offset: 0,
                 length: 65536,
             }],
+            for_clone: None,
         });
         store.save(&rec).unwrap();
         // An operation holds this copy while the capture stores the record.

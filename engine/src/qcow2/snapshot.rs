@@ -64,6 +64,18 @@ impl Engine {
         for v in &sorted {
             guards.push(self.locks.try_lock(v)?);
         }
+        self.snapshot_locked(pairs, None, started).await
+    }
+
+    /// [`Engine::create_snapshots`] once the caller holds every volume's
+    /// lock. `for_clone` marks the snapshot as the hidden base of that clone
+    /// (`Engine::clone_volume`, one volume only).
+    pub(super) async fn snapshot_locked(
+        &self,
+        pairs: &[(VolumeId, SnapshotId)],
+        for_clone: Option<&VolumeId>,
+        started: Instant,
+    ) -> Result<(Vec<SnapshotInfo>, SnapshotTimings)> {
         let mut recs = vec![];
         let mut existing = 0;
         for (v, s) in pairs {
@@ -127,7 +139,14 @@ impl Engine {
             }
         }
         let prepared = self
-            .prepare_overlays(&mut recs, pairs, now, &mut actions, &mut overlays)
+            .prepare_overlays(
+                &mut recs,
+                pairs,
+                now,
+                for_clone,
+                &mut actions,
+                &mut overlays,
+            )
             .await;
         // 2. The switch-over: atomic across all volumes.
         failpoint::hit("snapshot-before-transaction", self.daemon().pid);
@@ -176,7 +195,7 @@ impl Engine {
                 infos.push(snap_info(rec, s));
             }
         }
-        drop(guards);
+        // The capture stores without the volumes' locks (see `capture.rs`).
         self.spawn_capture(recs.iter().map(|r| r.id.clone()).collect());
         Ok((
             infos,
@@ -208,6 +227,7 @@ impl Engine {
         recs: &mut [VolumeRecord],
         pairs: &[(VolumeId, SnapshotId)],
         now: DateTime<Utc>,
+        for_clone: Option<&VolumeId>,
         actions: &mut Vec<Value>,
         overlays: &mut Vec<u64>,
     ) -> Result<()> {
@@ -222,6 +242,7 @@ impl Engine {
                 snapshot: snap.clone(),
                 overlay: seq,
                 created: now,
+                for_clone: for_clone.cloned(),
             });
             self.store.save(rec)?;
             qemu_img::create(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use super::engine::{Engine, Result, node_add_args};
+use super::hidden_base::hidden_base_id;
 use super::qemu_img;
 use super::record::{ExportTarget, VolumeRecord};
 use super::types::{VolumeInfo, info};
@@ -63,10 +64,23 @@ impl Engine {
     }
 
     /// Deletes a volume. Its snapshots, if any, live on and stay restorable;
-    /// only the active layer goes.
+    /// only the active layer goes. A clone's hidden base goes with it (see
+    /// `hidden_base.rs`): if it cannot go now the call fails, and a repeat,
+    /// which finds the volume gone, deletes the base.
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let _g = self.locks.try_lock(id)?;
-        let mut rec = self.settled(self.load_live(id)?).await?;
+        let rec = match self.store.load(id)? {
+            Some(rec) if !rec.deleted => rec,
+            Some(_) => return Err(EngineError::NotFound(format!("volume {id}"))),
+            None => {
+                let base = hidden_base_id(id);
+                if self.locate(&base).is_err() {
+                    return Err(EngineError::NotFound(format!("volume {id}")));
+                }
+                return self.delete_hidden_base(&base).await;
+            }
+        };
+        let mut rec = self.settled(rec).await?;
         if rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
             return Err(EngineError::FailedPrecondition(format!(
                 "volume {id} is attached; detach it first"
@@ -85,6 +99,13 @@ impl Engine {
                 self.blockdev_del(&rec.node_name(l.seq)).await?;
             }
             self.store.remove(id)?;
+            if let Some(base) = rec
+                .cloned_from
+                .as_ref()
+                .and_then(|c| c.hidden_base.as_ref())
+            {
+                self.delete_hidden_base(base).await?;
+            }
             return Ok(());
         }
         if rec.active().is_none() {

@@ -1,9 +1,10 @@
 //! A minimal NBD client: fixed-newstyle handshake with `NBD_OPT_GO`, then
 //! pipelined `NBD_CMD_WRITE_ZEROES` requests with simple replies (and single
-//! durable writes, for the benchmark's latency probe).
+//! durable writes, for the benchmark's latency probe, and flushes).
 //!
-//! It exists for one job: setting bits of a dirty bitmap in our own daemon
-//! (see `engine/bitmap.rs`). QEMU has no QMP command that sets arbitrary
+//! It exists for two jobs in our own daemon: setting bits of a dirty bitmap
+//! (see `qcow2/bitmap.rs`), and flushing a node, for which QMP has no
+//! command (see `qcow2/clone.rs`). QEMU has no QMP command that sets arbitrary
 //! bits, but every write request reaching a node marks its dirty bitmaps, and
 //! a write-zeroes request carries no payload, so 100k extents cost 100k
 //! 28-byte requests on a unix socket. No data is ever read or sent.
@@ -34,10 +35,12 @@ const REP_INFO: u32 = 3;
 const REP_ERR_BIT: u32 = 1 << 31;
 const INFO_EXPORT: u16 = 0;
 const TFLAG_READ_ONLY: u16 = 1 << 1;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 const TFLAG_SEND_FUA: u16 = 1 << 3;
 const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
 const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_WRITE_ZEROES: u16 = 6;
 
@@ -240,6 +243,35 @@ impl NbdClient {
             });
         }
         Ok(())
+    }
+
+    /// `NBD_CMD_FLUSH`: its reply means that what the export's node holds is
+    /// durable. QEMU's server answers it with a flush of the node
+    /// (`blk_co_flush`: its qcow2 metadata cache, then its file), also on a
+    /// read-only export.
+    pub async fn flush(&mut self, timeout: Duration) -> Result<(), NbdError> {
+        if self.flags & TFLAG_SEND_FLUSH == 0 {
+            return Err(NbdError::Protocol(
+                "export does not accept NBD_CMD_FLUSH".into(),
+            ));
+        }
+        let exchange = async {
+            self.stream.write_all(&request(CMD_FLUSH, 0, 0, 0)).await?;
+            let mut rep = [0u8; 16];
+            self.stream.read_exact(&mut rep).await?;
+            let (errno, _) = simple_reply(&rep)?;
+            if errno != 0 {
+                return Err(NbdError::Request {
+                    offset: 0,
+                    length: 0,
+                    errno,
+                });
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| NbdError::Timeout(timeout))?
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`); the server closes it.
