@@ -164,6 +164,8 @@ pub fn snapshots(rec: &VolumeRecord) -> Out {
                 "state": snap_state(s.state),
                 "changedExtents": s.changed.as_ref().map(Vec::len),
                 "changedBytes": s.changed.as_ref().map(|c| c.iter().map(|e| e.length).sum::<u64>()),
+                // A hidden base: the engine's own snapshot, made for this clone.
+                "forClone": s.for_clone,
             })
         })
         .collect();
@@ -376,6 +378,7 @@ mod tests {
                 length: 65536,
             }]),
             inherited: vec![],
+            for_clone: None,
         }];
         r
     }

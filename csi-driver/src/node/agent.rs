@@ -1,29 +1,39 @@
 //! The node agent: makes this node's `LivediskVolume`s and `LivediskSnapshot`s real with the
 //! engine and reports back in their status.
 //!
-//! It watches only its own objects (a field selector on the selectable `spec.nodeName`), keeps a
-//! finalizer on every object it holds storage for, and is idempotent: after a crash it simply
-//! reconciles everything again, and the engine's create/delete calls tolerate repeats.
+//! It watches only its own objects (a field selector on the selectable `spec.nodeName`). Both
+//! reconcilers run through kube-runtime's `finalizer()`: the node's finalizer is on an object
+//! before any storage is made for it (`Apply`), and comes off only once the storage is gone
+//! (`Cleanup`). A deletion that fails keeps the finalizer, reports the error in status and is
+//! retried. Status is written by server-side apply of the typed status structs, which
+//! `report.rs` decides. The agent is idempotent: after a crash it reconciles everything again,
+//! and the engine's create/delete calls tolerate repeats.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::object::HasStatus;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{self, Event, finalizer};
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ErrorCode, LivediskNode, LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+    ContentSource, ErrorCode, LivediskNode, LivediskNodeSpec, LivediskNodeStatus, LivediskSnapshot,
+    LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use super::report::{self, SnapshotReport, VolumeReport};
 use crate::grpc::error::{CsiError, node_error};
 use livedisk_common::error_chain;
-use livedisk_common::names::snapshot_id_for;
-use livedisk_engine::{Engine, EngineError, SnapshotId, VolumeId};
+use livedisk_engine::{Engine, EngineError, SnapshotId, VolumeId, VolumeInfo};
 
 pub struct Agent {
     pub client: Client,
@@ -33,11 +43,13 @@ pub struct Agent {
     pub metadata_endpoint: Option<String>,
 }
 
-/// The hidden engine snapshot a clone of a volume is made from; deleted once the clone no
-/// longer depends on it.
-fn clone_base(clone: &VolumeId) -> SnapshotId {
-    snapshot_id_for(&format!("clone-base/{clone}"))
-}
+/// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
+const FIELD_MANAGER: &str = "livedisk-node";
+
+/// How soon a failed reconcile is tried again.
+
+/// A reconcile's failure: adding or removing the finalizer, or the work itself.
+type ReconcileError = finalizer::Error<CsiError>;
 
 /// Runs the volume and snapshot reconcilers of this node until shutdown.
 pub async fn run(agent: Arc<Agent>) {
@@ -46,14 +58,86 @@ pub async fn run(agent: Arc<Agent>) {
     let snapshots: Api<LivediskSnapshot> = Api::all(agent.client.clone());
     let volume_loop = Controller::new(volumes, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_volume, retry_volume, agent.clone())
+        .run(reconcile_volume, retry, agent.clone())
         .for_each(|_| async {});
     let agent_for_report = agent.clone();
     let snapshot_loop = Controller::new(snapshots, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_snapshot, retry_snapshot, agent)
+        .run(reconcile_snapshot, retry, agent)
         .for_each(|_| async {});
     tokio::join!(volume_loop, snapshot_loop, report_node(agent_for_report));
+}
+
+/// The agent's error policy: a transient error (a conflict, the engine daemon or the API server
+/// restarting) is retried soon; a permanent one (a missing permission, an object the API
+/// rejects) slowly, since only a person changing something can make it pass. What failed is
+/// already in the object's `status.error` where the engine was at fault.
+fn retry<K: Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &ReconcileError,
+    _: Arc<Agent>,
+) -> Action {
+    let code = reconcile_error_code(error);
+    let chain = error_chain(error);
+    tracing::warn!(
+        kind = %K::kind(&()),
+        name = %object.name_any(),
+        %code,
+        error = %chain,
+        "reconcile failed: {}",
+        code.retry_note()
+    );
+    Action::requeue(code.retry_after())
+}
+
+/// The code of a failed reconcile: the agent's own error's, or the API server's for a
+/// finalizer patch.
+fn reconcile_error_code(error: &ReconcileError) -> ErrorCode {
+    match error {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.error_code(),
+        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => {
+            livedisk_api::kube_error_code(e)
+        }
+        finalizer::Error::UnnamedObject | finalizer::Error::InvalidFinalizer => {
+            ErrorCode::InvalidArgument
+        }
+    }
+}
+
+/// A server-side apply of an object's status: its type, its name and the whole status the node
+/// reports. Fields the node leaves out are removed, since it owns them all.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a, S> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: ObjectName<'a>,
+    status: &'a S,
+}
+
+#[derive(Debug, Serialize)]
+struct ObjectName<'a> {
+    name: &'a str,
+}
+
+async fn apply_status<K>(api: &Api<K>, name: &str, status: &K::Status) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + std::fmt::Debug,
+    K::Status: Serialize + std::fmt::Debug,
+{
+    let body = StatusApply {
+        api_version: &K::api_version(&()),
+        kind: &K::kind(&()),
+        metadata: ObjectName { name },
+        status,
+    };
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
 }
 
 /// How often the node refreshes its `LivediskNode` report.
@@ -62,33 +146,28 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(20);
 /// Keeps this node's `LivediskNode` current: pool space, volume count, engine pid.
 async fn report_node(agent: Arc<Agent>) {
     let api: Api<LivediskNode> = Api::all(agent.client.clone());
-    let params = PatchParams::apply("livedisk-node").force();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = agent.node_name.as_str();
     loop {
         let pool = agent.engine.pool().to_path_buf();
-        let object = json!({
-            "apiVersion": "livedisk.io/v1alpha1",
-            "kind": "LivediskNode",
-            "metadata": { "name": agent.node_name },
-            "spec": { "poolPath": pool.display().to_string() },
-        });
+        let node = LivediskNode::new(
+            name,
+            LivediskNodeSpec {
+                pool_path: Some(pool.display().to_string()),
+            },
+        );
         let space = super::service::statvfs(&pool).ok();
-        let status = json!({
-            "apiVersion": "livedisk.io/v1alpha1",
-            "kind": "LivediskNode",
-            "status": {
-                "poolCapacityBytes": space.map(|s| (s.f_blocks * s.f_frsize) as i64),
-                "poolAvailableBytes": space.map(|s| (s.f_bavail * s.f_frsize) as i64),
-                "volumes": agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
-                "enginePid": agent.engine.daemon().pid.map(i64::from),
-                "heartbeatTime": Time(k8s_openapi::jiff::Timestamp::now()),
-                "metadataEndpoint": agent.metadata_endpoint,
-            }
-        });
+        let status = LivediskNodeStatus {
+            pool_capacity_bytes: space.map(|s| (s.f_blocks * s.f_frsize) as i64),
+            pool_available_bytes: space.map(|s| (s.f_bavail * s.f_frsize) as i64),
+            volumes: agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
+            engine_pid: agent.engine.daemon().pid.map(i64::from),
+            metadata_endpoint: agent.metadata_endpoint.clone(),
+            heartbeat_time: Some(Time(Timestamp::now())),
+        };
         let result = async {
-            api.patch(&agent.node_name, &params, &Patch::Apply(&object))
-                .await?;
-            api.patch_status(&agent.node_name, &params, &Patch::Apply(&status))
-                .await
+            api.patch(name, &params, &Patch::Apply(&node)).await?;
+            apply_status(&api, name, &status).await
         };
         if let Err(error) = result.await {
             tracing::warn!(%error, "could not report this node's LivediskNode");
@@ -97,256 +176,180 @@ async fn report_node(agent: Arc<Agent>) {
     }
 }
 
-fn retry_volume(volume: Arc<LivediskVolume>, error: &CsiError, _: Arc<Agent>) -> Action {
-    retry(&volume.name_any(), error)
-}
-
-fn retry_snapshot(snapshot: Arc<LivediskSnapshot>, error: &CsiError, _: Arc<Agent>) -> Action {
-    retry(&snapshot.name_any(), error)
-}
-
-/// The agent's error policy: a transient error (a conflict, the engine daemon or the API server
-/// restarting) is retried soon; a permanent one (a missing permission, an object the API
-/// rejects) slowly, since only a person changing something can make it pass. What failed is
-/// already in the object's `status.error` where the engine was at fault.
-fn retry(name: &str, error: &CsiError) -> Action {
-    let code = error.error_code();
-    let error = error_chain(error);
-    tracing::warn!(object = %name, %code, %error, "reconcile failed: {}", code.retry_note());
-    Action::requeue(code.retry_after())
-}
-
-/// Whether an engine error will not go away by retrying the same spec.
-fn permanent(error: &EngineError) -> bool {
-    !error.code().is_transient()
-}
-
-async fn set_finalizers<K>(
-    api: &Api<K>,
-    name: &str,
-    finalizers: Vec<String>,
-) -> Result<(), CsiError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let patch = json!({ "metadata": { "finalizers": finalizers } });
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
-}
-
-async fn patch_status<K>(api: &Api<K>, name: &str, status: Value) -> Result<(), CsiError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
-}
-
-fn without_finalizer(finalizers: &[String]) -> Vec<String> {
-    finalizers
-        .iter()
-        .filter(|f| *f != NODE_FINALIZER)
-        .cloned()
-        .collect()
-}
-
-/// The deletion half shared by volumes and snapshots: once the object is being deleted and still
-/// holds the node's finalizer, release the storage (already gone counts as released), report a
-/// failure in status and retry, and drop the finalizer only when the storage is gone.
-async fn release<K>(
-    api: &Api<K>,
-    object: &K,
-    storage_released: impl std::future::Future<Output = Result<(), EngineError>>,
-) -> Result<Action, CsiError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let finalizers = object.finalizers().to_vec();
-    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
-        return Ok(Action::await_change());
-    }
-    match storage_released.await {
-        Ok(()) => {}
-        Err(error) if error.code() == ErrorCode::NotFound => {}
-        Err(error) => {
-            let generation = object.meta().generation;
-            let status = error_status(NodePhase::Deleting, generation, node_error(&error));
-            patch_status(api, &object.name_any(), status).await?;
-            return Err(error.into());
-        }
-    }
-    set_finalizers(api, &object.name_any(), without_finalizer(&finalizers)).await?;
-    Ok(Action::await_change())
-}
-
-/// Reports a failed create in status: `Failed` when retrying the same spec cannot help (the
-/// controller then answers with the error and removes the object), else `Pending` and a retry.
-async fn creation_failed<K>(
-    api: &Api<K>,
-    name: &str,
-    generation: Option<i64>,
-    error: EngineError,
-) -> Result<Action, CsiError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let phase = if permanent(&error) {
-        NodePhase::Failed
-    } else {
-        NodePhase::Pending
-    };
-    patch_status(
-        api,
-        name,
-        error_status(phase, generation, node_error(&error)),
-    )
-    .await?;
-    if permanent(&error) {
-        Ok(Action::await_change())
-    } else {
-        Err(error.into())
-    }
-}
-
-fn error_status(phase: NodePhase, generation: Option<i64>, error: NodeError) -> Value {
-    json!({ "phase": phase, "observedGeneration": generation, "error": error })
-}
-
 async fn reconcile_volume(
     volume: Arc<LivediskVolume>,
     agent: Arc<Agent>,
-) -> Result<Action, CsiError> {
+) -> Result<Action, ReconcileError> {
     let api: Api<LivediskVolume> = Api::all(agent.client.clone());
-    let name = volume.name_any();
-    let id = VolumeId::parse(&name).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
-    let generation = volume.metadata.generation;
-    let finalizers = volume.finalizers().to_vec();
+    let (api_ref, agent) = (&api, agent.as_ref());
+    finalizer(&api, NODE_FINALIZER, volume, |event| async move {
+        match event {
+            Event::Apply(volume) => apply_volume(api_ref, agent, &volume).await,
+            Event::Cleanup(volume) => cleanup_volume(api_ref, agent, &volume).await,
+        }
+    })
+    .await
+}
 
-    if volume.metadata.deletion_timestamp.is_some() {
-        let released = release(&api, volume.as_ref(), async {
-            match agent.engine.delete_volume(&id).await {
-                Err(error) if error.code() != ErrorCode::NotFound => return Err(error),
-                _ => {}
-            }
-            // A clone's hidden base snapshot goes with it.
-            let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(volume = %name, "volume deleted");
-        return Ok(released);
-    }
-    if volume
-        .status
-        .as_ref()
-        .is_some_and(|s| s.phase == NodePhase::Failed)
-    {
+async fn reconcile_snapshot(
+    snapshot: Arc<LivediskSnapshot>,
+    agent: Arc<Agent>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<LivediskSnapshot> = Api::all(agent.client.clone());
+    let (api_ref, agent) = (&api, agent.as_ref());
+    finalizer(&api, NODE_FINALIZER, snapshot, |event| async move {
+        match event {
+            Event::Apply(snapshot) => apply_snapshot(api_ref, agent, &snapshot).await,
+            Event::Cleanup(snapshot) => cleanup_snapshot(api_ref, agent, &snapshot).await,
+        }
+    })
+    .await
+}
+
+fn volume_id(volume: &LivediskVolume) -> Result<VolumeId, CsiError> {
+    VolumeId::parse(&volume.name_any()).map_err(|e| CsiError::InvalidArgument(e.to_string()))
+}
+
+fn snapshot_id(snapshot: &LivediskSnapshot) -> Result<SnapshotId, CsiError> {
+    SnapshotId::parse(&snapshot.name_any()).map_err(|e| CsiError::InvalidArgument(e.to_string()))
+}
+
+/// Makes the volume the spec asks for: creates it (empty, from a snapshot, or as a clone of a
+/// volume), grows it, and reports its size and the progress of a flatten.
+async fn apply_volume(
+    api: &Api<LivediskVolume>,
+    agent: &Agent,
+    volume: &LivediskVolume,
+) -> Result<Action, CsiError> {
+    let name = volume.name_any();
+    let id = volume_id(volume)?;
+    let previous = volume.status.as_ref();
+    let status = |report: VolumeReport| {
+        report::volume_status(
+            previous,
+            volume.metadata.generation,
+            report,
+            Timestamp::now(),
+        )
+    };
+    if previous.is_some_and(|s| s.phase == NodePhase::Failed) {
         // The controller removes failed volumes; nothing to retry for this spec.
         return Ok(Action::await_change());
-    }
-    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
-        let mut with = finalizers.clone();
-        with.push(NODE_FINALIZER.to_string());
-        set_finalizers(&api, &name, with).await?;
     }
 
     let size = volume.spec.capacity_bytes as u64;
     let existing = agent.engine.volume(&id).ok().filter(|v| !v.deleted);
     let growth = size.saturating_sub(existing.as_ref().map(|v| v.size).unwrap_or(0));
     if let Some(error) = pool_too_small(agent.engine.pool(), growth) {
-        let phase = if existing.is_some() {
-            NodePhase::Ready
-        } else {
-            NodePhase::Failed
+        let report = VolumeReport {
+            phase: if existing.is_some() {
+                NodePhase::Ready
+            } else {
+                NodePhase::Failed
+            },
+            capacity_bytes: existing.as_ref().map(|v| v.size as i64),
+            progress: None,
+            error: Some(error),
         };
-        patch_status(&api, &name, error_status(phase, generation, error)).await?;
+        apply_status(api, &name, &status(report)).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let created = match (&existing, &volume.spec.content_source) {
-        // Already made (a repeat, or an expansion of the spec): grow below if needed.
+        // Already made (a repeat, or an expansion of the spec): grown below if needed.
         (Some(info), _) => Ok(info.clone()),
         (None, None) => agent.engine.create_volume(&id, size).await,
-        (None, Some(source)) => match (&source.snapshot_id, &source.volume_id) {
-            (Some(snapshot), _) => match SnapshotId::parse(snapshot) {
-                Ok(snapshot) => {
-                    agent
-                        .engine
-                        .create_volume_from_snapshot(&id, &snapshot, Some(size))
-                        .await
-                }
-                Err(error) => Err(EngineError::InvalidArgument(error.to_string())),
-            },
-            (None, Some(source_volume)) => {
-                clone_volume(&agent.engine, &id, source_volume, size).await
-            }
-            (None, None) => Err(EngineError::InvalidArgument("empty content source".into())),
-        },
+        (None, Some(source)) => create_from(&agent.engine, &id, source, size).await,
     };
     let info = match created {
         Ok(info) => info,
         Err(error) => {
-            return creation_failed(&api, &name, generation, error).await;
+            let error = node_error(&error);
+            let phase = report::failed_create_phase(&error);
+            let report = VolumeReport {
+                phase,
+                capacity_bytes: None,
+                progress: None,
+                error: Some(error.clone()),
+            };
+            apply_status(api, &name, &status(report)).await?;
+            return retry_unless_failed(phase, error);
         }
     };
     let info = if info.size < size {
         match agent.engine.expand_volume(&id, size).await {
             Ok(info) => info,
             Err(error) => {
-                patch_status(
-                    &api,
-                    &name,
-                    error_status(NodePhase::Ready, generation, node_error(&error)),
-                )
-                .await?;
+                let report = VolumeReport {
+                    phase: NodePhase::Ready,
+                    capacity_bytes: Some(info.size as i64),
+                    progress: None,
+                    error: Some(node_error(&error)),
+                };
+                apply_status(api, &name, &status(report)).await?;
                 return Err(error.into());
             }
         }
     } else {
         info
     };
-    // A volume made from a snapshot or a volume is an overlay flattened in the background: report
-    // the flatten's progress, and drop a clone's hidden base snapshot once it is done.
-    let mut requeue = Duration::from_secs(300);
-    let mut progress = serde_json::Value::Null;
-    if volume.spec.content_source.is_some() {
-        if agent.engine.is_flattened(&id).unwrap_or(false) {
-            if volume
-                .spec
-                .content_source
-                .as_ref()
-                .is_some_and(|s| s.volume_id.is_some())
-            {
-                let _ = agent.engine.delete_snapshot(&clone_base(&id), None).await;
+    // A volume made from a snapshot or a volume is flattened in the background (a clone's hidden
+    // base snapshot is the engine's business): report how far it got until it stands alone.
+    let flattening = match volume.spec.content_source {
+        None => None,
+        Some(_) => match agent.engine.flatten_progress(&id).await {
+            Ok(progress) => progress,
+            Err(error) => {
+                tracing::warn!(volume = %name, %error, "could not read the flatten's progress");
+                Some(Default::default())
             }
-        } else {
-            requeue = Duration::from_secs(5);
-            let job_id = livedisk_engine::clone::flatten_job_id(&id);
-            if let Ok(jobs) = agent.engine.jobs().await
-                && let Some(job) = jobs.iter().find(|j| j.id == job_id)
-            {
-                progress = json!(Progress::new(
-                    job.current_progress as i64,
-                    job.total_progress as i64,
-                    None
-                ));
-            }
+        },
+    };
+    let report = VolumeReport {
+        phase: NodePhase::Ready,
+        capacity_bytes: Some(info.size as i64),
+        progress: flattening.map(|p| Progress::new(p.done as i64, p.total as i64, None)),
+        error: None,
+    };
+    apply_status(api, &name, &status(report)).await?;
+    Ok(Action::requeue(if flattening.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(300)
+    }))
+}
+
+/// A new volume with the content of `source`: restored from a snapshot, or cloned from a volume
+/// (the engine takes, and later deletes, the snapshot a clone is made from).
+async fn create_from(
+    engine: &Engine,
+    id: &VolumeId,
+    source: &ContentSource,
+    size: u64,
+) -> Result<VolumeInfo, EngineError> {
+    let invalid = |e: livedisk_engine::ids::IdError| EngineError::InvalidArgument(e.to_string());
+    match (&source.snapshot_id, &source.volume_id) {
+        (Some(snapshot), _) => {
+            let snapshot = SnapshotId::parse(snapshot).map_err(invalid)?;
+            engine
+                .create_volume_from_snapshot(id, &snapshot, Some(size))
+                .await
         }
+        (None, Some(volume)) => {
+            let volume = VolumeId::parse(volume).map_err(invalid)?;
+            engine.clone_volume(id, &volume, Some(size)).await
+        }
+        (None, None) => Err(EngineError::InvalidArgument("empty content source".into())),
     }
-    let status = json!({
-        "phase": NodePhase::Ready,
-        "observedGeneration": generation,
-        "capacityBytes": info.size as i64,
-        "progress": progress,
-        "error": null,
-    });
-    patch_status(&api, &name, status).await?;
-    Ok(Action::requeue(requeue))
+}
+
+/// After a failed create was reported: wait for the controller to remove a `Failed` object,
+/// retry anything else.
+fn retry_unless_failed(phase: NodePhase, error: NodeError) -> Result<Action, CsiError> {
+    if phase == NodePhase::Failed {
+        Ok(Action::await_change())
+    } else {
+        Err(CsiError::Node(error))
+    }
 }
 
 /// Volumes are not overcommitted: a volume (or its growth) must fit in the pool's free space
@@ -363,59 +366,59 @@ fn pool_too_small(pool: &std::path::Path, needed: u64) -> Option<NodeError> {
     })
 }
 
-/// A clone: a hidden snapshot of the source, and a volume from it (flattened in the background).
-async fn clone_volume(
-    engine: &Engine,
-    id: &VolumeId,
-    source: &str,
-    size: u64,
-) -> Result<livedisk_engine::VolumeInfo, EngineError> {
-    let source =
-        VolumeId::parse(source).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-    if let Ok(existing) = engine.volume(id) {
-        return Ok(existing);
-    }
-    let base = clone_base(id);
-    if engine.snapshot(&base).is_err() {
-        engine.create_snapshot(&source, &base).await?;
-    }
-    engine
-        .create_volume_from_snapshot(id, &base, Some(size))
-        .await
+async fn cleanup_volume(
+    api: &Api<LivediskVolume>,
+    agent: &Agent,
+    volume: &LivediskVolume,
+) -> Result<Action, CsiError> {
+    let id = volume_id(volume)?;
+    let previous = volume.status.as_ref();
+    let deleting = |error| {
+        let report = VolumeReport {
+            phase: NodePhase::Deleting,
+            capacity_bytes: previous.and_then(|s| s.capacity_bytes),
+            progress: None,
+            error,
+        };
+        report::volume_status(
+            previous,
+            volume.metadata.generation,
+            report,
+            Timestamp::now(),
+        )
+    };
+    let reported = previous.is_some_and(|s| s.phase == NodePhase::Deleting);
+    release(
+        api,
+        volume,
+        reported,
+        deleting,
+        agent.engine.delete_volume(&id),
+    )
+    .await?;
+    tracing::info!(volume = %id, "volume deleted");
+    Ok(Action::await_change())
 }
 
-async fn reconcile_snapshot(
-    snapshot: Arc<LivediskSnapshot>,
-    agent: Arc<Agent>,
+async fn apply_snapshot(
+    api: &Api<LivediskSnapshot>,
+    agent: &Agent,
+    snapshot: &LivediskSnapshot,
 ) -> Result<Action, CsiError> {
-    let api: Api<LivediskSnapshot> = Api::all(agent.client.clone());
     let name = snapshot.name_any();
-    let id = SnapshotId::parse(&name).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
-    let generation = snapshot.metadata.generation;
-    let finalizers = snapshot.finalizers().to_vec();
-
-    if snapshot.metadata.deletion_timestamp.is_some() {
-        let released = release(
-            &api,
-            snapshot.as_ref(),
-            agent.engine.delete_snapshot(&id, None),
-        )
-        .await?;
-        tracing::info!(snapshot = %name, "snapshot deleted");
-        return Ok(released);
-    }
-    if snapshot
-        .status
-        .as_ref()
-        .is_some_and(|s| s.phase == NodePhase::Ready || s.phase == NodePhase::Failed)
-    {
+    let id = snapshot_id(snapshot)?;
+    let previous = snapshot.status.as_ref();
+    if previous.is_some_and(|s| s.phase == NodePhase::Ready || s.phase == NodePhase::Failed) {
         return Ok(Action::await_change());
     }
-    if !finalizers.iter().any(|f| f == NODE_FINALIZER) {
-        let mut with = finalizers.clone();
-        with.push(NODE_FINALIZER.to_string());
-        set_finalizers(&api, &name, with).await?;
-    }
+    let status = |report: SnapshotReport| {
+        report::snapshot_status(
+            previous,
+            snapshot.metadata.generation,
+            report,
+            Timestamp::now(),
+        )
+    };
     let volume = VolumeId::parse(&snapshot.spec.volume_id)
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
     let taken = match agent.engine.snapshot(&id) {
@@ -428,20 +431,94 @@ async fn reconcile_snapshot(
     };
     match taken {
         Ok(info) => {
-            let created = k8s_openapi::jiff::Timestamp::from_second(info.created.timestamp())
-                .ok()
-                .map(Time);
-            let status = json!({
-                "phase": NodePhase::Ready,
-                "observedGeneration": generation,
-                "readyToUse": info.ready,
-                "sizeBytes": info.size as i64,
-                "creationTime": created,
-                "error": null,
-            });
-            patch_status(&api, &name, status).await?;
+            let report = SnapshotReport {
+                phase: NodePhase::Ready,
+                ready_to_use: info.ready,
+                size_bytes: Some(info.size as i64),
+                creation_time: Timestamp::from_second(info.created.timestamp())
+                    .ok()
+                    .map(Time),
+                error: None,
+            };
+            apply_status(api, &name, &status(report)).await?;
             Ok(Action::await_change())
         }
-        Err(error) => creation_failed(&api, &name, generation, error).await,
+        Err(error) => {
+            let error = node_error(&error);
+            let phase = report::failed_create_phase(&error);
+            let report = SnapshotReport {
+                phase,
+                ready_to_use: false,
+                size_bytes: None,
+                creation_time: None,
+                error: Some(error.clone()),
+            };
+            apply_status(api, &name, &status(report)).await?;
+            retry_unless_failed(phase, error)
+        }
+    }
+}
+
+async fn cleanup_snapshot(
+    api: &Api<LivediskSnapshot>,
+    agent: &Agent,
+    snapshot: &LivediskSnapshot,
+) -> Result<Action, CsiError> {
+    let id = snapshot_id(snapshot)?;
+    let previous = snapshot.status.as_ref();
+    let deleting = |error| {
+        let report = SnapshotReport {
+            phase: NodePhase::Deleting,
+            ready_to_use: false,
+            size_bytes: previous.and_then(|s| s.size_bytes),
+            creation_time: previous.and_then(|s| s.creation_time.clone()),
+            error,
+        };
+        report::snapshot_status(
+            previous,
+            snapshot.metadata.generation,
+            report,
+            Timestamp::now(),
+        )
+    };
+    let reported = previous.is_some_and(|s| s.phase == NodePhase::Deleting);
+    release(
+        api,
+        snapshot,
+        reported,
+        deleting,
+        agent.engine.delete_snapshot(&id, None),
+    )
+    .await?;
+    tracing::info!(snapshot = %id, "snapshot deleted");
+    Ok(Action::await_change())
+}
+
+/// The deletion half shared by volumes and snapshots, run while the node's finalizer holds the
+/// object: reports `Deleting` (once, clearing an older error), then releases the storage
+/// (already gone counts as released). A failure is reported in status and returned, so the
+/// finalizer stays and the deletion is retried; nothing of it is swallowed.
+async fn release<K>(
+    api: &Api<K>,
+    object: &K,
+    reported_deleting: bool,
+    deleting: impl Fn(Option<NodeError>) -> K::Status,
+    storage_released: impl Future<Output = Result<(), EngineError>>,
+) -> Result<(), CsiError>
+where
+    K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + std::fmt::Debug,
+    K::Status: Serialize + std::fmt::Debug,
+{
+    let name = object.name_any();
+    if !reported_deleting {
+        apply_status(api, &name, &deleting(None)).await?;
+    }
+    match storage_released.await {
+        Ok(()) => Ok(()),
+        Err(error) if error.code() == ErrorCode::NotFound => Ok(()),
+        Err(error) => {
+            apply_status(api, &name, &deleting(Some(node_error(&error)))).await?;
+            Err(error.into())
+        }
     }
 }

@@ -7,4 +7,5 @@ mod blocking;
 pub mod engine_health;
 pub mod mount_decision;
 pub mod mounts;
+pub mod report;
 pub mod service;
