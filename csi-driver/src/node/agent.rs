@@ -68,6 +68,27 @@ pub async fn run(agent: Arc<Agent>) {
     tokio::join!(volume_loop, snapshot_loop, report_node(agent_for_report));
 }
 
+/// Whether a reconcile failed only because its object is gone: a second reconcile of an object
+/// whose deletion the first one finished (from a cache that had not seen it go yet). Nothing is
+/// left to do then.
+fn object_gone(error: &ReconcileError) -> bool {
+    let api_status = match error {
+        finalizer::Error::AddFinalizer(kube::Error::Api(status))
+        | finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
+        | finalizer::Error::ApplyFailed(CsiError::Kube(kube::Error::Api(status)))
+        | finalizer::Error::CleanupFailed(CsiError::Kube(kube::Error::Api(status))) => status,
+        _ => return false,
+    };
+    api_status.code == 404
+}
+
+fn done_if_gone(result: Result<Action, ReconcileError>) -> Result<Action, ReconcileError> {
+    match result {
+        Err(error) if object_gone(&error) => Ok(Action::await_change()),
+        other => other,
+    }
+}
+
 /// The agent's error policy: a transient error (a conflict, the engine daemon or the API server
 /// restarting) is retried soon; a permanent one (a missing permission, an object the API
 /// rejects) slowly, since only a person changing something can make it pass. What failed is
@@ -182,13 +203,14 @@ async fn reconcile_volume(
 ) -> Result<Action, ReconcileError> {
     let api: Api<LivediskVolume> = Api::all(agent.client.clone());
     let (api_ref, agent) = (&api, agent.as_ref());
-    finalizer(&api, NODE_FINALIZER, volume, |event| async move {
+    let result = finalizer(&api, NODE_FINALIZER, volume, |event| async move {
         match event {
             Event::Apply(volume) => apply_volume(api_ref, agent, &volume).await,
             Event::Cleanup(volume) => cleanup_volume(api_ref, agent, &volume).await,
         }
     })
-    .await
+    .await;
+    done_if_gone(result)
 }
 
 async fn reconcile_snapshot(
@@ -197,13 +219,14 @@ async fn reconcile_snapshot(
 ) -> Result<Action, ReconcileError> {
     let api: Api<LivediskSnapshot> = Api::all(agent.client.clone());
     let (api_ref, agent) = (&api, agent.as_ref());
-    finalizer(&api, NODE_FINALIZER, snapshot, |event| async move {
+    let result = finalizer(&api, NODE_FINALIZER, snapshot, |event| async move {
         match event {
             Event::Apply(snapshot) => apply_snapshot(api_ref, agent, &snapshot).await,
             Event::Cleanup(snapshot) => cleanup_snapshot(api_ref, agent, &snapshot).await,
         }
     })
-    .await
+    .await;
+    done_if_gone(result)
 }
 
 fn volume_id(volume: &LivediskVolume) -> Result<VolumeId, CsiError> {
@@ -520,5 +543,39 @@ where
             apply_status(api, &name, &deleting(Some(node_error(&error)))).await?;
             Err(error.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn only_a_missing_object_ends_a_failed_reconcile_quietly() {
+        assert!(object_gone(&finalizer::Error::RemoveFinalizer(api_error(
+            404
+        ))));
+        assert!(object_gone(&finalizer::Error::CleanupFailed(
+            CsiError::Kube(api_error(404))
+        )));
+        // A finalizer patch whose test failed (the list changed meanwhile): retried.
+        assert!(!object_gone(&finalizer::Error::RemoveFinalizer(api_error(
+            422
+        ))));
+        // The engine's "not found" is the cleanup's business, never the object's.
+        assert!(!object_gone(&finalizer::Error::CleanupFailed(
+            CsiError::NotFound("volume".into())
+        )));
+        assert!(matches!(
+            done_if_gone(Err(finalizer::Error::AddFinalizer(api_error(404)))),
+            Ok(_)
+        ));
     }
 }
