@@ -14,12 +14,12 @@ use std::time::Duration;
 use common::*;
 use livedisk_engine::clone::flatten_job_id;
 use livedisk_engine::record::RecordStore;
-use livedisk_engine::{Code, Engine, EngineConfig, SnapshotId, VolumeId, hidden_base_id};
+use livedisk_engine::{Engine, EngineConfig, ErrorCode, SnapshotId, VolumeId, hidden_base_id};
 
 const MIB: u64 = 1 << 20;
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<Code> {
+fn code<T>(r: Result<T, livedisk_engine::EngineError>) -> Option<ErrorCode> {
     r.map(|_| ()).map_err(|e| e.code()).err()
 }
 
@@ -71,7 +71,7 @@ async fn source_with_data(e: &Engine) -> VolumeId {
 async fn delete_volume(e: &Engine, id: &VolumeId) -> Result<(), livedisk_engine::EngineError> {
     for _ in 0..100 {
         match e.delete_volume(id).await {
-            Err(err) if err.code() == Code::Aborted => {
+            Err(err) if err.code() == ErrorCode::Aborted => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             r => return r,
@@ -104,15 +104,15 @@ async fn a_clone_takes_a_hidden_base_and_deletes_it_once_flattened() {
     let before = pool_fingerprint(&env.cfg.pool);
     assert_eq!(
         code(e.clone_volume(&c, &src, Some(MIB)).await),
-        Some(Code::OutOfRange)
+        Some(ErrorCode::OutOfRange)
     );
     assert_eq!(
         code(e.clone_volume(&c, &VolumeId::generate(), None).await),
-        Some(Code::NotFound)
+        Some(ErrorCode::NotFound)
     );
     assert_eq!(
         code(e.clone_volume(&src, &src, None).await),
-        Some(Code::InvalidArgument)
+        Some(ErrorCode::InvalidArgument)
     );
     assert_eq!(
         pool_fingerprint(&env.cfg.pool),
@@ -129,7 +129,7 @@ async fn a_clone_takes_a_hidden_base_and_deletes_it_once_flattened() {
         .expect("the same clone again");
     assert_eq!(
         code(e.clone_volume(&c, &VolumeId::generate(), None).await),
-        Some(Code::AlreadyExists)
+        Some(ErrorCode::AlreadyExists)
     );
     let base = hidden_base_id(&c);
     let origin = e.record(&c).expect("clone record").cloned_from;
@@ -188,7 +188,10 @@ async fn a_clone_takes_a_hidden_base_and_deletes_it_once_flattened() {
     delete_volume(&e, &d)
         .await
         .expect("delete unflattened clone");
-    assert_eq!(code(e.snapshot(&hidden_base_id(&d))), Some(Code::NotFound));
+    assert_eq!(
+        code(e.snapshot(&hidden_base_id(&d))),
+        Some(ErrorCode::NotFound)
+    );
     for v in [&c, &src] {
         delete_volume(&e, v).await.expect("delete");
     }
@@ -263,7 +266,11 @@ async fn a_crash_around_a_clone_leaves_no_hidden_base_after_recovery() {
 
         // Recovery deletes the base; the clone (if any) keeps its data.
         let e = env.engine().await;
-        assert_eq!(code(e.snapshot(&base)), Some(Code::NotFound), "{point}");
+        assert_eq!(
+            code(e.snapshot(&base)),
+            Some(ErrorCode::NotFound),
+            "{point}"
+        );
         assert_eq!(e.record(&src).expect("source").snapshots, vec![], "{point}");
         if clone_recorded {
             let r = e.record(&c).expect("clone");
@@ -321,24 +328,24 @@ async fn a_clone_deletion_that_cannot_delete_the_base_fails_and_is_retried() {
     for attempt in 0..2 {
         assert_eq!(
             code(delete_volume(&e, &c).await),
-            Some(Code::FailedPrecondition),
+            Some(ErrorCode::FailedPrecondition),
             "attempt {attempt}: a deletion that leaves the base must fail"
         );
         assert!(e.snapshot(&base).is_ok(), "attempt {attempt}");
         qemu_io_read(&held.uri(), 0x11, 0, 8 * MIB);
     }
-    assert_eq!(code(e.volume(&c)), Some(Code::NotFound));
+    assert_eq!(code(e.volume(&c)), Some(ErrorCode::NotFound));
 
     e.unexport_snapshot(&base).await.expect("unexport");
     // The repeated deletion finishes the base (unless the adopter swept
     // the orphan first: then there is nothing left to do).
     match delete_volume(&e, &c).await {
         Ok(()) => {}
-        Err(err) if err.code() == Code::NotFound => {}
+        Err(err) if err.code() == ErrorCode::NotFound => {}
         Err(err) => panic!("the retried deletion failed: {err}"),
     }
-    assert_eq!(code(e.snapshot(&base)), Some(Code::NotFound));
-    assert_eq!(code(delete_volume(&e, &c).await), Some(Code::NotFound));
+    assert_eq!(code(e.snapshot(&base)), Some(ErrorCode::NotFound));
+    assert_eq!(code(delete_volume(&e, &c).await), Some(ErrorCode::NotFound));
     assert_eq!(e.record(&src).expect("source").snapshots, vec![]);
     let sx = e.attach_volume(&src).await.expect("attach").uri();
     qemu_io_read(&sx, 0x11, 0, 8 * MIB);

@@ -19,15 +19,8 @@ use livedisk_api::internal::{
 /// other failure needs a person (or, for a failed create, the controller, which removes the
 /// object and answers the CSI call with the error).
 pub fn transient(code: ErrorCode) -> bool {
-    match code {
-        ErrorCode::Aborted | ErrorCode::Unavailable | ErrorCode::Internal => true,
-        ErrorCode::InvalidArgument
-        | ErrorCode::NotFound
-        | ErrorCode::AlreadyExists
-        | ErrorCode::OutOfRange
-        | ErrorCode::FailedPrecondition
-        | ErrorCode::ResourceExhausted => false,
-    }
+    // The one retry classification of the code vocabulary.
+    code.is_transient()
 }
 
 /// The phase a failed create reports: `Pending` (tried again) while the failure is transient,
