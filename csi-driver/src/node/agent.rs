@@ -46,7 +46,6 @@ pub struct Agent {
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
 const FIELD_MANAGER: &str = "livedisk-node";
 
-
 /// A reconcile's failure: adding or removing the finalizer, or the work itself.
 type ReconcileError = finalizer::Error<CsiError>;
 
