@@ -10,7 +10,8 @@
 #     has nothing on it; the node is registered as a CSINode the way node-driver-registrar would.
 #
 #   hack/driver.sh start | stop
-# Needs the cluster of hack/cluster.sh (LIVEDISK_STATE_DIR's env) and root.
+# Needs the cluster of hack/cluster.sh (LIVEDISK_STATE_DIR's env) and root. LIVEDISK_CSI_BIN
+# picks the livedisk-csi binary (default target/debug/livedisk-csi; hack/bench.sh runs release).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${LIVEDISK_STATE_DIR:-$ROOT/.livedisk}"
@@ -18,7 +19,7 @@ CSI_DIR="$STATE/csi"
 PIDS="$STATE/pids"
 LOGS="$STATE/logs"
 NODES=(node-a node-b)
-BIN="$ROOT/target/debug/livedisk-csi"
+BIN="${LIVEDISK_CSI_BIN:-$ROOT/target/debug/livedisk-csi}"
 export LIVEDISK_NODES_DIR="$STATE/nodes"
 export LIVEDISK_BIN="$BIN"
 log() { echo "driver: $*" >&2; }
@@ -213,5 +214,5 @@ cmd_stop() {
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

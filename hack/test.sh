@@ -31,21 +31,14 @@ step "building the workspace and its tests"
 cargo build --workspace --all-targets
 
 step "local cluster (the first run builds the Go harness: many minutes, with progress)"
+# shellcheck source=hack/lib/own-cluster.sh
+source hack/lib/own-cluster.sh
 cleanup() {
   step "stopping the driver and the local cluster"
-  hack/driver.sh stop || true
-  hack/cluster.sh down || true
+  own_cluster_down
 }
 trap cleanup EXIT
-# A fresh cluster and fresh pools every run: stop whatever an interrupted run left.
-hack/driver.sh stop >/dev/null 2>&1 || true
-hack/cluster.sh down >/dev/null 2>&1 || true
-rm -rf "$LIVEDISK_STATE_DIR/nodes" "$LIVEDISK_STATE_DIR/driver-pki"
-hack/cluster.sh up >/dev/null
-# shellcheck disable=SC1091
-source "$LIVEDISK_STATE_DIR/env"
-kubectl apply --server-side --force-conflicts --field-manager=livedisk-test -f crds/generated/ >/dev/null
-kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
+own_cluster_up
 
 step "Helm chart: lint, template, server-side dry run of every rendered object"
 hack/test-chart.sh
