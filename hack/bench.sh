@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# The node engine's benchmarks: a table of ratios against the targets of
-# DESIGN.md §5 (medians of several runs). Benchmarks report; they never
-# fail the build on a missed target, only on a broken run.
+# The benchmarks: a table of ratios against the targets of DESIGN.md §5
+# (medians of several runs). Benchmarks report; they never fail the build on
+# a missed target, only on a broken run.
+#   a–d  the node engine, on a daemon of the benchmark's own in a temporary
+#        pool (no cluster);
+#   e    the CSI driver's snapshot and changed-block path through its
+#        sockets, on a local cluster of its own that this script starts (the
+#        sequence of hack/test.sh, on ports and a state dir of its own) and
+#        always stops. The nodes' pools live on a sparse ext4 image, so that a
+#        64 GiB volume fits whatever the host has free (the driver does not
+#        overcommit); the benchmark writes a few GiB at most.
 #
 # Environment (all optional):
 #   LIVEDISK_BENCH_SCALE       data sizes x this (default 1: 256 MiB snapshot
@@ -9,12 +17,27 @@
 #   LIVEDISK_BENCH_RUNS        runs of snapshot/query benches (default 5)
 #   LIVEDISK_BENCH_HEAVY_RUNS  runs of merge/attach benches (default 4: the merge
 #                              alternates which side goes first)
-#   LIVEDISK_BENCH_EXTENTS     changed extents on the 1 TiB disk (default 100000)
-#   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" (default: all)
-#   LIVEDISK_BENCH_DIR         where the temporary pool goes (default /var/tmp;
+#   LIVEDISK_BENCH_EXTENTS     changed extents (default 100000; (c) on a 1 TiB
+#                              disk, (e) on a 64 GiB volume)
+#   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" or "e"
+#                              (default: all, a–e; only e starts a cluster)
+#   LIVEDISK_BENCH_DIR         where a–d's temporary pool goes (default /var/tmp;
 #                              use a real disk, not tmpfs)
+# Scenario e's cluster (defaults differ from `make up`'s and `make test`'s, so
+# that the three can run side by side):
+#   LIVEDISK_BENCH_STATE_DIR   its state, pools and logs (default .livedisk/bench-cluster)
+#   LIVEDISK_BENCH_APISERVER_PORT (16543)   LIVEDISK_BENCH_ETCD_PORT (33890)
+#   LIVEDISK_BENCH_ETCD_PEER_PORT (33900)   LIVEDISK_BENCH_KCM_PORT (30357)
+#   LIVEDISK_BENCH_SCHEDULER_PORT (30359)   LIVEDISK_BENCH_SNAPSHOT_METADATA_PORT (17543)
+#   LIVEDISK_BENCH_SNAPSHOT_METADATA_HTTP_PORT (17580)
+#   LIVEDISK_BENCH_LINK_PREFIX (lb)         LIVEDISK_BENCH_SUBNET (10.233)
+#   LIVEDISK_BENCH_POOL_GIB    size of the nodes' sparse pool image (default 160)
+# This script tells the binary where the driver is (scenario e):
+#   LIVEDISK_BENCH_CONTROLLER_SOCKET, LIVEDISK_BENCH_NODE_SOCKET, LIVEDISK_BENCH_NODE,
+#   LIVEDISK_BENCH_NODES_DIR, LIVEDISK_BENCH_STAGING_DIR
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
 
 for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   command -v "$tool" >/dev/null || {
@@ -23,6 +46,73 @@ for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   }
 done
 
+# Scenario e is selected unless LIVEDISK_BENCH_ONLY leaves it out.
+with_cluster=1
+if [ -n "${LIVEDISK_BENCH_ONLY+set}" ]; then
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*) ;; *) with_cluster=0 ;; esac
+fi
+
 echo "bench: building (release)" >&2
-cargo build -q --release -p livedisk-csi --bin livedisk-bench
-exec target/release/livedisk-bench "$@"
+if [ "$with_cluster" = 1 ]; then
+  # The driver runs as built for release, like the benchmark.
+  cargo build -q --release -p livedisk-csi --bin livedisk-bench --bin livedisk-csi
+else
+  cargo build -q --release -p livedisk-csi --bin livedisk-bench
+fi
+
+if [ "$with_cluster" = 1 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "bench: scenario e needs root (namespaces, loop devices, mounts)" >&2; exit 1; }
+  export LIVEDISK_STATE_DIR="${LIVEDISK_BENCH_STATE_DIR:-$ROOT/.livedisk/bench-cluster}"
+  export LIVEDISK_APISERVER_PORT="${LIVEDISK_BENCH_APISERVER_PORT:-16543}"
+  export LIVEDISK_ETCD_PORT="${LIVEDISK_BENCH_ETCD_PORT:-33890}"
+  export LIVEDISK_ETCD_PEER_PORT="${LIVEDISK_BENCH_ETCD_PEER_PORT:-33900}"
+  export LIVEDISK_KCM_PORT="${LIVEDISK_BENCH_KCM_PORT:-30357}"
+  export LIVEDISK_SCHEDULER_PORT="${LIVEDISK_BENCH_SCHEDULER_PORT:-30359}"
+  export LIVEDISK_SNAPSHOT_METADATA_PORT="${LIVEDISK_BENCH_SNAPSHOT_METADATA_PORT:-17543}"
+  export LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_BENCH_SNAPSHOT_METADATA_HTTP_PORT:-17580}"
+  export LIVEDISK_LINK_PREFIX="${LIVEDISK_BENCH_LINK_PREFIX:-lb}" LIVEDISK_SUBNET="${LIVEDISK_BENCH_SUBNET:-10.233}"
+  # For starting and for stopping (hack/engine-ns.sh stops a node's engine with it).
+  export LIVEDISK_CSI_BIN="$ROOT/target/release/livedisk-csi"
+  mkdir -p "$LIVEDISK_STATE_DIR"
+  nodes="$LIVEDISK_STATE_DIR/nodes"
+  image="$LIVEDISK_STATE_DIR/pools.img"
+
+  # shellcheck source=hack/lib/own-cluster.sh
+  source hack/lib/own-cluster.sh
+  # Never fails, so that it can run in the trap. The node namespaces go with the driver, so the
+  # image's last mount goes here and its loop device (autoclear) with it.
+  release_pools() {
+    if mountpoint -q "$nodes" 2>/dev/null; then umount "$nodes" || umount -l "$nodes" || true; fi
+    rm -f "$image"
+  }
+  cleanup() {
+    echo "bench: stopping the driver and the local cluster" >&2
+    own_cluster_down >/dev/null 2>&1
+    release_pools
+  }
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  # What an interrupted run left, before own_cluster_up clears the pools.
+  hack/driver.sh stop >/dev/null 2>&1 || true
+  release_pools
+
+  echo "bench: local cluster for scenario e in $LIVEDISK_STATE_DIR (the first run builds the Go harness)" >&2
+  own_cluster_up
+  truncate -s "${LIVEDISK_BENCH_POOL_GIB:-160}G" "$image"
+  # Few inodes and lazy initialisation: a large, nearly empty filesystem made in a second.
+  mkfs.ext4 -q -F -m 0 -i 1048576 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 "$image"
+  mkdir -p "$nodes"
+  mount -o loop "$image" "$nodes"
+  echo "bench: the CSI driver (release build), two nodes" >&2
+  hack/driver.sh start
+
+  export LIVEDISK_BENCH_CONTROLLER_SOCKET="$LIVEDISK_STATE_DIR/csi/controller.sock"
+  export LIVEDISK_BENCH_NODE=node-a
+  export LIVEDISK_BENCH_NODE_SOCKET="$LIVEDISK_STATE_DIR/csi/$LIVEDISK_BENCH_NODE.sock"
+  export LIVEDISK_BENCH_NODES_DIR="$nodes"
+  # Where kubelet's staging paths would be (hack/driver.sh stop releases what is left there).
+  export LIVEDISK_BENCH_STAGING_DIR="$LIVEDISK_STATE_DIR/kubelet/$LIVEDISK_BENCH_NODE/staging"
+fi
+
+target/release/livedisk-bench "$@"

@@ -1,14 +1,18 @@
-//! `livedisk-bench`: the node engine's benchmarks (run by `make bench`
-//! through hack/bench.sh). Prints ratios against targets; never fails on
-//! a missed target, only on a broken run.
+//! `livedisk-bench`: the node engine's benchmarks (a–d, on an engine of its
+//! own) and the CSI driver's snapshot path through its sockets (e, on the
+//! cluster hack/bench.sh starts), run by `make bench` through
+//! hack/bench.sh. Prints ratios against targets; never fails on a missed
+//! target, only on a broken run.
 
 // Shared with the admin CLI; only `render` is used here.
 #[allow(dead_code)]
 #[path = "../../cli/table.rs"]
 mod table;
 
+mod csi;
 mod report;
 mod scenarios;
+mod through_csi;
 mod tools;
 
 use std::path::PathBuf;
@@ -17,7 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use livedisk_engine::{Engine, EngineConfig};
 
+use csi::CsiTarget;
 use scenarios::Config;
+
+/// The benchmarks, by row letter: a–d on an engine of the benchmark's own, e through the
+/// driver's CSI sockets.
+const ALL: [char; 5] = ['a', 'b', 'c', 'd', 'e'];
+const ENGINE_ONLY: [char; 4] = ['a', 'b', 'c', 'd'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -34,17 +44,21 @@ fn only_scenarios() -> Result<Option<Vec<char>>> {
     let Ok(v) = std::env::var("LIVEDISK_BENCH_ONLY") else {
         return Ok(None);
     };
+    parse_only(&v).map(Some)
+}
+
+fn parse_only(v: &str) -> Result<Vec<char>> {
     let mut picked = vec![];
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part {
-            "a" | "b" | "c" | "d" => picked.extend(part.chars()),
-            other => anyhow::bail!(
-                "LIVEDISK_BENCH_ONLY: unknown benchmark {other:?} (choose from a, b, c, d)"
+        match part.chars().collect::<Vec<_>>()[..] {
+            [letter] if ALL.contains(&letter) => picked.push(letter),
+            _ => anyhow::bail!(
+                "LIVEDISK_BENCH_ONLY: unknown benchmark {part:?} (choose from a, b, c, d, e)"
             ),
         }
     }
     anyhow::ensure!(!picked.is_empty(), "LIVEDISK_BENCH_ONLY is empty");
-    Ok(Some(picked))
+    Ok(picked)
 }
 
 fn config() -> Result<Config> {
@@ -64,7 +78,31 @@ fn config() -> Result<Config> {
     })
 }
 
-async fn all(e: &Engine, c: &Config) -> Result<(Vec<report::Row>, bool)> {
+/// Benchmarks a–d on an engine of their own in a temporary pool (removed
+/// again, also on error).
+async fn on_own_engine(c: &Config) -> Result<(Vec<report::Row>, bool)> {
+    std::fs::create_dir_all(&c.dir).with_context(|| format!("create {}", c.dir.display()))?;
+    let e = Engine::open(EngineConfig {
+        pool: c.dir.join("pool"),
+        runtime_dir: c.dir.join("run"),
+    })
+    .await
+    .context("starting the engine")?;
+    let result = engine_scenarios(&e, c).await;
+    // Stop the daemon this run started and remove its files, also on error.
+    let stopped = e
+        .daemon()
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
+        .await;
+    drop(e);
+    let removed = std::fs::remove_dir_all(&c.dir);
+    let found = result?;
+    stopped.context("stopping the bench daemon")?;
+    removed.with_context(|| format!("removing {}", c.dir.display()))?;
+    Ok(found)
+}
+
+async fn engine_scenarios(e: &Engine, c: &Config) -> Result<(Vec<report::Row>, bool)> {
     let mut rows = vec![];
     let mut dropped = tools::drop_caches();
     if c.selected('a') {
@@ -109,25 +147,24 @@ async fn machine_facts() -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let c = config()?;
-    std::fs::create_dir_all(&c.dir).with_context(|| format!("create {}", c.dir.display()))?;
+    // Scenario (e) needs the driver hack/bench.sh starts: find out before a–d run for minutes.
+    let csi = if c.selected('e') {
+        Some(CsiTarget::from_env()?.context(
+            "benchmark (e) runs through the CSI driver on a local cluster: run it with \
+             hack/bench.sh (make bench), which starts one, or pick a–d with LIVEDISK_BENCH_ONLY",
+        )?)
+    } else {
+        None
+    };
     let started = Instant::now();
-    let e = Engine::open(EngineConfig {
-        pool: c.dir.join("pool"),
-        runtime_dir: c.dir.join("run"),
-    })
-    .await
-    .context("starting the engine")?;
-    let result = all(&e, &c).await;
-    // Stop the daemon this run started and remove its files, also on error.
-    let stopped = e
-        .daemon()
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
-        .await;
-    drop(e);
-    let removed = std::fs::remove_dir_all(&c.dir);
-    let (rows, dropped) = result?;
-    stopped.context("stopping the bench daemon")?;
-    removed.with_context(|| format!("removing {}", c.dir.display()))?;
+    let (mut rows, mut dropped) = (vec![], None);
+    if ENGINE_ONLY.iter().any(|&s| c.selected(s)) {
+        let (found, d) = on_own_engine(&c).await?;
+        (rows, dropped) = (found, Some(d));
+    }
+    if let Some(target) = csi {
+        rows.extend(through_csi::through_csi(target, &c).await?);
+    }
 
     println!("{}", machine_facts().await);
     println!(
@@ -137,10 +174,28 @@ async fn main() -> Result<()> {
         c.runs,
         c.heavy_runs,
         c.extents,
-        if dropped { "yes" } else { "no (not permitted)" },
+        match dropped {
+            Some(true) => "yes",
+            Some(false) => "no (not permitted)",
+            None => "n/a",
+        },
         started.elapsed().as_secs_f64()
     );
     println!("medians of the runs; ratio = engine / peer\n");
     print!("{}", report::render_rows(&rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn benchmarks_are_picked_by_letter() {
+        assert_eq!(parse_only("e").unwrap(), ['e']);
+        assert_eq!(parse_only(" b, d ,e").unwrap(), ['b', 'd', 'e']);
+        assert!(parse_only("f").is_err());
+        assert!(parse_only("ab").is_err());
+        assert!(parse_only(" , ").is_err());
+    }
 }

@@ -40,6 +40,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A figure and its peer measured back to back, one pair per run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pairs(Vec<(f64, f64)>);
+
+impl Pairs {
+    pub fn push(&mut self, measured: f64, peer: f64) {
+        self.0.push((measured, peer));
+    }
+
+    pub fn measured(&self) -> f64 {
+        median(self.0.iter().map(|p| p.0).collect())
+    }
+
+    pub fn peer(&self) -> f64 {
+        median(self.0.iter().map(|p| p.1).collect())
+    }
+
+    /// The median of the per-pair ratios: what drifts on a shared machine between pairs (or
+    /// falls on the other side of a polling interval in one pair) cancels out.
+    pub fn ratio(&self) -> f64 {
+        median(self.0.iter().map(|p| p.0 / p.1).collect())
+    }
+}
+
 pub fn verdict(ratio: f64, t: Target) -> &'static str {
     let ok = match t {
         Target::AtMost(x) => ratio <= x,
@@ -104,6 +128,19 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn pairs_are_held_against_each_other_run_by_run() {
+        let mut p = Pairs::default();
+        // The machine slows down between runs; each pair stays at 1.0 but one.
+        p.push(0.07, 0.07);
+        p.push(0.18, 0.07);
+        p.push(0.20, 0.20);
+        assert_eq!(p.ratio(), 1.0);
+        assert_eq!(p.measured(), 0.18);
+        assert_eq!(p.peer(), 0.07);
+        assert!(Pairs::default().ratio().is_nan());
     }
 
     #[test]

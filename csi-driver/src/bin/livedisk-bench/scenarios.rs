@@ -1,4 +1,4 @@
-//! The four benchmarks. Each returns finished table rows.
+//! The engine's four benchmarks, (a)–(d). Each returns finished table rows.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
