@@ -55,7 +55,10 @@ pub(super) fn spawn_releaser(
     let (tx, mut rx) = mpsc::unbounded_channel::<VolumeId>();
     let task = tokio::spawn(async move {
         while let Some(id) = rx.recv().await {
-            let released = async { engine.release_hidden_base(&engine.load(&id)?).await };
+            let released = async {
+                let _g = engine.locks.try_lock(&id)?;
+                engine.release_hidden_base_locked(&engine.load(&id)?).await
+            };
             match released.await {
                 Ok(()) | Err(EngineError::NotFound(_)) => {}
                 Err(e) => {
@@ -134,15 +137,9 @@ impl Engine {
             .await
     }
 
-    /// Deletes the hidden base of the clone `rec` if the clone no longer
-    /// reads it, then records it gone.
-    ///
-    /// The clone's own lock is not needed, and not taken: the clone no
-    /// longer reads the base, the base is deleted under its own volume's
-    /// lock, and the clone's record is updated atomically. A stage, unstage
-    /// or snapshot of the clone meanwhile is therefore never refused as busy
-    /// for the seconds the base's merge takes.
-    pub(super) async fn release_hidden_base(&self, rec: &VolumeRecord) -> Result<()> {
+    /// Deletes the hidden base of the clone `rec` (whose lock the caller
+    /// holds) if the clone no longer reads it, then records it gone.
+    pub(super) async fn release_hidden_base_locked(&self, rec: &VolumeRecord) -> Result<()> {
         let Some(base) = rec.hidden_base_to_release().cloned() else {
             return Ok(());
         };
@@ -211,26 +208,11 @@ impl Engine {
             if !release && !sweep {
                 continue;
             }
-            if release {
-                let r = tokio::time::timeout(limit, self.release_hidden_base(&rec))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(EngineError::Busy(format!(
-                            "deleting the hidden base of clone {id} (did not finish within {limit:?})"
-                        )))
-                    });
-                if let Err(e) = r {
-                    tracing::warn!(volume = %id, error = %e, "a hidden base snapshot cannot be deleted yet; will retry");
-                }
-            }
-            if !sweep {
-                continue;
-            }
             // Held: a live process works on it; the next pass looks again.
             let Ok(_g) = self.locks.try_lock(&id) else {
                 continue;
             };
-            let r = tokio::time::timeout(limit, self.sweep_orphan_hidden_bases(&id))
+            let r = tokio::time::timeout(limit, self.finish_hidden_bases(&id, release, sweep))
                 .await
                 .unwrap_or_else(|_| {
                     Err(EngineError::Busy(format!(
@@ -243,10 +225,16 @@ impl Engine {
         }
     }
 
-    /// Deletes the orphaned hidden bases of volume `id`, whose lock the
-    /// caller holds.
-    async fn sweep_orphan_hidden_bases(&self, id: &VolumeId) -> Result<()> {
+    /// Hidden-base work of one volume whose lock the caller holds: its
+    /// clone's base (`release`), its own orphaned bases (`sweep`).
+    async fn finish_hidden_bases(&self, id: &VolumeId, release: bool, sweep: bool) -> Result<()> {
         let rec = self.load(id)?;
+        if release {
+            self.release_hidden_base_locked(&rec).await?;
+        }
+        if !sweep {
+            return Ok(());
+        }
         for base in self.orphan_hidden_bases(&rec) {
             let rec = self.load(id)?;
             let exported = rec
