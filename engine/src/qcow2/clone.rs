@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use super::engine::{Engine, Result, node_add_args};
+use super::hidden_base::Releases;
 use super::record::{CloneSource, ClonedFrom, SnapshotState, VolumeRecord};
 use super::types::{VolumeInfo, info};
 use super::{plan, qemu_img};
@@ -188,6 +189,13 @@ impl Engine {
     /// If the clone's flatten job concluded, records that the clone stands
     /// alone (the caller holds the clone's lock). Returns whether it does.
     async fn settle_flatten_locked(&self, rec: &VolumeRecord) -> Result<bool> {
+        self.settle_flatten_with(rec, false).await
+    }
+
+    /// [`Engine::settle_flatten_locked`]; `flushed`: the caller flushed the
+    /// clone's bottom layer after the job concluded (the flatten watcher
+    /// does, before it takes the lock: see `flush_concluded_flatten`).
+    async fn settle_flatten_with(&self, rec: &VolumeRecord, flushed: bool) -> Result<bool> {
         if rec.clone_of.is_none() {
             return Ok(true);
         }
@@ -213,11 +221,9 @@ impl Engine {
         // backing link (seen here: a daemon killed right after the job
         // lost the clone's content). Until the save, recovery puts the
         // clone back on its source, which still holds everything.
-        let bottom = rec
-            .layers
-            .first()
-            .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
-        self.flush_node(&rec.node_name(bottom.seq)).await?;
+        if !flushed {
+            self.flush_bottom(rec).await?;
+        }
         // Save first, dismiss after: a crash in between re-runs a (now
         // trivial) stream, never loses the fact.
         let mut rec = rec.clone();
@@ -228,19 +234,60 @@ impl Engine {
         Ok(true)
     }
 
+    async fn flush_bottom(&self, rec: &VolumeRecord) -> Result<()> {
+        let bottom = rec
+            .layers
+            .first()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
+        self.flush_node(&rec.node_name(bottom.seq)).await
+    }
+
+    /// The slow part of settling a flatten, without the clone's lock (a
+    /// flush only makes durable what is there, and the clone stays usable
+    /// meanwhile): flushes its bottom layer if the flatten job concluded
+    /// without error. Returns whether it did.
+    async fn flush_concluded_flatten(&self, id: &VolumeId) -> Result<bool> {
+        let Some(rec) = self.store.load(id)? else {
+            return Ok(false);
+        };
+        if rec.clone_of.is_none() {
+            return Ok(false);
+        }
+        let job = flatten_job_id(id);
+        let concluded = qmp::query_jobs(&self.qmp)
+            .await?
+            .into_iter()
+            .any(|j| j.id == job && j.status == "concluded" && j.error.is_none());
+        if !concluded {
+            return Ok(false);
+        }
+        self.flush_bottom(&rec).await?;
+        Ok(true)
+    }
+
     /// Makes a node's content durable: QMP has no flush command, so an NBD
     /// `FLUSH` on a short-lived read-only export of the node does it. The
-    /// export's name derives from the node, so one an interrupted flush
-    /// left behind is removed first.
+    /// export's name derives from the node: a flush of the same node going
+    /// on (another task or process) is waited for, and an export still there
+    /// after `FLUSH_TIMEOUT` is one an interrupted flush left, removed then.
     pub(super) async fn flush_node(&self, node: &str) -> Result<()> {
         let eid = flush_export(node);
-        self.delete_export_and_wait(&eid).await?;
-        self.qmp
-            .execute(
-                "block-export-add",
-                json!({ "type": "nbd", "id": eid, "node-name": node, "name": eid, "writable": false }),
-            )
-            .await?;
+        let args =
+            json!({ "type": "nbd", "id": eid, "node-name": node, "name": eid, "writable": false });
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            match self.qmp.execute("block-export-add", args.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.desc_contains("already in use") => {
+                    if tokio::time::Instant::now() > deadline {
+                        self.delete_export_and_wait(&eid).await?;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let socket = self.daemon().runtime.nbd_socket();
         let flushed = async {
             let mut c = NbdClient::connect(&socket, &eid).await?;
@@ -366,7 +413,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 /// only while the session is `Live`.
 pub(super) fn spawn_flatten_watcher(
     engine: Engine,
-    releases: mpsc::UnboundedSender<VolumeId>,
+    releases: Releases,
 ) -> tokio::task::JoinHandle<()> {
     let mut rx = engine.qmp.subscribe();
     tokio::spawn(async move {
@@ -387,19 +434,27 @@ pub(super) fn spawn_flatten_watcher(
             let Some(id) = ids.into_iter().find(|id| flatten_job_id(id) == job) else {
                 continue;
             };
+            engine.qmp.until_live().await;
+            let flushed = engine
+                .flush_concluded_flatten(&id)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(volume = %id, error = %e, "flushing a flattened clone failed");
+                    false
+                });
             // The volume may be busy with an operation: retry for a while;
             // every later operation on it settles as well.
             for _ in 0..600 {
                 engine.qmp.until_live().await;
                 if let Ok(_g) = engine.locks.try_lock(&id) {
                     let settled = match engine.store.load(&id) {
-                        Ok(Some(rec)) => engine.settle_flatten_locked(&rec).await,
+                        Ok(Some(rec)) => engine.settle_flatten_with(&rec, flushed).await,
                         Ok(None) => Ok(false),
                         Err(e) => Err(e.into()),
                     };
                     match settled {
                         Ok(true) => {
-                            let _ = releases.send(id.clone());
+                            releases.send(id.clone());
                         }
                         Ok(false) => {}
                         Err(e) => {

@@ -46,20 +46,23 @@ pub fn hidden_base_id(clone: &VolumeId) -> SnapshotId {
     snapshot_id_for(&format!("clone-base/{clone}"))
 }
 
+/// How long after its flatten a clone's base is deleted. Not at once: a
+/// clone is often used right after it is made (attached, snapshot, or
+/// deleted again, which deletes the base itself), and the deletion is a
+/// merge that holds the source volume meanwhile.
+const RELEASE_DELAY: Duration = Duration::from_secs(5);
+
 /// Background task: deletes the hidden base of each clone the flatten
-/// watcher sends (a clone it found flattened), one at a time. A base that
-/// cannot go yet stays recorded; the adopter and the next open retry it.
-pub(super) fn spawn_releaser(
-    engine: Engine,
-) -> (mpsc::UnboundedSender<VolumeId>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<VolumeId>();
+/// watcher sends (a clone it found flattened), one at a time, each
+/// `RELEASE_DELAY` after it came. A base that cannot go yet stays recorded;
+/// the adopter and the next open retry it.
+pub(super) fn spawn_releaser(engine: Engine) -> (Releases, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(VolumeId, tokio::time::Instant)>();
     let task = tokio::spawn(async move {
-        while let Some(id) = rx.recv().await {
-            let released = async {
-                let _g = engine.locks.try_lock(&id)?;
-                engine.release_hidden_base_locked(&engine.load(&id)?).await
-            };
-            match released.await {
+        while let Some((id, sent)) = rx.recv().await {
+            // Sent in order: each one's time comes after the previous one's.
+            tokio::time::sleep_until(sent + RELEASE_DELAY).await;
+            match engine.release_hidden_base(&id).await {
                 Ok(()) | Err(EngineError::NotFound(_)) => {}
                 Err(e) => {
                     tracing::warn!(volume = %id, error = %e, "the clone's hidden base cannot be deleted yet; will retry");
@@ -67,7 +70,17 @@ pub(super) fn spawn_releaser(
             }
         }
     });
-    (tx, task)
+    (Releases(tx), task)
+}
+
+/// Where the flatten watcher sends each clone it found flattened.
+pub(super) struct Releases(mpsc::UnboundedSender<(VolumeId, tokio::time::Instant)>);
+
+impl Releases {
+    pub(super) fn send(&self, clone: VolumeId) {
+        // Fails only once the releaser ended with the engine.
+        let _ = self.0.send((clone, tokio::time::Instant::now()));
+    }
 }
 
 impl Engine {
@@ -137,21 +150,30 @@ impl Engine {
             .await
     }
 
-    /// Deletes the hidden base of the clone `rec` (whose lock the caller
-    /// holds) if the clone no longer reads it, then records it gone.
-    pub(super) async fn release_hidden_base_locked(&self, rec: &VolumeRecord) -> Result<()> {
+    /// Deletes the hidden base of clone `id` if the clone no longer reads
+    /// it, then records it gone. Holds the source's lock for the deletion
+    /// (a merge) and the clone's only to record it: the clone stays usable
+    /// meanwhile (a flattened clone never reads its base again).
+    pub(super) async fn release_hidden_base(&self, id: &VolumeId) -> Result<()> {
+        let rec = self.load(id)?;
         let Some(base) = rec.hidden_base_to_release().cloned() else {
             return Ok(());
         };
         failpoint::hit("clone-before-release", self.daemon().pid);
         self.delete_hidden_base(&base).await?;
-        self.store.update(&rec.id, |r| {
+        // Under the clone's lock, so that no operation on the clone saves an
+        // older copy of its record over this. Held: the next recovery pass
+        // finds the base gone and records it then.
+        let Ok(_g) = self.locks.try_lock(id) else {
+            return Ok(());
+        };
+        self.store.update(id, |r| {
             let Some(origin) = r.cloned_from.as_mut() else {
                 return false;
             };
             origin.hidden_base.take().is_some()
         })?;
-        tracing::info!(volume = %rec.id, snapshot = %base, "deleted the clone's hidden base");
+        tracing::info!(volume = %id, snapshot = %base, "deleted the clone's hidden base");
         Ok(())
     }
 
@@ -208,10 +230,6 @@ impl Engine {
             if !release && !sweep {
                 continue;
             }
-            // Held: a live process works on it; the next pass looks again.
-            let Ok(_g) = self.locks.try_lock(&id) else {
-                continue;
-            };
             let r = tokio::time::timeout(limit, self.finish_hidden_bases(&id, release, sweep))
                 .await
                 .unwrap_or_else(|_| {
@@ -225,16 +243,20 @@ impl Engine {
         }
     }
 
-    /// Hidden-base work of one volume whose lock the caller holds: its
-    /// clone's base (`release`), its own orphaned bases (`sweep`).
+    /// Hidden-base work of one volume: its clone's base (`release`), its own
+    /// orphaned bases (`sweep`, under its lock; held: a live process works
+    /// on it, and the next pass looks again).
     async fn finish_hidden_bases(&self, id: &VolumeId, release: bool, sweep: bool) -> Result<()> {
-        let rec = self.load(id)?;
         if release {
-            self.release_hidden_base_locked(&rec).await?;
+            self.release_hidden_base(id).await?;
         }
         if !sweep {
             return Ok(());
         }
+        let Ok(_g) = self.locks.try_lock(id) else {
+            return Ok(());
+        };
+        let rec = self.load(id)?;
         for base in self.orphan_hidden_bases(&rec) {
             let rec = self.load(id)?;
             let exported = rec
