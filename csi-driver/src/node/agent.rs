@@ -97,16 +97,30 @@ fn retry<K: Resource<DynamicType = ()>>(
     _: Arc<Agent>,
 ) -> Action {
     let code = reconcile_error_code(error);
+    let after = retry_after(error);
     let chain = error_chain(error);
     tracing::warn!(
         kind = %K::kind(&()),
         name = %object.name_any(),
         %code,
         error = %chain,
-        "reconcile failed: {}",
-        code.retry_note()
+        "reconcile failed: {}; retrying in {}s",
+        code.reason(),
+        after.as_secs()
     );
-    Action::requeue(code.retry_after())
+    Action::requeue(after)
+}
+
+/// When a failed reconcile is tried again: by the code's class, except a deletion, which is
+/// tried again soon whatever stopped it. What stands in a deletion's way (a consumer still
+/// attached, a snapshot still exported, a busy source volume) goes away without any change to
+/// the object, so no event would wake the reconcile earlier, and a held finalizer holds up
+/// whoever deletes (the CSI DeleteVolume, a namespace).
+fn retry_after(error: &ReconcileError) -> Duration {
+    match error {
+        finalizer::Error::CleanupFailed(_) => livedisk_common::code::TRANSIENT_RETRY,
+        _ => reconcile_error_code(error).retry_after(),
+    }
 }
 
 /// The code of a failed reconcile: the agent's own error's, or the API server's for a
@@ -553,6 +567,24 @@ mod tests {
             code,
             ..Default::default()
         }))
+    }
+
+    #[test]
+    fn a_failed_deletion_is_retried_soon_whatever_its_code() {
+        let refused = finalizer::Error::CleanupFailed(CsiError::FailedPrecondition(
+            "volume vol-x is attached; detach it first".into(),
+        ));
+        assert_eq!(
+            retry_after(&refused),
+            livedisk_common::code::TRANSIENT_RETRY
+        );
+        // The same code while creating: only a change of the object makes it pass.
+        let create = finalizer::Error::ApplyFailed(CsiError::FailedPrecondition("x".into()));
+        assert_eq!(
+            retry_after(&create),
+            ErrorCode::FailedPrecondition.retry_after()
+        );
+        assert!(retry_after(&create) > retry_after(&refused));
     }
 
     #[test]
