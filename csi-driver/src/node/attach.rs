@@ -206,10 +206,16 @@ impl Attacher {
         {
             wait_gone(pid).await;
         }
-        match engine.detach_volume(volume).await {
-            Ok(()) => {}
-            Err(error) if error.code() == ErrorCode::NotFound => {}
-            Err(error) => return Err(error.into()),
+        // A volume the engine serves no consumer export of (never staged, or
+        // detached already) needs nothing from the engine: not asking keeps an
+        // idempotent unstage from being refused as busy while background work
+        // (a flatten, a capture) holds the volume.
+        if serves_consumer(engine, volume) {
+            match engine.detach_volume(volume).await {
+                Ok(()) => {}
+                Err(error) if error.code() == ErrorCode::NotFound => {}
+                Err(error) => return Err(error.into()),
+            }
         }
         if exists(&dir).await {
             tokio::fs::remove_dir_all(&dir)
@@ -218,6 +224,18 @@ impl Attacher {
         }
         tracing::info!(volume = %volume, "volume detached");
         Ok(())
+    }
+}
+
+/// Whether the engine's record names the volume's writable (consumer) export.
+/// An unreadable record counts as "yes": the engine then answers itself.
+fn serves_consumer(engine: &Engine, volume: &VolumeId) -> bool {
+    match engine.record(volume) {
+        Ok(rec) => rec
+            .exports
+            .iter()
+            .any(|e| e.target == livedisk_engine::record::ExportTarget::Volume),
+        Err(error) => error.code() != ErrorCode::NotFound,
     }
 }
 
