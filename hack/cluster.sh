@@ -253,6 +253,22 @@ EOF
 
 # --- commands --------------------------------------------------------------------------
 
+# The audit policy: every request of the livedisk namespace's ServiceAccounts (the chart's
+# components) at Metadata level, and nothing else. hack/audit-check.sh reads the log to prove the
+# chart's RBAC: no request of theirs was refused, and every verb granted to them was used.
+# Blocking mode, so a request is in the log before its answer is sent.
+write_audit_policy() {
+  cat > "$STATE/audit-policy.yaml" <<'YAML'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:livedisk-system"]
+- level: None
+YAML
+}
+
 cmd_up() {
   need go "Go >= 1.26 (it builds the control plane from hack/harness)"
   need openssl "openssl (apt-get install openssl)"
@@ -279,6 +295,7 @@ cmd_up() {
   write_kubeconfig "$STATE/kube-controller-manager.kubeconfig" kube-controller-manager system:kube-controller-manager
   write_kubeconfig "$STATE/kube-scheduler.kubeconfig" kube-scheduler system:kube-scheduler
   write_env
+  write_audit_policy
 
   start etcd --name livedisk --data-dir "$STATE/etcd" \
     --listen-client-urls "http://$HOST:$ETCD_PORT" --advertise-client-urls "http://$HOST:$ETCD_PORT" \
@@ -301,6 +318,9 @@ cmd_up() {
     --endpoint-reconciler-type none \
     --allow-privileged=true \
     --cert-dir "$PKI/apiserver-generated" \
+    --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
+    --audit-log-format json --audit-log-maxsize 200 --audit-log-maxbackup 5 \
+    --audit-log-mode blocking \
     --profiling=false
   wait_for "kube-apiserver /readyz on https://$HOST:$APISERVER_PORT" kube-apiserver apiserver_ready
 
