@@ -14,6 +14,11 @@ command -v csi-sanity >/dev/null || { echo "csi-sanity not on PATH: source the c
 NODE=sanity-node
 WORK="$(mktemp -d /tmp/livedisk-sanity.XXXXXX)"
 BIN="$ROOT/target/debug/livedisk-csi"
+# The driver acts under the chart's accounts (hack/accounts.sh), as installed.
+ACCOUNTS="${LIVEDISK_STATE_DIR:-$ROOT/.livedisk}/accounts"
+for account in csi-controller node; do
+  [ -f "$ACCOUNTS/$account.kubeconfig" ] || { echo "$ACCOUNTS/$account.kubeconfig missing: run hack/accounts.sh apply" >&2; exit 1; }
+done
 [ -x "$BIN" ] || { echo "$BIN missing: cargo build -p livedisk-csi" >&2; exit 1; }
 pids=()
 cleanup() {
@@ -41,9 +46,9 @@ spec:
 YAML
 
 mkdir -p "$WORK"/{pool,run,csi}
-RUST_LOG=info setsid "$BIN" controller --csi-endpoint "unix://$WORK/csi/controller.sock" >"$WORK/controller.log" 2>&1 &
+KUBECONFIG="$ACCOUNTS/csi-controller.kubeconfig" RUST_LOG=info setsid "$BIN" controller --csi-endpoint "unix://$WORK/csi/controller.sock" >"$WORK/controller.log" 2>&1 &
 pids+=($!)
-RUST_LOG=info setsid "$BIN" node --csi-endpoint "unix://$WORK/csi/node.sock" --node-name "$NODE" \
+KUBECONFIG="$ACCOUNTS/node.kubeconfig" RUST_LOG=info setsid "$BIN" node --csi-endpoint "unix://$WORK/csi/node.sock" --node-name "$NODE" \
   --pool-dir "$WORK/pool" --engine-socket-dir "$WORK/run" >"$WORK/node.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$WORK/csi/controller.sock" ] && [ -S "$WORK/csi/node.sock" ] && break; sleep 0.1; done

@@ -10,7 +10,7 @@ log() { echo "deps: $*" >&2; }
 # qemu-system-common there). Versions are Debian 12's; `make test` prints the ones it ran on.
 APT_PACKAGES=(
   qemu-utils qemu-system-common libnbd-bin fuse3 e2fsprogs util-linux
-  openssl jq unzip iproute2 procps curl ca-certificates socat
+  openssl jq unzip iproute2 procps curl ca-certificates socat python3-yaml
 )
 
 missing=()

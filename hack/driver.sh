@@ -6,6 +6,8 @@
 #     network namespace with its own pool (hack/engine-ns.sh), socket ./.livedisk/csi/<node>.sock.
 #     The node plugin is restarted when it exits non-zero (hack/restart-on-failure.sh), as the
 #     chart's DaemonSet restarts it.
+#     Every component acts under its chart ServiceAccount (kubeconfigs from hack/accounts.sh):
+#     the controller and its sidecars as the controller pod's account, node plugins as the node's.
 #     A node reaches the API server through a unix-socket bridge (socat), as its own loopback
 #     has nothing on it; the node is registered as a CSINode the way node-driver-registrar would.
 #
@@ -124,19 +126,28 @@ cmd_start() {
     --show-only templates/storage/volumesnapshotclass.yaml | kubectl apply -f - >/dev/null
   kubectl create namespace livedisk-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
+  local accounts="$STATE/accounts" account
+  for account in csi-controller node; do
+    [ -f "$accounts/$account.kubeconfig" ] || die "$accounts/$account.kubeconfig missing: run hack/accounts.sh apply"
+  done
   make_pki
-  log "CSI controller and sidecars"
-  start_bg csi-controller "$BIN" controller --csi-endpoint "unix://$CSI_DIR/controller.sock" \
+  log "CSI controller and sidecars (account: csi-controller)"
+  start_bg csi-controller env KUBECONFIG="$accounts/csi-controller.kubeconfig" "$BIN" controller --csi-endpoint "unix://$CSI_DIR/controller.sock" \
     --node-tls-dir "$PKI/controller-tls"
   wait_socket "$CSI_DIR/controller.sock"
-  local common=(--csi-address="$CSI_DIR/controller.sock" --kubeconfig="$KUBECONFIG" --leader-election=false --timeout=150s)
-  start_bg csi-provisioner env NAMESPACE=livedisk-system POD_NAME=csi-controller \
+  # Leader election on, as the chart runs them (its Leases are part of what the RBAC grants).
+  local common=(--csi-address="$CSI_DIR/controller.sock" --kubeconfig="$accounts/csi-controller.kubeconfig"
+    --leader-election --leader-election-namespace=livedisk-system --timeout=150s)
+  # Each sidecar also gets KUBECONFIG in its environment: csi-provisioner prefers the variable to
+  # its --kubeconfig flag, and would otherwise act as the cluster admin of this shell.
+  local as_controller=(env KUBECONFIG="$accounts/csi-controller.kubeconfig")
+  start_bg csi-provisioner "${as_controller[@]}" NAMESPACE=livedisk-system POD_NAME=csi-controller \
     csi-provisioner "${common[@]}" --strict-topology --immediate-topology=false --extra-create-metadata \
     --default-fstype=ext4 --enable-capacity --capacity-ownerref-level=-1 --capacity-poll-interval=15s
-  start_bg csi-snapshotter csi-snapshotter "${common[@]}" --extra-create-metadata
-  start_bg csi-resizer csi-resizer "${common[@]}"
-  start_bg csi-snapshot-metadata csi-snapshot-metadata --csi-address="$CSI_DIR/controller.sock" \
-    --kubeconfig="$KUBECONFIG" --port="$SNAPSHOT_METADATA_PORT" --audience="$AUDIENCE" \
+  start_bg csi-snapshotter "${as_controller[@]}" csi-snapshotter "${common[@]}" --extra-create-metadata
+  start_bg csi-resizer "${as_controller[@]}" csi-resizer "${common[@]}"
+  start_bg csi-snapshot-metadata "${as_controller[@]}" csi-snapshot-metadata --csi-address="$CSI_DIR/controller.sock" \
+    --kubeconfig="$accounts/csi-controller.kubeconfig" --port="$SNAPSHOT_METADATA_PORT" --audience="$AUDIENCE" \
     --tls-cert="$PKI/sidecar-tls/tls.crt" --tls-key="$PKI/sidecar-tls/tls.key" \
     --http-endpoint="127.0.0.1:$SNAPSHOT_METADATA_HTTP_PORT"
   kubectl apply -f - >/dev/null <<YAML
@@ -164,7 +175,7 @@ YAML
     # Restarted whenever it exits non-zero, as the DaemonSet restarts it: it does so when its engine
     # daemon stays away longer than LIVEDISK_ENGINE_RECONNECT_SECONDS (default 30).
     start_bg "csi-node-$node" "$ROOT/hack/restart-on-failure.sh" \
-      "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$KUBECONFIG" RUST_LOG=info \
+      "$ROOT/hack/engine-ns.sh" exec "$node" -- env KUBECONFIG="$accounts/node.kubeconfig" RUST_LOG=info \
       LIVEDISK_ENGINE_RECONNECT_SECONDS="${LIVEDISK_ENGINE_RECONNECT_SECONDS:-30}" \
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
       --pool-dir "$root/pool" --engine-socket-dir "$root/run" \

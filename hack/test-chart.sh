@@ -126,6 +126,22 @@ PY
     fi
 done
 
+# The chart passes only flags and variables the livedisk binaries read (their --help), for every
+# values set: an unknown flag stops a container, an unknown variable is silently ignored.
+BIN_DIR="${LIVEDISK_BIN_DIR:-$REPO_ROOT/target/debug}"
+if [[ -x "$BIN_DIR/livedisk-csi" && -x "$BIN_DIR/livedisk-operator" ]]; then
+    for set in "${SETS[@]}"; do
+        [[ -f "$WORK/template-$set.yaml" ]] || continue
+        if python3 "$REPO_ROOT/hack/lib/chart-flags.py" "$WORK/template-$set.yaml" "$BIN_DIR" >"$WORK/flags-$set.log" 2>&1; then
+            pass "flags and env of the livedisk containers exist in the binaries ($set values)"
+        else
+            fail "flags and env of the livedisk containers exist in the binaries ($set values)" "$WORK/flags-$set.log"
+        fi
+    done
+else
+    fail "flags and env check: no livedisk binaries in $BIN_DIR (cargo build --workspace --bins, or set LIVEDISK_BIN_DIR)"
+fi
+
 # Values that must be refused, with a message naming the fix.
 expect_refused() { # name expected-message helm-args...
     local name="$1" want="$2"; shift 2

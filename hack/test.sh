@@ -57,6 +57,14 @@ cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 count() { awk -v what="$1" '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ "^" what) n += $i } END { print n + 0 }' "$log"; }
+step "RBAC proof: the API server's audit log of the whole run against the chart's grants"
+rendered="$LIVEDISK_STATE_DIR/chart-rendered.yaml"
+"$(hack/helm.sh | tail -n 1)" template livedisk charts/livedisk --namespace livedisk-system > "$rendered"
+set +e
+python3 hack/audit-check.py "$rendered" hack/audit-justified.yaml "$LIVEDISK_STATE_DIR"/logs/audit*.log
+audit_status=$?
+set -e
+[ "$status" -ne 0 ] || status=$audit_status
 passed=$(count passed); failed=$(count failed); ignored=$(count ignored)
 step "done in $((SECONDS - T0))s"
 # The only ignored tests are the fault tests' child-process entry points

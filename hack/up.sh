@@ -17,6 +17,8 @@ source "$STATE/env"
 log "installing the livedisk CRDs"
 kubectl apply --server-side --force-conflicts --field-manager=livedisk-up -f crds/generated/ >/dev/null
 kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
+log "the chart's ServiceAccounts and RBAC; a kubeconfig per component (no component runs as admin)"
+hack/accounts.sh apply
 
 mkdir -p "$STATE/pids" "$STATE/logs"
 pidfile="$STATE/pids/livedisk-operator.pid"
@@ -24,7 +26,7 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   log "operator already running (pid $(cat "$pidfile")); restarting it with the fresh build"
   kill "$(cat "$pidfile")"; sleep 1
 fi
-setsid target/debug/livedisk-operator >"$STATE/logs/livedisk-operator.log" 2>&1 < /dev/null &
+KUBECONFIG="$STATE/accounts/operator.kubeconfig" setsid target/debug/livedisk-operator >"$STATE/logs/livedisk-operator.log" 2>&1 < /dev/null &
 echo $! > "$pidfile"
 for _ in $(seq 1 60); do
   grep -q "all livedisk CRDs are established" "$STATE/logs/livedisk-operator.log" && break

@@ -4,7 +4,8 @@
 # hack/cluster.sh and hack/driver.sh to values of its own, so that it runs beside `make up`'s
 # cluster and beside other scripts' clusters. Run from the repository root.
 
-# Starts a fresh cluster with the project's CRDs (not the driver) and sources its env
+# Starts a fresh cluster with the project's CRDs and the chart's accounts (not the driver) and
+# sources its env
 # (KUBECONFIG, the harness binaries on PATH).
 own_cluster_up() {
   # A fresh cluster and fresh pools every run: stop whatever an interrupted run left.
@@ -15,6 +16,9 @@ own_cluster_up() {
   source "$LIVEDISK_STATE_DIR/env"
   kubectl apply --server-side --force-conflicts --field-manager=livedisk-test -f crds/generated/ >/dev/null
   kubectl wait --for condition=Established --timeout=60s -f crds/generated/ >/dev/null
+  # The chart's ServiceAccounts and RBAC, and a kubeconfig per component: every livedisk
+  # component of the run acts under its chart account (the audit check proves the RBAC).
+  hack/accounts.sh apply
 }
 
 # Stops the driver (if started) and the cluster; never fails, so that it can run in a trap.

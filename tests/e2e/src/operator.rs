@@ -14,9 +14,10 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// The operator with the test's own identity (`KUBECONFIG`, cluster admin).
+    /// The operator as the chart installs it: under the chart's operator ServiceAccount (the
+    /// kubeconfig `hack/accounts.sh` writes), never the test's admin identity.
     pub fn start() -> Result<Self> {
-        Self::spawn(None)
+        Self::spawn(Some(&chart_account_kubeconfig("operator")?))
     }
 
     /// The operator with the identity of another kubeconfig (for example a restricted one).
@@ -47,6 +48,26 @@ impl Operator {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The kubeconfig of a chart account, written by `hack/accounts.sh apply` beside the cluster's
+/// admin kubeconfig (`$LIVEDISK_STATE_DIR/kubeconfig` -> `$LIVEDISK_STATE_DIR/accounts/`).
+pub fn chart_account_kubeconfig(component: &str) -> Result<std::path::PathBuf> {
+    let admin = std::env::var_os("KUBECONFIG").context(
+        "KUBECONFIG is not set: start the local cluster with `make up` (or run `make test`)",
+    )?;
+    let state = Path::new(&admin)
+        .parent()
+        .context("KUBECONFIG has no parent directory")?;
+    let path = state
+        .join("accounts")
+        .join(format!("{component}.kubeconfig"));
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: the chart's accounts are not set up on this cluster (run `hack/accounts.sh apply`)",
+        path.display()
+    );
+    Ok(path)
 }
 
 impl Drop for Operator {
