@@ -53,11 +53,12 @@ async fn bind(client: &kube::Client, namespace: &str, user: &str, role: &str) ->
             ..Default::default()
         },
         role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "ClusterRole".into(),
             name: role.into(),
         },
         subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "User".into(),
             name: user.into(),
             ..Default::default()
