@@ -122,13 +122,19 @@ def main(argv):
     seen = defaultdict(int)
     refused = defaultdict(list)
     admission = defaultdict(set)
+    counted = set()
     used = defaultdict(set)
     for log in argv[3:]:
         with open(log) as f:
             for line in f:
                 event = json.loads(line)
-                if event.get("stage") != "ResponseComplete":
+                # A watch is logged when its response starts (and again only when it ends, which
+                # may be after the log is read); every other request when it completes.
+                if event.get("stage") not in ("ResponseComplete", "ResponseStarted"):
                     continue
+                if event["auditID"] in counted:
+                    continue
+                counted.add(event["auditID"])
                 user = event.get("user", {}).get("username", "")
                 if user not in accounts:
                     continue

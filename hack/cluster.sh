@@ -296,6 +296,8 @@ cmd_up() {
   write_kubeconfig "$STATE/kube-scheduler.kubeconfig" kube-scheduler system:kube-scheduler
   write_env
   write_audit_policy
+  # A fresh cluster gets a fresh audit log: the RBAC proof reads one run.
+  rm -f "$LOGS"/audit*.log
 
   start etcd --name livedisk --data-dir "$STATE/etcd" \
     --listen-client-urls "http://$HOST:$ETCD_PORT" --advertise-client-urls "http://$HOST:$ETCD_PORT" \

@@ -19,6 +19,9 @@ const EXPORT_GONE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The export list is read again at least this often while no
 /// `BLOCK_EXPORT_DELETED` arrives.
 const EXPORT_GONE_POLL: Duration = Duration::from_millis(100);
+/// How long a refusal "still in use" of an export is taken for a client whose close the daemon
+/// has not read yet, before it means a client that is really connected.
+const CLIENT_GONE_GRACE: Duration = Duration::from_secs(2);
 
 impl Engine {
     // ----- exports ---------------------------------------------------------
@@ -153,16 +156,29 @@ impl Engine {
     pub(super) async fn delete_export_and_wait(&self, eid: &str) -> Result<()> {
         // Subscribed before the command, so its event cannot slip past.
         let mut rx = self.qmp.subscribe();
-        match self
-            .qmp
-            .execute("block-export-del", json!({ "id": eid }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.desc_contains("not found") => return Ok(()),
-            // Shutting down already: wait for it below.
-            Err(e) if e.desc_contains("already shutting down") => {}
-            Err(e) => return Err(e.into()),
+        let in_use_until = Instant::now() + CLIENT_GONE_GRACE;
+        loop {
+            match self
+                .qmp
+                .execute("block-export-del", json!({ "id": eid }))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.desc_contains("not found") => return Ok(()),
+                // Shutting down already: wait for it below.
+                Err(e) if e.desc_contains("already shutting down") => break,
+                // A client that has just closed its end is still counted until the daemon
+                // reads the close; one that stays connected makes the volume busy.
+                Err(e) if e.desc_contains("still in use") => {
+                    if Instant::now() >= in_use_until {
+                        return Err(EngineError::Busy(format!(
+                            "export {eid} (a client is still connected)"
+                        )));
+                    }
+                    tokio::time::sleep(EXPORT_GONE_POLL / 2).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let deadline = Instant::now() + EXPORT_GONE_TIMEOUT;
         loop {

@@ -653,7 +653,116 @@ async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Res
         },
     )
     .await?;
+    // deletionPolicy: Retain: the operator sets it on the bound content, so the storage snapshot
+    // outlives the DiskSnapshot and its VolumeSnapshot.
+    must(
+        &client,
+        &ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": "kept"}, "spec": {"source": {"persistentVolumeClaimName": "disk"},
+        "deletionPolicy": "Retain"}}),
+    )
+    .await?;
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "snapshot.storage.k8s.io",
+            "v1",
+            "VolumeSnapshotContent",
+        )),
+    );
+    let content_name = eventually(
+        90,
+        "the retained snapshot's content to say Retain",
+        || async {
+            let Some(snapshot) = snapshots.get_opt("kept").await? else {
+                return Ok(None);
+            };
+            let Some(content) = snapshot.data["status"]["boundVolumeSnapshotContentName"].as_str()
+            else {
+                return Ok(None);
+            };
+            let object = contents.get(content).await?;
+            Ok((object.data["spec"]["deletionPolicy"] == json!("Retain"))
+                .then(|| content.to_string()))
+        },
+    )
+    .await
+    .with_context(|| operator.log())?;
+    let kept_handle = snapshot_handle(&client, &snapshots.get("kept").await?).await?;
+    disk_snapshots
+        .delete("kept", &DeleteParams::foreground())
+        .await?;
+    eventually(
+        90,
+        "the retained snapshot's VolumeSnapshot to go",
+        || async { Ok(snapshots.get_opt("kept").await?.is_none().then_some(())) },
+    )
+    .await?;
+    assert!(
+        internal.get_opt(&kept_handle).await?.is_some(),
+        "the storage snapshot of a Retain DiskSnapshot was deleted"
+    );
+    // Cleaning up what was retained is the administrator's job: the content, then the snapshot.
+    contents
+        .delete(&content_name, &DeleteParams::default())
+        .await?;
+    internal
+        .delete(&kept_handle, &DeleteParams::default())
+        .await?;
+    eventually(90, "the retained storage snapshot to go", || async {
+        Ok(internal
+            .get_opt(&kept_handle)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+
     force_delete_pod(&client, &ns, "consumer").await?;
     drop(operator);
+    namespace.delete().await
+}
+
+/// A PVC grows through the standard path: csi-resizer calls ControllerExpandVolume, the node
+/// plugin grows the volume in its engine, and the claim reports the new size (a block volume
+/// needs no node expansion).
+#[tokio::test]
+async fn a_block_pvc_grows_through_csi_resizer() -> Result<()> {
+    let client = client().await?;
+    let namespace = TestNamespace::create(&client, "grow").await?;
+    let ns = namespace.name.clone();
+    must(&client, &ns, pvc("disk", None)).await?;
+    must(&client, &ns, pod("consumer", "disk", None)).await?;
+    let (volume_id, _node) = bound(&client, &ns, "disk", "consumer").await?;
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let patch = json!({"spec": {"resources": {"requests": {"storage": "128Mi"}}}});
+    claims
+        .patch(
+            "disk",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    eventually(90, "the claim to report 128Mi", || async {
+        let claim = claims.get("disk").await?;
+        let capacity = claim
+            .status
+            .and_then(|s| s.capacity)
+            .and_then(|c| c.get("storage").map(|q| q.0.clone()));
+        Ok((capacity.as_deref() == Some("128Mi")).then_some(()))
+    })
+    .await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    let volume = volumes.get(&volume_id).await?;
+    assert_eq!(volume.spec.capacity_bytes, 128 << 20);
+    assert_eq!(
+        volume.status.and_then(|s| s.capacity_bytes),
+        Some(128 << 20),
+        "the node did not grow the volume in its engine"
+    );
+
+    force_delete_pod(&client, &ns, "consumer").await?;
     namespace.delete().await
 }
