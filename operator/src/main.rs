@@ -103,10 +103,11 @@ async fn main() -> anyhow::Result<()> {
             stopped?;
             Ok(())
         }
-        lost = elector.keep() => {
+        _lost = elector.keep() => {
             // Exiting is the only way to be sure nothing of this replica acts any more; the
             // Deployment restarts it as a candidate, which acts again only once it wins the Lease.
-            anyhow::bail!("lost the lease: {}", lost.reason)
+            // The elector has logged why; exit at once, without unwinding the controllers.
+            std::process::exit(1)
         }
     }
 }

@@ -42,12 +42,9 @@ enum Outcome {
     Conflict,
 }
 
-/// The end of leadership, returned by [`Elector::keep`].
+/// The end of leadership, returned by [`Elector::keep`] (which has logged why).
 #[derive(Debug)]
-pub struct Lost {
-    /// Why, in words, for the log.
-    pub reason: String,
-}
+pub struct Lost;
 
 /// Campaigns for the Lease, renews it while held, and releases it on a clean shutdown.
 pub struct Elector {
@@ -153,9 +150,7 @@ impl Elector {
             reason,
             "lost the lease: this replica stops acting"
         );
-        Lost {
-            reason: reason.to_string(),
-        }
+        Lost
     }
 
     /// Gives the Lease up, if this replica still holds it, so that a standby takes over at its
