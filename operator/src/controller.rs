@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::kinds::{LivediskKind, Reference};
+use crate::leader::Leadership;
 use crate::observe::{self, Caches};
 use crate::{standard, status};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -26,15 +27,22 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     caches: Caches,
+    /// Checked before each reconcile: a replica that does not hold the Lease does nothing.
+    leadership: Leadership,
 }
 
-/// Runs the controllers of all kinds until the process is stopped.
-pub async fn run_all(client: Client, reporter: Reporter) -> Result<(), Error> {
+/// Runs the controllers of all kinds until the process is stopped (SIGTERM or SIGINT).
+pub async fn run_all(
+    client: Client,
+    reporter: Reporter,
+    leadership: Leadership,
+) -> Result<(), Error> {
     let caches = Caches::start(&client).await?;
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         caches,
+        leadership,
     });
     tokio::join!(
         run::<DiskSnapshot>(context.clone()),
@@ -109,6 +117,12 @@ where
         + Serialize
         + std::fmt::Debug,
 {
+    // The process exits when the Lease is lost; until it does, nothing more is done (and the
+    // write fence refuses what a reconcile already under way would still send).
+    if !context.leadership.is_leader() {
+        tracing::debug!(kind = %K::kind(&()), "not the leader: reconcile skipped");
+        return Ok(Action::await_change());
+    }
     let result = match &guarded.0 {
         Ok(object) => reconcile_object(object, &context).await,
         // One unreadable object must not stall the others: report it and move on.

@@ -1,7 +1,8 @@
 //! The real operator binary as a child process of a test.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -25,7 +26,17 @@ impl Operator {
         Self::spawn(Some(kubeconfig))
     }
 
+    /// One replica of several: the operator under `kubeconfig`, with `identity` as its pod name
+    /// (`POD_NAME`: its identity in the Lease and in its Events).
+    pub fn start_replica(kubeconfig: &Path, identity: &str) -> Result<Self> {
+        Self::spawn_with(Some(kubeconfig), &[("POD_NAME", identity)])
+    }
+
     fn spawn(kubeconfig: Option<&Path>) -> Result<Self> {
+        Self::spawn_with(kubeconfig, &[])
+    }
+
+    fn spawn_with(kubeconfig: Option<&Path>, env: &[(&str, &str)]) -> Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "livedisk-operator-{}-{}.log",
             std::process::id(),
@@ -38,6 +49,7 @@ impl Operator {
             .env("RUST_LOG", "info,livedisk_operator=debug")
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file));
+        command.envs(env.iter().copied());
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
         }
@@ -47,6 +59,37 @@ impl Operator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, `SIGCONT`, `SIGTERM`, ...) to the operator process.
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill(2) only sends a signal; the pid is that of our own child, not yet reaped
+        // (it is reaped only by `wait` in `stop` or `drop`).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("kill(2)");
+        }
+        Ok(())
+    }
+
+    /// Stops the operator as kubelet stops a pod: SIGTERM (a leader stops its controllers and
+    /// releases its Lease), then SIGKILL if it is still there after `grace`. Returns how it ended.
+    pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        self.signal(libc::SIGTERM)?;
+        // A stopped process handles SIGTERM only once it runs again.
+        self.signal(libc::SIGCONT)?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
     }
 }
 
@@ -71,8 +114,12 @@ pub fn chart_account_kubeconfig(component: &str) -> Result<std::path::PathBuf> {
 }
 
 impl Drop for Operator {
+    /// Pass or fail, the operator goes; gracefully, so that the next test's operator finds the
+    /// Lease released instead of waiting for it to expire.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.stop(Duration::from_secs(10)).is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

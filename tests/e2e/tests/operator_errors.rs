@@ -44,6 +44,9 @@ fn rules_without_volume_snapshot_create() -> Value {
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
          "verbs": ["create", "patch"]},
+        // Leader election: the operator's Lease in livedisk-system.
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update"]},
     ])
 }
 
