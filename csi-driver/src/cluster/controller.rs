@@ -146,8 +146,10 @@ impl ControllerService {
         result
     }
 
-    /// Deletes an internal object and waits until its node released the storage. A node error
-    /// while deleting (for example a volume still in use) is returned as is.
+    /// Deletes an internal object and waits until its node released the storage. A permanent
+    /// node error while deleting (for example a volume still attached) is returned as is; a
+    /// transient one (the node's own background work holds the volume for a moment) is retried
+    /// by the node within seconds, so the call keeps waiting, and returns it only at its timeout.
     async fn delete_and_wait<K>(&self, api: Api<K>, id: &str) -> Result<(), CsiError>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + NodeReported,
@@ -157,17 +159,25 @@ impl ControllerService {
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
             Err(error) => return Err(error.into()),
         }
-        wait::until(
+        let mut last_transient = None;
+        let result = wait::until(
             &api,
             id,
             self.timeout,
             || Ok(()),
             |object: &K| match object.node_error() {
-                Some(error) => Err(CsiError::Node(error)),
-                None => Ok(Poll::Pending),
+                Some(error) if !error.code.is_transient() => Err(CsiError::Node(error)),
+                transient => {
+                    last_transient = transient.or(last_transient.take());
+                    Ok(Poll::Pending)
+                }
             },
         )
-        .await
+        .await;
+        match (result, last_transient) {
+            (Err(CsiError::Timeout(_)), Some(error)) => Err(CsiError::Node(error)),
+            (result, _) => result,
+        }
     }
 
     async fn create_volume_impl(
