@@ -2,6 +2,7 @@
 //! and nothing is created.
 
 use anyhow::Result;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::volume_capability::{
@@ -56,13 +57,20 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     let kube = client().await?;
     let volumes: Api<LivediskVolume> = Api::all(kube.clone());
     let snapshots: Api<LivediskSnapshot> = Api::all(kube.clone());
-    let count = || async {
-        Ok::<_, anyhow::Error>((
-            volumes.list(&ListParams::default()).await?.items.len(),
-            snapshots.list(&ListParams::default()).await?.items.len(),
-        ))
+    // The names of the internal objects. Other tests' cleanup may still delete objects while
+    // this runs, so "nothing changed" means: no object appeared. (Every delete below names an
+    // unknown or malformed ID, which no object can carry.)
+    let names = || async {
+        let mut names = std::collections::BTreeSet::new();
+        for volume in volumes.list(&ListParams::default()).await?.items {
+            names.insert(format!("LivediskVolume/{}", volume.name_any()));
+        }
+        for snapshot in snapshots.list(&ListParams::default()).await?.items {
+            names.insert(format!("LivediskSnapshot/{}", snapshot.name_any()));
+        }
+        Ok::<_, anyhow::Error>(names)
     };
-    let before = count().await?;
+    let before = names().await?;
     let mut c = controller().await?;
 
     expect(
@@ -442,16 +450,19 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
 
     // The ResourceExhausted volume was removed again; nothing else was ever created.
     let settled = async {
+        let mut appeared = Vec::new();
         for _ in 0..100 {
-            if count().await? == before {
+            appeared = names()
+                .await?
+                .difference(&before)
+                .cloned()
+                .collect::<Vec<_>>();
+            if appeared.is_empty() {
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        anyhow::bail!(
-            "internal objects changed: before {before:?}, after {:?}",
-            count().await?
-        )
+        anyhow::bail!("bad input left internal objects behind: {appeared:?}")
     };
     settled.await
 }
