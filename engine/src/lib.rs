@@ -5,8 +5,9 @@
 //! Layout, bottom up:
 //!
 //! * [`qsd`]: the daemon process, QMP sessions, an NBD client — shared by every backend;
-//! * [`error`], [`extents`], [`lock`], [`failpoint`]: backend-neutral vocabulary (the one error
-//!   type, changed-extent lists, per-volume locks, test fault injection);
+//! * [`error`], [`extents`], [`lock`], [`failpoint`], [`stats`]: backend-neutral vocabulary (the
+//!   one error type, changed-extent lists, per-volume locks, test fault injection, totals of the
+//!   bytes jobs moved);
 //! * [`qcow2`]: the qcow2 chain backend, today the only one — records, plans, and one file per
 //!   operation (snapshot, merge, clone, revert, export, recovery).
 //!
@@ -21,6 +22,7 @@ pub mod failpoint;
 pub mod lock;
 pub mod qcow2;
 pub mod qsd;
+pub mod stats;
 
 pub use error::EngineError;
 pub use extents::Extent;
@@ -33,6 +35,7 @@ pub use qcow2::{
 };
 pub use qsd::daemon::{Daemon, Monitor, Origin, RuntimeDir};
 pub use qsd::qmp::{JobInfo, SessionState};
+pub use stats::JobStats;
 // Modules the admin CLI and the tests reach into by path.
 pub use qcow2::{bitmap, clone, plan, qemu_img, record, recover};
 pub use qsd::{daemon, nbd_client, qmp};

@@ -64,9 +64,15 @@ async fn stream_merge_mode_keeps_every_view() {
         mode: MergeMode::Stream,
         speed: None,
     };
+    let merged_before = e.job_stats().merged_bytes();
     e.delete_snapshot_with(&s[1], opts)
         .await
         .expect("stream s1");
+    // The job's progress is counted once it concluded (what the node plugin's metrics show).
+    assert!(
+        e.job_stats().merged_bytes() > merged_before,
+        "a merge moved no bytes"
+    );
     assert_eq!(
         e.delta(&s[0], &s[2], 0, 100).await.expect("delta").extents,
         d02
@@ -189,6 +195,12 @@ async fn clones_are_instant_flatten_in_background_and_outlive_their_source() {
     // The watcher / waiter recorded it; the source may now merge, and so
     // may the clone.
     assert!(e.is_flattened(&clone).expect("rec"));
+    assert!(
+        e.job_stats().copied_bytes() >= 8 * MIB,
+        "the flatten's bytes were not counted: {}",
+        e.job_stats().copied_bytes()
+    );
+    assert_eq!(e.job_stats().merged_bytes(), 0, "no merge ran yet");
     e.delete_snapshot(&cs, None)
         .await
         .expect("merge on the flat clone");

@@ -229,6 +229,7 @@ impl Engine {
         let mut rec = rec.clone();
         rec.clone_of = None;
         self.store.save(&rec)?;
+        self.stats.copied(j.current_progress);
         self.dismiss(&job).await;
         tracing::info!(volume = %rec.id, "clone flattened");
         Ok(true)

@@ -16,6 +16,7 @@ use crate::error::EngineError;
 use crate::lock::Locks;
 use crate::qsd::daemon::Daemon;
 use crate::qsd::qmp::{Qmp, SessionState};
+use crate::stats::JobStats;
 use livedisk_common::VolumeId;
 
 /// The engine's captures in flight.
@@ -83,6 +84,8 @@ pub struct Engine {
     /// reconnector of the node plugin's engine), ended with the engine.
     pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
     pub(super) recovery_errors: Arc<Mutex<Vec<(VolumeId, String)>>>,
+    /// Bytes moved by merge and flatten jobs (shared by every handle).
+    pub(super) stats: Arc<JobStats>,
 }
 
 impl Drop for Engine {
@@ -133,6 +136,7 @@ impl Engine {
             captures: self.captures.clone(),
             tasks: vec![],
             recovery_errors: self.recovery_errors.clone(),
+            stats: self.stats.clone(),
         }
     }
 
@@ -179,6 +183,11 @@ impl Engine {
     /// Every change of [`Engine::session`] from now on.
     pub fn session_changes(&self) -> tokio::sync::watch::Receiver<SessionState> {
         self.qmp.state_changes()
+    }
+
+    /// Bytes the engine's merge and flatten jobs moved since this process opened it.
+    pub fn job_stats(&self) -> &JobStats {
+        &self.stats
     }
 
     pub fn pool(&self) -> &Path {

@@ -386,9 +386,17 @@ impl Engine {
                         .await?
                         .into_iter()
                         .find(|j| j.id == job);
-                    return match info.and_then(|i| i.error) {
+                    return match info {
+                        Some(JobInfo {
+                            error: None,
+                            current_progress,
+                            ..
+                        }) => {
+                            self.stats.merged(current_progress);
+                            Ok(())
+                        }
                         None => Ok(()),
-                        Some(e) => {
+                        Some(JobInfo { error: Some(e), .. }) => {
                             self.dismiss(job).await;
                             if e.to_lowercase().contains("cancel") {
                                 Err(EngineError::Cancelled(job.to_owned()))

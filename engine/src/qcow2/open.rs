@@ -63,6 +63,7 @@ impl Engine {
             captures: Arc::default(),
             tasks: vec![],
             recovery_errors: Arc::default(),
+            stats: Arc::default(),
         };
         let (releases, releaser) = hidden_base::spawn_releaser(engine.background_handle());
         let flatten_watcher = clone::spawn_flatten_watcher(engine.background_handle(), releases);
