@@ -1,5 +1,5 @@
-//! `livedisk-csi`: the node binary. Today it carries the node-local admin
-//! command; the CSI controller and node services come later.
+//! `livedisk-csi`: the CSI driver's binary: `controller` and `node` serve CSI (see `run.rs`),
+//! `admin` is the node-local admin command.
 
 mod cli;
 
@@ -29,17 +29,27 @@ async fn main() {
                 classify(&e).code()
             }
         },
-        Command::Controller(args) => serve(livedisk_csi::run::controller(args)).await,
-        Command::Node(args) => serve(livedisk_csi::run::node(args)).await,
+        Command::Controller(args) => {
+            serve(
+                args.telemetry.log_format,
+                livedisk_csi::run::controller(args),
+            )
+            .await
+        }
+        Command::Node(args) => {
+            serve(args.telemetry.log_format, livedisk_csi::run::node(args)).await
+        }
     };
     std::process::exit(code);
 }
 
-/// Runs a server mode with structured logs; exit 0 on a clean shutdown, 1 on an error.
-async fn serve(server: impl std::future::Future<Output = anyhow::Result<()>>) -> i32 {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+/// Runs a server mode with structured logs (text or JSON); exit 0 on a clean shutdown, 1 on an
+/// error.
+async fn serve(
+    log_format: livedisk_telemetry::LogFormat,
+    server: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> i32 {
+    livedisk_telemetry::logging::init(log_format);
     match server.await {
         Ok(()) => 0,
         Err(error) => {

@@ -1,7 +1,7 @@
 //! The two server modes of the `livedisk-csi` binary.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -13,13 +13,16 @@ use tonic::transport::Server;
 
 use crate::cluster::controller::ControllerService;
 use crate::grpc::identity::IdentityService;
+use crate::grpc::metrics::{CallMetrics, CallMetricsLayer};
 use crate::grpc::server;
 use crate::metadata::{NodeMetadata, RelayMetadata, TlsDir};
 use crate::node::agent::{self, Agent};
 use crate::node::engine_health;
+use crate::node::metrics::{EngineSlot, NodeMetrics};
 use crate::node::service::NodeService;
 use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use livedisk_engine::{Engine, EngineConfig};
+use livedisk_telemetry::{Endpoint, ReadyFlag, Registry, TelemetryArgs};
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -36,6 +39,8 @@ pub struct ControllerArgs {
     /// The name the nodes' server certificate carries (checked by the controller).
     #[arg(long, env = "LIVEDISK_NODE_GRPC_SERVER_NAME", default_value = crate::metadata::NODE_TLS_NAME)]
     pub node_tls_server_name: String,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +79,8 @@ pub struct NodeArgs {
     /// plugin exits non-zero, so that it is restarted and opens its engine afresh.
     #[arg(long, env = "LIVEDISK_ENGINE_RECONNECT_SECONDS", default_value_t = 30)]
     pub engine_reconnect_seconds: u64,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 fn reflection() -> Result<
@@ -87,14 +94,22 @@ fn reflection() -> Result<
         .context("building gRPC reflection")
 }
 
-/// Serves the controller until SIGTERM.
+/// Serves the controller until SIGTERM. Ready (`/readyz`) once its API client is made and its
+/// socket bound: it keeps no state of its own to load.
 pub async fn controller(args: ControllerArgs) -> Result<()> {
+    let mut registry = Registry::default();
+    let calls = CallMetrics::register(&mut registry);
+    let ready = ReadyFlag::default();
+    let _endpoint = Endpoint::from_args(&args.telemetry, registry, ready.check())
+        .await
+        .context("starting the telemetry endpoint")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server")?;
     let path = server::socket_path(&args.csi_endpoint)?;
     let listener = server::bind(&path)?;
     tracing::info!(socket = %path.display(), "CSI controller serving");
+    ready.set(true);
     let relay = match &args.node_tls_dir {
         Some(dir) => Some(SnapshotMetadataServer::new(RelayMetadata {
             client: client.clone(),
@@ -103,6 +118,7 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
         None => None,
     };
     Server::builder()
+        .layer(CallMetricsLayer::new(calls))
         .add_service(IdentityServer::new(IdentityService {
             controller: true,
             snapshot_metadata: relay.is_some(),
@@ -122,7 +138,25 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
 
 /// Serves the node plugin and runs its agent until SIGTERM, or until its engine has had no daemon
 /// for `--engine-reconnect-seconds` (then it returns an error: the process exits non-zero).
+/// Ready (`/readyz`) exactly when Probe says ready: while its engine's session with the daemon
+/// is live.
 pub async fn node(args: NodeArgs) -> Result<()> {
+    // The endpoint answers probes from the start, while the engine still recovers its pool.
+    let mut registry = Registry::default();
+    let calls = CallMetrics::register(&mut registry);
+    let opened: EngineSlot = Arc::new(OnceLock::new());
+    let node_metrics = NodeMetrics::register(&mut registry, opened.clone());
+    let engine_ready = {
+        let opened = opened.clone();
+        Arc::new(move || {
+            opened
+                .get()
+                .is_some_and(|engine| engine_health::ready(engine.session()))
+        })
+    };
+    let _endpoint = Endpoint::from_args(&args.telemetry, registry, engine_ready)
+        .await
+        .context("starting the telemetry endpoint")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server")?;
@@ -134,6 +168,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         .await
         .context("opening the engine")?,
     );
+    let _ = opened.set(engine.clone());
     let path = server::socket_path(&args.csi_endpoint)?;
     let listener = server::bind(&path)?;
     let node_agent = Arc::new(Agent {
@@ -141,6 +176,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         engine: engine.clone(),
         node_name: args.node_name.clone(),
         metadata_endpoint: args.metadata_advertise.clone(),
+        metrics: node_metrics,
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
         (Some(listen), Some(dir)) => {
@@ -151,6 +187,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             let server = Server::builder()
                 .tls_config(tls)
                 .context("TLS for the changed-block service")?
+                .layer(CallMetricsLayer::new(calls.clone()))
                 .add_service(service)
                 .serve_with_shutdown(listen, server::shutdown_signal());
             tracing::info!(%listen, "private changed-block service (mutual TLS) serving");
@@ -175,6 +212,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
     };
     tracing::info!(socket = %path.display(), node = %args.node_name, "CSI node plugin serving");
     Server::builder()
+        .layer(CallMetricsLayer::new(calls))
         .add_service(IdentityServer::new(IdentityService {
             controller: false,
             snapshot_metadata: false,

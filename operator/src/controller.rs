@@ -2,7 +2,7 @@
 //! dereference (observe) → decide (pure) → update status → publish an Event on a change.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::core::DeserializeGuard;
@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::kinds::{LivediskKind, Reference};
+use crate::metrics::OperatorMetrics;
 use crate::leader::Leadership;
 use crate::observe::{self, Caches};
 use crate::{standard, status};
@@ -29,20 +30,27 @@ pub struct Context {
     caches: Caches,
     /// Checked before each reconcile: a replica that does not hold the Lease does nothing.
     leadership: Leadership,
+    metrics: Arc<OperatorMetrics>,
 }
 
-/// Runs the controllers of all kinds until the process is stopped (SIGTERM or SIGINT).
+/// Runs the controllers of all kinds until the process is stopped (SIGTERM or SIGINT). `ready`
+/// is false while their reference caches sync.
 pub async fn run_all(
     client: Client,
     reporter: Reporter,
     leadership: Leadership,
+    metrics: Arc<OperatorMetrics>,
+    ready: livedisk_telemetry::ReadyFlag,
 ) -> Result<(), Error> {
+    ready.set(false);
     let caches = Caches::start(&client).await?;
+    ready.set(true);
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         caches,
         leadership,
+        metrics,
     });
     tokio::join!(
         run::<DiskSnapshot>(context.clone()),
@@ -123,11 +131,15 @@ where
         tracing::debug!(kind = %K::kind(&()), "not the leader: reconcile skipped");
         return Ok(Action::await_change());
     }
+    let started = Instant::now();
     let result = match &guarded.0 {
         Ok(object) => reconcile_object(object, &context).await,
         // One unreadable object must not stall the others: report it and move on.
         Err(invalid) => Err(Error::InvalidObject(invalid.to_string())),
     };
+    context
+        .metrics
+        .reconciled(&K::kind(&()), &result, started.elapsed());
     if let Err(error) = &result {
         report_failure(guarded.as_ref(), error, &context).await;
     }

@@ -5,6 +5,7 @@ mod decide;
 mod error;
 mod kinds;
 mod leader;
+mod metrics;
 mod observe;
 mod standard;
 mod startup;
@@ -13,7 +14,7 @@ mod status;
 use anyhow::Context;
 use clap::{ArgAction, Parser};
 use kube::client::ClientBuilder;
-use tracing_subscriber::{EnvFilter, fmt};
+use livedisk_telemetry::{Endpoint, ReadyFlag, Registry, TelemetryArgs};
 
 use crate::leader::{Elector, Leadership, Settings, Timing};
 
@@ -28,9 +29,6 @@ struct Args {
     /// How long to wait for the livedisk CRDs to be established before giving up, in seconds.
     #[arg(long, env = "LIVEDISK_CRD_WAIT_SECONDS", default_value_t = 120)]
     crd_wait_seconds: u64,
-    /// Log format: `text` for people, `json` for log pipelines.
-    #[arg(long, env = "LIVEDISK_LOG_FORMAT", default_value = "text")]
-    log_format: String,
     /// Name reported in Events (`reportingController`).
     #[arg(
         long,
@@ -66,12 +64,22 @@ struct Args {
         default_value = "livedisk-operator"
     )]
     leader_election_lease_name: String,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    livedisk_telemetry::logging::init(args.telemetry.log_format);
+    // Probes are served from the start. Ready once the CRDs are established (a standby replica
+    // can take over) and, while this replica runs the controllers, once their caches synced.
+    let mut registry = Registry::default();
+    let metrics = metrics::OperatorMetrics::register(&mut registry);
+    let ready = ReadyFlag::default();
+    let _endpoint = Endpoint::from_args(&args.telemetry, registry, ready.check())
+        .await
+        .context("starting the telemetry endpoint")?;
     let config = kube::Config::infer()
         .await
         .context("no Kubernetes client configuration (KUBECONFIG or in-cluster)")?;
@@ -83,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("leader election is off: this replica acts as if it were the only one");
         let client = kube::Client::try_from(config)?;
         wait_for_crds(&client, &args).await?;
-        controller::run_all(client, reporter, Leadership::unconditional()).await?;
+        ready.set(true);
+        controller::run_all(client, reporter, Leadership::unconditional(), metrics, ready).await?;
         return Ok(());
     }
 
@@ -95,9 +104,10 @@ async fn main() -> anyhow::Result<()> {
         .with_layer(&leader::fence::layer(leadership.clone()))
         .build();
     wait_for_crds(&client, &args).await?;
+    ready.set(true);
     elector.acquire().await;
     tokio::select! {
-        stopped = controller::run_all(client, reporter, leadership) => {
+        stopped = controller::run_all(client, reporter, leadership, metrics, ready) => {
             // The controllers stopped on SIGTERM/SIGINT: hand the Lease over at once.
             elector.release().await;
             stopped?;
@@ -135,15 +145,5 @@ fn settings(args: &Args) -> Settings {
         name: args.leader_election_lease_name.clone(),
         identity: leader::identity(args.pod_name.as_deref(), &hostname, std::process::id()),
         timing: Timing::DEFAULT,
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

@@ -30,5 +30,4 @@ pub use endpoint::{Endpoint, EndpointConfig};
 pub use error::TelemetryError;
 pub use health::{Heartbeat, ReadyCheck, ReadyFlag};
 pub use logging::LogFormat;
-pub use prometheus_client;
 pub use prometheus_client::registry::Registry;

@@ -30,6 +30,7 @@ use livedisk_api::internal::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::metrics::{NodeMetrics, OperationKind};
 use super::report::{self, SnapshotReport, VolumeReport};
 use crate::grpc::error::{CsiError, node_error};
 use livedisk_common::error_chain;
@@ -41,6 +42,8 @@ pub struct Agent {
     pub node_name: String,
     /// Where the controller reaches this node's changed-block service, if it is served.
     pub metadata_endpoint: Option<String>,
+    /// Counts the storage operations below as they run.
+    pub metrics: Arc<NodeMetrics>,
 }
 
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
@@ -292,8 +295,14 @@ async fn apply_volume(
     let created = match (&existing, &volume.spec.content_source) {
         // Already made (a repeat, or an expansion of the spec): grown below if needed.
         (Some(info), _) => Ok(info.clone()),
-        (None, None) => agent.engine.create_volume(&id, size).await,
-        (None, Some(source)) => create_from(&agent.engine, &id, source, size).await,
+        (None, None) => {
+            let creating = agent.engine.create_volume(&id, size);
+            agent
+                .metrics
+                .track(OperationKind::CreateVolume, creating)
+                .await
+        }
+        (None, Some(source)) => create_from(agent, &id, source, size).await,
     };
     let info = match created {
         Ok(info) => info,
@@ -311,7 +320,12 @@ async fn apply_volume(
         }
     };
     let info = if info.size < size {
-        match agent.engine.expand_volume(&id, size).await {
+        let expanding = agent.engine.expand_volume(&id, size);
+        match agent
+            .metrics
+            .track(OperationKind::ExpandVolume, expanding)
+            .await
+        {
             Ok(info) => info,
             Err(error) => {
                 let report = VolumeReport {
@@ -356,22 +370,23 @@ async fn apply_volume(
 /// A new volume with the content of `source`: restored from a snapshot, or cloned from a volume
 /// (the engine takes, and later deletes, the snapshot a clone is made from).
 async fn create_from(
-    engine: &Engine,
+    agent: &Agent,
     id: &VolumeId,
     source: &ContentSource,
     size: u64,
 ) -> Result<VolumeInfo, EngineError> {
     let invalid = |e: livedisk_engine::ids::IdError| EngineError::InvalidArgument(e.to_string());
+    let (engine, metrics) = (&agent.engine, &agent.metrics);
     match (&source.snapshot_id, &source.volume_id) {
         (Some(snapshot), _) => {
             let snapshot = SnapshotId::parse(snapshot).map_err(invalid)?;
-            engine
-                .create_volume_from_snapshot(id, &snapshot, Some(size))
-                .await
+            let restoring = engine.create_volume_from_snapshot(id, &snapshot, Some(size));
+            metrics.track(OperationKind::RestoreVolume, restoring).await
         }
         (None, Some(volume)) => {
             let volume = VolumeId::parse(volume).map_err(invalid)?;
-            engine.clone_volume(id, &volume, Some(size)).await
+            let cloning = engine.clone_volume(id, &volume, Some(size));
+            metrics.track(OperationKind::CloneVolume, cloning).await
         }
         (None, None) => Err(EngineError::InvalidArgument("empty content source".into())),
     }
@@ -428,7 +443,9 @@ async fn cleanup_volume(
         volume,
         reported,
         deleting,
-        agent.engine.delete_volume(&id),
+        agent
+            .metrics
+            .track(OperationKind::DeleteVolume, agent.engine.delete_volume(&id)),
     )
     .await?;
     tracing::info!(volume = %id, "volume deleted");
@@ -459,8 +476,11 @@ async fn apply_snapshot(
     let taken = match agent.engine.snapshot(&id) {
         Ok(info) => Ok(info),
         Err(_) => agent
-            .engine
-            .create_snapshot(&volume, &id)
+            .metrics
+            .track(
+                OperationKind::CreateSnapshot,
+                agent.engine.create_snapshot(&volume, &id),
+            )
             .await
             .map(|(info, _)| info),
     };
@@ -522,7 +542,10 @@ async fn cleanup_snapshot(
         snapshot,
         reported,
         deleting,
-        agent.engine.delete_snapshot(&id, None),
+        agent.metrics.track(
+            OperationKind::DeleteSnapshot,
+            agent.engine.delete_snapshot(&id, None),
+        ),
     )
     .await?;
     tracing::info!(snapshot = %id, "snapshot deleted");
