@@ -10,6 +10,11 @@
 #     the controller and its sidecars as the controller pod's account, node plugins as the node's.
 #     A node reaches the API server through a unix-socket bridge (socat), as its own loopback
 #     has nothing on it; the node is registered as a CSINode the way node-driver-registrar would.
+#   * every server's HTTPS endpoint (/healthz, /readyz, /metrics): the controller's on
+#     127.0.0.1:$LIVEDISK_CONTROLLER_METRICS_PORT (default: the snapshot-metadata HTTP port + 1)
+#     with a certificate of the driver CA, each node plugin's on its link address
+#     $SUBNET.<i>.2:$LIVEDISK_NODE_METRICS_PORT (default 9090), self-signed; listed in
+#     ./.livedisk/csi/metrics-endpoints for tests that scrape them.
 #
 #   hack/driver.sh start | stop
 # Needs the cluster of hack/cluster.sh (LIVEDISK_STATE_DIR's env) and root. LIVEDISK_CSI_BIN
@@ -37,6 +42,11 @@ fi
 SNAPSHOT_METADATA_PORT="${LIVEDISK_SNAPSHOT_METADATA_PORT:-7443}"
 SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT:-7480}"
 AUDIENCE=livedisk-snapshot-metadata
+# Derived from a port each cluster already sets apart, so `make up`'s and `make test`'s
+# controllers (both on the host's loopback) do not collide.
+CONTROLLER_METRICS_PORT="${LIVEDISK_CONTROLLER_METRICS_PORT:-$((SNAPSHOT_METADATA_HTTP_PORT + 1))}"
+# Inside each node's own network namespace: the same port everywhere.
+NODE_METRICS_PORT="${LIVEDISK_NODE_METRICS_PORT:-9090}"
 # Host-side interface names and the /16 the node links use: distinct for `make test`'s cluster so
 # that it can run beside the one of `make up`.
 LINK_PREFIX="${LIVEDISK_LINK_PREFIX:-ld}"
@@ -97,6 +107,7 @@ make_pki() {
   issue node-tls livedisk-node "DNS:livedisk-node"
   issue controller-tls livedisk-csi-controller "DNS:livedisk-csi-controller"
   issue sidecar-tls livedisk-snapshot-metadata "DNS:localhost,IP:127.0.0.1"
+  issue controller-metrics-tls livedisk-csi-controller "DNS:localhost,IP:127.0.0.1"
 }
 
 # link_node NAME INDEX: a veth pair between the host and the node's network namespace, so the
@@ -120,10 +131,12 @@ cmd_start() {
   command -v socat >/dev/null || die "socat is missing: apt-get install socat"
   mkdir -p "$CSI_DIR" "$PIDS" "$LOGS"
 
-  log "CSIDriver, StorageClass and VolumeSnapshotClass from the chart"
+  log "CSIDriver, StorageClass, VolumeSnapshotClass and the metrics RBAC from the chart"
   "$(cd "$ROOT" && hack/helm.sh | tail -n 1)" template livedisk "$ROOT/charts/livedisk" \
+    --namespace livedisk-system \
     --show-only templates/storage/csidriver.yaml --show-only templates/storage/storageclass.yaml \
-    --show-only templates/storage/volumesnapshotclass.yaml | kubectl apply -f - >/dev/null
+    --show-only templates/storage/volumesnapshotclass.yaml \
+    --show-only templates/metrics/rbac.yaml | kubectl apply -f - >/dev/null
   kubectl create namespace livedisk-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
   local accounts="$STATE/accounts" account
@@ -133,7 +146,10 @@ cmd_start() {
   make_pki
   log "CSI controller and sidecars (account: csi-controller)"
   start_bg csi-controller env KUBECONFIG="$accounts/csi-controller.kubeconfig" "$BIN" controller --csi-endpoint "unix://$CSI_DIR/controller.sock" \
-    --node-tls-dir "$PKI/controller-tls"
+    --node-tls-dir "$PKI/controller-tls" \
+    --metrics-addr "127.0.0.1:$CONTROLLER_METRICS_PORT" --metrics-tls-dir "$PKI/controller-metrics-tls"
+  # name, address, server name, CA file ("-": self-signed, not verifiable).
+  printf 'controller 127.0.0.1:%s 127.0.0.1 %s\n' "$CONTROLLER_METRICS_PORT" "$PKI/ca.crt" > "$CSI_DIR/metrics-endpoints"
   wait_socket "$CSI_DIR/controller.sock"
   # Leader election on, as the chart runs them (its Leases are part of what the RBAC grants).
   local common=(--csi-address="$CSI_DIR/controller.sock" --kubeconfig="$accounts/csi-controller.kubeconfig"
@@ -180,7 +196,9 @@ YAML
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
       --pool-dir "$root/pool" --engine-socket-dir "$root/run" \
       --metadata-listen "$SUBNET.$index.2:9443" --metadata-advertise "https://$SUBNET.$index.2:9443" \
-      --node-tls-dir "$PKI/node-tls"
+      --node-tls-dir "$PKI/node-tls" --metrics-addr "$SUBNET.$index.2:$NODE_METRICS_PORT"
+    printf '%s %s.%s.2:%s %s.%s.2 -\n' "$node" "$SUBNET" "$index" "$NODE_METRICS_PORT" "$SUBNET" "$index" \
+      >> "$CSI_DIR/metrics-endpoints"
     wait_socket "$CSI_DIR/$node.sock"
     kubectl apply -f - >/dev/null <<YAML
 apiVersion: storage.k8s.io/v1
@@ -218,12 +236,12 @@ cmd_stop() {
     [ "${LIVEDISK_KEEP_DATA:-0}" = 1 ] || rm -rf "${LIVEDISK_NODES_DIR:?}/$node"
   done
   for name in csi-snapshot-metadata csi-resizer csi-snapshotter csi-provisioner csi-controller; do stop_one "$name"; done
-  rm -f "$CSI_DIR"/*.sock
+  rm -f "$CSI_DIR"/*.sock "$CSI_DIR/metrics-endpoints"
   log "driver stopped"
 }
 
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

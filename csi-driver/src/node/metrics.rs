@@ -213,13 +213,13 @@ impl Collector for EngineCollector {
         counter(
             &mut encoder,
             "livedisk_node_merged",
-            "Progress of the merge jobs that deleted snapshots, summed when each concluded",
+            "Progress of the merge jobs that deleted snapshots, summed when each concluded.",
             stats.merged_bytes(),
         )?;
         counter(
             &mut encoder,
             "livedisk_node_copied",
-            "Progress of the flatten jobs of restored and cloned volumes, summed when each concluded",
+            "Progress of the flatten jobs of restored and cloned volumes, summed when each concluded.",
             stats.copied_bytes(),
         )?;
         match mounts::statvfs(engine.pool()) {
@@ -229,21 +229,21 @@ impl Collector for EngineCollector {
                 gauge(
                     &mut encoder,
                     "livedisk_node_pool_size",
-                    "Size of the pool's filesystem",
+                    "Size of the pool's filesystem.",
                     bytes,
                     space.size,
                 )?;
                 gauge(
                     &mut encoder,
                     "livedisk_node_pool_used",
-                    "Bytes used on the pool's filesystem",
+                    "Bytes used on the pool's filesystem.",
                     bytes,
                     space.used,
                 )?;
                 gauge(
                     &mut encoder,
                     "livedisk_node_pool_free",
-                    "Bytes of the pool's filesystem available to new volumes",
+                    "Bytes of the pool's filesystem available to new volumes.",
                     bytes,
                     space.free,
                 )?;
@@ -256,14 +256,14 @@ impl Collector for EngineCollector {
                 gauge(
                     &mut encoder,
                     "livedisk_node_volumes",
-                    "Volumes on this node (not deleted)",
+                    "Volumes on this node (not deleted).",
                     None,
                     live,
                 )?;
                 gauge(
                     &mut encoder,
                     "livedisk_node_snapshots",
-                    "Snapshots on this node, of live and deleted volumes",
+                    "Snapshots on this node, of live and deleted volumes.",
                     None,
                     snapshots,
                 )?;

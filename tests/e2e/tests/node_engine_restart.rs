@@ -1,7 +1,8 @@
 //! The node plugin survives its engine daemon. On the two-node local cluster (hack/driver.sh),
 //! the daemon of a node is killed with SIGKILL under its running node plugin:
 //! * node-a: the daemon is restarted by its owner (`hack/engine-ns.sh start`, as the engine
-//!   DaemonSet restarts it); the node plugin's Probe answers not-ready while it is gone, the
+//!   DaemonSet restarts it); the node plugin's Probe and its HTTPS `/readyz` answer not-ready
+//!   within seconds while it is gone (its `/healthz` stays ok: the plugin itself is fine), the
 //!   plugin re-attaches by itself, and the next CSI calls (re-staging the volume, a snapshot
 //!   through the controller) work;
 //! * node-b: nobody restarts the daemon; the Probe answers not-ready, the node plugin gives up
@@ -21,6 +22,7 @@ use livedisk_csi_proto::csi::v1::volume_capability::{
 };
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{channel, controller, in_node, node, socket_dir};
+use livedisk_e2e::metrics::endpoint;
 use livedisk_e2e::{eventually, workspace_binary, workspace_root};
 
 const TOPOLOGY_KEY: &str = "topology.livedisk.io/node";
@@ -47,6 +49,16 @@ async fn probe(node_name: &str) -> Option<bool> {
     .ok()?
     .ok()?;
     Some(answer.into_inner().ready.unwrap_or(false))
+}
+
+/// The status of the node plugin's HTTPS probe `path`, or `None` while it does not answer.
+async fn http_probe(node_name: &str, path: &str) -> Option<u16> {
+    let endpoint = endpoint(node_name).ok()?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), endpoint.get(path, None))
+        .await
+        .ok()?
+        .ok()?;
+    Some(reply.status)
 }
 
 fn nodes_dir() -> Result<PathBuf> {
@@ -270,10 +282,14 @@ async fn delete(volume_id: &str, snapshot_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Probe answers not-ready within seconds of the daemon's death.
+/// Probe and `/readyz` answer not-ready within seconds of the daemon's death.
 async fn not_ready_soon(node_name: &str) -> Result<()> {
     eventually(10, "Probe to answer not-ready", || async {
         Ok((probe(node_name).await == Some(false)).then_some(()))
+    })
+    .await?;
+    eventually(10, "/readyz to answer 503", || async {
+        Ok((http_probe(node_name, "/readyz").await == Some(503)).then_some(()))
     })
     .await
 }
@@ -281,6 +297,10 @@ async fn not_ready_soon(node_name: &str) -> Result<()> {
 async fn ready_within(node_name: &str, seconds: u64) -> Result<()> {
     eventually(seconds, "Probe to answer ready again", || async {
         Ok((probe(node_name).await == Some(true)).then_some(()))
+    })
+    .await?;
+    eventually(10, "/readyz to answer 200 again", || async {
+        Ok((http_probe(node_name, "/readyz").await == Some(200)).then_some(()))
     })
     .await
 }
@@ -317,13 +337,19 @@ async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
     let device = stage(node_name, &volume_id, &tag).await?;
     write_block(node_name, &device, "before-the-kill")?;
     assert_eq!(probe(node_name).await, Some(true));
+    assert_eq!(http_probe(node_name, "/readyz").await, Some(200));
     let plugin = node_plugin_pid(node_name)?.context("node plugin of node-a not found")?;
 
     let old = kill_daemon(node_name).await?;
+    let killed = std::time::Instant::now();
     not_ready_soon(node_name).await?;
-    // Gone for a while: the plugin keeps answering not-ready and starts no daemon itself.
+    eprintln!("not ready {:?} after the kill", killed.elapsed());
+    // Gone for a while: the plugin keeps answering not-ready and starts no daemon itself, and
+    // the process itself stays healthy (no reason for kubelet to restart it).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(probe(node_name).await, Some(false));
+    assert_eq!(http_probe(node_name, "/readyz").await, Some(503));
+    assert_eq!(http_probe(node_name, "/healthz").await, Some(200));
     let run_dir = nodes_dir()?.join(node_name).join("run");
     assert_eq!(
         daemons_in(&run_dir),
