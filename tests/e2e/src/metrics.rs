@@ -85,9 +85,12 @@ impl Endpoint {
     }
 }
 
-/// The samples of one scrape: by metric name, then by label set.
+/// One sample: its labels and its value.
+type Sample = (BTreeMap<String, String>, f64);
+
+/// The samples of one scrape, by metric name.
 #[derive(Debug, Default)]
-pub struct Samples(HashMap<String, Vec<(BTreeMap<String, String>, f64)>>);
+pub struct Samples(HashMap<String, Vec<Sample>>);
 
 impl Samples {
     /// Parses the Prometheus text format (comments skipped; label values without escapes, as
