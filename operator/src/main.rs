@@ -92,7 +92,14 @@ async fn main() -> anyhow::Result<()> {
         let client = kube::Client::try_from(config)?;
         wait_for_crds(&client, &args).await?;
         ready.set(true);
-        controller::run_all(client, reporter, Leadership::unconditional(), metrics, ready).await?;
+        controller::run_all(
+            client,
+            reporter,
+            Leadership::unconditional(),
+            metrics,
+            ready,
+        )
+        .await?;
         return Ok(());
     }
 

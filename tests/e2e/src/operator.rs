@@ -32,6 +32,11 @@ impl Operator {
         Self::spawn_with(Some(kubeconfig), &[("POD_NAME", identity)])
     }
 
+    /// The operator under the chart's operator ServiceAccount, with extra environment (flags).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_with(Some(&chart_account_kubeconfig("operator")?), env)
+    }
+
     fn spawn(kubeconfig: Option<&Path>) -> Result<Self> {
         Self::spawn_with(kubeconfig, &[])
     }

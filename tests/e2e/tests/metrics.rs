@@ -1,6 +1,7 @@
 //! The HTTPS endpoints of the CSI controller and the node plugins, on the two-node local cluster
-//! (hack/driver.sh): a scraper's token is checked by the API server (TokenReview and a
-//! SubjectAccessReview of `get /metrics`), and the metrics move by exactly what was done.
+//! (hack/driver.sh), and of the operator (started here under the chart's operator account): a
+//! scraper's token is checked by the API server (TokenReview and a SubjectAccessReview of
+//! `get /metrics`), and the metrics move by exactly what was done.
 //!
 //! The scraper is a ServiceAccount of the test bound to the chart's `livedisk-metrics-reader`
 //! ClusterRole (applied by hack/driver.sh from charts/livedisk/templates/metrics/rbac.yaml), with
@@ -18,7 +19,8 @@ use livedisk_csi_proto::csi::v1::volume_capability::{
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{controller, in_node, node};
 use livedisk_e2e::metrics::{Endpoint, Samples, endpoint, service_account_token};
-use livedisk_e2e::{TestNamespace, client, eventually};
+use livedisk_e2e::operator::Operator;
+use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 
 const NODE: &str = "node-a";
 const TOPOLOGY_KEY: &str = "topology.livedisk.io/node";
@@ -353,4 +355,54 @@ async fn probes_answer_anyone_and_metrics_only_an_authorized_token() -> Result<(
         assert!(!refused.body.contains("livedisk_"), "{name} showed metrics");
     }
     unbound.delete().await
+}
+
+#[tokio::test]
+async fn the_operator_serves_probes_and_counts_its_reconciles() -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // One replica without the Lease: this test is about its endpoint, not leader election.
+    let operator = Operator::start_with_env(&[
+        ("LIVEDISK_METRICS_ADDR", addr.as_str()),
+        ("LIVEDISK_LEADER_ELECT", "false"),
+    ])?;
+    let endpoint = Endpoint {
+        addr: addr.parse()?,
+        server_name: "localhost".into(),
+        ca: None,
+    };
+    eventually(60, "the operator's /readyz to answer 200", || async {
+        Ok(endpoint
+            .get("/readyz", None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| operator.log())?;
+    assert_eq!(endpoint.get("/healthz", None).await?.status, 200);
+    assert_eq!(endpoint.get("/metrics", None).await?.status, 401);
+
+    let scraper = Scraper::create(true).await?;
+    let snapshot = serde_json::json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": "counted"}, "spec": {"source": {"persistentVolumeClaimName": "none"}}});
+    apply(&scraper.client, &scraper.namespace.name, &snapshot)
+        .await?
+        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
+    let kind = [("kind", "DiskSnapshot")];
+    let samples =
+        eventually(60, "a counted DiskSnapshot reconcile", || async {
+            let reply = endpoint.get("/metrics", Some(&scraper.token)).await?;
+            let samples = Samples::parse(&reply.body);
+            Ok((reply.status == 200
+                && samples.sum("livedisk_operator_reconciles_total", &kind) >= 1.0)
+                .then_some(samples))
+        })
+        .await
+        .with_context(|| operator.log())?;
+    assert!(samples.sum("livedisk_operator_reconcile_duration_seconds_count", &kind) >= 1.0);
+    drop(operator);
+    scraper.delete().await
 }
