@@ -346,6 +346,7 @@ cmd_up() {
   if [ "$REAL_NODES" = 1 ]; then
     node_args=(--endpoint-reconciler-type lease --authorization-mode Node,RBAC
       --enable-admission-plugins NodeRestriction
+      --kubelet-preferred-address-types InternalIP,Hostname
       --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
       --kubelet-client-key "$PKI/apiserver-kubelet-client.key")
   fi

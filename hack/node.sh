@@ -283,6 +283,8 @@ write_configs() {
 version = 3
 root = "/var/lib/containerd"
 state = "/run/containerd"
+[debug]
+  level = "${LIVEDISK_CONTAINERD_LOG_LEVEL:-info}"
 [grpc]
   address = "/run/containerd/containerd.sock"
 [plugins.'io.containerd.cri.v1.images']
@@ -291,6 +293,9 @@ state = "/run/containerd"
     sandbox = "$PAUSE_IMAGE"
 [plugins.'io.containerd.cri.v1.runtime']
   enable_selinux = false
+  # No process here may lower its OOM score (CAP_SYS_RESOURCE is not in the bounding set):
+  # containerd keeps pods' oom_score_adj at or above its own instead of failing them.
+  restrict_oom_score_adj = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -363,6 +368,8 @@ imageGCLowThresholdPercent: 95
 rotateCertificates: false
 serverTLSBootstrap: false
 shutdownGracePeriod: 0s
+# Lowering an OOM score needs CAP_SYS_RESOURCE, which no process has here.
+oomScoreAdj: 0
 EOF
 
   cat > "$etc/kube-proxy.yaml" <<EOF
@@ -380,6 +387,8 @@ nodePortAddresses: [primary]
 iptables: {localhostNodePorts: false}
 # 0: leave conntrack limits and timeouts alone (nf_conntrack_max is global, not per namespace).
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+# Lowering an OOM score needs CAP_SYS_RESOURCE, which no process has here.
+oomScoreAdj: 0
 EOF
 }
 
