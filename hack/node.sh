@@ -102,7 +102,7 @@ find_builds() {
   HARNESS_BIN="$("$ROOT/hack/harness/build.sh" kubelet kube-proxy kubectl | tail -n 1)"
   local dir; dir="$("$ROOT/hack/harness/node-build.sh" | tail -n 1)"
   NODE_BIN="$dir/bin" NODE_CNI="$dir/cni"
-  # The CNI dir holds links into the build cache: the node's /opt/cni/bin is a read-only copy of
+  # The CNI dir holds links into the build cache; the node's /opt/cni/bin is a read-only bind of
   # the links (absolute paths, valid inside the node's mount namespace too).
   [ -x "$HARNESS_BIN/kubelet" ] && [ -x "$NODE_BIN/containerd" ] || die "builds missing (hack/harness/build.sh, node-build.sh)"
   mapfile -t IMAGES < <("$ROOT/hack/harness/node-build.sh" --print-images)
