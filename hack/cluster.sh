@@ -19,6 +19,16 @@
 # Other: LIVEDISK_CACHE_DIR (build cache, see hack/harness/build.sh),
 #   LIVEDISK_UP_TIMEOUT (seconds to wait for readiness, 180),
 #   LIVEDISK_SNAPSHOT_FEATURE_GATES (snapshot-controller, "CSIVolumeGroupSnapshot=true").
+# Real nodes (prototype, hack/node.sh; both default to today's behaviour):
+#   LIVEDISK_FAKE_NODES      the Node objects registered without a kubelet ("node-a node-b");
+#                            when empty, the node lifecycle controller runs as on a real cluster.
+#   LIVEDISK_APISERVER_ADDRESS  (127.0.0.1) the address the API server binds and advertises. Any
+#                            other address (one that pods in the nodes' namespaces can reach, e.g.
+#                            $LIVEDISK_SUBNET.0.1) switches on what kubelets need: that address is
+#                            put on a host interface ${LIVEDISK_LINK_PREFIX:-ld}-api when no
+#                            interface has it, the kubernetes Service gets it as its endpoint
+#                            (lease reconciler), the Node authorizer and NodeRestriction run, and
+#                            the API server authenticates to kubelets with a client certificate.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +40,10 @@ PKI="$STATE/pki"; LOGS="$STATE/logs"; PIDS="$STATE/pids"
 KUBECONFIG_FILE="$STATE/kubeconfig"
 
 HOST=127.0.0.1
+# The API server's own address; 127.0.0.1 unless real nodes must reach it (see the header).
+API_HOST="${LIVEDISK_APISERVER_ADDRESS:-127.0.0.1}"
+REAL_NODES=0; [ "$API_HOST" != 127.0.0.1 ] && REAL_NODES=1
+API_LINK="${LIVEDISK_LINK_PREFIX:-ld}-api"
 APISERVER_PORT="${LIVEDISK_APISERVER_PORT:-6443}"
 ETCD_PORT="${LIVEDISK_ETCD_PORT:-23790}"
 ETCD_PEER_PORT="${LIVEDISK_ETCD_PEER_PORT:-23800}"
@@ -40,7 +54,7 @@ SNAPSHOT_FEATURE_GATES="${LIVEDISK_SNAPSHOT_FEATURE_GATES-CSIVolumeGroupSnapshot
 SERVICE_CIDR="10.96.0.0/24"
 SERVICE_IP="10.96.0.1"
 SA_ISSUER="https://kubernetes.default.svc.cluster.local"
-NODES=(node-a node-b)
+read -r -a NODES <<< "${LIVEDISK_FAKE_NODES-node-a node-b}"
 
 # Start order; down stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler snapshot-controller)
@@ -119,10 +133,13 @@ extendedKeyUsage=clientAuth"
   signed apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+subjectAltName=IP:127.0.0.1,IP:$API_HOST,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   signed admin "/O=system:masters/CN=livedisk-admin" "$client"
   signed kube-controller-manager "/CN=system:kube-controller-manager" "$client"
   signed kube-scheduler "/CN=system:kube-scheduler" "$client"
+  # The API server's identity towards kubelets (logs, exec, port-forward); bound to
+  # system:kubelet-api-admin in real-node mode.
+  signed apiserver-kubelet-client "/CN=livedisk:apiserver-kubelet-client" "$client"
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   chmod 600 "$PKI"/*.key
@@ -137,7 +154,7 @@ kind: Config
 clusters:
 - name: livedisk
   cluster:
-    server: https://$HOST:$APISERVER_PORT
+    server: https://$API_HOST:$APISERVER_PORT
     certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
 users:
 - name: $user
@@ -181,6 +198,22 @@ etcd_healthy() {
   case "$out" in *'"health":"true"'*) return 0 ;; *) return 1 ;; esac
 }
 apiserver_ready() { [ "$(kc get --raw /readyz 2>/dev/null)" = "ok" ]; }
+
+# Real-node mode: the API server's address must exist on the host before it binds it. An
+# interface of its own holds it when no interface has it yet (removed by down): a dummy one, or,
+# where the kernel has no dummy driver, one end of a veth pair whose other end stays unused.
+ensure_api_address() {
+  [ "$REAL_NODES" = 1 ] || return 0
+  need ip "iproute2 (apt-get install iproute2)"
+  ip -o addr show | grep -q " inet $API_HOST/" && return 0
+  log "putting $API_HOST on a host interface $API_LINK (pods of real nodes reach the API server there)"
+  if ! ip link add "$API_LINK" type dummy 2>/dev/null; then
+    ip link add "$API_LINK" type veth peer name "$API_LINK-peer"
+    ip link set "$API_LINK-peer" up
+  fi
+  ip addr add "$API_HOST/32" dev "$API_LINK"
+  ip link set "$API_LINK" up
+}
 # /healthz is on the always-allowed paths of controller-manager and scheduler.
 component_healthy() {
   [ "$("$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" --server "https://$HOST:$1" \
@@ -306,25 +339,43 @@ cmd_up() {
     --unsafe-no-fsync --log-level warn
   wait_for "etcd on $HOST:$ETCD_PORT" etcd etcd_healthy
 
+  ensure_api_address
+  # Real-node mode: kubelets authenticate as system:node:<name> and are authorized by the Node
+  # authorizer; the kubernetes Service's endpoint is the advertised address (lease reconciler).
+  local node_args=(--endpoint-reconciler-type none --authorization-mode RBAC)
+  if [ "$REAL_NODES" = 1 ]; then
+    node_args=(--endpoint-reconciler-type lease --authorization-mode Node,RBAC
+      --enable-admission-plugins NodeRestriction
+      --kubelet-preferred-address-types InternalIP,Hostname
+      --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI/apiserver-kubelet-client.key")
+  fi
   start kube-apiserver \
     --etcd-servers "http://$HOST:$ETCD_PORT" \
-    --bind-address "$HOST" --advertise-address "$HOST" --secure-port "$APISERVER_PORT" \
+    --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --service-account-issuer "$SA_ISSUER" \
     --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" \
     --api-audiences "$SA_ISSUER" \
-    --authorization-mode RBAC \
+    "${node_args[@]}" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
-    --endpoint-reconciler-type none \
     --allow-privileged=true \
     --cert-dir "$PKI/apiserver-generated" \
     --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
     --audit-log-format json --audit-log-maxsize 200 --audit-log-maxbackup 5 \
     --audit-log-mode blocking \
     --profiling=false
-  wait_for "kube-apiserver /readyz on https://$HOST:$APISERVER_PORT" kube-apiserver apiserver_ready
+  wait_for "kube-apiserver /readyz on https://$API_HOST:$APISERVER_PORT" kube-apiserver apiserver_ready
+  if [ "$REAL_NODES" = 1 ]; then
+    kc create clusterrolebinding livedisk:apiserver-kubelet-client --clusterrole system:kubelet-api-admin \
+      --user livedisk:apiserver-kubelet-client --dry-run=client -o yaml | kc apply -f - >/dev/null
+  fi
+  # Without heartbeats the node lifecycle controller would mark fake nodes unreachable and
+  # evict their pods: it runs only when every node has a kubelet.
+  local controllers='*,-nodelifecycle'
+  [ ${#NODES[@]} -eq 0 ] && controllers='*'
 
   start kube-controller-manager \
     --kubeconfig "$STATE/kube-controller-manager.kubeconfig" \
@@ -336,7 +387,7 @@ cmd_up() {
     --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --use-service-account-credentials=true \
-    --controllers '*,-nodelifecycle' \
+    --controllers "$controllers" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --leader-elect=false --profiling=false
   start kube-scheduler \
@@ -374,6 +425,8 @@ cmd_down() {
   done
   local i
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop_one "${COMPONENTS[$i]}"; done
+  # The dummy interface of real-node mode, if this cluster made it.
+  if [ "$REAL_NODES" = 1 ] && ip link show "$API_LINK" >/dev/null 2>&1; then ip link del "$API_LINK"; fi
   if [ "$keep" != 1 ]; then
     rm -rf "$STATE/etcd" "$PKI" "$KUBECONFIG_FILE" "$STATE"/*.kubeconfig "$STATE/env"
     [ $quiet = 1 ] || log "stopped; cluster data deleted (logs kept in $LOGS)"
@@ -391,7 +444,7 @@ cmd_status() {
     else printf '%-24s down\n' "$c"; fi
   done
   if [ -f "$STATE/env" ] && BIN="$(sed -n 's/^export LIVEDISK_HARNESS_BIN="\(.*\)"$/\1/p' "$STATE/env")" && [ -x "$BIN/kubectl" ] && apiserver_ready; then
-    printf '%-24s ok    (https://%s:%s)\n' "apiserver /readyz" "$HOST" "$APISERVER_PORT"
+    printf '%-24s ok    (https://%s:%s)\n' "apiserver /readyz" "$API_HOST" "$APISERVER_PORT"
   else
     printf '%-24s not ready\n' "apiserver /readyz"
   fi
@@ -403,5 +456,5 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   down) shift; cmd_down "$@" ;;
   status) shift; cmd_status "$@" ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
