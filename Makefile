@@ -1,5 +1,5 @@
 # The stable interface of the project. The scripts behind each target live in hack/.
-.PHONY: up down test bench generate fmt lint help
+.PHONY: up down test bench images generate fmt lint help
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -15,6 +15,9 @@ test: ## every test, on real parts (installs what it needs; starts and stops its
 
 bench: ## the benchmarks (tables of ratios)
 	hack/bench.sh
+
+images: ## container images the chart names, built from Debian packages without a registry (OCI archives)
+	hack/images.sh
 
 generate: ## regenerate every generated file (CRD YAML)
 	cargo run -q -p livedisk-api --bin crdgen

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what livedisk needs on a fresh Debian 12 machine, and nothing that is already there:
-# Debian packages (QEMU tools, libnbd, FUSE, openssl…), and the Rust components fmt and clippy.
+# Debian packages (QEMU tools, libnbd, FUSE, openssl, mmdebstrap and umoci for `make images`…),
+# and the Rust components fmt and clippy.
 # The Go-built harness (hack/harness/build.sh) and helm (hack/helm.sh) install themselves.
 set -euo pipefail
 
@@ -11,6 +12,8 @@ log() { echo "deps: $*" >&2; }
 APT_PACKAGES=(
   qemu-utils qemu-system-common libnbd-bin fuse3 e2fsprogs util-linux
   openssl jq unzip iproute2 procps curl ca-certificates socat python3-yaml
+  # make images (hack/images.sh) and its test: root filesystems, OCI unpacking
+  mmdebstrap umoci file
 )
 
 missing=()
