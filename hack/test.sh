@@ -27,6 +27,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo run -q -p livedisk-api --bin crdgen -- --check
 echo "generated CRDs match the Rust types"
 
+step "images: make images, rebuilt without the cache to the same digests, started under unshare"
+hack/test-images.sh
+
 step "building the workspace and its tests"
 cargo build --workspace --all-targets
 
