@@ -43,12 +43,11 @@ CACHE="${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/images"
 STATE="${LIVEDISK_STATE_DIR:-$ROOT/.livedisk}/images"
 PACKAGES_FILE="$ROOT/images/packages.txt"
 # The sidecar binaries the harness builds, by image name (the last path element of the chart's
-# repository). node-driver-registrar and livenessprobe are absent: see UNAVAILABLE.
+# repository). node-driver-registrar is absent: see UNAVAILABLE.
 SIDECARS=(csi-provisioner csi-snapshotter csi-resizer csi-snapshot-metadata)
 # Images the chart names that cannot be built here, with the reason.
 declare -A UNAVAILABLE=(
   [csi-node-driver-registrar]="github.com/kubernetes-csi/node-driver-registrar is not served by the Go module proxy this project can reach"
-  [livenessprobe]="github.com/kubernetes-csi/livenessprobe is not served by the Go module proxy this project can reach"
 )
 
 OUT="" REUSE_ROOTFS=0 LIST_ONLY=0
