@@ -125,7 +125,7 @@ build_rootfs() { # DIR SUITE PINS
   tmp="$(mktemp -d "${dir%/*}/.rootfs.XXXXXX")"
   mapfile -t sources < <(host_sources)
   [ ${#sources[@]} -gt 0 ] || die "the host has no apt sources (/etc/apt/sources.list[.d])"
-  log "mmdebstrap: $(wc -l <<<"$pins") Debian packages for $suite (a cold build downloads ~100 MB: about a minute)..."
+  log "mmdebstrap: $(wc -l <<<"$pins") Debian packages for $suite (downloads ~100 MB; one to two minutes)..."
   local t=$SECONDS
   # custom variant + every package pinned: exactly the resolved closure, nothing chosen anew.
   # The custom variant sets up no merged /usr by itself (usr-is-merged refuses to install
