@@ -28,10 +28,13 @@
 # that has moved past the host's lists fails the build with a message: run `apt-get update`.
 #
 # Env: SOURCE_DATE_EPOCH (every mtime in the images; default 1735689600 = 2025-01-01T00:00:00Z),
-# LIVEDISK_CACHE_DIR, LIVEDISK_STATE_DIR.
+# LIVEDISK_CACHE_DIR, LIVEDISK_STATE_DIR, LIVEDISK_IMAGE_PROFILE (cargo profile of the livedisk
+# binaries: release, the default and what users get; `make test` uses dev, whose binaries it has
+# built already, to stay within CI's time: a cold release build takes 10-30 min on 2 cores).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROFILE="${LIVEDISK_IMAGE_PROFILE:-release}"
 # shellcheck source=hack/lib/oci-image.sh
 source "$ROOT/hack/lib/oci-image.sh"
 
@@ -187,7 +190,7 @@ build_livedisk_image() { # IMAGE_DIR REF ROOTFS_DIR BIN_DIR
 0755 usr/local/bin/livedisk-csi $bins/livedisk-csi"
   digest="$(oci_write_image "$work/layout" "$(oci_containerd_name "$ref")" \
     '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"WorkingDir":"/"}' \
-    '[{"created_by":"mmdebstrap: Debian Essential set + images/packages.txt"},{"created_by":"livedisk-operator, livedisk-csi (cargo build --release)"}]' \
+    '[{"created_by":"mmdebstrap: Debian Essential set + images/packages.txt"},{"created_by":"livedisk-operator, livedisk-csi (cargo build --profile '"$PROFILE"')"}]' \
     "$rootfs/layer.gz" "$work/bins.gz")"
   finish_image "$dir" "$ref" "$work" "$digest"
 }
@@ -242,11 +245,16 @@ PINS="$(resolve_packages "$SUITE")"
 ROOTFS_KEY="$( { echo "rootfs $SCRIPT_HASH $SUITE $(dpkg --print-architecture) $EPOCH"; mmdebstrap --version 2>&1; echo "$TOOLS"; echo "$PINS"; } | hash_of)"
 log "$(wc -l <<<"$PINS") Debian packages resolved ($SUITE); root filesystem key $ROOTFS_KEY"
 
-log "cargo build --release --bins -p livedisk-operator -p livedisk-csi (a cold release build takes several minutes)..."
+case "$PROFILE" in
+  release) PROFILE_DIR=release ;;
+  dev) PROFILE_DIR=debug ;;
+  *) die "LIVEDISK_IMAGE_PROFILE=$PROFILE: use release (default) or dev" ;;
+esac
+log "cargo build --profile $PROFILE --bins -p livedisk-operator -p livedisk-csi (a cold release build takes many minutes)..."
 t=$SECONDS
-( cd "$ROOT" && nice -n 10 cargo build --release --bins -p livedisk-operator -p livedisk-csi ) >&2 \
-  || die "cargo build --release failed"
-RUST_BINS="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release"
+( cd "$ROOT" && nice -n 10 cargo build --profile "$PROFILE" --bins -p livedisk-operator -p livedisk-csi ) >&2 \
+  || die "cargo build --profile $PROFILE failed"
+RUST_BINS="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/$PROFILE_DIR"
 log "cargo: done in $((SECONDS - t))s"
 
 need_sidecars=()
