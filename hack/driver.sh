@@ -131,12 +131,12 @@ cmd_start() {
   command -v socat >/dev/null || die "socat is missing: apt-get install socat"
   mkdir -p "$CSI_DIR" "$PIDS" "$LOGS"
 
-  log "CSIDriver, StorageClass, VolumeSnapshotClass and the metrics RBAC from the chart"
+  # The chart's RBAC (metrics review grants included) is applied by hack/accounts.sh.
+  log "CSIDriver, StorageClass and VolumeSnapshotClass from the chart"
   "$(cd "$ROOT" && hack/helm.sh | tail -n 1)" template livedisk "$ROOT/charts/livedisk" \
     --namespace livedisk-system \
     --show-only templates/storage/csidriver.yaml --show-only templates/storage/storageclass.yaml \
-    --show-only templates/storage/volumesnapshotclass.yaml \
-    --show-only templates/metrics/rbac.yaml | kubectl apply -f - >/dev/null
+    --show-only templates/storage/volumesnapshotclass.yaml | kubectl apply -f - >/dev/null
   kubectl create namespace livedisk-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
   local accounts="$STATE/accounts" account
