@@ -6,6 +6,12 @@ use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use livedisk_csi_proto::csi::v1::controller_client::ControllerClient;
 use livedisk_csi_proto::csi::v1::node_client::NodeClient;
+use livedisk_csi_proto::csi::v1::volume_capability::{
+    AccessMode, AccessType, BlockVolume, access_mode::Mode,
+};
+use livedisk_csi_proto::csi::v1::{
+    CapacityRange, CreateVolumeRequest, Topology, TopologyRequirement, VolumeCapability,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The directory holding `controller.sock` and `<node>.sock` of the running driver.
@@ -73,4 +79,45 @@ pub fn in_node(node: &str, command: &[&str]) -> Result<std::process::Output> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(output)
+}
+
+/// A single-node-writer block volume capability.
+pub fn block_capability() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+/// CreateVolume of a 64 MiB block volume on `node_name` (the CSI name `name`); its volume ID.
+pub async fn create_block_volume(name: &str, node_name: &str) -> Result<String> {
+    let topology = Topology {
+        segments: [(
+            livedisk_common::TOPOLOGY_NODE_KEY.to_string(),
+            node_name.to_string(),
+        )]
+        .into(),
+    };
+    let volume = controller()
+        .await?
+        .create_volume(CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![block_capability()],
+            accessibility_requirements: Some(TopologyRequirement {
+                requisite: vec![topology.clone()],
+                preferred: vec![topology],
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("CreateVolume answered no volume")?;
+    Ok(volume.volume_id)
 }

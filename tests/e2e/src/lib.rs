@@ -162,3 +162,21 @@ pub fn kubectl() -> std::process::Command {
     command.arg("--cache-dir").arg(cache);
     command
 }
+
+/// The test's own kubeconfig (from `KUBECONFIG`) with its user replaced by a bearer token: the
+/// same API server, another identity.
+pub fn kubeconfig_with_token(token: &str) -> Result<String> {
+    let own = kube::config::Kubeconfig::read().context("reading KUBECONFIG")?;
+    let cluster = own
+        .clusters
+        .first()
+        .context("KUBECONFIG names no cluster")?;
+    let config = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "token", "context": {"cluster": cluster.name, "user": "token"}}],
+        "current-context": "token",
+    });
+    Ok(serde_json::to_string_pretty(&config)?)
+}

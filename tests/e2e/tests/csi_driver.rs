@@ -11,22 +11,10 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
-use livedisk_csi_proto::csi::v1::volume_capability::{
-    AccessMode, AccessType, BlockVolume, access_mode::Mode,
-};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{in_node, node};
+use livedisk_e2e::csi::{block_capability, in_node, node};
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 use serde_json::json;
-
-fn block_capability() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
-}
 
 async fn must(client: &Client, namespace: &str, object: serde_json::Value) -> Result<()> {
     apply(client, namespace, &object)

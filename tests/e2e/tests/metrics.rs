@@ -13,17 +13,13 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, DeleteParams, PostParams};
-use livedisk_csi_proto::csi::v1::volume_capability::{
-    AccessMode, AccessType, BlockVolume, access_mode::Mode,
-};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{controller, in_node, node};
+use livedisk_e2e::csi::{block_capability, controller, create_block_volume, in_node, node};
 use livedisk_e2e::metrics::{Endpoint, Samples, endpoint, service_account_token};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 
 const NODE: &str = "node-a";
-const TOPOLOGY_KEY: &str = "topology.livedisk.io/node";
 const CALLS: &str = "livedisk_csi_grpc_calls_total";
 const OPERATIONS: &str = "livedisk_node_operations_total";
 
@@ -91,15 +87,6 @@ impl Scraper {
                 .await?;
         }
         self.namespace.delete().await
-    }
-}
-
-fn block_capability() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
     }
 }
 
@@ -198,29 +185,7 @@ async fn a_snapshot_and_its_merge_move_the_metrics_by_exactly_what_was_done() ->
 
     // A volume on node-a with data, staged as kubelet would stage it.
     let tag = unique("metrics");
-    let topology = Topology {
-        segments: [(TOPOLOGY_KEY.to_string(), NODE.to_string())].into(),
-    };
-    let volume_id = controller()
-        .await?
-        .create_volume(CreateVolumeRequest {
-            name: tag.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 64 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![block_capability()],
-            accessibility_requirements: Some(TopologyRequirement {
-                requisite: vec![topology.clone()],
-                preferred: vec![topology],
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("CreateVolume answered no volume")?
-        .volume_id;
+    let volume_id = create_block_volume(&tag, NODE).await?;
     let state = std::env::var("LIVEDISK_STATE_DIR")?;
     let staging = format!("{state}/kubelet/{NODE}/staging/{tag}");
     let device = format!("{state}/kubelet/{NODE}/publish/{tag}/dev");

@@ -17,24 +17,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use livedisk_csi_proto::csi::v1::identity_client::IdentityClient;
-use livedisk_csi_proto::csi::v1::volume_capability::{
-    AccessMode, AccessType, BlockVolume, access_mode::Mode,
-};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{channel, controller, in_node, node, socket_dir};
+use livedisk_e2e::csi::{
+    block_capability, channel, controller, create_block_volume, in_node, node, socket_dir,
+};
 use livedisk_e2e::metrics::endpoint;
 use livedisk_e2e::{eventually, workspace_binary, workspace_root};
-
-const TOPOLOGY_KEY: &str = "topology.livedisk.io/node";
-
-fn block_capability() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
-}
 
 /// The node plugin's Probe: `Some(ready)`, or `None` while its socket does not answer (the
 /// plugin is restarting).
@@ -147,32 +135,6 @@ async fn kill_daemon(node_name: &str) -> Result<i32> {
     })
     .await?;
     Ok(pid)
-}
-
-async fn create_volume(name: &str, node_name: &str) -> Result<String> {
-    let mut c = controller().await?;
-    let topology = Topology {
-        segments: [(TOPOLOGY_KEY.to_string(), node_name.to_string())].into(),
-    };
-    let volume = c
-        .create_volume(CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 64 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![block_capability()],
-            accessibility_requirements: Some(TopologyRequirement {
-                requisite: vec![topology.clone()],
-                preferred: vec![topology],
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("CreateVolume answered no volume")?;
-    Ok(volume.volume_id)
 }
 
 fn paths(node_name: &str, tag: &str) -> Result<(String, String)> {
@@ -333,7 +295,7 @@ fn unique(prefix: &str) -> String {
 async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
     let node_name = "node-a";
     let tag = unique("h3-reattach");
-    let volume_id = create_volume(&tag, node_name).await?;
+    let volume_id = create_block_volume(&tag, node_name).await?;
     let device = stage(node_name, &volume_id, &tag).await?;
     write_block(node_name, &device, "before-the-kill")?;
     assert_eq!(probe(node_name).await, Some(true));
@@ -385,7 +347,7 @@ async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
 async fn node_plugin_exits_and_is_restarted_when_its_daemon_stays_away() -> Result<()> {
     let node_name = "node-b";
     let tag = unique("h3-giveup");
-    let volume_id = create_volume(&tag, node_name).await?;
+    let volume_id = create_block_volume(&tag, node_name).await?;
     let device = stage(node_name, &volume_id, &tag).await?;
     write_block(node_name, &device, "before-the-kill")?;
     let plugin = node_plugin_pid(node_name)?.context("node plugin of node-b not found")?;

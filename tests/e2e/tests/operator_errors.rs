@@ -16,7 +16,6 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::config::Kubeconfig;
 use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::DiskSnapshot;
 use livedisk_api::conditions::{READY, STALLED, find};
@@ -80,7 +79,10 @@ impl RestrictedIdentity {
             kubeconfig: std::env::temp_dir().join(format!("livedisk-e2e-{namespace}.kubeconfig")),
         };
         let token = identity.token(namespace).await?;
-        std::fs::write(&identity.kubeconfig, kubeconfig_with_token(&token)?)?;
+        std::fs::write(
+            &identity.kubeconfig,
+            livedisk_e2e::kubeconfig_with_token(&token)?,
+        )?;
         Ok(identity)
     }
 
@@ -114,24 +116,6 @@ impl RestrictedIdentity {
         }
         Ok(())
     }
-}
-
-/// The test's own kubeconfig (from `KUBECONFIG`) with its user replaced by a bearer token.
-fn kubeconfig_with_token(token: &str) -> Result<String> {
-    let own = Kubeconfig::read().context("reading KUBECONFIG")?;
-    let cluster = own
-        .clusters
-        .first()
-        .context("KUBECONFIG names no cluster")?;
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": "restricted", "user": {"token": token}}],
-        "contexts": [{"name": "restricted",
-                      "context": {"cluster": cluster.name, "user": "restricted"}}],
-        "current-context": "restricted",
-    });
-    Ok(serde_json::to_string_pretty(&config)?)
 }
 
 /// The Warning Events published about `name` in `namespace` with `reason`.

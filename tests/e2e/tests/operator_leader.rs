@@ -22,7 +22,6 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::config::Kubeconfig;
 use livedisk_api::DiskSnapshot;
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
@@ -71,7 +70,7 @@ impl Replica {
             "livedisk-e2e-leader-{name}-{}.kubeconfig",
             std::process::id()
         ));
-        std::fs::write(&kubeconfig, kubeconfig_with_token(&token)?)?;
+        std::fs::write(&kubeconfig, livedisk_e2e::kubeconfig_with_token(&token)?)?;
         Ok(Self {
             name,
             kubeconfig,
@@ -99,23 +98,6 @@ fn token_id(token: &str) -> Result<String> {
         .as_str()
         .map(str::to_string)
         .context("the token has no jti claim")
-}
-
-/// The test's own kubeconfig (from `KUBECONFIG`) with its user replaced by a bearer token.
-fn kubeconfig_with_token(token: &str) -> Result<String> {
-    let own = Kubeconfig::read().context("reading KUBECONFIG")?;
-    let cluster = own
-        .clusters
-        .first()
-        .context("KUBECONFIG names no cluster")?;
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": "replica", "user": {"token": token}}],
-        "contexts": [{"name": "replica", "context": {"cluster": cluster.name, "user": "replica"}}],
-        "current-context": "replica",
-    });
-    Ok(serde_json::to_string_pretty(&config)?)
 }
 
 /// One request in the audit log.
