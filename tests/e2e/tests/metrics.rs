@@ -10,9 +10,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{block_capability, controller, create_block_volume, in_node, node};
 use livedisk_e2e::metrics::{Endpoint, Samples, endpoint, service_account_token};
@@ -148,17 +149,48 @@ async fn counts(scraper: &Scraper, controller: &Endpoint, node: &Endpoint) -> Re
 
 /// Counts that stay the same for two seconds: snapshots left behind by earlier tests (being
 /// deleted through csi-snapshotter) would otherwise move them under this test.
+/// True when no deletion is under way on the cluster that could still call the driver: no
+/// namespace terminating (earlier tests' cleanup deletes VolumeSnapshots, whose contents the
+/// snapshotter then deletes through DeleteSnapshot) and no internal object being deleted.
+async fn cluster_quiet() -> Result<bool> {
+    let client = client().await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let terminating = namespaces
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|n| n.metadata.deletion_timestamp.is_some());
+    let snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
+    let volumes: Api<LivediskVolume> = Api::all(client);
+    let deleting = snapshots
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|s| s.metadata.deletion_timestamp.is_some())
+        || volumes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .any(|v| v.metadata.deletion_timestamp.is_some());
+    Ok(!terminating && !deleting)
+}
+
+/// The counts once the cluster is quiet and they stopped moving (the driver's metrics count
+/// every client's calls, so other work must be over before a delta means ours).
 async fn settled(scraper: &Scraper, controller: &Endpoint, node: &Endpoint) -> Result<Counts> {
     let mut last = counts(scraper, controller, node).await?;
-    for _ in 0..30 {
+    for _ in 0..60 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = counts(scraper, controller, node).await?;
-        if now == last {
+        if now == last && cluster_quiet().await? {
             return Ok(now);
         }
         last = now;
     }
-    anyhow::bail!("the snapshot metrics did not settle within a minute: last {last:?}")
+    anyhow::bail!("the snapshot metrics did not settle within two minutes: last {last:?}")
 }
 
 #[tokio::test]
