@@ -10,9 +10,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{block_capability, controller, create_block_volume, in_node, node};
@@ -150,20 +151,29 @@ async fn counts(scraper: &Scraper, controller: &Endpoint, node: &Endpoint) -> Re
 /// Counts that stay the same for two seconds: snapshots left behind by earlier tests (being
 /// deleted through csi-snapshotter) would otherwise move them under this test.
 /// True when no deletion is under way on the cluster that could still call the driver: no
-/// namespace terminating (earlier tests' cleanup deletes VolumeSnapshots, whose contents the
-/// snapshotter then deletes through DeleteSnapshot) and no internal object being deleted.
+/// VolumeSnapshot or VolumeSnapshotContent being deleted (earlier tests' cleanup: the snapshotter
+/// then calls DeleteSnapshot) and no internal object being deleted. (Namespaces may stay
+/// Terminating here for good: a pod never ends without a kubelet.)
 async fn cluster_quiet() -> Result<bool> {
     let client = client().await?;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let terminating = namespaces
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .any(|n| n.metadata.deletion_timestamp.is_some());
+    let mut deleting = false;
+    for kind in ["VolumeSnapshot", "VolumeSnapshotContent"] {
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "snapshot.storage.k8s.io",
+            "v1",
+            kind,
+        ));
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        deleting |= api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .any(|o| o.metadata.deletion_timestamp.is_some());
+    }
     let snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
     let volumes: Api<LivediskVolume> = Api::all(client);
-    let deleting = snapshots
+    deleting |= snapshots
         .list(&ListParams::default())
         .await?
         .items
@@ -175,7 +185,7 @@ async fn cluster_quiet() -> Result<bool> {
             .items
             .iter()
             .any(|v| v.metadata.deletion_timestamp.is_some());
-    Ok(!terminating && !deleting)
+    Ok(!deleting)
 }
 
 /// The counts once the cluster is quiet and they stopped moving (the driver's metrics count
