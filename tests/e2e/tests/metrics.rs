@@ -150,14 +150,15 @@ async fn counts(scraper: &Scraper, controller: &Endpoint, node: &Endpoint) -> Re
 
 /// Counts that stay the same for two seconds: snapshots left behind by earlier tests (being
 /// deleted through csi-snapshotter) would otherwise move them under this test.
-/// True when no deletion is under way on the cluster that could still call the driver: no
-/// VolumeSnapshot or VolumeSnapshotContent being deleted (earlier tests' cleanup: the snapshotter
-/// then calls DeleteSnapshot) and no internal object being deleted. (Namespaces may stay
-/// Terminating here for good: a pod never ends without a kubelet.)
+/// True when no deletion is under way on the cluster that calls the driver: no
+/// VolumeSnapshotContent being deleted (earlier tests' cleanup: the snapshotter then calls
+/// DeleteSnapshot) and no internal object being deleted. (Namespaces, and a VolumeSnapshot held
+/// by csi-provisioner's source-protection finalizer, may stay Terminating here for a long time:
+/// a pod never ends without a kubelet; neither calls the driver meanwhile.)
 async fn cluster_quiet() -> Result<bool> {
     let client = client().await?;
     let mut deleting = false;
-    for kind in ["VolumeSnapshot", "VolumeSnapshotContent"] {
+    for kind in ["VolumeSnapshotContent"] {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
             "snapshot.storage.k8s.io",
             "v1",
