@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::grpc::server;
+use crate::grpc::{authority, server};
 
 /// The plugin type kubelet's CSI handler claims.
 const CSI_PLUGIN_TYPE: &str = "CSIPlugin";
@@ -115,9 +115,15 @@ impl RegistrationHandle {
         let task = tokio::spawn(
             Server::builder()
                 .add_service(RegistrationServer::new(service))
-                .serve_with_incoming_shutdown(server::incoming(listener), async {
-                    let _ = stopped.await;
-                }),
+                // kubelet's calls need their `:authority` repaired before h2 sees them.
+                .serve_with_incoming_shutdown(
+                    tokio_stream::StreamExt::map(server::incoming(listener), |connection| {
+                        connection.map(authority::relayed)
+                    }),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
         tracing::info!(
             socket = %socket.display(),
