@@ -19,6 +19,7 @@ use crate::metadata::{NodeMetadata, RelayMetadata, TlsDir};
 use crate::node::agent::{self, Agent};
 use crate::node::engine_health;
 use crate::node::metrics::{EngineSlot, NodeMetrics};
+use crate::node::registration::RegistrationHandle;
 use crate::node::service::NodeService;
 use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use livedisk_engine::{Engine, EngineConfig};
@@ -79,6 +80,15 @@ pub struct NodeArgs {
     /// plugin exits non-zero, so that it is restarted and opens its engine afresh.
     #[arg(long, env = "LIVEDISK_ENGINE_RECONNECT_SECONDS", default_value_t = 30)]
     pub engine_reconnect_seconds: u64,
+    /// kubelet's plugin registry directory (`<kubelet root>/plugins_registry`). When set, the
+    /// node plugin registers itself with kubelet there (socket `csi.livedisk.io-reg.sock`), in
+    /// place of the node-driver-registrar sidecar.
+    #[arg(long, env = "LIVEDISK_REGISTRATION_DIR")]
+    pub registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it (what registration tells kubelet). Default: the
+    /// path of --csi-endpoint, right when kubelet and the plugin share the mount namespace.
+    #[arg(long, env = "LIVEDISK_KUBELET_CSI_ENDPOINT")]
+    pub kubelet_csi_endpoint: Option<PathBuf>,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -171,6 +181,15 @@ pub async fn node(args: NodeArgs) -> Result<()> {
     let _ = opened.set(engine.clone());
     let path = server::socket_path(&args.csi_endpoint)?;
     let listener = server::bind(&path)?;
+    // Registration starts once the CSI socket listens: kubelet calls NodeGetInfo on it as soon
+    // as it has registered the driver.
+    let registration = match &args.registration_dir {
+        Some(dir) => Some(RegistrationHandle::start(
+            dir,
+            args.kubelet_csi_endpoint.as_deref().unwrap_or(&path),
+        )?),
+        None => None,
+    };
     let node_agent = Arc::new(Agent {
         client,
         engine: engine.clone(),
@@ -230,6 +249,9 @@ pub async fn node(args: NodeArgs) -> Result<()> {
     agent_task.abort();
     if let Some(task) = metadata_task {
         task.abort();
+    }
+    if let Some(registration) = registration {
+        registration.stop().await?;
     }
     match gave_up_reason.await {
         Ok(reason) => anyhow::bail!(reason),

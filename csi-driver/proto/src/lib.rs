@@ -8,6 +8,9 @@
 //! * [`csi::v1`]: messages, enums, and for each of the services `Identity`,
 //!   `Controller`, `GroupController`, `Node` and `SnapshotMetadata` a
 //!   `*_server` module (trait + tonic service) and a `*_client` module.
+//! * [`pluginregistration`]: kubelet's plugin registration API (vendored from k8s.io/kubelet
+//!   v0.36.3), served by the node plugin in kubelet's `plugins_registry` directory in place of
+//!   the node-driver-registrar sidecar.
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded `FileDescriptorSet` (with its
 //!   google/protobuf imports) for a gRPC reflection service.
 
@@ -24,6 +27,13 @@ pub mod csi {
         )]
         tonic::include_proto!("csi.v1");
     }
+}
+
+/// kubelet's plugin registration API, package `pluginregistration` (its version is v1; the
+/// package name carries none).
+pub mod pluginregistration {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("pluginregistration");
 }
 
 /// Encoded `google.protobuf.FileDescriptorSet` of `csi.proto` and its

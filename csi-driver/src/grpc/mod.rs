@@ -1,7 +1,9 @@
-//! CSI plumbing shared by the cluster and node sides: the unix-socket gRPC server, the Identity
+//! CSI plumbing shared by the cluster and node sides: the unix-socket gRPC server (and the
+//! `:authority` repair for kubelet's registration calls), the Identity
 //! service, the one error type and its gRPC codes, request validation, in-flight guards, the
 //! topology of a livedisk node and the metrics of the calls.
 
+pub mod authority;
 pub mod error;
 pub mod identity;
 pub mod inflight;

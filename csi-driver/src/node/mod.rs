@@ -1,5 +1,5 @@
-//! The node side: the CSI Node service (stage, publish, stats) and the agent that makes this
-//! node's internal CRs real with the engine.
+//! The node side: the CSI Node service (stage, publish, stats), the agent that makes this
+//! node's internal CRs real with the engine, and kubelet plugin registration.
 
 pub mod agent;
 pub mod attach;
@@ -8,5 +8,6 @@ pub mod engine_health;
 pub mod metrics;
 pub mod mount_decision;
 pub mod mounts;
+pub mod registration;
 pub mod report;
 pub mod service;
