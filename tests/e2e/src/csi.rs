@@ -10,7 +10,9 @@ use livedisk_csi_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, access_mode::Mode,
 };
 use livedisk_csi_proto::csi::v1::{
-    CapacityRange, CreateVolumeRequest, Topology, TopologyRequirement, VolumeCapability,
+    CapacityRange, CreateVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Topology, TopologyRequirement,
+    VolumeCapability,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -120,4 +122,57 @@ pub async fn create_block_volume(name: &str, node_name: &str) -> Result<String> 
         .volume
         .context("CreateVolume answered no volume")?;
     Ok(volume.volume_id)
+}
+
+/// kubelet's staging and publish paths of a block volume for `tag` on `node_name`, under the
+/// cluster's state directory.
+fn kubelet_paths(node_name: &str, tag: &str) -> Result<(String, String)> {
+    let state = std::env::var("LIVEDISK_STATE_DIR").context("LIVEDISK_STATE_DIR is not set")?;
+    Ok((
+        format!("{state}/kubelet/{node_name}/staging/{tag}"),
+        format!("{state}/kubelet/{node_name}/publish/{tag}/dev"),
+    ))
+}
+
+/// NodeStage + NodePublish of a block volume, as kubelet does; returns the published device.
+pub async fn attach_block(node_name: &str, volume_id: &str, tag: &str) -> Result<String> {
+    let (staging, target) = kubelet_paths(node_name, tag)?;
+    let mut client = node(node_name).await?;
+    client
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await?;
+    client
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging,
+            target_path: target.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await?;
+    Ok(target)
+}
+
+/// NodeUnpublish + NodeUnstage of what `attach_block` did for `tag`.
+pub async fn detach_block(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
+    let (staging, target) = kubelet_paths(node_name, tag)?;
+    let mut client = node(node_name).await?;
+    client
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: target,
+        })
+        .await?;
+    client
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging,
+        })
+        .await?;
+    Ok(())
 }

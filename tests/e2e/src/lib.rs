@@ -180,3 +180,26 @@ pub fn kubeconfig_with_token(token: &str) -> Result<String> {
     });
     Ok(serde_json::to_string_pretty(&config)?)
 }
+
+/// A token of a ServiceAccount from the TokenRequest API (an hour long, bound to nothing), as
+/// kubelet would project one into a pod. Each token has its own credential id in the audit log.
+pub async fn service_account_token(client: &Client, namespace: &str, name: &str) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answered = api
+        .create_token_request(name, &kube::api::PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {namespace}/{name}"))?;
+    answered
+        .status
+        .and_then(|s| s.token)
+        .context("TokenRequest answered no token")
+}

@@ -5,10 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::Client;
-use kube::api::{Api, PostParams};
 use livedisk_telemetry::client::{self, Reply, Tls};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -144,25 +140,4 @@ impl Samples {
     pub fn has(&self, name: &str) -> bool {
         self.0.contains_key(name)
     }
-}
-
-/// A short-lived token of a ServiceAccount (TokenRequest API).
-pub async fn service_account_token(client: &Client, namespace: &str, name: &str) -> Result<String> {
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: None,
-            expiration_seconds: Some(600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let answered = api
-        .create_token_request(name, &PostParams::default(), &request)
-        .await
-        .with_context(|| format!("TokenRequest for {namespace}/{name}"))?;
-    answered
-        .status
-        .and_then(|s| s.token)
-        .context("TokenRequest answered no token")
 }

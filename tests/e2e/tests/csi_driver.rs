@@ -12,7 +12,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{block_capability, in_node, node};
+use livedisk_e2e::csi::{attach_block, detach_block, in_node};
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 use serde_json::json;
 
@@ -72,50 +72,6 @@ async fn bound(
     })
     .await?;
     Ok((handle, node))
-}
-
-/// Stages and publishes a block volume as kubelet would; returns the published device path.
-async fn attach(node_name: &str, volume_id: &str, tag: &str) -> Result<String> {
-    let state = std::env::var("LIVEDISK_STATE_DIR")?;
-    let staging = format!("{state}/kubelet/{node_name}/staging/{tag}");
-    let target = format!("{state}/kubelet/{node_name}/publish/{tag}/dev");
-    let mut client = node(node_name).await?;
-    client
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
-    client
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging,
-            target_path: target.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
-    Ok(target)
-}
-
-async fn detach(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
-    let state = std::env::var("LIVEDISK_STATE_DIR")?;
-    let mut client = node(node_name).await?;
-    client
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: volume_id.into(),
-            target_path: format!("{state}/kubelet/{node_name}/publish/{tag}/dev"),
-        })
-        .await?;
-    client
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: format!("{state}/kubelet/{node_name}/staging/{tag}"),
-        })
-        .await?;
-    Ok(())
 }
 
 /// Writes a 4 KiB block of `text` at block 0 of the device, synchronously.
@@ -194,7 +150,7 @@ async fn pvc_snapshot_restore_across_source_deletion_and_clean_pools() -> Result
     );
 
     // Write through the attach path, snapshot, write again.
-    let device = attach(&node_name, &volume_id, "disk").await?;
+    let device = attach_block(&node_name, &volume_id, "disk").await?;
     write_block(&node_name, &device, "before-snapshot")?;
     must(
         &client,
@@ -212,7 +168,7 @@ async fn pvc_snapshot_restore_across_source_deletion_and_clean_pools() -> Result
     .await?;
     write_block(&node_name, &device, "after-snapshot")?;
     assert_eq!(read_block(&node_name, &device)?, "after-snapshot");
-    detach(&node_name, &volume_id, "disk").await?;
+    detach_block(&node_name, &volume_id, "disk").await?;
 
     // The source PVC goes; its snapshot stays restorable.
     force_delete_pod(&client, &ns, "consumer").await?;
@@ -228,13 +184,13 @@ async fn pvc_snapshot_restore_across_source_deletion_and_clean_pools() -> Result
     must(&client, &ns, pod("restorer", "restored", Some(&node_name))).await?;
     let (restored_id, restored_node) = bound(&client, &ns, "restored", "restorer").await?;
     assert_eq!(restored_node, node_name);
-    let device = attach(&node_name, &restored_id, "restored").await?;
+    let device = attach_block(&node_name, &restored_id, "restored").await?;
     assert_eq!(
         read_block(&node_name, &device)?,
         "before-snapshot",
         "the restore must hold the snapshot's data"
     );
-    detach(&node_name, &restored_id, "restored").await?;
+    detach_block(&node_name, &restored_id, "restored").await?;
 
     // A restore whose consumer is on the other node fails with the documented error.
     let other = if node_name == "node-a" {
@@ -442,14 +398,14 @@ async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
     must(&client, &ns, pvc("disk", None)).await?;
     must(&client, &ns, pod("consumer", "disk", None)).await?;
     let (volume_id, node_name) = bound(&client, &ns, "disk", "consumer").await?;
-    let device = attach(&node_name, &volume_id, "cbt").await?;
+    let device = attach_block(&node_name, &volume_id, "cbt").await?;
     let first = [0, 5, 100];
     let second = [5, 300, 1000];
     write_blocks(&node_name, &device, &first, "one")?;
     snapshot_ready(&client, &ns, "s1", "disk").await?;
     write_blocks(&node_name, &device, &second, "two")?;
     snapshot_ready(&client, &ns, "s2", "disk").await?;
-    detach(&node_name, &volume_id, "cbt").await?;
+    detach_block(&node_name, &volume_id, "cbt").await?;
 
     assert_eq!(
         lister(&ns, "s1", None)?,
@@ -555,8 +511,8 @@ async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
     }
     let (r1, _) = bound(&client, &ns, "r1", "p1").await?;
     let (r2, _) = bound(&client, &ns, "r2", "p2").await?;
-    let r1_target = attach(&node_name, &r1, "r1").await?;
-    let r2_target = attach(&node_name, &r2, "r2").await?;
+    let r1_target = attach_block(&node_name, &r1, "r1").await?;
+    let r2_target = attach_block(&node_name, &r2, "r2").await?;
     let (r1_device, r2_device) = (
         host_device(&node_name, &r1_target)?,
         host_device(&node_name, &r2_target)?,
@@ -584,8 +540,8 @@ async fn changed_blocks_through_the_snapshot_metadata_sidecar() -> Result<()> {
         "verifier: {stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    detach(&node_name, &r1, "r1").await?;
-    detach(&node_name, &r2, "r2").await?;
+    detach_block(&node_name, &r1, "r1").await?;
+    detach_block(&node_name, &r2, "r2").await?;
 
     for pod_name in ["consumer", "p1", "p2"] {
         force_delete_pod(&client, &ns, pod_name).await?;

@@ -16,9 +16,10 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{block_capability, controller, create_block_volume, in_node, node};
-use livedisk_e2e::metrics::{Endpoint, Samples, endpoint, service_account_token};
+use livedisk_e2e::csi::{attach_block, controller, create_block_volume, detach_block, in_node};
+use livedisk_e2e::metrics::{Endpoint, Samples, endpoint};
 use livedisk_e2e::operator::Operator;
+use livedisk_e2e::service_account_token;
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 
 const NODE: &str = "node-a";
@@ -157,21 +158,20 @@ async fn counts(scraper: &Scraper, controller: &Endpoint, node: &Endpoint) -> Re
 /// a pod never ends without a kubelet; neither calls the driver meanwhile.)
 async fn cluster_quiet() -> Result<bool> {
     let client = client().await?;
-    let mut deleting = false;
-    for kind in ["VolumeSnapshotContent"] {
-        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
             "snapshot.storage.k8s.io",
             "v1",
-            kind,
-        ));
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-        deleting |= api
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .any(|o| o.metadata.deletion_timestamp.is_some());
-    }
+            "VolumeSnapshotContent",
+        )),
+    );
+    let mut deleting = contents
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|o| o.metadata.deletion_timestamp.is_some());
     let snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
     let volumes: Api<LivediskVolume> = Api::all(client);
     deleting |= snapshots
@@ -229,27 +229,7 @@ async fn a_snapshot_and_its_merge_move_the_metrics_by_exactly_what_was_done() ->
     // A volume on node-a with data, staged as kubelet would stage it.
     let tag = unique("metrics");
     let volume_id = create_block_volume(&tag, NODE).await?;
-    let state = std::env::var("LIVEDISK_STATE_DIR")?;
-    let staging = format!("{state}/kubelet/{NODE}/staging/{tag}");
-    let device = format!("{state}/kubelet/{NODE}/publish/{tag}/dev");
-    let mut plugin = node(NODE).await?;
-    plugin
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: volume_id.clone(),
-            staging_target_path: staging.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
-    plugin
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: volume_id.clone(),
-            staging_target_path: staging.clone(),
-            target_path: device.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
+    let device = attach_block(NODE, &volume_id, &tag).await?;
     write(&device, 0, 4)?;
     let node_calls = node_endpoint.scrape(&scraper.token).await?;
     for method in ["NodeStageVolume", "NodePublishVolume"] {
@@ -312,18 +292,7 @@ async fn a_snapshot_and_its_merge_move_the_metrics_by_exactly_what_was_done() ->
         "after one DeleteSnapshot"
     );
 
-    plugin
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: volume_id.clone(),
-            target_path: device,
-        })
-        .await?;
-    plugin
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: volume_id.clone(),
-            staging_target_path: staging,
-        })
-        .await?;
+    detach_block(NODE, &volume_id, &tag).await?;
     controller()
         .await?
         .delete_volume(DeleteVolumeRequest {

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use livedisk_csi_proto::csi::v1::identity_client::IdentityClient;
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    block_capability, channel, controller, create_block_volume, in_node, node, socket_dir,
+    attach_block, channel, controller, create_block_volume, detach_block, in_node, socket_dir,
 };
 use livedisk_e2e::metrics::endpoint;
 use livedisk_e2e::{eventually, workspace_binary, workspace_root};
@@ -137,56 +137,6 @@ async fn kill_daemon(node_name: &str) -> Result<i32> {
     Ok(pid)
 }
 
-fn paths(node_name: &str, tag: &str) -> Result<(String, String)> {
-    let state = std::env::var("LIVEDISK_STATE_DIR")?;
-    Ok((
-        format!("{state}/kubelet/{node_name}/staging/{tag}"),
-        format!("{state}/kubelet/{node_name}/publish/{tag}/dev"),
-    ))
-}
-
-/// NodeStage + NodePublish of a block volume, as kubelet does; returns the published device.
-async fn stage(node_name: &str, volume_id: &str, tag: &str) -> Result<String> {
-    let (staging, target) = paths(node_name, tag)?;
-    let mut client = node(node_name).await?;
-    client
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
-    client
-        .node_publish_volume(NodePublishVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging,
-            target_path: target.clone(),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
-        })
-        .await?;
-    Ok(target)
-}
-
-async fn unstage(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
-    let (staging, target) = paths(node_name, tag)?;
-    let mut client = node(node_name).await?;
-    client
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: volume_id.into(),
-            target_path: target,
-        })
-        .await?;
-    client
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging,
-        })
-        .await?;
-    Ok(())
-}
-
 /// Writes a 4 KiB block of `text` at block 0 of the device, synchronously and flushed.
 fn write_block(node_name: &str, device: &str, text: &str) -> Result<()> {
     let script = format!(
@@ -270,8 +220,8 @@ async fn ready_within(node_name: &str, seconds: u64) -> Result<()> {
 /// Re-stages the volume (its old device died with the daemon), checks the data written before
 /// the kill, writes again, and takes a snapshot through the controller.
 async fn restage_and_snapshot(node_name: &str, volume_id: &str, tag: &str) -> Result<String> {
-    unstage(node_name, volume_id, tag).await?;
-    let device = stage(node_name, volume_id, tag).await?;
+    detach_block(node_name, volume_id, tag).await?;
+    let device = attach_block(node_name, volume_id, tag).await?;
     assert_eq!(
         read_block(node_name, &device)?,
         "before-the-kill",
@@ -280,7 +230,7 @@ async fn restage_and_snapshot(node_name: &str, volume_id: &str, tag: &str) -> Re
     write_block(node_name, &device, "after-the-restart")?;
     assert_eq!(read_block(node_name, &device)?, "after-the-restart");
     let snapshot_id = snapshot(volume_id, &format!("{tag}-snapshot")).await?;
-    unstage(node_name, volume_id, tag).await?;
+    detach_block(node_name, volume_id, tag).await?;
     Ok(snapshot_id)
 }
 
@@ -296,7 +246,7 @@ async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
     let node_name = "node-a";
     let tag = unique("h3-reattach");
     let volume_id = create_block_volume(&tag, node_name).await?;
-    let device = stage(node_name, &volume_id, &tag).await?;
+    let device = attach_block(node_name, &volume_id, &tag).await?;
     write_block(node_name, &device, "before-the-kill")?;
     assert_eq!(probe(node_name).await, Some(true));
     assert_eq!(http_probe(node_name, "/readyz").await, Some(200));
@@ -348,7 +298,7 @@ async fn node_plugin_exits_and_is_restarted_when_its_daemon_stays_away() -> Resu
     let node_name = "node-b";
     let tag = unique("h3-giveup");
     let volume_id = create_block_volume(&tag, node_name).await?;
-    let device = stage(node_name, &volume_id, &tag).await?;
+    let device = attach_block(node_name, &volume_id, &tag).await?;
     write_block(node_name, &device, "before-the-kill")?;
     let plugin = node_plugin_pid(node_name)?.context("node plugin of node-b not found")?;
 

@@ -10,12 +10,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::DiskSnapshot;
 use livedisk_api::conditions::{READY, STALLED, find};
@@ -78,32 +76,12 @@ impl RestrictedIdentity {
             name,
             kubeconfig: std::env::temp_dir().join(format!("livedisk-e2e-{namespace}.kubeconfig")),
         };
-        let token = identity.token(namespace).await?;
+        let token = livedisk_e2e::service_account_token(client, namespace, "operator").await?;
         std::fs::write(
             &identity.kubeconfig,
             livedisk_e2e::kubeconfig_with_token(&token)?,
         )?;
         Ok(identity)
-    }
-
-    /// A bound token of the ServiceAccount, as kubelet would project it into a pod.
-    async fn token(&self, namespace: &str) -> Result<String> {
-        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let answer = accounts
-            .create_token_request("operator", &PostParams::default(), &request)
-            .await
-            .context("requesting a ServiceAccount token")?;
-        answer
-            .status
-            .and_then(|status| status.token)
-            .context("no token in the answer")
     }
 
     async fn delete(self) -> Result<()> {

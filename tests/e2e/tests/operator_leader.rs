@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use livedisk_api::DiskSnapshot;
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
@@ -51,21 +50,9 @@ impl Replica {
                  (`hack/accounts.sh apply`, which `make test` runs)"
             );
         }
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let answer = accounts
-            .create_token_request(ACCOUNT, &PostParams::default(), &request)
+        let token = livedisk_e2e::service_account_token(client, NAMESPACE, ACCOUNT)
             .await
             .context("requesting a token of the operator's ServiceAccount")?;
-        let token = answer
-            .status
-            .and_then(|s| s.token)
-            .context("no token in the answer")?;
         let kubeconfig = std::env::temp_dir().join(format!(
             "livedisk-e2e-leader-{name}-{}.kubeconfig",
             std::process::id()
