@@ -281,6 +281,15 @@ export PATH="$BIN:\$PATH"
 export LIVEDISK_STATE_DIR="$STATE"
 export LIVEDISK_HARNESS_BIN="$BIN"
 EOF
+  # Real-node mode: what hack/node.sh and `make down` need to find this cluster's nodes again.
+  if [ "$REAL_NODES" = 1 ]; then
+    cat >> "$STATE/env" <<EOF
+export LIVEDISK_APISERVER_ADDRESS="$API_HOST"
+export LIVEDISK_FAKE_NODES=""
+export LIVEDISK_SUBNET="${LIVEDISK_SUBNET:-10.231}"
+export LIVEDISK_LINK_PREFIX="${LIVEDISK_LINK_PREFIX:-ld}"
+EOF
+  fi
   chmod 644 "$STATE/env"
 }
 

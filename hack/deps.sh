@@ -14,6 +14,9 @@ APT_PACKAGES=(
   openssl jq unzip iproute2 procps curl ca-certificates socat python3-yaml
   # make images (hack/images.sh) and its test: root filesystems, OCI unpacking
   mmdebstrap umoci file
+  # real nodes (hack/node.sh, hack/harness/node-build.sh): runc with seccomp, the pause program
+  # and the test busybox image (static), kube-proxy's and the CNI plugins' iptables and conntrack
+  gcc libc6-dev libseccomp-dev busybox-static iptables conntrack
 )
 
 missing=()

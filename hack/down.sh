@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make down`: stops the operator and the local cluster; no process is left behind.
+# `make down`: stops what `make up` started (either layout); no process is left behind.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,5 +14,14 @@ if [ -f "$pidfile" ]; then
   fi
   rm -f "$pidfile"
 fi
-[ -f "$LIVEDISK_STATE_DIR/env" ] && hack/driver.sh stop || true
+if [ -f "$LIVEDISK_STATE_DIR/env" ]; then
+  # shellcheck disable=SC1091 # the cluster's mode, subnet and link prefix
+  source "$LIVEDISK_STATE_DIR/env"
+fi
+if [ -n "${LIVEDISK_APISERVER_ADDRESS:-}" ]; then
+  # Real nodes (chart layout): every container goes with its node.
+  hack/node.sh down
+else
+  [ -f "$LIVEDISK_STATE_DIR/env" ] && hack/driver.sh stop || true
+fi
 hack/cluster.sh down

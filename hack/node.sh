@@ -10,6 +10,8 @@
 #                                   data stays in $LIVEDISK_NODES_DIR/NAME, as a disk would)
 #   hack/node.sh purge NAME         stop, then delete the node's data and its Node object
 #   hack/node.sh exec NAME -- CMD   run CMD in the node's namespaces (ctr talks to its containerd)
+#   hack/node.sh import NAME LIST.. import the images of hack/images.sh lists (ref digest archive)
+#   hack/node.sh down               stop every node of LIVEDISK_NODES and remove the router
 #   hack/node.sh dns                CoreDNS in the cluster (Deployment + kube-dns Service 10.96.0.10)
 #   hack/node.sh status NAME
 #
@@ -32,7 +34,7 @@ CLUSTER_DOMAIN=cluster.local
 T0=$SECONDS
 log() { echo "node: [$((SECONDS - T0))s] $*" >&2; }
 die() { echo "node: ERROR: $*" >&2; exit 1; }
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # --- the node's identity and places -----------------------------------------------------------
 
@@ -44,7 +46,6 @@ set_node() {
   for n in "${ALL_NODES[@]}"; do i=$((i + 1)); [ "$n" = "$NAME" ] && INDEX=$i; done
   [ -n "$INDEX" ] || die "$NAME is not in LIVEDISK_NODES (${ALL_NODES[*]})"
   NODE="$NODES_DIR/$NAME" NS="$NODES_DIR/$NAME/ns"
-  HOST_IF="$LINK_PREFIX-$NAME"
   HOST_IP="$SUBNET.$INDEX.1" NODE_IP="$SUBNET.$INDEX.2"
   POD_CIDR="$SUBNET.$((128 + INDEX)).0/24" CLUSTER_CIDR="$SUBNET.128.0/17"
   # One cgroup per node under every hierarchy's root: kubelet's cgroupRoot.
@@ -53,7 +54,8 @@ set_node() {
 
 # Node-private directories, bind-mounted at the standard paths inside the node's mount namespace,
 # so kubelet, containerd, CNI and (later) the chart's hostPath volumes see a node's usual layout.
-NODE_BINDS=(var/lib/kubelet var/lib/containerd var/lib/cni var/log/pods etc/cni/net.d etc/kubernetes)
+# /var/lib/livedisk holds the chart's pools and engine sockets (hostPath volumes): one per node.
+NODE_BINDS=(var/lib/kubelet var/lib/containerd var/lib/cni var/log/pods etc/cni/net.d etc/kubernetes var/lib/livedisk)
 
 in_node() { nsenter --mount="$NS/mnt" --net="$NS/net" -- "$@"; }
 
@@ -162,23 +164,71 @@ kernel_tunables_view() {
   done
 }
 
-# A veth between the host and the node: $HOST_IP on the host, $NODE_IP (eth0) in the node, the
-# node's default route via the host (the API server's address is a host address). Pods of the
-# node are routed to it from the host, and masqueraded by the ptp plugin when they leave it.
+# The nodes' network: a router namespace of this cluster ($NODES_DIR/router/net) holds one veth
+# per node ($SUBNET.i.1 router side, $SUBNET.i.2 = the node's eth0) and an uplink to the host
+# ($LINK_PREFIX-rt: $SUBNET.0.5 host side, $SUBNET.0.6 router side). The router forwards between
+# nodes (pods of node-a reach pods of node-b) and up to the host, where the API server listens on
+# $SUBNET.0.1; the host itself never forwards (its ip_forward is a shared machine's setting) and
+# only routes $SUBNET.0.0/16 to the router. Pods leaving their node are masqueraded (ptp ipMasq).
+ROUTER_DIR="$NODES_DIR/router" ROUTER_UPLINK="$LINK_PREFIX-rt"
+in_router() { nsenter --net="$ROUTER_DIR/net" -- "$@"; }
+
+ensure_router() {
+  mkdir -p "$ROUTER_DIR"
+  if ! mountpoint -q "$ROUTER_DIR/net"; then
+    log "router namespace ($ROUTER_DIR/net), uplink $ROUTER_UPLINK $SUBNET.0.5 <-> $SUBNET.0.6"
+    mountpoint -q "$ROUTER_DIR" || { mount --bind "$ROUTER_DIR" "$ROUTER_DIR"; mount --make-private "$ROUTER_DIR"; }
+    touch "$ROUTER_DIR/net"
+    unshare --net="$ROUTER_DIR/net" true
+  fi
+  in_router ip link set lo up
+  in_router sysctl -qw net.ipv4.ip_forward=1
+  in_router ip link show uplink >/dev/null 2>&1 && return 0
+  ip link del "$ROUTER_UPLINK" 2>/dev/null || true
+  ip link add "$ROUTER_UPLINK" type veth peer name uplink
+  move_to_router uplink
+  ip addr add "$SUBNET.0.5/30" dev "$ROUTER_UPLINK"
+  ip link set "$ROUTER_UPLINK" up
+  in_router ip addr add "$SUBNET.0.6/30" dev uplink
+  in_router ip link set uplink up
+  in_router ip route add default via "$SUBNET.0.5"
+  ip route replace "$SUBNET.0.0/16" via "$SUBNET.0.6" dev "$ROUTER_UPLINK"
+}
+
+# move_to_router IFACE [FROM-NS-ARGS...]: ip moves a link into a namespace named by a process in it.
+move_to_router() {
+  local iface="$1" holder; shift
+  nsenter --net="$ROUTER_DIR/net" -- sleep 30 & holder=$!
+  "$@" ip link set "$iface" netns "$holder"
+  kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true
+}
+
+remove_router() {
+  ip link del "$ROUTER_UPLINK" 2>/dev/null || true
+  ip route del "$SUBNET.0.0/16" 2>/dev/null || true
+  if mountpoint -q "$ROUTER_DIR/net" 2>/dev/null; then umount "$ROUTER_DIR/net"; fi
+  mountpoint -q "$ROUTER_DIR" 2>/dev/null && umount "$ROUTER_DIR"
+  rm -rf "$ROUTER_DIR"
+}
+
+# The node's link: eth0 ($NODE_IP) in the node, "$NAME" ($HOST_IP) in the router, the node's
+# default route via the router, and the router's route to the node's pods.
 make_link() {
   in_node ip link set lo up
   # Routing between pods and eth0 in the node; per network namespace, the host's stays as it is.
   in_node sysctl -qw net.ipv4.ip_forward=1
+  ensure_router
   in_node ip link show eth0 >/dev/null 2>&1 && return 0
-  log "link $HOST_IF ($HOST_IP) <-> $NAME eth0 ($NODE_IP); pods $POD_CIDR"
-  ip link del "$HOST_IF" 2>/dev/null || true
-  in_node ip link add eth0 type veth peer name "$HOST_IF" netns 1
-  ip addr add "$HOST_IP/30" dev "$HOST_IF"
-  ip link set "$HOST_IF" up
+  log "link $NAME eth0 ($NODE_IP) <-> router ($HOST_IP); pods $POD_CIDR"
+  in_router ip link del "$NAME" 2>/dev/null || true
+  in_node ip link add eth0 type veth peer name "$NAME"
+  move_to_router "$NAME" in_node
+  in_router ip addr add "$HOST_IP/30" dev "$NAME"
+  in_router ip link set "$NAME" up
   in_node ip addr add "$NODE_IP/30" dev eth0
   in_node ip link set eth0 up
   in_node ip route add default via "$HOST_IP"
-  ip route add "$POD_CIDR" via "$NODE_IP" dev "$HOST_IF"
+  in_router ip route replace "$POD_CIDR" via "$NODE_IP" dev "$NAME"
 }
 
 # kubelet's cgroupRoot must exist in every v1 hierarchy (on this host cgroups are a v1 + v2
@@ -235,6 +285,24 @@ kill_node_processes() {
     log "  ending $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-80) (pid $pid, in the node's mount namespace)"
     kill -KILL "$pid" 2>/dev/null || true
   done
+}
+
+# Loop devices are the kernel's, not the namespace's: a node going away (as in a reboot) must let
+# go of the ones over its files (the engine's FUSE front ends), or they outlive it holding dead
+# files. They are found from inside the node's mount namespace while it still exists: there the
+# kernel names a loop device's backing file by its full path under the node's private
+# directories (elsewhere only by its path inside its own mount). Busy ones (a filesystem still
+# mounted in the node) are marked autoclear by losetup and go once the namespace's mounts go.
+release_loop_devices() {
+  mountpoint -q "$NS/mnt" 2>/dev/null || return 0
+  local dev back
+  while read -r dev back; do
+    case "$back" in
+      /var/lib/livedisk/*|/var/lib/kubelet/*)
+        log "  detaching $dev (backed by $back in $NAME)"
+        losetup -d "$dev" 2>/dev/null || true ;;
+    esac
+  done < <(in_node sh -c 'for f in /sys/block/loop*/loop/backing_file; do [ -r "$f" ] && d="${f#/sys/block/}" && echo "/dev/${d%%/*} $(cat "$f")"; done' 2>/dev/null)
 }
 
 # --- credentials -------------------------------------------------------------------------------
@@ -392,6 +460,32 @@ oomScoreAdj: 0
 EOF
 }
 
+# import_image NAME ARCHIVE [DIGEST]: into the node's containerd (namespace k8s.io, where the CRI
+# looks), unless an image of that name (and digest) is there complete. Bare names are stored
+# normalized (docker.io/library/...), as kubelet asks for them.
+ctr_node() { in_node "$NODE_BIN/ctr" --address /run/containerd/containerd.sock -n k8s.io "$@"; }
+import_image() {
+  local name="$1" file="$2" digest="${3:-}" have
+  have="$(ctr_node images ls 2>/dev/null | awk -v n="$name" '$1 == n || $1 == "docker.io/library/" n || $1 == "docker.io/" n {print $3}' | head -n 1)"
+  if [ -n "$have" ] && { [ -z "$digest" ] || [ "$have" = "$digest" ]; }; then return 0; fi
+  log "importing image $name${digest:+ ($digest)}"
+  ctr_node images import "$file" >/dev/null
+}
+
+cmd_import() {
+  [ -e "$NS/mnt" ] || die "node $NAME is not started"
+  find_builds
+  local list line
+  for list in "$@"; do
+    while read -r line; do
+      [ -n "$line" ] || continue
+      # shellcheck disable=SC2086
+      set -- $line
+      import_image "$1" "$3" "$2"
+    done < "$list"
+  done
+}
+
 # --- commands ----------------------------------------------------------------------------------
 
 read_cluster() {
@@ -429,14 +523,18 @@ cmd_start() {
     alive containerd || { tail -n 30 "$LOGS/$NAME-containerd.log" >&2; die "containerd exited"; }
     sleep 0.2
   done
-  local line name file
-  for line in "${IMAGES[@]}"; do
-    name="${line%% *}" file="${line#* }"
-    if in_node "$NODE_BIN/ctr" --address /run/containerd/containerd.sock -n k8s.io images check "name==$name" 2>/dev/null | grep -q complete; then
-      continue
-    fi
-    log "importing image $name"
-    in_node "$NODE_BIN/ctr" --address /run/containerd/containerd.sock -n k8s.io images import "$file" >/dev/null
+  local line list
+  for line in "${IMAGES[@]}"; do import_image "${line%% *}" "${line#* }"; done
+  # The product's images (hack/images.sh lists: reference, digest, archive), as a registry-less
+  # node gets them.
+  for list in ${LIVEDISK_NODE_IMAGES:-}; do
+    [ -f "$list" ] || die "image list $list (LIVEDISK_NODE_IMAGES) does not exist: run hack/images.sh"
+    while read -r line; do
+      [ -n "$line" ] || continue
+      # shellcheck disable=SC2086
+      set -- $line
+      import_image "$1" "$3" "$2"
+    done < "$list"
   done
 
   start_in_node kube-proxy "$HARNESS_BIN/kube-proxy" --config "$NODE/etc/kubernetes/kube-proxy.yaml" --v=2
@@ -477,13 +575,14 @@ cmd_stop() {
   stop_proc containerd
   kill_node_processes
   remove_cgroups
+  release_loop_devices
   if mountpoint -q "$NS/mnt" 2>/dev/null; then
     log "releasing the namespaces (every mount inside goes with them)"
     umount "$NS/mnt" "$NS/net"
   fi
   mountpoint -q "$NS" 2>/dev/null && umount "$NS"
   rm -rf "$NS"
-  ip link del "$HOST_IF" 2>/dev/null || true
+  [ -e "$ROUTER_DIR/net" ] && in_router ip link del "$NAME" 2>/dev/null || true
   log "node $NAME stopped (data kept in $NODE)"
 }
 
@@ -496,6 +595,13 @@ cmd_purge() {
   fi
   rm -rf "${NODE:?}"
   log "node $NAME purged"
+}
+
+# Every node of LIVEDISK_NODES, then the router.
+cmd_down() {
+  local n
+  for n in "${ALL_NODES[@]}"; do set_node "$n"; [ -d "$NODE" ] && cmd_stop; done
+  remove_router
 }
 
 cmd_status() {
@@ -526,6 +632,8 @@ case "${1:-}" in
     dir="$("$ROOT/hack/harness/node-build.sh" --print-dir)"
     exec nsenter --mount="$NS/mnt" --net="$NS/net" -- env PATH="$dir/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
       CONTAINERD_ADDRESS=/run/containerd/containerd.sock CONTAINERD_NAMESPACE=k8s.io "$@" ;;
+  import) [ $# -ge 3 ] || usage; set_node "$2"; shift 2; cmd_import "$@" ;;
   dns) cmd_dns ;;
+  down) [ "$(id -u)" -eq 0 ] || die "needs root"; cmd_down ;;
   *) usage ;;
 esac

@@ -58,15 +58,41 @@ step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on t
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+cargo test --workspace --exclude livedisk-node-e2e --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+step "stopping the processes-layout cluster"
+own_cluster_down
+audit_logs=("$LIVEDISK_STATE_DIR"/logs/audit*.log)
+
+step "the chart on real nodes: node-a and node-b (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS), helm install"
+# Same ports (the first cluster is down), its own state dir, links and subnet.
+export LIVEDISK_STATE_DIR="${LIVEDISK_TEST_NODES_STATE_DIR:-$ROOT/.livedisk/test-nodes}"
+export LIVEDISK_LINK_PREFIX="${LIVEDISK_TEST_NODES_LINK_PREFIX:-lr}" LIVEDISK_SUBNET="${LIVEDISK_TEST_NODES_SUBNET:-10.237}"
+export LIVEDISK_IMAGE_PROFILE=dev
+# shellcheck source=hack/lib/chart-cluster.sh
+source hack/lib/chart-cluster.sh
+cleanup() {
+  step "stopping the nodes and the cluster"
+  chart_cluster_down
+}
+trap cleanup EXIT
+chart_cluster_up
+
+step "cargo test -p livedisk-node-e2e (pods started by kubelet on real nodes, the chart's driver)"
+set +e
+cargo test -p livedisk-node-e2e --no-fail-fast 2>&1 | tee -a "$log"
+node_status=${PIPESTATUS[0]}
+set -e
+[ "$status" -ne 0 ] || status=$node_status
+audit_logs+=("$LIVEDISK_STATE_DIR"/logs/audit*.log)
 count() { awk -v what="$1" '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ "^" what) n += $i } END { print n + 0 }' "$log"; }
 step "RBAC proof: the API server's audit log of the whole run against the chart's grants"
 rendered="$LIVEDISK_STATE_DIR/chart-rendered.yaml"
 "$(hack/helm.sh | tail -n 1)" template livedisk charts/livedisk --namespace livedisk-system > "$rendered"
 set +e
-python3 hack/audit-check.py "$rendered" hack/audit-justified.yaml "$LIVEDISK_STATE_DIR"/logs/audit*.log
+python3 hack/audit-check.py "$rendered" hack/audit-justified.yaml "${audit_logs[@]}"
 audit_status=$?
 set -e
 [ "$status" -ne 0 ] || status=$audit_status

@@ -27,9 +27,13 @@ enum Cmd {
         /// Stop after this many writes...
         #[arg(long)]
         count: Option<u64>,
-        /// ...or after this many seconds.
+        /// ...or after this many seconds...
         #[arg(long)]
         seconds: Option<u64>,
+        /// ...or once this file exists (checked between writes): how a test that cannot signal
+        /// the writer (it runs in a pod) ends it cleanly.
+        #[arg(long)]
+        until_file: Option<PathBuf>,
         /// JSON-lines log of acknowledged writes.
         #[arg(long)]
         log: PathBuf,
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             blocks,
             count,
             seconds,
+            until_file,
             log,
         } => {
             use std::io::Write as _;
@@ -60,7 +65,22 @@ fn main() -> anyhow::Result<()> {
             let mut out = std::io::BufWriter::new(std::fs::File::create(&log)?);
             let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
             let mut n = 0u64;
-            while count.is_none_or(|c| n < c) && deadline.is_none_or(|d| Instant::now() < d) {
+            let mut next_check = Instant::now();
+            let mut stop_requested = || {
+                let Some(file) = &until_file else {
+                    return false;
+                };
+                // A stat per write would slow the writer down: every 100 ms is enough.
+                if Instant::now() < next_check {
+                    return false;
+                }
+                next_check = Instant::now() + Duration::from_millis(100);
+                file.exists()
+            };
+            while count.is_none_or(|c| n < c)
+                && deadline.is_none_or(|d| Instant::now() < d)
+                && !stop_requested()
+            {
                 let ack = w.write_block(n % blocks.max(1))?;
                 // Log after the ack, flushed, so the log never claims more
                 // than what was acknowledged.
