@@ -600,7 +600,7 @@ cmd_purge() {
 # Every node of LIVEDISK_NODES, then the router.
 cmd_down() {
   local n
-  for n in "${ALL_NODES[@]}"; do set_node "$n"; [ -d "$NODE" ] && cmd_stop; done
+  for n in "${ALL_NODES[@]}"; do set_node "$n"; cmd_stop; done
   remove_router
 }
 

@@ -81,13 +81,30 @@ impl Cluster {
 
     /// A PVC of the chart's StorageClass.
     pub async fn create_pvc(&self, ns: &str, name: &str, mode: VolumeMode) -> Result<()> {
+        self.create_pvc_from(ns, name, mode, None).await
+    }
+
+    /// A PVC of the chart's StorageClass, restored from a VolumeSnapshot when `snapshot` is set.
+    pub async fn create_pvc_from(
+        &self,
+        ns: &str,
+        name: &str,
+        mode: VolumeMode,
+        snapshot: Option<&str>,
+    ) -> Result<()> {
+        let mut spec = json!({
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "livedisk",
+            "volumeMode": mode.as_str(), "resources": {"requests": {"storage": "256Mi"}}
+        });
+        if let Some(snapshot) = snapshot {
+            spec["dataSource"] = json!({
+                "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot
+            });
+        }
         let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"], "storageClassName": "livedisk",
-                "volumeMode": mode.as_str(), "resources": {"requests": {"storage": "256Mi"}}
-            }
+            "spec": spec
         }))?;
         Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), ns)
             .create(&PostParams::default(), &pvc)
