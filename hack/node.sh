@@ -199,6 +199,12 @@ ensure_router() {
 move_to_router() {
   local iface="$1" holder; shift
   nsenter --net="$ROUTER_DIR/net" -- sleep 30 & holder=$!
+  # The holder is in the router's namespace only once nsenter has entered it.
+  local want i; want="$(stat -L -c %i "$ROUTER_DIR/net")"
+  for i in $(seq 1 100); do
+    [ "$(stat -L -c %i "/proc/$holder/ns/net" 2>/dev/null)" = "$want" ] && break
+    sleep 0.02
+  done
   "$@" ip link set "$iface" netns "$holder"
   kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true
 }
