@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real Kubernetes node on this machine (prototype): containerd + runc, kubelet and kube-proxy
+# A real Kubernetes node on this machine: containerd + runc, kubelet and kube-proxy
 # in the node's own mount and network namespace, pods networked by CNI (ptp + host-local +
 # loopback), joined to the cluster of hack/cluster.sh. See docs/real-nodes.md.
 #
