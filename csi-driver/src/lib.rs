@@ -8,11 +8,14 @@
 //!   stages and publishes volumes through it.
 //! * [`metadata`]: the changed-block (SnapshotMetadata) service: served by the node from its
 //!   engine's records over mutual TLS, relayed by the cluster side to the sidecar.
+//! * [`frontends`]: the engine pod's front-end server (the FUSE front ends of attached volumes,
+//!   beside the engine daemon) and the node plugin's client of it.
 //! * [`grpc`]: what both sides share: the unix-socket server, Identity, the error type mapped to
 //!   gRPC codes, request validation, in-flight guards and topology.
-//! * [`run`]: the two server modes the binary starts.
+//! * [`run`]: the server modes the binary starts.
 
 pub mod cluster;
+pub mod frontends;
 pub mod grpc;
 pub mod metadata;
 pub mod node;

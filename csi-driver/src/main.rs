@@ -1,5 +1,6 @@
 //! `livedisk-csi`: the CSI driver's binary: `controller` and `node` serve CSI (see `run.rs`),
-//! `admin` is the node-local admin command.
+//! `frontends` serves the FUSE front ends beside the engine daemon, `admin` is the node-local
+//! admin command.
 
 mod cli;
 
@@ -38,6 +39,9 @@ async fn main() {
         }
         Command::Node(args) => {
             serve(args.telemetry.log_format, livedisk_csi::run::node(args)).await
+        }
+        Command::Frontends(args) => {
+            serve(args.log_format, livedisk_csi::run::frontends(args)).await
         }
     };
     std::process::exit(code);

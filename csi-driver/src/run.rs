@@ -1,4 +1,5 @@
-//! The two server modes of the `livedisk-csi` binary.
+//! The server modes of the `livedisk-csi` binary: `controller`, `node`, and `frontends` (the
+//! engine pod's front-end server).
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -91,6 +92,31 @@ pub struct NodeArgs {
     pub kubelet_csi_endpoint: Option<PathBuf>,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FrontEndsArgs {
+    /// Runtime directory of this host's engine daemon (the node plugin's --engine-socket-dir):
+    /// the server listens on `frontends.sock` in it and mounts each volume's front end at
+    /// `attach/<volume>/fuse`.
+    #[arg(
+        long,
+        env = "LIVEDISK_RUNTIME_DIR",
+        default_value = "/var/lib/livedisk/engine"
+    )]
+    pub engine_socket_dir: PathBuf,
+    /// Log format: `text` for people, `json` (one object per line) for log pipelines.
+    #[arg(long, env = "LIVEDISK_LOG_FORMAT", value_enum, default_value_t = livedisk_telemetry::LogFormat::Text)]
+    pub log_format: livedisk_telemetry::LogFormat,
+}
+
+/// Serves the front-end API until SIGTERM. The front ends keep serving after it stops (a
+/// restarted server adopts them); they end only when stopped through the API, or with the
+/// container (or host) they run in.
+pub async fn frontends(args: FrontEndsArgs) -> Result<()> {
+    let server = crate::frontends::FrontEndServer::start(&args.engine_socket_dir).await?;
+    server::shutdown_signal().await;
+    server.stop().await
 }
 
 fn reflection() -> Result<

@@ -11,6 +11,8 @@
 //! * [`pluginregistration`]: kubelet's plugin registration API (vendored from k8s.io/kubelet
 //!   v0.36.3), served by the node plugin in kubelet's `plugins_registry` directory in place of
 //!   the node-driver-registrar sidecar.
+//! * [`frontends`]: livedisk's front-end API (`livedisk.frontends.v1`), served by the engine
+//!   pod's front-end server to the node plugin (the FUSE front ends of attached volumes).
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded `FileDescriptorSet` (with its
 //!   google/protobuf imports) for a gRPC reflection service.
 
@@ -34,6 +36,12 @@ pub mod csi {
 pub mod pluginregistration {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("pluginregistration");
+}
+
+/// livedisk's front-end API, package `livedisk.frontends.v1`.
+pub mod frontends {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("livedisk.frontends.v1");
 }
 
 /// Encoded `google.protobuf.FileDescriptorSet` of `csi.proto` and its

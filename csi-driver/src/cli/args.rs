@@ -23,6 +23,9 @@ pub enum Command {
     Controller(livedisk_csi::run::ControllerArgs),
     /// Serve the CSI Identity and Node services and run this node's agent (host side).
     Node(livedisk_csi::run::NodeArgs),
+    /// Serve the engine pod's front ends: runs nbdfuse for each attached volume, beside the
+    /// engine daemon, so that node plugin restarts keep consumers' I/O.
+    Frontends(livedisk_csi::run::FrontEndsArgs),
 }
 
 #[derive(Debug, Args)]

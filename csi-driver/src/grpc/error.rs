@@ -28,6 +28,11 @@ pub enum CsiError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unimplemented(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// An answer of the engine pod's front-end server, with the code it chose.
+    #[error("front-end server: {message}")]
+    FrontEnds { code: ErrorCode, message: String },
     #[error("timed out waiting for {0}; the operation continues and a retry picks it up")]
     Timeout(String),
     #[error("node reported: {}", .0.message)]
@@ -53,6 +58,8 @@ impl CsiError {
             CsiError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             CsiError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             CsiError::Unimplemented(_) => ErrorCode::Unimplemented,
+            CsiError::Unavailable(_) => ErrorCode::Unavailable,
+            CsiError::FrontEnds { code, .. } => *code,
             CsiError::Timeout(_) => ErrorCode::DeadlineExceeded,
             CsiError::Node(error) => error.code,
             CsiError::Kube(error) => kube_error_code(error),
@@ -86,6 +93,29 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::Unauthenticated => Code::Unauthenticated,
         ErrorCode::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorCode::Unimplemented => Code::Unimplemented,
+    }
+}
+
+/// The inverse of [`grpc_code`], for answers of livedisk's own gRPC services (the front-end
+/// server). The codes outside livedisk's vocabulary (OK, UNKNOWN, DATA_LOSS) never come from
+/// them; met anyway, they count as internal errors.
+pub fn error_code_of(code: Code) -> ErrorCode {
+    match code {
+        Code::InvalidArgument => ErrorCode::InvalidArgument,
+        Code::NotFound => ErrorCode::NotFound,
+        Code::AlreadyExists => ErrorCode::AlreadyExists,
+        Code::Aborted => ErrorCode::Aborted,
+        Code::OutOfRange => ErrorCode::OutOfRange,
+        Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+        Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+        Code::Unavailable => ErrorCode::Unavailable,
+        Code::Internal => ErrorCode::Internal,
+        Code::Cancelled => ErrorCode::Cancelled,
+        Code::PermissionDenied => ErrorCode::PermissionDenied,
+        Code::Unauthenticated => ErrorCode::Unauthenticated,
+        Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+        Code::Unimplemented => ErrorCode::Unimplemented,
+        Code::Ok | Code::Unknown | Code::DataLoss => ErrorCode::Internal,
     }
 }
 
@@ -150,6 +180,7 @@ mod tests {
         assert_eq!(table.len(), ErrorCode::ALL.len());
         for (code, grpc) in table {
             assert_eq!(grpc_code(code), grpc, "{code}");
+            assert_eq!(error_code_of(grpc), code, "{code}");
             // A node's typed error answers with the same code.
             let node = CsiError::Node(NodeError {
                 code,
@@ -176,6 +207,14 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (CsiError::Unimplemented("x".into()), Code::Unimplemented),
+            (CsiError::Unavailable("x".into()), Code::Unavailable),
+            (
+                CsiError::FrontEnds {
+                    code: ErrorCode::FailedPrecondition,
+                    message: "in use".into(),
+                },
+                Code::FailedPrecondition,
+            ),
             (CsiError::Timeout("x".into()), Code::DeadlineExceeded),
             (CsiError::Internal("x".into()), Code::Internal),
             (

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use livedisk_csi::frontends::FrontEndServer;
 use livedisk_csi::node::attach::Attacher;
 use livedisk_engine::nbd_client::NbdClient;
 use livedisk_engine::{Engine, ExportInfo, SnapshotId, VolumeId};
@@ -531,8 +532,11 @@ pub async fn attach_path(e: &Engine, c: &Config) -> Result<(Vec<Row>, bool)> {
         },
     ];
     // The consumer's real device: what the CSI node service stages (a loop
-    // device without direct I/O over an nbdfuse file of the export).
-    let attacher = Attacher::new(&c.dir.join("attach"));
+    // device without direct I/O over an nbdfuse file of the export, which the
+    // engine's front-end server runs: here in this process).
+    let engine_dir = e.daemon().runtime.dir.clone();
+    let frontends = FrontEndServer::start(&engine_dir).await?;
+    let attacher = Attacher::new(&engine_dir);
     let device = attacher
         .attach(e, &vol)
         .await
@@ -543,6 +547,7 @@ pub async fn attach_path(e: &Engine, c: &Config) -> Result<(Vec<Row>, bool)> {
         .detach(e, &vol)
         .await
         .map_err(|err| anyhow::anyhow!("detaching the consumer device: {err}"))?;
+    frontends.stop().await?;
     measured
 }
 
