@@ -48,10 +48,14 @@ YAML
 mkdir -p "$WORK"/{pool,run,csi}
 KUBECONFIG="$ACCOUNTS/csi-controller.kubeconfig" RUST_LOG=info setsid "$BIN" controller --csi-endpoint "unix://$WORK/csi/controller.sock" >"$WORK/controller.log" 2>&1 &
 pids+=($!)
+# The engine's front-end server (the engine pod's second container in the chart): the node plugin
+# asks it for each staged volume's FUSE front end.
+RUST_LOG=info setsid "$BIN" frontends --engine-socket-dir "$WORK/run" >"$WORK/frontends.log" 2>&1 &
+pids+=($!)
 KUBECONFIG="$ACCOUNTS/node.kubeconfig" RUST_LOG=info setsid "$BIN" node --csi-endpoint "unix://$WORK/csi/node.sock" --node-name "$NODE" \
   --pool-dir "$WORK/pool" --engine-socket-dir "$WORK/run" >"$WORK/node.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -S "$WORK/csi/controller.sock" ] && [ -S "$WORK/csi/node.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ -S "$WORK/csi/controller.sock" ] && [ -S "$WORK/csi/node.sock" ] && [ -S "$WORK/run/frontends.sock" ] && break; sleep 0.1; done
 [ -S "$WORK/csi/node.sock" ] || { cat "$WORK"/*.log >&2; echo "CSI sockets did not appear" >&2; exit 1; }
 
 status=0
@@ -76,7 +80,7 @@ for access in mount block; do
   if [ $rc -ne 0 ]; then
     status=1
     grep -B2 -A12 '\[FAILED\]' "$log" | head -n 120 || true
-    grep -E "WARN|ERROR" "$WORK/node.log" "$WORK/controller.log" | tail -n 20 || true
+    grep -E "WARN|ERROR" "$WORK/node.log" "$WORK/controller.log" "$WORK/frontends.log" | tail -n 20 || true
   fi
 done
 printf '%s\n' "${summary[@]}"

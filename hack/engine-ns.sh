@@ -2,15 +2,20 @@
 # One node's engine in its own mount and network namespace, with its own pool.
 #
 #   hack/engine-ns.sh start NAME        create the namespaces, start the engine daemon
+#                                       and the front-end server (each unless running)
 #   hack/engine-ns.sh exec NAME -- CMD  run CMD inside NAME's namespaces, with
 #                                       LIVEDISK_POOL / LIVEDISK_RUNTIME_DIR set
-#   hack/engine-ns.sh stop NAME         stop the daemon, release the namespaces
-#                                       (the pool stays)
+#   hack/engine-ns.sh stop NAME         release the front ends, stop the server and the
+#                                       daemon, release the namespaces (the pool stays)
 #
 # Layout: $LIVEDISK_NODES_DIR/NAME/{pool,run,ns} (default .livedisk/nodes). The
 # namespaces are kept alive by bind mounts of their nsfs files under ns/. The
 # runtime dir is a tmpfs mounted inside the node's mount namespace only, so the
 # daemon's QMP and NBD sockets exist in that namespace and nowhere else.
+# The engine is what the chart's engine pod runs: the daemon, and the front-end
+# server (`livedisk-csi frontends`, pid file NAME/frontends.pid, log
+# NAME/frontends.log), which runs the FUSE front ends (nbdfuse) of attached
+# volumes outside the node plugin, so that a node plugin restart keeps their I/O.
 # Needs root, util-linux (unshare, nsenter) and iproute2.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,6 +39,39 @@ in_ns() {
     env LIVEDISK_POOL="$root/pool" LIVEDISK_RUNTIME_DIR="$root/run" "$@"
 }
 
+frontends_pid="$root/frontends.pid"
+frontends_alive() {
+  [[ -f "$frontends_pid" ]] && grep -q frontends "/proc/$(cat "$frontends_pid")/cmdline" 2>/dev/null
+}
+
+# The front-end server in the node's namespaces, in its own session: a signal to the caller's
+# process group (hack/driver.sh stops groups) does not reach it. Its socket is in the runtime dir.
+start_frontends() {
+  frontends_alive && return 0
+  setsid nsenter --mount="$ns/mnt" --net="$ns/net" -- env RUST_LOG="${RUST_LOG:-info}" \
+    "$1" frontends --engine-socket-dir "$root/run" >>"$root/frontends.log" 2>&1 </dev/null &
+  echo $! > "$frontends_pid"
+  for _ in $(seq 1 150); do
+    in_ns test -S "$root/run/frontends.sock" && return 0
+    frontends_alive || break
+    sleep 0.1
+  done
+  echo "the front-end server of $name did not start:" >&2
+  tail -n 20 "$root/frontends.log" >&2
+  exit 1
+}
+
+stop_frontends() {
+  if frontends_alive; then
+    local pid
+    pid="$(cat "$frontends_pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$frontends_pid"
+}
+
 case "$cmd" in
   start)
     b="$(bin)"
@@ -47,6 +85,7 @@ case "$cmd" in
       nsenter --mount="$ns/mnt" -- mount -t tmpfs -o mode=0700,size=16m "livedisk-$name" "$root/run"
     fi
     in_ns "$b" admin start
+    start_frontends "$b"
     ;;
   exec)
     [[ "${1:-}" == "--" ]] && shift
@@ -55,8 +94,17 @@ case "$cmd" in
     ;;
   stop)
     if mountpoint -q "$ns/mnt" 2>/dev/null; then
+      # Front ends left running (nbdfuse exits once its mount is gone) would keep the
+      # namespace alive: release them as the engine pod's end would.
+      in_ns "$repo/hack/node-release.sh" "$root/run/attach" || true
+      stop_frontends
+      for pid in $(in_ns sh -c 'cat "$0"/attach/*/nbdfuse.pid 2>/dev/null' "$root/run"); do
+        grep -q nbdfuse "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" 2>/dev/null || true
+      done
       in_ns "$(bin)" admin stop --force || true
       umount "$ns/mnt" "$ns/net"
+    else
+      stop_frontends
     fi
     if mountpoint -q "$ns" 2>/dev/null; then umount "$ns"; fi
     rm -rf "$ns"
