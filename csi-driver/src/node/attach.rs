@@ -2,7 +2,7 @@
 //! file by its FUSE front end (nbdfuse) and into a kernel block device by a loop device.
 //!
 //! Why this path: there is no `nbd` kernel module on these hosts, and QEMU 7.2's own FUSE export
-//! takes the resize permission, which blocks an active commit (see csi-driver/README.md). The loop
+//! takes the resize permission, which blocks an active commit (see docs/architecture.md). The loop
 //! device runs without direct I/O: with direct I/O over FUSE a filesystem broke right after mkfs.
 //! nbdfuse runs in the engine pod, started by its front-end server (`crate::frontends`), so
 //! restarting the node plugin does not cut I/O; the loop device and the mounts made here are
