@@ -142,7 +142,8 @@ impl Cluster {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": spec.name},
             "spec": {
-                "nodeName": spec.node,
+                // Through the scheduler (not nodeName): WaitForFirstConsumer provisions on its choice.
+                "nodeSelector": {"kubernetes.io/hostname": spec.node},
                 "restartPolicy": spec.restart_policy,
                 "terminationGracePeriodSeconds": 2,
                 "enableServiceLinks": false,
