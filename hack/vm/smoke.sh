@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The test VM without a cluster (docs/vm-test.md): a qcow2 volume served by a real
 # qemu-storage-daemon (NBD export on a unix socket -> nbdfuse -> loop device, the node plugin's
-# block path), a VM that writes checksummed blocks to the loop device and powers off, a copy of
-# the qcow2 made with `qemu-img convert` once the daemon has stopped, and a second VM that
-# verifies every acknowledged write on the copy. Then a check that the test can fail: the copy,
-# with one acknowledged block zeroed, must fail verification.
+# block path); a VM that writes checksummed blocks to the loop device, during which a snapshot is
+# taken over QMP (blockdev-snapshot-sync: the volume file freezes, an overlay takes the writes)
+# once the VM has printed a third of its acks; then, each on a `qemu-img convert` copy served the
+# same way, a VM that verifies every acknowledged write on the final state, one that verifies
+# the snapshot holds every write acknowledged before it was taken (vm-run --upto), and two that
+# must fail (the check can fail): the snapshot against the whole log, and a copy with an
+# acknowledged block zeroed.
 #
 #   hack/vm/smoke.sh                   vm-run and the guest from this tree (hack/vm/build.sh)
 #   hack/vm/smoke.sh --rootfs DIR      vm-run, qemu and the guest from an unpacked vm-test image
@@ -67,6 +70,7 @@ trap cleanup EXIT
 attach() { # QCOW2 NAME
   local qcow2="$1" name="$2" sock="$WORK/$2.sock" pidfile="$WORK/$2.nbdfuse.pid"
   qemu-storage-daemon \
+    --chardev "socket,id=qmp,path=$WORK/$name.qmp,server=on,wait=off" --monitor chardev=qmp \
     --blockdev "driver=file,node-name=file0,filename=$qcow2" \
     --blockdev driver=qcow2,node-name=disk0,file=file0 \
     --nbd-server "addr.type=unix,addr.path=$sock" \
@@ -83,6 +87,25 @@ attach() { # QCOW2 NAME
   NBDFUSE_PID="$(cat "$pidfile")"
   LOOP="$(losetup --find --show "$FUSE_DIR/nbd")"
   log "$name: $qcow2 -> qemu-storage-daemon NBD -> nbdfuse -> $LOOP"
+}
+
+# Runs one QMP command on SOCKET; prints its "return" (JSON), fails on an "error".
+qmp() { # SOCKET COMMAND ARGUMENTS_JSON
+  python3 - "$@" <<'EOF'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+def call(cmd, args=None):
+    f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n"); f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg: return msg["return"]
+        if "error" in msg: sys.exit("QMP %s: %s" % (cmd, msg["error"]["desc"]))
+json.loads(f.readline())  # greeting
+call("qmp_capabilities")
+print(json.dumps(call(sys.argv[2], json.loads(sys.argv[3]))))
+EOF
 }
 
 # Where vm-run runs, and where its ack logs live (inside the image: under its /tmp).
@@ -115,32 +138,70 @@ show_failure() { # NAME
   tail -n 15 "$WORK/$1.console" "$WORK/$1.err" >&2 || true
 }
 
-# --- 1. write on a volume the daemon serves ------------------------------------------------------
+# --- 1. write on a volume the daemon serves; a snapshot while the VM writes ----------------------
 qemu-img create -q -f qcow2 "$WORK/vol.qcow2" 64M
 attach "$WORK/vol.qcow2" vol
-read -r rc secs < <(timed_vm_run write write --disk "$LOOP" --acks "$ACKS_RUN/acks.jsonl" \
-  --blocks "$BLOCKS" --count "$WRITES" --tag 11)
+vm_run write --disk "$LOOP" --acks "$ACKS_RUN/acks.jsonl" --blocks "$BLOCKS" --count "$WRITES" --tag 11 \
+  >"$WORK/write.console" 2>"$WORK/write.err" &
+vm=$!
+# The acks the console has shown so far: each was acknowledged before the snapshot call below.
+last_ack() { sed -n 's/^LDACK {"seq":\([0-9]*\),.*/\1/p' "$WORK/write.console" | tail -n 1; }
+for _ in $(seq 1 1200); do
+  seen="$(last_ack)"
+  [ "${seen:-0}" -lt $((WRITES / 3)) ] && kill -0 "$vm" 2>/dev/null || break
+  sleep 0.1
+done
+snap_upto="$(last_ack)"; snap_upto="${snap_upto:-0}"
+snap_out="$(qmp "$WORK/vol.qmp" blockdev-snapshot-sync \
+  "{\"node-name\": \"disk0\", \"snapshot-file\": \"$WORK/overlay.qcow2\", \"snapshot-node-name\": \"overlay0\", \"format\": \"qcow2\"}" 2>&1)" \
+  && snap_rc=0 || snap_rc=$?
+running_after_snapshot=no
+kill -0 "$vm" 2>/dev/null && running_after_snapshot=yes
+rc=0; wait "$vm" || rc=$?
+secs="$(sed -n 's/^vm-run: qemu ran \([0-9.]*\)s.*/\1/p' "$WORK/write.err")"
 acked="$(grep -c . "$ACKS_HOST/acks.jsonl" 2>/dev/null || echo 0)"
 if [ "$rc" -eq 0 ] && [ "$acked" -eq "$WRITES" ]; then
   pass "write VM on $LOOP (qcow2 via qemu-storage-daemon): $acked acknowledged writes over $BLOCKS blocks; boot to power-off ${secs}s"
 else
   fail "write VM: exit $rc, $acked of $WRITES writes acknowledged"; show_failure write
 fi
+if [ "$snap_rc" -eq 0 ] && [ "$running_after_snapshot" = yes ] && [ "$snap_upto" -gt 0 ] && [ "$snap_upto" -lt "$acked" ]; then
+  pass "snapshot (blockdev-snapshot-sync) while the VM wrote: after ack $snap_upto of $acked"
+else
+  fail "snapshot while the VM wrote: QMP exit $snap_rc ($snap_out), VM still running: $running_after_snapshot, after ack $snap_upto of $acked"
+fi
 detach
 
-# --- 2. a copy of the volume, verified by a second VM -------------------------------------------
-if qemu-img check -q "$WORK/vol.qcow2"; then
-  pass "qemu-img check: the volume is consistent after the daemon stopped"
+# --- 2. copies of the volume and of the snapshot, verified by VMs -------------------------------
+if qemu-img check -q "$WORK/overlay.qcow2" && qemu-img check -q "$WORK/vol.qcow2"; then
+  pass "qemu-img check: the volume (snapshot + overlay) is consistent after the daemon stopped"
 else
   fail "qemu-img check found errors in the volume"
 fi
-qemu-img convert -f qcow2 -O qcow2 "$WORK/vol.qcow2" "$WORK/copy.qcow2"
+# The volume's final state (the overlay over the snapshot, flattened) and the snapshot alone.
+qemu-img convert -f qcow2 -O qcow2 "$WORK/overlay.qcow2" "$WORK/copy.qcow2"
+qemu-img convert -f qcow2 -O qcow2 "$WORK/vol.qcow2" "$WORK/snap.qcow2"
 attach "$WORK/copy.qcow2" copy
 read -r rc secs < <(timed_vm_run verify verify --disk "$LOOP" --acks "$ACKS_RUN/acks.jsonl" --tag 11)
 if [ "$rc" -eq 0 ] && grep -q "status=ok" "$WORK/verify.console"; then
   pass "verify VM on a qemu-img copy: $(sed -n 's/^LIVEDISK-RESULT .*status=ok //p' "$WORK/verify.console"); boot to power-off ${secs}s"
 else
   fail "verify VM on the copy: exit $rc"; show_failure verify
+fi
+detach
+attach "$WORK/snap.qcow2" snap
+read -r rc secs < <(timed_vm_run snap verify --disk "$LOOP" --acks "$ACKS_RUN/acks.jsonl" --upto "$snap_upto" --tag 11)
+if [ "$rc" -eq 0 ] && grep -q "status=ok" "$WORK/snap.console"; then
+  pass "verify VM on the snapshot: every write acknowledged before it (--upto $snap_upto): $(sed -n 's/^LIVEDISK-RESULT .*status=ok //p' "$WORK/snap.console"); ${secs}s"
+else
+  fail "verify VM on the snapshot (--upto $snap_upto): exit $rc"; show_failure snap
+fi
+# The snapshot is a point in time: the writes after it are not in it, so the whole log fails.
+read -r rc secs < <(timed_vm_run snap-all verify --disk "$LOOP" --acks "$ACKS_RUN/acks.jsonl" --tag 11)
+if [ "$rc" -eq 1 ] && grep -q "status=failed" "$WORK/snap-all.console"; then
+  pass "verify VM on the snapshot with the whole log fails (the later writes are not in it); ${secs}s"
+else
+  fail "verify VM on the snapshot with the whole log: exit $rc (expected 1: the snapshot would hold writes made after it)"
 fi
 detach
 
