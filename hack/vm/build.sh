@@ -27,7 +27,7 @@ CACHE="${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/vm"
 KERNEL_META=linux-image-cloud-amd64
 BUSYBOX=busybox-static
 # The virtio modules the guest loads, in load order (the cloud kernel builds them as modules):
-# virtio_blk for its disks, virtio_console for hvc0, the channel of its results.
+# virtio_blk for its disks, virtio_console for its output port (a virtio serial port).
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console)
 # The verifier is built for the target explicitly, so that crt-static applies to it and not to
 # build scripts or proc macros, and its output stays apart from the workspace's own target/.
