@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what livedisk needs on a fresh Debian 12 machine, and nothing that is already there:
-# Debian packages (QEMU tools, libnbd, FUSE, openssl, mmdebstrap and umoci for `make images`…),
+# Debian packages (QEMU tools, libnbd, FUSE, openssl, mmdebstrap and umoci for `make images`,
+# cpio and qemu-system-x86 for the test VM…),
 # and the Rust components fmt and clippy.
 # The Go-built harness (hack/harness/build.sh) and helm (hack/helm.sh) install themselves.
 set -euo pipefail
@@ -17,6 +18,8 @@ APT_PACKAGES=(
   # real nodes (hack/node.sh, hack/harness/node-build.sh): runc with seccomp, the pause program
   # and the test busybox image (static), kube-proxy's and the CNI plugins' iptables and conntrack
   gcc libc6-dev libseccomp-dev busybox-static iptables conntrack
+  # the test VM (hack/vm/, docs/vm-test.md): its initramfs archive, the VM on the host
+  cpio qemu-system-x86
 )
 
 missing=()

@@ -8,6 +8,8 @@
 #   hack/images.sh --out DIR --reuse-rootfs
 #                                 the same, but take the root filesystem layer from the cache
 #   hack/images.sh --list         print the list of the last cached build (builds nothing)
+#   --test (with any of the above but --list)
+#                                 also build the test images, listed after the chart's
 #
 # Images (the list is what `helm template` renders, so it cannot drift from the chart):
 #   livedisk:<appVersion>         operator, CSI driver and engine daemon: a Debian root filesystem
@@ -16,12 +18,18 @@
 #                                 /usr/local/bin
 #   sig-storage/<sidecar>:<tag>   one static Go binary from the harness build (hack/harness) at
 #                                 /<sidecar>, its entrypoint, and an empty /tmp
+# Test images (--test; the end-to-end tests' pods run them, users need not build them):
+#   livedisk/vm-test:<appVersion> a tiny VM for pods (docs/vm-test.md): a Debian root filesystem
+#                                 (Essential set + images/vm-test-packages.txt: qemu-system-x86),
+#                                 the guest kernel + initramfs of hack/vm/build.sh in
+#                                 /usr/local/share/livedisk-vm, vm-run (hack/vm/vm-run, the
+#                                 entrypoint) and the static livedisk-verifier in /usr/local/bin
 #
 # Output: ${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/images/<key>/<image>.oci.tar, where <key>
 # hashes everything that goes in (this script, images/packages.txt, the resolved package
-# versions, the binaries' sha256, the epoch). The list -- chart reference, manifest digest,
-# archive -- goes to stdout and to ${LIVEDISK_STATE_DIR:-./.livedisk}/images/images.txt, beside
-# a stable symlink per archive.
+# versions, the binaries' sha256, the epoch; for vm-test also its package list, vm-run and the
+# guest's files). The list -- chart reference, manifest digest, archive -- goes to stdout and
+# to ${LIVEDISK_STATE_DIR:-./.livedisk}/images/images.txt, beside a stable symlink per archive.
 #
 # Package versions are resolved from the host's apt lists (apt-get -s against an empty system)
 # and then installed pinned (pkg=version), so the cache key is exactly what goes in. A mirror
@@ -53,13 +61,16 @@ declare -A UNAVAILABLE=(
   [csi-node-driver-registrar]="github.com/kubernetes-csi/node-driver-registrar is not served by the Go module proxy this project can reach"
 )
 
-OUT="" REUSE_ROOTFS=0 LIST_ONLY=0
+VM_TEST_PACKAGES_FILE="$ROOT/images/vm-test-packages.txt"
+
+OUT="" REUSE_ROOTFS=0 LIST_ONLY=0 TEST_SET=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     --reuse-rootfs) REUSE_ROOTFS=1; shift ;;
     --list) LIST_ONLY=1; shift ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --test) TEST_SET=1; shift ;;
+    -h|--help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -75,8 +86,9 @@ done
 
 # --- inputs ---------------------------------------------------------------------------------
 
-# The package names of images/packages.txt (comments and blank lines dropped).
-package_names() { sed 's/#.*//' "$PACKAGES_FILE" | tr -s ' \t' '\n' | sed '/^$/d'; }
+# The package names of a package list such as images/packages.txt (comments and blank lines
+# dropped).
+package_names() { sed 's/#.*//' "$1" | tr -s ' \t' '\n' | sed '/^$/d'; }
 
 # What `helm template` renders as container images, one reference per line.
 chart_images() {
@@ -86,10 +98,10 @@ chart_images() {
     | sed -n 's/^ *image: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' | LC_ALL=C sort -u
 }
 
-# The closure of Debian's Essential set and images/packages.txt, resolved by the host's apt from
-# its own lists (nothing is downloaded): sorted pkg=version lines.
-resolve_packages() { # SUITE
-  local suite="$1" arch lists essential status sim
+# The closure of Debian's Essential set and a package list (images/packages.txt), resolved by the
+# host's apt from its own lists (nothing is downloaded): sorted pkg=version lines.
+resolve_packages() { # SUITE PACKAGES_FILE
+  local suite="$1" packages_file="$2" arch lists essential status sim
   arch="$(dpkg --print-architecture)"
   lists="$(apt-get indextargets --format '$(FILENAME)' 'Identifier: Packages' "Architecture: $arch" "Codename: $suite")"
   [ -n "$lists" ] || die "the host's apt has no package lists for $suite/$arch: run apt-get update"
@@ -99,7 +111,7 @@ resolve_packages() { # SUITE
   status="$(mktemp)"
   # shellcheck disable=SC2046,SC2086
   sim="$(apt-get -s -q -o Dir::State::Status="$status" -o APT::Install-Recommends=false \
-    -o APT::Install-Suggests=false install $essential $(package_names) 2>&1)" \
+    -o APT::Install-Suggests=false install $essential $(package_names "$packages_file") 2>&1)" \
     || { rm -f "$status"; die "apt-get could not resolve the image's packages:"$'\n'"$sim"; }
   rm -f "$status"
   awk '$1 == "Inst" { v = $3; sub(/^\(/, "", v); print $2 "=" v }' <<<"$sim" | LC_ALL=C sort
@@ -121,8 +133,8 @@ TOOLS="$(gzip --version | head -n1); $(tar --version | head -n1); $(jq --version
 
 # --- builders -------------------------------------------------------------------------------
 
-# Builds the root filesystem layer of the livedisk image into DIR: layer.gz, layer.gz.diffid and
-# packages.lock (the pinned package list).
+# Builds a root filesystem layer (the livedisk image's, vm-test's) into DIR: layer.gz,
+# layer.gz.diffid and packages.lock (the pinned package list).
 build_rootfs() { # DIR SUITE PINS
   local dir="$1" suite="$2" pins="$3" tmp sources
   tmp="$(mktemp -d "${dir%/*}/.rootfs.XXXXXX")"
@@ -209,6 +221,22 @@ build_sidecar_image() { # IMAGE_DIR REF BINARY
   finish_image "$dir" "$ref" "$work" "$digest"
 }
 
+# Writes IMAGE_DIR/<file>.oci.tar and IMAGE_DIR/digest for the vm-test image.
+build_vm_test_image() { # IMAGE_DIR REF ROOTFS_DIR GUEST_DIR
+  local dir="$1" ref="$2" rootfs="$3" guest="$4" work digest
+  work="$(mktemp -d)"
+  build_file_layer "$work/vm.gz" "0755 usr/local/bin/vm-run $ROOT/hack/vm/vm-run
+0755 usr/local/bin/livedisk-verifier $guest/livedisk-verifier
+0644 usr/local/share/livedisk-vm/vmlinuz $guest/vmlinuz
+0644 usr/local/share/livedisk-vm/initramfs.img $guest/initramfs.img
+0644 usr/local/share/livedisk-vm/inputs.txt $guest/inputs.txt"
+  digest="$(oci_write_image "$work/layout" "$(oci_containerd_name "$ref")" \
+    '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Entrypoint":["/usr/local/bin/vm-run"],"WorkingDir":"/"}' \
+    '[{"created_by":"mmdebstrap: Debian Essential set + images/vm-test-packages.txt"},{"created_by":"vm-run, livedisk-verifier (static), guest kernel + initramfs (hack/vm/build.sh)"}]' \
+    "$rootfs/layer.gz" "$work/vm.gz")"
+  finish_image "$dir" "$ref" "$work" "$digest"
+}
+
 archive_name() { echo "${1//[\/:]/_}.oci.tar"; }
 
 finish_image() { # IMAGE_DIR REF WORK DIGEST
@@ -241,8 +269,28 @@ log "the chart names: ${REFS[*]}"
 
 SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
 [ -n "$SUITE" ] || die "cannot tell the host's Debian suite from /etc/os-release"
-PINS="$(resolve_packages "$SUITE")"
-ROOTFS_KEY="$( { echo "rootfs $SCRIPT_HASH $SUITE $(dpkg --print-architecture) $EPOCH"; mmdebstrap --version 2>&1; echo "$TOOLS"; echo "$PINS"; } | hash_of)"
+# The key of a root filesystem: what mmdebstrap is given and is.
+rootfs_key() { # PINS
+  { echo "rootfs $SCRIPT_HASH $SUITE $(dpkg --print-architecture) $EPOCH"; mmdebstrap --version 2>&1; echo "$TOOLS"; echo "$1"; } | hash_of
+}
+# The directory of the root filesystem layer of KEY, built unless the cache has it (with --out:
+# built into OUT, unless --reuse-rootfs). Prints the directory.
+rootfs_layer() { # KEY PINS
+  local key="$1" pins="$2" rootfs="$CACHE/rootfs/$1"
+  if [ -n "$OUT" ] && [ "$REUSE_ROOTFS" = 0 ]; then
+    rootfs="$OUT/rootfs/$key"
+  fi
+  if [ ! -f "$rootfs/layer.gz.diffid" ] || { [ -n "$OUT" ] && [ "$REUSE_ROOTFS" = 0 ]; }; then
+    mkdir -p "${rootfs%/*}"
+    build_rootfs "$rootfs" "$SUITE" "$pins"
+  else
+    log "root filesystem $key: cached"
+  fi
+  echo "$rootfs"
+}
+
+PINS="$(resolve_packages "$SUITE" "$PACKAGES_FILE")"
+ROOTFS_KEY="$(rootfs_key "$PINS")"
 log "$(wc -l <<<"$PINS") Debian packages resolved ($SUITE); root filesystem key $ROOTFS_KEY"
 
 case "$PROFILE" in
@@ -277,16 +325,7 @@ for ref in "${REFS[@]}"; do
               sha256sum "$RUST_BINS/livedisk-operator" "$RUST_BINS/livedisk-csi" | cut -d' ' -f1; } | hash_of)"
     dir="$IMAGES_ROOT/$key"
     if [ -n "$OUT" ] || [ ! -f "$dir/digest" ]; then
-      rootfs="$CACHE/rootfs/$ROOTFS_KEY"
-      if [ -n "$OUT" ] && [ "$REUSE_ROOTFS" = 0 ]; then
-        rootfs="$OUT/rootfs/$ROOTFS_KEY"
-      fi
-      if [ ! -f "$rootfs/layer.gz.diffid" ] || { [ -n "$OUT" ] && [ "$REUSE_ROOTFS" = 0 ]; }; then
-        mkdir -p "${rootfs%/*}"
-        build_rootfs "$rootfs" "$SUITE" "$PINS"
-      else
-        log "root filesystem $ROOTFS_KEY: cached"
-      fi
+      rootfs="$(rootfs_layer "$ROOTFS_KEY" "$PINS")"
       log "assembling $ref..."
       build_livedisk_image "$dir" "$ref" "$rootfs" "$RUST_BINS"
     else
@@ -314,6 +353,37 @@ for ref in "${REFS[@]}"; do
   fi
   LIST+="$ref $(cat "$dir/digest") $dir/$(archive_name "$ref")"$'\n'
 done
+
+# The test images (--test), named with the chart's appVersion (the livedisk image's tag).
+if [ "$TEST_SET" = 1 ]; then
+  app_version=""
+  for ref in "${REFS[@]}"; do
+    base="${ref%:*}"; base="${base##*/}"
+    [ "$base" = livedisk ] && app_version="${ref##*:}"
+  done
+  [ -n "$app_version" ] || die "the chart names no livedisk image: no appVersion to tag the test images with"
+  ref="livedisk/vm-test:$app_version"
+  if [ -n "$OUT" ]; then
+    guest="$(SOURCE_DATE_EPOCH="$EPOCH" "$ROOT/hack/vm/build.sh" --out "$OUT/vm-guest" | tail -n 1)" || die "hack/vm/build.sh --out failed"
+  else
+    guest="$(SOURCE_DATE_EPOCH="$EPOCH" "$ROOT/hack/vm/build.sh" | tail -n 1)" || die "hack/vm/build.sh failed"
+  fi
+  vm_pins="$(resolve_packages "$SUITE" "$VM_TEST_PACKAGES_FILE")"
+  vm_rootfs_key="$(rootfs_key "$vm_pins")"
+  log "$ref: $(wc -l <<<"$vm_pins") Debian packages resolved; root filesystem key $vm_rootfs_key"
+  key="$( { echo "vm-test $SCRIPT_HASH $ref $EPOCH $vm_rootfs_key $TOOLS"
+            sha256sum "$ROOT/hack/vm/vm-run" "$guest/vmlinuz" "$guest/initramfs.img" \
+              "$guest/livedisk-verifier" "$guest/inputs.txt" | cut -d' ' -f1; } | hash_of)"
+  dir="$IMAGES_ROOT/$key"
+  if [ -n "$OUT" ] || [ ! -f "$dir/digest" ]; then
+    rootfs="$(rootfs_layer "$vm_rootfs_key" "$vm_pins")"
+    log "assembling $ref..."
+    build_vm_test_image "$dir" "$ref" "$rootfs" "$guest"
+  else
+    log "$ref: cached ($key)"
+  fi
+  LIST+="$ref $(cat "$dir/digest") $dir/$(archive_name "$ref")"$'\n'
+fi
 
 if [ -n "$OUT" ]; then
   printf '%s' "$LIST" >"$OUT/images.txt"

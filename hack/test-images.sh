@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The images test (issue 10): `make images` is reproducible and its images start.
-#   1. hack/images.sh: the images the chart names (from the cache when warm).
-#   2. hack/images.sh --out TMP: every image built again from its inputs, reading no cache --
+#   1. hack/images.sh --test: the images the chart names and the test images (from the cache when
+#      warm).
+#   2. hack/images.sh --test --out TMP: every image built again from its inputs, reading no cache --
 #      the root filesystem (mmdebstrap) included, unless LIVEDISK_TEST_IMAGES_REUSE_ROOTFS=1 --
 #      and each manifest digest must equal the first one.
 #   3. Each archive is unpacked with `umoci unpack` (which checks every blob against its digest)
@@ -10,7 +11,10 @@
 #      livedisk: livedisk-operator --help, livedisk-csi --help, qemu-storage-daemon --version,
 #        nbdfuse --version, every other program the node plugin and the engine run, and the
 #        engine command the chart renders, which must create its QMP socket for its owner only;
-#      sidecars: <binary> --help (Go's flag package may exit non-zero: the output is checked).
+#      sidecars: <binary> --help (Go's flag package may exit non-zero: the output is checked);
+#      livedisk/vm-test: qemu-system-x86_64 --version, livedisk-verifier --help, vm-run --help, and
+#        hack/vm/smoke.sh --rootfs: VMs booted inside the image write to and verify a volume that
+#        qemu-storage-daemon serves (docs/vm-test.md).
 # Needs root (unshare, chroot, mount) and umoci. Prints "N passed, N failed" last.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,9 +39,9 @@ trap cleanup EXIT
 
 # --- 1 + 2: build, rebuild without the cache, compare -----------------------------------------
 t=$SECONDS
-hack/images.sh >"$WORK/first.txt" || die "hack/images.sh failed"
+hack/images.sh --test >"$WORK/first.txt" || die "hack/images.sh --test failed"
 echo "test-images: build (cache allowed) took $((SECONDS - t))s"
-rebuild_args=(--out "$WORK/rebuild")
+rebuild_args=(--test --out "$WORK/rebuild")
 what="root filesystem, binary layers and assembly"
 if [ "${LIVEDISK_TEST_IMAGES_REUSE_ROOTFS:-0}" = 1 ]; then
   rebuild_args+=(--reuse-rootfs); what="binary layers and assembly (root filesystem from the cache)"
@@ -143,6 +147,20 @@ check_livedisk() { # ROOTFS REF
   ENGINE_PID=""
 }
 
+check_vm_test() { # ROOTFS REF
+  local r="$1" ref="$2" t=$SECONDS
+  expect_output "$r" "$ref" '^QEMU emulator version 7\.' qemu-system-x86_64 --version
+  expect_output "$r" "$ref" 'Checksummed block writer' livedisk-verifier --help
+  expect_output "$r" "$ref" 'vm-run write' vm-run --help
+  # The VM itself, booted inside the image (smoke.sh starts it as IN_IMAGE does).
+  if hack/vm/smoke.sh --rootfs "$r" >"$WORK/vm-smoke.log" 2>&1; then
+    pass "$ref: VMs in the image write and verify a volume served by qemu-storage-daemon ($((SECONDS - t))s): $(grep -c '^PASS' "$WORK/vm-smoke.log") checks"
+  else
+    fail "$ref: hack/vm/smoke.sh --rootfs: $(grep -E '^(FAIL|vm-smoke: error)' "$WORK/vm-smoke.log" | head -c 400)"
+  fi
+  grep -E '^(PASS|FAIL)' "$WORK/vm-smoke.log" | sed 's/^/      vm-smoke: /'
+}
+
 i=0
 while read -r ref digest archive; do
   i=$((i + 1))
@@ -154,6 +172,8 @@ while read -r ref digest archive; do
   base="${ref%:*}"; base="${base##*/}"
   if [ "$base" = livedisk ]; then
     check_livedisk "$rootfs" "$ref"
+  elif [ "$base" = vm-test ]; then
+    check_vm_test "$rootfs" "$ref"
   else
     # Every kubernetes-csi sidecar has --csi-address; its usage text names it.
     expect_output "$rootfs" "$ref" 'csi-address' "/$base" --help
