@@ -15,11 +15,12 @@ CHART_NODES=(node-a node-b)
 
 chart_log() { echo "chart-cluster: [$((SECONDS - ${CHART_T0:-0}))s] $*" >&2; }
 
-# The images of the chart, built (or found in the cache) for this cluster's state dir; prints the
-# image list file (reference, digest, archive per line).
+# The images of the chart and the test images (livedisk/vm-test: the checksummed writer and the
+# test VM, for pods of the tests and of users trying things out), built (or found in the cache)
+# for this cluster's state dir; prints the image list file (reference, digest, archive per line).
 chart_images() {
-  chart_log "images (hack/images.sh, profile ${LIVEDISK_IMAGE_PROFILE:-release}; cached by content)"
-  hack/images.sh >/dev/null
+  chart_log "images (hack/images.sh --test, profile ${LIVEDISK_IMAGE_PROFILE:-release}; cached by content)"
+  hack/images.sh --test >/dev/null
   echo "$LIVEDISK_STATE_DIR/images/images.txt"
 }
 
@@ -42,6 +43,12 @@ chart_cluster_up() {
   chart_log "cluster DNS (CoreDNS)"
   hack/node.sh dns >/dev/null
   chart_install
+  # The test image, for tests/nodes and for whoever sources the env.
+  local test_image
+  test_image="$(awk '$1 ~ /^livedisk\/vm-test:/ {print $1}' "$images")"
+  [ -n "$test_image" ] || { chart_log "no livedisk/vm-test image in $images"; return 1; }
+  echo "export LIVEDISK_TEST_IMAGE=\"$test_image\"" >> "$LIVEDISK_STATE_DIR/env"
+  export LIVEDISK_TEST_IMAGE="$test_image"
 }
 
 # helm install (or upgrade) of charts/livedisk with the values of this machine, then waits until
