@@ -5,6 +5,7 @@ pub mod agent;
 pub mod attach;
 mod blocking;
 pub mod engine_health;
+pub mod grow;
 pub mod metrics;
 pub mod mount_decision;
 pub mod mounts;

@@ -213,7 +213,8 @@ pub async fn filesystem(device: &Path) -> Result<Option<String>, CsiError> {
     Ok((!kind.is_empty()).then_some(kind))
 }
 
-/// Formats an empty device (never one that holds a filesystem) and mounts it at `target`.
+/// Formats an empty device (never one that holds a filesystem) and mounts it at `target`. An ext
+/// filesystem smaller than its (grown) device is grown first (see [`super::grow`]).
 pub async fn format_and_mount(
     device: &Path,
     fs_type: &str,
@@ -226,6 +227,9 @@ pub async fn format_and_mount(
                 "{} holds a {existing} filesystem, not the requested {fs_type}",
                 device.display()
             )));
+        }
+        Some(existing) if existing.starts_with("ext") => {
+            super::grow::grow_unmounted_ext(device).await?;
         }
         Some(_) => {}
         None => {
