@@ -328,13 +328,22 @@ async fn apply_volume(
         {
             Ok(info) => info,
             Err(error) => {
+                let reported = node_error(&error);
+                let blocked = reported.code == ErrorCode::FailedPrecondition;
                 let report = VolumeReport {
                     phase: NodePhase::Ready,
                     capacity_bytes: Some(info.size as i64),
                     progress: None,
-                    error: Some(node_error(&error)),
+                    error: Some(reported),
                 };
                 apply_status(api, &name, &status(report)).await?;
+                // Refused while attached (offline expansion): the consumer's detach changes
+                // nothing in this object, so no event would wake the reconcile; retried soon,
+                // as csi-resizer retries ControllerExpandVolume right after kubelet unstages.
+                if blocked {
+                    tracing::info!(volume = %name, "expansion waits until the volume is detached");
+                    return Ok(Action::requeue(livedisk_common::code::TRANSIENT_RETRY));
+                }
                 return Err(error.into());
             }
         }
