@@ -146,6 +146,9 @@ build_rootfs() { # DIR SUITE PINS
   # The custom variant sets up no merged /usr by itself (usr-is-merged refuses to install
   # without it): mmdebstrap's own merged-usr hook does, as its other variants do for bookworm.
   # Documentation, man pages and translations are left out as Debian's -slim images do.
+  # Python bytecode (python3's postinst compiles every module) is dropped: marshal's output
+  # depends on reference counts, so two builds can differ (seen once: the livedisk image's
+  # no-cache rebuild got another digest); Python compiles what it imports when it runs.
   # Progress: mmdebstrap's step lines (I:/W:/E:); everything it prints goes to mmdebstrap.log.
   if ! SOURCE_DATE_EPOCH="$EPOCH" nice -n 10 mmdebstrap --variant=custom --format=tar \
       --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
@@ -154,6 +157,7 @@ build_rootfs() { # DIR SUITE PINS
       --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' \
       --customize-hook='rm -f "$1/etc/resolv.conf" "$1/etc/hostname" "$1/etc/apt/sources.list" "$1"/etc/apt/sources.list.d/*' \
+      --customize-hook='find "$1" -depth -type d -name __pycache__ -exec rm -rf {} +' \
       --skip=output/dev \
       "$suite" "$tmp/rootfs.tar" "${sources[@]}" \
       > >(cat >"$tmp/mmdebstrap.out") 2> >(tee "$tmp/mmdebstrap.log" | grep --line-buffered -E '^[IWE]: ' >&2); then
