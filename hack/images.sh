@@ -157,7 +157,7 @@ build_rootfs() { # DIR SUITE PINS
       --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' \
       --customize-hook='rm -f "$1/etc/resolv.conf" "$1/etc/hostname" "$1/etc/apt/sources.list" "$1"/etc/apt/sources.list.d/*' \
-      --customize-hook='find "$1" -depth -type d -name __pycache__ -exec rm -rf {} +' \
+      --customize-hook='find "$1/usr" -depth -type d -name __pycache__ -exec rm -rf {} +' \
       --skip=output/dev \
       "$suite" "$tmp/rootfs.tar" "${sources[@]}" \
       > >(cat >"$tmp/mmdebstrap.out") 2> >(tee "$tmp/mmdebstrap.log" | grep --line-buffered -E '^[IWE]: ' >&2); then
