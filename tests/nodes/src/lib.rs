@@ -163,6 +163,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs pod "reader" on `node` with `claim`: `before` (shell, may be empty), then the
+    /// verifier over every ack in /ack/`log`. Fails unless the pod succeeds with no mismatch;
+    /// returns its output, then deletes it.
+    pub async fn read_back(
+        &self,
+        ns: &str,
+        node: &str,
+        claim: &str,
+        mode: VolumeMode,
+        log: &str,
+        before: &str,
+    ) -> Result<String> {
+        let script = format!("{before}{}", verify_script(mode, log));
+        let spec = PodSpec {
+            name: "reader",
+            node,
+            claim,
+            mode,
+            script: &script,
+            restart_policy: "Never",
+            privileged: false,
+        };
+        self.run_pod(ns, &spec).await?;
+        self.wait_phase(ns, "reader", "Succeeded", 180).await?;
+        let report = self.logs(ns, "reader").await?;
+        if !report.contains("\"mismatches\": []") {
+            bail!("the reader's report: {report}");
+        }
+        self.delete_pod(ns, "reader").await?;
+        Ok(report)
+    }
+
     /// Waits until the pod's phase is one of `phases`; fails at once if it ends otherwise.
     pub async fn wait_phase(&self, ns: &str, name: &str, phase: &str, secs: u64) -> Result<Pod> {
         let pods = self.pods(ns);

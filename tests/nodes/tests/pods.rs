@@ -4,9 +4,7 @@
 //! node reads every acknowledged write back.
 
 use anyhow::{Result, ensure};
-use livedisk_node_e2e::{
-    Cluster, PodSpec, TestNamespace, VolumeMode, ack_count, verify_script, writer_script,
-};
+use livedisk_node_e2e::{Cluster, PodSpec, TestNamespace, VolumeMode, ack_count, writer_script};
 
 async fn write_delete_read(mode: VolumeMode) -> Result<()> {
     let cluster = Cluster::connect().await?;
@@ -35,31 +33,10 @@ async fn write_delete_read(mode: VolumeMode) -> Result<()> {
     ensure!(acks > 100, "the writer acknowledged only {acks} writes");
     cluster.delete_pod(&ns.name, "writer").await?;
 
-    let reader = verify_script(mode, "acks");
     cluster
-        .run_pod(
-            &ns.name,
-            &PodSpec {
-                name: "reader",
-                node,
-                claim: "disk",
-                mode,
-                script: &reader,
-                restart_policy: "Never",
-                privileged: false,
-            },
-        )
+        .read_back(&ns.name, node, "disk", mode, "acks", "")
         .await?;
-    cluster
-        .wait_phase(&ns.name, "reader", "Succeeded", 180)
-        .await?;
-    let report = cluster.logs(&ns.name, "reader").await?;
-    ensure!(
-        report.contains("\"mismatches\": []"),
-        "the reader's report: {report}"
-    );
     println!("{mode:?}: {acks} acknowledged writes read back by a second pod");
-    cluster.delete_pod(&ns.name, "reader").await?;
     ns.delete().await
 }
 
