@@ -127,7 +127,6 @@ impl Cluster {
         let mut container = json!({
             "name": "main", "image": self.test_image, "imagePullPolicy": "Never",
             "command": ["sh", "-c", spec.script],
-            "securityContext": {"privileged": spec.privileged},
         });
         container
             .as_object_mut()
@@ -176,15 +175,7 @@ impl Cluster {
         before: &str,
     ) -> Result<String> {
         let script = format!("{before}{}", verify_script(mode, log));
-        let spec = PodSpec {
-            name: "reader",
-            node,
-            claim,
-            mode,
-            script: &script,
-            restart_policy: "Never",
-            privileged: false,
-        };
+        let spec = PodSpec::once("reader", node, claim, mode, &script);
         self.run_pod(ns, &spec).await?;
         self.wait_phase(ns, "reader", "Succeeded", 180).await?;
         let report = self.logs(ns, "reader").await?;
@@ -401,7 +392,26 @@ pub struct PodSpec<'a> {
     pub mode: VolumeMode,
     pub script: &'a str,
     pub restart_policy: &'a str,
-    pub privileged: bool,
+}
+
+impl<'a> PodSpec<'a> {
+    /// A pod that runs `script` once (restartPolicy Never).
+    pub fn once(
+        name: &'a str,
+        node: &'a str,
+        claim: &'a str,
+        mode: VolumeMode,
+        script: &'a str,
+    ) -> Self {
+        Self {
+            name,
+            node,
+            claim,
+            mode,
+            script,
+            restart_policy: "Never",
+        }
+    }
 }
 
 /// `sh` for a writer: writes with tag 1 for `seconds` (or until killed), logging acks to

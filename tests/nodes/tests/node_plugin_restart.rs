@@ -23,15 +23,7 @@ async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() 
     cluster
         .run_pod(
             &ns.name,
-            &PodSpec {
-                name: "writer",
-                node,
-                claim: "disk",
-                mode,
-                script: &writer,
-                restart_policy: "Never",
-                privileged: false,
-            },
+            &PodSpec::once("writer", node, "disk", mode, &writer),
         )
         .await?;
     cluster.wait_running(&ns.name, "writer", 0, 180).await?;

@@ -25,13 +25,8 @@ async fn a_pod_comes_back_after_its_node_restarts_with_every_acknowledged_write(
         .run_pod(
             &ns.name,
             &PodSpec {
-                name: "app",
-                node,
-                claim: "disk",
-                mode,
-                script: &script,
                 restart_policy: "OnFailure",
-                privileged: false,
+                ..PodSpec::once("app", node, "disk", mode, &script)
             },
         )
         .await?;

@@ -15,15 +15,7 @@ async fn write_delete_read(mode: VolumeMode) -> Result<()> {
     cluster
         .run_pod(
             &ns.name,
-            &PodSpec {
-                name: "writer",
-                node,
-                claim: "disk",
-                mode,
-                script: &writer,
-                restart_policy: "Never",
-                privileged: false,
-            },
+            &PodSpec::once("writer", node, "disk", mode, &writer),
         )
         .await?;
     cluster

@@ -35,15 +35,7 @@ async fn a_filesystem_pvc_grows_between_pods_and_keeps_its_data() -> Result<()> 
     cluster
         .run_pod(
             &ns.name,
-            &PodSpec {
-                name: "writer",
-                node,
-                claim: "disk",
-                mode,
-                script: &writer,
-                restart_policy: "Never",
-                privileged: false,
-            },
+            &PodSpec::once("writer", node, "disk", mode, &writer),
         )
         .await?;
     cluster

@@ -30,15 +30,13 @@ async fn a_vm_snapshotted_while_it_writes_boots_again_from_the_restored_disk() -
     cluster
         .run_pod(
             &ns.name,
-            &PodSpec {
-                name: "vm",
+            &PodSpec::once(
+                "vm",
                 node,
-                claim: "vm-disk",
+                "vm-disk",
                 mode,
-                script: "exec vm-run write --disk /dev/xvda --acks /ack/acks --blocks 2048 --seconds 60",
-                restart_policy: "Never",
-                privileged: false,
-            },
+                "exec vm-run write --disk /dev/xvda --acks /ack/acks --blocks 2048 --seconds 60",
+            ),
         )
         .await?;
     // The guest boots (TCG: tens of seconds on this machine) and starts acknowledging writes.
@@ -95,15 +93,7 @@ async fn a_vm_snapshotted_while_it_writes_boots_again_from_the_restored_disk() -
     cluster
         .run_pod(
             &ns.name,
-            &PodSpec {
-                name: "vm-restored",
-                node,
-                claim: "restored",
-                mode,
-                script: &verify,
-                restart_policy: "Never",
-                privileged: false,
-            },
+            &PodSpec::once("vm-restored", node, "restored", mode, &verify),
         )
         .await?;
     cluster
