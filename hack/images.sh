@@ -38,7 +38,10 @@
 # Env: SOURCE_DATE_EPOCH (every mtime in the images; default 1735689600 = 2025-01-01T00:00:00Z),
 # LIVEDISK_CACHE_DIR, LIVEDISK_STATE_DIR, LIVEDISK_IMAGE_PROFILE (cargo profile of the livedisk
 # binaries: release, the default and what users get; `make test` uses dev, whose binaries it has
-# built already, to stay within CI's time: a cold release build takes 10-30 min on 2 cores).
+# built already, to stay within CI's time: a cold release build takes 10-30 min on 2 cores),
+# LIVEDISK_IMAGES_BINARIES_DIR (take livedisk-operator and livedisk-csi from this directory instead
+# of building them: `make test` hands its background image test a copy of the binaries, so that
+# the cargo tests running meanwhile neither wait on cargo's lock nor relink what is being packed).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -302,12 +305,20 @@ case "$PROFILE" in
   dev) PROFILE_DIR=debug ;;
   *) die "LIVEDISK_IMAGE_PROFILE=$PROFILE: use release (default) or dev" ;;
 esac
-log "cargo build --profile $PROFILE --bins -p livedisk-operator -p livedisk-csi (a cold release build takes many minutes)..."
-t=$SECONDS
-( cd "$ROOT" && nice -n 10 cargo build --profile "$PROFILE" --bins -p livedisk-operator -p livedisk-csi ) >&2 \
-  || die "cargo build --profile $PROFILE failed"
-RUST_BINS="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/$PROFILE_DIR"
-log "cargo: done in $((SECONDS - t))s"
+if [ -n "${LIVEDISK_IMAGES_BINARIES_DIR:-}" ]; then
+  RUST_BINS="$LIVEDISK_IMAGES_BINARIES_DIR"
+  for bin in livedisk-operator livedisk-csi; do
+    [ -x "$RUST_BINS/$bin" ] || die "LIVEDISK_IMAGES_BINARIES_DIR=$RUST_BINS has no $bin"
+  done
+  log "livedisk binaries from $RUST_BINS (not built here)"
+else
+  log "cargo build --profile $PROFILE --bins -p livedisk-operator -p livedisk-csi (a cold release build takes many minutes)..."
+  t=$SECONDS
+  ( cd "$ROOT" && nice -n 10 cargo build --profile "$PROFILE" --bins -p livedisk-operator -p livedisk-csi ) >&2 \
+    || die "cargo build --profile $PROFILE failed"
+  RUST_BINS="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/$PROFILE_DIR"
+  log "cargo: done in $((SECONDS - t))s"
+fi
 
 need_sidecars=()
 for ref in "${REFS[@]}"; do

@@ -8,7 +8,9 @@
 //! restarting the node plugin does not cut I/O; the loop device and the mounts made here are
 //! kernel objects, which outlive this process too.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::process::Command;
 
@@ -45,24 +47,30 @@ impl Attacher {
     }
 
     /// The loop device of an attached volume, if it is attached and healthy.
+    ///
+    /// The loop device is matched by the identity (device number and inode) of its backing file,
+    /// not by the backing file's path: the kernel names the path as seen from the mount namespace
+    /// that set the loop device up, so a restarted node plugin container reads a path that is not
+    /// its own (`/disk`, the FUSE mount's root) for a device it did attach.
     pub async fn device(&self, volume: &VolumeId) -> Option<PathBuf> {
         let recorded = tokio::fs::read_to_string(self.dir(volume).join("device"))
             .await
             .ok()?;
         let device = PathBuf::from(recorded.trim());
-        let backing = run(
+        let listed = run(
             "losetup",
             &[
                 "--noheadings",
                 "-O",
-                "BACK-FILE",
+                "BACK-MAJ:MIN,BACK-INO",
                 "--list",
                 &device.to_string_lossy(),
             ],
         )
         .await
         .ok()?;
-        (Path::new(backing.trim()) == self.backing_file(volume)).then_some(device)
+        let backing = file_identity(&self.backing_file(volume)).await?;
+        (parse_backing_identity(&listed) == Some(backing)).then_some(device)
     }
 
     /// Attaches the volume and returns its block device. Idempotent: the engine's export and the
@@ -184,6 +192,35 @@ fn serves_consumer(engine: &Engine, volume: &VolumeId) -> bool {
     }
 }
 
+/// A file's identity as the loop driver records it for its backing file: (major, minor, inode).
+type FileIdentity = (u32, u32, u64);
+
+/// How long a look at the front end's file may take: a stuck FUSE server must not hang a CSI call.
+const FRONT_END_STAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The identity of the front end's file, or None when it cannot be read (the front end is gone,
+/// or does not answer in time).
+async fn file_identity(path: &Path) -> Option<FileIdentity> {
+    let metadata = tokio::time::timeout(FRONT_END_STAT_TIMEOUT, tokio::fs::metadata(path))
+        .await
+        .ok()?
+        .ok()?;
+    let dev = metadata.dev();
+    Some((libc::major(dev), libc::minor(dev), metadata.ino()))
+}
+
+/// Parses `losetup --noheadings -O BACK-MAJ:MIN,BACK-INO` output ("   0:52    1", padded), as the
+/// loop driver reports its backing file.
+fn parse_backing_identity(listed: &str) -> Option<FileIdentity> {
+    let mut fields = listed.split_whitespace();
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    if fields.next().is_some() {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?, inode))
+}
+
 /// Whether a path exists; an unreadable one counts as absent, as `Path::exists` has it.
 async fn exists(path: &Path) -> bool {
     tokio::fs::try_exists(path).await.unwrap_or(false)
@@ -205,4 +242,28 @@ pub async fn run(program: &str, args: &[&str]) -> Result<String, CsiError> {
         )));
     }
     Ok(String::from_utf8_lossy(&output.stdout).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_backing_file_identity_losetup_reports() {
+        assert_eq!(
+            parse_backing_identity("     0:52          1\n"),
+            Some((0, 52, 1))
+        );
+        assert_eq!(
+            parse_backing_identity("259:3 123456"),
+            Some((259, 3, 123456))
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_one_identity() {
+        for listed in ["", "\n", "0:52", "052 1", "0:52 x", "a:b 1", "0:52 1 2"] {
+            assert_eq!(parse_backing_identity(listed), None, "{listed:?}");
+        }
+    }
 }

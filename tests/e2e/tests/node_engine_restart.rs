@@ -94,15 +94,30 @@ fn processes() -> Vec<(i32, Vec<String>)> {
         .collect()
 }
 
-/// Pids of the qemu-storage-daemons listening in this runtime dir.
+/// Pids of the qemu-storage-daemons listening in this runtime dir, inside this node's mount
+/// namespace (hack/engine-ns.sh keeps it at `<node>/ns/mnt`, beside `<node>/run`). The namespace
+/// counts as much as the path: another cluster's node of the same name has a daemon with the
+/// same socket path in a namespace of its own.
 fn daemons_in(run_dir: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
     let socket = format!("path={}/qmp.sock,", run_dir.display());
+    let namespace = run_dir
+        .parent()
+        .map(|node| node.join("ns/mnt"))
+        .and_then(|ns| std::fs::metadata(ns).ok())
+        .map(|m| (m.dev(), m.ino()));
     processes()
         .into_iter()
         .filter(|(_, args)| {
             args.first()
                 .is_some_and(|a| a.ends_with("qemu-storage-daemon"))
                 && args.iter().any(|a| a.contains(&socket))
+        })
+        .filter(|(pid, _)| {
+            let theirs = std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            namespace.is_none() || theirs == namespace
         })
         .map(|(pid, _)| pid)
         .collect()

@@ -280,9 +280,10 @@ impl Cluster {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     }
 
-    /// Waits until the writer on `node` has acknowledged at least `n` writes (in total).
+    /// Waits until the writer on `node` has acknowledged at least `n` writes (in total). A writer
+    /// that stops is reported with what the pods of `ns` and livedisk's pods on `node` say.
     pub async fn wait_acks(&self, node: &str, ns: &str, file: &str, n: usize) -> Result<usize> {
-        eventually(
+        let waited = eventually(
             120,
             &format!("{n} acknowledged writes in {file}"),
             || async move {
@@ -293,7 +294,59 @@ impl Cluster {
                 Ok((count >= n).then_some(count))
             },
         )
-        .await
+        .await;
+        match waited {
+            Ok(count) => Ok(count),
+            Err(error) => {
+                let last = self
+                    .ack_log(node, ns, file)
+                    .map(|l| format!("{} acks; last: {:?}", ack_count(&l), l.lines().last()))
+                    .unwrap_or_else(|e| e.to_string());
+                let diagnosis = self.diagnose(ns, node).await;
+                Err(error.context(format!("{last}\n{diagnosis}")))
+            }
+        }
+    }
+
+    /// What a failure message needs: every pod of `ns` (status, events, logs) and the recent logs
+    /// of livedisk's pods on `node`.
+    pub async fn diagnose(&self, ns: &str, node: &str) -> String {
+        let mut text = String::new();
+        if let Ok(list) = self.pods(ns).list(&ListParams::default()).await {
+            for pod in list.items {
+                text.push_str(&self.describe(ns, &pod.name_any()).await);
+            }
+        }
+        let chart = self.pods(CHART_NAMESPACE);
+        if let Ok(list) = chart.list(&ListParams::default()).await {
+            let on_node = list
+                .items
+                .into_iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node));
+            for pod in on_node {
+                let containers: Vec<String> = pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+                    .collect();
+                for container in containers {
+                    let params = LogParams {
+                        container: Some(container.clone()),
+                        tail_lines: Some(40),
+                        ..LogParams::default()
+                    };
+                    let logs = chart
+                        .logs(&pod.name_any(), &params)
+                        .await
+                        .unwrap_or_else(|e| e.to_string());
+                    text.push_str(&format!(
+                        "--- {CHART_NAMESPACE}/{} [{container}] (last 40 lines)\n{logs}\n",
+                        pod.name_any()
+                    ));
+                }
+            }
+        }
+        text
     }
 
     /// The node plugin pod (chart DaemonSet) on `node`.
@@ -323,6 +376,61 @@ impl Cluster {
                     .and_then(|s| s.conditions.as_ref())
                     .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 Ok((pod.name_any() != old && ready).then_some(pod))
+            },
+        )
+        .await
+    }
+
+    /// The CSI volume handle of a bound PVC.
+    pub async fn volume_handle(&self, ns: &str, claim: &str) -> Result<String> {
+        let pvc = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), ns)
+            .get(claim)
+            .await
+            .with_context(|| format!("reading PVC {ns}/{claim}"))?;
+        let pv_name = pvc
+            .spec
+            .and_then(|s| s.volume_name)
+            .with_context(|| format!("PVC {ns}/{claim} is not bound"))?;
+        let pv = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(self.client.clone())
+            .get(&pv_name)
+            .await
+            .with_context(|| format!("reading PV {pv_name}"))?;
+        pv.spec
+            .and_then(|s| s.csi)
+            .map(|c| c.volume_handle)
+            .with_context(|| format!("PV {pv_name} is not a CSI volume"))
+    }
+
+    /// The backing files of `node`'s loop devices, as the kernel names them inside the node (by
+    /// full path there).
+    pub fn loop_backing_files(&self, node: &str) -> Result<Vec<String>> {
+        let listing = self.hack(
+            "hack/node.sh",
+            &[
+                "exec",
+                node,
+                "--",
+                "sh",
+                "-c",
+                "cat /sys/block/loop*/loop/backing_file 2>/dev/null || true",
+            ],
+        )?;
+        Ok(listing.lines().map(str::to_string).collect())
+    }
+
+    /// Waits until no loop device of `node` goes over a front end of `volume` (it was unstaged
+    /// and its loop device released).
+    pub async fn wait_no_loop_device(&self, node: &str, volume: &str) -> Result<()> {
+        let needle = format!("/attach/{volume}/");
+        eventually(
+            60,
+            &format!("no loop device of volume {volume} on {node}"),
+            || {
+                let needle = needle.clone();
+                async move {
+                    let files = self.loop_backing_files(node)?;
+                    Ok((!files.iter().any(|f| f.contains(&needle))).then_some(()))
+                }
             },
         )
         .await

@@ -1,16 +1,15 @@
 //! The node plugin goes away under a writing pod: `kubectl delete pod` of the node plugin, then
-//! `helm upgrade` to a new node-plugin image reference. The data path (the engine daemon and its
+//! `helm upgrade` to a rebuilt node-plugin image. The data path (the engine daemon and its
 //! FUSE front ends, the loop device) lives in the engine pod and the kernel, so the writer sees no
-//! I/O error and every acknowledged write reads back.
+//! I/O error and every acknowledged write reads back; the restarted plugin then unstages the
+//! volume (no loop device left) and stages it again for the reader.
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use livedisk_node_e2e::{
     Cluster, PodSpec, TestNamespace, VolumeMode, ack_count, writer_until_stopped_script,
 };
-
-/// The image tag `helm upgrade` moves the node plugin to.
-const UPGRADE_TAG: &str = "0.1.0-upgrade";
 
 #[tokio::test]
 async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() -> Result<()> {
@@ -45,16 +44,25 @@ async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() 
         .success()
         .then_some(())
         .context("kubectl delete pod failed")?;
-    let replaced = cluster
-        .wait_node_plugin_replaced(node, &old)
-        .await?
-        .name_any();
+    let replaced_pod = cluster.wait_node_plugin_replaced(node, &old).await?;
+    let replaced = replaced_pod.name_any();
     let after_delete = cluster
         .wait_acks(node, &ns.name, "acks", before + 200)
         .await?;
 
-    // 2. helm upgrade to another image reference of the node plugin: the DaemonSet rolls it.
-    cluster.hack("hack/chart-upgrade.sh", &["--image-tag", UPGRADE_TAG])?;
+    // 2. helm upgrade to a rebuilt node-plugin image (a new image with a digest of its own,
+    //    imported into the nodes as a registry-less node receives one): the DaemonSet rolls it.
+    let old_image_id = container_image_id(&replaced_pod);
+    let tag = format!(
+        "upgrade-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let output = cluster.hack("hack/chart-upgrade.sh", &["--image-tag", &tag, "--rebuild"])?;
+    let rebuilt_id = output
+        .lines()
+        .find_map(|l| l.strip_prefix("image-id: "))
+        .with_context(|| format!("chart-upgrade.sh printed no image ID:\n{output}"))?
+        .to_string();
     let upgraded = cluster.wait_node_plugin_replaced(node, &replaced).await?;
     let image = upgraded
         .spec
@@ -63,8 +71,13 @@ async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() 
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
     ensure!(
-        image.ends_with(UPGRADE_TAG),
+        image.ends_with(&format!(":{tag}")),
         "the upgraded node plugin runs {image}"
+    );
+    let new_image_id = container_image_id(&upgraded);
+    ensure!(
+        new_image_id.ends_with(&rebuilt_id) && new_image_id != old_image_id,
+        "the upgraded node plugin runs image {new_image_id}, not the rebuilt {rebuilt_id} (before: {old_image_id})"
     );
     cluster
         .wait_acks(node, &ns.name, "acks", after_delete + 200)
@@ -76,7 +89,11 @@ async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() 
         .await?;
     let summary = cluster.logs(&ns.name, "writer").await?;
     let acks = ack_count(&cluster.ack_log(node, &ns.name, "acks")?);
+    // kubelet unpublishes and unstages through the restarted node plugin, which must still know
+    // the loop device it did not set up itself: none is left behind.
+    let volume = cluster.volume_handle(&ns.name, "disk").await?;
     cluster.delete_pod(&ns.name, "writer").await?;
+    cluster.wait_no_loop_device(node, &volume).await?;
 
     cluster
         .read_back(&ns.name, node, "disk", mode, "acks", "")
@@ -85,4 +102,19 @@ async fn a_writer_sees_no_error_while_the_node_plugin_is_deleted_and_upgraded() 
         "{acks} acknowledged writes through a node plugin deletion and an upgrade; writer: {summary}"
     );
     ns.delete().await
+}
+
+/// The image (by digest) kubelet runs the pod's first container (the node plugin) from.
+fn container_image_id(pod: &Pod) -> String {
+    let first = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .map(|c| c.name.as_str());
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|statuses| statuses.iter().find(|c| Some(c.name.as_str()) == first))
+        .map(|c| c.image_id.clone())
+        .unwrap_or_default()
 }
