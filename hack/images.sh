@@ -23,12 +23,14 @@
 #                                 (Essential set + images/vm-test-packages.txt: qemu-system-x86),
 #                                 the guest kernel + initramfs of hack/vm/build.sh in
 #                                 /usr/local/share/livedisk-vm, vm-run (hack/vm/vm-run, the
-#                                 entrypoint) and the static livedisk-verifier in /usr/local/bin
+#                                 entrypoint), the static livedisk-verifier, and the
+#                                 snapshot-metadata-lister and -verifier (hack/harness: backup
+#                                 clients of the snapshot-metadata sidecar) in /usr/local/bin
 #
 # Output: ${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/images/<key>/<image>.oci.tar, where <key>
-# hashes everything that goes in (this script, images/packages.txt, the resolved package
-# versions, the binaries' sha256, the epoch; for vm-test also its package list, vm-run and the
-# guest's files). The list -- chart reference, manifest digest, archive -- goes to stdout and
+# hashes everything that goes into that artefact (the builder functions that make it and the
+# OCI writer, the resolved package versions, the binaries' sha256, the epoch; for vm-test also
+# vm-run and the guest's files), so that an edit here rebuilds only what it changes. The list -- chart reference, manifest digest, archive -- goes to stdout and
 # to ${LIVEDISK_STATE_DIR:-./.livedisk}/images/images.txt, beside a stable symlink per archive.
 #
 # Package versions are resolved from the host's apt lists (apt-get -s against an empty system)
@@ -131,7 +133,10 @@ host_sources() {
 }
 
 hash_of() { sha256sum | cut -c1-16; }
-SCRIPT_HASH="$(cat "$ROOT/hack/images.sh" "$ROOT/hack/lib/oci-image.sh" "$PACKAGES_FILE" | sha256sum | cut -c1-16)"
+# Each artefact's key names the code that builds it (the bash text of its builder functions, as
+# `declare -f` prints them, and the OCI writer), not this whole script: an edit elsewhere here
+# rebuilds nothing. The package lists are in the keys through the resolved pins.
+recipe_hash() { { declare -f "$@"; cat "$ROOT/hack/lib/oci-image.sh"; } | hash_of; }
 TOOLS="$(gzip --version | head -n1); $(tar --version | head -n1); $(jq --version)"
 
 # --- builders -------------------------------------------------------------------------------
@@ -229,17 +234,19 @@ build_sidecar_image() { # IMAGE_DIR REF BINARY
 }
 
 # Writes IMAGE_DIR/<file>.oci.tar and IMAGE_DIR/digest for the vm-test image.
-build_vm_test_image() { # IMAGE_DIR REF ROOTFS_DIR GUEST_DIR
-  local dir="$1" ref="$2" rootfs="$3" guest="$4" work digest
+build_vm_test_image() { # IMAGE_DIR REF ROOTFS_DIR GUEST_DIR BACKUP_TOOLS_DIR
+  local dir="$1" ref="$2" rootfs="$3" guest="$4" tools="$5" work digest
   work="$(mktemp -d)"
   build_file_layer "$work/vm.gz" "0755 usr/local/bin/vm-run $ROOT/hack/vm/vm-run
 0755 usr/local/bin/livedisk-verifier $guest/livedisk-verifier
+0755 usr/local/bin/snapshot-metadata-lister $tools/snapshot-metadata-lister
+0755 usr/local/bin/snapshot-metadata-verifier $tools/snapshot-metadata-verifier
 0644 usr/local/share/livedisk-vm/vmlinuz $guest/vmlinuz
 0644 usr/local/share/livedisk-vm/initramfs.img $guest/initramfs.img
 0644 usr/local/share/livedisk-vm/inputs.txt $guest/inputs.txt"
   digest="$(oci_write_image "$work/layout" "$(oci_containerd_name "$ref")" \
     '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Entrypoint":["/usr/local/bin/vm-run"],"WorkingDir":"/"}' \
-    '[{"created_by":"mmdebstrap: Debian Essential set + images/vm-test-packages.txt"},{"created_by":"vm-run, livedisk-verifier (static), guest kernel + initramfs (hack/vm/build.sh)"}]' \
+    '[{"created_by":"mmdebstrap: Debian Essential set + images/vm-test-packages.txt"},{"created_by":"vm-run, livedisk-verifier (static), guest kernel + initramfs (hack/vm/build.sh), snapshot-metadata-lister and -verifier (hack/harness, static)"}]' \
     "$rootfs/layer.gz" "$work/vm.gz")"
   finish_image "$dir" "$ref" "$work" "$digest"
 }
@@ -278,7 +285,7 @@ SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
 [ -n "$SUITE" ] || die "cannot tell the host's Debian suite from /etc/os-release"
 # The key of a root filesystem: what mmdebstrap is given and is.
 rootfs_key() { # PINS
-  { echo "rootfs $SCRIPT_HASH $SUITE $(dpkg --print-architecture) $EPOCH"; mmdebstrap --version 2>&1; echo "$TOOLS"; echo "$1"; } | hash_of
+  { echo "rootfs $(recipe_hash build_rootfs) $SUITE $(dpkg --print-architecture) $EPOCH"; mmdebstrap --version 2>&1; echo "$TOOLS"; echo "$1"; } | hash_of
 }
 # The directory of the root filesystem layer of KEY, built unless the cache has it (with --out:
 # built into OUT, unless --reuse-rootfs). Prints the directory.
@@ -336,7 +343,7 @@ missing=()
 for ref in "${REFS[@]}"; do
   base="${ref%:*}"; base="${base##*/}"; tag="${ref##*:}"
   if [ "$base" = livedisk ]; then
-    key="$( { echo "livedisk $SCRIPT_HASH $ref $EPOCH $ROOTFS_KEY $TOOLS"
+    key="$( { echo "livedisk $(recipe_hash build_livedisk_image build_file_layer finish_image archive_name) $ref $EPOCH $ROOTFS_KEY $TOOLS"
               sha256sum "$RUST_BINS/livedisk-operator" "$RUST_BINS/livedisk-csi" | cut -d' ' -f1; } | hash_of)"
     dir="$IMAGES_ROOT/$key"
     if [ -n "$OUT" ] || [ ! -f "$dir/digest" ]; then
@@ -355,7 +362,7 @@ for ref in "${REFS[@]}"; do
     built="$(go_module_version "$bin")"
     [ "$built" = "$tag" ] || die "$ref: the harness builds $base $built, the chart names $tag: align hack/harness/go.mod and charts/livedisk/values.yaml"
     file -b "$bin" | grep -q 'statically linked' || die "$bin is not statically linked (the image has no libc): build it with CGO_ENABLED=0"
-    key="$( { echo "sidecar $SCRIPT_HASH $ref $EPOCH $TOOLS"; sha256sum "$bin" | cut -d' ' -f1; } | hash_of)"
+    key="$( { echo "sidecar $(recipe_hash build_sidecar_image build_file_layer finish_image archive_name) $ref $EPOCH $TOOLS"; sha256sum "$bin" | cut -d' ' -f1; } | hash_of)"
     dir="$IMAGES_ROOT/$key"
     if [ -n "$OUT" ] || [ ! -f "$dir/digest" ]; then
       log "assembling $ref..."
@@ -386,14 +393,19 @@ if [ "$TEST_SET" = 1 ]; then
   vm_pins="$(resolve_packages "$SUITE" "$VM_TEST_PACKAGES_FILE")"
   vm_rootfs_key="$(rootfs_key "$vm_pins")"
   log "$ref: $(wc -l <<<"$vm_pins") Debian packages resolved; root filesystem key $vm_rootfs_key"
-  key="$( { echo "vm-test $SCRIPT_HASH $ref $EPOCH $vm_rootfs_key $TOOLS"
+  # The backup-tool clients of the snapshot-metadata sidecar, for pods of the tests.
+  backup_tools="$("$ROOT/hack/harness/build.sh" snapshot-metadata-lister snapshot-metadata-verifier | tail -n 1)" \
+    || die "hack/harness/build.sh could not build snapshot-metadata-lister and -verifier"
+  key="$( { echo "vm-test $(recipe_hash build_vm_test_image build_file_layer finish_image archive_name) $ref $EPOCH $vm_rootfs_key $TOOLS"
             sha256sum "$ROOT/hack/vm/vm-run" "$guest/vmlinuz" "$guest/initramfs.img" \
-              "$guest/livedisk-verifier" "$guest/inputs.txt" | cut -d' ' -f1; } | hash_of)"
+              "$guest/livedisk-verifier" "$guest/inputs.txt" \
+              "$backup_tools/snapshot-metadata-lister" "$backup_tools/snapshot-metadata-verifier" \
+              | cut -d' ' -f1; } | hash_of)"
   dir="$IMAGES_ROOT/$key"
   if [ -n "$OUT" ] || [ ! -f "$dir/digest" ]; then
     rootfs="$(rootfs_layer "$vm_rootfs_key" "$vm_pins")"
     log "assembling $ref..."
-    build_vm_test_image "$dir" "$ref" "$rootfs" "$guest"
+    build_vm_test_image "$dir" "$ref" "$rootfs" "$guest" "$backup_tools"
   else
     log "$ref: cached ($key)"
   fi

@@ -48,8 +48,10 @@ set_node() {
   NODE="$NODES_DIR/$NAME" NS="$NODES_DIR/$NAME/ns"
   HOST_IP="$SUBNET.$INDEX.1" NODE_IP="$SUBNET.$INDEX.2"
   POD_CIDR="$SUBNET.$((128 + INDEX)).0/24" CLUSTER_CIDR="$SUBNET.128.0/17"
-  # One cgroup per node under every hierarchy's root: kubelet's cgroupRoot.
-  CGROUP_ROOT="/livedisk-$NAME"
+  # One cgroup per node under every hierarchy's root: kubelet's cgroupRoot. Named with the
+  # cluster's link prefix too: another cluster's node-a (make up beside make test) has its own,
+  # and stopping one node must never touch the other's processes.
+  CGROUP_ROOT="/livedisk-$LINK_PREFIX-$NAME"
 }
 
 # Node-private directories, bind-mounted at the standard paths inside the node's mount namespace,

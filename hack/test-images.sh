@@ -12,7 +12,8 @@
 #        nbdfuse --version, every other program the node plugin and the engine run, and the
 #        engine command the chart renders, which must create its QMP socket for its owner only;
 #      sidecars: <binary> --help (Go's flag package may exit non-zero: the output is checked);
-#      livedisk/vm-test: qemu-system-x86_64 --version, livedisk-verifier --help, vm-run --help, and
+#      livedisk/vm-test: qemu-system-x86_64 --version, livedisk-verifier --help, vm-run --help,
+#        snapshot-metadata-lister --help, snapshot-metadata-verifier --help, and
 #        hack/vm/smoke.sh --rootfs: VMs booted inside the image write to and verify a volume that
 #        qemu-storage-daemon serves (docs/vm-test.md).
 # Needs root (unshare, chroot, mount) and umoci. Prints "N passed, N failed" last.
@@ -152,6 +153,8 @@ check_vm_test() { # ROOTFS REF
   expect_output "$r" "$ref" '^QEMU emulator version 7\.' qemu-system-x86_64 --version
   expect_output "$r" "$ref" 'Checksummed block writer' livedisk-verifier --help
   expect_output "$r" "$ref" 'vm-run write' vm-run --help
+  expect_output "$r" "$ref" 'previous-snapshot' snapshot-metadata-lister --help
+  expect_output "$r" "$ref" 'target-device-path' snapshot-metadata-verifier --help
   # The VM itself, booted inside the image (smoke.sh starts it as IN_IMAGE does).
   if hack/vm/smoke.sh --rootfs "$r" >"$WORK/vm-smoke.log" 2>&1; then
     pass "$ref: VMs in the image write and verify a volume served by qemu-storage-daemon ($((SECONDS - t))s): $(grep -c '^PASS' "$WORK/vm-smoke.log") checks"

@@ -13,7 +13,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::CSINode;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, LogParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use livedisk_e2e::eventually;
 use serde_json::json;
@@ -116,27 +117,25 @@ impl Cluster {
     /// Creates a pod on `node` running `script` (sh -c) in the test image, with `claim` at
     /// [`VolumeMode::path`] and the node's ack directory of this namespace at /ack.
     pub async fn run_pod(&self, ns: &str, spec: &PodSpec<'_>) -> Result<()> {
-        let volume = match spec.mode {
-            VolumeMode::Filesystem => {
-                json!({"volumeMounts": [{"name": "disk", "mountPath": "/data"}]})
+        let mut mounts = vec![json!({"name": "ack", "mountPath": "/ack"})];
+        let mut devices = vec![];
+        let mut volumes = vec![json!({"name": "ack", "hostPath": {
+            "path": format!("{ACK_ROOT_IN_NODE}/{ns}"), "type": "DirectoryOrCreate"}})];
+        for (i, claim) in spec.claims.iter().enumerate() {
+            let name = format!("claim{i}");
+            match claim.mode {
+                VolumeMode::Filesystem => {
+                    mounts.push(json!({"name": name, "mountPath": claim.path}))
+                }
+                VolumeMode::Block => devices.push(json!({"name": name, "devicePath": claim.path})),
             }
-            VolumeMode::Block => {
-                json!({"volumeDevices": [{"name": "disk", "devicePath": "/dev/xvda"}]})
-            }
-        };
-        let mut container = json!({
+            volumes.push(json!({"name": name, "persistentVolumeClaim": {"claimName": claim.name}}));
+        }
+        let container = json!({
             "name": "main", "image": self.test_image, "imagePullPolicy": "Never",
             "command": ["sh", "-c", spec.script],
+            "volumeMounts": mounts, "volumeDevices": devices,
         });
-        container
-            .as_object_mut()
-            .context("container")?
-            .extend(volume.as_object().context("volume")?.clone());
-        let ack = json!({"name": "ack", "mountPath": "/ack"});
-        match container["volumeMounts"].as_array_mut() {
-            Some(mounts) => mounts.push(ack),
-            None => container["volumeMounts"] = json!([ack]),
-        }
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": spec.name},
@@ -146,13 +145,11 @@ impl Cluster {
                 "restartPolicy": spec.restart_policy,
                 "terminationGracePeriodSeconds": 2,
                 "enableServiceLinks": false,
-                "automountServiceAccountToken": false,
+                // Only a pod that acts as an account (a backup tool) gets a token.
+                "serviceAccountName": spec.service_account.unwrap_or("default"),
+                "automountServiceAccountToken": spec.service_account.is_some(),
                 "containers": [container],
-                "volumes": [
-                    {"name": "disk", "persistentVolumeClaim": {"claimName": spec.claim}},
-                    {"name": "ack", "hostPath": {
-                        "path": format!("{ACK_ROOT_IN_NODE}/{ns}"), "type": "DirectoryOrCreate"}}
-                ]
+                "volumes": volumes,
             }
         }))?;
         self.pods(ns)
@@ -436,6 +433,80 @@ impl Cluster {
         .await
     }
 
+    /// The namespace's VolumeSnapshots.
+    pub fn volume_snapshots(&self, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ApiResource::from_gvk(&GroupVersionKind::gvk(
+                "snapshot.storage.k8s.io",
+                "v1",
+                "VolumeSnapshot",
+            )),
+        )
+    }
+
+    /// Creates VolumeSnapshot `name` of `claim` (class livedisk) and waits until it is ready.
+    pub async fn snapshot_ready(&self, ns: &str, name: &str, claim: &str) -> Result<()> {
+        let snapshots = self.volume_snapshots(ns);
+        let snapshot: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": name},
+            "spec": {"volumeSnapshotClassName": "livedisk",
+                     "source": {"persistentVolumeClaimName": claim}}
+        }))?;
+        snapshots
+            .create(&PostParams::default(), &snapshot)
+            .await
+            .with_context(|| format!("creating VolumeSnapshot {ns}/{name}"))?;
+        eventually(120, &format!("VolumeSnapshot {ns}/{name} ready"), || {
+            let snapshots = snapshots.clone();
+            async move {
+                let s = snapshots.get(name).await?;
+                Ok((s.data["status"]["readyToUse"] == json!(true)).then_some(()))
+            }
+        })
+        .await
+    }
+
+    /// Creates an object of any kind from its JSON (namespaced ones in `ns`), as `kubectl
+    /// create` does.
+    pub async fn create_object(&self, ns: &str, object: serde_json::Value) -> Result<()> {
+        let mut kubectl = livedisk_e2e::kubectl();
+        kubectl.args(["-n", ns, "create", "-f", "-"]);
+        kubectl
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = kubectl.spawn().context("kubectl create")?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("kubectl stdin")?;
+            stdin.write_all(object.to_string().as_bytes())?;
+        }
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            bail!(
+                "kubectl create {}: {}",
+                object["kind"],
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs a pod to completion: fails unless it Succeeds; returns its logs, then deletes it.
+    pub async fn run_to_completion(&self, ns: &str, spec: &PodSpec<'_>) -> Result<String> {
+        self.run_pod(ns, spec).await?;
+        let result = self.wait_phase(ns, spec.name, "Succeeded", 240).await;
+        let logs = self.logs(ns, spec.name).await.unwrap_or_default();
+        if let Err(error) = result {
+            return Err(error.context(format!("pod {}'s output:\n{logs}", spec.name)));
+        }
+        self.delete_pod(ns, spec.name).await?;
+        Ok(logs)
+    }
+
     /// Runs a script of this repository (hack/...) with the cluster's environment.
     pub fn hack(&self, script: &str, args: &[&str]) -> Result<String> {
         let root = livedisk_e2e::workspace_root();
@@ -474,6 +545,14 @@ impl VolumeMode {
         }
     }
 
+    /// Where a pod gets the claim: its mount point, or its device.
+    pub fn claim_path(self) -> &'static str {
+        match self {
+            VolumeMode::Filesystem => "/data",
+            VolumeMode::Block => "/dev/xvda",
+        }
+    }
+
     /// What the writer writes to inside the pod: the raw device, or a file on the filesystem.
     pub fn path(self) -> &'static str {
         match self {
@@ -496,14 +575,23 @@ impl VolumeMode {
 pub struct PodSpec<'a> {
     pub name: &'a str,
     pub node: &'a str,
-    pub claim: &'a str,
-    pub mode: VolumeMode,
+    pub claims: Vec<PodClaim<'a>>,
     pub script: &'a str,
     pub restart_policy: &'a str,
+    /// The ServiceAccount the pod runs as, with its token mounted; None: no token.
+    pub service_account: Option<&'a str>,
+}
+
+/// A PVC of a pod, mounted (filesystem) or as a device (block) at `path`.
+pub struct PodClaim<'a> {
+    pub name: &'a str,
+    pub mode: VolumeMode,
+    pub path: &'a str,
 }
 
 impl<'a> PodSpec<'a> {
-    /// A pod that runs `script` once (restartPolicy Never).
+    /// A pod that runs `script` once (restartPolicy Never) with `claim` at
+    /// [`VolumeMode::claim_path`].
     pub fn once(
         name: &'a str,
         node: &'a str,
@@ -512,12 +600,24 @@ impl<'a> PodSpec<'a> {
         script: &'a str,
     ) -> Self {
         Self {
+            claims: vec![PodClaim {
+                name: claim,
+                mode,
+                path: mode.claim_path(),
+            }],
+            ..Self::once_without_claims(name, node, script)
+        }
+    }
+
+    /// A pod that runs `script` once with no PVC.
+    pub fn once_without_claims(name: &'a str, node: &'a str, script: &'a str) -> Self {
+        Self {
             name,
             node,
-            claim,
-            mode,
+            claims: vec![],
             script,
             restart_policy: "Never",
+            service_account: None,
         }
     }
 }
