@@ -39,6 +39,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
         internal::LivediskVolume::crd(),
         internal::LivediskSnapshot::crd(),
         internal::LivediskNode::crd(),
+        internal::LivediskMerge::crd(),
     ]
 }
 

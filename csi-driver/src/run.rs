@@ -222,6 +222,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         node_name: args.node_name.clone(),
         metadata_endpoint: args.metadata_advertise.clone(),
         metrics: node_metrics,
+        merges: Default::default(),
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
         (Some(listen), Some(dir)) => {

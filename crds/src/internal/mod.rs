@@ -6,6 +6,7 @@
 //! makes it real with its engine and reports in `status`, including a typed error the controller
 //! turns into the right gRPC code. Users do not create these objects.
 
+pub mod merge;
 pub mod node;
 pub mod snapshot;
 pub mod volume;
@@ -13,6 +14,7 @@ pub mod volume;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
 pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};

@@ -1,5 +1,6 @@
 //! The node agent: makes this node's `LivediskVolume`s and `LivediskSnapshot`s real with the
-//! engine and reports back in their status.
+//! engine, carries out its `LivediskMerge`s (see `merge_work.rs`), and reports back in their
+//! status.
 //!
 //! It watches only its own objects (a field selector on the selectable `spec.nodeName`). Both
 //! reconcilers run through kube-runtime's `finalizer()`: the node's finalizer is on an object
@@ -24,12 +25,13 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ContentSource, ErrorCode, LivediskNode, LivediskNodeSpec, LivediskNodeStatus, LivediskSnapshot,
-    LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+    ContentSource, ErrorCode, LivediskMerge, LivediskNode, LivediskNodeSpec, LivediskNodeStatus,
+    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::merge_work::{self, PROGRESS_INTERVAL, Runs};
 use super::metrics::{NodeMetrics, OperationKind};
 use super::report::{self, SnapshotReport, VolumeReport};
 use crate::grpc::error::{CsiError, node_error};
@@ -44,6 +46,8 @@ pub struct Agent {
     pub metadata_endpoint: Option<String>,
     /// Counts the storage operations below as they run.
     pub metrics: Arc<NodeMetrics>,
+    /// The merges running on this node (`LivediskMerge`), each in its own task.
+    pub merges: Runs,
 }
 
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
@@ -64,9 +68,19 @@ pub async fn run(agent: Arc<Agent>) {
     let agent_for_report = agent.clone();
     let snapshot_loop = Controller::new(snapshots, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_snapshot, retry, agent)
+        .run(reconcile_snapshot, retry, agent.clone())
         .for_each(|_| async {});
-    tokio::join!(volume_loop, snapshot_loop, report_node(agent_for_report));
+    let merges: Api<LivediskMerge> = Api::all(agent.client.clone());
+    let merge_loop = Controller::new(merges, watcher::Config::default().fields(&selector))
+        .shutdown_on_signal()
+        .run(reconcile_merge, retry, agent)
+        .for_each(|_| async {});
+    tokio::join!(
+        volume_loop,
+        snapshot_loop,
+        merge_loop,
+        report_node(agent_for_report)
+    );
 }
 
 /// Whether a reconcile failed only because its object is gone: a second reconcile of an object
@@ -242,6 +256,108 @@ async fn reconcile_snapshot(
     })
     .await;
     done_if_gone(result)
+}
+
+async fn reconcile_merge(
+    merge: Arc<LivediskMerge>,
+    agent: Arc<Agent>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<LivediskMerge> = Api::all(agent.client.clone());
+    let (api_ref, agent) = (&api, agent.as_ref());
+    let result = finalizer(&api, NODE_FINALIZER, merge, |event| async move {
+        match event {
+            Event::Apply(merge) => apply_merge(api_ref, agent, &merge).await,
+            Event::Cleanup(merge) => cleanup_merge(agent, &merge).await,
+        }
+    })
+    .await;
+    done_if_gone(result)
+}
+
+/// Starts the merge (or picks it up after a restart), applies a changed rate limit and a cancel
+/// to the running job, and reports its progress at most every [`PROGRESS_INTERVAL`] until it
+/// reaches a terminal phase.
+async fn apply_merge(
+    api: &Api<LivediskMerge>,
+    agent: &Agent,
+    merge: &LivediskMerge,
+) -> Result<Action, CsiError> {
+    let name = merge.name_any();
+    let previous = merge.status.as_ref();
+    let generation = merge.metadata.generation;
+    if previous.is_some_and(|s| s.phase.is_terminal()) {
+        return Ok(Action::await_change());
+    }
+    let run = match agent.merges.get(&name) {
+        Some(run) => run,
+        None if merge.spec.cancel => {
+            let status = merge_work::cancelled_before_start(previous, generation, Timestamp::now());
+            apply_status(api, &name, &status).await?;
+            return Ok(Action::await_change());
+        }
+        None => {
+            let merged = previous.map(|s| s.merged.clone()).unwrap_or_default();
+            match agent
+                .merges
+                .start(&name, agent.engine.clone(), &merge.spec, &merged)
+            {
+                Ok(run) => run,
+                Err(error) => {
+                    let status = merge_work::refused(previous, generation, error, Timestamp::now());
+                    apply_status(api, &name, &status).await?;
+                    return Ok(Action::await_change());
+                }
+            }
+        }
+    };
+    let speed = merge_work::speed_of(&merge.spec);
+    if run.set_speed(speed)
+        && let Some(job) = run.current_job()
+        && let Err(error) = agent.engine.set_job_speed(&job, speed).await
+    {
+        tracing::warn!(merge = %name, job, %error, "could not change the merge job's speed");
+    }
+    if merge.spec.cancel {
+        stop_run(agent, &run).await;
+    }
+    let jobs = agent.engine.jobs().await.unwrap_or_default();
+    let view = run.observe(&jobs, std::time::Instant::now());
+    let status = merge_work::merge_status(previous, generation, &view, Timestamp::now());
+    if previous != Some(&status) {
+        apply_status(api, &name, &status).await?;
+    }
+    if status.phase.is_terminal() {
+        agent.merges.remove(&name);
+        tracing::info!(merge = %name, phase = ?status.phase, "merge ended");
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(PROGRESS_INTERVAL))
+}
+
+/// Asks a run to stop and cancels its job (again on every pass: the job may have started right
+/// after the previous attempt).
+async fn stop_run(agent: &Agent, run: &merge_work::RunState) {
+    run.request_cancel();
+    if let Some(job) = run.current_job()
+        && let Err(error) = agent.engine.cancel_job(&job).await
+    {
+        tracing::debug!(job, %error, "cancelling the merge job");
+    }
+}
+
+/// A deleted `LivediskMerge` stops its merge: the finalizer stays until the task ended.
+async fn cleanup_merge(agent: &Agent, merge: &LivediskMerge) -> Result<Action, CsiError> {
+    let name = merge.name_any();
+    let Some(run) = agent.merges.get(&name) else {
+        return Ok(Action::await_change());
+    };
+    stop_run(agent, &run).await;
+    let view = run.observe(&[], std::time::Instant::now());
+    if view.outcome.is_none() {
+        return Err(CsiError::Aborted(format!("merge {name} (stopping)")));
+    }
+    agent.merges.remove(&name);
+    Ok(Action::await_change())
 }
 
 fn volume_id(volume: &LivediskVolume) -> Result<VolumeId, CsiError> {

@@ -6,6 +6,7 @@ pub mod attach;
 mod blocking;
 pub mod engine_health;
 pub mod grow;
+pub mod merge_work;
 pub mod metrics;
 pub mod mount_decision;
 pub mod mounts;
