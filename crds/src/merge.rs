@@ -59,7 +59,9 @@ pub struct DiskMergeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::bandwidth")]
     pub bandwidth_limit: Option<String>,
-    /// Set to true to cancel a running merge; the chain is left as it was before the merge.
+    /// Set to true to stop the merge: the running QEMU job is cancelled and no further snapshot
+    /// is merged (docs/api.md says what each mode leaves behind). Deleting the DiskMerge does
+    /// the same.
     #[serde(default)]
     pub cancel: bool,
 }
@@ -96,6 +98,10 @@ pub struct DiskMergeStatus {
     /// When the merge finished (completed, failed or cancelled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The VolumeSnapshots (and DiskSnapshots of the same name) whose snapshots were merged
+    /// away. The operator deletes them, and with them their VolumeSnapshotContents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_snapshots: Vec<String>,
     /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]

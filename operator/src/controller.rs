@@ -10,7 +10,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use livedisk_api::{DiskExport, DiskMerge, DiskMigration, DiskRestore, DiskSnapshot};
+use livedisk_api::{DiskExport, DiskMigration, DiskRestore, DiskSnapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -45,6 +45,12 @@ pub async fn run_all(
     ready.set(false);
     let caches = Caches::start(&client).await?;
     ready.set(true);
+    let merges = Arc::new(crate::merge::MergeContext {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        leadership: leadership.clone(),
+        metrics: metrics.clone(),
+    });
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -54,7 +60,7 @@ pub async fn run_all(
     });
     tokio::join!(
         run::<DiskSnapshot>(context.clone()),
-        run::<DiskMerge>(context.clone()),
+        crate::merge::run(merges),
         run::<DiskMigration>(context.clone()),
         run::<DiskExport>(context.clone()),
         run::<DiskRestore>(context),
@@ -250,7 +256,7 @@ where
 const EVENT_NOTE_LIMIT: usize = 1024;
 
 /// Pure: a note cut to the Event API's limit, at a character boundary.
-fn event_note(message: &str) -> String {
+pub(crate) fn event_note(message: &str) -> String {
     if message.len() <= EVENT_NOTE_LIMIT {
         return message.to_string();
     }

@@ -143,7 +143,7 @@ pub fn failure_conditions(code: ErrorCode, message: &str) -> Vec<ConditionUpdate
 
 /// The three states kstatus tells apart, each a fixed combination of the three conditions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Health {
+pub(crate) enum Health {
     /// Ready=False, Reconciling=True: work is under way or waiting for something that will come.
     InProgress,
     /// Ready=False, Stalled=True: nothing will happen without a person.
@@ -153,7 +153,7 @@ enum Health {
 }
 
 /// Ready, Reconciling and Stalled for a health, all with the same reason and message.
-fn conditions(health: Health, reason: &str, message: &str) -> Vec<ConditionUpdate> {
+pub(crate) fn conditions(health: Health, reason: &str, message: &str) -> Vec<ConditionUpdate> {
     let (ready, reconciling, stalled) = match health {
         Health::InProgress => (Status::False, Status::True, Status::False),
         Health::Stalled => (Status::False, Status::False, Status::True),

@@ -5,6 +5,7 @@ mod decide;
 mod error;
 mod kinds;
 mod leader;
+mod merge;
 mod metrics;
 mod observe;
 mod standard;
