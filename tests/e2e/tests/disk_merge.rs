@@ -1,0 +1,533 @@
+//! DiskMerge on the two-node local cluster, from the example manifest: the operator (under the
+//! chart's account) turns it into node work, the node plugin merges with its engine while the
+//! checksummed writer writes through the node's attach path (NodeStage/NodePublish of a block
+//! volume, as kubelet does), and the volume and every surviving snapshot (read back through a
+//! restored volume) equal the writer's logs. Invalid references end in a clear condition and
+//! change nothing; a cancelled Commit ends `Cancelled` with the other snapshots intact, and
+//! deleting the snapshot being merged finishes its merge.
+//!
+//! Each phase of writing writes every block of the first `BLOCKS` once with its own tag, then a
+//! snapshot is taken, so a snapshot's view is exactly one phase's log. During the merge a writer
+//! keeps writing the first half of the blocks; the second half keeps the last phase's data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
+use livedisk_api::internal::{LivediskMerge, LivediskSnapshot};
+use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
+use livedisk_e2e::csi::{attach_block, detach_block, in_node};
+use livedisk_e2e::operator::Operator;
+use livedisk_e2e::{
+    TestNamespace, apply, client, error_message, eventually, parse_manifests, workspace_binary,
+    workspace_root,
+};
+use serde_json::{Value, json};
+
+/// Blocks of 4 KiB each phase writes (8 MiB: a layer a rate-limited merge takes seconds on).
+const BLOCKS: u64 = 2048;
+
+async fn must(client: &Client, namespace: &str, object: Value) -> Result<()> {
+    apply(client, namespace, &object)
+        .await?
+        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
+    Ok(())
+}
+
+fn pvc(name: &str, data_source: Option<&str>) -> Value {
+    let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": "64Mi"}}});
+    if let Some(snapshot) = data_source {
+        spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
+    }
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
+}
+
+fn pod(name: &str, claim: &str, node: Option<&str>) -> Value {
+    let mut spec = json!({"containers": [{"name": "c", "image": "busybox",
+                            "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}]}],
+                          "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]});
+    if let Some(node) = node {
+        spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    }
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+}
+
+/// The DiskMerge of examples/20-diskmerge.yaml, with the test's claim, range and mode.
+fn merge_from_example(
+    name: &str,
+    claim: &str,
+    mode: &str,
+    base: Option<&str>,
+    top: Option<&str>,
+    bandwidth: Option<&str>,
+) -> Result<Value> {
+    let text = std::fs::read_to_string(workspace_root().join("examples/20-diskmerge.yaml"))?;
+    let mut merge = parse_manifests(&text)?
+        .into_iter()
+        .find(|o| o["kind"] == "DiskMerge")
+        .context("no DiskMerge in the example")?;
+    merge["metadata"]["name"] = json!(name);
+    let spec = &mut merge["spec"];
+    spec["persistentVolumeClaimName"] = json!(claim);
+    spec["mode"] = json!(mode);
+    let object = spec.as_object_mut().context("spec")?;
+    for (key, value) in [
+        ("baseSnapshotName", base),
+        ("topSnapshotName", top),
+        ("bandwidthLimit", bandwidth),
+    ] {
+        match value {
+            Some(v) => {
+                object.insert(key.into(), json!(v));
+            }
+            None => {
+                object.remove(key);
+            }
+        }
+    }
+    Ok(merge)
+}
+
+/// A claim bound through a consumer pod on the scheduler's node, attached as kubelet would.
+struct Disk {
+    claim: String,
+    volume_id: String,
+    node: String,
+    device: String,
+}
+
+async fn bound_disk(client: &Client, ns: &str, claim: &str, node: Option<&str>, source: Option<&str>) -> Result<Disk> {
+    must(client, ns, pvc(claim, source)).await?;
+    let pod_name = format!("{claim}-consumer");
+    must(client, ns, pod(&pod_name, claim, node)).await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pv_name = eventually(120, &format!("PVC {claim} to be bound"), || async {
+        let object = claims.get(claim).await?;
+        let bound = object.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        Ok(object.spec.and_then(|s| s.volume_name).filter(|_| bound))
+    })
+    .await?;
+    let pv: PersistentVolume = Api::all(client.clone()).get(&pv_name).await?;
+    let volume_id = pv.spec.and_then(|s| s.csi).map(|c| c.volume_handle).context("no CSI PV")?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let node = eventually(60, "the consumer to be scheduled", || async {
+        Ok(pods.get(&pod_name).await?.spec.and_then(|s| s.node_name))
+    })
+    .await?;
+    let target = attach_block(&node, &volume_id, claim).await?;
+    let device = host_device(&node, &target)?;
+    Ok(Disk {
+        claim: claim.into(),
+        volume_id,
+        node,
+        device,
+    })
+}
+
+/// The host path of the block device published at `target` inside the node's namespace.
+fn host_device(node_name: &str, target: &str) -> Result<String> {
+    let output = in_node(node_name, &["stat", "-L", "-c", "%t:%T", target])?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (major, minor) = text.trim().split_once(':').context("stat output")?;
+    let (major, minor) = (u32::from_str_radix(major, 16)?, u32::from_str_radix(minor, 16)?);
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
+    let name = uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .context("no DEVNAME")?;
+    Ok(format!("/dev/{name}"))
+}
+
+fn verifier() -> Result<Command> {
+    Ok(Command::new(workspace_binary("livedisk-verifier")?))
+}
+
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.log"))
+}
+
+/// One phase: every block of `0..blocks` written once with `tag`, logged.
+fn write_phase(device: &str, tag: u64, blocks: u64, log: &Path) -> Result<()> {
+    let output = verifier()?
+        .args(["write", "--path", device, "--tag", &tag.to_string(), "--blocks", &blocks.to_string()])
+        .args(["--count", &blocks.to_string(), "--log"])
+        .arg(log)
+        .output()?;
+    anyhow::ensure!(output.status.success(), "writer: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// A writer over the first half of the blocks until `stop` exists.
+fn start_writer(device: &str, tag: u64, log: &Path, stop: &Path) -> Result<Child> {
+    Ok(verifier()?
+        .args(["write", "--path", device, "--tag", &tag.to_string(), "--blocks", &(BLOCKS / 2).to_string()])
+        .arg("--until-file")
+        .arg(stop)
+        .arg("--log")
+        .arg(log)
+        .spawn()?)
+}
+
+fn stop_writer(mut child: Child, stop: &Path) -> Result<()> {
+    std::fs::write(stop, b"")?;
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "the writer failed: {status}");
+    Ok(())
+}
+
+/// Checks `device` against a log (only the log's acknowledged writes, with its tag).
+fn verify(device: &str, tag: u64, log: &Path) -> Result<()> {
+    let output = verifier()?
+        .args(["verify", "--path", device, "--tag", &tag.to_string(), "--log"])
+        .arg(log)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "verify {device} against {} (tag {tag}): {}{}",
+        log.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The lines of `log` for blocks at or above `from`, written to a new file.
+fn log_from_block(log: &Path, from: u64, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(log)?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["block"].as_u64()).is_some_and(|b| b >= from))
+        .collect();
+    anyhow::ensure!(!kept.is_empty(), "no block at or above {from} in {}", log.display());
+    std::fs::write(out, kept.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// The volume now: the merge writer's log for the first half, the last phase's for the rest.
+fn verify_volume(device: &str, dir: &Path, writer_tag: u64, last_phase: u64) -> Result<()> {
+    verify(device, writer_tag, &log_path(dir, &format!("phase{writer_tag}")))?;
+    let rest = log_path(dir, "rest");
+    log_from_block(&log_path(dir, &format!("phase{last_phase}")), BLOCKS / 2, &rest)?;
+    verify(device, last_phase, &rest)
+}
+
+async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str, retain: bool) -> Result<()> {
+    let mut spec = json!({"source": {"persistentVolumeClaimName": claim}});
+    if retain {
+        spec["deletionPolicy"] = json!("Retain");
+    }
+    must(client, ns, json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": name}, "spec": spec})).await?;
+    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
+        let status = snapshots.get(name).await?.status.unwrap_or_default();
+        Ok((status.phase == Phase::Ready).then_some(()))
+    })
+    .await?;
+    if retain {
+        // The operator sets Retain on the content once the snapshot is ready.
+        let contents = contents(client);
+        eventually(60, "the content to say Retain", || async {
+            let vs = volume_snapshots(client, ns).get(name).await?;
+            let Some(content) = vs.data["status"]["boundVolumeSnapshotContentName"].as_str() else {
+                return Ok(None);
+            };
+            Ok((contents.get(content).await?.data["spec"]["deletionPolicy"] == "Retain").then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+fn volume_snapshots(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+fn contents(client: &Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent");
+    Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
+}
+
+async fn snapshot_handle(client: &Client, ns: &str, name: &str) -> Result<String> {
+    let vs = volume_snapshots(client, ns).get(name).await?;
+    let content = vs.data["status"]["boundVolumeSnapshotContentName"].as_str().context("unbound")?;
+    contents(client).get(content).await?.data["status"]["snapshotHandle"]
+        .as_str()
+        .map(str::to_string)
+        .context("no snapshotHandle")
+}
+
+/// Reads a snapshot back: a volume restored from its VolumeSnapshot on the same node, attached,
+/// checked against one phase's log, detached.
+async fn verify_snapshot(client: &Client, ns: &str, snapshot: &str, node: &str, tag: u64, dir: &Path) -> Result<()> {
+    let claim = format!("restore-{snapshot}");
+    let disk = bound_disk(client, ns, &claim, Some(node), Some(snapshot)).await?;
+    let result = verify(&disk.device, tag, &log_path(dir, &format!("phase{tag}")));
+    detach_block(&disk.node, &disk.volume_id, &disk.claim).await?;
+    result.with_context(|| format!("snapshot {snapshot}"))
+}
+
+/// Watches a DiskMerge's status in the background: the largest `progress.bytesDone` seen while
+/// `Running`.
+fn watch_progress(merges: Api<DiskMerge>, name: String) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(AtomicI64::new(-1));
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(m) = merges.get(&name).await
+                && let Some(s) = m.status
+            {
+                if s.phase == Phase::Running
+                    && let Some(p) = s.progress
+                {
+                    out.fetch_max(p.bytes_done, Ordering::SeqCst);
+                }
+                if matches!(s.phase, Phase::Completed | Phase::Failed | Phase::Cancelled) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    });
+    (seen, task)
+}
+
+async fn wait_phase(merges: &Api<DiskMerge>, name: &str, phase: Phase, operator: &Operator) -> Result<livedisk_api::DiskMergeStatus> {
+    eventually(240, &format!("DiskMerge {name} {phase:?}"), || async {
+        let status = merges.get(name).await?.status.unwrap_or_default();
+        if matches!(status.phase, Phase::Completed | Phase::Failed | Phase::Cancelled) && status.phase != phase {
+            anyhow::bail!("DiskMerge {name} ended {:?}: {:?}", status.phase, status.conditions);
+        }
+        Ok((status.phase == phase).then_some(status))
+    })
+    .await
+    .with_context(|| operator.log())
+}
+
+fn ready_reason(status: &livedisk_api::DiskMergeStatus) -> (String, String, String) {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+async fn gone_objects(client: &Client, ns: &str, names: &[&str], handles: &[String]) -> Result<()> {
+    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+    let vs = volume_snapshots(client, ns);
+    eventually(120, "the merged snapshots' objects to go", || async {
+        for name in names {
+            if disk_snapshots.get_opt(name).await?.is_some() || vs.get_opt(name).await?.is_some() {
+                return Ok(None);
+            }
+        }
+        for handle in handles {
+            if internal.get_opt(handle).await?.is_some() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+}
+
+struct Setup {
+    client: Client,
+    namespace: TestNamespace,
+    ns: String,
+    operator: Operator,
+    disk: Disk,
+    dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory for the writer's logs, removed at the end.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(prefix: &str) -> std::io::Result<Self> {
+            let p = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&p)?;
+            Ok(Self(p))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A namespace, the operator, an attached disk, and `phases` phases each followed by a snapshot
+/// `s<phase>`.
+async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
+    let client = client().await?;
+    let operator = Operator::start()?;
+    let namespace = TestNamespace::create(&client, prefix).await?;
+    let ns = namespace.name.clone();
+    let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
+    let dir = tempdir::Dir::new(prefix)?;
+    for phase in 1..=phases {
+        write_phase(&disk.device, phase, BLOCKS, &log_path(&dir.0, &format!("phase{phase}")))?;
+        take_snapshot(&client, &ns, &format!("s{phase}"), &disk.claim, false).await?;
+    }
+    Ok(Setup { client, namespace, ns, operator, disk, dir })
+}
+
+impl Setup {
+    async fn finish(self) -> Result<()> {
+        detach_block(&self.disk.node, &self.disk.volume_id, &self.disk.claim).await?;
+        drop(self.operator);
+        self.namespace.delete().await
+    }
+}
+
+#[tokio::test]
+async fn commit_merges_the_range_into_the_base_while_the_writer_runs() -> Result<()> {
+    let s = setup("merge-commit", 3).await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let handles = [snapshot_handle(client, ns, "s1").await?, snapshot_handle(client, ns, "s2").await?];
+    let stop = dir.join("stop");
+    let writer = start_writer(&s.disk.device, 4, &log_path(dir, "phase4"), &stop)?;
+    // s1 and s2 go; s3's point in time survives in s1's layer. A limit keeps it running long
+    // enough to see progress.
+    must(client, ns, merge_from_example("flatten", "vm-disk", "Commit", Some("s1"), Some("s3"), Some("8Mi"))?).await?;
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    let (seen, watcher) = watch_progress(merges.clone(), "flatten".into());
+    let status = wait_phase(&merges, "flatten", Phase::Completed, &s.operator).await?;
+    let _ = watcher.await;
+    stop_writer(writer, &stop)?;
+    assert!(seen.load(Ordering::SeqCst) > 0, "no progress seen while Running");
+    let (ready, reason, message) = ready_reason(&status);
+    assert_eq!((ready.as_str(), reason.as_str()), ("True", "MergeCompleted"), "{message}");
+    assert_eq!(status.merged_snapshots, ["s1", "s2"]);
+    assert_eq!(status.node_name.as_deref(), Some(s.disk.node.as_str()));
+    assert_eq!(status.progress.as_ref().map(|p| p.percent), Some(100));
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    assert!(message.contains("deleted"), "{message}");
+    gone_objects(client, ns, &["s1", "s2"], &handles).await?;
+    // The volume equals the writer's logs, and s3 reads back as phase 3 wrote it.
+    verify_volume(&s.disk.device, dir, 4, 3)?;
+    verify_snapshot(client, ns, "s3", &s.disk.node, 3, dir).await?;
+    s.finish().await
+}
+
+#[tokio::test]
+async fn stream_pulls_the_newest_snapshots_into_the_volume_while_the_writer_runs() -> Result<()> {
+    let s = setup("merge-stream", 3).await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let handles = [snapshot_handle(client, ns, "s2").await?, snapshot_handle(client, ns, "s3").await?];
+    let stop = dir.join("stop");
+    let writer = start_writer(&s.disk.device, 4, &log_path(dir, "phase4"), &stop)?;
+    must(client, ns, merge_from_example("pull-up", "vm-disk", "Stream", Some("s2"), None, Some("8Mi"))?).await?;
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    let (seen, watcher) = watch_progress(merges.clone(), "pull-up".into());
+    let status = wait_phase(&merges, "pull-up", Phase::Completed, &s.operator).await?;
+    let _ = watcher.await;
+    stop_writer(writer, &stop)?;
+    assert!(seen.load(Ordering::SeqCst) > 0, "no progress seen while Running");
+    // Newest first: s3's layer, then s2's, pulled up into the active layer.
+    assert_eq!(status.merged_snapshots, ["s3", "s2"]);
+    gone_objects(client, ns, &["s2", "s3"], &handles).await?;
+    verify_volume(&s.disk.device, dir, 4, 3)?;
+    verify_snapshot(client, ns, "s1", &s.disk.node, 1, dir).await?;
+    s.finish().await
+}
+
+#[tokio::test]
+async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_change_nothing() -> Result<()> {
+    let s = setup("merge-cancel", 3).await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    let works: Api<LivediskMerge> = Api::all(client.clone());
+    let works_before = works.list(&Default::default()).await?.items.len();
+
+    // Invalid references: a clear condition, no node work, every snapshot still there.
+    take_snapshot(client, ns, "kept", "vm-disk", true).await?;
+    must(client, ns, json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": format!("{ns}-foreign")},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "claimRef": {"namespace": ns, "name": "foreign"},
+                 "csi": {"driver": "other.example.com", "volumeHandle": "h-1"}}})).await?;
+    must(client, ns, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "foreign"},
+        "spec": {"storageClassName": "", "volumeName": format!("{ns}-foreign"), "volumeMode": "Block",
+                 "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})).await?;
+    let cases = [
+        ("no-claim", merge_from_example("no-claim", "missing", "Commit", None, None, None)?, "ClaimNotFound", "False"),
+        ("other-driver", merge_from_example("other-driver", "foreign", "Commit", None, None, None)?, "OtherDriver", "True"),
+        ("over-retain", merge_from_example("over-retain", "vm-disk", "Commit", Some("s3"), None, None)?, "RetainedSnapshotInRange", "True"),
+        ("no-snapshot", merge_from_example("no-snapshot", "vm-disk", "Commit", Some("nope"), None, None)?, "SnapshotNotFound", "False"),
+    ];
+    for (name, object, reason, stalled) in cases {
+        must(client, ns, object).await?;
+        let status = eventually(90, &format!("DiskMerge {name} refused"), || async {
+            let status = merges.get(name).await?.status.unwrap_or_default();
+            Ok((ready_reason(&status).1 == reason).then_some(status))
+        })
+        .await
+        .with_context(|| s.operator.log())?;
+        let stalled_now = status.conditions.iter().find(|c| c.type_ == "Stalled").map(|c| c.status.clone());
+        assert_eq!(stalled_now.as_deref(), Some(stalled), "{name}: {:?}", status.conditions);
+        assert!(status.merged_snapshots.is_empty());
+    }
+    assert_eq!(works.list(&Default::default()).await?.items.len(), works_before, "no node work for invalid merges");
+    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    for name in ["s1", "s2", "s3", "kept"] {
+        assert!(disk_snapshots.get_opt(name).await?.is_some(), "{name} was touched");
+    }
+
+    // A rate-limited Commit of s1 (s2's 8 MiB layer into s1's), cancelled once it copied some.
+    must(client, ns, merge_from_example("slow", "vm-disk", "Commit", Some("s1"), Some("s2"), Some("512Ki"))?).await?;
+    eventually(120, "the slow merge to copy", || async {
+        let status = merges.get("slow").await?.status.unwrap_or_default();
+        Ok((status.phase == Phase::Running && status.progress.is_some_and(|p| p.bytes_done > 0)).then_some(()))
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+    merges
+        .patch("slow", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .await?;
+    let status = wait_phase(&merges, "slow", Phase::Cancelled, &s.operator).await?;
+    let (ready, reason, message) = ready_reason(&status);
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "Cancelled"), "{message}");
+    assert!(message.contains("deleting"), "the engine's word on the snapshot being merged: {message}");
+    assert!(status.merged_snapshots.is_empty());
+    assert!(disk_snapshots.get_opt("s1").await?.is_some(), "a cancelled merge deletes nothing");
+    // Every other snapshot reads back, and so does the volume.
+    verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
+    verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
+    verify_snapshot(client, ns, "s3", &s.disk.node, 3, dir).await?;
+    // Asking again finishes it: deleting s1 deletes its snapshot, whose merge resumes.
+    let s1 = snapshot_handle(client, ns, "s1").await?;
+    disk_snapshots.delete("s1", &DeleteParams::foreground()).await?;
+    gone_objects(client, ns, &["s1"], std::slice::from_ref(&s1)).await?;
+    verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
+    verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
+    // Deleting a DiskMerge removes its node work.
+    let work_name = format!("merge-{}", merges.get("slow").await?.uid().context("uid")?);
+    merges.delete("slow", &DeleteParams::default()).await?;
+    eventually(90, "the node work to go", || async { Ok(works.get_opt(&work_name).await?.is_none().then_some(())) }).await?;
+    // The retained snapshot is the administrator's to clean up.
+    let kept = snapshot_handle(client, ns, "kept").await?;
+    let kept_content = volume_snapshots(client, ns).get("kept").await?.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .map(str::to_string)
+        .context("kept content")?;
+    disk_snapshots.delete("kept", &DeleteParams::foreground()).await?;
+    let _ = contents(client).delete(&kept_content, &DeleteParams::default()).await;
+    let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+    let _ = internal.delete(&kept, &DeleteParams::default()).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let _ = pvs.delete(&format!("{ns}-foreign"), &DeleteParams::default()).await;
+    s.finish().await
+}
