@@ -276,6 +276,37 @@ async fn verify_snapshot(client: &Client, ns: &str, snapshot: &str, node: &str, 
     result.with_context(|| format!("snapshot {snapshot}"))
 }
 
+/// The engine's record of a volume, as it is in the node's pool.
+fn record(node: &str, volume_id: &str) -> Result<Value> {
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    let path = format!("{state}/nodes/{node}/pool/{volume_id}/record.json");
+    Ok(serde_json::from_slice(&std::fs::read(&path).context(path)?)?)
+}
+
+/// Reads a snapshot's point in time straight from the node's pool (the qcow2 chain up to the
+/// layer the snapshot sealed, opened read-only beside the engine with `qemu-img -U`) and checks
+/// it against one phase's log: no livedisk code on the read path, and no restore (which the
+/// engine refuses while a cancelled merge waits on the volume).
+fn verify_snapshot_in_pool(node: &str, volume_id: &str, handle: &str, tag: u64, dir: &Path) -> Result<()> {
+    let rec = record(node, volume_id)?;
+    let seq = rec["layers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["sealed_by"] == handle))
+        .and_then(|l| l["seq"].as_u64())
+        .with_context(|| format!("no layer sealed by {handle}: {rec}"))?;
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    let layer = format!("{state}/nodes/{node}/pool/{volume_id}/layer-{seq}.qcow2");
+    let raw = dir.join(format!("{handle}.raw"));
+    let output = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw", &layer])
+        .arg(&raw)
+        .output()?;
+    anyhow::ensure!(output.status.success(), "qemu-img: {}", String::from_utf8_lossy(&output.stderr));
+    let result = verify(&raw.display().to_string(), tag, &log_path(dir, &format!("phase{tag}")));
+    let _ = std::fs::remove_file(&raw);
+    result.with_context(|| format!("snapshot {handle} read from the pool"))
+}
+
 /// Watches a DiskMerge's status in the background: the largest `progress.bytesDone` seen while
 /// `Running`.
 fn watch_progress(merges: Api<DiskMerge>, name: String) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
@@ -386,7 +417,17 @@ async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
 
 impl Setup {
     async fn finish(self) -> Result<()> {
-        detach_block(&self.disk.node, &self.disk.volume_id, &self.disk.claim).await?;
+        // A snapshot deletion of the test's cleanup may hold the volume for a moment (ABORTED,
+        // retried as kubelet retries).
+        let disk = &self.disk;
+        eventually(60, "the disk to detach", || async {
+            match detach_block(&disk.node, &disk.volume_id, &disk.claim).await {
+                Ok(()) => Ok(Some(())),
+                Err(e) if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Aborted) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
         drop(self.operator);
         self.namespace.delete().await
     }
@@ -503,12 +544,19 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
     assert!(message.contains("deleting"), "the engine's word on the snapshot being merged: {message}");
     assert!(status.merged_snapshots.is_empty());
     assert!(disk_snapshots.get_opt("s1").await?.is_some(), "a cancelled merge deletes nothing");
-    // Every other snapshot reads back, and so does the volume.
+    // Every other snapshot reads back, and so does the volume; s1 stays `deleting` in the engine.
+    let (vol, node) = (s.disk.volume_id.as_str(), s.disk.node.as_str());
     verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
-    verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
-    verify_snapshot(client, ns, "s3", &s.disk.node, 3, dir).await?;
-    // Asking again finishes it: deleting s1 deletes its snapshot, whose merge resumes.
     let s1 = snapshot_handle(client, ns, "s1").await?;
+    let rec = record(node, vol)?;
+    let state_of = |id: &str| rec["snapshots"].as_array().and_then(|a| a.iter().find(|x| x["id"] == id)).map(|x| x["state"].clone());
+    assert_eq!(state_of(&s1), Some(json!("deleting")), "{rec}");
+    for (name, tag) in [("s2", 2), ("s3", 3)] {
+        let handle = snapshot_handle(client, ns, name).await?;
+        assert_eq!(state_of(&handle), Some(json!("ready")), "{rec}");
+        verify_snapshot_in_pool(node, vol, &handle, tag, dir)?;
+    }
+    // Asking again finishes it: deleting s1 deletes its snapshot, whose merge resumes.
     disk_snapshots.delete("s1", &DeleteParams::foreground()).await?;
     gone_objects(client, ns, &["s1"], std::slice::from_ref(&s1)).await?;
     verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
