@@ -61,7 +61,9 @@ pub struct LivediskMergeSpec {
 }
 
 /// Where a node's merge is.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema, Default)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema, Default,
+)]
 pub enum MergePhase {
     /// Declared; the node has not started it yet.
     #[default]

@@ -221,7 +221,12 @@ fn classify(result: Result<(), &EngineError>) -> StepResult {
     }
 }
 
-async fn run_steps(engine: Arc<Engine>, run: Arc<RunState>, steps: Vec<SnapshotId>, mode: MergeMode) {
+async fn run_steps(
+    engine: Arc<Engine>,
+    run: Arc<RunState>,
+    steps: Vec<SnapshotId>,
+    mode: MergeMode,
+) {
     let cancelled = || {
         Outcome::Cancelled(NodeError {
             code: ErrorCode::Cancelled,
@@ -386,8 +391,14 @@ mod tests {
     fn the_rate_needs_a_tenth_of_a_second() {
         let t = Instant::now();
         assert_eq!(rate(None, (t, 5)), None);
-        assert_eq!(rate(Some((t, 0)), (t + Duration::from_millis(50), 100)), None);
-        assert_eq!(rate(Some((t, 0)), (t + Duration::from_secs(2), 100)), Some(50));
+        assert_eq!(
+            rate(Some((t, 0)), (t + Duration::from_millis(50), 100)),
+            None
+        );
+        assert_eq!(
+            rate(Some((t, 0)), (t + Duration::from_secs(2), 100)),
+            Some(50)
+        );
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! before its node work exists, and never looked up again after.
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
 use livedisk_api::internal::LivediskVolume;
 use livedisk_api::{DiskMergeSpec, DiskSnapshot};
 use serde_json::Value;
@@ -15,23 +15,36 @@ use super::plan::{Claim, Content, Lookup, NamedSnapshot};
 use crate::error::Error;
 
 fn resource(kind: &str) -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind))
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        kind,
+    ))
 }
 
 fn observe_error(what: String) -> impl FnOnce(kube::Error) -> Error {
     move |cause| Error::Observe { what, cause }
 }
 
-pub async fn lookup(client: &Client, namespace: &str, spec: &DiskMergeSpec) -> Result<Lookup, Error> {
+pub async fn lookup(
+    client: &Client,
+    namespace: &str,
+    spec: &DiskMergeSpec,
+) -> Result<Lookup, Error> {
     let claim_name = &spec.persistent_volume_claim_name;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let claim = match claims
         .get_opt(claim_name)
         .await
-        .map_err(observe_error(format!("PersistentVolumeClaim {namespace}/{claim_name}")))?
-    {
+        .map_err(observe_error(format!(
+            "PersistentVolumeClaim {namespace}/{claim_name}"
+        )))? {
         None => Claim::Missing,
-        Some(pvc) => match pvc.spec.and_then(|s| s.volume_name).filter(|n| !n.is_empty()) {
+        Some(pvc) => match pvc
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|n| !n.is_empty())
+        {
             None => Claim::Unbound,
             Some(pv_name) => {
                 let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -50,7 +63,8 @@ pub async fn lookup(client: &Client, namespace: &str, spec: &DiskMergeSpec) -> R
             }
         },
     };
-    let contents_api: Api<DynamicObject> = Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
+    let contents_api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
     let contents: Vec<Content> = contents_api
         .list(&ListParams::default())
         .await
@@ -60,8 +74,20 @@ pub async fn lookup(client: &Client, namespace: &str, spec: &DiskMergeSpec) -> R
         .filter(|c| c.data["spec"]["driver"] == livedisk_common::DRIVER_NAME)
         .map(content)
         .collect();
-    let base = named(client, namespace, spec.base_snapshot_name.as_deref(), &contents).await?;
-    let top = named(client, namespace, spec.top_snapshot_name.as_deref(), &contents).await?;
+    let base = named(
+        client,
+        namespace,
+        spec.base_snapshot_name.as_deref(),
+        &contents,
+    )
+    .await?;
+    let top = named(
+        client,
+        namespace,
+        spec.top_snapshot_name.as_deref(),
+        &contents,
+    )
+    .await?;
     let node = match &claim {
         Claim::Bound {
             volume_handle: Some(handle),
@@ -111,8 +137,14 @@ async fn named(
     let bound = volume_snapshots
         .get_opt(&vs_name)
         .await
-        .map_err(observe_error(format!("VolumeSnapshot {namespace}/{vs_name}")))?
-        .and_then(|vs| vs.data["status"]["boundVolumeSnapshotContentName"].as_str().map(str::to_string));
+        .map_err(observe_error(format!(
+            "VolumeSnapshot {namespace}/{vs_name}"
+        )))?
+        .and_then(|vs| {
+            vs.data["status"]["boundVolumeSnapshotContentName"]
+                .as_str()
+                .map(str::to_string)
+        });
     Ok(Some(
         match bound.and_then(|b| contents.iter().find(|c| c.name == b)) {
             Some(c) if c.snapshot_handle.is_some() => NamedSnapshot::Taken(c.clone()),
@@ -143,18 +175,26 @@ fn content(object: &DynamicObject) -> Content {
 pub async fn delete_merged(client: &Client, targets: &[&(String, String)]) -> Result<(), Error> {
     for (namespace, name) in targets {
         let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), namespace);
-        gone(disk_snapshots.delete(name, &DeleteParams::background()).await)
-            .map_err(|cause| Error::Apply {
-                what: format!("deleting DiskSnapshot {namespace}/{name}"),
-                cause,
-            })?;
+        gone(
+            disk_snapshots
+                .delete(name, &DeleteParams::background())
+                .await,
+        )
+        .map_err(|cause| Error::Apply {
+            what: format!("deleting DiskSnapshot {namespace}/{name}"),
+            cause,
+        })?;
         let volume_snapshots: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), namespace, &resource("VolumeSnapshot"));
-        gone(volume_snapshots.delete(name, &DeleteParams::background()).await)
-            .map_err(|cause| Error::Apply {
-                what: format!("deleting VolumeSnapshot {namespace}/{name}"),
-                cause,
-            })?;
+        gone(
+            volume_snapshots
+                .delete(name, &DeleteParams::background())
+                .await,
+        )
+        .map_err(|cause| Error::Apply {
+            what: format!("deleting VolumeSnapshot {namespace}/{name}"),
+            cause,
+        })?;
     }
     Ok(())
 }

@@ -54,10 +54,7 @@ pub async fn run(context: Arc<MergeContext>) {
     Controller::new(merges, watcher::Config::default().any_semantic())
         .watches(work, watcher::Config::default().any_semantic(), |w| {
             let labels = w.labels();
-            Some(
-                ObjectRef::new(labels.get(LABEL_NAME)?)
-                    .within(labels.get(LABEL_NAMESPACE)?),
-            )
+            Some(ObjectRef::new(labels.get(LABEL_NAME)?).within(labels.get(LABEL_NAMESPACE)?))
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
@@ -70,7 +67,9 @@ fn work_name(merge: &DiskMerge) -> Result<String, Error> {
     merge
         .uid()
         .map(|uid| format!("merge-{uid}"))
-        .ok_or_else(|| Error::InvalidObject(format!("DiskMerge {} has no uid yet", merge.name_any())))
+        .ok_or_else(|| {
+            Error::InvalidObject(format!("DiskMerge {} has no uid yet", merge.name_any()))
+        })
 }
 
 async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<Action, Error> {
@@ -92,7 +91,10 @@ async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
             Error::Apply {
-                what: format!("the finalizer of DiskMerge {namespace}/{}", merge.name_any()),
+                what: format!(
+                    "the finalizer of DiskMerge {namespace}/{}",
+                    merge.name_any()
+                ),
                 cause,
             }
         }
@@ -107,7 +109,15 @@ async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<
             livedisk_common::error_chain(error),
             error.code().retry_note()
         );
-        publish(ctx, merge.as_ref(), EventType::Warning, error.code().reason(), &note, error.action()).await;
+        publish(
+            ctx,
+            merge.as_ref(),
+            EventType::Warning,
+            error.code().reason(),
+            &note,
+            error.action(),
+        )
+        .await;
     }
     result
 }
@@ -133,7 +143,9 @@ async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
     let work = match works.get_opt(&name).await.map_err(get_error)? {
         Some(work) => {
             // Only the rate limit and cancel follow the DiskMerge once the work exists.
-            if work.spec.bandwidth_bytes_per_second != bandwidth || work.spec.cancel != merge.spec.cancel {
+            if work.spec.bandwidth_bytes_per_second != bandwidth
+                || work.spec.cancel != merge.spec.cancel
+            {
                 let patch = json!({ "spec": {
                     "bandwidthBytesPerSecond": bandwidth,
                     "cancel": merge.spec.cancel || work.spec.cancel,
@@ -163,10 +175,19 @@ async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
                 Err(refusal) => {
                     let decision = report::refused(&refusal);
                     write_status(merge, ctx, &decision).await?;
-                    return Ok(Action::requeue(Duration::from_secs(decision.requeue_seconds)));
+                    return Ok(Action::requeue(Duration::from_secs(
+                        decision.requeue_seconds,
+                    )));
                 }
             };
-            create_work(&works, merge, &name, planned.spec, &planned.volume_snapshots).await?
+            create_work(
+                &works,
+                merge,
+                &name,
+                planned.spec,
+                &planned.volume_snapshots,
+            )
+            .await?
         }
     };
     let snapshots = volume_snapshots_of(&work);
@@ -191,7 +212,9 @@ async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
             merged.iter().filter_map(|id| snapshots.get(id)).collect();
         lookup::delete_merged(&ctx.client, &targets).await?;
     }
-    Ok(Action::requeue(Duration::from_secs(decision.requeue_seconds)))
+    Ok(Action::requeue(Duration::from_secs(
+        decision.requeue_seconds,
+    )))
 }
 
 fn terminal(merge: &DiskMerge) -> bool {
@@ -211,12 +234,18 @@ async fn create_work(
 ) -> Result<LivediskMerge, Error> {
     let mut work = LivediskMerge::new(name, spec);
     let labels = BTreeMap::from([
-        (LABEL_NAMESPACE.to_string(), merge.namespace().unwrap_or_default()),
+        (
+            LABEL_NAMESPACE.to_string(),
+            merge.namespace().unwrap_or_default(),
+        ),
         (LABEL_NAME.to_string(), merge.name_any()),
     ]);
     let map: BTreeMap<&str, String> = volume_snapshots
         .iter()
-        .filter_map(|(id, vs)| vs.as_ref().map(|(ns, n)| (id.as_str(), format!("{ns}/{n}"))))
+        .filter_map(|(id, vs)| {
+            vs.as_ref()
+                .map(|(ns, n)| (id.as_str(), format!("{ns}/{n}")))
+        })
         .collect();
     work.metadata.labels = Some(labels);
     work.metadata.annotations = Some(BTreeMap::from([(
@@ -226,12 +255,12 @@ async fn create_work(
     match works.create(&PostParams::default(), &work).await {
         Ok(created) => Ok(created),
         // Created by a reconcile whose answer was lost: it is the same work.
-        Err(kube::Error::Api(s)) if s.code == 409 => works.get(name).await.map_err(|cause| {
-            Error::Observe {
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            works.get(name).await.map_err(|cause| Error::Observe {
                 what: format!("LivediskMerge {name}"),
                 cause,
-            }
-        }),
+            })
+        }
         Err(cause) => Err(Error::Apply {
             what: format!("LivediskMerge {name}"),
             cause,
@@ -280,7 +309,11 @@ async fn cleanup(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error>
     )))
 }
 
-async fn write_status(merge: &DiskMerge, ctx: &MergeContext, decision: &Decision) -> Result<(), Error> {
+async fn write_status(
+    merge: &DiskMerge,
+    ctx: &MergeContext,
+    decision: &Decision,
+) -> Result<(), Error> {
     let current = serde_json::to_value(merge).ok();
     let update = status::build(
         current.as_ref().and_then(|o| o.get("status")),
@@ -309,7 +342,14 @@ async fn write_status(merge: &DiskMerge, ctx: &MergeContext, decision: &Decision
     Ok(())
 }
 
-async fn publish(ctx: &MergeContext, merge: &DiskMerge, type_: EventType, reason: &str, note: &str, action: &str) {
+async fn publish(
+    ctx: &MergeContext,
+    merge: &DiskMerge,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
     let event = Event {
         type_,
         reason: reason.into(),

@@ -72,19 +72,27 @@ pub enum Refusal {
     ClaimNotFound(String),
     #[error("PersistentVolumeClaim {0:?} is not bound yet")]
     ClaimNotBound(String),
-    #[error("PersistentVolumeClaim {claim:?} is a volume of {driver}, not of livedisk; nothing was merged")]
+    #[error(
+        "PersistentVolumeClaim {claim:?} is a volume of {driver}, not of livedisk; nothing was merged"
+    )]
     OtherDriver { claim: String, driver: String },
     #[error("DiskSnapshot {0:?} does not exist in this namespace")]
     SnapshotNotFound(String),
     #[error("DiskSnapshot {0:?} is not taken yet")]
     SnapshotNotTaken(String),
-    #[error("DiskSnapshot {snapshot:?} is a snapshot of another volume than PersistentVolumeClaim {claim:?}; nothing was merged")]
+    #[error(
+        "DiskSnapshot {snapshot:?} is a snapshot of another volume than PersistentVolumeClaim {claim:?}; nothing was merged"
+    )]
     OtherVolume { snapshot: String, claim: String },
-    #[error("baseSnapshotName {base:?} is not older than topSnapshotName {top:?}; nothing was merged")]
+    #[error(
+        "baseSnapshotName {base:?} is not older than topSnapshotName {top:?}; nothing was merged"
+    )]
     NotOlder { base: String, top: String },
     #[error("the range holds no snapshot to merge; nothing was merged")]
     EmptyRange,
-    #[error("the range includes snapshots whose VolumeSnapshotContent has deletionPolicy Retain ({0}); merging would delete them, so nothing was merged")]
+    #[error(
+        "the range includes snapshots whose VolumeSnapshotContent has deletionPolicy Retain ({0}); merging would delete them, so nothing was merged"
+    )]
     Retained(String),
     #[error("the volume {0} has no LivediskVolume, so no node holds it")]
     NoNode(String),
@@ -149,7 +157,9 @@ pub fn plan(
             .clone()
             .ok_or_else(|| Refusal::ClaimNotBound(claim_name.into()))?,
     };
-    let named = |name: &Option<String>, found: &Option<NamedSnapshot>| -> Result<Option<Content>, Refusal> {
+    let named = |name: &Option<String>,
+                 found: &Option<NamedSnapshot>|
+     -> Result<Option<Content>, Refusal> {
         let (Some(name), Some(found)) = (name, found) else {
             return Ok(None);
         };
@@ -311,9 +321,21 @@ mod tests {
 
     /// a, b, c, d in time order (listed out of order), with the named ones resolved.
     fn chain(base: Option<&str>, top: Option<&str>) -> Lookup {
-        let all = vec![content("c", 30), content("a", 10), content("d", 40), content("b", 20)];
+        let all = vec![
+            content("c", 30),
+            content("a", 10),
+            content("d", 40),
+            content("b", 20),
+        ];
         let find = |n: Option<&str>| {
-            n.map(|n| NamedSnapshot::Taken(all.iter().find(|c| c.name == format!("c-{n}")).cloned().expect("known")))
+            n.map(|n| {
+                NamedSnapshot::Taken(
+                    all.iter()
+                        .find(|c| c.name == format!("c-{n}"))
+                        .cloned()
+                        .expect("known"),
+                )
+            })
         };
         Lookup {
             base: find(base),
@@ -328,22 +350,46 @@ mod tests {
 
     #[test]
     fn commit_merges_from_the_base_up_to_below_the_top_oldest_first() {
-        let p = plan("disk", &spec(MergeMode::Commit, Some("b"), Some("d")), None, &chain(Some("b"), Some("d"))).expect("valid");
+        let p = plan(
+            "disk",
+            &spec(MergeMode::Commit, Some("b"), Some("d")),
+            None,
+            &chain(Some("b"), Some("d")),
+        )
+        .expect("valid");
         assert_eq!(ids(&p), ["snap-b", "snap-c"]);
         assert_eq!(p.spec.node_name, "node-a");
         assert_eq!(p.volume_snapshots[0].1, Some(("ns".into(), "b".into())));
         // No top: an active commit, every snapshot from the base up goes.
-        let p = plan("disk", &spec(MergeMode::Commit, Some("c"), None), Some(7), &chain(Some("c"), None)).expect("valid");
+        let p = plan(
+            "disk",
+            &spec(MergeMode::Commit, Some("c"), None),
+            Some(7),
+            &chain(Some("c"), None),
+        )
+        .expect("valid");
         assert_eq!(ids(&p), ["snap-c", "snap-d"]);
         assert_eq!(p.spec.bandwidth_bytes_per_second, Some(7));
         // No base: from the bottom of the chain.
-        let p = plan("disk", &spec(MergeMode::Commit, None, Some("b")), None, &chain(None, Some("b"))).expect("valid");
+        let p = plan(
+            "disk",
+            &spec(MergeMode::Commit, None, Some("b")),
+            None,
+            &chain(None, Some("b")),
+        )
+        .expect("valid");
         assert_eq!(ids(&p), ["snap-a"]);
     }
 
     #[test]
     fn stream_pulls_the_base_and_everything_newer_up_newest_first() {
-        let p = plan("disk", &spec(MergeMode::Stream, Some("b"), None), None, &chain(Some("b"), None)).expect("valid");
+        let p = plan(
+            "disk",
+            &spec(MergeMode::Stream, Some("b"), None),
+            None,
+            &chain(Some("b"), None),
+        )
+        .expect("valid");
         assert_eq!(ids(&p), ["snap-d", "snap-c", "snap-b"]);
         assert_eq!(p.spec.mode, MergeMode::Stream);
     }
@@ -374,19 +420,36 @@ mod tests {
         assert_eq!(refuse(&l).reason(), "SnapshotOfAnotherVolume");
 
         let mut l = chain(Some("b"), None);
-        l.contents.iter_mut().find(|c| c.name == "c-c").expect("c").retain = true;
+        l.contents
+            .iter_mut()
+            .find(|c| c.name == "c-c")
+            .expect("c")
+            .retain = true;
         let retained = refuse(&l);
         assert_eq!(retained.reason(), "RetainedSnapshotInRange");
-        assert!(retained.to_string().contains("VolumeSnapshot ns/c"), "{retained}");
+        assert!(
+            retained.to_string().contains("VolumeSnapshot ns/c"),
+            "{retained}"
+        );
         // A Retain snapshot outside the range is no obstacle.
         let mut l = chain(Some("c"), None);
-        l.contents.iter_mut().find(|c| c.name == "c-a").expect("a").retain = true;
+        l.contents
+            .iter_mut()
+            .find(|c| c.name == "c-a")
+            .expect("a")
+            .retain = true;
         assert!(plan("disk", &spec(MergeMode::Commit, Some("c"), None), None, &l).is_ok());
 
         let s = spec(MergeMode::Commit, Some("c"), Some("b"));
         let err = plan("disk", &s, None, &chain(Some("c"), Some("b"))).expect_err("refused");
         assert_eq!(err.reason(), "BaseNotOlderThanTop");
-        let empty = plan("disk", &spec(MergeMode::Commit, None, None), None, &lookup(vec![])).expect_err("refused");
+        let empty = plan(
+            "disk",
+            &spec(MergeMode::Commit, None, None),
+            None,
+            &lookup(vec![]),
+        )
+        .expect_err("refused");
         assert_eq!(empty.reason(), "EmptyRange");
     }
 

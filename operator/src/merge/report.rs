@@ -38,13 +38,22 @@ pub fn from_node(
     let mut fields = serde_json::Map::new();
     fields.insert("nodeName".into(), node_name.into());
     if let Some(p) = &status.progress {
-        fields.insert("progress".into(), serde_json::to_value(p).unwrap_or_default());
+        fields.insert(
+            "progress".into(),
+            serde_json::to_value(p).unwrap_or_default(),
+        );
     }
     if let Some(t) = &status.start_time {
-        fields.insert("startTime".into(), serde_json::to_value(t).unwrap_or_default());
+        fields.insert(
+            "startTime".into(),
+            serde_json::to_value(t).unwrap_or_default(),
+        );
     }
     if let Some(t) = &status.completion_time {
-        fields.insert("completionTime".into(), serde_json::to_value(t).unwrap_or_default());
+        fields.insert(
+            "completionTime".into(),
+            serde_json::to_value(t).unwrap_or_default(),
+        );
     }
     if !merged_names.is_empty() {
         fields.insert("mergedSnapshots".into(), merged_names.into());
@@ -138,7 +147,11 @@ mod tests {
     use livedisk_api::internal::{ErrorCode, NodeError};
 
     fn condition(d: &Decision, type_: &str) -> (Status, String) {
-        let c = d.conditions.iter().find(|c| c.type_ == type_).expect("condition");
+        let c = d
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition");
         (c.status, c.reason.clone())
     }
 
@@ -149,7 +162,10 @@ mod tests {
         assert_eq!(condition(&waiting, RECONCILING).0, Status::True);
         let failed = refused(&Refusal::Retained("VolumeSnapshot ns/a".into()));
         assert_eq!(failed.phase, Phase::Failed);
-        assert_eq!(condition(&failed, STALLED), (Status::True, "RetainedSnapshotInRange".into()));
+        assert_eq!(
+            condition(&failed, STALLED),
+            (Status::True, "RetainedSnapshotInRange".into())
+        );
         assert!(failed.conditions[0].message.contains("nothing was merged"));
     }
 
@@ -172,8 +188,14 @@ mod tests {
         work.merged = vec!["snap-a".into(), "snap-b".into()];
         let done = from_node("node-a", Some(&work), 2, &["a".into(), "b".into()]);
         assert_eq!(done.phase, Phase::Completed);
-        assert_eq!(condition(&done, READY), (Status::True, "MergeCompleted".into()));
-        assert_eq!(done.fields["mergedSnapshots"], serde_json::json!(["a", "b"]));
+        assert_eq!(
+            condition(&done, READY),
+            (Status::True, "MergeCompleted".into())
+        );
+        assert_eq!(
+            done.fields["mergedSnapshots"],
+            serde_json::json!(["a", "b"])
+        );
         assert!(done.conditions[0].message.contains("are deleted: a, b"));
 
         work.phase = MergePhase::Cancelled;
@@ -185,7 +207,11 @@ mod tests {
         let cancelled = from_node("node-a", Some(&work), 2, &[]);
         assert_eq!(cancelled.phase, Phase::Cancelled);
         assert_eq!(condition(&cancelled, STALLED).1, "Cancelled");
-        assert!(cancelled.conditions[0].message.contains("stays in state deleting"));
+        assert!(
+            cancelled.conditions[0]
+                .message
+                .contains("stays in state deleting")
+        );
 
         work.phase = MergePhase::Failed;
         work.error = Some(NodeError {

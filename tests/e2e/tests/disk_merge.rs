@@ -104,7 +104,13 @@ struct Disk {
     device: String,
 }
 
-async fn bound_disk(client: &Client, ns: &str, claim: &str, node: Option<&str>, source: Option<&str>) -> Result<Disk> {
+async fn bound_disk(
+    client: &Client,
+    ns: &str,
+    claim: &str,
+    node: Option<&str>,
+    source: Option<&str>,
+) -> Result<Disk> {
     must(client, ns, pvc(claim, source)).await?;
     let pod_name = format!("{claim}-consumer");
     must(client, ns, pod(&pod_name, claim, node)).await?;
@@ -116,7 +122,11 @@ async fn bound_disk(client: &Client, ns: &str, claim: &str, node: Option<&str>, 
     })
     .await?;
     let pv: PersistentVolume = Api::all(client.clone()).get(&pv_name).await?;
-    let volume_id = pv.spec.and_then(|s| s.csi).map(|c| c.volume_handle).context("no CSI PV")?;
+    let volume_id = pv
+        .spec
+        .and_then(|s| s.csi)
+        .map(|c| c.volume_handle)
+        .context("no CSI PV")?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let node = eventually(60, "the consumer to be scheduled", || async {
         Ok(pods.get(&pod_name).await?.spec.and_then(|s| s.node_name))
@@ -137,7 +147,10 @@ fn host_device(node_name: &str, target: &str) -> Result<String> {
     let output = in_node(node_name, &["stat", "-L", "-c", "%t:%T", target])?;
     let text = String::from_utf8_lossy(&output.stdout);
     let (major, minor) = text.trim().split_once(':').context("stat output")?;
-    let (major, minor) = (u32::from_str_radix(major, 16)?, u32::from_str_radix(minor, 16)?);
+    let (major, minor) = (
+        u32::from_str_radix(major, 16)?,
+        u32::from_str_radix(minor, 16)?,
+    );
     let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
     let name = uevent
         .lines()
@@ -157,18 +170,38 @@ fn log_path(dir: &Path, name: &str) -> PathBuf {
 /// One phase: every block of `0..blocks` written once with `tag`, logged.
 fn write_phase(device: &str, tag: u64, blocks: u64, log: &Path) -> Result<()> {
     let output = verifier()?
-        .args(["write", "--path", device, "--tag", &tag.to_string(), "--blocks", &blocks.to_string()])
+        .args([
+            "write",
+            "--path",
+            device,
+            "--tag",
+            &tag.to_string(),
+            "--blocks",
+            &blocks.to_string(),
+        ])
         .args(["--count", &blocks.to_string(), "--log"])
         .arg(log)
         .output()?;
-    anyhow::ensure!(output.status.success(), "writer: {}", String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        output.status.success(),
+        "writer: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 
 /// A writer over the first half of the blocks until `stop` exists.
 fn start_writer(device: &str, tag: u64, log: &Path, stop: &Path) -> Result<Child> {
     Ok(verifier()?
-        .args(["write", "--path", device, "--tag", &tag.to_string(), "--blocks", &(BLOCKS / 2).to_string()])
+        .args([
+            "write",
+            "--path",
+            device,
+            "--tag",
+            &tag.to_string(),
+            "--blocks",
+            &(BLOCKS / 2).to_string(),
+        ])
         .arg("--until-file")
         .arg(stop)
         .arg("--log")
@@ -186,7 +219,14 @@ fn stop_writer(mut child: Child, stop: &Path) -> Result<()> {
 /// Checks `device` against a log (only the log's acknowledged writes, with its tag).
 fn verify(device: &str, tag: u64, log: &Path) -> Result<()> {
     let output = verifier()?
-        .args(["verify", "--path", device, "--tag", &tag.to_string(), "--log"])
+        .args([
+            "verify",
+            "--path",
+            device,
+            "--tag",
+            &tag.to_string(),
+            "--log",
+        ])
         .arg(log)
         .output()?;
     anyhow::ensure!(
@@ -204,28 +244,56 @@ fn log_from_block(log: &Path, from: u64, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(log)?;
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["block"].as_u64()).is_some_and(|b| b >= from))
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["block"].as_u64())
+                .is_some_and(|b| b >= from)
+        })
         .collect();
-    anyhow::ensure!(!kept.is_empty(), "no block at or above {from} in {}", log.display());
+    anyhow::ensure!(
+        !kept.is_empty(),
+        "no block at or above {from} in {}",
+        log.display()
+    );
     std::fs::write(out, kept.join("\n") + "\n")?;
     Ok(())
 }
 
 /// The volume now: the merge writer's log for the first half, the last phase's for the rest.
 fn verify_volume(device: &str, dir: &Path, writer_tag: u64, last_phase: u64) -> Result<()> {
-    verify(device, writer_tag, &log_path(dir, &format!("phase{writer_tag}")))?;
+    verify(
+        device,
+        writer_tag,
+        &log_path(dir, &format!("phase{writer_tag}")),
+    )?;
     let rest = log_path(dir, "rest");
-    log_from_block(&log_path(dir, &format!("phase{last_phase}")), BLOCKS / 2, &rest)?;
+    log_from_block(
+        &log_path(dir, &format!("phase{last_phase}")),
+        BLOCKS / 2,
+        &rest,
+    )?;
     verify(device, last_phase, &rest)
 }
 
-async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str, retain: bool) -> Result<()> {
+async fn take_snapshot(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    claim: &str,
+    retain: bool,
+) -> Result<()> {
     let mut spec = json!({"source": {"persistentVolumeClaimName": claim}});
     if retain {
         spec["deletionPolicy"] = json!("Retain");
     }
-    must(client, ns, json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
-        "metadata": {"name": name}, "spec": spec})).await?;
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .await?;
     let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
     eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
         let status = snapshots.get(name).await?.status.unwrap_or_default();
@@ -240,7 +308,10 @@ async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str, retai
             let Some(content) = vs.data["status"]["boundVolumeSnapshotContentName"].as_str() else {
                 return Ok(None);
             };
-            Ok((contents.get(content).await?.data["spec"]["deletionPolicy"] == "Retain").then_some(()))
+            Ok(
+                (contents.get(content).await?.data["spec"]["deletionPolicy"] == "Retain")
+                    .then_some(()),
+            )
         })
         .await?;
     }
@@ -259,7 +330,9 @@ fn contents(client: &Client) -> Api<DynamicObject> {
 
 async fn snapshot_handle(client: &Client, ns: &str, name: &str) -> Result<String> {
     let vs = volume_snapshots(client, ns).get(name).await?;
-    let content = vs.data["status"]["boundVolumeSnapshotContentName"].as_str().context("unbound")?;
+    let content = vs.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .context("unbound")?;
     contents(client).get(content).await?.data["status"]["snapshotHandle"]
         .as_str()
         .map(str::to_string)
@@ -268,7 +341,14 @@ async fn snapshot_handle(client: &Client, ns: &str, name: &str) -> Result<String
 
 /// Reads a snapshot back: a volume restored from its VolumeSnapshot on the same node, attached,
 /// checked against one phase's log, detached.
-async fn verify_snapshot(client: &Client, ns: &str, snapshot: &str, node: &str, tag: u64, dir: &Path) -> Result<()> {
+async fn verify_snapshot(
+    client: &Client,
+    ns: &str,
+    snapshot: &str,
+    node: &str,
+    tag: u64,
+    dir: &Path,
+) -> Result<()> {
     let claim = format!("restore-{snapshot}");
     let disk = bound_disk(client, ns, &claim, Some(node), Some(snapshot)).await?;
     let result = verify(&disk.device, tag, &log_path(dir, &format!("phase{tag}")));
@@ -280,14 +360,22 @@ async fn verify_snapshot(client: &Client, ns: &str, snapshot: &str, node: &str, 
 fn record(node: &str, volume_id: &str) -> Result<Value> {
     let state = std::env::var("LIVEDISK_STATE_DIR")?;
     let path = format!("{state}/nodes/{node}/pool/{volume_id}/record.json");
-    Ok(serde_json::from_slice(&std::fs::read(&path).context(path)?)?)
+    Ok(serde_json::from_slice(
+        &std::fs::read(&path).context(path)?,
+    )?)
 }
 
 /// Reads a snapshot's point in time straight from the node's pool (the qcow2 chain up to the
 /// layer the snapshot sealed, opened read-only beside the engine with `qemu-img -U`) and checks
 /// it against one phase's log: no livedisk code on the read path, and no restore (which the
 /// engine refuses while a cancelled merge waits on the volume).
-fn verify_snapshot_in_pool(node: &str, volume_id: &str, handle: &str, tag: u64, dir: &Path) -> Result<()> {
+fn verify_snapshot_in_pool(
+    node: &str,
+    volume_id: &str,
+    handle: &str,
+    tag: u64,
+    dir: &Path,
+) -> Result<()> {
     let rec = record(node, volume_id)?;
     let seq = rec["layers"]
         .as_array()
@@ -301,15 +389,26 @@ fn verify_snapshot_in_pool(node: &str, volume_id: &str, handle: &str, tag: u64, 
         .args(["convert", "-U", "-f", "qcow2", "-O", "raw", &layer])
         .arg(&raw)
         .output()?;
-    anyhow::ensure!(output.status.success(), "qemu-img: {}", String::from_utf8_lossy(&output.stderr));
-    let result = verify(&raw.display().to_string(), tag, &log_path(dir, &format!("phase{tag}")));
+    anyhow::ensure!(
+        output.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result = verify(
+        &raw.display().to_string(),
+        tag,
+        &log_path(dir, &format!("phase{tag}")),
+    );
     let _ = std::fs::remove_file(&raw);
     result.with_context(|| format!("snapshot {handle} read from the pool"))
 }
 
 /// Watches a DiskMerge's status in the background: the largest `progress.bytesDone` seen while
 /// `Running`.
-fn watch_progress(merges: Api<DiskMerge>, name: String) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
+fn watch_progress(
+    merges: Api<DiskMerge>,
+    name: String,
+) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(AtomicI64::new(-1));
     let out = seen.clone();
     let task = tokio::spawn(async move {
@@ -332,11 +431,24 @@ fn watch_progress(merges: Api<DiskMerge>, name: String) -> (Arc<AtomicI64>, toki
     (seen, task)
 }
 
-async fn wait_phase(merges: &Api<DiskMerge>, name: &str, phase: Phase, operator: &Operator) -> Result<livedisk_api::DiskMergeStatus> {
+async fn wait_phase(
+    merges: &Api<DiskMerge>,
+    name: &str,
+    phase: Phase,
+    operator: &Operator,
+) -> Result<livedisk_api::DiskMergeStatus> {
     eventually(240, &format!("DiskMerge {name} {phase:?}"), || async {
         let status = merges.get(name).await?.status.unwrap_or_default();
-        if matches!(status.phase, Phase::Completed | Phase::Failed | Phase::Cancelled) && status.phase != phase {
-            anyhow::bail!("DiskMerge {name} ended {:?}: {:?}", status.phase, status.conditions);
+        if matches!(
+            status.phase,
+            Phase::Completed | Phase::Failed | Phase::Cancelled
+        ) && status.phase != phase
+        {
+            anyhow::bail!(
+                "DiskMerge {name} ended {:?}: {:?}",
+                status.phase,
+                status.conditions
+            );
         }
         Ok((status.phase == phase).then_some(status))
     })
@@ -387,7 +499,8 @@ mod tempdir {
     pub struct Dir(pub std::path::PathBuf);
     impl Dir {
         pub fn new(prefix: &str) -> std::io::Result<Self> {
-            let p = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+            let p =
+                std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&p)?;
             Ok(Self(p))
         }
@@ -409,10 +522,22 @@ async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
     let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
     let dir = tempdir::Dir::new(prefix)?;
     for phase in 1..=phases {
-        write_phase(&disk.device, phase, BLOCKS, &log_path(&dir.0, &format!("phase{phase}")))?;
+        write_phase(
+            &disk.device,
+            phase,
+            BLOCKS,
+            &log_path(&dir.0, &format!("phase{phase}")),
+        )?;
         take_snapshot(&client, &ns, &format!("s{phase}"), &disk.claim, false).await?;
     }
-    Ok(Setup { client, namespace, ns, operator, disk, dir })
+    Ok(Setup {
+        client,
+        namespace,
+        ns,
+        operator,
+        disk,
+        dir,
+    })
 }
 
 impl Setup {
@@ -423,7 +548,12 @@ impl Setup {
         eventually(60, "the disk to detach", || async {
             match detach_block(&disk.node, &disk.volume_id, &disk.claim).await {
                 Ok(()) => Ok(Some(())),
-                Err(e) if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Aborted) => Ok(None),
+                Err(e)
+                    if e.downcast_ref::<tonic::Status>()
+                        .is_some_and(|s| s.code() == tonic::Code::Aborted) =>
+                {
+                    Ok(None)
+                }
                 Err(e) => Err(e),
             }
         })
@@ -437,20 +567,42 @@ impl Setup {
 async fn commit_merges_the_range_into_the_base_while_the_writer_runs() -> Result<()> {
     let s = setup("merge-commit", 3).await?;
     let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
-    let handles = [snapshot_handle(client, ns, "s1").await?, snapshot_handle(client, ns, "s2").await?];
+    let handles = [
+        snapshot_handle(client, ns, "s1").await?,
+        snapshot_handle(client, ns, "s2").await?,
+    ];
     let stop = dir.join("stop");
     let writer = start_writer(&s.disk.device, 4, &log_path(dir, "phase4"), &stop)?;
     // s1 and s2 go; s3's point in time survives in s1's layer. A limit keeps it running long
     // enough to see progress.
-    must(client, ns, merge_from_example("flatten", "vm-disk", "Commit", Some("s1"), Some("s3"), Some("8Mi"))?).await?;
+    must(
+        client,
+        ns,
+        merge_from_example(
+            "flatten",
+            "vm-disk",
+            "Commit",
+            Some("s1"),
+            Some("s3"),
+            Some("8Mi"),
+        )?,
+    )
+    .await?;
     let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
     let (seen, watcher) = watch_progress(merges.clone(), "flatten".into());
     let status = wait_phase(&merges, "flatten", Phase::Completed, &s.operator).await?;
     let _ = watcher.await;
     stop_writer(writer, &stop)?;
-    assert!(seen.load(Ordering::SeqCst) > 0, "no progress seen while Running");
+    assert!(
+        seen.load(Ordering::SeqCst) > 0,
+        "no progress seen while Running"
+    );
     let (ready, reason, message) = ready_reason(&status);
-    assert_eq!((ready.as_str(), reason.as_str()), ("True", "MergeCompleted"), "{message}");
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("True", "MergeCompleted"),
+        "{message}"
+    );
     assert_eq!(status.merged_snapshots, ["s1", "s2"]);
     assert_eq!(status.node_name.as_deref(), Some(s.disk.node.as_str()));
     assert_eq!(status.progress.as_ref().map(|p| p.percent), Some(100));
@@ -467,16 +619,34 @@ async fn commit_merges_the_range_into_the_base_while_the_writer_runs() -> Result
 async fn stream_pulls_the_newest_snapshots_into_the_volume_while_the_writer_runs() -> Result<()> {
     let s = setup("merge-stream", 3).await?;
     let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
-    let handles = [snapshot_handle(client, ns, "s2").await?, snapshot_handle(client, ns, "s3").await?];
+    let handles = [
+        snapshot_handle(client, ns, "s2").await?,
+        snapshot_handle(client, ns, "s3").await?,
+    ];
     let stop = dir.join("stop");
     let writer = start_writer(&s.disk.device, 4, &log_path(dir, "phase4"), &stop)?;
-    must(client, ns, merge_from_example("pull-up", "vm-disk", "Stream", Some("s2"), None, Some("8Mi"))?).await?;
+    must(
+        client,
+        ns,
+        merge_from_example(
+            "pull-up",
+            "vm-disk",
+            "Stream",
+            Some("s2"),
+            None,
+            Some("8Mi"),
+        )?,
+    )
+    .await?;
     let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
     let (seen, watcher) = watch_progress(merges.clone(), "pull-up".into());
     let status = wait_phase(&merges, "pull-up", Phase::Completed, &s.operator).await?;
     let _ = watcher.await;
     stop_writer(writer, &stop)?;
-    assert!(seen.load(Ordering::SeqCst) > 0, "no progress seen while Running");
+    assert!(
+        seen.load(Ordering::SeqCst) > 0,
+        "no progress seen while Running"
+    );
     // Newest first: s3's layer, then s2's, pulled up into the active layer.
     assert_eq!(status.merged_snapshots, ["s3", "s2"]);
     gone_objects(client, ns, &["s2", "s3"], &handles).await?;
@@ -486,7 +656,8 @@ async fn stream_pulls_the_newest_snapshots_into_the_volume_while_the_writer_runs
 }
 
 #[tokio::test]
-async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_change_nothing() -> Result<()> {
+async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_change_nothing()
+-> Result<()> {
     let s = setup("merge-cancel", 3).await?;
     let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
     let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
@@ -504,10 +675,30 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         "spec": {"storageClassName": "", "volumeName": format!("{ns}-foreign"), "volumeMode": "Block",
                  "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})).await?;
     let cases = [
-        ("no-claim", merge_from_example("no-claim", "missing", "Commit", None, None, None)?, "ClaimNotFound", "False"),
-        ("other-driver", merge_from_example("other-driver", "foreign", "Commit", None, None, None)?, "OtherDriver", "True"),
-        ("over-retain", merge_from_example("over-retain", "vm-disk", "Commit", Some("s3"), None, None)?, "RetainedSnapshotInRange", "True"),
-        ("no-snapshot", merge_from_example("no-snapshot", "vm-disk", "Commit", Some("nope"), None, None)?, "SnapshotNotFound", "False"),
+        (
+            "no-claim",
+            merge_from_example("no-claim", "missing", "Commit", None, None, None)?,
+            "ClaimNotFound",
+            "False",
+        ),
+        (
+            "other-driver",
+            merge_from_example("other-driver", "foreign", "Commit", None, None, None)?,
+            "OtherDriver",
+            "True",
+        ),
+        (
+            "over-retain",
+            merge_from_example("over-retain", "vm-disk", "Commit", Some("s3"), None, None)?,
+            "RetainedSnapshotInRange",
+            "True",
+        ),
+        (
+            "no-snapshot",
+            merge_from_example("no-snapshot", "vm-disk", "Commit", Some("nope"), None, None)?,
+            "SnapshotNotFound",
+            "False",
+        ),
     ];
     for (name, object, reason, stalled) in cases {
         must(client, ns, object).await?;
@@ -517,39 +708,89 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         })
         .await
         .with_context(|| s.operator.log())?;
-        let stalled_now = status.conditions.iter().find(|c| c.type_ == "Stalled").map(|c| c.status.clone());
-        assert_eq!(stalled_now.as_deref(), Some(stalled), "{name}: {:?}", status.conditions);
+        let stalled_now = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")
+            .map(|c| c.status.clone());
+        assert_eq!(
+            stalled_now.as_deref(),
+            Some(stalled),
+            "{name}: {:?}",
+            status.conditions
+        );
         assert!(status.merged_snapshots.is_empty());
     }
-    assert_eq!(works.list(&Default::default()).await?.items.len(), works_before, "no node work for invalid merges");
+    assert_eq!(
+        works.list(&Default::default()).await?.items.len(),
+        works_before,
+        "no node work for invalid merges"
+    );
     let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
     for name in ["s1", "s2", "s3", "kept"] {
-        assert!(disk_snapshots.get_opt(name).await?.is_some(), "{name} was touched");
+        assert!(
+            disk_snapshots.get_opt(name).await?.is_some(),
+            "{name} was touched"
+        );
     }
 
     // A rate-limited Commit of s1 (s2's 8 MiB layer into s1's), cancelled once it copied some.
-    must(client, ns, merge_from_example("slow", "vm-disk", "Commit", Some("s1"), Some("s2"), Some("512Ki"))?).await?;
+    must(
+        client,
+        ns,
+        merge_from_example(
+            "slow",
+            "vm-disk",
+            "Commit",
+            Some("s1"),
+            Some("s2"),
+            Some("512Ki"),
+        )?,
+    )
+    .await?;
     eventually(120, "the slow merge to copy", || async {
         let status = merges.get("slow").await?.status.unwrap_or_default();
-        Ok((status.phase == Phase::Running && status.progress.is_some_and(|p| p.bytes_done > 0)).then_some(()))
+        Ok(
+            (status.phase == Phase::Running && status.progress.is_some_and(|p| p.bytes_done > 0))
+                .then_some(()),
+        )
     })
     .await
     .with_context(|| s.operator.log())?;
     merges
-        .patch("slow", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .patch(
+            "slow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cancel": true}})),
+        )
         .await?;
     let status = wait_phase(&merges, "slow", Phase::Cancelled, &s.operator).await?;
     let (ready, reason, message) = ready_reason(&status);
-    assert_eq!((ready.as_str(), reason.as_str()), ("False", "Cancelled"), "{message}");
-    assert!(message.contains("deleting"), "the engine's word on the snapshot being merged: {message}");
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "Cancelled"),
+        "{message}"
+    );
+    assert!(
+        message.contains("deleting"),
+        "the engine's word on the snapshot being merged: {message}"
+    );
     assert!(status.merged_snapshots.is_empty());
-    assert!(disk_snapshots.get_opt("s1").await?.is_some(), "a cancelled merge deletes nothing");
+    assert!(
+        disk_snapshots.get_opt("s1").await?.is_some(),
+        "a cancelled merge deletes nothing"
+    );
     // Every other snapshot reads back, and so does the volume; s1 stays `deleting` in the engine.
     let (vol, node) = (s.disk.volume_id.as_str(), s.disk.node.as_str());
     verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
     let s1 = snapshot_handle(client, ns, "s1").await?;
     let rec = record(node, vol)?;
-    let state_of = |id: &str| rec["snapshots"].as_array().and_then(|a| a.iter().find(|x| x["id"] == id)).map(|x| x["state"].clone());
+    let state_of = |id: &str| {
+        rec["snapshots"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["id"] == id))
+            .map(|x| x["state"].clone())
+    };
     assert_eq!(state_of(&s1), Some(json!("deleting")), "{rec}");
     for (name, tag) in [("s2", 2), ("s3", 3)] {
         let handle = snapshot_handle(client, ns, name).await?;
@@ -557,25 +798,36 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         verify_snapshot_in_pool(node, vol, &handle, tag, dir)?;
     }
     // Asking again finishes it: deleting s1 deletes its snapshot, whose merge resumes.
-    disk_snapshots.delete("s1", &DeleteParams::foreground()).await?;
+    disk_snapshots
+        .delete("s1", &DeleteParams::foreground())
+        .await?;
     gone_objects(client, ns, &["s1"], std::slice::from_ref(&s1)).await?;
     verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
     verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
     // Deleting a DiskMerge removes its node work.
     let work_name = format!("merge-{}", merges.get("slow").await?.uid().context("uid")?);
     merges.delete("slow", &DeleteParams::default()).await?;
-    eventually(90, "the node work to go", || async { Ok(works.get_opt(&work_name).await?.is_none().then_some(())) }).await?;
+    eventually(90, "the node work to go", || async {
+        Ok(works.get_opt(&work_name).await?.is_none().then_some(()))
+    })
+    .await?;
     // The retained snapshot is the administrator's to clean up.
     let kept = snapshot_handle(client, ns, "kept").await?;
     let kept_content = volume_snapshots(client, ns).get("kept").await?.data["status"]["boundVolumeSnapshotContentName"]
         .as_str()
         .map(str::to_string)
         .context("kept content")?;
-    disk_snapshots.delete("kept", &DeleteParams::foreground()).await?;
-    let _ = contents(client).delete(&kept_content, &DeleteParams::default()).await;
+    disk_snapshots
+        .delete("kept", &DeleteParams::foreground())
+        .await?;
+    let _ = contents(client)
+        .delete(&kept_content, &DeleteParams::default())
+        .await;
     let internal: Api<LivediskSnapshot> = Api::all(client.clone());
     let _ = internal.delete(&kept, &DeleteParams::default()).await;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let _ = pvs.delete(&format!("{ns}-foreign"), &DeleteParams::default()).await;
+    let _ = pvs
+        .delete(&format!("{ns}-foreign"), &DeleteParams::default())
+        .await;
     s.finish().await
 }
