@@ -80,26 +80,18 @@ async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<
     let namespace = merge.namespace().unwrap_or_default();
     let api: Api<DiskMerge> = Api::namespaced(context.client.clone(), &namespace);
     let ctx = context.as_ref();
-    let result = finalizer(&api, FINALIZER, merge.clone(), |event| async move {
-        match event {
-            finalizer::Event::Apply(m) => apply(&m, ctx).await,
-            finalizer::Event::Cleanup(m) => cleanup(&m, ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
-            Error::Apply {
-                what: format!(
-                    "the finalizer of DiskMerge {namespace}/{}",
-                    merge.name_any()
-                ),
-                cause,
-            }
-        }
-        other => Error::InvalidObject(other.to_string()),
-    });
+    // The finalizer goes on only once there is node work to stop: a DiskMerge refused for its
+    // references never holds up its own deletion (or its namespace's) on the operator.
+    let guarded = merge.finalizers().iter().any(|f| f == FINALIZER);
+    let early = match guarded || merge.meta().deletion_timestamp.is_some() {
+        true => Ok(None),
+        false => refused_early(&merge, ctx).await,
+    };
+    let result = match early {
+        Ok(Some(action)) => Ok(action),
+        Err(error) => Err(error),
+        Ok(None) => with_finalizer(&api, merge.clone(), ctx, &namespace).await,
+    };
     context
         .metrics
         .reconciled("DiskMerge", &result, started.elapsed());
@@ -122,24 +114,101 @@ async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<
     result
 }
 
+/// The reconcile under the finalizer: `apply`, or `cleanup` once the DiskMerge is deleted.
+async fn with_finalizer(
+    api: &Api<DiskMerge>,
+    merge: Arc<DiskMerge>,
+    ctx: &MergeContext,
+    namespace: &str,
+) -> Result<Action, Error> {
+    let name = merge.name_any();
+    finalizer(api, FINALIZER, merge, |event| async move {
+        match event {
+            finalizer::Event::Apply(m) => apply(&m, ctx).await,
+            finalizer::Event::Cleanup(m) => cleanup(&m, ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
+            Error::Apply {
+                what: format!("the finalizer of DiskMerge {namespace}/{name}"),
+                cause,
+            }
+        }
+        other => Error::InvalidObject(other.to_string()),
+    })
+}
+
+/// Before the finalizer is on: whether the DiskMerge stops here (`Some`): its node work ended
+/// and is gone, or its references refuse it (the status says why). `None`: go on and create
+/// the node work.
+async fn refused_early(merge: &DiskMerge, ctx: &MergeContext) -> Result<Option<Action>, Error> {
+    let name = work_name(merge)?;
+    let works: Api<LivediskMerge> = Api::all(ctx.client.clone());
+    let existing = works.get_opt(&name).await.map_err(|cause| Error::Observe {
+        what: format!("LivediskMerge {name}"),
+        cause,
+    })?;
+    if existing.is_some() {
+        return Ok(None);
+    }
+    if terminal(merge) {
+        return Ok(Some(Action::await_change()));
+    }
+    match validate(merge, ctx).await? {
+        Ok(_) => Ok(None),
+        Err(action) => Ok(Some(action)),
+    }
+}
+
+/// Looks up and validates; a refusal is written to the status and answered with when to look
+/// again.
+async fn validate(
+    merge: &DiskMerge,
+    ctx: &MergeContext,
+) -> Result<Result<plan::Planned, Action>, Error> {
+    let namespace = merge.namespace().unwrap_or_default();
+    let observed = lookup::lookup(&ctx.client, &namespace, &merge.spec).await?;
+    match plan::plan(
+        &merge.spec.persistent_volume_claim_name,
+        &merge.spec,
+        bandwidth_of(merge),
+        &observed,
+    ) {
+        Ok(planned) => Ok(Ok(planned)),
+        Err(refusal) => {
+            let decision = report::refused(&refusal);
+            write_status(merge, ctx, &decision).await?;
+            Ok(Err(Action::requeue(Duration::from_secs(
+                decision.requeue_seconds,
+            ))))
+        }
+    }
+}
+
+fn bandwidth_of(merge: &DiskMerge) -> Option<i64> {
+    merge
+        .spec
+        .bandwidth_limit
+        .as_deref()
+        .and_then(plan::bandwidth_bytes)
+}
+
 fn error_policy(_: Arc<DiskMerge>, error: &Error, _: Arc<MergeContext>) -> Action {
     tracing::warn!(error = %livedisk_common::error_chain(error), "DiskMerge reconcile failed");
     Action::requeue(error.code().retry_after())
 }
 
 async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
-    let namespace = merge.namespace().unwrap_or_default();
     let name = work_name(merge)?;
     let works: Api<LivediskMerge> = Api::all(ctx.client.clone());
     let get_error = |cause| Error::Observe {
         what: format!("LivediskMerge {name}"),
         cause,
     };
-    let bandwidth = merge
-        .spec
-        .bandwidth_limit
-        .as_deref()
-        .and_then(plan::bandwidth_bytes);
+    let bandwidth = bandwidth_of(merge);
     let work = match works.get_opt(&name).await.map_err(get_error)? {
         Some(work) => {
             // Only the rate limit and cancel follow the DiskMerge once the work exists.
@@ -163,22 +232,9 @@ async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
         // A DiskMerge whose node work ended and was removed never starts again.
         None if terminal(merge) => return Ok(Action::await_change()),
         None => {
-            let observed = lookup::lookup(&ctx.client, &namespace, &merge.spec).await?;
-            let planned = plan::plan(
-                &merge.spec.persistent_volume_claim_name,
-                &merge.spec,
-                bandwidth,
-                &observed,
-            );
-            let planned = match planned {
+            let planned = match validate(merge, ctx).await? {
                 Ok(planned) => planned,
-                Err(refusal) => {
-                    let decision = report::refused(&refusal);
-                    write_status(merge, ctx, &decision).await?;
-                    return Ok(Action::requeue(Duration::from_secs(
-                        decision.requeue_seconds,
-                    )));
-                }
+                Err(action) => return Ok(action),
             };
             create_work(
                 &works,

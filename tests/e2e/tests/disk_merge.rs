@@ -558,7 +558,33 @@ impl Setup {
             }
         })
         .await?;
+        // The DiskMerges go while the operator runs: its finalizer removes their node work.
+        let merges: Api<DiskMerge> = Api::namespaced(self.client.clone(), &self.ns);
+        for merge in merges.list(&Default::default()).await? {
+            merges
+                .delete(&merge.name_any(), &DeleteParams::default())
+                .await?;
+        }
+        eventually(90, "the DiskMerges to go", || async {
+            Ok(merges
+                .list(&Default::default())
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        })
+        .await
+        .with_context(|| self.operator.log())?;
         drop(self.operator);
+        // No kubelet runs here: the consumer pods only go when forced.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        for pod in pods.list(&Default::default()).await? {
+            let _ = pods.delete(&pod.name_any(), &now).await;
+        }
         self.namespace.delete().await
     }
 }
