@@ -110,7 +110,8 @@ pub struct LivediskMergeStatus {
     /// When the node reached a terminal phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// Why the merge failed or was stopped.
+    /// Why the merge failed or was stopped; while running, why the current snapshot's merge
+    /// waits (the engine refused it for now and it is tried again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<NodeError>,
 }

@@ -67,6 +67,8 @@ struct RunInner {
     sample: Option<(Instant, u64)>,
     rate: Option<u64>,
     outcome: Option<Outcome>,
+    /// Why the current step waits (the engine refused it for now), if it does.
+    waiting: Option<NodeError>,
 }
 
 /// A moment's view of a run, for the status.
@@ -76,6 +78,8 @@ pub struct RunView {
     pub merged: Vec<String>,
     pub progress: Progress,
     pub outcome: Option<Outcome>,
+    /// Why the current step waits, reported while running.
+    pub waiting: Option<NodeError>,
 }
 
 impl Runs {
@@ -162,6 +166,7 @@ impl RunState {
             merged: inner.merged.clone(),
             progress: Progress::new(done as i64, total as i64, inner.rate.map(|r| r as i64)),
             outcome: inner.outcome.clone(),
+            waiting: inner.waiting.clone(),
         }
     }
 }
@@ -205,7 +210,7 @@ fn engine_mode(mode: livedisk_api::MergeMode) -> MergeMode {
 #[derive(Debug, PartialEq)]
 enum StepResult {
     Merged,
-    RetryLater,
+    RetryLater(NodeError),
     Stop(Outcome),
 }
 
@@ -216,7 +221,7 @@ fn classify(result: Result<(), &EngineError>) -> StepResult {
         Ok(()) => StepResult::Merged,
         Err(e) if e.code() == ErrorCode::NotFound => StepResult::Merged,
         Err(e @ EngineError::Cancelled(_)) => StepResult::Stop(Outcome::Cancelled(node_error(e))),
-        Err(e) if e.code().is_transient() => StepResult::RetryLater,
+        Err(e) if e.code().is_transient() => StepResult::RetryLater(node_error(e)),
         Err(e) => StepResult::Stop(Outcome::Failed(node_error(e))),
     }
 }
@@ -252,7 +257,10 @@ async fn run_steps(
             }
             match classify(result.as_ref().map(|_| ())) {
                 StepResult::Merged => break,
-                StepResult::RetryLater => tokio::time::sleep(BUSY_RETRY).await,
+                StepResult::RetryLater(why) => {
+                    run.inner().waiting = Some(why);
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
                 StepResult::Stop(o) => {
                     outcome = o;
                     break 'steps;
@@ -260,6 +268,7 @@ async fn run_steps(
             }
         }
         let mut inner = run.inner();
+        inner.waiting = None;
         inner.finished_bytes += inner.current_job.1;
         inner.current_job = (0, 0);
         inner.merged.push(snap.to_string());
@@ -281,7 +290,7 @@ pub fn merge_status(
 ) -> LivediskMergeStatus {
     let previous = previous.cloned().unwrap_or_default();
     let (phase, error) = match &view.outcome {
-        None => (MergePhase::Running, None),
+        None => (MergePhase::Running, view.waiting.clone()),
         Some(Outcome::Completed) => (MergePhase::Completed, None),
         Some(Outcome::Cancelled(e)) => (MergePhase::Cancelled, Some(e.clone())),
         Some(Outcome::Failed(e)) => (MergePhase::Failed, Some(e.clone())),
@@ -374,7 +383,10 @@ mod tests {
         let gone = EngineError::NotFound("snapshot x".into());
         assert_eq!(classify(Err(&gone)), StepResult::Merged);
         let busy = EngineError::Busy("volume v".into());
-        assert_eq!(classify(Err(&busy)), StepResult::RetryLater);
+        assert!(matches!(
+            classify(Err(&busy)),
+            StepResult::RetryLater(e) if e.code == ErrorCode::Aborted
+        ));
         let cancelled = EngineError::Cancelled("m1".into());
         assert!(matches!(
             classify(Err(&cancelled)),
@@ -410,6 +422,7 @@ mod tests {
             merged: vec![],
             progress: Progress::new(5, 10, None),
             outcome: None,
+            waiting: None,
         };
         let running = merge_status(None, Some(1), &view, now);
         assert_eq!(running.phase, MergePhase::Running);

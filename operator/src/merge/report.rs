@@ -73,12 +73,15 @@ pub fn from_node(
             Health::InProgress,
             "Merging".into(),
             format!(
-                "node {node_name} merges snapshot {} of {total}{}",
+                "node {node_name} merges snapshot {} of {total}{}{}",
                 status.merged.len() + 1,
                 status
                     .current_snapshot_id
                     .as_ref()
                     .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
+                error
+                    .map(|e| format!("; waiting, retried every few seconds: {}", e.message))
                     .unwrap_or_default()
             ),
             EventKind::Normal,
@@ -183,6 +186,15 @@ mod tests {
         assert_eq!(running.fields["nodeName"], "node-a");
         assert_eq!(running.requeue_seconds, RUNNING_REQUEUE_SECONDS);
         assert!(running.conditions[0].message.contains("1 of 2 (snap-a)"));
+        work.error = Some(NodeError {
+            code: ErrorCode::Aborted,
+            message: "volume v (merge of snap-z in flight)".into(),
+        });
+        let waiting = from_node("node-a", Some(&work), 2, &[]);
+        assert_eq!(waiting.phase, Phase::Running);
+        assert!(waiting.conditions[0].message.contains("waiting, retried"));
+        assert!(waiting.conditions[0].message.contains("snap-z in flight"));
+        work.error = None;
 
         work.phase = MergePhase::Completed;
         work.merged = vec!["snap-a".into(), "snap-b".into()];

@@ -857,3 +857,63 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         .await;
     s.finish().await
 }
+
+/// `bandwidthLimit` follows edits while the job runs: a merge held at 64 KiB/s (two minutes for
+/// the 8 MiB layer) finishes within seconds once the limit is raised.
+#[tokio::test]
+async fn a_raised_bandwidth_limit_applies_to_the_running_job() -> Result<()> {
+    let s = setup("merge-speed", 2).await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    must(
+        client,
+        ns,
+        merge_from_example(
+            "paced",
+            "vm-disk",
+            "Commit",
+            Some("s1"),
+            Some("s2"),
+            Some("64Ki"),
+        )?,
+    )
+    .await?;
+    eventually(120, "the paced merge to copy", || async {
+        let status = merges.get("paced").await?.status.unwrap_or_default();
+        Ok(
+            (status.phase == Phase::Running && status.progress.is_some_and(|p| p.bytes_done > 0))
+                .then_some(()),
+        )
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = merges.get("paced").await?.status.unwrap_or_default();
+    let progress = status.progress.context("progress")?;
+    assert_eq!(
+        status.phase,
+        Phase::Running,
+        "the limit did not hold: {progress:?}"
+    );
+    assert!(
+        progress.bytes_done < 4 << 20,
+        "the limit did not hold: {progress:?}"
+    );
+    let raised = std::time::Instant::now();
+    merges
+        .patch(
+            "paced",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"bandwidthLimit": "1Gi"}})),
+        )
+        .await?;
+    wait_phase(&merges, "paced", Phase::Completed, &s.operator).await?;
+    assert!(
+        raised.elapsed() < Duration::from_secs(60),
+        "finished {:?} after the limit was raised: the running job kept its old speed",
+        raised.elapsed()
+    );
+    verify(&s.disk.device, 2, &log_path(dir, "phase2"))?;
+    verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
+    s.finish().await
+}
