@@ -122,14 +122,25 @@ async fn with_finalizer(
     namespace: &str,
 ) -> Result<Action, Error> {
     let name = merge.name_any();
-    finalizer(api, FINALIZER, merge, |event| async move {
+    let result = finalizer(api, FINALIZER, merge, |event| async move {
         match event {
             finalizer::Event::Apply(m) => apply(&m, ctx).await,
             finalizer::Event::Cleanup(m) => cleanup(&m, ctx).await,
         }
     })
-    .await
-    .map_err(|e| match e {
+    .await;
+    let result = match result {
+        // A second pass over a DiskMerge whose deletion the first one finished (from a cache
+        // that had not seen it go): nothing is left to do.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
+        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 404 =>
+        {
+            return Ok(Action::await_change());
+        }
+        other => other,
+    };
+    result.map_err(|e| match e {
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
             Error::Apply {

@@ -4,7 +4,8 @@
 //! volume, as kubelet does), and the volume and every surviving snapshot (read back through a
 //! restored volume) equal the writer's logs. Invalid references end in a clear condition and
 //! change nothing; a cancelled Commit ends `Cancelled` with the other snapshots intact, and
-//! deleting the snapshot being merged finishes its merge.
+//! deleting the snapshot being merged finishes its merge; a raised `bandwidthLimit` applies to the
+//! running job; a merge survives kill -9 of the operator and of the node plugin.
 //!
 //! Each phase of writing writes every block of the first `BLOCKS` once with its own tag, then a
 //! snapshot is taken, so a snapshot's view is exactly one phase's log. During the merge a writer
@@ -99,6 +100,8 @@ fn merge_from_example(
 /// A claim bound through a consumer pod on the scheduler's node, attached as kubelet would.
 struct Disk {
     claim: String,
+    /// kubelet's staging/publish directory name: unique across the tests running at once.
+    tag: String,
     volume_id: String,
     node: String,
     device: String,
@@ -132,10 +135,12 @@ async fn bound_disk(
         Ok(pods.get(&pod_name).await?.spec.and_then(|s| s.node_name))
     })
     .await?;
-    let target = attach_block(&node, &volume_id, claim).await?;
+    let tag = format!("{ns}-{claim}");
+    let target = attach_block(&node, &volume_id, &tag).await?;
     let device = host_device(&node, &target)?;
     Ok(Disk {
         claim: claim.into(),
+        tag,
         volume_id,
         node,
         device,
@@ -352,7 +357,7 @@ async fn verify_snapshot(
     let claim = format!("restore-{snapshot}");
     let disk = bound_disk(client, ns, &claim, Some(node), Some(snapshot)).await?;
     let result = verify(&disk.device, tag, &log_path(dir, &format!("phase{tag}")));
-    detach_block(&disk.node, &disk.volume_id, &disk.claim).await?;
+    detach_block(&disk.node, &disk.volume_id, &disk.tag).await?;
     result.with_context(|| format!("snapshot {snapshot}"))
 }
 
@@ -485,7 +490,18 @@ async fn gone_objects(client: &Client, ns: &str, names: &[&str], handles: &[Stri
     .await
 }
 
+/// The restart test kills a node plugin: it runs alone, the other tests of this binary beside
+/// one another.
+static NODES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+#[allow(dead_code)] // Held, never read.
+enum NodeUse {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 struct Setup {
+    _nodes: NodeUse,
     client: Client,
     namespace: TestNamespace,
     ns: String,
@@ -515,6 +531,10 @@ mod tempdir {
 /// A namespace, the operator, an attached disk, and `phases` phases each followed by a snapshot
 /// `s<phase>`.
 async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
+    setup_with(prefix, phases, NodeUse::Shared(NODES.read().await)).await
+}
+
+async fn setup_with(prefix: &str, phases: u64, nodes: NodeUse) -> Result<Setup> {
     let client = client().await?;
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, prefix).await?;
@@ -531,6 +551,7 @@ async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
         take_snapshot(&client, &ns, &format!("s{phase}"), &disk.claim, false).await?;
     }
     Ok(Setup {
+        _nodes: nodes,
         client,
         namespace,
         ns,
@@ -546,7 +567,7 @@ impl Setup {
         // retried as kubelet retries).
         let disk = &self.disk;
         eventually(60, "the disk to detach", || async {
-            match detach_block(&disk.node, &disk.volume_id, &disk.claim).await {
+            match detach_block(&disk.node, &disk.volume_id, &disk.tag).await {
                 Ok(()) => Ok(Some(())),
                 Err(e)
                     if e.downcast_ref::<tonic::Status>()
@@ -915,5 +936,104 @@ async fn a_raised_bandwidth_limit_applies_to_the_running_job() -> Result<()> {
     );
     verify(&s.disk.device, 2, &log_path(dir, "phase2"))?;
     verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
+    s.finish().await
+}
+
+/// The pid of a node's node plugin (`livedisk-csi node` serving `<node>.sock`).
+fn node_plugin_pid(node_name: &str) -> Result<Option<i32>> {
+    let endpoint = format!(
+        "unix://{}",
+        livedisk_e2e::csi::socket_dir()?
+            .join(format!("{node_name}.sock"))
+            .display()
+    );
+    let entries = std::fs::read_dir("/proc")?;
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = String::from_utf8_lossy(&cmd)
+                .split('\0')
+                .map(str::to_owned)
+                .collect();
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            !zombie
+                && args.first().is_some_and(|a| a.ends_with("/livedisk-csi"))
+                && args.get(1).is_some_and(|a| a == "node")
+                && args.contains(&endpoint)
+        }))
+}
+
+/// kill -9 of the operator and of the node plugin in the middle of an active commit (no top):
+/// the node plugin is restarted (as kubelet restarts it), its engine finishes the interrupted job,
+/// the node work goes on with the snapshots left, a new operator takes over, and the volume
+/// equals the writer's logs.
+#[tokio::test]
+async fn a_merge_survives_kill_9_of_the_operator_and_the_node_plugin() -> Result<()> {
+    let mut s = setup_with("merge-kill", 3, NodeUse::Exclusive(NODES.write().await)).await?;
+    let (client, ns, dir) = (s.client.clone(), s.ns.clone(), s.dir.0.clone());
+    let stop = dir.join("stop");
+    let writer = start_writer(&s.disk.device, 4, &log_path(&dir, "phase4"), &stop)?;
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), &ns);
+    must(
+        &client,
+        &ns,
+        merge_from_example(
+            "flatten-all",
+            "vm-disk",
+            "Commit",
+            Some("s1"),
+            None,
+            Some("1Mi"),
+        )?,
+    )
+    .await?;
+    eventually(120, "the merge to copy", || async {
+        let status = merges.get("flatten-all").await?.status.unwrap_or_default();
+        Ok(
+            (status.phase == Phase::Running && status.progress.is_some_and(|p| p.bytes_done > 0))
+                .then_some(()),
+        )
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+
+    s.operator.signal(libc::SIGKILL)?;
+    let plugin = node_plugin_pid(&s.disk.node)?.context("no node plugin")?;
+    // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
+    anyhow::ensure!(
+        unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
+        "kill -9 node plugin"
+    );
+    let killed = std::mem::replace(&mut s.operator, Operator::start()?);
+    drop(killed);
+    let node = s.disk.node.clone();
+    eventually(90, "the node plugin to be restarted", || async {
+        Ok(node_plugin_pid(&node)?.filter(|pid| *pid != plugin))
+    })
+    .await?;
+
+    let status = wait_phase(&merges, "flatten-all", Phase::Completed, &s.operator).await?;
+    stop_writer(writer, &stop)?;
+    assert_eq!(status.merged_snapshots, ["s1", "s2", "s3"]);
+    verify_volume(&s.disk.device, &dir, 4, 3)?;
+    // The base layer now holds everything: the volume reads back after a detach and re-attach.
+    let disk = &s.disk;
+    detach_block(&disk.node, &disk.volume_id, &disk.tag).await?;
+    let target = attach_block(&disk.node, &disk.volume_id, &disk.tag).await?;
+    let device = host_device(&disk.node, &target)?;
+    verify_volume(&device, &dir, 4, 3)?;
+    s.disk.device = device;
     s.finish().await
 }
