@@ -57,11 +57,37 @@ impl Progress {
             percent,
         }
     }
+
+    /// The same progress at its end: everything done (100 %), also when there was nothing to do
+    /// (a merge over empty layers copies 0 of 0 bytes and is still complete).
+    pub fn finished(self) -> Self {
+        let total = self.bytes_total.max(self.bytes_done);
+        Self {
+            bytes_done: total,
+            bytes_total: total,
+            percent: 100,
+            ..self
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finished_progress_is_whole_even_with_nothing_to_do() {
+        let nothing = Progress::new(0, 0, Some(0)).finished();
+        assert_eq!(
+            (nothing.bytes_done, nothing.bytes_total, nothing.percent),
+            (0, 0, 100)
+        );
+        let some = Progress::new(7, 10, None).finished();
+        assert_eq!(
+            (some.bytes_done, some.bytes_total, some.percent),
+            (10, 10, 100)
+        );
+    }
 
     #[test]
     fn percent_is_bounded_and_rounded_down() {

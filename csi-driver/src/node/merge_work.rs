@@ -302,7 +302,10 @@ pub fn merge_status(
     LivediskMergeStatus {
         observed_generation: generation,
         phase,
-        progress: Some(view.progress.clone()),
+        progress: Some(match phase {
+            MergePhase::Completed => view.progress.clone().finished(),
+            _ => view.progress.clone(),
+        }),
         current_snapshot_id: view.current.clone(),
         merged: view.merged.clone(),
         start_time: previous.start_time.or(Some(Time(now))),
@@ -435,6 +438,11 @@ mod tests {
         assert_eq!(done.phase, MergePhase::Completed);
         assert_eq!(done.start_time, running.start_time, "start time kept");
         assert_eq!(done.completion_time, Some(Time(later)));
+        assert_eq!(
+            done.progress.as_ref().map(|p| p.percent),
+            Some(100),
+            "a completed merge is whole"
+        );
         let cancelled = cancelled_before_start(Some(&running), Some(2), later);
         assert_eq!(cancelled.phase, MergePhase::Cancelled);
         assert_eq!(cancelled.start_time, running.start_time);
