@@ -41,7 +41,7 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
     let listing = run(&["get", "livedisk", "-n", &namespace.name])?;
     for expected in [
         "disksnapshot.livedisk.io/vm-disk-before-upgrade",
-        "diskmerge.livedisk.io/vm-disk-flatten",
+        "diskmerge.livedisk.io/scratch-disk-flatten",
         "diskmigration.livedisk.io/vm-disk-to-node-b",
         "diskexport.livedisk.io/vm-disk-backup",
         "diskrestore.livedisk.io/vm-disk-rollback",
@@ -61,7 +61,7 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
     }
     let short = run(&["get", "dmerge", "-n", &namespace.name])?;
     assert!(
-        short.contains("vm-disk-flatten") && short.contains("Commit"),
+        short.contains("scratch-disk-flatten") && short.contains("Commit"),
         "{short}"
     );
     namespace.delete().await
