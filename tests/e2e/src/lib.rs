@@ -49,6 +49,23 @@ where
     }
 }
 
+/// The extents a changed-block answer names for writes of the given 4 KiB blocks: the qcow2
+/// clusters (64 KiB, the default) covering them, adjacent ones merged.
+pub fn expected_extents(blocks: &[u64]) -> Vec<(u64, u64)> {
+    const CLUSTER: u64 = 64 << 10;
+    let mut clusters: Vec<u64> = blocks.iter().map(|b| b * 4096 / CLUSTER).collect();
+    clusters.sort_unstable();
+    clusters.dedup();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for cluster in clusters {
+        match extents.last_mut() {
+            Some((offset, length)) if *offset + *length == cluster * CLUSTER => *length += CLUSTER,
+            _ => extents.push((cluster * CLUSTER, CLUSTER)),
+        }
+    }
+    extents
+}
+
 /// The workspace root (this crate lives in `<root>/tests/e2e`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -15,7 +15,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
-use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
+use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually, expected_extents};
 use serde_json::json;
 
 async fn must(client: &Client, namespace: &str, object: serde_json::Value) -> Result<()> {
@@ -118,22 +118,6 @@ fn write_blocks(node_name: &str, device: &str, blocks: &[u64], tag: &str) -> Res
         in_node(node_name, &["sh", "-c", &script])?;
     }
     Ok(())
-}
-
-/// Clusters (64 KiB, qcow2's default) covering the given 4 KiB blocks, merged into extents.
-fn expected_extents(blocks: &[u64]) -> Vec<(u64, u64)> {
-    const CLUSTER: u64 = 64 << 10;
-    let mut clusters: Vec<u64> = blocks.iter().map(|b| b * 4096 / CLUSTER).collect();
-    clusters.sort_unstable();
-    clusters.dedup();
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    for cluster in clusters {
-        match extents.last_mut() {
-            Some((offset, length)) if *offset + *length == cluster * CLUSTER => *length += CLUSTER,
-            _ => extents.push((cluster * CLUSTER, CLUSTER)),
-        }
-    }
-    extents
 }
 
 async fn snapshot_ready(client: &Client, namespace: &str, name: &str, claim: &str) -> Result<()> {

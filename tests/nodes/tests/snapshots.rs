@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use livedisk_e2e::eventually;
+use livedisk_e2e::{eventually, expected_extents};
 use livedisk_node_e2e::{
     Cluster, PodClaim, PodSpec, TestNamespace, VolumeMode, ack_count, writer_script,
 };
@@ -171,22 +171,6 @@ fn write_blocks_script(blocks: &[u64], tag: &str) -> String {
         ));
     }
     script
-}
-
-/// Clusters (64 KiB, qcow2's default) covering the given 4 KiB blocks, merged into extents.
-fn expected_extents(blocks: &[u64]) -> Vec<(u64, u64)> {
-    const CLUSTER: u64 = 64 << 10;
-    let mut clusters: Vec<u64> = blocks.iter().map(|b| b * 4096 / CLUSTER).collect();
-    clusters.sort_unstable();
-    clusters.dedup();
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    for cluster in clusters {
-        match extents.last_mut() {
-            Some((offset, length)) if *offset + *length == cluster * CLUSTER => *length += CLUSTER,
-            _ => extents.push((cluster * CLUSTER, CLUSTER)),
-        }
-    }
-    extents
 }
 
 /// The extents in snapshot-metadata-lister's JSON output (one array of responses per stream;
