@@ -66,6 +66,36 @@ pub fn expected_extents(blocks: &[u64]) -> Vec<(u64, u64)> {
     extents
 }
 
+/// The CSI volume handle of `claim`'s PV once the claim is bound, and the node its consumer pod
+/// `pod_name` was scheduled to (WaitForFirstConsumer provisions on that node).
+pub async fn bound_volume(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    pod_name: &str,
+) -> Result<(String, String)> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let volume_name = eventually(120, &format!("PVC {claim} to be bound"), || async {
+        let object = claims.get(claim).await?;
+        let bound = object.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        Ok(object.spec.and_then(|s| s.volume_name).filter(|_| bound))
+    })
+    .await?;
+    let pv: PersistentVolume = Api::all(client.clone()).get(&volume_name).await?;
+    let handle = pv
+        .spec
+        .and_then(|s| s.csi)
+        .map(|c| c.volume_handle)
+        .context("PV has no CSI source")?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let node = eventually(60, &format!("pod {pod_name} to be scheduled"), || async {
+        Ok(pods.get(pod_name).await?.spec.and_then(|s| s.node_name))
+    })
+    .await?;
+    Ok((handle, node))
+}
+
 /// The workspace root (this crate lives in `<root>/tests/e2e`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -8,14 +8,16 @@
 //! in tests/nodes (snapshots.rs).
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
-use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually, expected_extents};
+use livedisk_e2e::{
+    TestNamespace, apply, bound_volume, client, error_message, eventually, expected_extents,
+};
 use serde_json::json;
 
 async fn must(client: &Client, namespace: &str, object: serde_json::Value) -> Result<()> {
@@ -44,36 +46,6 @@ fn pod(name: &str, claim: &str, node: Option<&str>) -> serde_json::Value {
         spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
     }
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
-}
-
-/// The bound PV's CSI volume handle and the node the consumer pod was scheduled to.
-async fn bound(
-    client: &Client,
-    namespace: &str,
-    claim: &str,
-    pod_name: &str,
-) -> Result<(String, String)> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    let volume_name = eventually(90, &format!("PVC {claim} to be bound"), || async {
-        let object = claims.get(claim).await?;
-        Ok(object
-            .spec
-            .and_then(|s| s.volume_name)
-            .filter(|_| object.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")))
-    })
-    .await?;
-    let pv: PersistentVolume = Api::all(client.clone()).get(&volume_name).await?;
-    let handle = pv
-        .spec
-        .and_then(|s| s.csi)
-        .map(|c| c.volume_handle)
-        .context("PV has no CSI source")?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let node = eventually(60, &format!("pod {pod_name} to be scheduled"), || async {
-        Ok(pods.get(pod_name).await?.spec.and_then(|s| s.node_name))
-    })
-    .await?;
-    Ok((handle, node))
 }
 
 async fn force_delete_pod(client: &Client, namespace: &str, name: &str) -> Result<()> {
@@ -145,7 +117,7 @@ async fn get_metadata_delta_on_the_controller_socket_pages_resumes_and_answers_s
     let ns = namespace.name.clone();
     must(&client, &ns, pvc("disk", None)).await?;
     must(&client, &ns, pod("consumer", "disk", None)).await?;
-    let (volume_id, node_name) = bound(&client, &ns, "disk", "consumer").await?;
+    let (volume_id, node_name) = bound_volume(&client, &ns, "disk", "consumer").await?;
     let device = attach_block(&node_name, &volume_id, "cbt").await?;
     let first = [0, 5, 100];
     let second = [5, 300, 1000];
@@ -255,7 +227,7 @@ async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Res
     let ns = namespace.name.clone();
     must(&client, &ns, pvc("disk", None)).await?;
     must(&client, &ns, pod("consumer", "disk", None)).await?;
-    let (volume_id, _node) = bound(&client, &ns, "disk", "consumer").await?;
+    let (volume_id, _node) = bound_volume(&client, &ns, "disk", "consumer").await?;
 
     must(&client, &ns, json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
         "metadata": {"name": "nightly"}, "spec": {"source": {"persistentVolumeClaimName": "disk"}}})).await?;
@@ -376,7 +348,7 @@ async fn a_block_pvc_grows_through_csi_resizer() -> Result<()> {
     let ns = namespace.name.clone();
     must(&client, &ns, pvc("disk", None)).await?;
     must(&client, &ns, pod("consumer", "disk", None)).await?;
-    let (volume_id, _node) = bound(&client, &ns, "disk", "consumer").await?;
+    let (volume_id, _node) = bound_volume(&client, &ns, "disk", "consumer").await?;
 
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let patch = json!({"spec": {"resources": {"requests": {"storage": "128Mi"}}}});

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
@@ -27,8 +27,8 @@ use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{
-    TestNamespace, apply, client, error_message, eventually, parse_manifests, workspace_binary,
-    workspace_root,
+    TestNamespace, apply, bound_volume, client, error_message, eventually, parse_manifests,
+    workspace_binary, workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -117,24 +117,7 @@ async fn bound_disk(
     must(client, ns, pvc(claim, source)).await?;
     let pod_name = format!("{claim}-consumer");
     must(client, ns, pod(&pod_name, claim, node)).await?;
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    let pv_name = eventually(120, &format!("PVC {claim} to be bound"), || async {
-        let object = claims.get(claim).await?;
-        let bound = object.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
-        Ok(object.spec.and_then(|s| s.volume_name).filter(|_| bound))
-    })
-    .await?;
-    let pv: PersistentVolume = Api::all(client.clone()).get(&pv_name).await?;
-    let volume_id = pv
-        .spec
-        .and_then(|s| s.csi)
-        .map(|c| c.volume_handle)
-        .context("no CSI PV")?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let node = eventually(60, "the consumer to be scheduled", || async {
-        Ok(pods.get(&pod_name).await?.spec.and_then(|s| s.node_name))
-    })
-    .await?;
+    let (volume_id, node) = bound_volume(client, ns, claim, &pod_name).await?;
     let tag = format!("{ns}-{claim}");
     let target = attach_block(&node, &volume_id, &tag).await?;
     let device = host_device(&node, &target)?;
