@@ -23,7 +23,7 @@ use crate::node::metrics::{EngineSlot, NodeMetrics};
 use crate::node::registration::RegistrationHandle;
 use crate::node::service::NodeService;
 use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
-use livedisk_engine::{Engine, EngineConfig};
+use livedisk_engine::{DaemonPolicy, Engine, EngineConfig};
 use livedisk_telemetry::{Endpoint, ReadyFlag, Registry, TelemetryArgs};
 
 #[derive(Debug, Args)]
@@ -81,6 +81,11 @@ pub struct NodeArgs {
     /// plugin exits non-zero, so that it is restarted and opens its engine afresh.
     #[arg(long, env = "LIVEDISK_ENGINE_RECONNECT_SECONDS", default_value_t = 30)]
     pub engine_reconnect_seconds: u64,
+    /// Who starts the host's engine daemon when none runs. `attach` where a daemon owner exists
+    /// (the chart's engine pod): the plugin then waits for that daemon and never starts one in
+    /// its own container, where it would go down with the plugin.
+    #[arg(long, env = "LIVEDISK_ENGINE_DAEMON", value_enum, default_value_t = EngineDaemon::Start)]
+    pub engine_daemon: EngineDaemon,
     /// kubelet's plugin registry directory (`<kubelet root>/plugins_registry`). When set, the
     /// node plugin registers itself with kubelet there (socket `csi.livedisk.io-reg.sock`), in
     /// place of the node-driver-registrar sidecar.
@@ -92,6 +97,24 @@ pub struct NodeArgs {
     pub kubelet_csi_endpoint: Option<PathBuf>,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+/// Whether a process that finds no engine daemon on its host starts one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineDaemon {
+    /// Start one (a host without an engine pod: `make up`'s processes, a bare host).
+    Start,
+    /// Only attach to the daemon its owner starts; wait for it (node plugin) or fail (admin).
+    Attach,
+}
+
+impl From<EngineDaemon> for DaemonPolicy {
+    fn from(d: EngineDaemon) -> Self {
+        match d {
+            EngineDaemon::Start => DaemonPolicy::StartWhenAbsent,
+            EngineDaemon::Attach => DaemonPolicy::AttachOnly,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -197,10 +220,13 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         .await
         .context("connecting to the API server")?;
     let engine = Arc::new(
-        Engine::open(EngineConfig {
-            pool: args.pool_dir.clone(),
-            runtime_dir: args.engine_socket_dir.clone(),
-        })
+        Engine::open_with(
+            EngineConfig {
+                pool: args.pool_dir.clone(),
+                runtime_dir: args.engine_socket_dir.clone(),
+            },
+            args.engine_daemon.into(),
+        )
         .await
         .context("opening the engine")?,
     );

@@ -33,7 +33,7 @@ pub use qcow2::{
     Engine, EngineConfig, ExportInfo, ExtentList, ExtentPage, MergeOptions, Recovery, SnapshotInfo,
     SnapshotTimings, VolumeInfo, hidden_base_id,
 };
-pub use qsd::daemon::{Daemon, Monitor, Origin, RuntimeDir};
+pub use qsd::daemon::{Daemon, DaemonError, DaemonPolicy, Monitor, Origin, RuntimeDir};
 pub use qsd::qmp::{JobInfo, SessionState};
 pub use stats::JobStats;
 // Modules the admin CLI and the tests reach into by path.

@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use livedisk_engine::DaemonPolicy;
 use livedisk_engine::daemon::{self, Monitor};
 use livedisk_engine::{
     Engine, ErrorCode, MergeMode, MergeOptions, Recovery, RuntimeDir, SessionState, SnapshotId,
@@ -83,10 +84,13 @@ async fn engine_follows_its_daemon_across_a_restart() {
     assert_eq!(daemons_for(&env.cfg.runtime_dir), 0, "a daemon was started");
 
     // The owner starts the daemon again (as the engine DaemonSet or `admin start` would).
-    let (started, admin) =
-        daemon::start_or_attach_on(RuntimeDir::new(&env.cfg.runtime_dir), Monitor::Admin)
-            .await
-            .expect("restart the daemon");
+    let (started, admin) = daemon::start_or_attach_on(
+        RuntimeDir::new(&env.cfg.runtime_dir),
+        Monitor::Admin,
+        DaemonPolicy::StartWhenAbsent,
+    )
+    .await
+    .expect("restart the daemon");
     drop(admin);
     let new_pid = started.pid.expect("pid of the new daemon");
     assert_ne!(new_pid, old_pid);
@@ -119,9 +123,13 @@ async fn engine_follows_its_daemon_across_a_restart() {
     // The adopter follows the new session: a merge the admin CLI starts and leaves behind is
     // finished by the node plugin's engine once its job waits for a finisher.
     {
-        let admin = Engine::open_admin(env.cfg.clone(), Recovery::Light)
-            .await
-            .expect("admin engine");
+        let admin = Engine::open_admin(
+            env.cfg.clone(),
+            Recovery::Light,
+            DaemonPolicy::StartWhenAbsent,
+        )
+        .await
+        .expect("admin engine");
         admin
             .start_snapshot_delete(&s2, MergeOptions::default())
             .await
@@ -152,4 +160,52 @@ async fn engine_follows_its_daemon_across_a_restart() {
         qemu_img_check(&e.layer_path(&vol, l.seq));
     }
     assert_eq!(daemons_for(&env.cfg.runtime_dir), 1);
+}
+
+/// In the chart the engine pod owns the daemon and the node plugin only attaches: a node plugin
+/// that starts first waits for the daemon instead of starting one in its own container (which
+/// would die with that container and cut every consumer's I/O), and an attach-only admin command
+/// fails at once, saying who starts the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_only_engine_waits_for_the_owners_daemon_and_never_starts_one() {
+    let env = TestEnv::new("attach");
+    let admin = Engine::open_admin(env.cfg.clone(), Recovery::Light, DaemonPolicy::AttachOnly)
+        .await
+        .err()
+        .expect("an attach-only admin engine without a daemon");
+    assert_eq!(admin.code(), ErrorCode::Unavailable);
+    assert!(
+        admin.to_string().contains("only attaches"),
+        "the error says why: {admin}"
+    );
+
+    let opening = tokio::spawn(Engine::open_with(env.cfg.clone(), DaemonPolicy::AttachOnly));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(!opening.is_finished(), "the engine opened without a daemon");
+    assert_eq!(daemons_for(&env.cfg.runtime_dir), 0, "a daemon was started");
+
+    // The owner starts the daemon (as the engine pod does); the waiting engine attaches to it.
+    let (started, owner) = daemon::start_or_attach_on(
+        RuntimeDir::new(&env.cfg.runtime_dir),
+        Monitor::Admin,
+        DaemonPolicy::StartWhenAbsent,
+    )
+    .await
+    .expect("the owner starts the daemon");
+    drop(owner);
+    let e = tokio::time::timeout(Duration::from_secs(30), opening)
+        .await
+        .expect("the engine attached within 30 s")
+        .expect("join")
+        .expect("engine open");
+    assert_eq!(
+        e.daemon().pid,
+        started.pid,
+        "attached to the owner's daemon"
+    );
+    assert_eq!(daemons_for(&env.cfg.runtime_dir), 1);
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 16 * MIB)
+        .await
+        .expect("create on the attached daemon");
 }

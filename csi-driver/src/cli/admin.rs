@@ -116,6 +116,7 @@ async fn mutate(a: &AdminArgs, cmd: &AdminCmd, known: bool) -> Result<Out> {
             runtime_dir: a.runtime_dir.clone(),
         },
         recovery,
+        a.engine_daemon.into(),
     )
     .await
     .context("opening the engine")?;

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use livedisk_engine::{SnapshotId, VolumeId};
 
 use super::size::parse_size;
+use livedisk_csi::run::EngineDaemon;
 
 #[derive(Debug, Parser)]
 #[command(name = "livedisk-csi", version, about = "livedisk node binary")]
@@ -36,6 +37,10 @@ pub struct AdminArgs {
     /// Runtime directory of the host's engine daemon (QMP/NBD sockets).
     #[arg(long, env = "LIVEDISK_RUNTIME_DIR", default_value = "/run/livedisk")]
     pub runtime_dir: PathBuf,
+    /// Whether a command that finds no engine daemon starts one (`start`) or fails (`attach`:
+    /// inside the chart's node plugin container, whose daemon the engine pod owns).
+    #[arg(long, env = "LIVEDISK_ENGINE_DAEMON", value_enum, default_value_t = EngineDaemon::Start)]
+    pub engine_daemon: EngineDaemon,
     /// Print JSON instead of tables.
     #[arg(long, global = true, env = "LIVEDISK_JSON")]
     pub json: bool,

@@ -39,8 +39,28 @@ pub enum DaemonError {
          client per monitor); {1}"
     )]
     MonitorBusy(PathBuf, &'static str),
+    #[error(
+        "no qemu-storage-daemon answers on {0}, and this process only attaches (its daemon is \
+         started by the engine pod or `livedisk-csi admin start`)"
+    )]
+    NotRunning(PathBuf),
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+}
+
+/// Whether a caller that finds no daemon may start one.
+///
+/// In the chart the daemon belongs to the engine pod: a node plugin that started one itself would
+/// run it inside its own container (the daemon goes down with the container, cutting every
+/// consumer's I/O), and the engine pod, starting later, would replace its socket with a second
+/// daemon on the same images. Such callers only attach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DaemonPolicy {
+    /// Start a daemon when none runs (processes on a host, the admin CLI on a bare host, tests).
+    #[default]
+    StartWhenAbsent,
+    /// Never start one: fail with [`DaemonError::NotRunning`] while none answers.
+    AttachOnly,
 }
 
 /// Which of the daemon's monitors a session talks to.
@@ -161,16 +181,17 @@ fn is_qsd(pid: i32) -> bool {
 /// Starts the host's daemon or attaches to the one already running, on its
 /// main monitor.
 pub async fn start_or_attach(runtime: RuntimeDir) -> Result<(Daemon, Qmp), DaemonError> {
-    start_or_attach_on(runtime, Monitor::Main).await
+    start_or_attach_on(runtime, Monitor::Main, DaemonPolicy::StartWhenAbsent).await
 }
 
 /// Starts the host's daemon or attaches to the one already running, with a
 /// QMP session on the monitor `want`. A daemon is started only when none is
-/// alive, and its session is then on `want` as well: an admin command that
-/// started the daemon leaves the main monitor free for the node plugin.
+/// alive (and `policy` allows it), and its session is then on `want` as well: an admin command
+/// that started the daemon leaves the main monitor free for the node plugin.
 pub async fn start_or_attach_on(
     runtime: RuntimeDir,
     want: Monitor,
+    policy: DaemonPolicy,
 ) -> Result<(Daemon, Qmp), DaemonError> {
     let rt = runtime.clone();
     let dir_err = |e| DaemonError::RuntimeDir(rt.dir.clone(), e);
@@ -250,6 +271,9 @@ pub async fn start_or_attach_on(
         )));
     }
 
+    if policy == DaemonPolicy::AttachOnly {
+        return Err(DaemonError::NotRunning(runtime.qmp_socket()));
+    }
     // Stale leftovers of a dead daemon.
     let _ = fs::remove_file(runtime.qmp_socket());
     let _ = fs::remove_file(runtime.admin_socket());

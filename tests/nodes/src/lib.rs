@@ -326,7 +326,14 @@ impl Cluster {
                     .iter()
                     .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
                     .collect();
+                let statuses = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.clone())
+                    .unwrap_or_default();
                 for container in containers {
+                    let status = statuses.iter().find(|c| c.name == container);
+                    let restarts = status.map_or(0, |c| c.restart_count);
                     let params = LogParams {
                         container: Some(container.clone()),
                         tail_lines: Some(40),
@@ -337,9 +344,36 @@ impl Cluster {
                         .await
                         .unwrap_or_else(|e| e.to_string());
                     text.push_str(&format!(
-                        "--- {CHART_NAMESPACE}/{} [{container}] (last 40 lines)\n{logs}\n",
+                        "--- {CHART_NAMESPACE}/{} [{container}] restarts {restarts} (last 40 lines)\n{logs}\n",
                         pod.name_any()
                     ));
+                    // A restarted container's previous run usually holds the cause.
+                    if restarts > 0 {
+                        let last = status
+                            .and_then(|c| c.last_state.as_ref())
+                            .and_then(|s| s.terminated.as_ref())
+                            .map(|t| {
+                                format!(
+                                    "exit {} signal {:?} reason {:?}",
+                                    t.exit_code, t.signal, t.reason
+                                )
+                            })
+                            .unwrap_or_default();
+                        let previous = chart
+                            .logs(
+                                &pod.name_any(),
+                                &LogParams {
+                                    previous: true,
+                                    ..params.clone()
+                                },
+                            )
+                            .await
+                            .unwrap_or_else(|e| e.to_string());
+                        text.push_str(&format!(
+                            "--- {CHART_NAMESPACE}/{} [{container}] previous run ({last})\n{previous}\n",
+                            pod.name_any()
+                        ));
+                    }
                 }
             }
         }
