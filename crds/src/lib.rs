@@ -40,6 +40,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
         internal::LivediskSnapshot::crd(),
         internal::LivediskNode::crd(),
         internal::LivediskMerge::crd(),
+        internal::LivediskRestore::crd(),
     ]
 }
 

@@ -21,6 +21,7 @@ use crate::node::agent::{self, Agent};
 use crate::node::engine_health;
 use crate::node::metrics::{EngineSlot, NodeMetrics};
 use crate::node::registration::RegistrationHandle;
+use crate::node::restore_work::RestoreGate;
 use crate::node::service::NodeService;
 use livedisk_csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use livedisk_engine::{DaemonPolicy, Engine, EngineConfig};
@@ -242,6 +243,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         )?),
         None => None,
     };
+    let restores = RestoreGate::start(client.clone(), &args.node_name);
     let node_agent = Arc::new(Agent {
         client,
         engine: engine.clone(),
@@ -294,6 +296,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             engine,
             &args.engine_socket_dir,
             args.node_name,
+            restores,
         )))
         .add_service(reflection()?)
         .serve_with_incoming_shutdown(server::incoming(listener), shutdown)

@@ -10,7 +10,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use livedisk_api::{DiskExport, DiskMigration, DiskRestore, DiskSnapshot};
+use livedisk_api::{DiskExport, DiskMigration, DiskSnapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -51,6 +51,12 @@ pub async fn run_all(
         leadership: leadership.clone(),
         metrics: metrics.clone(),
     });
+    let restores = Arc::new(crate::restore::RestoreContext {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        leadership: leadership.clone(),
+        metrics: metrics.clone(),
+    });
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -62,8 +68,8 @@ pub async fn run_all(
         run::<DiskSnapshot>(context.clone()),
         crate::merge::run(merges),
         run::<DiskMigration>(context.clone()),
-        run::<DiskExport>(context.clone()),
-        run::<DiskRestore>(context),
+        run::<DiskExport>(context),
+        crate::restore::run(restores),
     );
     Ok(())
 }

@@ -6,6 +6,7 @@ mod error;
 mod kinds;
 mod leader;
 mod merge;
+mod restore;
 mod metrics;
 mod observe;
 mod standard;

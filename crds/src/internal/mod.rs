@@ -8,6 +8,7 @@
 
 pub mod merge;
 pub mod node;
+pub mod restore;
 pub mod snapshot;
 pub mod volume;
 
@@ -16,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
 pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
+pub use restore::{
+    LivediskRestore, LivediskRestoreSpec, LivediskRestoreStatus, RestorePhase, RestoreWait,
+};
 pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 

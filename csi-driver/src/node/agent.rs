@@ -1,6 +1,6 @@
 //! The node agent: makes this node's `LivediskVolume`s and `LivediskSnapshot`s real with the
-//! engine, carries out its `LivediskMerge`s (see `merge_work.rs`), and reports back in their
-//! status.
+//! engine, carries out its `LivediskMerge`s (see `merge_work.rs`) and `LivediskRestore`s (see
+//! `restore_work.rs`), and reports back in their status.
 //!
 //! It watches only its own objects (a field selector on the selectable `spec.nodeName`). Both
 //! reconcilers run through kube-runtime's `finalizer()`: the node's finalizer is on an object
@@ -26,7 +26,7 @@ use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
     ContentSource, ErrorCode, LivediskMerge, LivediskNode, LivediskNodeSpec, LivediskNodeStatus,
-    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+    LivediskRestore, LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,6 +34,7 @@ use serde::de::DeserializeOwned;
 use super::merge_work::{self, PROGRESS_INTERVAL, Runs};
 use super::metrics::{NodeMetrics, OperationKind};
 use super::report::{self, SnapshotReport, VolumeReport};
+use super::restore_work::{self, AfterError};
 use crate::grpc::error::{CsiError, node_error};
 use livedisk_common::error_chain;
 use livedisk_engine::{Engine, EngineError, SnapshotId, VolumeId, VolumeInfo};
@@ -73,12 +74,18 @@ pub async fn run(agent: Arc<Agent>) {
     let merges: Api<LivediskMerge> = Api::all(agent.client.clone());
     let merge_loop = Controller::new(merges, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_merge, retry, agent)
+        .run(reconcile_merge, retry, agent.clone())
+        .for_each(|_| async {});
+    let restores: Api<LivediskRestore> = Api::all(agent.client.clone());
+    let restore_loop = Controller::new(restores, watcher::Config::default().fields(&selector))
+        .shutdown_on_signal()
+        .run(reconcile_restore, retry, agent)
         .for_each(|_| async {});
     tokio::join!(
         volume_loop,
         snapshot_loop,
         merge_loop,
+        restore_loop,
         report_node(agent_for_report)
     );
 }
@@ -357,6 +364,79 @@ async fn cleanup_merge(agent: &Agent, merge: &LivediskMerge) -> Result<Action, C
         return Err(CsiError::Aborted(format!("merge {name} (stopping)")));
     }
     agent.merges.remove(&name);
+    Ok(Action::await_change())
+}
+
+async fn reconcile_restore(
+    restore: Arc<LivediskRestore>,
+    agent: Arc<Agent>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<LivediskRestore> = Api::all(agent.client.clone());
+    let (api_ref, agent) = (&api, agent.as_ref());
+    let result = finalizer(&api, NODE_FINALIZER, restore, |event| async move {
+        match event {
+            Event::Apply(restore) => apply_restore(api_ref, agent, &restore).await,
+            // A revert runs inside its reconcile and the controller never runs two reconciles of
+            // one object at once: by the time a deletion is handled, no revert runs for it, and
+            // one that waited simply never starts.
+            Event::Cleanup(_) => Ok(Action::await_change()),
+        }
+    })
+    .await;
+    done_if_gone(result)
+}
+
+/// Reverts the volume once no consumer has it attached: `Pending` (with why) until then,
+/// `Running` while the engine reverts, then `Completed` or `Failed`.
+async fn apply_restore(
+    api: &Api<LivediskRestore>,
+    agent: &Agent,
+    restore: &LivediskRestore,
+) -> Result<Action, CsiError> {
+    let name = restore.name_any();
+    let previous = restore.status.as_ref();
+    let generation = restore.metadata.generation;
+    if previous.is_some_and(|s| s.phase.is_terminal()) {
+        return Ok(Action::await_change());
+    }
+    let node = agent.node_name.as_str();
+    let invalid = |e: livedisk_engine::ids::IdError| CsiError::InvalidArgument(e.to_string());
+    let volume = VolumeId::parse(&restore.spec.volume_id).map_err(invalid)?;
+    let snapshot = SnapshotId::parse(&restore.spec.snapshot_id).map_err(invalid)?;
+    let wait = |why| async move {
+        let status = restore_work::waiting(previous, generation, why);
+        if previous != Some(&status) {
+            apply_status(api, &name, &status).await?;
+        }
+        Ok::<_, CsiError>(Action::requeue(restore_work::WAIT_RETRY))
+    };
+    if restore_work::attached(&agent.engine, &volume) {
+        return wait(restore_work::in_use(node, volume.as_str())).await;
+    }
+    let running = restore_work::running(previous, generation, Timestamp::now());
+    apply_status(api, &name, &running).await?;
+    tracing::info!(restore = %name, %volume, %snapshot, "reverting the volume");
+    let reverting = agent.engine.revert_volume(&volume, &snapshot);
+    let result = agent
+        .metrics
+        .track(OperationKind::RevertVolume, reverting)
+        .await;
+    let outcome = match result {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let attached_now = restore_work::attached(&agent.engine, &volume);
+            match restore_work::after_error(&error, attached_now, node, volume.as_str()) {
+                AfterError::Wait(why) => {
+                    tracing::info!(restore = %name, %error, "revert waits");
+                    return wait(why).await;
+                }
+                AfterError::Fail(error) => Err(error),
+            }
+        }
+    };
+    let status = restore_work::finished(Some(&running), generation, outcome, Timestamp::now());
+    apply_status(api, &name, &status).await?;
+    tracing::info!(restore = %name, phase = ?status.phase, "revert ended");
     Ok(Action::await_change())
 }
 

@@ -33,6 +33,8 @@ pub enum OperationKind {
     CreateSnapshot,
     /// Deleting a snapshot merges its layer away.
     DeleteSnapshot,
+    /// An in-place revert of a volume to one of its snapshots (a DiskRestore).
+    RevertVolume,
 }
 
 impl OperationKind {
@@ -45,6 +47,7 @@ impl OperationKind {
             OperationKind::DeleteVolume => "delete_volume",
             OperationKind::CreateSnapshot => "create_snapshot",
             OperationKind::DeleteSnapshot => "delete_snapshot",
+            OperationKind::RevertVolume => "revert_volume",
         }
     }
 }
@@ -289,6 +292,7 @@ mod tests {
             OperationKind::DeleteVolume,
             OperationKind::CreateSnapshot,
             OperationKind::DeleteSnapshot,
+            OperationKind::RevertVolume,
         ];
         let labels: std::collections::HashSet<_> = kinds.iter().map(|k| k.label()).collect();
         assert_eq!(labels.len(), kinds.len());

@@ -12,4 +12,5 @@ pub mod mount_decision;
 pub mod mounts;
 pub mod registration;
 pub mod report;
+pub mod restore_work;
 pub mod service;

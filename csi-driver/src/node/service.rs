@@ -17,6 +17,7 @@ use super::blocking::off_runtime;
 use super::mount_decision::{self, Decision, Source, Wanted};
 use super::mounts;
 pub use super::mounts::statvfs;
+use super::restore_work::RestoreGate;
 use crate::grpc::error::CsiError;
 use crate::grpc::inflight::InFlight;
 use crate::grpc::{request, topology};
@@ -29,15 +30,23 @@ pub struct NodeService {
     attacher: Attacher,
     node_name: String,
     in_flight: InFlight,
+    /// This node's reverts: a volume whose revert waits or runs is not staged.
+    restores: RestoreGate,
 }
 
 impl NodeService {
-    pub fn new(engine: Arc<Engine>, runtime_dir: &Path, node_name: String) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        runtime_dir: &Path,
+        node_name: String,
+        restores: RestoreGate,
+    ) -> Self {
         Self {
             engine,
             attacher: Attacher::new(runtime_dir),
             node_name,
             in_flight: InFlight::default(),
+            restores,
         }
     }
 
@@ -79,6 +88,9 @@ impl NodeService {
         request::capability(capability)?;
         let volume = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
+        // A consumer staged now would see its disk change under it (or hold the revert off
+        // again right after the previous consumer let go).
+        self.restores.check(&volume).await?;
         let Some(AccessType::Mount(mount)) = &capability.access_type else {
             // Block access: the device is all there is to stage; nothing goes at the path.
             self.attacher.attach(&self.engine, &volume).await?;

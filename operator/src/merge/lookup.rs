@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::plan::{Claim, Content, Lookup, NamedSnapshot};
 use crate::error::Error;
 
-fn resource(kind: &str) -> ApiResource {
+pub(crate) fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "snapshot.storage.k8s.io",
         "v1",
@@ -22,7 +22,7 @@ fn resource(kind: &str) -> ApiResource {
     ))
 }
 
-fn observe_error(what: String) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn observe_error(what: String) -> impl FnOnce(kube::Error) -> Error {
     move |cause| Error::Observe { what, cause }
 }
 
@@ -31,7 +31,45 @@ pub async fn lookup(
     namespace: &str,
     spec: &DiskMergeSpec,
 ) -> Result<Lookup, Error> {
-    let claim_name = &spec.persistent_volume_claim_name;
+    let claim = claim(client, namespace, &spec.persistent_volume_claim_name).await?;
+    let contents_api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
+    let contents: Vec<Content> = contents_api
+        .list(&ListParams::default())
+        .await
+        .map_err(observe_error("VolumeSnapshotContents".into()))?
+        .items
+        .iter()
+        .filter(|c| c.data["spec"]["driver"] == livedisk_common::DRIVER_NAME)
+        .map(content)
+        .collect();
+    let base = named(
+        client,
+        namespace,
+        spec.base_snapshot_name.as_deref(),
+        &contents,
+    )
+    .await?;
+    let top = named(
+        client,
+        namespace,
+        spec.top_snapshot_name.as_deref(),
+        &contents,
+    )
+    .await?;
+    let node = node_of(client, &claim).await?;
+    Ok(Lookup {
+        claim,
+        base,
+        top,
+        contents,
+        node,
+    })
+}
+
+/// A claim, through its PersistentVolume to the CSI driver and volume handle. Shared by every
+/// kind that works on a claim's volume (DiskMerge, DiskRestore).
+pub(crate) async fn claim(client: &Client, namespace: &str, claim_name: &str) -> Result<Claim, Error> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let claim = match claims
         .get_opt(claim_name)
@@ -63,32 +101,12 @@ pub async fn lookup(
             }
         },
     };
-    let contents_api: Api<DynamicObject> =
-        Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
-    let contents: Vec<Content> = contents_api
-        .list(&ListParams::default())
-        .await
-        .map_err(observe_error("VolumeSnapshotContents".into()))?
-        .items
-        .iter()
-        .filter(|c| c.data["spec"]["driver"] == livedisk_common::DRIVER_NAME)
-        .map(content)
-        .collect();
-    let base = named(
-        client,
-        namespace,
-        spec.base_snapshot_name.as_deref(),
-        &contents,
-    )
-    .await?;
-    let top = named(
-        client,
-        namespace,
-        spec.top_snapshot_name.as_deref(),
-        &contents,
-    )
-    .await?;
-    let node = match &claim {
+    Ok(claim)
+}
+
+/// The node holding a bound claim's volume (its LivediskVolume's `spec.nodeName`).
+pub(crate) async fn node_of(client: &Client, claim: &Claim) -> Result<Option<String>, Error> {
+    Ok(match claim {
         Claim::Bound {
             volume_handle: Some(handle),
             ..
@@ -101,13 +119,6 @@ pub async fn lookup(
                 .map(|v| v.spec.node_name)
         }
         _ => None,
-    };
-    Ok(Lookup {
-        claim,
-        base,
-        top,
-        contents,
-        node,
     })
 }
 
@@ -155,7 +166,7 @@ async fn named(
 }
 
 /// Pure: the facts of a VolumeSnapshotContent.
-fn content(object: &DynamicObject) -> Content {
+pub(crate) fn content(object: &DynamicObject) -> Content {
     let data = &object.data;
     let text = |v: &Value| v.as_str().map(str::to_string);
     let reference = &data["spec"]["volumeSnapshotRef"];

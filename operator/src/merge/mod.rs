@@ -4,7 +4,7 @@
 //! DiskSnapshots and VolumeSnapshots of the snapshots merged away. A finalizer (kube-runtime's
 //! `finalizer()`) makes deleting a DiskMerge stop its node work first.
 
-mod lookup;
+pub(crate) mod lookup;
 pub mod plan;
 pub mod report;
 

@@ -28,7 +28,8 @@ fn ready_for_generation(object: &kube::api::DynamicObject) -> Option<(String, St
 }
 
 /// The reasons an example may honestly carry here: its PVC exists but is never bound (no consumer
-/// pod), KubeVirt is absent, and only a DiskSnapshot of a PVC is work this version performs.
+/// pod), KubeVirt is absent, and DiskMigration and DiskExport are work this version does not
+/// perform.
 fn expected_reasons(object: &serde_json::Value) -> &'static [&'static str] {
     match object["kind"].as_str() {
         Some("DiskSnapshot")
@@ -37,8 +38,8 @@ fn expected_reasons(object: &serde_json::Value) -> &'static [&'static str] {
             &["SnapshotInProgress", "SnapshotError"]
         }
         Some("DiskSnapshot") => &["ReferenceNotFound"],
-        // Its claim is never bound here: the merge waits for it, having done nothing.
-        Some("DiskMerge") => &["ClaimNotBound"],
+        // Its claim is never bound here: the merge or revert waits for it, having done nothing.
+        Some("DiskMerge") | Some("DiskRestore") => &["ClaimNotBound"],
         _ => &["NotSupportedYet"],
     }
 }
