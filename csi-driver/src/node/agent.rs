@@ -26,7 +26,8 @@ use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
     ContentSource, ErrorCode, LivediskMerge, LivediskNode, LivediskNodeSpec, LivediskNodeStatus,
-    LivediskRestore, LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase,
+    LivediskRestore, LivediskRestoreStatus, LivediskSnapshot, LivediskVolume, NODE_FINALIZER,
+    NodeError, NodePhase, RestoreWait,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -403,15 +404,9 @@ async fn apply_restore(
     let invalid = |e: livedisk_engine::ids::IdError| CsiError::InvalidArgument(e.to_string());
     let volume = VolumeId::parse(&restore.spec.volume_id).map_err(invalid)?;
     let snapshot = SnapshotId::parse(&restore.spec.snapshot_id).map_err(invalid)?;
-    let wait = |why| async move {
-        let status = restore_work::waiting(previous, generation, why);
-        if previous != Some(&status) {
-            apply_status(api, &name, &status).await?;
-        }
-        Ok::<_, CsiError>(Action::requeue(restore_work::WAIT_RETRY))
-    };
     if restore_work::attached(&agent.engine, &volume) {
-        return wait(restore_work::in_use(node, volume.as_str())).await;
+        let why = restore_work::in_use(node, volume.as_str());
+        return report_wait(api, &name, previous, generation, why).await;
     }
     let running = restore_work::running(previous, generation, Timestamp::now());
     apply_status(api, &name, &running).await?;
@@ -428,7 +423,7 @@ async fn apply_restore(
             match restore_work::after_error(&error, attached_now, node, volume.as_str()) {
                 AfterError::Wait(why) => {
                     tracing::info!(restore = %name, %error, "revert waits");
-                    return wait(why).await;
+                    return report_wait(api, &name, previous, generation, why).await;
                 }
                 AfterError::Fail(error) => Err(error),
             }
@@ -438,6 +433,22 @@ async fn apply_restore(
     apply_status(api, &name, &status).await?;
     tracing::info!(restore = %name, phase = ?status.phase, "revert ended");
     Ok(Action::await_change())
+}
+
+/// Reports a revert that waits (once per change of reason) and looks again soon: what it waits
+/// for goes away without any change to the object, so no event would wake the reconcile.
+async fn report_wait(
+    api: &Api<LivediskRestore>,
+    name: &str,
+    previous: Option<&LivediskRestoreStatus>,
+    generation: Option<i64>,
+    why: RestoreWait,
+) -> Result<Action, CsiError> {
+    let status = restore_work::waiting(previous, generation, why);
+    if previous != Some(&status) {
+        apply_status(api, name, &status).await?;
+    }
+    Ok(Action::requeue(restore_work::WAIT_RETRY))
 }
 
 fn volume_id(volume: &LivediskVolume) -> Result<VolumeId, CsiError> {

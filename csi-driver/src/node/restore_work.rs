@@ -157,11 +157,7 @@ pub fn blocking_restore<'a>(
     volume: &str,
 ) -> Option<&'a LivediskRestore> {
     restores.into_iter().find(|r| {
-        r.spec.volume_id == volume
-            && !r
-                .status
-                .as_ref()
-                .is_some_and(|s| s.phase.is_terminal())
+        r.spec.volume_id == volume && !r.status.as_ref().is_some_and(|s| s.phase.is_terminal())
     })
 }
 
@@ -213,18 +209,11 @@ impl RestoreGate {
 /// Pure: NodeStage's refusal of a volume whose revert waits or runs, naming the DiskRestore.
 fn refusal(restore: &LivediskRestore) -> String {
     let labels = restore.labels();
-    let owner = match (
-        labels.get(LABEL_NAMESPACE),
-        labels.get(LABEL_NAME),
-    ) {
+    let owner = match (labels.get(LABEL_NAMESPACE), labels.get(LABEL_NAME)) {
         (Some(ns), Some(name)) => format!("DiskRestore {ns}/{name}"),
         _ => "a DiskRestore".to_string(),
     };
-    let phase = restore
-        .status
-        .as_ref()
-        .map(|s| s.phase)
-        .unwrap_or_default();
+    let phase = restore.status.as_ref().map(|s| s.phase).unwrap_or_default();
     format!(
         "volume {} is being reverted to snapshot {} by {owner} (LivediskRestore {}, {phase:?}); it cannot be staged until the revert ended or the DiskRestore is deleted",
         restore.spec.volume_id,
@@ -259,7 +248,11 @@ mod tests {
     #[test]
     fn only_a_waiting_or_running_revert_of_the_volume_blocks_staging() {
         let other = "vol-00000000-0000-4000-8000-000000000002";
-        for phase in [None, Some(RestorePhase::Pending), Some(RestorePhase::Running)] {
+        for phase in [
+            None,
+            Some(RestorePhase::Pending),
+            Some(RestorePhase::Running),
+        ] {
             let list = [restore(VOL, phase)];
             assert!(blocking_restore(&list, VOL).is_some(), "{phase:?}");
             assert!(blocking_restore(&list, other).is_none());

@@ -69,7 +69,11 @@ pub async fn lookup(
 
 /// A claim, through its PersistentVolume to the CSI driver and volume handle. Shared by every
 /// kind that works on a claim's volume (DiskMerge, DiskRestore).
-pub(crate) async fn claim(client: &Client, namespace: &str, claim_name: &str) -> Result<Claim, Error> {
+pub(crate) async fn claim(
+    client: &Client,
+    namespace: &str,
+    claim_name: &str,
+) -> Result<Claim, Error> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let claim = match claims
         .get_opt(claim_name)

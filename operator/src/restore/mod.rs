@@ -219,7 +219,11 @@ async fn apply(restore: &DiskRestore, ctx: &RestoreContext) -> Result<Action, Er
             create_work(&works, restore, &name, spec).await?
         }
     };
-    let decision = report::from_node(&work.spec, work.status.as_ref(), &restore.spec.snapshot_name);
+    let decision = report::from_node(
+        &work.spec,
+        work.status.as_ref(),
+        &restore.spec.snapshot_name,
+    );
     write_status(restore, ctx, &decision).await?;
     Ok(Action::requeue(Duration::from_secs(
         decision.requeue_seconds,
@@ -318,7 +322,15 @@ async fn write_status(
             EventKind::Normal => EventType::Normal,
             EventKind::Warning => EventType::Warning,
         };
-        publish(ctx, restore, kind, &ready.reason, &ready.message, "Reconcile").await;
+        publish(
+            ctx,
+            restore,
+            kind,
+            &ready.reason,
+            &ready.message,
+            "Reconcile",
+        )
+        .await;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use livedisk_api::internal::LivediskRestoreSpec;
 
-pub use crate::merge::plan::{Claim, Content, NamedSnapshot};
+pub use crate::merge::plan::{Claim, NamedSnapshot};
 
 /// Everything looked up for one DiskRestore.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,9 +24,7 @@ pub struct Lookup {
 /// anything.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error(
-        "PersistentVolumeClaim {0:?} does not exist in this namespace; nothing was reverted"
-    )]
+    #[error("PersistentVolumeClaim {0:?} does not exist in this namespace; nothing was reverted")]
     ClaimNotFound(String),
     #[error("PersistentVolumeClaim {0:?} is not bound yet; nothing was reverted")]
     ClaimNotBound(String),
@@ -122,6 +120,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::plan::Content;
     use livedisk_api::DiskRestoreSpec;
 
     const VOL: &str = "vol-00000000-0000-4000-8000-000000000001";
@@ -239,7 +238,10 @@ mod tests {
             let refusal = refuse(&lookup);
             assert_eq!(refusal.reason(), reason, "{refusal}");
             assert_eq!(refusal.may_resolve(), resolves, "{refusal}");
-            assert!(refusal.to_string().contains("nothing was reverted"), "{refusal}");
+            assert!(
+                refusal.to_string().contains("nothing was reverted"),
+                "{refusal}"
+            );
         }
         let other = refuse(&Lookup {
             claim: Claim::Bound {

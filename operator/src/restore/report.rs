@@ -144,7 +144,11 @@ mod tests {
             condition(&failed, STALLED),
             (Status::True, "SnapshotOfAnotherVolume".into())
         );
-        assert!(failed.conditions[0].message.contains("nothing was reverted"));
+        assert!(
+            failed.conditions[0]
+                .message
+                .contains("nothing was reverted")
+        );
     }
 
     #[test]
@@ -167,11 +171,18 @@ mod tests {
             condition(&in_use, RECONCILING),
             (Status::True, "VolumeInUse".into())
         );
-        assert!(in_use.conditions[0].message.contains("attached on node node-a"));
+        assert!(
+            in_use.conditions[0]
+                .message
+                .contains("attached on node node-a")
+        );
 
         status.waiting_for = None;
         status.phase = RestorePhase::Running;
-        assert_eq!(from_node(&work(), Some(&status), "s1").phase, Phase::Running);
+        assert_eq!(
+            from_node(&work(), Some(&status), "s1").phase,
+            Phase::Running
+        );
 
         status.phase = RestorePhase::Completed;
         let done = from_node(&work(), Some(&status), "s1");
@@ -186,7 +197,10 @@ mod tests {
         });
         let failed = from_node(&work(), Some(&status), "s1");
         assert_eq!(failed.phase, Phase::Failed);
-        assert_eq!(condition(&failed, STALLED), (Status::True, "NotFound".into()));
+        assert_eq!(
+            condition(&failed, STALLED),
+            (Status::True, "NotFound".into())
+        );
         assert!(failed.conditions[0].message.contains("snapshot gone"));
         assert_eq!(failed.event, EventKind::Warning);
     }

@@ -148,7 +148,14 @@ fn write_phase(device: &str, phase: u64, dir: &Path) -> Result<()> {
 /// Checks that `device` holds exactly what phase `phase` wrote (every block of the phase).
 fn verify(device: &str, phase: u64, dir: &Path) -> Result<()> {
     let output = verifier()?
-        .args(["verify", "--path", device, "--tag", &phase.to_string(), "--log"])
+        .args([
+            "verify",
+            "--path",
+            device,
+            "--tag",
+            &phase.to_string(),
+            "--log",
+        ])
         .arg(log_path(dir, phase))
         .output()?;
     anyhow::ensure!(
@@ -202,7 +209,9 @@ fn conditions(status: &DiskRestoreStatus) -> (String, String, String, String) {
         ready.map(|c| c.status.clone()).unwrap_or_default(),
         ready.map(|c| c.reason.clone()).unwrap_or_default(),
         ready.map(|c| c.message.clone()).unwrap_or_default(),
-        find("Stalled").map(|c| c.status.clone()).unwrap_or_default(),
+        find("Stalled")
+            .map(|c| c.status.clone())
+            .unwrap_or_default(),
     )
 }
 
@@ -260,7 +269,8 @@ async fn finish(client: &Client, namespace: TestNamespace, operator: Operator) -
             .await?;
     }
     eventually(90, "the DiskRestores and their node work to go", || async {
-        let left = restores.list(&Default::default()).await?.items.len() + works_of(client, &ns).await?.len();
+        let left = restores.list(&Default::default()).await?.items.len()
+            + works_of(client, &ns).await?.len();
         Ok((left == 0).then_some(()))
     })
     .await
@@ -326,9 +336,15 @@ async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_ne
         })
         .await
         .expect_err("NodeStage during a pending revert");
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
     assert!(
-        refused.message().contains(&format!("DiskRestore {ns}/back")),
+        refused
+            .message()
+            .contains(&format!("DiskRestore {ns}/back")),
         "{}",
         refused.message()
     );
@@ -347,7 +363,11 @@ async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_ne
     .await
     .with_context(|| operator.log())?;
     let (ready, reason, message, _) = conditions(&status);
-    assert_eq!((ready.as_str(), reason.as_str()), ("True", "Restored"), "{message}");
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("True", "Restored"),
+        "{message}"
+    );
 
     // Attached again, the volume reads phase 1 exactly; s2 (newer than s1) still reads phase 2
     // and s1 phase 1.
@@ -389,10 +409,38 @@ async fn invalid_references_end_in_their_condition_and_change_nothing() -> Resul
     let restores: Api<DiskRestore> = Api::namespaced(client.clone(), &ns);
     // (name, claim, snapshot, reason, Stalled, phase)
     let cases = [
-        ("no-claim", "missing", "s1", "ReferenceNotFound", "False", Phase::Pending),
-        ("no-snapshot", "vm-disk", "nope", "ReferenceNotFound", "False", Phase::Pending),
-        ("foreign-snapshot", "vm-disk", "o1", "SnapshotOfAnotherVolume", "True", Phase::Failed),
-        ("other-driver", "foreign", "s1", "OtherDriver", "True", Phase::Failed),
+        (
+            "no-claim",
+            "missing",
+            "s1",
+            "ReferenceNotFound",
+            "False",
+            Phase::Pending,
+        ),
+        (
+            "no-snapshot",
+            "vm-disk",
+            "nope",
+            "ReferenceNotFound",
+            "False",
+            Phase::Pending,
+        ),
+        (
+            "foreign-snapshot",
+            "vm-disk",
+            "o1",
+            "SnapshotOfAnotherVolume",
+            "True",
+            Phase::Failed,
+        ),
+        (
+            "other-driver",
+            "foreign",
+            "s1",
+            "OtherDriver",
+            "True",
+            Phase::Failed,
+        ),
     ];
     for (name, claim, snapshot, reason, stalled, phase) in cases {
         must(&client, &ns, restore(name, claim, snapshot)).await?;
@@ -401,14 +449,24 @@ async fn invalid_references_end_in_their_condition_and_change_nothing() -> Resul
         assert_eq!(ready, "False", "{name}: {message}");
         assert_eq!(stalled_now, stalled, "{name}: {:?}", status.conditions);
         assert_eq!(status.phase, phase, "{name}");
-        assert!(message.contains("nothing was reverted"), "{name}: {message}");
+        assert!(
+            message.contains("nothing was reverted"),
+            "{name}: {message}"
+        );
     }
     // A refused DiskRestore keeps being refused (the operator looked again meanwhile), got no
     // node work and no finalizer, and the volume is as phase 2 left it.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(works_of(&client, &ns).await?.is_empty(), "node work for an invalid restore");
+    assert!(
+        works_of(&client, &ns).await?.is_empty(),
+        "node work for an invalid restore"
+    );
     for r in restores.list(&Default::default()).await? {
-        assert!(r.finalizers().is_empty(), "{} has a finalizer", r.name_any());
+        assert!(
+            r.finalizers().is_empty(),
+            "{} has a finalizer",
+            r.name_any()
+        );
     }
     let look = attach(&disk, &format!("{ns}-look")).await?;
     let unchanged = verify(&look.device, 2, dir);
