@@ -176,3 +176,38 @@ pub async fn detach_block(node_name: &str, volume_id: &str, tag: &str) -> Result
         .await?;
     Ok(())
 }
+
+/// The pid of a node's node plugin (`livedisk-csi node` serving `<node>.sock`), if one runs.
+pub fn node_plugin_pid(node_name: &str) -> Result<Option<i32>> {
+    let endpoint = format!(
+        "unix://{}",
+        socket_dir()?.join(format!("{node_name}.sock")).display()
+    );
+    let entries = std::fs::read_dir("/proc")?;
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = String::from_utf8_lossy(&cmd)
+                .split('\0')
+                .map(str::to_owned)
+                .collect();
+            // A killed plugin stays a zombie until its restarter reaps it.
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            !zombie
+                && args.first().is_some_and(|a| a.ends_with("/livedisk-csi"))
+                && args.get(1).is_some_and(|a| a == "node")
+                && args.contains(&endpoint)
+        }))
+}

@@ -6,7 +6,8 @@
 //! exactly one phase's log.
 //!
 //! While the volume is attached the revert waits (`Pending`, reason `VolumeInUse`) and changes
-//! nothing, and NodeStage of the volume is refused; once the consumer detached, the revert runs,
+//! nothing, and NodeStage of the volume is refused (also by a node plugin restarted after kill -9,
+//! which learns the waiting revert from the API server); once the consumer detached, the revert runs,
 //! the volume reads exactly as the snapshot, and a newer snapshot still reads as it was taken.
 //! Invalid references end in their condition, create no node work and change nothing.
 //!
@@ -25,7 +26,9 @@ use livedisk_api::internal::restore::LABEL_NAMESPACE;
 use livedisk_api::internal::{LivediskRestore, RestorePhase};
 use livedisk_api::{DiskRestore, DiskRestoreStatus, DiskSnapshot, Phase};
 use livedisk_csi_proto::csi::v1::NodeStageVolumeRequest;
-use livedisk_e2e::csi::{attach_block, block_capability, detach_block, in_node, node};
+use livedisk_e2e::csi::{
+    attach_block, block_capability, detach_block, in_node, node, node_plugin_pid,
+};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{
     TestNamespace, apply, bound_volume, client, error_message, eventually, workspace_binary,
@@ -34,6 +37,9 @@ use serde_json::{Value, json};
 
 /// Blocks of 4 KiB each phase writes (4 MiB).
 const BLOCKS: u64 = 1024;
+
+/// The revert test kills a node plugin: the other test of this binary waits for it.
+static NODES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn must(client: &Client, namespace: &str, object: Value) -> Result<()> {
     apply(client, namespace, &object)
@@ -201,6 +207,36 @@ async fn verify_snapshot(
     result.with_context(|| format!("snapshot {snapshot}"))
 }
 
+/// NodeStage of the disk at a second consumer's staging path, as kubelet would for another pod.
+async fn stage_second(disk: &Disk, ns: &str) -> Result<Result<(), tonic::Status>> {
+    let state = std::env::var("LIVEDISK_STATE_DIR")?;
+    Ok(node(&disk.node)
+        .await?
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: disk.volume_id.clone(),
+            staging_target_path: format!("{state}/kubelet/{}/staging/{ns}-second", disk.node),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()))
+}
+
+/// Whether NodeStage refused the volume for the DiskRestore `ns/name`.
+fn refused_for(result: &Result<(), tonic::Status>, ns: &str, name: &str) -> Result<()> {
+    let Err(status) = result else {
+        anyhow::bail!("NodeStage staged a volume whose revert waits");
+    };
+    anyhow::ensure!(
+        status.code() == tonic::Code::FailedPrecondition
+            && status
+                .message()
+                .contains(&format!("DiskRestore {ns}/{name}")),
+        "NodeStage answered {status:?}"
+    );
+    Ok(())
+}
+
 /// The Ready condition's (status, reason, message) and the Stalled condition's status.
 fn conditions(status: &DiskRestoreStatus) -> (String, String, String, String) {
     let find = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
@@ -290,6 +326,7 @@ async fn finish(client: &Client, namespace: TestNamespace, operator: Operator) -
 #[tokio::test]
 async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_newer_ones()
 -> Result<()> {
+    let _nodes = NODES.write().await;
     let client = client().await?;
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, "restore").await?;
@@ -325,29 +362,38 @@ async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_ne
     verify(&consumer.device, 3, dir).context("the waiting revert changed the volume")?;
 
     // A second consumer's NodeStage is refused while the revert waits, naming the DiskRestore.
-    let state = std::env::var("LIVEDISK_STATE_DIR")?;
-    let refused = node(&disk.node)
-        .await?
-        .node_stage_volume(NodeStageVolumeRequest {
-            volume_id: disk.volume_id.clone(),
-            staging_target_path: format!("{state}/kubelet/{}/staging/{ns}-second", disk.node),
-            volume_capability: Some(block_capability()),
-            ..Default::default()
+    refused_for(&stage_second(&disk, &ns).await?, &ns, "back")?;
+    // Also by a node plugin restarted after kill -9: it learns the waiting revert from the API
+    // server, not from its memory.
+    let plugin = node_plugin_pid(&disk.node)?.context("no node plugin")?;
+    // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
+    anyhow::ensure!(
+        unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
+        "kill -9 node plugin"
+    );
+    eventually(
+        90,
+        "the node plugin to be restarted and answer NodeStage",
+        || async {
+            if node_plugin_pid(&disk.node)?.is_none_or(|pid| pid == plugin) {
+                return Ok(None);
+            }
+            match node(&disk.node).await {
+                Ok(_) => Ok(Some(())),
+                Err(_) => Ok(None),
+            }
+        },
+    )
+    .await?;
+    let after_restart = eventually(60, "an answer from the restarted node plugin", || async {
+        Ok(match stage_second(&disk, &ns).await? {
+            Err(s) if s.code() == tonic::Code::Unavailable => None,
+            other => Some(other),
         })
-        .await
-        .expect_err("NodeStage during a pending revert");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused
-            .message()
-            .contains(&format!("DiskRestore {ns}/back")),
-        "{}",
-        refused.message()
-    );
+    })
+    .await?;
+    refused_for(&after_restart, &ns, "back")?;
+    verify(&consumer.device, 3, dir).context("the waiting revert changed the volume")?;
 
     // The consumer goes: the revert runs and completes.
     detach(&disk, &consumer).await?;
@@ -381,6 +427,7 @@ async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_ne
 
 #[tokio::test]
 async fn invalid_references_end_in_their_condition_and_change_nothing() -> Result<()> {
+    let _nodes = NODES.read().await;
     let client = client().await?;
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, "restore-refs").await?;
