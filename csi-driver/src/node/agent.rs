@@ -423,7 +423,8 @@ async fn apply_restore(
             match restore_work::after_error(&error, attached_now, node, volume.as_str()) {
                 AfterError::Wait(why) => {
                     tracing::info!(restore = %name, %error, "revert waits");
-                    return report_wait(api, &name, previous, generation, why).await;
+                    // Compared with what is reported now (`Running`), so the wait is written.
+                    return report_wait(api, &name, Some(&running), generation, why).await;
                 }
                 AfterError::Fail(error) => Err(error),
             }

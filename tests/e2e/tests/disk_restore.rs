@@ -9,7 +9,8 @@
 //! nothing, and NodeStage of the volume is refused (also by a node plugin restarted after kill -9,
 //! which learns the waiting revert from the API server); once the consumer detached, the revert runs,
 //! the volume reads exactly as the snapshot, and a newer snapshot still reads as it was taken.
-//! Invalid references end in their condition, create no node work and change nothing.
+//! Invalid references end in their condition, create no node work and change nothing; a
+//! DiskRestore deleted while it waits never runs.
 //!
 //! The small harness here (a bound, attached disk; phases; snapshots; reading a snapshot back
 //! through a volume restored from it) follows tests/disk_merge.rs.
@@ -516,8 +517,30 @@ async fn invalid_references_end_in_their_condition_and_change_nothing() -> Resul
         );
     }
     let look = attach(&disk, &format!("{ns}-look")).await?;
-    let unchanged = verify(&look.device, 2, dir);
+    verify(&look.device, 2, dir).context("an invalid restore changed the volume")?;
+
+    // A valid DiskRestore deleted while it waits for the consumer never runs: its node work goes,
+    // the volume stages again, and it still reads as phase 2 left it.
+    must(&client, &ns, restore("withdrawn", "vm-disk", "s1")).await?;
+    wait_reason(&restores, "withdrawn", "VolumeInUse", &operator).await?;
+    restores
+        .delete("withdrawn", &DeleteParams::default())
+        .await?;
+    eventually(
+        60,
+        "the withdrawn DiskRestore and its node work to go",
+        || async {
+            let gone = restores.get_opt("withdrawn").await?.is_none()
+                && works_of(&client, &ns).await?.is_empty();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await
+    .with_context(|| operator.log())?;
     detach(&disk, &look).await?;
-    unchanged.context("an invalid restore changed the volume")?;
+    let again = attach(&disk, &format!("{ns}-again")).await?;
+    let unchanged = verify(&again.device, 2, dir);
+    detach(&disk, &again).await?;
+    unchanged.context("a withdrawn restore changed the volume")?;
     finish(&client, namespace, operator).await
 }
