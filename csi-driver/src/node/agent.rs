@@ -174,8 +174,13 @@ struct StatusApply<'a, S> {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ObjectName<'a> {
     name: &'a str,
+    /// A precondition: the apply fails with 409 Conflict unless the object is still at this
+    /// version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_version: Option<&'a str>,
 }
 
 async fn apply_status<K>(api: &Api<K>, name: &str, status: &K::Status) -> Result<(), kube::Error>
@@ -183,10 +188,29 @@ where
     K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + std::fmt::Debug,
     K::Status: Serialize + std::fmt::Debug,
 {
+    apply_status_at(api, name, None, status).await?;
+    Ok(())
+}
+
+/// [`apply_status`], only if the object is still at `resource_version` (when given); returns
+/// the object as written.
+async fn apply_status_at<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: &K::Status,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + std::fmt::Debug,
+    K::Status: Serialize + std::fmt::Debug,
+{
     let body = StatusApply {
         api_version: &K::api_version(&()),
         kind: &K::kind(&()),
-        metadata: ObjectName { name },
+        metadata: ObjectName {
+            name,
+            resource_version,
+        },
         status,
     };
     api.patch_status(
@@ -194,8 +218,7 @@ where
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&body),
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// How often the node refreshes its `LivediskNode` report.
@@ -389,6 +412,11 @@ async fn reconcile_restore(
 
 /// Reverts the volume once no consumer has it attached: `Pending` (with why) until then,
 /// `Running` while the engine reverts, then `Completed` or `Failed`.
+///
+/// Every status write is conditional on the object's resourceVersion: a reconcile of a stale
+/// copy (the controller's cache may not have seen this node's own last write yet) must neither
+/// revert a second time after `Completed` nor write over a terminal phase. Its write fails with
+/// a conflict, and the newer copy's event reconciles again.
 async fn apply_restore(
     api: &Api<LivediskRestore>,
     agent: &Agent,
@@ -400,16 +428,22 @@ async fn apply_restore(
     if previous.is_some_and(|s| s.phase.is_terminal()) {
         return Ok(Action::await_change());
     }
+    let version = restore.metadata.resource_version.as_deref();
     let node = agent.node_name.as_str();
     let invalid = |e: livedisk_engine::ids::IdError| CsiError::InvalidArgument(e.to_string());
     let volume = VolumeId::parse(&restore.spec.volume_id).map_err(invalid)?;
     let snapshot = SnapshotId::parse(&restore.spec.snapshot_id).map_err(invalid)?;
     if restore_work::attached(&agent.engine, &volume) {
         let why = restore_work::in_use(node, volume.as_str());
-        return report_wait(api, &name, previous, generation, why).await;
+        return report_wait(api, &name, version, previous, generation, why).await;
     }
     let running = restore_work::running(previous, generation, Timestamp::now());
-    apply_status(api, &name, &running).await?;
+    let written = match apply_status_at(api, &name, version, &running).await {
+        Ok(written) => written,
+        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(stale(&name)),
+        Err(error) => return Err(error.into()),
+    };
+    let version = written.metadata.resource_version.as_deref();
     tracing::info!(restore = %name, %volume, %snapshot, "reverting the volume");
     let reverting = agent.engine.revert_volume(&volume, &snapshot);
     let result = agent
@@ -424,16 +458,24 @@ async fn apply_restore(
                 AfterError::Wait(why) => {
                     tracing::info!(restore = %name, %error, "revert waits");
                     // Compared with what is reported now (`Running`), so the wait is written.
-                    return report_wait(api, &name, Some(&running), generation, why).await;
+                    return report_wait(api, &name, version, Some(&running), generation, why).await;
                 }
                 AfterError::Fail(error) => Err(error),
             }
         }
     };
+    // Unconditional: only this node writes phases, and the revert it reports did happen (a
+    // conflict here would leave `Running` and make the node revert once more).
     let status = restore_work::finished(Some(&running), generation, outcome, Timestamp::now());
     apply_status(api, &name, &status).await?;
     tracing::info!(restore = %name, phase = ?status.phase, "revert ended");
     Ok(Action::await_change())
+}
+
+/// A reconcile of a stale copy of a LivediskRestore: nothing was done; the newer copy comes.
+fn stale(name: &str) -> Action {
+    tracing::debug!(restore = %name, "stale copy: reconciled again from the newer one");
+    Action::requeue(Duration::from_secs(1))
 }
 
 /// Reports a revert that waits (once per change of reason) and looks again soon: what it waits
@@ -441,13 +483,18 @@ async fn apply_restore(
 async fn report_wait(
     api: &Api<LivediskRestore>,
     name: &str,
-    previous: Option<&LivediskRestoreStatus>,
+    version: Option<&str>,
+    reported: Option<&LivediskRestoreStatus>,
     generation: Option<i64>,
     why: RestoreWait,
 ) -> Result<Action, CsiError> {
-    let status = restore_work::waiting(previous, generation, why);
-    if previous != Some(&status) {
-        apply_status(api, name, &status).await?;
+    let status = restore_work::waiting(reported, generation, why);
+    if reported != Some(&status) {
+        match apply_status_at(api, name, version, &status).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(stale(name)),
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(Action::requeue(restore_work::WAIT_RETRY))
 }
