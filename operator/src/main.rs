@@ -8,6 +8,7 @@ mod leader;
 mod merge;
 mod metrics;
 mod observe;
+mod snapshot;
 mod standard;
 mod startup;
 mod status;

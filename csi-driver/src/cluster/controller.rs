@@ -333,6 +333,7 @@ impl ControllerService {
                 "source_volume_id must not be empty".into(),
             ));
         }
+        let merge_bandwidth = request::snapshot_merge_bandwidth(&request.parameters)?;
         let id = snapshot_id_for(&request.name);
         let _guard = self.begin(&request.source_volume_id)?;
         if let Some(existing) = self.snapshots().get_opt(id.as_str()).await? {
@@ -353,6 +354,7 @@ impl ControllerService {
                     node_name: volume.spec.node_name.clone(),
                     volume_id: request.source_volume_id.clone(),
                     csi_name: request.name.clone(),
+                    merge_bandwidth_bytes_per_second: merge_bandwidth,
                 },
                 status: None,
             };

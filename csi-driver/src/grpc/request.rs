@@ -6,6 +6,12 @@ use livedisk_csi_proto::csi::v1::{CapacityRange, VolumeCapability};
 
 use super::error::CsiError;
 
+/// The VolumeSnapshotClass parameter that limits the speed of the merge deleting the snapshot
+/// starts, as a quantity of bytes per second (`50Mi`).
+pub const MERGE_BANDWIDTH_PARAMETER: &str = "mergeBandwidthLimit";
+/// Parameters the CSI sidecars add or reserve (`csi.storage.k8s.io/...`): never livedisk's.
+const SIDECAR_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_CAPACITY: i64 = 1 << 30;
 /// Volumes are sized in whole MiB: qcow2 needs sector multiples, and it keeps sizes readable.
@@ -100,6 +106,34 @@ pub fn capability(capability: &VolumeCapability) -> Result<(), CsiError> {
     }
 }
 
+/// Pure: the deletion merge rate limit a CreateSnapshot's parameters ask for (`None`:
+/// unlimited). A parameter livedisk does not know, or a limit that is not a positive quantity,
+/// is refused: a typo must not silently mean "full speed".
+pub fn snapshot_merge_bandwidth(
+    parameters: &std::collections::HashMap<String, String>,
+) -> Result<Option<i64>, CsiError> {
+    let mut limit = None;
+    for (key, value) in parameters {
+        if key.starts_with(SIDECAR_PARAMETER_PREFIX) {
+            continue;
+        }
+        if key != MERGE_BANDWIDTH_PARAMETER {
+            return Err(CsiError::InvalidArgument(format!(
+                "unknown snapshot parameter {key:?}: livedisk knows only {MERGE_BANDWIDTH_PARAMETER:?}"
+            )));
+        }
+        match livedisk_common::quantity::bytes(value) {
+            Some(bytes) if bytes > 0 => limit = Some(bytes),
+            _ => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "snapshot parameter {MERGE_BANDWIDTH_PARAMETER}={value:?} is not a positive quantity of bytes per second (for example 50Mi)"
+                )));
+            }
+        }
+    }
+    Ok(limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +194,37 @@ mod tests {
         let mut no_type = cap(Mode::SingleNodeWriter, true);
         no_type.access_type = None;
         assert!(capabilities(&[no_type]).is_err());
+    }
+
+    #[test]
+    fn the_merge_rate_limit_comes_from_its_parameter_only() {
+        let params = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(snapshot_merge_bandwidth(&params(&[])).ok(), Some(None));
+        assert_eq!(
+            snapshot_merge_bandwidth(&params(&[
+                ("mergeBandwidthLimit", "2Mi"),
+                ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+            ]))
+            .ok(),
+            Some(Some(2 << 20))
+        );
+        for bad in [
+            params(&[("mergeBandwidthLimt", "2Mi")]),
+            params(&[("mergeBandwidthLimit", "0")]),
+            params(&[("mergeBandwidthLimit", "fast")]),
+        ] {
+            assert!(
+                matches!(
+                    snapshot_merge_bandwidth(&bad),
+                    Err(CsiError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -25,6 +25,7 @@ pub mod record;
 pub mod recover;
 mod revert;
 mod snapshot;
+mod space;
 mod types;
 mod volume;
 mod writeback;

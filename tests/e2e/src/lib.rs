@@ -124,8 +124,24 @@ impl TestNamespace {
         })
     }
 
-    /// Deletes the namespace (the garbage collector removes what is in it).
+    /// Deletes the namespace (the garbage collector removes what is in it). The operator's
+    /// finalizer comes off the DiskSnapshots left in it first: most tests stop their operator
+    /// before they clean up, and the VolumeSnapshots those own go with the namespace anyway.
     pub async fn delete(self) -> Result<()> {
+        let snapshots: Api<livedisk_api::DiskSnapshot> =
+            Api::namespaced(self.client.clone(), &self.name);
+        let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
+        for snapshot in snapshots.list(&Default::default()).await? {
+            if !snapshot.finalizers().is_empty() {
+                snapshots
+                    .patch(
+                        &snapshot.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&unguarded),
+                    )
+                    .await?;
+            }
+        }
         let api: Api<Namespace> = Api::all(self.client.clone());
         api.delete(&self.name, &DeleteParams::default()).await?;
         Ok(())

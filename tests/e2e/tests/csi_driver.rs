@@ -9,9 +9,9 @@
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
@@ -252,21 +252,48 @@ async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Res
     let handle = snapshot_handle(&client, &volume_snapshot).await?;
     let internal: Api<LivediskSnapshot> = Api::all(client.clone());
     assert_eq!(internal.get(&handle).await?.spec.volume_id, volume_id);
-
-    // Deleting the DiskSnapshot takes the VolumeSnapshot (owned) and the storage snapshot along.
-    disk_snapshots
-        .delete("nightly", &DeleteParams::foreground())
-        .await?;
-    eventually(
-        90,
-        "the VolumeSnapshot and the storage snapshot to go",
-        || async {
-            let gone = snapshots.get_opt("nightly").await?.is_none()
-                && internal.get_opt(&handle).await?.is_none();
-            Ok(gone.then_some(()))
-        },
-    )
+    // The status names the content and the snapshot handle, and the space the layer holds.
+    assert_eq!(status.snapshot_handle.as_deref(), Some(handle.as_str()));
+    assert_eq!(
+        status.volume_snapshot_content_name.as_deref(),
+        volume_snapshot.data["status"]["boundVolumeSnapshotContentName"].as_str()
+    );
+    let held = eventually(60, "the space the snapshot holds", || async {
+        let status = disk_snapshots
+            .get("nightly")
+            .await?
+            .status
+            .unwrap_or_default();
+        Ok(status.allocated_bytes)
+    })
     .await?;
+    assert!(held > 0, "a sealed qcow2 layer holds at least its header");
+    let object = disk_snapshots.get("nightly").await?;
+    assert!(
+        object
+            .finalizers()
+            .iter()
+            .any(|f| f == "livedisk.io/snapshot"),
+        "{:?}",
+        object.finalizers()
+    );
+
+    // Deleting the DiskSnapshot takes the VolumeSnapshot (owned) and the storage snapshot along;
+    // the DiskSnapshot itself goes last (its finalizer waits for both).
+    disk_snapshots
+        .delete("nightly", &DeleteParams::default())
+        .await?;
+    eventually(90, "the DiskSnapshot to go", || async {
+        Ok(disk_snapshots
+            .get_opt("nightly")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await
+    .with_context(|| operator.log())?;
+    assert!(snapshots.get_opt("nightly").await?.is_none());
+    assert!(internal.get_opt(&handle).await?.is_none());
     // deletionPolicy: Retain: the operator sets it on the bound content, so the storage snapshot
     // outlives the DiskSnapshot and its VolumeSnapshot.
     must(
