@@ -106,13 +106,48 @@ async fn reconcile(snapshot: Arc<DiskSnapshot>, context: Arc<Context>) -> Result
             error.action(),
         )
         .await;
+        if !error.code().is_transient() {
+            write_stalled(&snapshot, &context, error, &note).await;
+        }
     }
     result
 }
 
-fn error_policy(_: Arc<DiskSnapshot>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(error = %livedisk_common::error_chain(error), "DiskSnapshot reconcile failed");
-    Action::requeue(error.code().retry_after())
+/// A permanent failure also says `Stalled=True` with the error's code (best-effort: the error
+/// itself is returned either way). A transient one is retried soon, and the conditions keep
+/// saying what the last successful pass found.
+async fn write_stalled(snapshot: &DiskSnapshot, ctx: &Context, error: &Error, message: &str) {
+    let current = serde_json::to_value(snapshot).ok();
+    let Some(patch) = status::stalled(
+        current.as_ref().and_then(|o| o.get("status")),
+        snapshot.meta().generation,
+        error.code(),
+        message,
+        k8s_openapi::jiff::Timestamp::now(),
+    ) else {
+        return;
+    };
+    let api: Api<DiskSnapshot> = Api::namespaced(
+        ctx.client.clone(),
+        &snapshot.namespace().unwrap_or_default(),
+    );
+    if let Err(status_error) = status::write(&api, &snapshot.name_any(), &patch).await {
+        tracing::warn!(error = %status_error, "could not write the Stalled condition");
+    }
+}
+
+fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<Context>) -> Action {
+    let code = error.code();
+    tracing::warn!(
+        kind = "DiskSnapshot",
+        name = %snapshot.name_any(),
+        %code,
+        action = error.action(),
+        error = %livedisk_common::error_chain(error),
+        "reconcile failed: {}",
+        code.retry_note()
+    );
+    Action::requeue(code.retry_after())
 }
 
 /// A DiskSnapshot of a claim: refused, waiting for its references, or under the finalizer.

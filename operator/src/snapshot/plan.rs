@@ -194,21 +194,27 @@ pub fn deletion_step(
     }
     match (vs, node) {
         (Some(vs), _) if !vs.deleting => DeletionStep::DeleteVolumeSnapshot,
-        (_, Some(node)) => {
-            let message = match &node.progress {
-                Some(p) => format!(
-                    "the snapshot's layer is being merged away: {} of {} bytes ({} %)",
-                    p.bytes_done, p.bytes_total, p.percent
-                ),
-                None => "the snapshot is being deleted on its node".to_string(),
-            };
-            DeletionStep::Wait(deleting(message, node.progress.clone()))
-        }
-        (Some(vs), None) => DeletionStep::Wait(deleting(
+        (
+            _,
+            Some(NodeSnapshotFacts {
+                progress: Some(p), ..
+            }),
+        ) => DeletionStep::Wait(deleting(
+            format!(
+                "the snapshot's layer is being merged away: {} of {} bytes ({} %)",
+                p.bytes_done, p.bytes_total, p.percent
+            ),
+            Some(p.clone()),
+        )),
+        (Some(vs), _) => DeletionStep::Wait(deleting(
             format!(
                 "waiting for VolumeSnapshot {} and its content to be deleted",
                 vs.name
             ),
+            None,
+        )),
+        (None, Some(_)) => DeletionStep::Wait(deleting(
+            "the snapshot is being deleted on its node".to_string(),
             None,
         )),
         (None, None) => DeletionStep::Release,
