@@ -1133,6 +1133,7 @@ async fn deleting_a_disk_snapshot_merges_at_its_class_rate_with_progress() -> Re
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let took = started.elapsed();
+    eprintln!("DiskSnapshot slow deleted in {took:?}; last progress seen: {deleting_progress:?}");
     // The finalizer let it go only after the VolumeSnapshot and the storage snapshot.
     assert!(
         volume_snapshots(client, ns)
