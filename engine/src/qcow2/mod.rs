@@ -25,6 +25,7 @@ pub mod record;
 pub mod recover;
 mod revert;
 mod snapshot;
+pub mod tombstone;
 mod types;
 mod volume;
 mod writeback;
