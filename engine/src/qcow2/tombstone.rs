@@ -14,6 +14,15 @@ use super::plan::PlanError;
 use super::record::{SnapshotRecord, Tombstone, VolumeRecord};
 use crate::extents;
 
+/// Most tombstones a volume keeps. A backup tool that rotates snapshots
+/// (take the next, delete the last) never deletes the newest one, so without
+/// a cap a volume would gather one tombstone per backup forever, each holding
+/// every write since its deletion, in a record rewritten by every operation.
+/// The tombstones of the snapshots taken longest ago go first: a tool asks
+/// from the snapshot it backed up last. One that asks from an older one gets
+/// `NOT_FOUND`, as for any unknown base, and takes a full backup.
+pub const MAX_TOMBSTONES: usize = 16;
+
 /// The tombstones once `removed` is deleted; `next` is the oldest live
 /// snapshot after it, with its extent record as it was before `removed`'s
 /// was folded into it.
@@ -60,6 +69,12 @@ pub fn after_delete(
             before: n.id.clone(),
             changed: changed.clone(),
         });
+    }
+    if out.len() > MAX_TOMBSTONES {
+        // Newest first, stable: equal times keep their order.
+        out.sort_by(|a, b| b.created.cmp(&a.created));
+        out.truncate(MAX_TOMBSTONES);
+        out.sort_by(|a, b| a.created.cmp(&b.created));
     }
     out
 }
@@ -252,6 +267,58 @@ mod tests {
         let r = seal(&r, &p).unwrap();
         assert!(r.tombstone(&ids[0]).is_none());
         assert!(r.snapshot(&ids[0]).is_some());
+    }
+
+    #[test]
+    fn a_rotating_backup_keeps_the_newest_tombstones_only() {
+        // Take the next snapshot, delete the previous: the newest snapshot
+        // is never deleted, so tombstones would pile up without the cap.
+        let (mut r, ids) = chain(1);
+        let mut all = ids.clone();
+        let base = chrono::Utc::now();
+        r.snapshots[0].created = base;
+        for k in 1..=(MAX_TOMBSTONES as i64 + 5) {
+            let s = SnapshotId::generate();
+            let p = PendingSnapshot {
+                snapshot: s.clone(),
+                overlay: r.next_layer_seq,
+                created: base + chrono::Duration::seconds(k),
+                for_clone: None,
+            };
+            r = seal(&r, &p).unwrap();
+            if let Some(rec) = r.snapshots.iter_mut().find(|x| x.id == s) {
+                rec.changed = Some(vec![x(k as u64 * C, C)]);
+            }
+            let prev = all.last().unwrap().clone();
+            r = delete(&r, &prev, MergeMode::Commit);
+            all.push(s);
+        }
+        assert_eq!(r.tombstones.len(), MAX_TOMBSTONES);
+        let newest = &all[all.len() - 2];
+        let latest = all.last().unwrap();
+        // The last base a tool backed up answers exactly; the oldest are gone.
+        assert_eq!(
+            delta(&r, newest, latest).unwrap(),
+            vec![x((all.len() as u64 - 1) * C, C)]
+        );
+        assert!(r.tombstone(&all[0]).is_none());
+        assert!(matches!(
+            delta(&r, &all[0], latest),
+            Err(PlanError::SnapshotNotFound(_))
+        ));
+        let oldest_kept = &all[all.len() - 1 - MAX_TOMBSTONES];
+        assert_eq!(
+            delta(&r, oldest_kept, latest).unwrap(),
+            vec![x(
+                (all.len() - MAX_TOMBSTONES) as u64 * C,
+                MAX_TOMBSTONES as u64 * C
+            )]
+        );
+        assert!(
+            r.tombstones
+                .windows(2)
+                .all(|w| w[0].created <= w[1].created)
+        );
     }
 
     /// Every order of deleting five snapshots (both merge modes): after
