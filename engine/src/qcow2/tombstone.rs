@@ -71,10 +71,9 @@ pub fn after_delete(
         });
     }
     if out.len() > MAX_TOMBSTONES {
-        // Newest first, stable: equal times keep their order.
-        out.sort_by(|a, b| b.created.cmp(&a.created));
-        out.truncate(MAX_TOMBSTONES);
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        // Oldest first (stable: equal times keep their order), then drop from the front.
+        out.sort_by_key(|t| t.created);
+        out.drain(..out.len() - MAX_TOMBSTONES);
     }
     out
 }
