@@ -104,6 +104,18 @@ async fn delta_from_a_deleted_base_equals_the_writers_log() {
     e.create_snapshot(&vol, &s3).await.expect("s3");
     assert_eq!(delta_all(&e, &s1, &s3).await, union(&[&b, &c]));
     assert_eq!(delta_all(&e, &s2, &s3).await, c);
+    // A backup over NBD from the deleted base: the export's dirty-bitmap
+    // context, read back by nbdinfo, says the same.
+    let x = e
+        .export_snapshot_changed_since(&s3, &s1)
+        .await
+        .expect("export s3 changed since deleted s1");
+    let context = x.dirty_bitmap.clone().expect("dirty bitmap context");
+    assert_eq!(
+        nbdinfo_map(&x.uri(), &context, |t| t == 1),
+        union(&[&b, &c])
+    );
+    e.unexport_snapshot(&s3).await.expect("unexport s3");
 
     // Only a delta's base accepts the ID: the snapshot is gone.
     assert_eq!(code(e.snapshot(&s1)), Some(ErrorCode::NotFound));
