@@ -26,6 +26,7 @@ pub mod recover;
 mod revert;
 mod snapshot;
 mod space;
+pub mod tombstone;
 mod types;
 mod volume;
 mod writeback;
