@@ -156,7 +156,10 @@ impl TestNamespace {
                 }
             }
             if std::time::Instant::now() > deadline {
-                bail!("DiskSnapshots of namespace {} did not go within 60 s", self.name);
+                bail!(
+                    "DiskSnapshots of namespace {} did not go within 60 s",
+                    self.name
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
