@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
 pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
-pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
+pub use snapshot::{
+    LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus, VolumeSnapshotReference,
+};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 
 pub use livedisk_common::ids::{SNAPSHOT_ID_PATTERN, VOLUME_ID_PATTERN};

@@ -50,6 +50,24 @@ pub struct LivediskSnapshotSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub merge_bandwidth_bytes_per_second: Option<i64>,
+    /// The VolumeSnapshot the snapshot was taken for (from the CSI sidecar's extra metadata):
+    /// the CSI controller publishes the progress of its deletion there as Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<VolumeSnapshotReference>,
+}
+
+/// A VolumeSnapshot, as CreateSnapshot learnt it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotReference {
+    #[schemars(schema_with = "schema::object_name")]
+    pub namespace: String,
+    #[schemars(schema_with = "schema::object_name")]
+    pub name: String,
+    /// Its UID, where the snapshot's CSI name carries it (csi-snapshotter names a snapshot
+    /// `snapshot-<VolumeSnapshot UID>`): `kubectl describe` matches Events by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// What the node reports about the snapshot.

@@ -4,6 +4,8 @@ use livedisk_csi_proto::csi::v1::volume_capability::AccessType;
 use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::{CapacityRange, VolumeCapability};
 
+use livedisk_api::internal::VolumeSnapshotReference;
+
 use super::error::CsiError;
 
 /// The VolumeSnapshotClass parameter that limits the speed of the merge deleting the snapshot
@@ -11,6 +13,10 @@ use super::error::CsiError;
 pub const MERGE_BANDWIDTH_PARAMETER: &str = "mergeBandwidthLimit";
 /// Parameters the CSI sidecars add or reserve (`csi.storage.k8s.io/...`): never livedisk's.
 const SIDECAR_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+/// The VolumeSnapshot a CreateSnapshot is for, as csi-snapshotter's `--extra-create-metadata`
+/// passes it.
+const VOLUME_SNAPSHOT_NAME_PARAMETER: &str = "csi.storage.k8s.io/volumesnapshot/name";
+const VOLUME_SNAPSHOT_NAMESPACE_PARAMETER: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_CAPACITY: i64 = 1 << 30;
@@ -134,6 +140,28 @@ pub fn snapshot_merge_bandwidth(
     Ok(limit)
 }
 
+/// Pure: the VolumeSnapshot a CreateSnapshot is for, when the sidecar said; its UID when the
+/// CSI name is csi-snapshotter's `snapshot-<UID>`.
+pub fn snapshot_origin(
+    name: &str,
+    parameters: &std::collections::HashMap<String, String>,
+) -> Option<VolumeSnapshotReference> {
+    let vs_name = parameters.get(VOLUME_SNAPSHOT_NAME_PARAMETER)?;
+    let namespace = parameters.get(VOLUME_SNAPSHOT_NAMESPACE_PARAMETER)?;
+    if vs_name.is_empty() || namespace.is_empty() {
+        return None;
+    }
+    let uid = name
+        .strip_prefix("snapshot-")
+        .filter(|u| uuid::Uuid::parse_str(u).is_ok())
+        .map(str::to_string);
+    Some(VolumeSnapshotReference {
+        namespace: namespace.clone(),
+        name: vs_name.clone(),
+        uid,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +241,19 @@ mod tests {
             .ok(),
             Some(Some(2 << 20))
         );
+        let metadata = params(&[
+            ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+            ("csi.storage.k8s.io/volumesnapshot/namespace", "ns"),
+        ]);
+        let uid = "0b6f1c1e-7a57-4e0e-9c55-6d1d2c7e9a10";
+        let origin = snapshot_origin(&format!("snapshot-{uid}"), &metadata).expect("origin");
+        assert_eq!(
+            (origin.namespace.as_str(), origin.name.as_str()),
+            ("ns", "s")
+        );
+        assert_eq!(origin.uid.as_deref(), Some(uid));
+        assert_eq!(snapshot_origin("mine", &metadata).and_then(|o| o.uid), None);
+        assert!(snapshot_origin("mine", &params(&[])).is_none());
         for bad in [
             params(&[("mergeBandwidthLimt", "2Mi")]),
             params(&[("mergeBandwidthLimit", "0")]),

@@ -3,8 +3,9 @@
 //! content and to the node's snapshot for the status (`plan`, pure), and keep a finalizer
 //! (kube-runtime's `finalizer()`) so that deleting the DiskSnapshot follows the deletion through:
 //! `Retain` keeps the content, `Delete` waits while the node merges the layer away, with the
-//! merge's progress on the status and as Events on the VolumeSnapshot. A VirtualMachine source
-//! goes through the generic pipeline (no VolumeGroupSnapshot yet: `NotSupportedYet`).
+//! merge's progress on the status (the CSI controller publishes it as Events on the
+//! VolumeSnapshot). A VirtualMachine source goes through the generic pipeline (no
+//! VolumeGroupSnapshot yet: `NotSupportedYet`).
 
 pub mod plan;
 
@@ -332,12 +333,8 @@ async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Actio
             ))))
         }
         DeletionStep::Wait(decision) => {
-            if let Some(progress) = node.as_ref().and_then(|n| n.progress.as_ref())
-                && let Some(note) = plan::progress_event(status.progress.as_ref(), progress)
-            {
-                let vs_ref = volume_snapshot_ref(&namespace, &name, vs.as_ref());
-                publish(ctx, &vs_ref, EventType::Normal, "Merging", &note, "Delete").await;
-            }
+            // The VolumeSnapshot's progress Events come from the CSI controller, which sees
+            // every deletion (not only a DiskSnapshot's).
             write_status(snapshot, ctx, &decision).await?;
             Ok(Some(requeue(&decision)))
         }
@@ -454,22 +451,6 @@ async fn node_snapshot(ctx: &Context, handle: &str) -> Result<Option<NodeSnapsho
                 progress: status.progress,
             }
         }))
-}
-
-/// The VolumeSnapshot as an Event's subject (its UID when known, so `kubectl describe` finds it).
-fn volume_snapshot_ref(
-    namespace: &str,
-    name: &str,
-    facts: Option<&VolumeSnapshotFacts>,
-) -> k8s_openapi::api::core::v1::ObjectReference {
-    k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some("snapshot.storage.k8s.io/v1".into()),
-        kind: Some("VolumeSnapshot".into()),
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        uid: facts.and_then(|f| f.uid.clone()),
-        ..Default::default()
-    }
 }
 
 async fn write_status(

@@ -11,7 +11,6 @@ use crate::decide::{Decision, EventKind, Health, conditions};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VolumeSnapshotFacts {
     pub name: String,
-    pub uid: Option<String>,
     /// UIDs of its owners.
     pub owner_uids: Vec<String>,
     /// The claim it snapshots (`spec.source.persistentVolumeClaimName`).
@@ -29,7 +28,6 @@ impl VolumeSnapshotFacts {
         let text = |v: &Value| v.as_str().map(str::to_string);
         Self {
             name: object.metadata.name.clone().unwrap_or_default(),
-            uid: object.metadata.uid.clone(),
             owner_uids: object
                 .metadata
                 .owner_references
@@ -238,23 +236,6 @@ fn deleting(message: String, progress: Option<Progress>) -> Decision {
     }
 }
 
-/// Pure: the note of a progress Event, when the deletion merge crossed a quarter since the last
-/// report (at most five Events per deletion: 0, 25, 50, 75 and 100 %).
-pub fn progress_event(previous: Option<&Progress>, now: &Progress) -> Option<String> {
-    let quarter = |p: &Progress| p.percent / 25;
-    if previous.is_some_and(|p| quarter(p) == quarter(now)) {
-        return None;
-    }
-    let rate = now
-        .bytes_per_second
-        .map(|r| format!(" at {r} bytes/s"))
-        .unwrap_or_default();
-    Some(format!(
-        "merging the snapshot's layer away: {} % ({} of {} bytes){rate}",
-        now.percent, now.bytes_done, now.bytes_total
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,18 +356,5 @@ mod tests {
             deletion_step(true, Some(&vs("u", "disk")), None, None),
             DeletionStep::Wait(_)
         ));
-    }
-
-    #[test]
-    fn progress_events_come_once_per_quarter() {
-        let at = |percent: i64| Progress::new(percent, 100, None);
-        assert!(progress_event(None, &at(3)).is_some());
-        assert!(progress_event(Some(&at(3)), &at(20)).is_none());
-        assert!(
-            progress_event(Some(&at(20)), &at(26))
-                .expect("a quarter crossed")
-                .contains("26 %")
-        );
-        assert!(progress_event(Some(&at(99)), &at(100)).is_some());
     }
 }

@@ -1050,6 +1050,28 @@ async fn snapshot_class(
     Ok(name)
 }
 
+/// The Events with `reason` about VolumeSnapshot `name`.
+async fn deletion_events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> Result<Vec<k8s_openapi::api::events::v1::Event>> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            let regarding = e.regarding.as_ref();
+            e.reason.as_deref() == Some(reason)
+                && regarding.and_then(|r| r.kind.as_deref()) == Some("VolumeSnapshot")
+                && regarding.and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect())
+}
+
 fn snapshot_classes(client: &Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
     Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
@@ -1155,25 +1177,59 @@ async fn deleting_a_disk_snapshot_merges_at_its_class_rate_with_progress() -> Re
         took >= Duration::from_secs(4),
         "deleted in {took:?}: the rate limit was not applied"
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    let merging: Vec<_> = events
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("Merging")
-                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("VolumeSnapshot")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("slow")
-        })
-        .collect();
+    let merging = deletion_events(client, ns, "slow", "Merging").await?;
     assert!(
         !merging.is_empty(),
         "no progress Event on VolumeSnapshot slow"
     );
+    assert!(
+        merging.iter().any(|e| e
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("at most 1048576 bytes/s"))),
+        "{merging:?}"
+    );
+    assert!(
+        !deletion_events(client, ns, "slow", "Merged")
+            .await?
+            .is_empty()
+    );
     // The snapshots around it read back as their phases wrote them.
     verify_snapshot(client, ns, "s1", &s.disk.node, 1, dir).await?;
     verify_snapshot(client, ns, "s3", &s.disk.node, 3, dir).await?;
+
+    // A VolumeSnapshot deleted by itself (no DiskSnapshot) gets the same Events, under its UID
+    // (`kubectl describe` matches them by it).
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": {"name": "direct"},
+               "spec": {"volumeSnapshotClassName": slow, "source": {"persistentVolumeClaimName": s.disk.claim}}}),
+    )
+    .await?;
+    let direct = eventually(90, "VolumeSnapshot direct ready", || async {
+        let vs = volume_snapshots(client, ns).get("direct").await?;
+        Ok((vs.data["status"]["readyToUse"] == true).then_some(vs))
+    })
+    .await?;
+    volume_snapshots(client, ns)
+        .delete("direct", &DeleteParams::default())
+        .await?;
+    let merged = eventually(90, "a Merged Event on VolumeSnapshot direct", || async {
+        let events = deletion_events(client, ns, "direct", "Merged").await?;
+        Ok((!events.is_empty()).then_some(events))
+    })
+    .await?;
+    assert_eq!(
+        merged[0].regarding.as_ref().and_then(|r| r.uid.clone()),
+        direct.metadata.uid,
+        "{merged:?}"
+    );
+    assert!(
+        !deletion_events(client, ns, "direct", "Merging")
+            .await?
+            .is_empty()
+    );
 
     // A typo in the class is refused at CreateSnapshot: never a silent "full speed".
     must(
