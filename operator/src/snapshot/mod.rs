@@ -37,6 +37,9 @@ use crate::{observe, standard, status};
 /// through before the object goes.
 pub const FINALIZER: &str = "livedisk.io/snapshot";
 
+/// When a pass that met a stale copy of the object looks again.
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
 /// Runs the DiskSnapshot controller until shutdown.
 pub async fn run(context: Arc<Context>) {
     let client = context.client.clone();
@@ -233,6 +236,15 @@ async fn with_finalizer(
             if s.code == 404 =>
         {
             Ok(Action::await_change())
+        }
+        // The finalizer patch tests the list it read: a pass that ran on a cache not yet showing
+        // the previous pass's change gets 422. Nothing is wrong; look again once it caught up.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
+        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 422 =>
+        {
+            tracing::debug!("finalizer patch of a stale copy refused; looking again");
+            Ok(Action::requeue(STALE_RETRY))
         }
         other => other.map_err(|e| match e {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
