@@ -3,6 +3,7 @@
 //!
 //! * [`ids`]: the strict opaque volume and snapshot IDs, and the one pattern they match;
 //! * [`names`]: CSI names to IDs (idempotent creation across restarts);
+//! * [`quantity`]: Kubernetes quantities as byte counts (rate limits);
 //! * [`ErrorCode`]: the one code vocabulary an error carries across every boundary (engine →
 //!   internal CR status → gRPC status → condition and Event reason), and whether it is worth
 //!   retrying soon ([`Persistence`]);
@@ -15,6 +16,7 @@ pub mod chain;
 pub mod code;
 pub mod ids;
 pub mod names;
+pub mod quantity;
 
 pub use chain::error_chain;
 pub use code::{ErrorCode, Persistence};

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::Phase;
+use crate::common::{Phase, Progress};
 use crate::schema;
 
 /// A live, crash-consistent snapshot of a disk (or of all disks of a VirtualMachine as one group).
@@ -25,6 +25,9 @@ use crate::schema;
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.source","description":"What was snapshotted"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether the snapshot can be used"}"#,
     printcolumn = r#"{"name":"Size","type":"string","jsonPath":".status.restoreSize","description":"Size of a volume restored from it"}"#,
+    printcolumn = r#"{"name":"Held","type":"integer","jsonPath":".status.allocatedBytes","description":"Bytes of the pool the snapshot's layer holds"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pending, Running, Ready, Failed or Deleting"}"#,
+    printcolumn = r#"{"name":"Progress","type":"integer","priority":1,"jsonPath":".status.progress.percent","description":"Percent of the deletion merge done"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why it is (not) ready"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable: create a new DiskSnapshot instead").reason(Reason::FieldValueForbidden)
@@ -96,7 +99,8 @@ pub struct DiskSnapshotStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Pending, Ready, Failed or Deleting.
+    /// Pending, Running (being taken), Ready, Failed or Deleting (its layer is being merged
+    /// away; `progress` says how far).
     #[serde(default)]
     pub phase: Phase,
     /// The source, as `PersistentVolumeClaim/<name>` or `VirtualMachine/<name>`.
@@ -112,6 +116,18 @@ pub struct DiskSnapshotStatus {
     /// When the point in time was captured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The VolumeSnapshotContent bound to the VolumeSnapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_content_name: Option<String>,
+    /// The CSI snapshot ID (`snap-<uuid>`): what GetMetadataDelta and backup tools name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    /// Space the snapshot holds in its node's pool: the allocated bytes of its sealed layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<i64>,
+    /// While `Deleting`: how far the merge that removes the snapshot's layer is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
     /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]

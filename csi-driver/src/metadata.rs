@@ -203,6 +203,8 @@ impl SnapshotMetadata for NodeMetadata {
         let base = snapshot_id(&request.base_snapshot_id, "base_snapshot_id")?;
         let target = snapshot_id(&request.target_snapshot_id, "target_snapshot_id")?;
         let (start, page) = checked_request(request.starting_offset, request.max_results)?;
+        // The base may be a deleted snapshot: its tombstone answers while a later snapshot of
+        // the volume exists (docs/architecture.md). The relay finds this node by the target.
         // The whole list once per stream; every page is cut from it.
         let list = self
             .engine

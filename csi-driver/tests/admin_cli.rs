@@ -202,8 +202,18 @@ fn admin_cli_against_a_real_daemon() {
     let del = json(&env, &["delete-snapshot", &s1, "--wait"]);
     assert_eq!(del["deleted"], true);
     let snaps = json(&env, &["snapshots", &vol]);
-    assert_eq!(snaps.as_array().map(Vec::len), Some(2));
+    // The live ones, then s1's tombstone: it only answers as a delta's base.
+    assert_eq!(snaps.as_array().map(Vec::len), Some(3), "{snaps}");
     assert_ne!(snaps[0]["id"], s1.as_str());
+    assert_eq!(snaps[2]["id"], s1.as_str());
+    assert_eq!(snaps[2]["state"], "deleted");
+    assert_eq!(snaps[2]["until"], s2.as_str());
+    assert_eq!(
+        extents(&json(&env, &["delta", &s1, &s2])),
+        vec![(4 * MIB, 65536)],
+        "delta from the deleted s1"
+    );
+    fails(&env, &["allocated", &s1], 3, "not found");
     assert_eq!(
         extents(&json(&env, &["allocated", &s2])),
         vec![(0, MIB), (4 * MIB, 65536)]

@@ -105,8 +105,12 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
         all_pages(&e, None, &s2).await,
         clusters_of(p1.iter().chain(&p2).copied().chain([0]))
     );
+    // Deleted s1 left a tombstone: the delta from it is still exactly the
+    // writer's log after it (a backup tool's last base, issue 12).
+    let exp_d13 = clusters_of(p2.iter().chain(&p3).copied().chain([0]));
+    assert_eq!(all_pages(&e, Some(&s1), &s3).await, exp_d13);
     assert_eq!(
-        e.delta(&s1, &s3, 0, 10).await.map_err(|e| e.code()).err(),
+        e.allocated(&s1, 0, 10).await.map_err(|e| e.code()).err(),
         Some(ErrorCode::NotFound)
     );
 
@@ -144,6 +148,19 @@ async fn snapshots_merges_and_changed_blocks_with_a_live_writer() {
         all_pages(&e, Some(&s2), &s4).await
     );
     e.unexport_snapshot(&s4).await.expect("unexport s4");
+    // s1's tombstone is bounded by s2, which lives: it reaches s4 too. The
+    // latest (s3) had no later snapshot when deleted, so it left none.
+    assert_eq!(
+        all_pages(&e, Some(&s1), &s4).await,
+        livedisk_engine::extents::union([
+            exp_d12.as_slice(),
+            all_pages(&e, Some(&s2), &s4).await.as_slice()
+        ])
+    );
+    assert_eq!(
+        e.delta(&s3, &s4, 0, 10).await.map_err(|e| e.code()).err(),
+        Some(ErrorCode::NotFound)
+    );
 
     let bg_log = bg.stop().expect("bg writer");
     let fg_log = fg.into_log();

@@ -20,17 +20,17 @@ use crate::kinds::{LivediskKind, Reference};
 use crate::leader::Leadership;
 use crate::metrics::OperatorMetrics;
 use crate::observe::{self, Caches};
-use crate::{standard, status};
+use crate::status;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 pub struct Context {
-    client: Client,
-    recorder: Recorder,
-    caches: Caches,
+    pub(crate) client: Client,
+    pub(crate) recorder: Recorder,
+    pub(crate) caches: Caches,
     /// Checked before each reconcile: a replica that does not hold the Lease does nothing.
-    leadership: Leadership,
-    metrics: Arc<OperatorMetrics>,
+    pub(crate) leadership: Leadership,
+    pub(crate) metrics: Arc<OperatorMetrics>,
 }
 
 /// Runs the controllers of all kinds until the process is stopped (SIGTERM or SIGINT). `ready`
@@ -65,7 +65,7 @@ pub async fn run_all(
         metrics,
     });
     tokio::join!(
-        run::<DiskSnapshot>(context.clone()),
+        crate::snapshot::run(context.clone()),
         crate::merge::run(merges),
         run::<DiskMigration>(context.clone()),
         run::<DiskExport>(context),
@@ -159,7 +159,7 @@ where
 }
 
 /// The pipeline for one readable object: observe → decide → apply → status → Event.
-async fn reconcile_object<K>(object: &K, context: &Context) -> Result<Action, Error>
+pub(crate) async fn reconcile_object<K>(object: &K, context: &Context) -> Result<Action, Error>
 where
     K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + LivediskKind
@@ -181,16 +181,7 @@ where
         &object.references(),
     )
     .await?;
-    let work_state = match object.work() {
-        Some(work) if observation.ready_for_work() => {
-            let owner = object
-                .controller_owner_ref(&())
-                .ok_or_else(|| Error::InvalidObject(format!("{kind} {name} has no uid yet")))?;
-            Some(standard::ensure(&context.client, &namespace, &name, owner, &work).await?)
-        }
-        _ => None,
-    };
-    let decision = decide(&kind, &observation, work_state.as_ref());
+    let decision = decide(&kind, &observation, None);
     let current = serde_json::to_value(object).ok();
     let update = status::build(
         current.as_ref().and_then(|o| o.get("status")),

@@ -84,7 +84,7 @@ pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -
 }
 
 /// The status of a resource whose standard object exists, from that object's state.
-fn decide_work(state: &WorkState) -> Decision {
+pub(crate) fn decide_work(state: &WorkState) -> Decision {
     let mut fields = serde_json::Map::new();
     match state {
         WorkState::InProgress { object } => {

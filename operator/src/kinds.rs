@@ -1,9 +1,6 @@
 //! What each livedisk kind refers to, as data the pipeline can check.
 
-use livedisk_api::snapshot::DeletionPolicy;
 use livedisk_api::{DiskExport, DiskMerge, DiskMigration, DiskRestore, DiskSnapshot};
-
-use crate::standard::Work;
 
 /// An object a livedisk resource names and needs before any work can start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,10 +30,6 @@ pub trait LivediskKind {
     fn source_description(&self) -> Option<String> {
         None
     }
-    /// The standard object this resource turns into, where this version builds one.
-    fn work(&self) -> Option<Work> {
-        None
-    }
 }
 
 impl LivediskKind for DiskSnapshot {
@@ -64,19 +57,6 @@ impl LivediskKind for DiskSnapshot {
                     .virtual_machine_name
                     .as_ref()
                     .map(|n| format!("VirtualMachine/{n}"))
-            })
-    }
-
-    fn work(&self) -> Option<Work> {
-        // A VirtualMachine source becomes a VolumeGroupSnapshot: not built yet.
-        self.spec
-            .source
-            .persistent_volume_claim_name
-            .as_ref()
-            .map(|pvc| Work::VolumeSnapshot {
-                pvc: pvc.clone(),
-                class: self.spec.snapshot_class_name.clone(),
-                retain: self.spec.deletion_policy == DeletionPolicy::Retain,
             })
     }
 }

@@ -9,6 +9,7 @@ mod merge;
 mod metrics;
 mod observe;
 mod restore;
+mod snapshot;
 mod standard;
 mod startup;
 mod status;

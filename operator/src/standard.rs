@@ -2,23 +2,9 @@
 //! of the brief: standard objects first), and what that object reports back.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::DynamicObject;
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
-
-use crate::error::Error;
-
-/// What must exist in the cluster for a resource's work to happen.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Work {
-    /// A VolumeSnapshot of `pvc`, named like the DiskSnapshot, in the same namespace.
-    VolumeSnapshot {
-        pvc: String,
-        class: Option<String>,
-        retain: bool,
-    },
-}
 
 /// How far the standard object is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +23,7 @@ pub enum WorkState {
     },
 }
 
-fn volume_snapshots() -> ApiResource {
+pub fn volume_snapshots() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "snapshot.storage.k8s.io",
         "v1",
@@ -45,7 +31,7 @@ fn volume_snapshots() -> ApiResource {
     ))
 }
 
-fn volume_snapshot_contents() -> ApiResource {
+pub fn volume_snapshot_contents() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "snapshot.storage.k8s.io",
         "v1",
@@ -94,56 +80,6 @@ pub fn volume_snapshot_state(object: &DynamicObject) -> WorkState {
         };
     }
     WorkState::InProgress { object: name }
-}
-
-/// Creates the standard object if it does not exist yet, and reads how far it is.
-pub async fn ensure(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    owner: OwnerReference,
-    work: &Work,
-) -> Result<WorkState, Error> {
-    let Work::VolumeSnapshot { pvc, class, retain } = work;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), namespace, &volume_snapshots());
-    let apply_error = |cause| Error::Apply {
-        what: format!("VolumeSnapshot {namespace}/{name}"),
-        cause,
-    };
-    let existing = match api.get_opt(name).await.map_err(apply_error)? {
-        Some(object) => object,
-        None => {
-            let desired: DynamicObject =
-                serde_json::from_value(volume_snapshot(name, pvc, class.as_deref(), owner))
-                    .map_err(|source| Error::Build {
-                        what: format!("VolumeSnapshot {namespace}/{name}"),
-                        source,
-                    })?;
-            api.create(&PostParams::default(), &desired)
-                .await
-                .map_err(apply_error)?
-        }
-    };
-    let state = volume_snapshot_state(&existing);
-    // Retain is a property of the bound content: set it there, so that deleting the DiskSnapshot
-    // (and with it the VolumeSnapshot it owns) keeps the storage snapshot.
-    if *retain
-        && matches!(state, WorkState::Ready { .. })
-        && let Some(content) = existing.data["status"]["boundVolumeSnapshotContentName"].as_str()
-    {
-        let contents: Api<DynamicObject> =
-            Api::all_with(client.clone(), &volume_snapshot_contents());
-        let patch = json!({ "spec": { "deletionPolicy": "Retain" } });
-        contents
-            .patch(content, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|cause| Error::Apply {
-                what: format!("VolumeSnapshotContent {content}"),
-                cause,
-            })?;
-    }
-    Ok(state)
 }
 
 #[cfg(test)]

@@ -42,8 +42,9 @@ pub fn build(
     if let Some(source) = &source {
         changed |= field("source").as_ref().and_then(Value::as_str) != Some(source.as_str());
     }
+    // A null field clears it (merge patch): absent already counts as equal.
     for (key, value) in &decision.fields {
-        changed |= field(key).as_ref() != Some(value);
+        changed |= field(key).unwrap_or(Value::Null) != *value;
     }
     let new_reason = livedisk_api::conditions::find(&conditions, READY).map(|c| c.reason.clone());
     let mut status = json!({

@@ -20,7 +20,9 @@ pub use node::{LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use restore::{
     LivediskRestore, LivediskRestoreSpec, LivediskRestoreStatus, RestorePhase, RestoreWait,
 };
-pub use snapshot::{LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus};
+pub use snapshot::{
+    LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus, VolumeSnapshotReference,
+};
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 
 pub use livedisk_common::ids::{SNAPSHOT_ID_PATTERN, VOLUME_ID_PATTERN};

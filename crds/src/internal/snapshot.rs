@@ -5,6 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::{NodeError, NodePhase};
+use crate::common::Progress;
 use crate::schema;
 
 /// A livedisk snapshot: declared by the CSI controller, taken by the node plugin of
@@ -24,6 +25,8 @@ use crate::schema;
     printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volumeId"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Ready","type":"boolean","jsonPath":".status.readyToUse"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"integer","priority":1,"jsonPath":".status.progress.percent"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new(super::SNAPSHOT_NAME_RULE).message("the name must be a snapshot ID: snap-<lowercase uuid>"),
     validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable").reason(Reason::FieldValueForbidden)
@@ -41,6 +44,30 @@ pub struct LivediskSnapshotSpec {
     /// The name the CSI CreateSnapshot call used: repeated calls find this object.
     #[schemars(length(min = 1, max = 253))]
     pub csi_name: String,
+    /// Rate limit, in bytes per second, of the merge that deleting this snapshot starts; empty:
+    /// unlimited. Captured at CreateSnapshot from the VolumeSnapshotClass parameters, because
+    /// DeleteSnapshot carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub merge_bandwidth_bytes_per_second: Option<i64>,
+    /// The VolumeSnapshot the snapshot was taken for (from the CSI sidecar's extra metadata):
+    /// the CSI controller publishes the progress of its deletion there as Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<VolumeSnapshotReference>,
+}
+
+/// A VolumeSnapshot, as CreateSnapshot learnt it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotReference {
+    #[schemars(schema_with = "schema::object_name")]
+    pub namespace: String,
+    #[schemars(schema_with = "schema::object_name")]
+    pub name: String,
+    /// Its UID, where the snapshot's CSI name carries it (csi-snapshotter names a snapshot
+    /// `snapshot-<VolumeSnapshot UID>`): `kubectl describe` matches Events by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// What the node reports about the snapshot.
@@ -62,6 +89,13 @@ pub struct LivediskSnapshotStatus {
     /// The point in time captured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_time: Option<Time>,
+    /// Space the snapshot holds in the pool: the allocated bytes of its sealed layer (refreshed
+    /// at most every few minutes; a merge into it makes it grow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<i64>,
+    /// While `Deleting`: how far the merge that removes the snapshot's layer is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
     /// Why the node could not take or delete it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<NodeError>,

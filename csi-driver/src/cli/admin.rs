@@ -79,7 +79,8 @@ pub async fn run(a: &AdminArgs) -> Result<Out> {
         }
         AdminCmd::Delta { base, target, page } => {
             let rec = locate(&store, target)?;
-            if rec.snapshot(base).is_none() {
+            // A deleted base answers while its tombstone lasts, as in the engine.
+            if rec.snapshot(base).is_none() && rec.tombstone(base).is_none() {
                 let other = locate(&store, base)?;
                 return Err(EngineError::InvalidArgument(format!(
                     "base snapshot {base} belongs to volume {}, not to {}",

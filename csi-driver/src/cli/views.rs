@@ -4,7 +4,9 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use livedisk_engine::record::{ExportTarget, InFlight, SnapshotState, VolumeRecord};
-use livedisk_engine::{ExportInfo, ExtentPage, JobInfo, SnapshotId, SnapshotInfo, VolumeInfo};
+use livedisk_engine::{
+    ExportInfo, Extent, ExtentPage, JobInfo, SnapshotId, SnapshotInfo, VolumeInfo,
+};
 use serde_json::{Value, json};
 
 use super::size::format_size;
@@ -137,25 +139,42 @@ fn snap_state(s: SnapshotState) -> &'static str {
     }
 }
 
+fn extent_summary(list: &[Extent]) -> String {
+    let bytes: u64 = list.iter().map(|e| e.length).sum();
+    format!("{} in {} extents", format_size(bytes), list.len())
+}
+
+/// Snapshots, then the deleted ones whose tombstones still answer as the
+/// base of a delta (state `deleted`; their CHANGED is what was written
+/// after them up to the live snapshot named): an admin sees why a deleted
+/// ID still answers, and until when.
 pub fn snapshots(rec: &VolumeRecord) -> Out {
-    let rows = rec
+    let created = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    let mut rows = rec
         .snapshots
         .iter()
         .map(|s| {
-            let changed = s.changed.as_ref().map_or("not captured".into(), |c| {
-                let bytes: u64 = c.iter().map(|e| e.length).sum();
-                format!("{} in {} extents", format_size(bytes), c.len())
-            });
             vec![
                 s.id.to_string(),
-                s.created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                created(&s.created),
                 format_size(s.size),
                 snap_state(s.state).into(),
-                changed,
+                s.changed
+                    .as_deref()
+                    .map_or("not captured".into(), extent_summary),
             ]
         })
         .collect::<Vec<_>>();
-    let json = rec
+    rows.extend(rec.tombstones.iter().map(|t| {
+        vec![
+            t.id.to_string(),
+            created(&t.created),
+            "-".into(),
+            "deleted".into(),
+            format!("{} up to {}", extent_summary(&t.changed), t.before),
+        ]
+    }));
+    let mut json: Vec<Value> = rec
         .snapshots
         .iter()
         .map(|s| {
@@ -169,9 +188,19 @@ pub fn snapshots(rec: &VolumeRecord) -> Out {
             })
         })
         .collect();
+    json.extend(rec.tombstones.iter().map(|t| {
+        json!({
+            "id": t.id, "volume": rec.id, "created": t.created, "state": "deleted",
+            // Only a delta's base: its changes up to this live snapshot.
+            "until": t.before,
+            "changedExtents": t.changed.len(),
+            "changedBytes": t.changed.iter().map(|e| e.length).sum::<u64>(),
+        })
+    }));
+    let json = Value::Array(json);
     Out {
         text: render(&["SNAPSHOT", "CREATED", "SIZE", "STATE", "CHANGED"], &rows),
-        json: Value::Array(json),
+        json,
     }
 }
 
@@ -353,7 +382,7 @@ pub fn message(msg: String, json: Value) -> Out {
 mod tests {
     use super::*;
     use livedisk_engine::record::{Layer, SnapshotRecord};
-    use livedisk_engine::{Extent, SnapshotId, VolumeId};
+    use livedisk_engine::{SnapshotId, VolumeId};
 
     fn rec() -> VolumeRecord {
         let mut r = VolumeRecord::new(VolumeId::generate(), 1 << 30);
@@ -419,6 +448,28 @@ mod tests {
         let o = snapshots(&rec());
         assert!(o.text.contains("64KiB in 1 extents"));
         assert_eq!(o.json[0]["changedBytes"], 65536);
+    }
+
+    #[test]
+    fn snapshots_list_tombstones_as_deleted_after_the_live_ones() {
+        let mut r = rec();
+        let (gone, live) = (SnapshotId::generate(), r.snapshots[0].id.clone());
+        r.tombstones.push(livedisk_engine::record::Tombstone {
+            id: gone.clone(),
+            created: chrono::Utc::now(),
+            before: live.clone(),
+            changed: vec![Extent {
+                offset: 0,
+                length: 131072,
+            }],
+        });
+        let o = snapshots(&r);
+        let last = o.text.lines().last().unwrap_or_default();
+        assert!(last.starts_with(gone.as_str()) && last.contains("deleted"));
+        assert!(last.contains(&format!("128KiB in 1 extents up to {live}")));
+        assert_eq!(o.json[1]["state"], "deleted");
+        assert_eq!(o.json[1]["until"], live.as_str());
+        assert_eq!(o.json[0]["state"], "ready");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{
     ContentSource, LivediskNode, LivediskSnapshot, LivediskSnapshotSpec, LivediskVolume,
@@ -18,6 +19,7 @@ use livedisk_csi_proto::csi::v1::volume_content_source::{self, SnapshotSource, V
 use livedisk_csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
+use super::deletion_events;
 use super::wait::{self, Poll};
 use crate::grpc::error::CsiError;
 use crate::grpc::inflight::{Guard, InFlight};
@@ -29,6 +31,8 @@ type Reply<T> = Result<Response<T>, Status>;
 
 pub struct ControllerService {
     client: Client,
+    /// Events of snapshot deletions on their VolumeSnapshots (see `deletion_events`).
+    recorder: Recorder,
     /// How long one call waits for a node before answering DEADLINE_EXCEEDED (the sidecars retry).
     timeout: Duration,
     /// Names and IDs with a call in progress: a second call on the same one gets ABORTED.
@@ -37,7 +41,12 @@ pub struct ControllerService {
 
 impl ControllerService {
     pub fn new(client: Client, timeout: Duration) -> Self {
+        let reporter = Reporter {
+            controller: "livedisk-csi-controller".into(),
+            instance: None,
+        };
         Self {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             timeout,
             in_flight: InFlight::default(),
@@ -178,6 +187,39 @@ impl ControllerService {
             (Err(CsiError::Timeout(_)), Some(error)) => Err(CsiError::Node(error)),
             (result, _) => result,
         }
+    }
+
+    /// Deletes a snapshot and waits for the node to merge its layer away, publishing the
+    /// deletion's progress as Events on the VolumeSnapshot it was taken for (when known): when it
+    /// starts (once, not on a retried call), at each quarter, and when it is done.
+    async fn delete_snapshot_with_events(&self, id: &str) -> Result<(), CsiError> {
+        let snapshot = match SnapshotId::parse(id) {
+            Ok(_) => self.snapshots().get_opt(id).await?,
+            Err(_) => None,
+        };
+        let Some((snapshot, subject)) =
+            snapshot.and_then(|s| deletion_events::subject(&s).map(|subject| (s, subject)))
+        else {
+            return self.delete_and_wait(self.snapshots(), id).await;
+        };
+        if snapshot.metadata.deletion_timestamp.is_none() {
+            let note = deletion_events::started_note(&snapshot);
+            deletion_events::publish(&self.recorder, &subject, deletion_events::MERGING, note)
+                .await;
+        }
+        let snapshots = self.snapshots();
+        let progress = deletion_events::follow(&self.recorder, &subject, &snapshots, id);
+        let deletion = self.delete_and_wait(self.snapshots(), id);
+        tokio::pin!(deletion);
+        let result = tokio::select! {
+            result = &mut deletion => result,
+            () = progress => deletion.await,
+        };
+        if result.is_ok() {
+            let note = format!("snapshot {id} deleted: its layer is merged away");
+            deletion_events::publish(&self.recorder, &subject, deletion_events::MERGED, note).await;
+        }
+        result
     }
 
     async fn create_volume_impl(
@@ -333,6 +375,7 @@ impl ControllerService {
                 "source_volume_id must not be empty".into(),
             ));
         }
+        let merge_bandwidth = request::snapshot_merge_bandwidth(&request.parameters)?;
         let id = snapshot_id_for(&request.name);
         let _guard = self.begin(&request.source_volume_id)?;
         if let Some(existing) = self.snapshots().get_opt(id.as_str()).await? {
@@ -353,6 +396,8 @@ impl ControllerService {
                     node_name: volume.spec.node_name.clone(),
                     volume_id: request.source_volume_id.clone(),
                     csi_name: request.name.clone(),
+                    merge_bandwidth_bytes_per_second: merge_bandwidth,
+                    volume_snapshot: request::snapshot_origin(&request.name, &request.parameters),
                 },
                 status: None,
             };
@@ -684,7 +729,7 @@ impl Controller for ControllerService {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
         let _guard = self.begin(&id)?;
-        self.delete_and_wait(self.snapshots(), &id).await?;
+        self.delete_snapshot_with_events(&id).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 

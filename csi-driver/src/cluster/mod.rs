@@ -2,4 +2,5 @@
 //! and `LivediskSnapshot` objects for a chosen node and answers from their status.
 
 pub mod controller;
+pub mod deletion_events;
 pub mod wait;

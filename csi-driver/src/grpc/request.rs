@@ -4,7 +4,19 @@ use livedisk_csi_proto::csi::v1::volume_capability::AccessType;
 use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::{CapacityRange, VolumeCapability};
 
+use livedisk_api::internal::VolumeSnapshotReference;
+
 use super::error::CsiError;
+
+/// The VolumeSnapshotClass parameter that limits the speed of the merge deleting the snapshot
+/// starts, as a quantity of bytes per second (`50Mi`).
+pub const MERGE_BANDWIDTH_PARAMETER: &str = "mergeBandwidthLimit";
+/// Parameters the CSI sidecars add or reserve (`csi.storage.k8s.io/...`): never livedisk's.
+const SIDECAR_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+/// The VolumeSnapshot a CreateSnapshot is for, as csi-snapshotter's `--extra-create-metadata`
+/// passes it.
+const VOLUME_SNAPSHOT_NAME_PARAMETER: &str = "csi.storage.k8s.io/volumesnapshot/name";
+const VOLUME_SNAPSHOT_NAMESPACE_PARAMETER: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_CAPACITY: i64 = 1 << 30;
@@ -100,6 +112,56 @@ pub fn capability(capability: &VolumeCapability) -> Result<(), CsiError> {
     }
 }
 
+/// Pure: the deletion merge rate limit a CreateSnapshot's parameters ask for (`None`:
+/// unlimited). A parameter livedisk does not know, or a limit that is not a positive quantity,
+/// is refused: a typo must not silently mean "full speed".
+pub fn snapshot_merge_bandwidth(
+    parameters: &std::collections::HashMap<String, String>,
+) -> Result<Option<i64>, CsiError> {
+    let mut limit = None;
+    for (key, value) in parameters {
+        if key.starts_with(SIDECAR_PARAMETER_PREFIX) {
+            continue;
+        }
+        if key != MERGE_BANDWIDTH_PARAMETER {
+            return Err(CsiError::InvalidArgument(format!(
+                "unknown snapshot parameter {key:?}: livedisk knows only {MERGE_BANDWIDTH_PARAMETER:?}"
+            )));
+        }
+        match livedisk_common::quantity::bytes(value) {
+            Some(bytes) if bytes > 0 => limit = Some(bytes),
+            _ => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "snapshot parameter {MERGE_BANDWIDTH_PARAMETER}={value:?} is not a positive quantity of bytes per second (for example 50Mi)"
+                )));
+            }
+        }
+    }
+    Ok(limit)
+}
+
+/// Pure: the VolumeSnapshot a CreateSnapshot is for, when the sidecar said; its UID when the
+/// CSI name is csi-snapshotter's `snapshot-<UID>`.
+pub fn snapshot_origin(
+    name: &str,
+    parameters: &std::collections::HashMap<String, String>,
+) -> Option<VolumeSnapshotReference> {
+    let vs_name = parameters.get(VOLUME_SNAPSHOT_NAME_PARAMETER)?;
+    let namespace = parameters.get(VOLUME_SNAPSHOT_NAMESPACE_PARAMETER)?;
+    if vs_name.is_empty() || namespace.is_empty() {
+        return None;
+    }
+    let uid = name
+        .strip_prefix("snapshot-")
+        .filter(|u| uuid::Uuid::parse_str(u).is_ok())
+        .map(str::to_string);
+    Some(VolumeSnapshotReference {
+        namespace: namespace.clone(),
+        name: vs_name.clone(),
+        uid,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +222,50 @@ mod tests {
         let mut no_type = cap(Mode::SingleNodeWriter, true);
         no_type.access_type = None;
         assert!(capabilities(&[no_type]).is_err());
+    }
+
+    #[test]
+    fn the_merge_rate_limit_comes_from_its_parameter_only() {
+        let params = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(snapshot_merge_bandwidth(&params(&[])).ok(), Some(None));
+        assert_eq!(
+            snapshot_merge_bandwidth(&params(&[
+                ("mergeBandwidthLimit", "2Mi"),
+                ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+            ]))
+            .ok(),
+            Some(Some(2 << 20))
+        );
+        let metadata = params(&[
+            ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+            ("csi.storage.k8s.io/volumesnapshot/namespace", "ns"),
+        ]);
+        let uid = "0b6f1c1e-7a57-4e0e-9c55-6d1d2c7e9a10";
+        let origin = snapshot_origin(&format!("snapshot-{uid}"), &metadata).expect("origin");
+        assert_eq!(
+            (origin.namespace.as_str(), origin.name.as_str()),
+            ("ns", "s")
+        );
+        assert_eq!(origin.uid.as_deref(), Some(uid));
+        assert_eq!(snapshot_origin("mine", &metadata).and_then(|o| o.uid), None);
+        assert!(snapshot_origin("mine", &params(&[])).is_none());
+        for bad in [
+            params(&[("mergeBandwidthLimt", "2Mi")]),
+            params(&[("mergeBandwidthLimit", "0")]),
+            params(&[("mergeBandwidthLimit", "fast")]),
+        ] {
+            assert!(
+                matches!(
+                    snapshot_merge_bandwidth(&bad),
+                    Err(CsiError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

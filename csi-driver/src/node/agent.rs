@@ -724,7 +724,7 @@ async fn apply_snapshot(
     let name = snapshot.name_any();
     let id = snapshot_id(snapshot)?;
     let previous = snapshot.status.as_ref();
-    if previous.is_some_and(|s| s.phase == NodePhase::Ready || s.phase == NodePhase::Failed) {
+    if previous.is_some_and(|s| s.phase == NodePhase::Failed) {
         return Ok(Action::await_change());
     }
     let status = |report: SnapshotReport| {
@@ -735,6 +735,9 @@ async fn apply_snapshot(
             Timestamp::now(),
         )
     };
+    if let Some(ready) = previous.filter(|s| s.phase == NodePhase::Ready) {
+        return refresh_space(api, agent, &name, &id, ready, status).await;
+    }
     let volume = VolumeId::parse(&snapshot.spec.volume_id)
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
     let taken = match agent.engine.snapshot(&id) {
@@ -757,10 +760,12 @@ async fn apply_snapshot(
                 creation_time: Timestamp::from_second(info.created.timestamp())
                     .ok()
                     .map(Time),
+                allocated_bytes: allocated_bytes(agent, &id),
+                progress: None,
                 error: None,
             };
             apply_status(api, &name, &status(report)).await?;
-            Ok(Action::await_change())
+            Ok(Action::requeue(SPACE_REFRESH))
         }
         Err(error) => {
             let error = node_error(&error);
@@ -770,6 +775,8 @@ async fn apply_snapshot(
                 ready_to_use: false,
                 size_bytes: None,
                 creation_time: None,
+                allocated_bytes: None,
+                progress: None,
                 error: Some(error.clone()),
             };
             apply_status(api, &name, &status(report)).await?;
@@ -778,19 +785,65 @@ async fn apply_snapshot(
     }
 }
 
+/// How often a ready snapshot's held space is looked at again: a sealed layer only grows when a
+/// merge (deleting the snapshot before it) commits into it.
+const SPACE_REFRESH: Duration = Duration::from_secs(300);
+
+/// The space a snapshot's layer holds, if the engine can tell (an error is logged: the number is
+/// informative, never a reason to fail the snapshot).
+fn allocated_bytes(agent: &Agent, id: &SnapshotId) -> Option<i64> {
+    match agent.engine.snapshot_allocated_bytes(id) {
+        Ok(bytes) => Some(bytes as i64),
+        Err(error) => {
+            tracing::warn!(snapshot = %id, %error, "could not read the space the snapshot holds");
+            None
+        }
+    }
+}
+
+/// A ready snapshot: reports the space its layer holds when that changed.
+async fn refresh_space(
+    api: &Api<LivediskSnapshot>,
+    agent: &Agent,
+    name: &str,
+    id: &SnapshotId,
+    ready: &livedisk_api::internal::LivediskSnapshotStatus,
+    status: impl Fn(SnapshotReport) -> livedisk_api::internal::LivediskSnapshotStatus,
+) -> Result<Action, CsiError> {
+    let held = allocated_bytes(agent, id);
+    if held.is_some() && held != ready.allocated_bytes {
+        let report = SnapshotReport {
+            phase: NodePhase::Ready,
+            ready_to_use: ready.ready_to_use,
+            size_bytes: ready.size_bytes,
+            creation_time: ready.creation_time.clone(),
+            allocated_bytes: held,
+            progress: None,
+            error: None,
+        };
+        apply_status(api, name, &status(report)).await?;
+    }
+    Ok(Action::requeue(SPACE_REFRESH))
+}
+
+/// Deletes the snapshot's storage: the engine merges its layer away at the rate limit captured
+/// at CreateSnapshot, and the status shows the merge's progress while it runs.
 async fn cleanup_snapshot(
     api: &Api<LivediskSnapshot>,
     agent: &Agent,
     snapshot: &LivediskSnapshot,
 ) -> Result<Action, CsiError> {
+    let name = snapshot.name_any();
     let id = snapshot_id(snapshot)?;
     let previous = snapshot.status.as_ref();
-    let deleting = |error| {
+    let deleting = |error, progress| {
         let report = SnapshotReport {
             phase: NodePhase::Deleting,
             ready_to_use: false,
             size_bytes: previous.and_then(|s| s.size_bytes),
             creation_time: previous.and_then(|s| s.creation_time.clone()),
+            allocated_bytes: previous.and_then(|s| s.allocated_bytes),
+            progress,
             error,
         };
         report::snapshot_status(
@@ -801,19 +854,74 @@ async fn cleanup_snapshot(
         )
     };
     let reported = previous.is_some_and(|s| s.phase == NodePhase::Deleting);
+    let speed = snapshot
+        .spec
+        .merge_bandwidth_bytes_per_second
+        .filter(|b| *b > 0)
+        .map(|b| b as u64);
+    let deletion = agent.metrics.track(
+        OperationKind::DeleteSnapshot,
+        agent.engine.delete_snapshot(&id, speed),
+    );
+    let progress = report_deletion_progress(api, agent, &name, &id, |p| deleting(None, Some(p)));
     release(
         api,
         snapshot,
         reported,
-        deleting,
-        agent.metrics.track(
-            OperationKind::DeleteSnapshot,
-            agent.engine.delete_snapshot(&id, None),
-        ),
+        |error| deleting(error, None),
+        while_reporting(deletion, progress),
     )
     .await?;
     tracing::info!(snapshot = %id, "snapshot deleted");
     Ok(Action::await_change())
+}
+
+/// Runs `work` to its end while `report` runs beside it (`report` never ends by itself).
+async fn while_reporting<T>(work: impl Future<Output = T>, report: impl Future<Output = ()>) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => out,
+        () = report => work.await,
+    }
+}
+
+/// Reports the progress of the merge job deleting `id`, at most every [`PROGRESS_INTERVAL`],
+/// until dropped. A failed write is logged and tried again next time: the deletion goes on.
+async fn report_deletion_progress(
+    api: &Api<LivediskSnapshot>,
+    agent: &Agent,
+    name: &str,
+    id: &SnapshotId,
+    status: impl Fn(Progress) -> livedisk_api::internal::LivediskSnapshotStatus,
+) {
+    let job = Engine::merge_job_id(id);
+    let mut sample = None;
+    let mut rate = None;
+    let mut reported = None;
+    loop {
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        let jobs = agent.engine.jobs().await.unwrap_or_default();
+        let Some(info) = jobs.iter().find(|j| j.id == job) else {
+            continue;
+        };
+        let now = (std::time::Instant::now(), info.current_progress);
+        rate = merge_work::rate(sample, now).or(rate);
+        sample = Some(now);
+        let progress = Progress::new(
+            info.current_progress as i64,
+            info.total_progress as i64,
+            rate.map(|r| r as i64),
+        );
+        if reported.as_ref() == Some(&progress) {
+            continue;
+        }
+        match apply_status(api, name, &status(progress.clone())).await {
+            Ok(()) => reported = Some(progress),
+            Err(error) => {
+                tracing::warn!(snapshot = %id, %error, "could not report the deletion's progress")
+            }
+        }
+    }
 }
 
 /// The deletion half shared by volumes and snapshots, run while the node's finalizer holds the

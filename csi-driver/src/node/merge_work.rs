@@ -172,7 +172,7 @@ impl RunState {
 }
 
 /// Pure: bytes per second between two samples (none over less than a tenth of a second).
-fn rate(previous: Option<(Instant, u64)>, now: (Instant, u64)) -> Option<u64> {
+pub fn rate(previous: Option<(Instant, u64)>, now: (Instant, u64)) -> Option<u64> {
     let (then, before) = previous?;
     let elapsed = now.0.checked_duration_since(then)?.as_secs_f64();
     (elapsed >= 0.1).then(|| (now.1.saturating_sub(before) as f64 / elapsed) as u64)

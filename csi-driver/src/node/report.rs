@@ -51,6 +51,10 @@ pub struct SnapshotReport {
     pub ready_to_use: bool,
     pub size_bytes: Option<i64>,
     pub creation_time: Option<Time>,
+    /// Bytes the snapshot's layer takes in the pool.
+    pub allocated_bytes: Option<i64>,
+    /// How far the deletion merge is, while `Deleting`.
+    pub progress: Option<Progress>,
     pub error: Option<NodeError>,
 }
 
@@ -107,6 +111,8 @@ pub fn snapshot_status(
         ready_to_use: report.ready_to_use,
         size_bytes: report.size_bytes,
         creation_time: report.creation_time,
+        allocated_bytes: report.allocated_bytes,
+        progress: report.progress,
         error: report.error,
         conditions,
     }
@@ -324,6 +330,8 @@ mod tests {
                 ready_to_use: false,
                 size_bytes: None,
                 creation_time: None,
+                allocated_bytes: None,
+                progress: None,
                 error: Some(error(ErrorCode::NotFound)),
             },
             at(10),

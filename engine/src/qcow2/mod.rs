@@ -25,6 +25,8 @@ pub mod record;
 pub mod recover;
 mod revert;
 mod snapshot;
+mod space;
+pub mod tombstone;
 mod types;
 mod volume;
 mod writeback;

@@ -5,6 +5,7 @@
 use super::record::{
     Layer, MergeMode, PendingRevert, PendingSnapshot, SnapshotRecord, SnapshotState, VolumeRecord,
 };
+use super::tombstone;
 use crate::extents::{self, Extent};
 use livedisk_common::ids::SnapshotId;
 
@@ -148,10 +149,12 @@ pub fn touches(plan: &DeletePlan, seq: u64) -> bool {
 /// The record after `plan` for deleting `snap` has been carried out.
 ///
 /// The deleted snapshot's extent record is folded into the next snapshot's:
-/// the merged layer now holds both sets of writes, and no query can start or
-/// end at a deleted snapshot, so their union is exactly what a delta across
-/// it needs. If no later snapshot exists the writes live on in the active
-/// layer and will be in the next snapshot's record when it seals.
+/// the merged layer now holds both sets of writes, so their union is exactly
+/// what a delta across it needs. A delta *from* the deleted snapshot needs
+/// the next snapshot's own record as it was: that is kept in a tombstone
+/// (see [`tombstone::after_delete`]). If no later snapshot exists the writes
+/// live on in the active layer and will be in the next snapshot's record
+/// when it seals.
 pub fn apply_delete(
     rec: &VolumeRecord,
     snap: &SnapshotId,
@@ -162,6 +165,7 @@ pub fn apply_delete(
         .snapshot_index(snap)
         .ok_or_else(|| PlanError::SnapshotNotFound(snap.clone()))?;
     let removed = out.snapshots.remove(si);
+    out.tombstones = tombstone::after_delete(&out.tombstones, &removed, out.snapshots.get(si));
     if let Some(next) = out.snapshots.get_mut(si) {
         next.changed = match (&removed.changed, &next.changed) {
             (Some(a), Some(b)) => Some(extents::union([a.as_slice(), b.as_slice()])),
@@ -218,6 +222,9 @@ pub fn seal(rec: &VolumeRecord, p: &PendingSnapshot) -> Result<VolumeRecord, Pla
         sealed_by: None,
     });
     out.next_layer_seq = out.next_layer_seq.max(p.overlay + 1);
+    // A live snapshot owns its ID: a tombstone of the same ID (an ID
+    // reused after deletion) would answer for another point in time.
+    out.tombstones.retain(|t| t.id != p.snapshot);
     out.snapshots.push(SnapshotRecord {
         id: p.snapshot.clone(),
         created: p.created,
@@ -346,18 +353,35 @@ pub fn allocated(rec: &VolumeRecord, target: &SnapshotId) -> Result<Vec<Extent>,
 }
 
 /// Clusters changed after `base` up to and including `target`.
+///
+/// `base` may be a snapshot being deleted (its merge changes layers, never
+/// the extent records, which change in one save when it is gone) or a
+/// deleted snapshot's tombstone: a backup tool asks from the snapshot it
+/// backed up last, and deletes that snapshot when the next one is taken.
+/// `target` must be a live, ready snapshot.
 pub fn delta(
     rec: &VolumeRecord,
     base: &SnapshotId,
     target: &SnapshotId,
 ) -> Result<Vec<Extent>, PlanError> {
-    let i = ready_index(rec, base)?;
     let j = ready_index(rec, target)?;
+    let not_older = || PlanError::NotOlder {
+        base: base.clone(),
+        target: target.clone(),
+    };
+    if let Some(t) = rec.tombstone(base) {
+        let b = tombstone::boundary(rec, t)?;
+        if b > j {
+            return Err(not_older());
+        }
+        let after = union_range(rec, b + 1..j + 1)?;
+        return Ok(extents::union([t.changed.as_slice(), after.as_slice()]));
+    }
+    let i = rec
+        .snapshot_index(base)
+        .ok_or_else(|| PlanError::SnapshotNotFound(base.clone()))?;
     if i >= j {
-        return Err(PlanError::NotOlder {
-            base: base.clone(),
-            target: target.clone(),
-        });
+        return Err(not_older());
     }
     union_range(rec, i + 1..j + 1)
 }
@@ -802,9 +826,18 @@ mod tests {
             delta(&r, &other, &ids[0]),
             Err(PlanError::SnapshotNotFound(_))
         ));
+        // A base being deleted still answers: its merge moves data between
+        // layers, the extent records change only when it is gone.
         r.snapshots[0].state = SnapshotState::Deleting;
+        assert_eq!(delta(&r, &ids[0], &ids[1]).unwrap(), vec![x(65536, 65536)]);
+        // A target being deleted does not: it is no point in time any more.
         assert!(matches!(
-            delta(&r, &ids[0], &ids[1]),
+            delta(&r, &ids[1], &ids[0]),
+            Err(PlanError::SnapshotDeleting(_))
+        ));
+        r.snapshots[2].state = SnapshotState::Deleting;
+        assert!(matches!(
+            delta(&r, &ids[1], &ids[2]),
             Err(PlanError::SnapshotDeleting(_))
         ));
     }

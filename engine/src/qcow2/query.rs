@@ -51,14 +51,16 @@ impl Engine {
     }
 
     /// The whole list of extents changed after `base` up to `target` of the
-    /// volume `rec`; a base of another volume is named in the error.
+    /// volume `rec`; a base of another volume is named in the error. The
+    /// base may be a deleted snapshot that left a tombstone in `rec` (see
+    /// `record::Tombstone`); nothing else answers for a deleted one.
     pub(super) fn delta_list(
         &self,
         rec: &VolumeRecord,
         base: &SnapshotId,
         target: &SnapshotId,
     ) -> Result<Vec<Extent>> {
-        if rec.snapshot(base).is_none() {
+        if rec.snapshot(base).is_none() && rec.tombstone(base).is_none() {
             return Err(match self.locate(base) {
                 Ok(other) => EngineError::InvalidArgument(format!(
                     "base snapshot {base} belongs to volume {}, not to {}",

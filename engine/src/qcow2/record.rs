@@ -182,6 +182,30 @@ pub struct PendingRevert {
     pub built: bool,
 }
 
+/// A deleted snapshot kept as a boundary in the volume's sequence of
+/// extent records, so that a changed-block query from it stays exact: a
+/// backup tool keeps only the ID of the snapshot it backed up last, deletes
+/// that snapshot, and asks for the changes since it at the next backup.
+///
+/// Deleting a snapshot folds its extent record into the next live
+/// snapshot's (`before`), which then no longer tells the writes after the
+/// deleted snapshot apart from those before it; `changed` keeps exactly the
+/// writes after it up to `before`. A tombstone only ever serves as the base
+/// of a delta: every other use of the ID finds no snapshot. It lives as long
+/// as a later snapshot does (see `plan::apply_delete`) and goes with the
+/// record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub id: SnapshotId,
+    /// When the deleted snapshot was taken (for views only).
+    pub created: DateTime<Utc>,
+    /// The oldest live snapshot taken after the deleted one: the position
+    /// of the boundary in `VolumeRecord::snapshots`.
+    pub before: SnapshotId,
+    /// Clusters written after the deleted snapshot up to `before`.
+    pub changed: Vec<Extent>,
+}
+
 /// Where a clone's bottom layer gets its backing while it is not flattened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloneSource {
@@ -251,6 +275,11 @@ pub struct VolumeRecord {
     /// layers) that no later snapshot exists to take them yet.
     #[serde(default)]
     pub inherited: Vec<Extent>,
+    /// Deleted snapshots that still answer as the base of a delta (see
+    /// [`Tombstone`]), oldest first. Absent in records written before
+    /// tombstones existed, which load with none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tombstones: Vec<Tombstone>,
 }
 
 impl VolumeRecord {
@@ -274,6 +303,7 @@ impl VolumeRecord {
             clone_of: None,
             cloned_from: None,
             inherited: vec![],
+            tombstones: vec![],
         }
     }
 
@@ -297,6 +327,11 @@ impl VolumeRecord {
 
     pub fn snapshot(&self, id: &SnapshotId) -> Option<&SnapshotRecord> {
         self.snapshots.iter().find(|s| &s.id == id)
+    }
+
+    /// The tombstone a deleted snapshot left, if it still answers.
+    pub fn tombstone(&self, id: &SnapshotId) -> Option<&Tombstone> {
+        self.tombstones.iter().find(|t| &t.id == id)
     }
 
     pub fn snapshot_index(&self, id: &SnapshotId) -> Option<usize> {
@@ -582,6 +617,39 @@ mod tests {
         assert!(rec.node_name(12345).len() <= 31);
         store.remove(&id).unwrap();
         assert!(store.list().unwrap().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_without_tombstones_load_and_tombstones_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ld-rec-{}", uuid::Uuid::new_v4()));
+        let store = RecordStore::new(&dir);
+        let mut rec = VolumeRecord::new(VolumeId::generate(), 1 << 30);
+        // A record as written before tombstones existed has no such field.
+        let mut old = serde_json::to_value(&rec).unwrap();
+        assert!(old.get("tombstones").is_none(), "none: nothing written");
+        old.as_object_mut().unwrap().remove("tombstones");
+        fs::create_dir_all(store.volume_dir(&rec.id)).unwrap();
+        fs::write(
+            store.volume_dir(&rec.id).join(RECORD_FILE),
+            serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(store.load(&rec.id).unwrap().unwrap(), rec);
+        let (gone, next) = (SnapshotId::generate(), SnapshotId::generate());
+        rec.tombstones.push(Tombstone {
+            id: gone.clone(),
+            created: Utc::now(),
+            before: next,
+            changed: vec![Extent {
+                offset: 65536,
+                length: 65536,
+            }],
+        });
+        store.save(&rec).unwrap();
+        let back = store.load(&rec.id).unwrap().unwrap();
+        assert_eq!(back, rec);
+        assert!(back.tombstone(&gone).is_some() && back.snapshot(&gone).is_none());
         fs::remove_dir_all(&dir).unwrap();
     }
 

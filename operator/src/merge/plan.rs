@@ -250,31 +250,10 @@ fn display(c: &Content) -> String {
     }
 }
 
-/// Pure: a bandwidth quantity (`200Mi`, `1G`, `500000`) in bytes per second. The CRD's CEL rule
-/// admits only quantities; fractions of a byte round down. Written here because the crates that
-/// parse Kubernetes quantities pull in far more than these dozen lines.
+/// Pure: a bandwidth quantity (`200Mi`, `1G`, `500000`) in bytes per second (see
+/// [`livedisk_common::quantity::bytes`]).
 pub fn bandwidth_bytes(quantity: &str) -> Option<i64> {
-    let q = quantity.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let value: f64 = number.parse().ok()?;
-    let factor: f64 = match suffix {
-        "" => 1.0,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "m" => 1e-3,
-        _ => return None,
-    };
-    let bytes = (value * factor).floor();
-    (bytes >= 0.0 && bytes < i64::MAX as f64).then_some(bytes as i64)
+    livedisk_common::quantity::bytes(quantity)
 }
 
 #[cfg(test)]

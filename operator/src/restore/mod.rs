@@ -138,6 +138,15 @@ async fn with_finalizer(
         {
             return Ok(Action::await_change());
         }
+        // The finalizer patch tests the list it read: a pass that ran on a cache not yet showing
+        // the previous pass's change gets 422. Nothing is wrong; look again once it caught up.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
+        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 422 =>
+        {
+            tracing::debug!("finalizer patch of a stale copy refused; looking again");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         other => other,
     };
     result.map_err(|e| match e {

@@ -124,11 +124,45 @@ impl TestNamespace {
         })
     }
 
-    /// Deletes the namespace (the garbage collector removes what is in it).
+    /// Deletes the namespace (the garbage collector removes what is in it). Most tests stop
+    /// their operator before they clean up, so the operator's finalizer is taken off the
+    /// DiskSnapshots left in it (their VolumeSnapshots go with the namespace anyway): whatever
+    /// an operator still running does meanwhile, nothing of the test stays behind to block the
+    /// next test (a CRD removal, for one).
     pub async fn delete(self) -> Result<()> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         api.delete(&self.name, &DeleteParams::default()).await?;
-        Ok(())
+        let snapshots: Api<livedisk_api::DiskSnapshot> =
+            Api::namespaced(self.client.clone(), &self.name);
+        let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = snapshots.list(&Default::default()).await?.items;
+            if left.is_empty() {
+                return Ok(());
+            }
+            for snapshot in left.iter().filter(|s| !s.finalizers().is_empty()) {
+                match snapshots
+                    .patch(
+                        &snapshot.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&unguarded),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "DiskSnapshots of namespace {} did not go within 60 s",
+                    self.name
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
     }
 }
 

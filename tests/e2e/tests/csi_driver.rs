@@ -9,9 +9,9 @@
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
@@ -219,6 +219,161 @@ async fn get_metadata_delta_on_the_controller_socket_pages_resumes_and_answers_s
     namespace.delete().await
 }
 
+/// snapshot-metadata-lister (the harness's build, on PATH from `.livedisk/env`) on the host: a
+/// backup tool's client of the real external-snapshot-metadata sidecar (its address in the
+/// SnapshotMetadataService is on loopback), as the namespace's `backup` ServiceAccount.
+fn lister(ns: &str, args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new("snapshot-metadata-lister")
+        .args(["-n", ns, "-o", "json", "-service-account", "backup"])
+        .args(["-service-account-namespace", ns])
+        .args(args)
+        .output()
+        .context("running snapshot-metadata-lister (on PATH from .livedisk/env)")
+}
+
+/// The extents of the lister's JSON (one array of responses per stream), adjacent ones merged.
+fn listed_extents(output: &std::process::Output) -> Result<Vec<(u64, u64)>> {
+    anyhow::ensure!(
+        output.status.success(),
+        "snapshot-metadata-lister failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for value in serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>() {
+        let value = value.with_context(|| format!("lister output {stdout:?}"))?;
+        let responses = match value {
+            serde_json::Value::Array(items) => items,
+            other => vec![other],
+        };
+        for response in responses {
+            for block in response["block_metadata"].as_array().into_iter().flatten() {
+                let offset = block["byte_offset"].as_u64().unwrap_or(0);
+                let size = block["size_bytes"].as_u64().unwrap_or(0);
+                match extents.last_mut() {
+                    Some((o, l)) if *o + *l == offset => *l += size,
+                    _ => extents.push((offset, size)),
+                }
+            }
+        }
+    }
+    Ok(extents)
+}
+
+/// Deletes VolumeSnapshots and waits until their storage snapshots are gone too (merged away).
+async fn delete_snapshots(client: &Client, ns: &str, names: &[(&str, &str)]) -> Result<()> {
+    let snapshots = volume_snapshots(client, ns);
+    let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+    for (name, _) in names {
+        snapshots.delete(name, &DeleteParams::default()).await?;
+    }
+    for (name, handle) in names {
+        eventually(
+            90,
+            &format!("VolumeSnapshot {name} and {handle} to go"),
+            || async {
+                let gone = snapshots.get_opt(name).await?.is_none()
+                    && internal.get_opt(handle).await?.is_none();
+                Ok(gone.then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Issue 12: a backup tool keeps only the CSI handle of the snapshot it backed up last and
+/// deletes its VolumeSnapshot; its next incremental backup asks the sidecar for the changes since
+/// that handle. The deleted snapshot's tombstone answers exactly the writes after it, until no
+/// later snapshot of the volume is left.
+#[tokio::test]
+async fn get_metadata_delta_from_a_deleted_base_through_the_sidecar() -> Result<()> {
+    let client = client().await?;
+    let namespace = TestNamespace::create(&client, "tomb").await?;
+    let ns = namespace.name.clone();
+    // The sidecar lets the backup tool's account in if it may get VolumeSnapshots here.
+    for object in [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "backup"}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "backup"},
+            "rules": [{"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"],
+                       "verbs": ["get", "list"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "backup"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "backup"},
+            "subjects": [{"kind": "ServiceAccount", "name": "backup", "namespace": ns}]}),
+    ] {
+        must(&client, &ns, object).await?;
+    }
+    must(&client, &ns, pvc("disk", None)).await?;
+    must(&client, &ns, pod("consumer", "disk", None)).await?;
+    let (volume_id, node_name) = bound_volume(&client, &ns, "disk", "consumer").await?;
+    let device = attach_block(&node_name, &volume_id, "tomb").await?;
+    // 16 blocks per cluster: the second round rewrites a cluster of the first (block 5), and the
+    // first has clusters the second never touches (blocks 100, 2000).
+    let (first, second, third) = ([0, 100, 2000], [5, 300, 1000], [301, 3000]);
+    write_blocks(&node_name, &device, &first, "one")?;
+    snapshot_ready(&client, &ns, "s1", "disk").await?;
+    write_blocks(&node_name, &device, &second, "two")?;
+    snapshot_ready(&client, &ns, "s2", "disk").await?;
+    write_blocks(&node_name, &device, &third, "three")?;
+    snapshot_ready(&client, &ns, "s3", "disk").await?;
+
+    let snapshots = volume_snapshots(&client, &ns);
+    let mut handles = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        handles.push(snapshot_handle(&client, &snapshots.get(name).await?).await?);
+    }
+    let s1 = handles[0].clone();
+    assert_eq!(
+        listed_extents(&lister(&ns, &["-s", "s2", "-P", &s1])?)?,
+        expected_extents(&second),
+        "before the deletion"
+    );
+
+    // The backup tool deletes s1 (a real merge on the node) and keeps only its handle.
+    delete_snapshots(&client, &ns, &[("s1", &s1)]).await?;
+    assert_eq!(
+        listed_extents(&lister(&ns, &["-s", "s2", "-P", &s1])?)?,
+        expected_extents(&second),
+        "s1 deleted -> s2: exactly the second round"
+    );
+    let second_and_third: Vec<u64> = second.iter().chain(&third).copied().collect();
+    assert_eq!(
+        listed_extents(&lister(&ns, &["-s", "s3", "-P", &s1])?)?,
+        expected_extents(&second_and_third),
+        "s1 deleted -> s3"
+    );
+    // Nothing else answers for it: the snapshot is gone.
+    let mut metadata = livedisk_e2e::csi::snapshot_metadata().await?;
+    let allocated = metadata
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: s1.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        allocated.err().map(|status| status.code()),
+        Some(tonic::Code::NotFound),
+        "GetMetadataAllocated of a deleted snapshot"
+    );
+
+    // No later snapshot left: the deleted base no longer answers, also not for a snapshot taken
+    // afterwards.
+    delete_snapshots(&client, &ns, &[("s2", &handles[1]), ("s3", &handles[2])]).await?;
+    snapshot_ready(&client, &ns, "s4", "disk").await?;
+    let late = lister(&ns, &["-s", "s4", "-P", &s1])?;
+    let stderr = String::from_utf8_lossy(&late.stderr).to_lowercase();
+    assert!(
+        !late.status.success() && stderr.contains("not") && stderr.contains("found"),
+        "a base without a later snapshot must be NOT_FOUND: {stderr}"
+    );
+    detach_block(&node_name, &volume_id, "tomb").await?;
+
+    force_delete_pod(&client, &ns, "consumer").await?;
+    namespace.delete().await
+}
+
 #[tokio::test]
 async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Result<()> {
     let client = client().await?;
@@ -252,21 +407,48 @@ async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Res
     let handle = snapshot_handle(&client, &volume_snapshot).await?;
     let internal: Api<LivediskSnapshot> = Api::all(client.clone());
     assert_eq!(internal.get(&handle).await?.spec.volume_id, volume_id);
-
-    // Deleting the DiskSnapshot takes the VolumeSnapshot (owned) and the storage snapshot along.
-    disk_snapshots
-        .delete("nightly", &DeleteParams::foreground())
-        .await?;
-    eventually(
-        90,
-        "the VolumeSnapshot and the storage snapshot to go",
-        || async {
-            let gone = snapshots.get_opt("nightly").await?.is_none()
-                && internal.get_opt(&handle).await?.is_none();
-            Ok(gone.then_some(()))
-        },
-    )
+    // The status names the content and the snapshot handle, and the space the layer holds.
+    assert_eq!(status.snapshot_handle.as_deref(), Some(handle.as_str()));
+    assert_eq!(
+        status.volume_snapshot_content_name.as_deref(),
+        volume_snapshot.data["status"]["boundVolumeSnapshotContentName"].as_str()
+    );
+    let held = eventually(60, "the space the snapshot holds", || async {
+        let status = disk_snapshots
+            .get("nightly")
+            .await?
+            .status
+            .unwrap_or_default();
+        Ok(status.allocated_bytes)
+    })
     .await?;
+    assert!(held > 0, "a sealed qcow2 layer holds at least its header");
+    let object = disk_snapshots.get("nightly").await?;
+    assert!(
+        object
+            .finalizers()
+            .iter()
+            .any(|f| f == "livedisk.io/snapshot"),
+        "{:?}",
+        object.finalizers()
+    );
+
+    // Deleting the DiskSnapshot takes the VolumeSnapshot (owned) and the storage snapshot along;
+    // the DiskSnapshot itself goes last (its finalizer waits for both).
+    disk_snapshots
+        .delete("nightly", &DeleteParams::default())
+        .await?;
+    eventually(90, "the DiskSnapshot to go", || async {
+        Ok(disk_snapshots
+            .get_opt("nightly")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await
+    .with_context(|| operator.log())?;
+    assert!(snapshots.get_opt("nightly").await?.is_none());
+    assert!(internal.get_opt(&handle).await?.is_none());
     // deletionPolicy: Retain: the operator sets it on the bound content, so the storage snapshot
     // outlives the DiskSnapshot and its VolumeSnapshot.
     must(

@@ -275,19 +275,7 @@ async fn take_snapshot(
     if retain {
         spec["deletionPolicy"] = json!("Retain");
     }
-    must(
-        client,
-        ns,
-        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
-        "metadata": {"name": name}, "spec": spec}),
-    )
-    .await?;
-    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
-    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
-        let status = snapshots.get(name).await?.status.unwrap_or_default();
-        Ok((status.phase == Phase::Ready).then_some(()))
-    })
-    .await?;
+    take_snapshot_with(client, ns, name, spec).await?;
     if retain {
         // The operator sets Retain on the content once the snapshot is ready.
         let contents = contents(client);
@@ -304,6 +292,28 @@ async fn take_snapshot(
         .await?;
     }
     Ok(())
+}
+
+/// Applies a DiskSnapshot of `spec` and waits until it is Ready.
+async fn take_snapshot_with(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: Value,
+) -> Result<livedisk_api::DiskSnapshotStatus> {
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .await?;
+    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
+        let status = snapshots.get(name).await?.status.unwrap_or_default();
+        Ok((status.phase == Phase::Ready).then_some(status))
+    })
+    .await
 }
 
 fn volume_snapshots(client: &Client, ns: &str) -> Api<DynamicObject> {
@@ -1018,5 +1028,285 @@ async fn a_merge_survives_kill_9_of_the_operator_and_the_node_plugin() -> Result
     let device = host_device(&disk.node, &target)?;
     verify_volume(&device, &dir, 4, 3)?;
     s.disk.device = device;
+    s.finish().await
+}
+
+/// A VolumeSnapshotClass of the driver with `parameters`, named after the test's namespace.
+async fn snapshot_class(
+    client: &Client,
+    ns: &str,
+    suffix: &str,
+    parameters: Value,
+) -> Result<String> {
+    let name = format!("{ns}-{suffix}");
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+               "metadata": {"name": name}, "driver": livedisk_common::DRIVER_NAME,
+               "deletionPolicy": "Delete", "parameters": parameters}),
+    )
+    .await?;
+    Ok(name)
+}
+
+/// The Events with `reason` about VolumeSnapshot `name`.
+async fn deletion_events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> Result<Vec<k8s_openapi::api::events::v1::Event>> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            let regarding = e.regarding.as_ref();
+            e.reason.as_deref() == Some(reason)
+                && regarding.and_then(|r| r.kind.as_deref()) == Some("VolumeSnapshot")
+                && regarding.and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect())
+}
+
+fn snapshot_classes(client: &Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
+}
+
+/// Deleting a DiskSnapshot merges its layer away at the rate its VolumeSnapshotClass asks for
+/// (`mergeBandwidthLimit`, captured at CreateSnapshot: DeleteSnapshot carries no parameters);
+/// the DiskSnapshot shows `Deleting` with the merge's progress, its VolumeSnapshot gets progress
+/// Events, and the DiskSnapshot goes only after its VolumeSnapshot and storage snapshot. A typo
+/// in the class's parameters is refused; a VolumeSnapshot of the same name that is not the
+/// DiskSnapshot's is never adopted nor touched.
+#[tokio::test]
+async fn deleting_a_disk_snapshot_merges_at_its_class_rate_with_progress() -> Result<()> {
+    let s = setup("dsnap-rate", 1).await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let slow = snapshot_class(client, ns, "slow", json!({"mergeBandwidthLimit": "1Mi"})).await?;
+    let typo = snapshot_class(client, ns, "typo", json!({"mergeBandwidthLimt": "1Mi"})).await?;
+
+    // s1 (phase 1), "slow" (phase 2) in the rate-limited class, s3 (phase 3): deleting "slow"
+    // commits the 8 MiB phase 3 wrote into its layer.
+    write_phase(&s.disk.device, 2, BLOCKS, &log_path(dir, "phase2"))?;
+    let status = take_snapshot_with(
+        client,
+        ns,
+        "slow",
+        json!({"source": {"persistentVolumeClaimName": s.disk.claim}, "snapshotClassName": slow}),
+    )
+    .await?;
+    write_phase(&s.disk.device, 3, BLOCKS, &log_path(dir, "phase3"))?;
+    take_snapshot(client, ns, "s3", &s.disk.claim, false).await?;
+
+    let handle = snapshot_handle(client, ns, "slow").await?;
+    assert_eq!(status.snapshot_handle.as_deref(), Some(handle.as_str()));
+    assert!(status.volume_snapshot_content_name.is_some(), "{status:?}");
+    let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+    assert_eq!(
+        internal
+            .get(&handle)
+            .await?
+            .spec
+            .merge_bandwidth_bytes_per_second,
+        Some(1 << 20),
+        "the class's limit is captured at CreateSnapshot"
+    );
+    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    let held = eventually(60, "the space the snapshot holds", || async {
+        let status = disk_snapshots.get("slow").await?.status.unwrap_or_default();
+        Ok(status.allocated_bytes)
+    })
+    .await?;
+    assert!(
+        held >= (BLOCKS * 4096) as i64,
+        "phase 2 wrote {} bytes into the layer, status says {held}",
+        BLOCKS * 4096
+    );
+
+    let started = std::time::Instant::now();
+    disk_snapshots
+        .delete("slow", &DeleteParams::default())
+        .await?;
+    let mut deleting_progress: Option<livedisk_api::Progress> = None;
+    loop {
+        let Some(object) = disk_snapshots.get_opt("slow").await? else {
+            break;
+        };
+        let status = object.status.unwrap_or_default();
+        if status.phase == Phase::Deleting
+            && let Some(p) = status.progress.clone()
+            && deleting_progress
+                .as_ref()
+                .is_none_or(|d| p.bytes_done > d.bytes_done)
+        {
+            deleting_progress = Some(p);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(180),
+            "DiskSnapshot slow still there after 180 s: {:?}\n{}",
+            status,
+            s.operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("DiskSnapshot slow deleted in {took:?}; last progress seen: {deleting_progress:?}");
+    // The finalizer let it go only after the VolumeSnapshot and the storage snapshot.
+    assert!(
+        volume_snapshots(client, ns)
+            .get_opt("slow")
+            .await?
+            .is_none()
+    );
+    assert!(
+        internal.get_opt(&handle).await?.is_none(),
+        "the DiskSnapshot went before its storage snapshot"
+    );
+    let progress = deleting_progress.context("no Deleting progress seen on the DiskSnapshot")?;
+    assert!(
+        progress.bytes_done > 0 && progress.bytes_total >= (BLOCKS * 4096) as i64,
+        "{progress:?}"
+    );
+    // 8 MiB at 1 MiB/s: a merge at full speed takes well under a second here.
+    assert!(
+        took >= Duration::from_secs(4),
+        "deleted in {took:?}: the rate limit was not applied"
+    );
+    let merging = deletion_events(client, ns, "slow", "Merging").await?;
+    assert!(
+        !merging.is_empty(),
+        "no progress Event on VolumeSnapshot slow"
+    );
+    assert!(
+        merging.iter().any(|e| e
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("at most 1048576 bytes/s"))),
+        "{merging:?}"
+    );
+    assert!(
+        !deletion_events(client, ns, "slow", "Merged")
+            .await?
+            .is_empty()
+    );
+    // The snapshots around it read back as their phases wrote them.
+    verify_snapshot(client, ns, "s1", &s.disk.node, 1, dir).await?;
+    verify_snapshot(client, ns, "s3", &s.disk.node, 3, dir).await?;
+
+    // A VolumeSnapshot deleted by itself (no DiskSnapshot) gets the same Events, under its UID
+    // (`kubectl describe` matches them by it).
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": {"name": "direct"},
+               "spec": {"volumeSnapshotClassName": slow, "source": {"persistentVolumeClaimName": s.disk.claim}}}),
+    )
+    .await?;
+    let direct = eventually(90, "VolumeSnapshot direct ready", || async {
+        let vs = volume_snapshots(client, ns).get("direct").await?;
+        Ok((vs.data["status"]["readyToUse"] == true).then_some(vs))
+    })
+    .await?;
+    volume_snapshots(client, ns)
+        .delete("direct", &DeleteParams::default())
+        .await?;
+    let merged = eventually(90, "a Merged Event on VolumeSnapshot direct", || async {
+        let events = deletion_events(client, ns, "direct", "Merged").await?;
+        Ok((!events.is_empty()).then_some(events))
+    })
+    .await?;
+    assert_eq!(
+        merged[0].regarding.as_ref().and_then(|r| r.uid.clone()),
+        direct.metadata.uid,
+        "{merged:?}"
+    );
+    assert!(
+        !deletion_events(client, ns, "direct", "Merging")
+            .await?
+            .is_empty()
+    );
+
+    // A typo in the class is refused at CreateSnapshot: never a silent "full speed".
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot", "metadata": {"name": "typo"},
+               "spec": {"source": {"persistentVolumeClaimName": s.disk.claim}, "snapshotClassName": typo}}),
+    )
+    .await?;
+    let message = eventually(90, "the typo to be reported", || async {
+        let status = disk_snapshots.get("typo").await?.status.unwrap_or_default();
+        Ok(livedisk_api::conditions::find(&status.conditions, "Ready")
+            .filter(|c| c.reason == "SnapshotError")
+            .map(|c| c.message.clone()))
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+    assert!(message.contains("mergeBandwidthLimt"), "{message}");
+
+    // A VolumeSnapshot of the same name made by someone else is left alone.
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": {"name": "mine"},
+               "spec": {"source": {"persistentVolumeClaimName": s.disk.claim}}}),
+    )
+    .await?;
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot", "metadata": {"name": "mine"},
+               "spec": {"source": {"persistentVolumeClaimName": s.disk.claim}}}),
+    )
+    .await?;
+    let refused = eventually(60, "the foreign VolumeSnapshot to be refused", || async {
+        let object = disk_snapshots.get("mine").await?;
+        let status = object.status.clone().unwrap_or_default();
+        Ok(
+            livedisk_api::conditions::find(&status.conditions, "Stalled")
+                .filter(|c| c.status == "True" && c.reason == "VolumeSnapshotNotOwned")
+                .map(|_| object),
+        )
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+    assert!(
+        refused.finalizers().is_empty(),
+        "a refused DiskSnapshot holds no finalizer"
+    );
+    disk_snapshots
+        .delete("mine", &DeleteParams::default())
+        .await?;
+    eventually(30, "the refused DiskSnapshot to go", || async {
+        Ok(disk_snapshots
+            .get_opt("mine")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    let theirs = volume_snapshots(client, ns).get("mine").await?;
+    assert!(
+        theirs.metadata.deletion_timestamp.is_none(),
+        "the foreign VolumeSnapshot was deleted"
+    );
+    assert!(
+        theirs
+            .metadata
+            .owner_references
+            .is_none_or(|o| o.is_empty()),
+        "it was adopted"
+    );
+
+    for class in [&slow, &typo] {
+        snapshot_classes(client)
+            .delete(class, &DeleteParams::default())
+            .await?;
+    }
     s.finish().await
 }

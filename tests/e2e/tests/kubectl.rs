@@ -52,7 +52,7 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
         );
     }
     for header in [
-        "SOURCE", "READY", "SIZE", "MODE", "PROGRESS", "TO", "PROTOCOL", "SNAPSHOT",
+        "SOURCE", "READY", "SIZE", "HELD", "MODE", "PROGRESS", "TO", "PROTOCOL", "SNAPSHOT",
     ] {
         assert!(
             listing.contains(header),

@@ -27,6 +27,11 @@ fn rules_without_volume_snapshot_create() -> Value {
         {"apiGroups": ["livedisk.io"],
          "resources": ["disksnapshots", "diskmerges", "diskmigrations", "diskexports", "diskrestores"],
          "verbs": ["get", "list", "watch"]},
+        // The DiskSnapshot's finalizer.
+        {"apiGroups": ["livedisk.io"], "resources": ["disksnapshots"], "verbs": ["patch"]},
+        {"apiGroups": ["livedisk.io"], "resources": ["livedisksnapshots"], "verbs": ["get"]},
+        {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotcontents"],
+         "verbs": ["get", "patch"]},
         {"apiGroups": ["livedisk.io"],
          "resources": ["disksnapshots/status", "diskmerges/status", "diskmigrations/status",
                        "diskexports/status", "diskrestores/status"],

@@ -1,0 +1,530 @@
+//! The DiskSnapshot reconciler (a PersistentVolumeClaim source): look up the VolumeSnapshot of
+//! the same name and refuse one that is not ours (`plan::ownership`), create it, follow it to its
+//! content and to the node's snapshot for the status (`plan`, pure), and keep a finalizer
+//! (kube-runtime's `finalizer()`) so that deleting the DiskSnapshot follows the deletion through:
+//! `Retain` keeps the content, `Delete` waits while the node merges the layer away, with the
+//! merge's progress on the status (the CSI controller publishes it as Events on the
+//! VolumeSnapshot). A VirtualMachine source goes through the generic pipeline (no
+//! VolumeGroupSnapshot yet: `NotSupportedYet`).
+
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use livedisk_api::DiskSnapshot;
+use livedisk_api::internal::LivediskSnapshot;
+use livedisk_api::snapshot::DeletionPolicy;
+use serde_json::json;
+
+use self::plan::{ContentFacts, DeletionStep, NodeSnapshotFacts, VolumeSnapshotFacts};
+use crate::controller::{Context, event_note, reconcile_object};
+use crate::decide::{Decision, EventKind, decide, decide_work};
+use crate::error::Error;
+use crate::kinds::LivediskKind;
+use crate::{observe, standard, status};
+
+/// The operator's finalizer on a DiskSnapshot: its VolumeSnapshot's deletion is followed
+/// through before the object goes.
+pub const FINALIZER: &str = "livedisk.io/snapshot";
+
+/// When a pass that met a stale copy of the object looks again.
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs the DiskSnapshot controller until shutdown.
+pub async fn run(context: Arc<Context>) {
+    let client = context.client.clone();
+    let snapshots: Api<DiskSnapshot> = Api::all(client.clone());
+    let volume_snapshots: Api<DynamicObject> =
+        Api::all_with(client.clone(), &standard::volume_snapshots());
+    let controller = Controller::new(snapshots, watcher::Config::default().any_semantic());
+    // A claim appearing (or going) wakes the DiskSnapshots of it at once.
+    let store = controller.store();
+    let claim_watchers = move |pvc: PersistentVolumeClaim| {
+        let namespace = pvc.namespace();
+        let claim = pvc.name_any();
+        store
+            .state()
+            .iter()
+            .filter(|s| {
+                s.namespace() == namespace
+                    && s.spec.source.persistent_volume_claim_name.as_deref() == Some(&claim)
+            })
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .owns_with(
+            volume_snapshots,
+            standard::volume_snapshots(),
+            watcher::Config::default().any_semantic(),
+        )
+        .watches(
+            Api::<PersistentVolumeClaim>::all(client),
+            watcher::Config::default().any_semantic(),
+            claim_watchers,
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "DiskSnapshot reconcile loop reported an error");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(snapshot: Arc<DiskSnapshot>, context: Arc<Context>) -> Result<Action, Error> {
+    if !context.leadership.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    let result = match snapshot.spec.source.persistent_volume_claim_name.clone() {
+        Some(claim) => reconcile_claim_snapshot(snapshot.clone(), &context, &claim).await,
+        None => reconcile_object(snapshot.as_ref(), &context).await,
+    };
+    context
+        .metrics
+        .reconciled("DiskSnapshot", &result, started.elapsed());
+    if let Err(error) = &result {
+        let note = format!(
+            "{}; {}",
+            livedisk_common::error_chain(error),
+            error.code().retry_note()
+        );
+        publish(
+            &context,
+            &snapshot.object_ref(&()),
+            EventType::Warning,
+            error.code().reason(),
+            &note,
+            error.action(),
+        )
+        .await;
+        if !error.code().is_transient() {
+            write_stalled(&snapshot, &context, error, &note).await;
+        }
+    }
+    result
+}
+
+/// A permanent failure also says `Stalled=True` with the error's code (best-effort: the error
+/// itself is returned either way). A transient one is retried soon, and the conditions keep
+/// saying what the last successful pass found.
+async fn write_stalled(snapshot: &DiskSnapshot, ctx: &Context, error: &Error, message: &str) {
+    let current = serde_json::to_value(snapshot).ok();
+    let Some(patch) = status::stalled(
+        current.as_ref().and_then(|o| o.get("status")),
+        snapshot.meta().generation,
+        error.code(),
+        message,
+        k8s_openapi::jiff::Timestamp::now(),
+    ) else {
+        return;
+    };
+    let api: Api<DiskSnapshot> = Api::namespaced(
+        ctx.client.clone(),
+        &snapshot.namespace().unwrap_or_default(),
+    );
+    if let Err(status_error) = status::write(&api, &snapshot.name_any(), &patch).await {
+        tracing::warn!(error = %status_error, "could not write the Stalled condition");
+    }
+}
+
+fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<Context>) -> Action {
+    let code = error.code();
+    tracing::warn!(
+        kind = "DiskSnapshot",
+        name = %snapshot.name_any(),
+        %code,
+        action = error.action(),
+        error = %livedisk_common::error_chain(error),
+        "reconcile failed: {}",
+        code.retry_note()
+    );
+    Action::requeue(code.retry_after())
+}
+
+/// A DiskSnapshot of a claim: refused, waiting for its references, or under the finalizer.
+async fn reconcile_claim_snapshot(
+    snapshot: Arc<DiskSnapshot>,
+    ctx: &Context,
+    claim: &str,
+) -> Result<Action, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().unwrap_or_default();
+    let span = tracing::info_span!("reconcile", kind = "DiskSnapshot", %namespace, %name);
+    let _entered = span.enter();
+    let guarded = snapshot.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = snapshot.meta().deletion_timestamp.is_some();
+    if deleting && !guarded {
+        // Never ours to clean up (refused, or never started).
+        return Ok(Action::await_change());
+    }
+    if deleting {
+        // The deletion is followed here, not in the finalizer's cleanup: that one may not return
+        // before it is done, and a merge can take minutes.
+        match deletion(&snapshot, ctx).await? {
+            Some(action) => return Ok(action),
+            None => return with_finalizer(snapshot, ctx, claim).await,
+        }
+    }
+    if !guarded {
+        // Before the finalizer goes on: a refused DiskSnapshot never holds up its own deletion
+        // (or its namespace's).
+        let uid = uid_of(&snapshot)?;
+        if let Some(vs) = volume_snapshot(ctx, &namespace, &name).await?
+            && let Err(refusal) = plan::ownership(&uid, claim, &VolumeSnapshotFacts::of(&vs))
+        {
+            let decision = plan::refused(&refusal);
+            write_status(&snapshot, ctx, &decision).await?;
+            return Ok(requeue(&decision));
+        }
+        let observation =
+            observe::observe(&ctx.caches, &ctx.client, &namespace, &snapshot.references()).await?;
+        if !observation.ready_for_work() {
+            let decision = decide("DiskSnapshot", &observation, None);
+            write_status(&snapshot, ctx, &decision).await?;
+            return Ok(requeue(&decision));
+        }
+    }
+    with_finalizer(snapshot, ctx, claim).await
+}
+
+fn uid_of(snapshot: &DiskSnapshot) -> Result<String, Error> {
+    snapshot.uid().ok_or_else(|| {
+        Error::InvalidObject(format!(
+            "DiskSnapshot {} has no uid yet",
+            snapshot.name_any()
+        ))
+    })
+}
+
+fn requeue(decision: &Decision) -> Action {
+    Action::requeue(Duration::from_secs(decision.requeue_seconds))
+}
+
+async fn with_finalizer(
+    snapshot: Arc<DiskSnapshot>,
+    ctx: &Context,
+    claim: &str,
+) -> Result<Action, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().unwrap_or_default();
+    let api: Api<DiskSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, snapshot, |event| async move {
+        match event {
+            finalizer::Event::Apply(s) => apply(&s, ctx, claim).await,
+            // `deletion` found nothing left to wait for.
+            finalizer::Event::Cleanup(_) => Ok(Action::await_change()),
+        }
+    })
+    .await;
+    match result {
+        // A second pass over a DiskSnapshot whose deletion the first one finished.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
+        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        // The finalizer patch tests the list it read: a pass that ran on a cache not yet showing
+        // the previous pass's change gets 422. Nothing is wrong; look again once it caught up.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
+        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 422 =>
+        {
+            tracing::debug!("finalizer patch of a stale copy refused; looking again");
+            Ok(Action::requeue(STALE_RETRY))
+        }
+        other => other.map_err(|e| match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
+                Error::Apply {
+                    what: format!("the finalizer of DiskSnapshot {namespace}/{name}"),
+                    cause,
+                }
+            }
+            other => Error::InvalidObject(other.to_string()),
+        }),
+    }
+}
+
+/// Creates (or adopts) the VolumeSnapshot, keeps a Retain content retained, and reports what
+/// the VolumeSnapshot, its content and the node say.
+async fn apply(snapshot: &DiskSnapshot, ctx: &Context, claim: &str) -> Result<Action, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().unwrap_or_default();
+    let uid = uid_of(snapshot)?;
+    let vs = match volume_snapshot(ctx, &namespace, &name).await? {
+        Some(vs) => vs,
+        None => create_volume_snapshot(snapshot, ctx, claim).await?,
+    };
+    let facts = VolumeSnapshotFacts::of(&vs);
+    if let Err(refusal) = plan::ownership(&uid, claim, &facts) {
+        let decision = plan::refused(&refusal);
+        write_status(snapshot, ctx, &decision).await?;
+        return Ok(requeue(&decision));
+    }
+    let content = match &facts.bound_content {
+        Some(content) => self::content(ctx, content).await?,
+        None => None,
+    };
+    let state = standard::volume_snapshot_state(&vs);
+    if snapshot.spec.deletion_policy == DeletionPolicy::Retain
+        && let Some(content) = content.as_ref().filter(|c| !c.retain)
+    {
+        retain_content(ctx, &content.name).await?;
+    }
+    let node = match content.as_ref().and_then(|c| c.snapshot_handle.as_deref()) {
+        Some(handle) => node_snapshot(ctx, handle).await?,
+        None => None,
+    };
+    let mut decision = decide_work(&state);
+    decision
+        .fields
+        .extend(plan::snapshot_fields(content.as_ref(), node.as_ref()));
+    write_status(snapshot, ctx, &decision).await?;
+    Ok(requeue(&decision))
+}
+
+/// One step of a deletion under the finalizer: `Some` to look again later, `None` when nothing
+/// is left and the finalizer may come off.
+async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Action>, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().unwrap_or_default();
+    let uid = uid_of(snapshot)?;
+    let claim = snapshot
+        .spec
+        .source
+        .persistent_volume_claim_name
+        .clone()
+        .unwrap_or_default();
+    let status = snapshot.status.clone().unwrap_or_default();
+    // Someone else's VolumeSnapshot of the same name is never touched.
+    let vs = volume_snapshot(ctx, &namespace, &name)
+        .await?
+        .map(|vs| VolumeSnapshotFacts::of(&vs))
+        .filter(|facts| plan::ownership(&uid, &claim, facts).is_ok());
+    let content_name = vs
+        .as_ref()
+        .and_then(|v| v.bound_content.clone())
+        .or(status.volume_snapshot_content_name.clone());
+    let content = match &content_name {
+        Some(c) => content(ctx, c).await?,
+        None => None,
+    };
+    let handle = content
+        .as_ref()
+        .and_then(|c| c.snapshot_handle.clone())
+        .or(status.snapshot_handle.clone());
+    let retain = snapshot.spec.deletion_policy == DeletionPolicy::Retain;
+    let node = match (&handle, retain) {
+        (Some(handle), false) => node_snapshot(ctx, handle).await?,
+        _ => None,
+    };
+    match plan::deletion_step(retain, vs.as_ref(), content.as_ref(), node.as_ref()) {
+        DeletionStep::RetainContent(content) => {
+            retain_content(ctx, &content).await?;
+            Ok(Some(Action::requeue(Duration::ZERO)))
+        }
+        DeletionStep::DeleteVolumeSnapshot => {
+            delete_volume_snapshot(ctx, &namespace, &name).await?;
+            tracing::info!(volume_snapshot = %name, retain, "VolumeSnapshot deleted");
+            Ok(Some(Action::requeue(Duration::from_secs(
+                plan::DELETION_POLL_SECONDS,
+            ))))
+        }
+        DeletionStep::Wait(decision) => {
+            // The VolumeSnapshot's progress Events come from the CSI controller, which sees
+            // every deletion (not only a DiskSnapshot's).
+            write_status(snapshot, ctx, &decision).await?;
+            Ok(Some(requeue(&decision)))
+        }
+        DeletionStep::Release => Ok(None),
+    }
+}
+
+fn observe_error(what: String) -> impl FnOnce(kube::Error) -> Error {
+    move |cause| Error::Observe { what, cause }
+}
+
+fn volume_snapshots(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(ctx.client.clone(), namespace, &standard::volume_snapshots())
+}
+
+async fn volume_snapshot(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<DynamicObject>, Error> {
+    volume_snapshots(ctx, namespace)
+        .get_opt(name)
+        .await
+        .map_err(observe_error(format!("VolumeSnapshot {namespace}/{name}")))
+}
+
+async fn create_volume_snapshot(
+    snapshot: &DiskSnapshot,
+    ctx: &Context,
+    claim: &str,
+) -> Result<DynamicObject, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().unwrap_or_default();
+    let what = format!("VolumeSnapshot {namespace}/{name}");
+    let owner = snapshot
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidObject(format!("DiskSnapshot {name} has no uid yet")))?;
+    let desired: DynamicObject = serde_json::from_value(standard::volume_snapshot(
+        &name,
+        claim,
+        snapshot.spec.snapshot_class_name.as_deref(),
+        owner,
+    ))
+    .map_err(|source| Error::Build {
+        what: what.clone(),
+        source,
+    })?;
+    let api = volume_snapshots(ctx, &namespace);
+    match api.create(&PostParams::default(), &desired).await {
+        Ok(created) => {
+            tracing::info!(volume_snapshot = %name, "VolumeSnapshot created");
+            Ok(created)
+        }
+        // Made meanwhile (by a pass whose answer was lost, or by someone else): the ownership
+        // check that follows decides.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            api.get(&name).await.map_err(observe_error(what))
+        }
+        Err(cause) => Err(Error::Apply { what, cause }),
+    }
+}
+
+async fn delete_volume_snapshot(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
+    match volume_snapshots(ctx, namespace)
+        .delete(name, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(cause) => Err(Error::Apply {
+            what: format!("deleting VolumeSnapshot {namespace}/{name}"),
+            cause,
+        }),
+    }
+}
+
+async fn content(ctx: &Context, name: &str) -> Result<Option<ContentFacts>, Error> {
+    let contents: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &standard::volume_snapshot_contents());
+    Ok(contents
+        .get_opt(name)
+        .await
+        .map_err(observe_error(format!("VolumeSnapshotContent {name}")))?
+        .map(|c| ContentFacts::of(&c)))
+}
+
+/// Retain is a property of the bound content: set there, deleting the VolumeSnapshot keeps the
+/// storage snapshot.
+async fn retain_content(ctx: &Context, content: &str) -> Result<(), Error> {
+    let contents: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &standard::volume_snapshot_contents());
+    let patch = json!({ "spec": { "deletionPolicy": "Retain" } });
+    contents
+        .patch(content, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|cause| Error::Apply {
+            what: format!("VolumeSnapshotContent {content}"),
+            cause,
+        })
+}
+
+/// The node's view of a snapshot (its `LivediskSnapshot`), while it exists.
+async fn node_snapshot(ctx: &Context, handle: &str) -> Result<Option<NodeSnapshotFacts>, Error> {
+    let snapshots: Api<LivediskSnapshot> = Api::all(ctx.client.clone());
+    Ok(snapshots
+        .get_opt(handle)
+        .await
+        .map_err(observe_error(format!("LivediskSnapshot {handle}")))?
+        .map(|s| {
+            let status = s.status.unwrap_or_default();
+            NodeSnapshotFacts {
+                allocated_bytes: status.allocated_bytes,
+                progress: status.progress,
+            }
+        }))
+}
+
+async fn write_status(
+    snapshot: &DiskSnapshot,
+    ctx: &Context,
+    decision: &Decision,
+) -> Result<(), Error> {
+    let current = serde_json::to_value(snapshot).ok();
+    let update = status::build(
+        current.as_ref().and_then(|o| o.get("status")),
+        snapshot.meta().generation,
+        snapshot.source_description(),
+        decision,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    if let Some(patch) = &update.patch {
+        let api: Api<DiskSnapshot> = Api::namespaced(
+            ctx.client.clone(),
+            &snapshot.namespace().unwrap_or_default(),
+        );
+        status::write(&api, &snapshot.name_any(), patch).await?;
+        tracing::info!(phase = ?decision.phase, "status updated");
+    }
+    if update.ready_reason_changed
+        && let Some(ready) = decision
+            .conditions
+            .iter()
+            .find(|c| c.type_ == livedisk_api::conditions::READY)
+    {
+        let kind = match decision.event {
+            EventKind::Normal => EventType::Normal,
+            EventKind::Warning => EventType::Warning,
+        };
+        publish(
+            ctx,
+            &snapshot.object_ref(&()),
+            kind,
+            &ready.reason,
+            &ready.message,
+            "Reconcile",
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    subject: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(event_note(note)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, subject).await {
+        tracing::warn!(%error, "could not publish Event");
+    }
+}
