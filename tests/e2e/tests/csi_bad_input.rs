@@ -92,6 +92,15 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         c.create_volume(multi).await,
         Code::InvalidArgument,
     );
+    let mut unknown = create("bad-parameter");
+    unknown
+        .parameters
+        .insert("mergeBandwidthLimt".into(), "1Mi".into());
+    expect(
+        "CreateVolume with an unknown parameter",
+        c.create_volume(unknown).await,
+        Code::InvalidArgument,
+    );
     let mut range = create("bad-range");
     range.capacity_range = Some(CapacityRange {
         required_bytes: 10 << 20,
