@@ -124,45 +124,63 @@ impl TestNamespace {
         })
     }
 
-    /// Deletes the namespace (the garbage collector removes what is in it). Most tests stop
-    /// their operator before they clean up, so the operator's finalizer is taken off the
-    /// DiskSnapshots left in it (their VolumeSnapshots go with the namespace anyway): whatever
-    /// an operator still running does meanwhile, nothing of the test stays behind to block the
-    /// next test (a CRD removal, for one).
+    /// Deletes the namespace (the garbage collector removes what is in it). Its DiskSnapshots go
+    /// first, with the operator's finalizer taken off: most tests stop their operator before
+    /// they clean up, and a DiskSnapshot left holding the finalizer would block the next test's
+    /// CRD removal. (Their VolumeSnapshots go with the namespace.)
     pub async fn delete(self) -> Result<()> {
+        remove_disk_snapshots(&self.client, Some(&self.name)).await?;
         let api: Api<Namespace> = Api::all(self.client.clone());
         api.delete(&self.name, &DeleteParams::default()).await?;
-        let snapshots: Api<livedisk_api::DiskSnapshot> =
-            Api::namespaced(self.client.clone(), &self.name);
-        let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let left = snapshots.list(&Default::default()).await?.items;
-            if left.is_empty() {
-                return Ok(());
-            }
-            for snapshot in left.iter().filter(|s| !s.finalizers().is_empty()) {
-                match snapshots
-                    .patch(
-                        &snapshot.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&unguarded),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "DiskSnapshots of namespace {} did not go within 60 s",
-                    self.name
-                );
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        Ok(())
+    }
+}
+
+/// Deletes the DiskSnapshots of `namespace` (all namespaces: `None`) and takes the operator's
+/// finalizer off them, until none is left: test cleanup, where the operator may be stopped.
+/// An operator still running cannot put the finalizer back on an object being deleted.
+pub async fn remove_disk_snapshots(client: &Client, namespace: Option<&str>) -> Result<()> {
+    let snapshots: Api<livedisk_api::DiskSnapshot> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
+    let gone = |result: std::result::Result<(), kube::Error>| match result {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = snapshots.list(&Default::default()).await?.items;
+        if left.is_empty() {
+            return Ok(());
         }
+        for snapshot in &left {
+            let name = snapshot.name_any();
+            let api: Api<livedisk_api::DiskSnapshot> =
+                Api::namespaced(client.clone(), &snapshot.namespace().unwrap_or_default());
+            if snapshot.metadata.deletion_timestamp.is_none() {
+                gone(
+                    api.delete(&name, &DeleteParams::background())
+                        .await
+                        .map(|_| ()),
+                )?;
+            }
+            if !snapshot.finalizers().is_empty() {
+                gone(
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&unguarded))
+                        .await
+                        .map(|_| ()),
+                )?;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{} DiskSnapshots were still there after 60 s of removing them",
+                left.len()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
