@@ -124,64 +124,80 @@ impl TestNamespace {
         })
     }
 
-    /// Deletes the namespace (the garbage collector removes what is in it). Its DiskSnapshots go
-    /// first, with the operator's finalizer taken off: most tests stop their operator before
-    /// they clean up, and a DiskSnapshot left holding the finalizer would block the next test's
-    /// CRD removal. (Their VolumeSnapshots go with the namespace.)
+    /// Deletes the namespace (the garbage collector removes what is in it). Its livedisk objects
+    /// go first, with the operator's finalizers taken off: most tests stop their operator before
+    /// they clean up, and an object left holding a finalizer would block the next test's CRD
+    /// removal. (What they own goes with the namespace.)
     pub async fn delete(self) -> Result<()> {
-        remove_disk_snapshots(&self.client, Some(&self.name)).await?;
+        remove_livedisk_objects(&self.client, Some(&self.name)).await?;
         let api: Api<Namespace> = Api::all(self.client.clone());
         api.delete(&self.name, &DeleteParams::default()).await?;
         Ok(())
     }
 }
 
-/// Deletes the DiskSnapshots of `namespace` (all namespaces: `None`) and takes the operator's
-/// finalizer off them, until none is left: test cleanup, where the operator may be stopped.
-/// An operator still running cannot put the finalizer back on an object being deleted.
-pub async fn remove_disk_snapshots(client: &Client, namespace: Option<&str>) -> Result<()> {
-    let snapshots: Api<livedisk_api::DiskSnapshot> = match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
+/// Deletes the objects of every public livedisk kind in `namespace` (all namespaces: `None`) and
+/// takes the operator's finalizers off them, until none is left: test cleanup, where the
+/// operator may be stopped (or a failed test left its objects). An operator still running
+/// cannot put a finalizer back on an object being deleted.
+pub async fn remove_livedisk_objects(client: &Client, namespace: Option<&str>) -> Result<()> {
     let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
     let gone = |result: std::result::Result<(), kube::Error>| match result {
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         other => other,
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let left = snapshots.list(&Default::default()).await?.items;
-        if left.is_empty() {
-            return Ok(());
-        }
-        for snapshot in &left {
-            let name = snapshot.name_any();
-            let api: Api<livedisk_api::DiskSnapshot> =
-                Api::namespaced(client.clone(), &snapshot.namespace().unwrap_or_default());
-            if snapshot.metadata.deletion_timestamp.is_none() {
-                gone(
-                    api.delete(&name, &DeleteParams::background())
-                        .await
-                        .map(|_| ()),
-                )?;
+    for crd in livedisk_api::public_crds() {
+        let version = crd
+            .spec
+            .versions
+            .first()
+            .map(|v| v.name.clone())
+            .context("a CRD without versions")?;
+        let gvk = GroupVersionKind::gvk(&crd.spec.group, &version, &crd.spec.names.kind);
+        let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let all: Api<DynamicObject> = match namespace {
+                Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            let left = all.list(&Default::default()).await?.items;
+            if left.is_empty() {
+                break;
             }
-            if !snapshot.finalizers().is_empty() {
-                gone(
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&unguarded))
-                        .await
-                        .map(|_| ()),
-                )?;
+            for object in &left {
+                let name = object.name_any();
+                let api: Api<DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    &object.namespace().unwrap_or_default(),
+                    &resource,
+                );
+                if object.metadata.deletion_timestamp.is_none() {
+                    gone(
+                        api.delete(&name, &DeleteParams::background())
+                            .await
+                            .map(|_| ()),
+                    )?;
+                }
+                if !object.finalizers().is_empty() {
+                    gone(
+                        api.patch(&name, &PatchParams::default(), &Patch::Merge(&unguarded))
+                            .await
+                            .map(|_| ()),
+                    )?;
+                }
             }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} {} objects were still there after 60 s of removing them",
+                    left.len(),
+                    crd.spec.names.kind
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "{} DiskSnapshots were still there after 60 s of removing them",
-                left.len()
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    Ok(())
 }
 
 /// Parses a multi-document YAML manifest into JSON objects.

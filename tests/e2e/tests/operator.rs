@@ -18,7 +18,7 @@ use serde_json::json;
 
 async fn remove_crds(client: &Client) -> Result<()> {
     // As an administrator uninstalling would: no operator runs now to release its finalizers.
-    livedisk_e2e::remove_disk_snapshots(client, None).await?;
+    livedisk_e2e::remove_livedisk_objects(client, None).await?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in livedisk_api::public_crds() {
         let name = crd.name_any();
