@@ -60,8 +60,10 @@ pub struct LivediskSnapshotSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSnapshotReference {
+    /// The VolumeSnapshot's namespace.
     #[schemars(schema_with = "schema::object_name")]
     pub namespace: String,
+    /// The VolumeSnapshot's name.
     #[schemars(schema_with = "schema::object_name")]
     pub name: String,
     /// Its UID, where the snapshot's CSI name carries it (csi-snapshotter names a snapshot

@@ -44,6 +44,12 @@ pub struct LivediskVolumeSpec {
     /// Initial content: a snapshot or another volume. Empty: a blank volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_source: Option<ContentSource>,
+    /// Rate limit, in bytes per second, of the merges that deleting this volume's snapshots
+    /// start, from the StorageClass's `mergeBandwidthLimit`; a snapshot's own
+    /// VolumeSnapshotClass limit wins. Empty: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub merge_bandwidth_bytes_per_second: Option<i64>,
 }
 
 /// Initial content of a new volume: exactly one of the two IDs.

@@ -23,6 +23,7 @@ use super::deletion_events;
 use super::wait::{self, Poll};
 use crate::grpc::error::CsiError;
 use crate::grpc::inflight::{Guard, InFlight};
+use crate::grpc::request::ParameterOwner;
 use crate::grpc::{request, topology};
 use livedisk_common::names::{snapshot_id_for, volume_id_for};
 use livedisk_common::{DRIVER_NAME, SnapshotId, VolumeId};
@@ -230,6 +231,8 @@ impl ControllerService {
             return Err(CsiError::InvalidArgument("name must not be empty".into()));
         }
         request::capabilities(&request.volume_capabilities)?;
+        let merge_bandwidth =
+            request::merge_bandwidth(ParameterOwner::Volume, &request.parameters)?;
         let range = request.capacity_range.as_ref();
         let id = volume_id_for(&request.name);
         let _guard = self.begin(&request.name)?;
@@ -338,6 +341,7 @@ impl ControllerService {
                     capacity_bytes: capacity,
                     csi_name: request.name.clone(),
                     content_source: source.clone(),
+                    merge_bandwidth_bytes_per_second: merge_bandwidth,
                 },
                 status: None,
             };
@@ -375,7 +379,8 @@ impl ControllerService {
                 "source_volume_id must not be empty".into(),
             ));
         }
-        let merge_bandwidth = request::snapshot_merge_bandwidth(&request.parameters)?;
+        let merge_bandwidth =
+            request::merge_bandwidth(ParameterOwner::Snapshot, &request.parameters)?;
         let id = snapshot_id_for(&request.name);
         let _guard = self.begin(&request.source_volume_id)?;
         if let Some(existing) = self.snapshots().get_opt(id.as_str()).await? {
@@ -396,7 +401,9 @@ impl ControllerService {
                     node_name: volume.spec.node_name.clone(),
                     volume_id: request.source_volume_id.clone(),
                     csi_name: request.name.clone(),
-                    merge_bandwidth_bytes_per_second: merge_bandwidth,
+                    // The snapshot's class decides; without a limit there, its volume's class.
+                    merge_bandwidth_bytes_per_second: merge_bandwidth
+                        .or(volume.spec.merge_bandwidth_bytes_per_second),
                     volume_snapshot: request::snapshot_origin(&request.name, &request.parameters),
                 },
                 status: None,

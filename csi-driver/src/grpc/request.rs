@@ -8,8 +8,9 @@ use livedisk_api::internal::VolumeSnapshotReference;
 
 use super::error::CsiError;
 
-/// The VolumeSnapshotClass parameter that limits the speed of the merge deleting the snapshot
-/// starts, as a quantity of bytes per second (`50Mi`).
+/// The VolumeSnapshotClass (or StorageClass: the default of the volume's snapshots) parameter
+/// that limits the speed of the merge deleting a snapshot starts, as a quantity of bytes per
+/// second (`50Mi`).
 pub const MERGE_BANDWIDTH_PARAMETER: &str = "mergeBandwidthLimit";
 /// Parameters the CSI sidecars add or reserve (`csi.storage.k8s.io/...`): never livedisk's.
 const SIDECAR_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
@@ -112,12 +113,25 @@ pub fn capability(capability: &VolumeCapability) -> Result<(), CsiError> {
     }
 }
 
-/// Pure: the deletion merge rate limit a CreateSnapshot's parameters ask for (`None`:
-/// unlimited). A parameter livedisk does not know, or a limit that is not a positive quantity,
-/// is refused: a typo must not silently mean "full speed".
-pub fn snapshot_merge_bandwidth(
+/// Whose parameters: a VolumeSnapshotClass's (CreateSnapshot) or a StorageClass's
+/// (CreateVolume), for the error message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParameterOwner {
+    Snapshot,
+    Volume,
+}
+
+/// Pure: the deletion merge rate limit a CreateSnapshot's or CreateVolume's parameters ask for
+/// (`None`: none given). A parameter livedisk does not know, or a limit that is not a positive
+/// quantity, is refused: a typo must not silently mean "full speed".
+pub fn merge_bandwidth(
+    owner: ParameterOwner,
     parameters: &std::collections::HashMap<String, String>,
 ) -> Result<Option<i64>, CsiError> {
+    let what = match owner {
+        ParameterOwner::Snapshot => "snapshot",
+        ParameterOwner::Volume => "volume",
+    };
     let mut limit = None;
     for (key, value) in parameters {
         if key.starts_with(SIDECAR_PARAMETER_PREFIX) {
@@ -125,14 +139,14 @@ pub fn snapshot_merge_bandwidth(
         }
         if key != MERGE_BANDWIDTH_PARAMETER {
             return Err(CsiError::InvalidArgument(format!(
-                "unknown snapshot parameter {key:?}: livedisk knows only {MERGE_BANDWIDTH_PARAMETER:?}"
+                "unknown {what} parameter {key:?}: livedisk knows only {MERGE_BANDWIDTH_PARAMETER:?}"
             )));
         }
         match livedisk_common::quantity::bytes(value) {
             Some(bytes) if bytes > 0 => limit = Some(bytes),
             _ => {
                 return Err(CsiError::InvalidArgument(format!(
-                    "snapshot parameter {MERGE_BANDWIDTH_PARAMETER}={value:?} is not a positive quantity of bytes per second (for example 50Mi)"
+                    "{what} parameter {MERGE_BANDWIDTH_PARAMETER}={value:?} is not a positive quantity of bytes per second (for example 50Mi)"
                 )));
             }
         }
@@ -232,12 +246,18 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<std::collections::HashMap<_, _>>()
         };
-        assert_eq!(snapshot_merge_bandwidth(&params(&[])).ok(), Some(None));
         assert_eq!(
-            snapshot_merge_bandwidth(&params(&[
-                ("mergeBandwidthLimit", "2Mi"),
-                ("csi.storage.k8s.io/volumesnapshot/name", "s"),
-            ]))
+            merge_bandwidth(ParameterOwner::Snapshot, &params(&[])).ok(),
+            Some(None)
+        );
+        assert_eq!(
+            merge_bandwidth(
+                ParameterOwner::Volume,
+                &params(&[
+                    ("mergeBandwidthLimit", "2Mi"),
+                    ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+                ])
+            )
             .ok(),
             Some(Some(2 << 20))
         );
@@ -261,7 +281,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    snapshot_merge_bandwidth(&bad),
+                    merge_bandwidth(ParameterOwner::Snapshot, &bad),
                     Err(CsiError::InvalidArgument(_))
                 ),
                 "{bad:?}"

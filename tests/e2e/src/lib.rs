@@ -124,46 +124,80 @@ impl TestNamespace {
         })
     }
 
-    /// Deletes the namespace (the garbage collector removes what is in it). Most tests stop
-    /// their operator before they clean up, so the operator's finalizer is taken off the
-    /// DiskSnapshots left in it (their VolumeSnapshots go with the namespace anyway): whatever
-    /// an operator still running does meanwhile, nothing of the test stays behind to block the
-    /// next test (a CRD removal, for one).
+    /// Deletes the namespace (the garbage collector removes what is in it). Its livedisk objects
+    /// go first, with the operator's finalizers taken off: most tests stop their operator before
+    /// they clean up, and an object left holding a finalizer would block the next test's CRD
+    /// removal. (What they own goes with the namespace.)
     pub async fn delete(self) -> Result<()> {
+        remove_livedisk_objects(&self.client, Some(&self.name)).await?;
         let api: Api<Namespace> = Api::all(self.client.clone());
         api.delete(&self.name, &DeleteParams::default()).await?;
-        let snapshots: Api<livedisk_api::DiskSnapshot> =
-            Api::namespaced(self.client.clone(), &self.name);
-        let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
+        Ok(())
+    }
+}
+
+/// Deletes the objects of every public livedisk kind in `namespace` (all namespaces: `None`) and
+/// takes the operator's finalizers off them, until none is left: test cleanup, where the
+/// operator may be stopped (or a failed test left its objects). An operator still running
+/// cannot put a finalizer back on an object being deleted.
+pub async fn remove_livedisk_objects(client: &Client, namespace: Option<&str>) -> Result<()> {
+    let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
+    let gone = |result: std::result::Result<(), kube::Error>| match result {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    };
+    for crd in livedisk_api::public_crds() {
+        let version = crd
+            .spec
+            .versions
+            .first()
+            .map(|v| v.name.clone())
+            .context("a CRD without versions")?;
+        let gvk = GroupVersionKind::gvk(&crd.spec.group, &version, &crd.spec.names.kind);
+        let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let left = snapshots.list(&Default::default()).await?.items;
+            let all: Api<DynamicObject> = match namespace {
+                Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            let left = all.list(&Default::default()).await?.items;
             if left.is_empty() {
-                return Ok(());
+                break;
             }
-            for snapshot in left.iter().filter(|s| !s.finalizers().is_empty()) {
-                match snapshots
-                    .patch(
-                        &snapshot.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&unguarded),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+            for object in &left {
+                let name = object.name_any();
+                let api: Api<DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    &object.namespace().unwrap_or_default(),
+                    &resource,
+                );
+                if object.metadata.deletion_timestamp.is_none() {
+                    gone(
+                        api.delete(&name, &DeleteParams::background())
+                            .await
+                            .map(|_| ()),
+                    )?;
+                }
+                if !object.finalizers().is_empty() {
+                    gone(
+                        api.patch(&name, &PatchParams::default(), &Patch::Merge(&unguarded))
+                            .await
+                            .map(|_| ()),
+                    )?;
                 }
             }
             if std::time::Instant::now() > deadline {
                 bail!(
-                    "DiskSnapshots of namespace {} did not go within 60 s",
-                    self.name
+                    "{} {} objects were still there after 60 s of removing them",
+                    left.len(),
+                    crd.spec.names.kind
                 );
             }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
+    Ok(())
 }
 
 /// Parses a multi-document YAML manifest into JSON objects.

@@ -92,6 +92,15 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         c.create_volume(multi).await,
         Code::InvalidArgument,
     );
+    let mut unknown = create("bad-parameter");
+    unknown
+        .parameters
+        .insert("mergeBandwidthLimt".into(), "1Mi".into());
+    expect(
+        "CreateVolume with an unknown parameter",
+        c.create_volume(unknown).await,
+        Code::InvalidArgument,
+    );
     let mut range = create("bad-range");
     range.capacity_range = Some(CapacityRange {
         required_bytes: 10 << 20,
@@ -238,6 +247,35 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         .await,
         Code::NotFound,
     );
+    for (what, parameters) in [
+        (
+            "CreateSnapshot with an unknown parameter",
+            [("mergeBandwidthLimt", "1Mi")],
+        ),
+        (
+            "CreateSnapshot with a zero merge limit",
+            [("mergeBandwidthLimit", "0")],
+        ),
+        (
+            "CreateSnapshot with a merge limit that is no quantity",
+            [("mergeBandwidthLimit", "fast")],
+        ),
+    ] {
+        expect(
+            what,
+            c.create_snapshot(CreateSnapshotRequest {
+                name: "bad-snap".into(),
+                source_volume_id: UNKNOWN_VOLUME.into(),
+                parameters: parameters
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+    }
     expect(
         "DeleteSnapshot without an ID",
         c.delete_snapshot(DeleteSnapshotRequest::default()).await,

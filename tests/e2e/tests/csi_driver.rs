@@ -515,6 +515,63 @@ async fn disk_snapshot_becomes_a_ready_volume_snapshot_and_goes_with_it() -> Res
     })
     .await?;
 
+    // A StorageClass's mergeBandwidthLimit is the default of its volumes' snapshots: a
+    // snapshot in a class without one takes the volume's.
+    let class = format!("{ns}-gentle");
+    must(
+        &client,
+        &ns,
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": class},
+               "provisioner": livedisk_common::DRIVER_NAME, "volumeBindingMode": "WaitForFirstConsumer",
+               "parameters": {"mergeBandwidthLimit": "3Mi"}}),
+    )
+    .await?;
+    let mut gentle = pvc("gentle", None);
+    gentle["spec"]["storageClassName"] = json!(class);
+    must(&client, &ns, gentle).await?;
+    must(&client, &ns, pod("gentle-consumer", "gentle", None)).await?;
+    let (gentle_id, _) = bound_volume(&client, &ns, "gentle", "gentle-consumer").await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    assert_eq!(
+        volumes
+            .get(&gentle_id)
+            .await?
+            .spec
+            .merge_bandwidth_bytes_per_second,
+        Some(3 << 20)
+    );
+    must(&client, &ns, json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "gentle-snap"}, "spec": {"source": {"persistentVolumeClaimName": "gentle"}}})).await?;
+    let gentle_snapshot = eventually(90, "VolumeSnapshot gentle-snap ready", || async {
+        let vs = snapshots.get("gentle-snap").await?;
+        Ok((vs.data["status"]["readyToUse"] == json!(true)).then_some(vs))
+    })
+    .await?;
+    let gentle_handle = snapshot_handle(&client, &gentle_snapshot).await?;
+    assert_eq!(
+        internal
+            .get(&gentle_handle)
+            .await?
+            .spec
+            .merge_bandwidth_bytes_per_second,
+        Some(3 << 20),
+        "the volume's class limit is the snapshot's default"
+    );
+    snapshots
+        .delete("gentle-snap", &DeleteParams::default())
+        .await?;
+    eventually(90, "the gentle snapshot to go", || async {
+        Ok(internal
+            .get_opt(&gentle_handle)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    force_delete_pod(&client, &ns, "gentle-consumer").await?;
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(client.clone());
+    classes.delete(&class, &DeleteParams::default()).await?;
+
     force_delete_pod(&client, &ns, "consumer").await?;
     drop(operator);
     namespace.delete().await

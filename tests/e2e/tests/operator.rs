@@ -17,6 +17,8 @@ use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
 use serde_json::json;
 
 async fn remove_crds(client: &Client) -> Result<()> {
+    // As an administrator uninstalling would: no operator runs now to release its finalizers.
+    livedisk_e2e::remove_livedisk_objects(client, None).await?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in livedisk_api::public_crds() {
         let name = crd.name_any();
