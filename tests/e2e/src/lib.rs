@@ -2,6 +2,7 @@
 //! (or `make up`) starts. Nothing here mocks the API server.
 
 pub mod csi;
+pub mod disks;
 pub mod metrics;
 pub mod operator;
 

@@ -15,38 +15,9 @@ use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{attach_block, detach_block, in_node};
-use livedisk_e2e::{
-    TestNamespace, apply, bound_volume, client, error_message, eventually, expected_extents,
-};
+use livedisk_e2e::disks::{must, pod, pvc};
+use livedisk_e2e::{TestNamespace, bound_volume, client, eventually, expected_extents};
 use serde_json::json;
-
-async fn must(client: &Client, namespace: &str, object: serde_json::Value) -> Result<()> {
-    apply(client, namespace, &object)
-        .await?
-        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
-    Ok(())
-}
-
-fn pvc(name: &str, data_source: Option<&str>) -> serde_json::Value {
-    let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
-                          "resources": {"requests": {"storage": "64Mi"}}});
-    if let Some(snapshot) = data_source {
-        spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
-    }
-    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
-}
-
-/// A consumer pod, optionally pinned to a node through its hostname label (so the scheduler,
-/// not the test, binds it and the PVC gets the selected-node annotation).
-fn pod(name: &str, claim: &str, node: Option<&str>) -> serde_json::Value {
-    let mut spec = json!({"containers": [{"name": "c", "image": "busybox",
-                            "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}]}],
-                          "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]});
-    if let Some(node) = node {
-        spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
-    }
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
-}
 
 async fn force_delete_pod(client: &Client, namespace: &str, name: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);

@@ -24,42 +24,16 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskMerge, LivediskSnapshot};
 use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
-use livedisk_e2e::csi::{attach_block, detach_block, in_node};
+use livedisk_e2e::csi::{attach_block, detach_block, node_plugin_pid};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{
-    TestNamespace, apply, bound_volume, client, error_message, eventually, parse_manifests,
-    workspace_binary, workspace_root,
+    TestNamespace, bound_volume, client, eventually, parse_manifests, workspace_root,
 };
 use serde_json::{Value, json};
 
 /// Blocks of 4 KiB each phase writes (8 MiB: a layer a rate-limited merge takes seconds on).
 const BLOCKS: u64 = 2048;
-
-async fn must(client: &Client, namespace: &str, object: Value) -> Result<()> {
-    apply(client, namespace, &object)
-        .await?
-        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
-    Ok(())
-}
-
-fn pvc(name: &str, data_source: Option<&str>) -> Value {
-    let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
-                          "resources": {"requests": {"storage": "64Mi"}}});
-    if let Some(snapshot) = data_source {
-        spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
-    }
-    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
-}
-
-fn pod(name: &str, claim: &str, node: Option<&str>) -> Value {
-    let mut spec = json!({"containers": [{"name": "c", "image": "busybox",
-                            "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}]}],
-                          "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]});
-    if let Some(node) = node {
-        spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
-    }
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
-}
 
 /// The DiskMerge of examples/20-diskmerge.yaml, with the test's claim, range and mode.
 fn merge_from_example(
@@ -128,27 +102,6 @@ async fn bound_disk(
         node,
         device,
     })
-}
-
-/// The host path of the block device published at `target` inside the node's namespace.
-fn host_device(node_name: &str, target: &str) -> Result<String> {
-    let output = in_node(node_name, &["stat", "-L", "-c", "%t:%T", target])?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let (major, minor) = text.trim().split_once(':').context("stat output")?;
-    let (major, minor) = (
-        u32::from_str_radix(major, 16)?,
-        u32::from_str_radix(minor, 16)?,
-    );
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
-    let name = uevent
-        .lines()
-        .find_map(|l| l.strip_prefix("DEVNAME="))
-        .context("no DEVNAME")?;
-    Ok(format!("/dev/{name}"))
-}
-
-fn verifier() -> Result<Command> {
-    Ok(Command::new(workspace_binary("livedisk-verifier")?))
 }
 
 fn log_path(dir: &Path, name: &str) -> PathBuf {
@@ -500,25 +453,7 @@ struct Setup {
     ns: String,
     operator: Operator,
     disk: Disk,
-    dir: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A directory for the writer's logs, removed at the end.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(prefix: &str) -> std::io::Result<Self> {
-            let p =
-                std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&p)?;
-            Ok(Self(p))
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    dir: ScratchDir,
 }
 
 /// A namespace, the operator, an attached disk, and `phases` phases each followed by a snapshot
@@ -533,7 +468,7 @@ async fn setup_with(prefix: &str, phases: u64, nodes: NodeUse) -> Result<Setup> 
     let namespace = TestNamespace::create(&client, prefix).await?;
     let ns = namespace.name.clone();
     let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
-    let dir = tempdir::Dir::new(prefix)?;
+    let dir = ScratchDir::new(prefix)?;
     for phase in 1..=phases {
         write_phase(
             &disk.device,
@@ -930,42 +865,6 @@ async fn a_raised_bandwidth_limit_applies_to_the_running_job() -> Result<()> {
     verify(&s.disk.device, 2, &log_path(dir, "phase2"))?;
     verify_snapshot(client, ns, "s2", &s.disk.node, 2, dir).await?;
     s.finish().await
-}
-
-/// The pid of a node's node plugin (`livedisk-csi node` serving `<node>.sock`).
-fn node_plugin_pid(node_name: &str) -> Result<Option<i32>> {
-    let endpoint = format!(
-        "unix://{}",
-        livedisk_e2e::csi::socket_dir()?
-            .join(format!("{node_name}.sock"))
-            .display()
-    );
-    let entries = std::fs::read_dir("/proc")?;
-    Ok(entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = String::from_utf8_lossy(&cmd)
-                .split('\0')
-                .map(str::to_owned)
-                .collect();
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true);
-            !zombie
-                && args.first().is_some_and(|a| a.ends_with("/livedisk-csi"))
-                && args.get(1).is_some_and(|a| a == "node")
-                && args.contains(&endpoint)
-        }))
 }
 
 /// kill -9 of the operator and of the node plugin in the middle of an active commit (no top):

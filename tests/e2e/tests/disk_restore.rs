@@ -16,7 +16,6 @@
 //! through a volume restored from it) follows tests/disk_merge.rs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -27,13 +26,10 @@ use livedisk_api::internal::restore::LABEL_NAMESPACE;
 use livedisk_api::internal::{LivediskRestore, RestorePhase};
 use livedisk_api::{DiskRestore, DiskRestoreStatus, DiskSnapshot, Phase};
 use livedisk_csi_proto::csi::v1::NodeStageVolumeRequest;
-use livedisk_e2e::csi::{
-    attach_block, block_capability, detach_block, in_node, node, node_plugin_pid,
-};
+use livedisk_e2e::csi::{attach_block, block_capability, detach_block, node, node_plugin_pid};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::Operator;
-use livedisk_e2e::{
-    TestNamespace, apply, bound_volume, client, error_message, eventually, workspace_binary,
-};
+use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
 use serde_json::{Value, json};
 
 /// Blocks of 4 KiB each phase writes (4 MiB).
@@ -41,32 +37,6 @@ const BLOCKS: u64 = 1024;
 
 /// The revert test kills a node plugin: the other test of this binary waits for it.
 static NODES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-async fn must(client: &Client, namespace: &str, object: Value) -> Result<()> {
-    apply(client, namespace, &object)
-        .await?
-        .map_err(|e| anyhow::anyhow!(error_message(&e)))?;
-    Ok(())
-}
-
-fn pvc(name: &str, data_source: Option<&str>) -> Value {
-    let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
-                          "resources": {"requests": {"storage": "64Mi"}}});
-    if let Some(snapshot) = data_source {
-        spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
-    }
-    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
-}
-
-fn pod(name: &str, claim: &str, node: Option<&str>) -> Value {
-    let mut spec = json!({"containers": [{"name": "c", "image": "busybox",
-                            "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}]}],
-                          "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]});
-    if let Some(node) = node {
-        spec["nodeSelector"] = json!({"kubernetes.io/hostname": node});
-    }
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
-}
 
 fn restore(name: &str, claim: &str, snapshot: &str) -> Value {
     json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskRestore", "metadata": {"name": name},
@@ -109,27 +79,6 @@ async fn attach(disk: &Disk, tag: &str) -> Result<Attached> {
 
 async fn detach(disk: &Disk, attached: &Attached) -> Result<()> {
     detach_block(&disk.node, &disk.volume_id, &attached.tag).await
-}
-
-/// The host path of the block device published at `target` inside the node's namespace.
-fn host_device(node_name: &str, target: &str) -> Result<String> {
-    let output = in_node(node_name, &["stat", "-L", "-c", "%t:%T", target])?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let (major, minor) = text.trim().split_once(':').context("stat output")?;
-    let (major, minor) = (
-        u32::from_str_radix(major, 16)?,
-        u32::from_str_radix(minor, 16)?,
-    );
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))?;
-    let name = uevent
-        .lines()
-        .find_map(|l| l.strip_prefix("DEVNAME="))
-        .context("no DEVNAME")?;
-    Ok(format!("/dev/{name}"))
-}
-
-fn verifier() -> Result<Command> {
-    Ok(Command::new(workspace_binary("livedisk-verifier")?))
 }
 
 fn log_path(dir: &Path, phase: u64) -> PathBuf {
@@ -277,24 +226,6 @@ async fn works_of(client: &Client, ns: &str) -> Result<Vec<LivediskRestore>> {
         .items)
 }
 
-mod tempdir {
-    /// A directory for the writer's logs, removed at the end.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(prefix: &str) -> std::io::Result<Self> {
-            let p =
-                std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&p)?;
-            Ok(Self(p))
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// Deletes the DiskRestores while the operator runs (its finalizer removes their node work),
 /// then the consumer pods (no kubelet runs here: only forced) and the namespace.
 async fn finish(client: &Client, namespace: TestNamespace, operator: Operator) -> Result<()> {
@@ -332,7 +263,7 @@ async fn a_revert_waits_for_the_consumer_then_restores_the_snapshot_and_keeps_ne
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, "restore").await?;
     let ns = namespace.name.clone();
-    let dir = tempdir::Dir::new("restore")?;
+    let dir = ScratchDir::new("restore")?;
     let dir = dir.0.as_path();
     let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
     let consumer = attach(&disk, &format!("{ns}-consumer")).await?;
@@ -433,7 +364,7 @@ async fn invalid_references_end_in_their_condition_and_change_nothing() -> Resul
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, "restore-refs").await?;
     let ns = namespace.name.clone();
-    let dir = tempdir::Dir::new("restore-refs")?;
+    let dir = ScratchDir::new("restore-refs")?;
     let dir = dir.0.as_path();
     let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
     let consumer = attach(&disk, &format!("{ns}-consumer")).await?;
