@@ -3,6 +3,7 @@
 mod controller;
 mod decide;
 mod error;
+mod finalized;
 mod kinds;
 mod leader;
 mod merge;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -24,11 +24,10 @@ use livedisk_api::DiskMerge;
 use livedisk_api::internal::{LivediskMerge, LivediskMergeSpec};
 use serde_json::json;
 
-use crate::decide::{Decision, EventKind};
+use crate::decide::Decision;
 use crate::error::Error;
 use crate::leader::Leadership;
 use crate::metrics::OperatorMetrics;
-use crate::status;
 
 /// The operator's finalizer on a DiskMerge: its node work is stopped and removed first.
 pub const FINALIZER: &str = "livedisk.io/merge";
@@ -129,36 +128,7 @@ async fn with_finalizer(
         }
     })
     .await;
-    let result = match result {
-        // A second pass over a DiskMerge whose deletion the first one finished (from a cache
-        // that had not seen it go): nothing is left to do.
-        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
-        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 404 =>
-        {
-            return Ok(Action::await_change());
-        }
-        // The finalizer patch tests the list it read: a pass that ran on a cache not yet showing
-        // the previous pass's change gets 422. Nothing is wrong; look again once it caught up.
-        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
-        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 422 =>
-        {
-            tracing::debug!("finalizer patch of a stale copy refused; looking again");
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        other => other,
-    };
-    result.map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
-            Error::Apply {
-                what: format!("the finalizer of DiskMerge {namespace}/{name}"),
-                cause,
-            }
-        }
-        other => Error::InvalidObject(other.to_string()),
-    })
+    crate::finalized::settle(result, "DiskMerge", namespace, &name)
 }
 
 /// Before the finalizer is on: whether the DiskMerge stops here (`Some`): its node work ended
@@ -390,32 +360,7 @@ async fn write_status(
     ctx: &MergeContext,
     decision: &Decision,
 ) -> Result<(), Error> {
-    let current = serde_json::to_value(merge).ok();
-    let update = status::build(
-        current.as_ref().and_then(|o| o.get("status")),
-        merge.meta().generation,
-        None,
-        decision,
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    if let Some(patch) = &update.patch {
-        let api: Api<DiskMerge> =
-            Api::namespaced(ctx.client.clone(), &merge.namespace().unwrap_or_default());
-        status::write(&api, &merge.name_any(), patch).await?;
-    }
-    if update.ready_reason_changed
-        && let Some(ready) = decision
-            .conditions
-            .iter()
-            .find(|c| c.type_ == livedisk_api::conditions::READY)
-    {
-        let kind = match decision.event {
-            EventKind::Normal => EventType::Normal,
-            EventKind::Warning => EventType::Warning,
-        };
-        publish(ctx, merge, kind, &ready.reason, &ready.message, "Reconcile").await;
-    }
-    Ok(())
+    crate::finalized::write_status(&ctx.client, &ctx.recorder, merge, None, decision).await
 }
 
 async fn publish(
@@ -426,14 +371,6 @@ async fn publish(
     note: &str,
     action: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(crate::controller::event_note(note)),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &merge.object_ref(&())).await {
-        tracing::warn!(%error, "could not publish Event");
-    }
+    let subject = merge.object_ref(&());
+    crate::finalized::publish(&ctx.recorder, &subject, type_, reason, note, action).await;
 }

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -27,8 +27,8 @@ use livedisk_api::snapshot::DeletionPolicy;
 use serde_json::json;
 
 use self::plan::{ContentFacts, DeletionStep, NodeSnapshotFacts, VolumeSnapshotFacts};
-use crate::controller::{Context, event_note, reconcile_object};
-use crate::decide::{Decision, EventKind, decide, decide_work};
+use crate::controller::{Context, reconcile_object};
+use crate::decide::{Decision, decide, decide_work};
 use crate::error::Error;
 use crate::kinds::LivediskKind;
 use crate::{observe, standard, status};
@@ -36,9 +36,6 @@ use crate::{observe, standard, status};
 /// The operator's finalizer on a DiskSnapshot: its VolumeSnapshot's deletion is followed
 /// through before the object goes.
 pub const FINALIZER: &str = "livedisk.io/snapshot";
-
-/// When a pass that met a stale copy of the object looks again.
-const STALE_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs the DiskSnapshot controller until shutdown.
 pub async fn run(context: Arc<Context>) {
@@ -229,34 +226,7 @@ async fn with_finalizer(
         }
     })
     .await;
-    match result {
-        // A second pass over a DiskSnapshot whose deletion the first one finished.
-        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
-        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 404 =>
-        {
-            Ok(Action::await_change())
-        }
-        // The finalizer patch tests the list it read: a pass that ran on a cache not yet showing
-        // the previous pass's change gets 422. Nothing is wrong; look again once it caught up.
-        Err(finalizer::Error::AddFinalizer(kube::Error::Api(s)))
-        | Err(finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 422 =>
-        {
-            tracing::debug!("finalizer patch of a stale copy refused; looking again");
-            Ok(Action::requeue(STALE_RETRY))
-        }
-        other => other.map_err(|e| match e {
-            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-            finalizer::Error::AddFinalizer(cause) | finalizer::Error::RemoveFinalizer(cause) => {
-                Error::Apply {
-                    what: format!("the finalizer of DiskSnapshot {namespace}/{name}"),
-                    cause,
-                }
-            }
-            other => Error::InvalidObject(other.to_string()),
-        }),
-    }
+    crate::finalized::settle(result, "DiskSnapshot", &namespace, &name)
 }
 
 /// Creates (or adopts) the VolumeSnapshot, keeps a Retain content retained, and reports what
@@ -470,43 +440,8 @@ async fn write_status(
     ctx: &Context,
     decision: &Decision,
 ) -> Result<(), Error> {
-    let current = serde_json::to_value(snapshot).ok();
-    let update = status::build(
-        current.as_ref().and_then(|o| o.get("status")),
-        snapshot.meta().generation,
-        snapshot.source_description(),
-        decision,
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    if let Some(patch) = &update.patch {
-        let api: Api<DiskSnapshot> = Api::namespaced(
-            ctx.client.clone(),
-            &snapshot.namespace().unwrap_or_default(),
-        );
-        status::write(&api, &snapshot.name_any(), patch).await?;
-        tracing::info!(phase = ?decision.phase, "status updated");
-    }
-    if update.ready_reason_changed
-        && let Some(ready) = decision
-            .conditions
-            .iter()
-            .find(|c| c.type_ == livedisk_api::conditions::READY)
-    {
-        let kind = match decision.event {
-            EventKind::Normal => EventType::Normal,
-            EventKind::Warning => EventType::Warning,
-        };
-        publish(
-            ctx,
-            &snapshot.object_ref(&()),
-            kind,
-            &ready.reason,
-            &ready.message,
-            "Reconcile",
-        )
-        .await;
-    }
-    Ok(())
+    let source = snapshot.source_description();
+    crate::finalized::write_status(&ctx.client, &ctx.recorder, snapshot, source, decision).await
 }
 
 async fn publish(
@@ -517,14 +452,5 @@ async fn publish(
     note: &str,
     action: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(event_note(note)),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, subject).await {
-        tracing::warn!(%error, "could not publish Event");
-    }
+    crate::finalized::publish(&ctx.recorder, subject, type_, reason, note, action).await;
 }
