@@ -636,8 +636,12 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
     let s = setup("merge-cancel", 3).await?;
     let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
     let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    // This namespace's node work only: the other tests of this binary run beside this one and
+    // make merges of their own.
     let works: Api<LivediskMerge> = Api::all(client.clone());
-    let works_before = works.list(&Default::default()).await?.items.len();
+    let ours =
+        kube::api::ListParams::default().labels(&format!("livedisk.io/diskmerge-namespace={ns}"));
+    let works_before = works.list(&ours).await?.items.len();
 
     // Invalid references: a clear condition, no node work, every snapshot still there.
     take_snapshot(client, ns, "kept", "vm-disk", true).await?;
@@ -697,7 +701,7 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         assert!(status.merged_snapshots.is_empty());
     }
     assert_eq!(
-        works.list(&Default::default()).await?.items.len(),
+        works.list(&ours).await?.items.len(),
         works_before,
         "no node work for invalid merges"
     );
