@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct JobStats {
     merged_bytes: AtomicU64,
     copied_bytes: AtomicU64,
+    merge_restarts: AtomicU64,
+    merge_copied_again_bytes: AtomicU64,
 }
 
 impl JobStats {
@@ -19,6 +21,24 @@ impl JobStats {
     /// A copy job (a clone's or restored volume's flatten) moved `bytes`.
     pub fn copied(&self, bytes: u64) {
         self.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A merge job was stopped for a snapshot and started again, copying `again` bytes a second
+    /// time.
+    pub fn merge_restarted(&self, again: u64) {
+        self.merge_restarts.fetch_add(1, Ordering::Relaxed);
+        self.merge_copied_again_bytes
+            .fetch_add(again, Ordering::Relaxed);
+    }
+
+    /// Merge jobs started again after a snapshot so far.
+    pub fn merge_restarts(&self) -> u64 {
+        self.merge_restarts.load(Ordering::Relaxed)
+    }
+
+    /// Bytes merge jobs copied a second time because a snapshot stopped them.
+    pub fn merge_copied_again_bytes(&self) -> u64 {
+        self.merge_copied_again_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes merged by snapshot deletions so far.

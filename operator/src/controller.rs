@@ -57,6 +57,7 @@ pub async fn run_all(
         leadership: leadership.clone(),
         metrics: metrics.clone(),
     });
+    let orphans = crate::orphans::run(client.clone(), leadership.clone());
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -70,6 +71,7 @@ pub async fn run_all(
         run::<DiskMigration>(context.clone()),
         run::<DiskExport>(context),
         crate::restore::run(restores),
+        orphans,
     );
     Ok(())
 }

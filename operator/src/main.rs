@@ -9,6 +9,7 @@ mod leader;
 mod merge;
 mod metrics;
 mod observe;
+mod orphans;
 mod restore;
 mod snapshot;
 mod standard;

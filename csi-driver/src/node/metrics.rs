@@ -185,15 +185,11 @@ fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
+    unit: Option<&Unit>,
     value: u64,
 ) -> Result<(), std::fmt::Error> {
     let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(
-        name,
-        help,
-        Some(&Unit::Bytes),
-        metric.metric_type(),
-    )?)
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
 fn gauge(
@@ -217,12 +213,28 @@ impl Collector for EngineCollector {
             &mut encoder,
             "livedisk_node_merged",
             "Progress of the merge jobs that deleted snapshots, summed when each concluded.",
+            Some(&Unit::Bytes),
             stats.merged_bytes(),
+        )?;
+        counter(
+            &mut encoder,
+            "livedisk_node_merge_restarts",
+            "Merge jobs stopped for a snapshot of their volume and started again after it.",
+            None,
+            stats.merge_restarts(),
+        )?;
+        counter(
+            &mut encoder,
+            "livedisk_node_merge_copied_again",
+            "What merge jobs stopped for a snapshot had copied, and copied again when started again.",
+            Some(&Unit::Bytes),
+            stats.merge_copied_again_bytes(),
         )?;
         counter(
             &mut encoder,
             "livedisk_node_copied",
             "Progress of the flatten jobs of restored and cloned volumes, summed when each concluded.",
+            Some(&Unit::Bytes),
             stats.copied_bytes(),
         )?;
         match mounts::statvfs(engine.pool()) {

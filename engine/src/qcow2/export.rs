@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::engine::{Engine, Result};
-use super::record::{ExportRecord, ExportTarget, SnapshotState, VolumeRecord};
+use super::record::{ExportRecord, ExportTarget, InFlight, SnapshotState, VolumeRecord};
 use super::types::ExportInfo;
 use super::{bitmap, plan};
 use crate::error::EngineError;
@@ -223,6 +223,14 @@ impl Engine {
                     return Err(plan::PlanError::SnapshotDeleting(id.clone()).into());
                 }
                 Some(_) => {}
+            }
+            if super::merge_pause::merge_hides_snapshot(&rec, id)
+                && let Some(InFlight::Merge { job, .. }) = &rec.in_flight
+                && self.job_status(job).await?.is_some()
+            {
+                return Err(EngineError::Busy(format!(
+                    "snapshot {id}: its layer is being merged by job {job}; export it once the merge is done"
+                )));
             }
         } else if rec.deleted {
             return Err(EngineError::NotFound(format!("volume {volume}")));

@@ -8,12 +8,17 @@ use serde_json::{Value, json};
 use super::engine::{Engine, JOB_POLL, Result, node_add_args, remove_file_if_exists};
 use super::record::{ExportTarget, InFlight, MergeMode, MergePhase, SnapshotState, VolumeRecord};
 use super::types::MergeOptions;
-use super::{plan, qemu_img, writeback};
+use super::{merge_pause, plan, qemu_img, writeback};
 use crate::error::EngineError;
 use crate::failpoint;
 use crate::lock::VolumeGuard;
 use crate::qsd::qmp::{self, JobInfo, QmpError};
-use livedisk_common::SnapshotId;
+use livedisk_common::{SnapshotId, VolumeId};
+
+/// How long a merge's finisher waits for the volume's lock. Other holders keep it for seconds
+/// (an attach, a snapshot pausing this very job); past this the caller is told `Busy` and asks
+/// again, which picks the job up where it is.
+const CONCLUDE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Engine {
     /// The merge job's id for deleting `snap` (for progress, speed, cancel).
@@ -36,9 +41,93 @@ impl Engine {
     }
 
     /// [`Engine::delete_snapshot`] with a choice of merge mode.
+    ///
+    /// The volume's lock is held only to start the job and to finish it: while the job copies,
+    /// the volume can be attached, detached and snapshotted (a snapshot pauses the job and
+    /// starts it again, see `merge_pause.rs`).
     pub async fn delete_snapshot_with(&self, snap: &SnapshotId, opts: MergeOptions) -> Result<()> {
-        let (rec, _g) = self.lock_for_merge(snap).await?;
-        self.merge_locked(rec, snap, opts, true).await
+        let (rec, guard) = self.lock_for_merge(snap).await?;
+        let volume = rec.id.clone();
+        self.merge_locked(rec, snap, opts, false).await?;
+        drop(guard);
+        self.conclude_merge(&volume, snap, opts.speed).await
+    }
+
+    /// Waits, without the volume's lock, until the merge job deleting `snap` has copied what it
+    /// copies, then takes the lock and finishes the deletion. A job that a snapshot paused and
+    /// started again is simply waited for again; what the lock holder finds decides.
+    async fn conclude_merge(
+        &self,
+        volume: &VolumeId,
+        snap: &SnapshotId,
+        speed: Option<u64>,
+    ) -> Result<()> {
+        let job = Self::merge_job_id(snap);
+        let mut rx = self.qmp.subscribe();
+        let mut pacer = None;
+        loop {
+            let status = self.job_status(&job).await?;
+            if merge_pause::copying(status.as_deref()) {
+                // Writeback of the layer the job writes into, overlapped with the copy (see
+                // `writeback.rs`); read without the lock, which is fine for a hint.
+                if pacer.is_none() {
+                    pacer = self
+                        .load(volume)
+                        .ok()
+                        .and_then(|rec| {
+                            let (mode, _) = rec.merge_of(snap)?;
+                            let plan = plan::plan_delete_with(&rec, snap, mode).ok()?;
+                            self.finalized_by_us(&rec, &plan)
+                        })
+                        .and_then(writeback::WritebackPacer::start);
+                }
+                Self::wait_job_poll(&mut rx, &job, &["ready", "pending", "concluded", "null"])
+                    .await?;
+                continue;
+            }
+            drop(pacer.take());
+            let guard = self.locks.lock_waiting(volume, CONCLUDE_LOCK_WAIT).await?;
+            let rec = self.load(volume)?;
+            let Some((mode, _)) = rec.merge_of(snap) else {
+                // Finished by whoever held the lock before us (a snapshot that found the job
+                // waiting for its finisher, or recovery).
+                return match rec.snapshot(snap) {
+                    None => Ok(()),
+                    Some(_) => Err(EngineError::JobFailed {
+                        job,
+                        error: "the merge is no longer in flight, but the snapshot is still there"
+                            .into(),
+                    }),
+                };
+            };
+            let status = self.job_status(&job).await?;
+            if merge_pause::copying(status.as_deref()) {
+                // Paused for a snapshot and started again while we waited for the lock.
+                drop(guard);
+                continue;
+            }
+            if status.is_none() {
+                return Err(EngineError::JobFailed {
+                    job,
+                    error: "job vanished".into(),
+                });
+            }
+            let mut rec = rec;
+            let plan = plan::plan_delete_with(&rec, snap, mode)?;
+            self.run_merge_job(&mut rec, &job, &plan, speed, true)
+                .await?;
+            failpoint::hit("merge-after-complete", self.daemon().pid);
+            return self.finish_merge(&rec, snap, &plan, &job).await;
+        }
+    }
+
+    /// The status of job `id` in the daemon (`None`: no such job).
+    pub(super) async fn job_status(&self, id: &str) -> Result<Option<String>> {
+        Ok(qmp::query_jobs(&self.qmp)
+            .await?
+            .into_iter()
+            .find(|j| j.id == id)
+            .map(|j| j.status))
     }
 
     /// Starts deleting a snapshot and returns the merge job's id without

@@ -14,6 +14,7 @@ mod engine;
 mod export;
 mod hidden_base;
 mod merge;
+mod merge_pause;
 mod open;
 pub mod plan;
 pub mod qemu_img;

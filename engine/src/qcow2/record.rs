@@ -325,6 +325,19 @@ impl VolumeRecord {
             .filter_map(|s| s.for_clone.as_ref().map(|c| (&s.id, c)))
     }
 
+    /// The mode and phase of the merge in flight if it deletes `snap`.
+    pub fn merge_of(&self, snap: &SnapshotId) -> Option<(MergeMode, MergePhase)> {
+        match &self.in_flight {
+            Some(InFlight::Merge {
+                snapshot,
+                mode,
+                phase,
+                ..
+            }) if snapshot == snap => Some((*mode, *phase)),
+            _ => None,
+        }
+    }
+
     pub fn snapshot(&self, id: &SnapshotId) -> Option<&SnapshotRecord> {
         self.snapshots.iter().find(|s| &s.id == id)
     }

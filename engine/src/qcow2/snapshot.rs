@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::engine::{Engine, Result, node_add_args, remove_file_if_exists};
-use super::record::{PendingSnapshot, VolumeRecord};
+use super::merge_pause::{self, MergeAtSnapshot};
+use super::record::{InFlight, PendingSnapshot, VolumeRecord};
 use super::types::{SnapshotInfo, SnapshotTimings, snap_info};
 use super::{plan, qemu_img};
 use crate::error::EngineError;
@@ -88,9 +89,6 @@ impl Engine {
                     other.id
                 )));
             }
-            if rec.in_flight.is_some() {
-                return Err(EngineError::Busy(format!("volume {v} (merge in flight)")));
-            }
             if rec.pending_snapshot.is_some() {
                 // Only left by a failure after the switch-over in this
                 // process; `open` resolves it.
@@ -121,6 +119,48 @@ impl Engine {
             ));
         }
 
+        // A merge job holding the active layer is stopped for the snapshot and started again
+        // after it, whatever the outcome (see `merge_pause.rs`).
+        let mut paused = vec![];
+        for rec in &recs {
+            let job = match &rec.in_flight {
+                Some(InFlight::Merge { job, .. }) => self.job_status(job).await?,
+                _ => None,
+            };
+            match merge_pause::merge_at_snapshot(rec, job.as_deref(), for_clone.is_some()) {
+                MergeAtSnapshot::Proceed => {}
+                MergeAtSnapshot::Wait(why) => {
+                    self.resume_merges(&paused).await;
+                    return Err(EngineError::Busy(why));
+                }
+                MergeAtSnapshot::Pause {
+                    snapshot,
+                    job,
+                    mode,
+                } => match self.pause_merge(rec, snapshot, job, mode).await {
+                    Ok(p) => paused.push(p),
+                    Err(e) => {
+                        self.resume_merges(&paused).await;
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        let result = self
+            .snapshot_transaction(&mut recs, pairs, for_clone, started)
+            .await;
+        self.resume_merges(&paused).await;
+        result
+    }
+
+    /// Steps 1 to 3 of a snapshot, once nothing holds the volumes' active layers.
+    async fn snapshot_transaction(
+        &self,
+        recs: &mut [VolumeRecord],
+        pairs: &[(VolumeId, SnapshotId)],
+        for_clone: Option<&VolumeId>,
+        started: Instant,
+    ) -> Result<(Vec<SnapshotInfo>, SnapshotTimings)> {
         // 1. The intent, durable before anything else: recovery then knows
         //    an overlay may exist and decides whether writes went to it.
         //    Then new overlay files and nodes, not yet in any chain.
@@ -132,21 +172,14 @@ impl Engine {
         // job paused by cancelling it, and restarted after the switch on the
         // then sealed layer (a stream skips what it already copied).
         let mut reflatten = vec![];
-        for rec in &recs {
+        for rec in recs.iter() {
             if rec.clone_of.is_some() && rec.layers.len() == 1 {
                 self.stop_flatten(rec).await?;
                 reflatten.push(rec.id.clone());
             }
         }
         let prepared = self
-            .prepare_overlays(
-                &mut recs,
-                pairs,
-                now,
-                for_clone,
-                &mut actions,
-                &mut overlays,
-            )
+            .prepare_overlays(recs, pairs, now, for_clone, &mut actions, &mut overlays)
             .await;
         // 2. The switch-over: atomic across all volumes.
         failpoint::hit("snapshot-before-transaction", self.daemon().pid);

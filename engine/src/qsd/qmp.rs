@@ -530,6 +530,18 @@ pub async fn query_jobs(qmp: &Qmp) -> Result<Vec<JobInfo>, QmpError> {
     serde_json::from_value(v).map_err(|e| QmpError::Protocol(format!("query-jobs: {e}")))
 }
 
+/// The rate limit (bytes/s, 0: none) of block job `job` as it is now, `None` if no such job.
+pub async fn block_job_speed(qmp: &Qmp, job: &str) -> Result<Option<u64>, QmpError> {
+    let v = qmp.execute("query-block-jobs", json!({})).await?;
+    let jobs = v
+        .as_array()
+        .ok_or_else(|| QmpError::Protocol("query-block-jobs: not a list".into()))?;
+    Ok(jobs
+        .iter()
+        .find(|j| j.get("device").and_then(Value::as_str) == Some(job))
+        .map(|j| j.get("speed").and_then(Value::as_u64).unwrap_or(0)))
+}
+
 /// What a monitor socket does for a new client within `within`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Greeting {

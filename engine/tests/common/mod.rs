@@ -568,3 +568,21 @@ pub async fn all_captured(e: &Engine) {
         e.capture_extents(&v.id).await.expect("capture extents");
     }
 }
+
+/// Runs `op` until it is not refused as busy: the merge holds the volume's lock for moments
+/// (starting and finishing its job), and callers retry ABORTED as kubelet does.
+pub async fn retrying_busy<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, livedisk_engine::EngineError>>,
+{
+    for _ in 0..50 {
+        match op().await {
+            Err(livedisk_engine::EngineError::Busy(_)) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            r => return r.unwrap_or_else(|e| panic!("{what}: {e:?}")),
+        }
+    }
+    panic!("{what}: busy for 5 s");
+}

@@ -33,8 +33,8 @@ use crate::metrics::OperatorMetrics;
 pub const FINALIZER: &str = "livedisk.io/merge";
 /// Labels on a LivediskMerge naming its DiskMerge (a cluster-scoped object cannot be owned by a
 /// namespaced one).
-const LABEL_NAMESPACE: &str = "livedisk.io/diskmerge-namespace";
-const LABEL_NAME: &str = "livedisk.io/diskmerge-name";
+pub const LABEL_NAMESPACE: &str = "livedisk.io/diskmerge-namespace";
+pub const LABEL_NAME: &str = "livedisk.io/diskmerge-name";
 /// Annotation on a LivediskMerge: the VolumeSnapshot (`namespace/name`) of each snapshot ID it
 /// merges, so that they can be deleted after their contents are gone.
 const ANNOTATION_SNAPSHOTS: &str = "livedisk.io/volume-snapshots";

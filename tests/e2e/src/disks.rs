@@ -21,8 +21,13 @@ pub async fn must(client: &Client, namespace: &str, object: Value) -> Result<()>
 
 /// A 64 MiB block claim of the livedisk class, restored from a VolumeSnapshot when given.
 pub fn pvc(name: &str, data_source: Option<&str>) -> Value {
+    pvc_of_size(name, data_source, "64Mi")
+}
+
+/// [`pvc`] of another size (a quantity).
+pub fn pvc_of_size(name: &str, data_source: Option<&str>, size: &str) -> Value {
     let mut spec = json!({"storageClassName": "livedisk", "volumeMode": "Block", "accessModes": ["ReadWriteOnce"],
-                          "resources": {"requests": {"storage": "64Mi"}}});
+                          "resources": {"requests": {"storage": size}}});
     if let Some(snapshot) = data_source {
         spec["dataSource"] = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot});
     }

@@ -25,7 +25,7 @@ use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskMerge, LivediskSnapshot};
 use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
 use livedisk_e2e::csi::{attach_block, detach_block, node_plugin_pid};
-use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc_of_size, verifier};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::{
     TestNamespace, bound_volume, client, eventually, parse_manifests, workspace_root,
@@ -88,7 +88,18 @@ async fn bound_disk(
     node: Option<&str>,
     source: Option<&str>,
 ) -> Result<Disk> {
-    must(client, ns, pvc(claim, source)).await?;
+    bound_disk_of_size(client, ns, claim, node, source, "64Mi").await
+}
+
+async fn bound_disk_of_size(
+    client: &Client,
+    ns: &str,
+    claim: &str,
+    node: Option<&str>,
+    source: Option<&str>,
+    size: &str,
+) -> Result<Disk> {
+    must(client, ns, pvc_of_size(claim, source, size)).await?;
     let pod_name = format!("{claim}-consumer");
     must(client, ns, pod(&pod_name, claim, node)).await?;
     let (volume_id, node) = bound_volume(client, ns, claim, &pod_name).await?;
@@ -327,6 +338,19 @@ fn verify_snapshot_in_pool(
     tag: u64,
     dir: &Path,
 ) -> Result<()> {
+    let raw = snapshot_raw(node, volume_id, handle, dir)?;
+    let result = verify(
+        &raw.display().to_string(),
+        tag,
+        &log_path(dir, &format!("phase{tag}")),
+    );
+    let _ = std::fs::remove_file(&raw);
+    result.with_context(|| format!("snapshot {handle} read from the pool"))
+}
+
+/// A snapshot's point-in-time view read from the node's layer files by `qemu-img` (not through
+/// livedisk), as a raw file in `dir`.
+fn snapshot_raw(node: &str, volume_id: &str, handle: &str, dir: &Path) -> Result<PathBuf> {
     let rec = record(node, volume_id)?;
     let seq = rec["layers"]
         .as_array()
@@ -345,13 +369,41 @@ fn verify_snapshot_in_pool(
         "qemu-img: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let result = verify(
-        &raw.display().to_string(),
-        tag,
-        &log_path(dir, &format!("phase{tag}")),
+    Ok(raw)
+}
+
+/// Whether bytes `from..from + len` of `a` and `b` are equal (cmp(1)).
+fn same_bytes(a: &Path, b: &Path, from: u64, len: u64) -> Result<()> {
+    let output = Command::new("cmp")
+        .arg(format!("--ignore-initial={from}"))
+        .arg(format!("--bytes={len}"))
+        .arg(a)
+        .arg(b)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{} and {} differ in {from}+{len}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
-    let _ = std::fs::remove_file(&raw);
-    result.with_context(|| format!("snapshot {handle} read from the pool"))
+    Ok(())
+}
+
+/// Writes `file` to the start of `device` (dd, 4 MiB direct writes, synced).
+fn write_file(device: &str, file: &Path) -> Result<()> {
+    let output = Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .arg(format!("of={device}"))
+        .args(["bs=4M", "oflag=direct", "conv=fsync,notrunc", "status=none"])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }
 
 /// Watches a DiskMerge's status in the background: the largest `progress.bytesDone` seen while
@@ -463,11 +515,15 @@ async fn setup(prefix: &str, phases: u64) -> Result<Setup> {
 }
 
 async fn setup_with(prefix: &str, phases: u64, nodes: NodeUse) -> Result<Setup> {
+    setup_sized(prefix, phases, nodes, "64Mi").await
+}
+
+async fn setup_sized(prefix: &str, phases: u64, nodes: NodeUse, size: &str) -> Result<Setup> {
     let client = client().await?;
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, prefix).await?;
     let ns = namespace.name.clone();
-    let disk = bound_disk(&client, &ns, "vm-disk", None, None).await?;
+    let disk = bound_disk_of_size(&client, &ns, "vm-disk", None, None, size).await?;
     let dir = ScratchDir::new(prefix)?;
     for phase in 1..=phases {
         write_phase(
@@ -811,6 +867,160 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
     s.finish().await
 }
 
+/// The changed blocks between two snapshots, as GetMetadataDelta answers them on the
+/// controller's socket (what the snapshot-metadata sidecar serves): (offset, length) pairs.
+async fn metadata_delta(base: &str, target: &str) -> Result<Vec<(u64, u64)>> {
+    use livedisk_csi_proto::csi::v1::GetMetadataDeltaRequest;
+    let mut metadata = livedisk_e2e::csi::snapshot_metadata().await?;
+    let request = GetMetadataDeltaRequest {
+        base_snapshot_id: base.into(),
+        target_snapshot_id: target.into(),
+        ..Default::default()
+    };
+    let mut stream = metadata.get_metadata_delta(request).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(message) = stream.message().await? {
+        out.extend(
+            message
+                .block_metadata
+                .iter()
+                .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+        );
+    }
+    Ok(out)
+}
+
+/// Waits until the DiskMerge `name` runs and its current job copied at least a quarter of a
+/// layer of at least 1 GiB.
+async fn quarter_copied(merges: &Api<DiskMerge>, name: &str, operator: &Operator) -> Result<()> {
+    eventually(300, "a quarter of the 1 GiB layer copied", || async {
+        let status = merges.get(name).await?.status.unwrap_or_default();
+        anyhow::ensure!(
+            matches!(status.phase, Phase::Pending | Phase::Running),
+            "{name} ended: {status:?}"
+        );
+        Ok(status
+            .progress
+            .filter(|p| p.bytes_total >= 1 << 30 && p.bytes_done * 4 >= p.bytes_total)
+            .map(|_| ()))
+    })
+    .await
+    .with_context(|| operator.log())
+}
+
+/// A Commit of a 1 GiB layer with the consumer attached: a DiskSnapshot taken while it copies
+/// is Ready while the merge still runs (the engine stops the job, snapshots, starts it again);
+/// the merge is then cancelled after a quarter of the layer was copied. Every other snapshot
+/// reads back equal to the writer's logs (read from the layer files, not through livedisk),
+/// the changed blocks between them stay right, and asking again finishes the merge.
+#[tokio::test]
+async fn a_1gib_commit_takes_a_snapshot_in_its_stride_and_cancels_after_a_quarter() -> Result<()> {
+    const GIB: u64 = 1 << 30;
+    let s = setup_sized(
+        "merge-big",
+        1,
+        NodeUse::Shared(NODES.read().await),
+        "1100Mi",
+    )
+    .await?;
+    let (client, ns, dir) = (&s.client, s.ns.as_str(), s.dir.0.as_path());
+    let (vol, node) = (s.disk.volume_id.as_str(), s.disk.node.as_str());
+    let merges: Api<DiskMerge> = Api::namespaced(client.clone(), ns);
+    // 1 GiB of random bytes, kept in a file as the ground truth of s2 (the checksummed writer's
+    // 4 KiB synchronous writes would take minutes for that much).
+    let data = dir.join("phase2.data");
+    let output = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=4M", "count=256", "status=none"])
+        .arg(format!("of={}", data.display()))
+        .output()?;
+    anyhow::ensure!(output.status.success(), "dd: {output:?}");
+    write_file(&s.disk.device, &data)?;
+    take_snapshot(client, ns, "s2", "vm-disk", false).await?;
+
+    // Deleting s1 commits s2's 1 GiB layer into s1's, held at 64 MiB/s.
+    must(
+        client,
+        ns,
+        merge_from_example(
+            "big",
+            "vm-disk",
+            "Commit",
+            Some("s1"),
+            Some("s2"),
+            Some("64Mi"),
+        )?,
+    )
+    .await?;
+    quarter_copied(&merges, "big", &s.operator).await?;
+    // The consumer writes on, and a snapshot is taken while the job copies.
+    write_phase(&s.disk.device, 3, BLOCKS, &log_path(dir, "phase3"))?;
+    let asked = std::time::Instant::now();
+    take_snapshot(client, ns, "s3", "vm-disk", false).await?;
+    let took = asked.elapsed();
+    let status = merges.get("big").await?.status.unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        Phase::Running,
+        "s3 was taken only after the merge ended ({took:?}): {status:?}"
+    );
+    eprintln!("snapshot during the merge: Ready {took:?} after it was applied");
+
+    // The restarted job copies its quarter again; then cancel.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    quarter_copied(&merges, "big", &s.operator).await?;
+    merges
+        .patch(
+            "big",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cancel": true}})),
+        )
+        .await?;
+    let status = wait_phase(&merges, "big", Phase::Cancelled, &s.operator).await?;
+    assert!(status.merged_snapshots.is_empty(), "{status:?}");
+
+    verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
+    let (s2, s3) = (
+        snapshot_handle(client, ns, "s2").await?,
+        snapshot_handle(client, ns, "s3").await?,
+    );
+    // s2 is the 1 GiB file; s3 is phase 3's blocks over it.
+    let check = |handle: &str, phase3: bool| -> Result<()> {
+        let raw = snapshot_raw(node, vol, handle, dir)?;
+        let result = if phase3 {
+            verify(&raw.display().to_string(), 3, &log_path(dir, "phase3"))
+                .and_then(|()| same_bytes(&raw, &data, BLOCKS * 4096, GIB - BLOCKS * 4096))
+        } else {
+            same_bytes(&raw, &data, 0, GIB)
+        };
+        let _ = std::fs::remove_file(&raw);
+        result.with_context(|| format!("snapshot {handle} read from the layer files"))
+    };
+    check(&s2, false)?;
+    check(&s3, true)?;
+    assert_eq!(
+        metadata_delta(&s2, &s3).await?,
+        vec![(0, BLOCKS * 4096)],
+        "changed blocks between s2 and s3 = phase 3's blocks"
+    );
+
+    // Asking again finishes it: deleting s1 deletes its snapshot, whose merge resumes.
+    let s1 = snapshot_handle(client, ns, "s1").await?;
+    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    disk_snapshots
+        .delete("s1", &DeleteParams::foreground())
+        .await?;
+    gone_objects(client, ns, &["s1"], std::slice::from_ref(&s1)).await?;
+    check(&s2, false)?;
+    check(&s3, true)?;
+    assert_eq!(
+        metadata_delta(&s2, &s3).await?,
+        vec![(0, BLOCKS * 4096)],
+        "changed blocks after the merge"
+    );
+    verify(&s.disk.device, 3, &log_path(dir, "phase3"))?;
+    s.finish().await
+}
+
 /// `bandwidthLimit` follows edits while the job runs: a merge held at 64 KiB/s (two minutes for
 /// the 8 MiB layer) finishes within seconds once the limit is raised.
 #[tokio::test]
@@ -931,6 +1141,74 @@ async fn a_merge_survives_kill_9_of_the_operator_and_the_node_plugin() -> Result
     let device = host_device(&disk.node, &target)?;
     verify_volume(&device, &dir, 4, 3)?;
     s.disk.device = device;
+    s.finish().await
+}
+
+/// kill -9 of the operator and of the node plugin while a DiskSnapshot's deletion merges (its
+/// class holds it at 1 MiB/s, so it runs for seconds) and the consumer writes: the restarted node
+/// plugin's engine finishes the merge, the DiskSnapshot and its objects go, and the volume and
+/// the other snapshots equal the writer's logs (the snapshots read from the layer files).
+#[tokio::test]
+async fn a_deletion_merge_survives_kill_9_of_the_operator_and_the_node_plugin() -> Result<()> {
+    let mut s = setup_with("dsnap-kill", 1, NodeUse::Exclusive(NODES.write().await)).await?;
+    let (client, ns, dir) = (s.client.clone(), s.ns.clone(), s.dir.0.clone());
+    let slow = snapshot_class(&client, &ns, "slow", json!({"mergeBandwidthLimit": "1Mi"})).await?;
+    write_phase(&s.disk.device, 2, BLOCKS, &log_path(&dir, "phase2"))?;
+    take_snapshot_with(
+        &client,
+        &ns,
+        "slow",
+        json!({"source": {"persistentVolumeClaimName": s.disk.claim}, "snapshotClassName": slow}),
+    )
+    .await?;
+    write_phase(&s.disk.device, 3, BLOCKS, &log_path(&dir, "phase3"))?;
+    take_snapshot(&client, &ns, "s3", &s.disk.claim, false).await?;
+    let handles = [
+        snapshot_handle(&client, &ns, "s1").await?,
+        snapshot_handle(&client, &ns, "slow").await?,
+        snapshot_handle(&client, &ns, "s3").await?,
+    ];
+    let stop = dir.join("stop");
+    let writer = start_writer(&s.disk.device, 4, &log_path(&dir, "phase4"), &stop)?;
+
+    // Deleting "slow" commits phase 3's 8 MiB into its layer at 1 MiB/s.
+    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), &ns);
+    disk_snapshots
+        .delete("slow", &DeleteParams::default())
+        .await?;
+    eventually(60, "the deletion merge to copy", || async {
+        let status = disk_snapshots.get("slow").await?.status.unwrap_or_default();
+        Ok(
+            (status.phase == Phase::Deleting && status.progress.is_some_and(|p| p.bytes_done > 0))
+                .then_some(()),
+        )
+    })
+    .await
+    .with_context(|| s.operator.log())?;
+
+    s.operator.signal(libc::SIGKILL)?;
+    let plugin = node_plugin_pid(&s.disk.node)?.context("no node plugin")?;
+    // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
+    anyhow::ensure!(
+        unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
+        "kill -9 node plugin"
+    );
+    let killed = std::mem::replace(&mut s.operator, Operator::start()?);
+    drop(killed);
+    let node = s.disk.node.clone();
+    eventually(90, "the node plugin to be restarted", || async {
+        Ok(node_plugin_pid(&node)?.filter(|pid| *pid != plugin))
+    })
+    .await?;
+    gone_objects(&client, &ns, &["slow"], std::slice::from_ref(&handles[1]))
+        .await
+        .with_context(|| s.operator.log())?;
+
+    stop_writer(writer, &stop)?;
+    verify_volume(&s.disk.device, &dir, 4, 3)?;
+    let (vol, node) = (s.disk.volume_id.as_str(), s.disk.node.as_str());
+    verify_snapshot_in_pool(node, vol, &handles[0], 1, &dir)?;
+    verify_snapshot_in_pool(node, vol, &handles[2], 3, &dir)?;
     s.finish().await
 }
 

@@ -10,7 +10,7 @@
 //! which learns the waiting revert from the API server); once the consumer detached, the revert runs,
 //! the volume reads exactly as the snapshot, and a newer snapshot still reads as it was taken.
 //! Invalid references end in their condition, create no node work and change nothing; a
-//! DiskRestore deleted while it waits never runs.
+//! DiskRestore deleted while it waits never runs; one force-removed loses its node work too.
 //!
 //! The small harness here (a bound, attached disk; phases; snapshots; reading a snapshot back
 //! through a volume restored from it) follows tests/disk_merge.rs.
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::restore::LABEL_NAMESPACE;
 use livedisk_api::internal::{LivediskRestore, RestorePhase};
@@ -465,6 +465,25 @@ async fn invalid_references_end_in_their_condition_and_change_nothing() -> Resul
                 && works_of(&client, &ns).await?.is_empty();
             Ok(gone.then_some(()))
         },
+    )
+    .await
+    .with_context(|| operator.log())?;
+    // One force-removed (finalizers stripped, then deleted) is never reconciled again: the
+    // operator's sweep deletes its orphaned node work, so NodeStage is no longer refused.
+    must(&client, &ns, restore("forced", "vm-disk", "s1")).await?;
+    wait_reason(&restores, "forced", "VolumeInUse", &operator).await?;
+    restores
+        .patch(
+            "forced",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+    restores.delete("forced", &DeleteParams::default()).await?;
+    eventually(
+        90,
+        "the orphaned node work of a force-removed DiskRestore to go",
+        || async { Ok(works_of(&client, &ns).await?.is_empty().then_some(())) },
     )
     .await
     .with_context(|| operator.log())?;

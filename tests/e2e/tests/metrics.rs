@@ -220,6 +220,8 @@ async fn a_snapshot_and_its_merge_move_the_metrics_by_exactly_what_was_done() ->
         "livedisk_node_volumes",
         "livedisk_node_snapshots",
         "livedisk_node_merged_bytes_total",
+        "livedisk_node_merge_restarts_total",
+        "livedisk_node_merge_copied_again_bytes_total",
         "livedisk_node_copied_bytes_total",
     ] {
         assert!(node_first.has(name), "the node plugin shows no {name}");
