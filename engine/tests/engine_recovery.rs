@@ -1,7 +1,10 @@
-//! Recovery is bounded: a volume whose recovery outlasts the per-volume
-//! bound (here a throttled merge of a deleted volume's snapshot) is reported
-//! by `recovery_errors()` while `Engine::open` returns and the rest of the
-//! pool opens. Its own binary: the bound is set through the environment.
+//! Opening never waits for a merge that outlived the process that started it
+//! (here a throttled merge of a deleted volume's snapshot, minutes long): the
+//! job goes on in the daemon, `Engine::open` returns at once with nothing to
+//! report, the pool opens, and deleting the snapshot again finishes it. (The
+//! per-volume recovery bound, `LIVEDISK_RECOVERY_TIMEOUT_SECS`, stays for
+//! work recovery must drive itself; it is set low here so that a wait would
+//! show as a recovery error.)
 
 mod common;
 
@@ -14,7 +17,7 @@ use livedisk_verifier::{Writer, verify_point_in_time};
 const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_is_bounded_and_reports_a_volume_it_cannot_finish() {
+async fn open_leaves_a_copying_merge_to_its_finisher_and_the_pool_opens() {
     // SAFETY: the only test of this binary; set before any thread reads it.
     unsafe { std::env::set_var("LIVEDISK_RECOVERY_TIMEOUT_SECS", "2") };
     let env = TestEnv::new("bound");
@@ -60,10 +63,8 @@ async fn open_is_bounded_and_reports_a_volume_it_cannot_finish() {
         .expect("Engine::open must return")
         .expect("open");
     eprintln!("open took {:?}", t.elapsed());
-    let errs = e.recovery_errors();
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    assert_eq!(errs[0].0, vol);
-    // The rest of the pool is open.
+    assert_eq!(e.recovery_errors(), vec![], "open waited for the merge");
+    // The pool is open.
     e.volume(&other).expect("other volume");
     e.attach_volume(&other).await.expect("attach other");
     // The merge went on in the daemon; deleting again finishes it.

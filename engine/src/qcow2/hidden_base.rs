@@ -180,13 +180,12 @@ impl Engine {
     /// Deletes a hidden base snapshot, taking its volume's lock (not the
     /// clone's); already gone counts as deleted.
     pub(super) async fn delete_hidden_base(&self, base: &SnapshotId) -> Result<()> {
-        match self.lock_for_merge(base).await {
-            Ok((src, _g)) => {
-                self.merge_locked(src, base, MergeOptions::default(), true)
-                    .await
-            }
+        match self
+            .delete_snapshot_with(base, MergeOptions::default())
+            .await
+        {
             Err(EngineError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
+            r => r,
         }
     }
 

@@ -48,7 +48,9 @@ impl Engine {
     pub async fn delete_snapshot_with(&self, snap: &SnapshotId, opts: MergeOptions) -> Result<()> {
         let (rec, guard) = self.lock_for_merge(snap).await?;
         let volume = rec.id.clone();
-        self.merge_locked(rec, snap, opts, false).await?;
+        if !self.merge_locked(rec, snap, opts, false).await? {
+            return Ok(());
+        }
         drop(guard);
         self.conclude_merge(&volume, snap, opts.speed).await
     }
@@ -87,7 +89,11 @@ impl Engine {
             }
             drop(pacer.take());
             let guard = self.locks.lock_waiting(volume, CONCLUDE_LOCK_WAIT).await?;
-            let rec = self.load(volume)?;
+            let rec = match self.load(volume) {
+                // Its last snapshot merged away by whoever held the lock before us.
+                Err(EngineError::NotFound(_)) => return Ok(()),
+                r => r?,
+            };
             let Some((mode, _)) = rec.merge_of(snap) else {
                 // Finished by whoever held the lock before us (a snapshot that found the job
                 // waiting for its finisher, or recovery).
@@ -164,13 +170,15 @@ impl Engine {
         Ok((rec, g))
     }
 
+    /// Returns whether a job is left running (only without `wait`): otherwise the deletion is
+    /// done.
     pub(super) async fn merge_locked(
         &self,
         rec: VolumeRecord,
         snap: &SnapshotId,
         opts: MergeOptions,
         wait: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // An interrupted merge keeps the mode it started with.
         let (mode, phase) = match &rec.in_flight {
             Some(InFlight::Merge {
@@ -240,11 +248,12 @@ impl Engine {
             self.run_merge_job(&mut rec, &job, &plan, opts.speed, wait)
                 .await?;
             if !wait {
-                return Ok(());
+                return Ok(true);
             }
             failpoint::hit("merge-after-complete", self.daemon().pid);
         }
-        self.finish_merge(&rec, snap, &plan, &job).await
+        self.finish_merge(&rec, snap, &plan, &job).await?;
+        Ok(false)
     }
 
     /// Puts the fresh overlay `n` on the active layer in one `transaction`

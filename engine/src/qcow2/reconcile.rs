@@ -331,6 +331,15 @@ impl Engine {
             speed: None,
         };
         match mode {
+            Recovery::Full
+                if super::merge_pause::copying(self.job_status(&job).await?.as_deref()) =>
+            {
+                // The job outlived the process that started it and still copies. Waiting here
+                // would hold the volume (and this open) for the rest of the merge; its finisher
+                // is whoever asks for the deletion again (the node agent and a DiskMerge do at
+                // start) or, once the job waits for one, the adopter (`recover_idle`).
+                tracing::info!(volume = %id, %snapshot, job, "merge still copying; left to its finisher");
+            }
             Recovery::Full => {
                 tracing::info!(volume = %id, %snapshot, "finishing interrupted merge");
                 // Whoever opens the engine finishes this merge (or deletes
@@ -357,7 +366,9 @@ impl Engine {
                         Err(EngineError::Cancelled(job)) => {
                             tracing::info!(volume = %id, %snapshot, job, "merge was cancelled");
                         }
-                        r => r?,
+                        r => {
+                            r?;
+                        }
                     }
                 }
             }

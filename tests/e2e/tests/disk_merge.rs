@@ -709,7 +709,16 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
     must(client, ns, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "foreign"},
         "spec": {"storageClassName": "", "volumeName": format!("{ns}-foreign"), "volumeMode": "Block",
                  "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})).await?;
+    // A snapshot of another claim's volume, for a range across two volumes.
+    let other = bound_disk(client, ns, "other", Some(&s.disk.node), None).await?;
+    take_snapshot(client, ns, "o1", &other.claim, false).await?;
     let cases = [
+        (
+            "across",
+            merge_from_example("across", "vm-disk", "Commit", Some("s1"), Some("o1"), None)?,
+            "SnapshotOfAnotherVolume",
+            "True",
+        ),
         (
             "no-claim",
             merge_from_example("no-claim", "missing", "Commit", None, None, None)?,
@@ -762,12 +771,13 @@ async fn a_cancelled_commit_keeps_every_other_snapshot_and_invalid_references_ch
         "no node work for invalid merges"
     );
     let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
-    for name in ["s1", "s2", "s3", "kept"] {
+    for name in ["s1", "s2", "s3", "kept", "o1"] {
         assert!(
             disk_snapshots.get_opt(name).await?.is_some(),
             "{name} was touched"
         );
     }
+    detach_block(&other.node, &other.volume_id, &other.tag).await?;
 
     // A rate-limited Commit of s1 (s2's 8 MiB layer into s1's), cancelled once it copied some.
     must(
