@@ -546,6 +546,26 @@ async fn setup_sized(prefix: &str, phases: u64, nodes: NodeUse, size: &str) -> R
 }
 
 impl Setup {
+    /// kill -9 of the operator and of the disk's node plugin; a new operator is started, and
+    /// the node plugin is back once its supervisor restarted it (as kubelet would).
+    async fn kill_operator_and_node_plugin(&mut self) -> Result<()> {
+        self.operator.signal(libc::SIGKILL)?;
+        let plugin = node_plugin_pid(&self.disk.node)?.context("no node plugin")?;
+        // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
+        anyhow::ensure!(
+            unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
+            "kill -9 node plugin"
+        );
+        let killed = std::mem::replace(&mut self.operator, Operator::start()?);
+        drop(killed);
+        let node = self.disk.node.clone();
+        eventually(90, "the node plugin to be restarted", || async {
+            Ok(node_plugin_pid(&node)?.filter(|pid| *pid != plugin))
+        })
+        .await?;
+        Ok(())
+    }
+
     async fn finish(self) -> Result<()> {
         // A snapshot deletion of the test's cleanup may hold the volume for a moment (ABORTED,
         // retried as kubelet retries).
@@ -1125,20 +1145,7 @@ async fn a_merge_survives_kill_9_of_the_operator_and_the_node_plugin() -> Result
     .await
     .with_context(|| s.operator.log())?;
 
-    s.operator.signal(libc::SIGKILL)?;
-    let plugin = node_plugin_pid(&s.disk.node)?.context("no node plugin")?;
-    // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
-    anyhow::ensure!(
-        unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
-        "kill -9 node plugin"
-    );
-    let killed = std::mem::replace(&mut s.operator, Operator::start()?);
-    drop(killed);
-    let node = s.disk.node.clone();
-    eventually(90, "the node plugin to be restarted", || async {
-        Ok(node_plugin_pid(&node)?.filter(|pid| *pid != plugin))
-    })
-    .await?;
+    s.kill_operator_and_node_plugin().await?;
 
     let status = wait_phase(&merges, "flatten-all", Phase::Completed, &s.operator).await?;
     stop_writer(writer, &stop)?;
@@ -1196,20 +1203,7 @@ async fn a_deletion_merge_survives_kill_9_of_the_operator_and_the_node_plugin() 
     .await
     .with_context(|| s.operator.log())?;
 
-    s.operator.signal(libc::SIGKILL)?;
-    let plugin = node_plugin_pid(&s.disk.node)?.context("no node plugin")?;
-    // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
-    anyhow::ensure!(
-        unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
-        "kill -9 node plugin"
-    );
-    let killed = std::mem::replace(&mut s.operator, Operator::start()?);
-    drop(killed);
-    let node = s.disk.node.clone();
-    eventually(90, "the node plugin to be restarted", || async {
-        Ok(node_plugin_pid(&node)?.filter(|pid| *pid != plugin))
-    })
-    .await?;
+    s.kill_operator_and_node_plugin().await?;
     gone_objects(&client, &ns, &["slow"], std::slice::from_ref(&handles[1]))
         .await
         .with_context(|| s.operator.log())?;
