@@ -1,0 +1,285 @@
+//! A full pool, on a real small file system: the pool is a loop-mounted ext4 image of 64 MiB.
+//!
+//! * A snapshot the pool cannot hold is refused with RESOURCE_EXHAUSTED before anything is
+//!   made: the record, the snapshot list and every file of the pool stay as they were; once
+//!   space is freed the same snapshot is taken.
+//! * Two volumes that each fit when made (the pool is thin) fill it: the consumer of one,
+//!   writing through the production data path (a loop device over an nbdfuse file of the
+//!   daemon's NBD export), gets EIO for its `O_DSYNC` write, and ENOSPC for an `O_DIRECT` write
+//!   and on the nbdfuse file itself. Every write acknowledged before reads back, the daemon
+//!   serves on, and after the other volume is deleted the writes succeed again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use livedisk_engine::pool_space::{self, Need};
+use livedisk_engine::{Engine, ErrorCode, SnapshotId, VolumeId};
+use livedisk_verifier::{Ack, Writer, verify};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+
+/// An ext4 file system of `size` bytes in an image file, loop-mounted at `target` (the test's
+/// pool directory, before the engine opens it). Unmounted lazily on drop, so it goes once the
+/// daemon that has files open on it is gone (the `TestEnv` kills it next); the loop device
+/// `mount -o loop` made is freed with it.
+struct SmallPool {
+    target: PathBuf,
+    image: PathBuf,
+}
+
+impl SmallPool {
+    fn mount(target: &Path, size: u64) -> Self {
+        let image = target.with_extension("img");
+        let file = std::fs::File::create(&image).expect("pool image");
+        file.set_len(size).expect("pool image size");
+        drop(file);
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        std::fs::create_dir_all(target).expect("pool dir");
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop"])
+            .arg(&image)
+            .arg(target));
+        Self {
+            target: target.to_owned(),
+            image,
+        }
+    }
+}
+
+impl Drop for SmallPool {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.target)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free(e: &Engine) -> u64 {
+    pool_space::available_bytes(e.pool()).expect("statvfs of the pool")
+}
+
+/// Writes `len` bytes of data at offset 0 of a volume through its export, then detaches it.
+async fn fill(e: &Engine, vol: &VolumeId, pattern: u8, len: u64) {
+    let uri = e.attach_volume(vol).await.expect("attach").uri();
+    qemu_io_write(&uri, pattern, 0, len);
+    e.detach_volume(vol).await.expect("detach");
+}
+
+/// Deletes a volume and waits until its space is back (layer files are unlinked in the
+/// background).
+async fn delete_and_wait_for_space(e: &Engine, vol: &VolumeId, at_least: u64) {
+    let before = free(e);
+    e.delete_volume(vol).await.expect("delete the other volume");
+    wait_until(
+        "the deleted volume's space",
+        Duration::from_secs(30),
+        || free(e) >= before + at_least,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
+    let env = TestEnv::new("fullsnap");
+    let _pool = SmallPool::mount(&env.cfg.pool, 64 * MIB);
+    let e = env.engine().await;
+
+    let vol = VolumeId::generate();
+    e.create_volume(&vol, 40 * MIB).await.expect("create");
+    // A snapshot of a volume with nothing written needs only a layer's metadata.
+    let s0 = SnapshotId::generate();
+    e.create_snapshot(&vol, &s0)
+        .await
+        .expect("an empty snapshot fits");
+    let other = VolumeId::generate();
+    e.create_volume(&other, 24 * MIB)
+        .await
+        .expect("create the other");
+    fill(&e, &vol, 0x5a, 20 * MIB).await;
+    fill(&e, &other, 0x6b, 20 * MIB).await;
+
+    let need = e.snapshot_need(&vol).expect("need");
+    let available = free(&e);
+    assert!(
+        need.bytes() > available,
+        "the setup must leave too little room: need {need:?} ({} bytes), {available} free",
+        need.bytes()
+    );
+    let record = e.record(&vol).expect("record");
+    let snapshots = e.list_snapshots(&vol).expect("snapshots");
+    let files = pool_fingerprint(e.pool());
+
+    let s1 = SnapshotId::generate();
+    let refused = e
+        .create_snapshot(&vol, &s1)
+        .await
+        .expect_err("a snapshot the pool cannot hold");
+    assert_eq!(refused.code(), ErrorCode::ResourceExhausted, "{refused}");
+    assert!(
+        refused.to_string().contains("the snapshot needs"),
+        "{refused}"
+    );
+    // A group snapshot with the volume in it is refused as a whole.
+    let group = e
+        .create_snapshots(&[
+            (vol.clone(), SnapshotId::generate()),
+            (other.clone(), SnapshotId::generate()),
+        ])
+        .await
+        .expect_err("a group snapshot the pool cannot hold");
+    assert_eq!(group.code(), ErrorCode::ResourceExhausted, "{group}");
+
+    assert_eq!(
+        e.record(&vol).expect("record"),
+        record,
+        "the record changed"
+    );
+    assert_eq!(e.list_snapshots(&vol).expect("snapshots"), snapshots);
+    assert_eq!(
+        pool_fingerprint(e.pool()),
+        files,
+        "the pool's files changed"
+    );
+    assert!(e.snapshot(&s1).is_err(), "the refused snapshot exists");
+    assert!(free(&e) >= available, "the refusal took pool space");
+
+    // Room made, the same request succeeds, and the volume's data is intact in it.
+    delete_and_wait_for_space(&e, &other, 16 * MIB).await;
+    assert!(need.bytes() <= free(&e));
+    e.create_snapshot(&vol, &s1)
+        .await
+        .expect("the snapshot fits once space is freed");
+    let uri = e.attach_volume(&vol).await.expect("attach").uri();
+    qemu_io_read(&uri, 0x5a, 0, 20 * MIB);
+    e.detach_volume(&vol).await.expect("detach");
+    check_volume_layers(&e, &vol);
+}
+
+/// The writer's outcome: its acknowledged writes and the error that stopped it, if any.
+struct Run {
+    acks: Vec<Ack>,
+    error: Option<std::io::Error>,
+}
+
+/// Writes blocks `first..end` in order, one `O_DSYNC` write each, until one fails.
+fn write_until_error(w: &mut Writer, first: u64, end: u64) -> Run {
+    let mut acks = vec![];
+    for block in first..end {
+        match w.write_block(block) {
+            Ok(ack) => acks.push(ack),
+            Err(error) => {
+                return Run {
+                    acks,
+                    error: Some(error),
+                };
+            }
+        }
+    }
+    Run { acks, error: None }
+}
+
+/// One 4 KiB `O_DIRECT` write with dd; returns its stderr when it fails.
+fn direct_write(path: &Path, block: u64) -> Option<String> {
+    let out = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", path.display()))
+        .args(["bs=4096", "count=1", "oflag=direct", "conv=notrunc"])
+        .arg(format!("seek={block}"))
+        .output()
+        .expect("dd");
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Every acknowledged write reads back from the daemon itself (a fresh copy of the export, no
+/// page cache of the consumer's in between).
+fn verify_on_daemon(env: &TestEnv, uri: &str, acks: &[Ack], name: &str) {
+    let copy = env.root.join(name);
+    export_to_raw(uri, &copy);
+    let report = verify(&copy, 1, acks).expect("verify");
+    assert!(report.ok(), "{name}: {:?}", report.mismatches);
+    assert_eq!(report.blocks_checked, acks.len());
+    let _ = std::fs::remove_file(&copy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_write() {
+    let env = TestEnv::new("fullwr");
+    let _pool = SmallPool::mount(&env.cfg.pool, 64 * MIB);
+    let e = env.engine().await;
+
+    // Each volume fits in the pool's free space when it is made (what the node checks), but
+    // together they promise more than the pool holds.
+    let size = 40 * MIB;
+    let vol = VolumeId::generate();
+    let other = VolumeId::generate();
+    assert_eq!(pool_space::refusal(Need::Volume { size }, free(&e)), None);
+    e.create_volume(&vol, size).await.expect("create");
+    assert_eq!(pool_space::refusal(Need::Volume { size }, free(&e)), None);
+    e.create_volume(&other, size)
+        .await
+        .expect("create the other");
+    fill(&e, &other, 0x6b, 24 * MIB).await;
+
+    let uri = e.attach_volume(&vol).await.expect("attach").uri();
+    let fuse = NbdFile::mount(&env.root.join("f0"), &uri, false);
+    let lo = LoopDev::attach(&fuse.file);
+    let mut w = Writer::open(&lo.dev, 1).expect("open the loop device");
+    let blocks = size / BLOCK;
+
+    let first = write_until_error(&mut w, 0, blocks);
+    let error = first.error.expect("the pool filled before the volume did");
+    let written = first.acks.len() as u64;
+    eprintln!(
+        "full pool: {written} writes of 4 KiB acknowledged, then {error:?}; {} bytes free",
+        free(&e)
+    );
+    // Buffered (O_DSYNC) writes to the block device go through its page cache, whose
+    // write-back turns any failure into EIO.
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert!(written > 0 && written < blocks, "{written} of {blocks}");
+    // The daemon's own answer is ENOSPC, per request: seen as is with O_DIRECT through the
+    // loop device, and on the nbdfuse file.
+    let failed = written;
+    let direct = direct_write(&lo.dev, failed).expect("an O_DIRECT write to the full pool");
+    assert!(direct.contains("No space left on device"), "{direct}");
+    let on_file = direct_write(&fuse.file, failed).expect("a write to the nbdfuse file");
+    assert!(on_file.contains("No space left on device"), "{on_file}");
+    // Nothing acknowledged is lost, and the daemon serves on (the copy reads through it).
+    verify_on_daemon(&env, &uri, &first.acks, "after-enospc.raw");
+
+    // Space freed: the same writer goes on from the write that failed, to the volume's end.
+    delete_and_wait_for_space(&e, &other, 16 * MIB).await;
+    let second = write_until_error(&mut w, failed, blocks);
+    assert!(
+        second.error.is_none(),
+        "after freeing space: {:?}",
+        second.error
+    );
+    let mut acks = first.acks;
+    acks.extend(second.acks);
+    assert_eq!(acks.len() as u64, blocks);
+    verify_on_daemon(&env, &uri, &acks, "after-free.raw");
+
+    drop(w);
+    drop(lo);
+    drop(fuse);
+    e.detach_volume(&vol).await.expect("detach");
+    check_volume_layers(&e, &vol);
+}
