@@ -283,3 +283,135 @@ async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_writ
     e.detach_volume(&vol).await.expect("detach");
     check_volume_layers(&e, &vol);
 }
+
+/// `e2fsck -fn` of the consumer's file system; panics with its report unless clean.
+fn fsck(dev: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(dev)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck {} (exit {:?}): {}{}",
+        dev.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Chunk `i` of the file system writer: 1 MiB that says which chunk it is.
+fn chunk(i: u64) -> Vec<u8> {
+    let mut buf = vec![(i % 251) as u8; MIB as usize];
+    buf[..8].copy_from_slice(&i.to_le_bytes());
+    buf
+}
+
+/// Appends 1 MiB chunks `first..end` to `file`, each made durable by fsync before the next,
+/// until a write or fsync fails; returns how many were made durable and the error.
+fn append_until_error(path: &Path, first: u64, end: u64) -> (u64, Option<std::io::Error>) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the consumer's file");
+    for i in first..end {
+        if let Err(error) = file.write_all(&chunk(i)).and_then(|()| file.sync_all()) {
+            return (i - first, Some(error));
+        }
+    }
+    (end - first, None)
+}
+
+/// The first `count` chunks of `path` read back as written.
+fn assert_chunks(path: &Path, count: u64) {
+    let data = std::fs::read(path).expect("read the consumer's file");
+    assert!(data.len() as u64 >= count * MIB, "{} bytes", data.len());
+    let bad: Vec<String> = (0..count)
+        .filter_map(|i| {
+            let at = (i * MIB) as usize;
+            let found = &data[at..at + MIB as usize];
+            (found != &chunk(i)[..]).then(|| {
+                let differ = found
+                    .iter()
+                    .zip(chunk(i))
+                    .filter(|(a, b)| **a != *b)
+                    .count();
+                let first = found.iter().zip(chunk(i)).position(|(a, b)| *a != b);
+                format!(
+                    "chunk {i}: {differ} bytes differ, first at {first:?}, byte there {:?}",
+                    first.map(|f| found[f])
+                )
+            })
+        })
+        .collect();
+    assert!(bad.is_empty(), "{} bytes in the file: {bad:?}", data.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_on_a_full_pool_reports_enospc_at_fsync_and_stays_consistent() {
+    let env = TestEnv::new("fullfs");
+    let _pool = SmallPool::mount(&env.cfg.pool, 64 * MIB);
+    let e = env.engine().await;
+    let size = 40 * MIB;
+    let (vol, other) = (VolumeId::generate(), VolumeId::generate());
+    e.create_volume(&vol, size).await.expect("create");
+    e.create_volume(&other, size)
+        .await
+        .expect("create the other");
+    fill(&e, &other, 0x6b, 24 * MIB).await;
+
+    let uri = e.attach_volume(&vol).await.expect("attach").uri();
+    let fuse = NbdFile::mount(&env.root.join("f0"), &uri, false);
+    let lo = LoopDev::attach(&fuse.file);
+    mkfs_ext4(&lo.dev);
+    let target = env.root.join("mnt");
+    let file = target.join("data");
+    let mnt = Mounted::mount(&lo.dev, &target);
+
+    let (durable, error) = append_until_error(&file, 0, size / MIB);
+    let error = error.expect("the pool filled before the file system did");
+    eprintln!("full pool under ext4: {durable} MiB made durable, then {error:?}");
+    // ext4 writes its data back with block I/O of its own, which keeps the block layer's
+    // out-of-space status: the consumer's fsync says ENOSPC.
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    assert!(durable > 0);
+    // The file system stays writable: its journal and metadata sit in clusters mkfs allocated.
+    let options = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    let line = options
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(target.to_str().unwrap_or_default()))
+        .expect("still mounted")
+        .to_owned();
+    assert!(line.contains(" rw,"), "{line}");
+
+    // Space freed while the file system is still mounted: what it could not write back goes
+    // out now (its journal holds metadata whose home blocks fell in clusters the pool had no
+    // room for). Then everything fsynced reads back after a remount (no page cache in
+    // between), the file grows again, durably, and the file system checks clean.
+    delete_and_wait_for_space(&e, &other, 16 * MIB).await;
+    drop(mnt);
+    fsck(&lo.dev);
+    let mnt = Mounted::mount(&lo.dev, &target);
+    assert_chunks(&file, durable);
+    let truncated = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(durable * MIB));
+    truncated.expect("cut the file to what was made durable");
+    let (more, error) = append_until_error(&file, durable, durable + 4);
+    assert!(error.is_none(), "after freeing space: {error:?}");
+    assert_eq!(more, 4);
+    drop(mnt);
+    fsck(&lo.dev);
+    let mnt = Mounted::mount(&lo.dev, &target);
+    assert_chunks(&file, durable + 4);
+
+    drop(mnt);
+    drop(lo);
+    drop(fuse);
+    e.detach_volume(&vol).await.expect("detach");
+    check_volume_layers(&e, &vol);
+}
