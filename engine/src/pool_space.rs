@@ -27,18 +27,38 @@ pub enum Need {
     /// A snapshot of a volume of `size` bytes whose active layer has `active_allocated` bytes
     /// allocated on the pool.
     Snapshot { size: u64, active_allocated: u64 },
+    /// A new volume of `size` bytes cloned from a volume of `source_size` bytes: the volume, and
+    /// the snapshot of its source the clone is made from (it seals the source's active layer
+    /// of `source_active_allocated` bytes until the clone is flattened and the snapshot merged
+    /// away).
+    Clone {
+        size: u64,
+        source_size: u64,
+        source_active_allocated: u64,
+    },
 }
 
 impl Need {
     /// Bytes of free pool space the request needs.
     pub fn bytes(self) -> u64 {
         match self {
-            Need::Volume { size } if size == 0 => 0,
+            Need::Volume { size: 0 } => 0,
             Need::Volume { size } => size.saturating_add(layer_metadata_bytes(size)),
             Need::Snapshot {
                 size,
                 active_allocated,
             } => active_allocated.saturating_add(layer_metadata_bytes(size)),
+            Need::Clone {
+                size,
+                source_size,
+                source_active_allocated,
+            } => Need::Volume { size }.bytes().saturating_add(
+                Need::Snapshot {
+                    size: source_size,
+                    active_allocated: source_active_allocated,
+                }
+                .bytes(),
+            ),
         }
     }
 }
@@ -87,6 +107,16 @@ pub fn refusal(need: Need, available: u64) -> Option<String> {
              (the {active_allocated} bytes its volume's active layer holds, which the snapshot \
              keeps while the volume may be written again in full, and the metadata of a new layer)"
         ),
+        Need::Clone {
+            size,
+            source_active_allocated,
+            ..
+        } => format!(
+            "the pool has {available} bytes free; the clone needs {needed} \
+             ({size} bytes, the {source_active_allocated} bytes its source's active layer holds, \
+             which the clone's snapshot of it keeps until the clone is flattened, and the \
+             metadata of two layers)"
+        ),
     })
 }
 
@@ -121,7 +151,7 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the buffer.
     let stat = unsafe { stat.assume_init() };
-    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 #[cfg(test)]
@@ -178,6 +208,26 @@ mod tests {
         assert!(refused.contains(&format!("{}", 20 * MIB)), "{refused}");
         // A full pool refuses even a snapshot of a volume with nothing new written.
         assert!(refusal(need(0), 0).is_some());
+    }
+
+    #[test]
+    fn a_clone_needs_its_volume_and_the_snapshot_of_its_source() {
+        let need = Need::Clone {
+            size: 32 * MIB,
+            source_size: 16 * MIB,
+            source_active_allocated: 10 * MIB,
+        };
+        let volume = Need::Volume { size: 32 * MIB }.bytes();
+        let snapshot = Need::Snapshot {
+            size: 16 * MIB,
+            active_allocated: 10 * MIB,
+        }
+        .bytes();
+        assert_eq!(need.bytes(), volume + snapshot);
+        assert_eq!(refusal(need, volume + snapshot), None);
+        // Room for the volume alone is not enough.
+        let refused = refusal(need, volume).expect("no room for the source's snapshot");
+        assert!(refused.contains("the clone needs"), "{refused}");
     }
 
     #[test]
