@@ -214,7 +214,8 @@ fn verify_on_daemon(env: &TestEnv, uri: &str, acks: &[Ack], name: &str) {
     export_to_raw(uri, &copy);
     let report = verify(&copy, 1, acks).expect("verify");
     assert!(report.ok(), "{name}: {:?}", report.mismatches);
-    assert_eq!(report.blocks_checked, acks.len());
+    let blocks: std::collections::BTreeSet<u64> = acks.iter().map(|a| a.block).collect();
+    assert_eq!(report.blocks_checked, blocks.len());
     let _ = std::fs::remove_file(&copy);
 }
 
@@ -261,8 +262,14 @@ async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_writ
     assert!(direct.contains("No space left on device"), "{direct}");
     let on_file = direct_write(&fuse.file, failed).expect("a write to the nbdfuse file");
     assert!(on_file.contains("No space left on device"), "{on_file}");
+    // A write into a cluster already allocated still succeeds on the full pool.
+    let mut acks = first.acks;
+    acks.push(
+        w.write_block(0)
+            .expect("an overwrite of an allocated cluster on the full pool"),
+    );
     // Nothing acknowledged is lost, and the daemon serves on (the copy reads through it).
-    verify_on_daemon(&env, &uri, &first.acks, "after-enospc.raw");
+    verify_on_daemon(&env, &uri, &acks, "after-enospc.raw");
 
     // Space freed: the same writer goes on from the write that failed, to the volume's end.
     delete_and_wait_for_space(&e, &other, 16 * MIB).await;
@@ -272,9 +279,8 @@ async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_writ
         "after freeing space: {:?}",
         second.error
     );
-    let mut acks = first.acks;
     acks.extend(second.acks);
-    assert_eq!(acks.len() as u64, blocks);
+    assert_eq!(acks.len() as u64, blocks + 1);
     verify_on_daemon(&env, &uri, &acks, "after-free.raw");
 
     drop(w);
