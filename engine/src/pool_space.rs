@@ -1,19 +1,22 @@
-//! The full-pool rule: how much free pool space a new volume, a volume's growth or a snapshot
-//! needs before it is made (pure), and the pool's free space (statvfs, the one I/O here).
+//! The full-pool rule: how much room in the pool a new volume, a volume's growth, a clone or a
+//! snapshot needs before it is made, and how much room the pool has (pure), and the pool's free
+//! space (statvfs, the one I/O here).
 //!
-//! Volumes are thin qcow2 files, so nothing is reserved on the file system: a request is
-//! checked against the free space the pool has now, and the commitments other volumes already
-//! hold (bytes they were promised and have not written yet) are NOT counted. The checks only keep
-//! one request from promising more than the pool holds at that moment; several volumes on one
-//! pool can together promise more (docs/operations.md, "Full pool").
+//! Volumes are thin qcow2 files, so nothing is reserved on the file system. Instead, what every
+//! volume on the pool was promised and has not taken yet counts as taken: the pool's room is its
+//! free space minus those promises ([`Room`]). So the volumes' promises never add up to more
+//! than the pool holds, and a consumer meets ENOSPC below the size it was promised only when
+//! something the rule does not see fills the file system (other files on it, a merge's copy in
+//! flight; docs/operations.md, "Full pool").
 //!
-//! * A volume (or its growth) commits its size: its consumer may write every byte.
+//! * A volume (or its growth) is promised its size: its consumer may write every byte. What it
+//!   still may take is that size less what its active layer already holds ([`promised`]).
 //! * A snapshot seals the volume's active layer, which keeps its allocated bytes; the consumer
-//!   may then rewrite the whole volume into the new active layer. So a snapshot commits about
-//!   the active layer's allocated bytes on top of what the volume already promised.
-//! * Either also needs room for the qcow2 metadata of a layer of the volume's size written in
-//!   full ([`layer_metadata_bytes`]), so that a consumer who writes everything does not run the
-//!   pool out on L2 tables, refcounts or its dirty bitmap.
+//!   may then rewrite the whole volume into the new active layer. So a snapshot adds about the
+//!   active layer's allocated bytes to what the volume may take.
+//! * Each also needs room for the qcow2 metadata of a layer of the volume's size written in full
+//!   ([`layer_metadata_bytes`]), so that a consumer who writes everything does not run the pool
+//!   out on L2 tables, refcounts or its dirty bitmap.
 
 use std::path::Path;
 
@@ -87,51 +90,85 @@ pub fn layer_metadata_bytes(size: u64) -> u64 {
     (l2 + l1 + bitmap + bitmap_meta + header + refcount + refcount_table).saturating_mul(c)
 }
 
-/// Why a request that needs `need` does not fit in `available` free bytes; `None` when it fits.
-/// The message is what the caller reports (the volume's or snapshot's status error, the CSI
+/// The pool's room for a new request: its free space, less what its volumes were promised and
+/// have not taken yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Room {
+    /// Free bytes of the pool's file system ([`available_bytes`]).
+    pub free: u64,
+    /// The sum of [`promised`] over the pool's volumes.
+    pub promised: u64,
+}
+
+impl Room {
+    /// Bytes a new request may take.
+    pub fn available(self) -> u64 {
+        self.free.saturating_sub(self.promised)
+    }
+
+    fn describe(self) -> String {
+        format!(
+            "the pool has {} bytes free, {} of them promised to its volumes' unwritten blocks",
+            self.free, self.promised
+        )
+    }
+}
+
+/// What a volume of `size` bytes may still take of the pool: its size and a full layer's
+/// metadata, less what its active layer (`active_allocated`) already holds. Its sealed layers
+/// never grow, so they promise nothing.
+pub fn promised(size: u64, active_allocated: u64) -> u64 {
+    Need::Volume { size }
+        .bytes()
+        .saturating_sub(active_allocated)
+}
+
+/// Why a request that needs `need` does not fit in the pool's `room`; `None` when it fits. The
+/// message is what the caller reports (the volume's or snapshot's status error, the CSI
 /// RESOURCE_EXHAUSTED).
-pub fn refusal(need: Need, available: u64) -> Option<String> {
+pub fn refusal(need: Need, room: Room) -> Option<String> {
     let needed = need.bytes();
-    if needed <= available {
+    if needed <= room.available() {
         return None;
     }
+    let room = room.describe();
     Some(match need {
         Need::Volume { size } => format!(
-            "the pool has {available} bytes free; the volume needs {needed} \
-             ({size} bytes and the metadata of a fully written layer)"
+            "{room}; the volume needs {needed} ({size} bytes and the metadata of a fully \
+             written layer)"
         ),
         Need::Snapshot {
             active_allocated, ..
         } => format!(
-            "the pool has {available} bytes free; the snapshot needs {needed} \
-             (the {active_allocated} bytes its volume's active layer holds, which the snapshot \
-             keeps while the volume may be written again in full, and the metadata of a new layer)"
+            "{room}; the snapshot needs {needed} (the {active_allocated} bytes its volume's \
+             active layer holds, which the snapshot keeps while the volume may be written again \
+             in full, and the metadata of a new layer)"
         ),
         Need::Clone {
             size,
             source_active_allocated,
             ..
         } => format!(
-            "the pool has {available} bytes free; the clone needs {needed} \
-             ({size} bytes, the {source_active_allocated} bytes its source's active layer holds, \
-             which the clone's snapshot of it keeps until the clone is flattened, and the \
-             metadata of two layers)"
+            "{room}; the clone needs {needed} ({size} bytes, the {source_active_allocated} bytes \
+             its source's active layer holds, which the clone's snapshot of it keeps until the \
+             clone is flattened, and the metadata of two layers)"
         ),
     })
 }
 
 /// [`refusal`] of several snapshots taken together (one group snapshot): they need the sum.
-pub fn group_refusal(needs: &[Need], available: u64) -> Option<String> {
+pub fn group_refusal(needs: &[Need], room: Room) -> Option<String> {
     if let [one] = needs {
-        return refusal(*one, available);
+        return refusal(*one, room);
     }
     let needed = needs
         .iter()
         .fold(0u64, |sum, need| sum.saturating_add(need.bytes()));
-    (needed > available).then(|| {
+    (needed > room.available()).then(|| {
         format!(
-            "the pool has {available} bytes free; the {} snapshots need {needed} together \
-             (what their volumes' active layers hold, and the metadata of new layers)",
+            "{}; the {} snapshots need {needed} together (what their volumes' active layers \
+             hold, and the metadata of new layers)",
+            room.describe(),
             needs.len()
         )
     })
@@ -161,6 +198,11 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
 
+    /// A pool with `free` bytes free and nothing promised.
+    fn room(free: u64) -> Room {
+        Room { free, promised: 0 }
+    }
+
     #[test]
     fn a_layers_metadata_is_a_small_bounded_share_of_its_size() {
         // 1 GiB: 16384 clusters -> 2 L2 clusters, 1 L1, 1 bitmap, 2 bitmap meta, 1 header,
@@ -182,12 +224,12 @@ mod tests {
     fn a_volume_needs_its_size_and_the_metadata_of_a_full_layer() {
         let need = Need::Volume { size: 32 * MIB };
         assert_eq!(need.bytes(), 32 * MIB + layer_metadata_bytes(32 * MIB));
-        assert_eq!(refusal(need, need.bytes()), None);
-        let refused = refusal(need, need.bytes() - 1).expect("one byte short");
+        assert_eq!(refusal(need, room(need.bytes())), None);
+        let refused = refusal(need, room(need.bytes() - 1)).expect("one byte short");
         assert!(refused.contains("the volume needs"), "{refused}");
         // No growth needs nothing, even from a full pool.
         assert_eq!(Need::Volume { size: 0 }.bytes(), 0);
-        assert_eq!(refusal(Need::Volume { size: 0 }, 0), None);
+        assert_eq!(refusal(Need::Volume { size: 0 }, room(0)), None);
     }
 
     #[test]
@@ -202,12 +244,12 @@ mod tests {
         assert_eq!(need(0).bytes(), meta);
         // Not the volume's size: only what the snapshot keeps on top of what was promised.
         assert_eq!(need(20 * MIB).bytes(), 20 * MIB + meta);
-        assert_eq!(refusal(need(20 * MIB), 20 * MIB + meta), None);
-        let refused = refusal(need(20 * MIB), 20 * MIB).expect("no room for the metadata");
+        assert_eq!(refusal(need(20 * MIB), room(20 * MIB + meta)), None);
+        let refused = refusal(need(20 * MIB), room(20 * MIB)).expect("no room for the metadata");
         assert!(refused.contains("the snapshot needs"), "{refused}");
         assert!(refused.contains(&format!("{}", 20 * MIB)), "{refused}");
         // A full pool refuses even a snapshot of a volume with nothing new written.
-        assert!(refusal(need(0), 0).is_some());
+        assert!(refusal(need(0), room(0)).is_some());
     }
 
     #[test]
@@ -224,9 +266,9 @@ mod tests {
         }
         .bytes();
         assert_eq!(need.bytes(), volume + snapshot);
-        assert_eq!(refusal(need, volume + snapshot), None);
+        assert_eq!(refusal(need, room(volume + snapshot)), None);
         // Room for the volume alone is not enough.
-        let refused = refusal(need, volume).expect("no room for the source's snapshot");
+        let refused = refusal(need, room(volume)).expect("no room for the source's snapshot");
         assert!(refused.contains("the clone needs"), "{refused}");
     }
 
@@ -238,12 +280,42 @@ mod tests {
         };
         let two = [one, one];
         let both = 2 * one.bytes();
-        assert_eq!(group_refusal(&two, both), None);
-        let refused = group_refusal(&two, both - 1).expect("one byte short");
+        assert_eq!(group_refusal(&two, room(both)), None);
+        let refused = group_refusal(&two, room(both - 1)).expect("one byte short");
         assert!(refused.contains("the 2 snapshots need"), "{refused}");
         // Either fits alone.
-        assert_eq!(group_refusal(&[one], one.bytes()), None);
-        assert_eq!(group_refusal(&[one], 0), refusal(one, 0));
+        assert_eq!(group_refusal(&[one], room(one.bytes())), None);
+        assert_eq!(group_refusal(&[one], room(0)), refusal(one, room(0)));
+    }
+
+    #[test]
+    fn what_volumes_were_promised_and_have_not_written_is_taken() {
+        let size = 32 * MIB;
+        let full = Need::Volume { size }.bytes();
+        // A new volume may still take all of it; one written in full, nothing more.
+        assert_eq!(promised(size, 0), full);
+        assert_eq!(promised(size, 12 * MIB), full - 12 * MIB);
+        assert_eq!(promised(size, full), 0);
+        assert_eq!(promised(size, full + MIB), 0);
+        // 40 MiB free of which 30 MiB promised: a 16 MiB volume does not fit, an 8 MiB one does.
+        let pool = Room {
+            free: 40 * MIB,
+            promised: 30 * MIB,
+        };
+        assert_eq!(pool.available(), 10 * MIB);
+        let refused = refusal(Need::Volume { size: 16 * MIB }, pool).expect("promised away");
+        assert!(
+            refused.contains(&format!("{} of them promised", 30 * MIB)),
+            "{refused}"
+        );
+        assert_eq!(refusal(Need::Volume { size: 8 * MIB }, pool), None);
+        // More promised than free (something else filled the file system): no room at all.
+        let over = Room {
+            free: MIB,
+            promised: 30 * MIB,
+        };
+        assert_eq!(over.available(), 0);
+        assert_eq!(refusal(Need::Volume { size: 0 }, over), None);
     }
 
     #[test]
@@ -253,8 +325,8 @@ mod tests {
             active_allocated: u64::MAX,
         };
         assert_eq!(need.bytes(), u64::MAX);
-        assert!(refusal(need, u64::MAX - 1).is_some());
-        assert!(refusal(Need::Volume { size: u64::MAX }, u64::MAX - 1).is_some());
+        assert!(refusal(need, room(u64::MAX - 1)).is_some());
+        assert!(refusal(Need::Volume { size: u64::MAX }, room(u64::MAX - 1)).is_some());
     }
 
     #[test]

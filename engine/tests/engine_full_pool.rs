@@ -1,13 +1,15 @@
-//! A full pool, on a real small file system: the pool is a loop-mounted ext4 image of 64 MiB.
+//! A full pool, on a real small file system: an ext4 image of 64 MiB, loop-mounted, holds the
+//! pool directory.
 //!
-//! * A snapshot the pool cannot hold is refused with RESOURCE_EXHAUSTED before anything is
-//!   made: the record, the snapshot list and every file of the pool stay as they were; once
-//!   space is freed the same snapshot is taken.
-//! * Two volumes that each fit when made (the pool is thin) fill it: the consumer of one,
-//!   writing through the production data path (a loop device over an nbdfuse file of the
-//!   daemon's NBD export), gets EIO for its `O_DSYNC` write, and ENOSPC for an `O_DIRECT` write
-//!   and on the nbdfuse file itself. Every write acknowledged before reads back, the daemon
-//!   serves on, and after the other volume is deleted the writes succeed again.
+//! * A snapshot the pool has no room for (its free space less what the volumes were promised
+//!   and have not written yet) is refused with RESOURCE_EXHAUSTED before anything is made: the
+//!   record, the snapshot list and every file of the pool stay as they were; once a volume is
+//!   deleted the same snapshot is taken.
+//! * Something the rule does not see (a file beside the pool) fills the file system under a
+//!   volume's consumer, writing through the production data path (a loop device over an
+//!   nbdfuse file of the daemon's NBD export): it gets EIO for its `O_DSYNC` write, and ENOSPC
+//!   for an `O_DIRECT` write and on the nbdfuse file itself. Every write acknowledged before
+//!   reads back, the daemon serves on, and once the file is removed the writes succeed again.
 
 mod common;
 
@@ -23,16 +25,24 @@ use livedisk_verifier::{Ack, Writer, verify};
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
-/// An ext4 file system of `size` bytes in an image file, loop-mounted at `target` (the test's
-/// pool directory, before the engine opens it). Unmounted lazily on drop, so it goes once the
-/// daemon that has files open on it is gone (the `TestEnv` kills it next); the loop device
-/// `mount -o loop` made is freed with it.
+/// An ext4 file system of `size` bytes in an image file, loop-mounted at `target`. Unmounted
+/// lazily on drop, so it goes once the daemon that has files open on it is gone (the `TestEnv`
+/// kills it next); the loop device `mount -o loop` made is freed with it.
 struct SmallPool {
     target: PathBuf,
     image: PathBuf,
 }
 
 impl SmallPool {
+    /// A small file system for `env`'s engine: its pool becomes a directory on it (set before
+    /// the engine opens), beside which a test can put files of its own.
+    fn for_engine(env: &mut TestEnv, size: u64) -> Self {
+        let fs = Self::mount(&env.root.join("fs"), size);
+        env.cfg.pool = fs.target.join("pool");
+        std::fs::create_dir_all(&env.cfg.pool).expect("pool dir");
+        fs
+    }
+
     fn mount(target: &Path, size: u64) -> Self {
         let image = target.with_extension("img");
         let file = std::fs::File::create(&image).expect("pool image");
@@ -75,11 +85,26 @@ fn free(e: &Engine) -> u64 {
     pool_space::available_bytes(e.pool()).expect("statvfs of the pool")
 }
 
+fn room(e: &Engine) -> pool_space::Room {
+    e.pool_room().expect("the pool's room")
+}
+
 /// Writes `len` bytes of data at offset 0 of a volume through its export, then detaches it.
 async fn fill(e: &Engine, vol: &VolumeId, pattern: u8, len: u64) {
     let uri = e.attach_volume(vol).await.expect("attach").uri();
     qemu_io_write(&uri, pattern, 0, len);
     e.detach_volume(vol).await.expect("detach");
+}
+
+/// A file of `len` bytes of data (not a hole), made durable.
+fn write_file(path: &Path, len: u64) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("create the file");
+    let block = vec![0xa5u8; MIB as usize];
+    for _ in 0..len / MIB {
+        file.write_all(&block).expect("write the file");
+    }
+    file.sync_all().expect("sync the file");
 }
 
 /// Deletes a volume and waits until its space is back (layer files are unlinked in the
@@ -97,29 +122,33 @@ async fn delete_and_wait_for_space(e: &Engine, vol: &VolumeId, at_least: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
-    let env = TestEnv::new("fullsnap");
-    let _pool = SmallPool::mount(&env.cfg.pool, 64 * MIB);
+    let mut env = TestEnv::new("fullsnap");
+    let _fs = SmallPool::for_engine(&mut env, 64 * MIB);
     let e = env.engine().await;
 
     let vol = VolumeId::generate();
-    e.create_volume(&vol, 40 * MIB).await.expect("create");
+    let size = 24 * MIB;
+    e.create_volume(&vol, size).await.expect("create");
     // A snapshot of a volume with nothing written needs only a layer's metadata.
     let s0 = SnapshotId::generate();
     e.create_snapshot(&vol, &s0)
         .await
         .expect("an empty snapshot fits");
+    // Another volume, which the node's check lets through (what the first was promised counted).
     let other = VolumeId::generate();
-    e.create_volume(&other, 24 * MIB)
+    assert_eq!(pool_space::refusal(Need::Volume { size }, room(&e)), None);
+    e.create_volume(&other, size)
         .await
         .expect("create the other");
-    fill(&e, &vol, 0x5a, 20 * MIB).await;
-    fill(&e, &other, 0x6b, 20 * MIB).await;
+    fill(&e, &vol, 0x5a, 12 * MIB).await;
+    fill(&e, &other, 0x6b, 16 * MIB).await;
 
+    // The file system still has room for the snapshot; what the volumes were promised takes it.
     let need = e.snapshot_need(&vol).expect("need");
-    let available = free(&e);
+    let before = room(&e);
     assert!(
-        need.bytes() > available,
-        "the setup must leave too little room: need {need:?} ({} bytes), {available} free",
+        need.bytes() < before.free && need.bytes() > before.available(),
+        "the setup must leave too little room: need {need:?} ({} bytes), {before:?}",
         need.bytes()
     );
     let record = e.record(&vol).expect("record");
@@ -158,16 +187,16 @@ async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
         "the pool's files changed"
     );
     assert!(e.snapshot(&s1).is_err(), "the refused snapshot exists");
-    assert!(free(&e) >= available, "the refusal took pool space");
+    assert!(free(&e) >= before.free, "the refusal took pool space");
 
     // Room made, the same request succeeds, and the volume's data is intact in it.
     delete_and_wait_for_space(&e, &other, 16 * MIB).await;
-    assert!(need.bytes() <= free(&e));
+    assert!(need.bytes() <= room(&e).available());
     e.create_snapshot(&vol, &s1)
         .await
         .expect("the snapshot fits once space is freed");
     let uri = e.attach_volume(&vol).await.expect("attach").uri();
-    qemu_io_read(&uri, 0x5a, 0, 20 * MIB);
+    qemu_io_read(&uri, 0x5a, 0, 12 * MIB);
     e.detach_volume(&vol).await.expect("detach");
     check_volume_layers(&e, &vol);
 }
@@ -221,22 +250,21 @@ fn verify_on_daemon(env: &TestEnv, uri: &str, acks: &[Ack], name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_write() {
-    let env = TestEnv::new("fullwr");
-    let _pool = SmallPool::mount(&env.cfg.pool, 64 * MIB);
+    let mut env = TestEnv::new("fullwr");
+    let fs = SmallPool::for_engine(&mut env, 64 * MIB);
     let e = env.engine().await;
 
-    // Each volume fits in the pool's free space when it is made (what the node checks), but
-    // together they promise more than the pool holds.
+    // The volume fits: the node's check lets it through.
     let size = 40 * MIB;
     let vol = VolumeId::generate();
-    let other = VolumeId::generate();
-    assert_eq!(pool_space::refusal(Need::Volume { size }, free(&e)), None);
+    assert_eq!(pool_space::refusal(Need::Volume { size }, room(&e)), None);
     e.create_volume(&vol, size).await.expect("create");
-    assert_eq!(pool_space::refusal(Need::Volume { size }, free(&e)), None);
-    e.create_volume(&other, size)
-        .await
-        .expect("create the other");
-    fill(&e, &other, 0x6b, 24 * MIB).await;
+    // A file beside the pool, which no check of livedisk sees, takes most of what is left.
+    let filler = fs.target.join("filler");
+    write_file(&filler, 24 * MIB);
+    // The rule now refuses a second volume like the first; the volume made keeps its promise
+    // only as far as the file system lets it.
+    assert!(pool_space::refusal(Need::Volume { size }, room(&e)).is_some());
 
     let uri = e.attach_volume(&vol).await.expect("attach").uri();
     let fuse = NbdFile::mount(&env.root.join("f0"), &uri, false);
@@ -272,7 +300,7 @@ async fn a_writer_that_fills_the_pool_gets_eio_and_keeps_every_acknowledged_writ
     verify_on_daemon(&env, &uri, &acks, "after-enospc.raw");
 
     // Space freed: the same writer goes on from the write that failed, to the volume's end.
-    delete_and_wait_for_space(&e, &other, 16 * MIB).await;
+    std::fs::remove_file(&filler).expect("remove the file beside the pool");
     let second = write_until_error(&mut w, failed, blocks);
     assert!(
         second.error.is_none(),

@@ -539,7 +539,7 @@ async fn apply_volume(
         None => pool_check::clone_source_need(&agent.engine, volume.spec.content_source.as_ref()),
     };
     let need = pool_check::need_of(growth, clone_source);
-    if let Some(error) = pool_check::pool_too_small(agent.engine.pool(), need).await {
+    if let Some(error) = pool_check::pool_too_small(&agent.engine, need).await {
         let report = VolumeReport {
             phase: if existing.is_some() {
                 NodePhase::Ready

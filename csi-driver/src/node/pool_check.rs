@@ -1,12 +1,18 @@
 //! The node's half of the full-pool rule (`livedisk_engine::pool_space`): a new volume, a
-//! volume's growth or a clone is refused with RESOURCE_EXHAUSTED when the pool's free space
-//! cannot hold it, before the engine makes anything. Snapshots are checked by the engine
+//! volume's growth or a clone is refused with RESOURCE_EXHAUSTED when the pool's room (its free
+//! space less what its volumes were promised and have not written) cannot hold it, before the
+//! engine makes anything. Snapshots are checked by the engine
 //! itself, under their volume's lock, so every caller (CSI, group snapshots, the admin CLI)
 //! meets the same rule.
+
+use std::sync::Arc;
 
 use livedisk_api::internal::{ContentSource, ErrorCode, NodeError};
 use livedisk_engine::pool_space::{self, Need};
 use livedisk_engine::{Engine, VolumeId};
+
+use super::blocking::off_runtime;
+use crate::grpc::error::CsiError;
 
 /// What a volume needs of the pool: `growth` bytes (its whole size when it is new); a new clone
 /// of a volume also needs what its snapshot of the source keeps (`source`, the engine's
@@ -37,17 +43,27 @@ pub fn clone_source_need(engine: &Engine, source: Option<&ContentSource>) -> Opt
     engine.snapshot_need(&volume).ok()
 }
 
-/// Volumes are not overcommitted against the pool's free space now: a request must fit in
-/// it, so a consumer never meets ENOSPC below a size it was promised by a pool that had the
-/// room when it asked (what other volumes were promised and have not written yet is not
-/// counted; docs/operations.md, "Full pool").
-pub async fn pool_too_small(pool: &std::path::Path, need: Need) -> Option<NodeError> {
+/// Volumes are not overcommitted: a request must fit in the pool's room, its free space less
+/// what every volume on it was promised and has not written yet, so the promises never add up
+/// to more than the pool holds (docs/operations.md, "Full pool"). When the room cannot be
+/// read the request is let through, as the engine's own errors will tell.
+pub async fn pool_too_small(engine: &Arc<Engine>, need: Need) -> Option<NodeError> {
     if need.bytes() == 0 {
         return None;
     }
-    let stat = super::mounts::statvfs_off_runtime(pool).await.ok()?;
-    let available = stat.f_bavail * stat.f_frsize;
-    pool_space::refusal(need, available).map(|message| NodeError {
+    let engine = engine.clone();
+    let room = off_runtime("reading the pool's room", move || {
+        engine.pool_room().map_err(CsiError::from)
+    })
+    .await;
+    let room = match room {
+        Ok(room) => room,
+        Err(error) => {
+            tracing::warn!(%error, "could not read the pool's room; not checked");
+            return None;
+        }
+    };
+    pool_space::refusal(need, room).map(|message| NodeError {
         code: ErrorCode::ResourceExhausted,
         message,
     })
@@ -56,10 +72,11 @@ pub async fn pool_too_small(pool: &std::path::Path, need: Need) -> Option<NodeEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grpc::error::{CsiError, node_error};
+    use crate::grpc::error::node_error;
     use crate::node::report::failed_create_phase;
     use livedisk_api::internal::NodePhase;
     use livedisk_engine::EngineError;
+    use livedisk_engine::pool_space::Room;
     use tonic::{Code, Status};
 
     const MIB: u64 = 1 << 20;
@@ -94,7 +111,10 @@ mod tests {
                     size: 64 * MIB,
                     active_allocated: 20 * MIB,
                 },
-                MIB,
+                Room {
+                    free: 30 * MIB,
+                    promised: 29 * MIB,
+                },
             )
             .unwrap_or_default(),
         );

@@ -1,5 +1,6 @@
-//! How much of the pool a snapshot holds (the allocated size of the layer it sealed), and the
-//! full-pool check of new snapshots (the rule is `crate::pool_space`).
+//! How much of the pool a snapshot holds (the allocated size of the layer it sealed), the pool's
+//! room (free space less what its volumes were promised), and the full-pool check of new
+//! snapshots (the rule is `crate::pool_space`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -7,7 +8,7 @@ use std::path::Path;
 use super::engine::{Engine, Result};
 use super::record::VolumeRecord;
 use crate::error::EngineError;
-use crate::pool_space::{self, Need};
+use crate::pool_space::{self, Need, Room};
 use livedisk_common::{SnapshotId, VolumeId};
 
 /// Bytes a file takes on its file system (qcow2 metadata included, holes left out).
@@ -46,7 +47,29 @@ impl Engine {
         )
     }
 
-    /// What a snapshot of `volume` needs of the pool's free space.
+    /// The pool's room for a new request: its free space, less what every live volume on it
+    /// was promised and has not taken yet (`pool_space::promised`). Reads the volumes' records
+    /// and stats their active layers: blocking.
+    pub fn pool_room(&self) -> Result<Room> {
+        let mut promised = 0u64;
+        for id in self.store.list()? {
+            let Some(rec) = self.store.load(&id)? else {
+                continue;
+            };
+            // A deleted volume kept for its snapshots has no consumer and no active layer.
+            let Some(active) = rec.active().filter(|_| !rec.deleted) else {
+                continue;
+            };
+            let held = allocated(&self.vol_dir(&id).join(VolumeRecord::layer_file(active.seq)))?;
+            promised = promised.saturating_add(pool_space::promised(rec.size, held));
+        }
+        Ok(Room {
+            free: pool_space::available_bytes(self.pool())?,
+            promised,
+        })
+    }
+
+    /// What a snapshot of `volume` needs of the pool's room.
     pub fn snapshot_need(&self, volume: &VolumeId) -> Result<Need> {
         Ok(Need::Snapshot {
             size: self.load_live(volume)?.size,
@@ -72,8 +95,7 @@ impl Engine {
         if needs.is_empty() {
             return Ok(());
         }
-        let available = pool_space::available_bytes(self.pool())?;
-        match pool_space::group_refusal(&needs, available) {
+        match pool_space::group_refusal(&needs, self.pool_room()?) {
             Some(why) => Err(EngineError::ResourceExhausted(why)),
             None => Ok(()),
         }
