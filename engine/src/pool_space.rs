@@ -4,10 +4,13 @@
 //!
 //! Volumes are thin qcow2 files, so nothing is reserved on the file system. Instead, what every
 //! volume on the pool was promised and has not taken yet counts as taken: the pool's room is its
-//! free space minus those promises ([`Room`]). So the volumes' promises never add up to more
-//! than the pool holds, and a consumer meets ENOSPC below the size it was promised only when
-//! something the rule does not see fills the file system (other files on it, a merge's copy in
-//! flight; docs/operations.md, "Full pool").
+//! free space minus those promises ([`Room`]). The node checks every CSI request against it, so
+//! the volumes' promises never add up to more than the pool holds, and a consumer meets ENOSPC
+//! below the size it was promised only when something the rule does not see fills the file
+//! system (other files on it, a merge's copy in flight; docs/operations.md, "Full pool"). The
+//! engine itself refuses only a snapshot that does not fit in the free space now
+//! ([`Room::free_only`]): a safety net for every caller, which leaves the engine's own users
+//! (benchmarks of huge sparse volumes, tests) free to overcommit.
 //!
 //! * A volume (or its growth) is promised its size: its consumer may write every byte. What it
 //!   still may take is that size less what its active layer already holds ([`promised`]).
@@ -106,7 +109,16 @@ impl Room {
         self.free.saturating_sub(self.promised)
     }
 
+    /// The file system's free space alone, nothing counted as promised: the engine's own
+    /// check, which refuses only what cannot fit now.
+    pub fn free_only(free: u64) -> Self {
+        Self { free, promised: 0 }
+    }
+
     fn describe(self) -> String {
+        if self.promised == 0 {
+            return format!("the pool has {} bytes free", self.free);
+        }
         format!(
             "the pool has {} bytes free, {} of them promised to its volumes' unwritten blocks",
             self.free, self.promised
@@ -316,6 +328,13 @@ mod tests {
         };
         assert_eq!(over.available(), 0);
         assert_eq!(refusal(Need::Volume { size: 0 }, over), None);
+        // The engine's check: the free space alone, and a message without promises.
+        let refused = refusal(Need::Volume { size: 16 * MIB }, Room::free_only(8 * MIB))
+            .expect("does not fit");
+        assert!(
+            refused.starts_with(&format!("the pool has {} bytes free;", 8 * MIB)),
+            "{refused}"
+        );
     }
 
     #[test]

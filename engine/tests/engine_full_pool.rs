@@ -1,10 +1,11 @@
 //! A full pool, on a real small file system: an ext4 image of 64 MiB, loop-mounted, holds the
 //! pool directory.
 //!
-//! * A snapshot the pool has no room for (its free space less what the volumes were promised
-//!   and have not written yet) is refused with RESOURCE_EXHAUSTED before anything is made: the
-//!   record, the snapshot list and every file of the pool stay as they were; once a volume is
-//!   deleted the same snapshot is taken.
+//! * A snapshot the pool has no room for is refused with RESOURCE_EXHAUSTED before anything is
+//!   made: by the node's rule when the volumes' promises take the room (checked here on the
+//!   engine's `pool_room`), by the engine itself when the file system lacks the space; the
+//!   record, the snapshot list and every file of the pool stay as they were, and once room is
+//!   made the same snapshot is taken.
 //! * Something the rule does not see (a file beside the pool) fills the file system under a
 //!   volume's consumer, writing through the production data path (a loop device over an
 //!   nbdfuse file of the daemon's NBD export): it gets EIO for its `O_DSYNC` write, and ENOSPC
@@ -123,7 +124,7 @@ async fn delete_and_wait_for_space(e: &Engine, vol: &VolumeId, at_least: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
     let mut env = TestEnv::new("fullsnap");
-    let _fs = SmallPool::for_engine(&mut env, 64 * MIB);
+    let fs = SmallPool::for_engine(&mut env, 64 * MIB);
     let e = env.engine().await;
 
     let vol = VolumeId::generate();
@@ -143,14 +144,24 @@ async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
     fill(&e, &vol, 0x5a, 12 * MIB).await;
     fill(&e, &other, 0x6b, 16 * MIB).await;
 
-    // The file system still has room for the snapshot; what the volumes were promised takes it.
+    // The file system still has room for the snapshot, but what the volumes were promised and
+    // have not written takes it: the node's check (CSI CreateSnapshot) refuses it.
     let need = e.snapshot_need(&vol).expect("need");
-    let before = room(&e);
+    let promised = room(&e);
     assert!(
-        need.bytes() < before.free && need.bytes() > before.available(),
-        "the setup must leave too little room: need {need:?} ({} bytes), {before:?}",
+        need.bytes() < promised.free && need.bytes() > promised.available(),
+        "the setup must leave the file system room but not the pool: need {need:?} ({} bytes), \
+         {promised:?}",
         need.bytes()
     );
+    let refused = pool_space::refusal(need, promised).expect("the node's check refuses");
+    assert!(refused.contains("of them promised"), "{refused}");
+
+    // A file beside the pool leaves the file system itself too little: the engine refuses too.
+    let filler = fs.target.join("filler");
+    write_file(&filler, 12 * MIB);
+    let available = free(&e);
+    assert!(need.bytes() > available, "{need:?}: {available} bytes free");
     let record = e.record(&vol).expect("record");
     let snapshots = e.list_snapshots(&vol).expect("snapshots");
     let files = pool_fingerprint(e.pool());
@@ -187,11 +198,13 @@ async fn a_snapshot_the_pool_cannot_hold_is_refused_and_changes_nothing() {
         "the pool's files changed"
     );
     assert!(e.snapshot(&s1).is_err(), "the refused snapshot exists");
-    assert!(free(&e) >= before.free, "the refusal took pool space");
+    assert!(free(&e) >= available, "the refusal took pool space");
 
-    // Room made, the same request succeeds, and the volume's data is intact in it.
-    delete_and_wait_for_space(&e, &other, 16 * MIB).await;
-    assert!(need.bytes() <= room(&e).available());
+    // Room made (the file removed, the other volume deleted), the same request passes the
+    // node's check and the engine's, and the volume's data is intact in the snapshot.
+    std::fs::remove_file(&filler).expect("remove the file beside the pool");
+    delete_and_wait_for_space(&e, &other, 8 * MIB).await;
+    assert_eq!(pool_space::refusal(need, room(&e)), None);
     e.create_snapshot(&vol, &s1)
         .await
         .expect("the snapshot fits once space is freed");

@@ -734,14 +734,17 @@ async fn apply_snapshot(
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
     let taken = match agent.engine.snapshot(&id) {
         Ok(info) => Ok(info),
-        Err(_) => agent
-            .metrics
-            .track(
-                OperationKind::CreateSnapshot,
-                agent.engine.create_snapshot(&volume, &id),
-            )
-            .await
-            .map(|(info, _)| info),
+        Err(_) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
+            Some(refused) => Err(EngineError::ResourceExhausted(refused.message)),
+            None => agent
+                .metrics
+                .track(
+                    OperationKind::CreateSnapshot,
+                    agent.engine.create_snapshot(&volume, &id),
+                )
+                .await
+                .map(|(info, _)| info),
+        },
     };
     match taken {
         Ok(info) => {

@@ -1,9 +1,8 @@
 //! The node's half of the full-pool rule (`livedisk_engine::pool_space`): a new volume, a
-//! volume's growth or a clone is refused with RESOURCE_EXHAUSTED when the pool's room (its free
-//! space less what its volumes were promised and have not written) cannot hold it, before the
-//! engine makes anything. Snapshots are checked by the engine
-//! itself, under their volume's lock, so every caller (CSI, group snapshots, the admin CLI)
-//! meets the same rule.
+//! volume's growth, a clone or a snapshot is refused with RESOURCE_EXHAUSTED when the pool's
+//! room (its free space less what its volumes were promised and have not written) cannot hold
+//! it, before the engine makes anything. The engine checks snapshots once more under their
+//! volume's lock, against the free space alone.
 
 use std::sync::Arc;
 
@@ -43,30 +42,48 @@ pub fn clone_source_need(engine: &Engine, source: Option<&ContentSource>) -> Opt
     engine.snapshot_need(&volume).ok()
 }
 
+/// Why a snapshot of `volume` does not fit in the pool's room; `None` when it fits, or when the
+/// volume is unknown (the engine's create says so).
+pub async fn snapshot_too_big(engine: &Arc<Engine>, volume: &VolumeId) -> Option<NodeError> {
+    let (engine, volume) = (engine.clone(), volume.clone());
+    let checked = off_runtime("checking the pool's room", move || {
+        let Ok(need) = engine.snapshot_need(&volume) else {
+            return Ok(None);
+        };
+        Ok(pool_space::refusal(need, engine.pool_room()?))
+    })
+    .await;
+    refused(checked)
+}
+
 /// Volumes are not overcommitted: a request must fit in the pool's room, its free space less
 /// what every volume on it was promised and has not written yet, so the promises never add up
-/// to more than the pool holds (docs/operations.md, "Full pool"). When the room cannot be
-/// read the request is let through, as the engine's own errors will tell.
+/// to more than the pool holds (docs/operations.md, "Full pool").
 pub async fn pool_too_small(engine: &Arc<Engine>, need: Need) -> Option<NodeError> {
     if need.bytes() == 0 {
         return None;
     }
     let engine = engine.clone();
-    let room = off_runtime("reading the pool's room", move || {
-        engine.pool_room().map_err(CsiError::from)
+    let checked = off_runtime("checking the pool's room", move || {
+        Ok(pool_space::refusal(need, engine.pool_room()?))
     })
     .await;
-    let room = match room {
-        Ok(room) => room,
+    refused(checked)
+}
+
+/// The refusal to report, if any. A room that cannot be read lets the request through: the
+/// engine's own errors will tell what is wrong with the pool.
+fn refused(checked: Result<Option<String>, CsiError>) -> Option<NodeError> {
+    match checked {
+        Ok(refusal) => refusal.map(|message| NodeError {
+            code: ErrorCode::ResourceExhausted,
+            message,
+        }),
         Err(error) => {
             tracing::warn!(%error, "could not read the pool's room; not checked");
-            return None;
+            None
         }
-    };
-    pool_space::refusal(need, room).map(|message| NodeError {
-        code: ErrorCode::ResourceExhausted,
-        message,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! How much of the pool a snapshot holds (the allocated size of the layer it sealed), the pool's
-//! room (free space less what its volumes were promised), and the full-pool check of new
-//! snapshots (the rule is `crate::pool_space`).
+//! room (free space less what its volumes were promised), and the engine's own full-pool check
+//! of new snapshots (the rule is `crate::pool_space`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -77,8 +77,9 @@ impl Engine {
         })
     }
 
-    /// Refuses (RESOURCE_EXHAUSTED, before anything is made) the snapshots of `pairs` the pool
-    /// has no room for; run under the volumes' locks. Snapshots already taken (a repeat) need
+    /// Refuses (RESOURCE_EXHAUSTED, before anything is made) the snapshots of `pairs` the pool's
+    /// file system cannot hold now; run under the volumes' locks. What the volumes were promised
+    /// is not counted here: the node counts it for CSI requests (see `pool_space`). Snapshots already taken (a repeat) need
     /// nothing, and a volume that cannot be snapshotted at all is left to the snapshot's own
     /// checks, which say why.
     pub(super) fn check_snapshot_space(&self, pairs: &[(VolumeId, SnapshotId)]) -> Result<()> {
@@ -95,7 +96,8 @@ impl Engine {
         if needs.is_empty() {
             return Ok(());
         }
-        match pool_space::group_refusal(&needs, self.pool_room()?) {
+        let room = Room::free_only(pool_space::available_bytes(self.pool())?);
+        match pool_space::group_refusal(&needs, room) {
             Some(why) => Err(EngineError::ResourceExhausted(why)),
             None => Ok(()),
         }
