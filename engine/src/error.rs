@@ -26,6 +26,9 @@ pub enum EngineError {
     OutOfRange(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The pool has no room for what was asked (see `pool_space`); nothing was made.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("merge job {0} was cancelled; the snapshot stays in state deleting, retry to finish")]
     Cancelled(String),
     #[error("merge job {job} failed: {error}")]
@@ -58,6 +61,7 @@ impl EngineError {
             E::Busy(_) => Code::Aborted,
             E::OutOfRange(_) => Code::OutOfRange,
             E::FailedPrecondition(_) => Code::FailedPrecondition,
+            E::ResourceExhausted(_) => Code::ResourceExhausted,
             E::Cancelled(_) => Code::Cancelled,
             E::Plan(p) => match p {
                 PlanError::SnapshotNotFound(_) => Code::NotFound,
@@ -108,6 +112,10 @@ mod tests {
             (
                 EngineError::FailedPrecondition("x".into()),
                 C::FailedPrecondition,
+            ),
+            (
+                EngineError::ResourceExhausted("x".into()),
+                C::ResourceExhausted,
             ),
             (EngineError::Cancelled("job".into()), C::Cancelled),
             (

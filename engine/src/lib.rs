@@ -8,6 +8,7 @@
 //! * [`error`], [`extents`], [`lock`], [`failpoint`], [`stats`]: backend-neutral vocabulary (the
 //!   one error type, changed-extent lists, per-volume locks, test fault injection, totals of the
 //!   bytes jobs moved);
+//! * [`pool_space`]: the full-pool rule (what a volume or snapshot needs of the pool's free space);
 //! * [`qcow2`]: the qcow2 chain backend, today the only one — records, plans, and one file per
 //!   operation (snapshot, merge, clone, revert, export, recovery).
 //!
@@ -20,6 +21,7 @@ pub mod error;
 pub mod extents;
 pub mod failpoint;
 pub mod lock;
+pub mod pool_space;
 pub mod qcow2;
 pub mod qsd;
 pub mod stats;

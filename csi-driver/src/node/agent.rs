@@ -34,6 +34,7 @@ use serde::de::DeserializeOwned;
 
 use super::merge_work::{self, PROGRESS_INTERVAL, Runs};
 use super::metrics::{NodeMetrics, OperationKind};
+use super::pool_check;
 use super::report::{self, SnapshotReport, VolumeReport};
 use super::restore_work::{self, AfterError};
 use crate::grpc::error::{CsiError, node_error};
@@ -533,7 +534,12 @@ async fn apply_volume(
     let size = volume.spec.capacity_bytes as u64;
     let existing = agent.engine.volume(&id).ok().filter(|v| !v.deleted);
     let growth = size.saturating_sub(existing.as_ref().map(|v| v.size).unwrap_or(0));
-    if let Some(error) = pool_too_small(agent.engine.pool(), growth).await {
+    let clone_source = match existing {
+        Some(_) => None,
+        None => pool_check::clone_source_need(&agent.engine, volume.spec.content_source.as_ref()),
+    };
+    let need = pool_check::need_of(growth, clone_source);
+    if let Some(error) = pool_check::pool_too_small(&agent.engine, need).await {
         let report = VolumeReport {
             phase: if existing.is_some() {
                 NodePhase::Ready
@@ -666,20 +672,6 @@ fn retry_unless_failed(phase: NodePhase, error: NodeError) -> Result<Action, Csi
     }
 }
 
-/// Volumes are not overcommitted: a volume (or its growth) must fit in the pool's free space
-/// now, so a consumer never meets ENOSPC below a size it was promised.
-async fn pool_too_small(pool: &std::path::Path, needed: u64) -> Option<NodeError> {
-    if needed == 0 {
-        return None;
-    }
-    let stat = super::mounts::statvfs_off_runtime(pool).await.ok()?;
-    let available = stat.f_bavail * stat.f_frsize;
-    (needed > available).then(|| NodeError {
-        code: ErrorCode::ResourceExhausted,
-        message: format!("the pool has {available} bytes free; the volume needs {needed} more"),
-    })
-}
-
 async fn cleanup_volume(
     api: &Api<LivediskVolume>,
     agent: &Agent,
@@ -742,14 +734,17 @@ async fn apply_snapshot(
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
     let taken = match agent.engine.snapshot(&id) {
         Ok(info) => Ok(info),
-        Err(_) => agent
-            .metrics
-            .track(
-                OperationKind::CreateSnapshot,
-                agent.engine.create_snapshot(&volume, &id),
-            )
-            .await
-            .map(|(info, _)| info),
+        Err(_) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
+            Some(refused) => Err(EngineError::ResourceExhausted(refused.message)),
+            None => agent
+                .metrics
+                .track(
+                    OperationKind::CreateSnapshot,
+                    agent.engine.create_snapshot(&volume, &id),
+                )
+                .await
+                .map(|(info, _)| info),
+        },
     };
     match taken {
         Ok(info) => {

@@ -10,6 +10,7 @@ pub mod merge_work;
 pub mod metrics;
 pub mod mount_decision;
 pub mod mounts;
+pub mod pool_check;
 pub mod registration;
 pub mod report;
 pub mod restore_work;

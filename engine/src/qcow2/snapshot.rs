@@ -65,6 +65,7 @@ impl Engine {
         for v in &sorted {
             guards.push(self.locks.try_lock(v)?);
         }
+        self.check_snapshot_space(pairs)?;
         self.snapshot_locked(pairs, None, started).await
     }
 
