@@ -258,7 +258,7 @@ impl Collector for EngineCollector {
                 gauge(
                     &mut encoder,
                     "livedisk_node_pool_free",
-                    "Bytes of the pool's filesystem available to new volumes.",
+                    "Bytes free on the pool's filesystem (statvfs f_bavail); new volumes and snapshots are checked against this less what existing volumes were promised and have not written.",
                     bytes,
                     space.free,
                 )?;
