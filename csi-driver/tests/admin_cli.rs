@@ -605,56 +605,53 @@ async fn changing_commands_work_beside_a_held_engine() {
     assert_eq!(engine.record(&vid).expect("record").exports.len(), 1);
     one_daemon("export/unexport");
 
-    // Busy: while the held engine merges s2 (throttled, waiting, holding the
-    // volume), CLI commands on the volume answer 5 and change nothing.
+    // While the held engine merges s2 (throttled), the volume is not held: the
+    // CLI snapshots it from its own process (stopping the held engine's job and
+    // starting it again), and only what must wait for the merge answers 5,
+    // changing nothing.
     qemu_io_write(&uri, 4, 8 * MIB, 8 * MIB);
     let held = {
         let (engine, s2) = (engine.clone(), s2.clone());
         tokio::spawn(async move { engine.delete_snapshot(&s2, Some(MIB)).await })
     };
     let hjob = Engine::merge_job_id(&s2);
-    wait_until(
-        "the held engine's merge running",
-        Duration::from_secs(30),
-        || {
-            engine
-                .record(&vid)
-                .is_ok_and(|r| r.in_flight.is_some() && r.pending_snapshot.is_none())
-        },
-    )
-    .await;
-    let t = std::time::Instant::now();
-    loop {
-        let jobs = engine.jobs().await.expect("jobs");
-        if jobs.iter().any(|j| j.id == hjob && j.status == "running") {
-            break;
+    let running = || async {
+        let t = std::time::Instant::now();
+        loop {
+            let jobs = engine.jobs().await.expect("jobs");
+            if jobs.iter().any(|j| j.id == hjob && j.status == "running") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{jobs:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "{jobs:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    running().await;
+    let cli_snapshot = loop {
+        // The held engine holds the lock for a moment while it starts its job.
+        let o = admin(&env, &["--json", "snapshot", &vol]);
+        if o.status.code() == Some(5) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "snapshot during the held merge: {err}");
+        let v: Value = serde_json::from_str(&out).expect("snapshot JSON");
+        break str_of(&v["snapshots"][0]["id"]);
+    };
+    running().await;
+    assert!(!held.is_finished(), "the snapshot waited for the held merge");
     let before = (
         record_text(&env, &vid),
         file_names(&env.cfg.pool.join(&vol)),
     );
-    fails(&env, &["snapshot", &vol], 5, "held by another process");
-    fails(&env, &["delete-volume", &vol], 5, "held by another process");
-    fails(
-        &env,
-        &["delete-snapshot", s2.as_str()],
-        5,
-        "held by another process",
-    );
-    fails(&env, &["detach", &vol], 5, "held by another process");
+    // Another snapshot's merge waits for this one.
+    fails(&env, &["delete-snapshot", &cli_snapshot], 5, "in flight");
     let after = (
         record_text(&env, &vid),
         file_names(&env.cfg.pool.join(&vol)),
     );
     assert_eq!(before, after, "a refused command changed the volume");
-    let jobs = engine.jobs().await.expect("jobs");
-    assert!(
-        jobs.iter().any(|j| j.id == hjob && j.status == "running"),
-        "the held merge must still run (else the refusals proved nothing): {jobs:?}"
-    );
     // Job control needs no volume lock: the CLI unthrottles the held merge.
     json(&env, &["set-speed", &hjob, "0"]);
     tokio::time::timeout(Duration::from_secs(60), held)
@@ -663,6 +660,7 @@ async fn changing_commands_work_beside_a_held_engine() {
         .expect("join")
         .expect("held merge");
     qemu_io_read(&uri, 4, 8 * MIB, 8 * MIB);
+    json(&env, &["delete-snapshot", &cli_snapshot, "--wait"]);
     one_daemon("busy");
 
     // Delete: the held engine sees the volume gone.
