@@ -57,7 +57,8 @@ pub async fn run_all(
         leadership: leadership.clone(),
         metrics: metrics.clone(),
     });
-    let orphans = crate::orphans::run(client.clone(), leadership.clone());
+    // Lives as long as the controllers, which end on SIGTERM/SIGINT.
+    let orphans = tokio::spawn(crate::orphans::run(client.clone(), leadership.clone()));
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -71,8 +72,8 @@ pub async fn run_all(
         run::<DiskMigration>(context.clone()),
         run::<DiskExport>(context),
         crate::restore::run(restores),
-        orphans,
     );
+    orphans.abort();
     Ok(())
 }
 
