@@ -82,6 +82,9 @@ pub struct Measured {
     pub peak_rss_mib: f64,
     /// Its resident memory once every DiskSnapshot was Ready, MiB.
     pub ready_rss_mib: f64,
+    /// Times the operator exited (and was started again) until all were Ready, and in all.
+    pub ready_restarts: usize,
+    pub restarts: usize,
     pub create_requests: Requests,
     pub delete_requests: Requests,
 }
@@ -115,6 +118,10 @@ pub fn rows(m: &Measured) -> Vec<Row> {
                 unit: "MiB",
             },
         },
+        info(
+            "(f)   operator exits (restarted as its Deployment would), to Ready / in all".into(),
+            format!("{} / {}", m.ready_restarts, m.restarts),
+        ),
         info(
             "(f) operator's API requests per DiskSnapshot, create to Ready".into(),
             format!("{:.2}", per(&m.create_requests)),
@@ -151,19 +158,61 @@ pub fn claim_of(i: usize, claims: usize) -> String {
     format!("claim-{}", i % claims)
 }
 
-/// The operator as the chart runs it (its account, leader election on), the benchmark's child:
-/// stopped with SIGTERM at the end, killed if the benchmark goes first. Its pid is written to
-/// `log_dir`, so that hack/bench.sh's trap can stop it after an interrupted run.
+/// The operator as the chart runs it (its account, leader election on), the benchmark's child,
+/// and started again when it exits, as its Deployment's kubelet would (after 10 s, doubling up
+/// to 5 minutes: CrashLoopBackOff). Stopped with SIGTERM at the end, killed if the benchmark goes
+/// first; its pid is written to `log_dir`, so that hack/bench.sh's trap can stop it after an
+/// interrupted run. `tend` keeps it running and samples its peak memory.
 struct Operator {
-    child: Child,
+    target: ScaleTarget,
+    child: Option<Child>,
     pid: u32,
-    pid_file: PathBuf,
+    /// Exits so far, and when the next start is due after the last one.
+    restarts: usize,
+    next_start: Option<Instant>,
+    /// The highest VmHWM seen of any of its processes, KiB.
+    peak_kib: u64,
+}
+
+/// More restarts than this in one run: the run is broken, not slow.
+const MAX_RESTARTS: usize = 10;
+
+/// kubelet's restart delay after the `n`-th exit (1-based): 10 s, doubling, at most 300 s.
+pub fn restart_delay(n: usize) -> Duration {
+    let doublings = u32::try_from(n.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(5);
+    Duration::from_secs(10 * (1u64 << doublings)).min(Duration::from_secs(300))
 }
 
 impl Operator {
     fn start(t: &ScaleTarget) -> Result<Self> {
+        let mut o = Self {
+            target: t.clone(),
+            child: None,
+            pid: 0,
+            restarts: 0,
+            next_start: None,
+            peak_kib: 0,
+        };
+        // This run's log only; restarts append to it.
+        let _ = std::fs::remove_file(t.log_dir.join("bench-operator.log"));
+        o.spawn()?;
+        Ok(o)
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.target.log_dir.join("bench-operator.pid")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let t = &self.target;
         std::fs::create_dir_all(&t.log_dir)?;
-        let log = std::fs::File::create(t.log_dir.join("bench-operator.log"))?;
+        // Appended: a restarted operator's log follows the one before.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(t.log_dir.join("bench-operator.log"))?;
         let child = Command::new(&t.operator_bin)
             .env("KUBECONFIG", &t.operator_kubeconfig)
             .env("POD_NAME", IDENTITY)
@@ -174,37 +223,76 @@ impl Operator {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", t.operator_bin.display()))?;
-        let pid = child.id().context("the operator exited at once")?;
-        let pid_file = t.log_dir.join("bench-operator.pid");
-        std::fs::write(&pid_file, pid.to_string())?;
-        Ok(Self {
-            child,
-            pid,
-            pid_file,
-        })
+        self.pid = child.id().context("the operator exited at once")?;
+        std::fs::write(self.pid_file(), self.pid.to_string())?;
+        self.child = Some(child);
+        self.next_start = None;
+        Ok(())
     }
 
-    /// Fails if the operator is no longer running (its log says why).
-    fn running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("the operator exited ({status}): see bench-operator.log");
+    /// Samples the running operator's peak memory; notices an exit and starts it again when
+    /// its delay is over. Fails after `MAX_RESTARTS` exits.
+    fn tend(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            match child.try_wait()? {
+                None => {
+                    if let Ok(status) =
+                        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+                        && let Some(kib) = status_kib(&status, "VmHWM")
+                    {
+                        self.peak_kib = self.peak_kib.max(kib);
+                    }
+                    return Ok(());
+                }
+                Some(status) => {
+                    self.child = None;
+                    self.restarts += 1;
+                    let delay = restart_delay(self.restarts);
+                    progress(&format!(
+                        "the operator exited ({status}; bench-operator.log says why); \
+                         restart {} in {} s",
+                        self.restarts,
+                        delay.as_secs()
+                    ));
+                    ensure!(
+                        self.restarts <= MAX_RESTARTS,
+                        "the operator exited {} times: see bench-operator.log",
+                        self.restarts
+                    );
+                    self.next_start = Some(Instant::now() + delay);
+                }
+            }
+        }
+        if self.next_start.is_some_and(|at| Instant::now() >= at) {
+            self.spawn()?;
         }
         Ok(())
     }
 
+    /// The current process's resident memory, MiB (0 while it is down).
+    fn rss_mib(&self) -> f64 {
+        if self.child.is_none() {
+            return 0.0;
+        }
+        memory_mib(self.pid, "VmRSS").unwrap_or(0.0)
+    }
+
     async fn stop(mut self) -> Result<()> {
-        let _ = std::fs::remove_file(&self.pid_file);
-        if self.child.try_wait()?.is_some() {
+        let _ = std::fs::remove_file(self.pid_file());
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if child.try_wait()?.is_some() {
             return Ok(());
         }
         let pid = libc::pid_t::try_from(self.pid)?;
         // SAFETY: kill(2) only sends a signal, to our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
             Ok(status) => {
                 status?;
             }
-            Err(_) => self.child.kill().await?,
+            Err(_) => child.kill().await?,
         }
         Ok(())
     }
@@ -250,7 +338,6 @@ async fn measure(
 ) -> Result<Measured> {
     bind_claims(client, ns, k).await?;
     leading(client, operator).await?;
-    operator.running()?;
 
     let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
     // Generous: the standard sidecars' client-side rate limits alone take ~2 s per snapshot
@@ -265,15 +352,19 @@ async fn measure(
         snapshots.clone(),
         wait,
         "every DiskSnapshot Ready",
-        |seen| ready_count(seen, n, &mut last, started),
+        |seen| {
+            operator.tend()?;
+            ready_count(seen, n, &mut last, started)
+        },
     )
-    .await
-    .with_context(|| operator_state(operator))?;
+    .await?;
     let ready = started.elapsed().as_secs_f64();
     let created = creating.await.context("the create task")??;
-    let ready_rss_mib = memory_mib(operator.pid, "VmRSS")?;
+    let ready_rss_mib = operator.rss_mib();
+    let ready_restarts = operator.restarts;
     progress(&format!(
-        "all {n} Ready after {ready:.1} s (creates taken in {created:.1} s); operator RSS {ready_rss_mib:.1} MiB"
+        "all {n} Ready after {ready:.1} s (creates taken in {created:.1} s); operator RSS \
+         {ready_rss_mib:.1} MiB, {ready_restarts} restarts"
     ));
     tokio::time::sleep(SETTLE).await;
     let create_requests = requests(t, from)?;
@@ -289,6 +380,7 @@ async fn measure(
     let deleting = tokio::spawn(delete_all(snapshots.clone(), n));
     let mut last = Instant::now();
     watch::until(snapshots, wait, "every DiskSnapshot gone", |seen| {
+        operator.tend()?;
         if last.elapsed() > Duration::from_secs(10) {
             progress(&format!(
                 "{} left after {:.0} s",
@@ -299,8 +391,7 @@ async fn measure(
         }
         Ok(seen.is_empty())
     })
-    .await
-    .with_context(|| operator_state(operator))?;
+    .await?;
     let deleted = started.elapsed().as_secs_f64();
     deleting.await.context("the delete task")??;
     progress(&format!("all gone after {deleted:.1} s"));
@@ -311,26 +402,20 @@ async fn measure(
         delete_requests.total,
         delete_requests.verbs()
     ));
-    operator.running()?;
-    let peak_rss_mib = memory_mib(operator.pid, "VmHWM")?;
+    operator.tend()?;
     Ok(Measured {
         snapshots: n,
         claims: k,
         created,
         ready,
         deleted,
-        peak_rss_mib,
+        peak_rss_mib: operator.peak_kib as f64 / 1024.0,
         ready_rss_mib,
+        ready_restarts,
+        restarts: operator.restarts,
         create_requests,
         delete_requests,
     })
-}
-
-fn operator_state(operator: &mut Operator) -> String {
-    match operator.running() {
-        Ok(()) => "the operator is running (its log: bench-operator.log)".into(),
-        Err(e) => e.to_string(),
-    }
 }
 
 /// The operator's requests from `from` until now.
@@ -448,13 +533,13 @@ async fn leading(client: &kube::Client, operator: &mut Operator) -> Result<()> {
         Duration::from_secs(60),
         "the operator's Lease",
         |seen| {
+            operator.tend()?;
             Ok(seen.get("livedisk-operator").is_some_and(|l| {
                 l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(IDENTITY)
             }))
         },
     )
-    .await
-    .with_context(|| operator_state(operator))?;
+    .await?;
     progress(&format!(
         "the operator leads after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -492,6 +577,15 @@ mod tests {
     }
 
     #[test]
+    fn restarts_back_off_as_kubelet_does() {
+        assert_eq!(restart_delay(1), Duration::from_secs(10));
+        assert_eq!(restart_delay(2), Duration::from_secs(20));
+        assert_eq!(restart_delay(5), Duration::from_secs(160));
+        assert_eq!(restart_delay(6), Duration::from_secs(300));
+        assert_eq!(restart_delay(60), Duration::from_secs(300));
+    }
+
+    #[test]
     fn snapshots_go_round_robin_over_the_claims() {
         assert_eq!(claim_of(0, 50), "claim-0");
         assert_eq!(claim_of(51, 50), "claim-1");
@@ -515,15 +609,18 @@ mod tests {
             deleted: 80.0,
             peak_rss_mib: 42.0,
             ready_rss_mib: 40.0,
+            ready_restarts: 0,
+            restarts: 0,
             create_requests: requests(3500),
             delete_requests: requests(2000),
         };
         let r = rows(&m);
         let verdicts: Vec<_> = r.iter().map(|r| verdict(r.ratio, r.target)).collect();
-        assert_eq!(verdicts, ["-", "-", "PASS", "-", "-", "-"]);
+        assert_eq!(verdicts, ["-", "-", "PASS", "-", "-", "-", "-"]);
         assert!(r[0].name.contains("1000 DiskSnapshots of 50 PVCs"));
-        assert_eq!(r[3].measured, "3.50");
-        assert_eq!(r[5].measured, "2.00");
+        assert_eq!(r[3].measured, "0 / 0");
+        assert_eq!(r[4].measured, "3.50");
+        assert_eq!(r[6].measured, "2.00");
         let heavy = Measured {
             peak_rss_mib: 120.0,
             ..m

@@ -61,9 +61,11 @@ impl<K: Resource> Seen<K> {
     }
 }
 
-/// Watches `api` until `done` holds for the objects that exist (checked after every event once
-/// the first listing is complete), or fails after `timeout`. `done` may fail the wait itself (an
-/// object that ended in failure, say). Transient watch errors are retried with backoff.
+/// Watches `api` until `done` holds for the objects that exist, or fails after `timeout`. `done`
+/// is asked after every event once the first listing is complete, and every second besides
+/// (so that it can watch over something other than the objects, a process say, when no event
+/// comes); it may fail the wait itself (an object that ended in failure, say). Transient watch
+/// errors are retried with backoff.
 pub async fn until<K>(
     api: Api<K>,
     timeout: Duration,
@@ -78,6 +80,7 @@ where
     let mut seen = Seen::default();
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             event = stream.try_next() => {
@@ -90,6 +93,11 @@ where
                     Ok(None) => bail!("the watch for {what} ended"),
                     // The backoff retries it: only said.
                     Err(e) => eprintln!("bench: watch for {what}: {e} (retrying)"),
+                }
+            }
+            _ = tick.tick() => {
+                if seen.synced && done(seen.objects())? {
+                    return Ok(());
                 }
             }
             _ = &mut deadline => {
