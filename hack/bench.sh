@@ -4,12 +4,19 @@
 # a missed target, only on a broken run.
 #   a–d  the node engine, on a daemon of the benchmark's own in a temporary
 #        pool (no cluster);
+#   g    the same engine: a consumer's 4 KiB O_DIRECT|O_DSYNC write latency
+#        while a snapshot deletion merges at 16 MiB/s, vs none;
 #   e    the CSI driver's snapshot and changed-block path through its
 #        sockets, on a local cluster of its own that this script starts (the
 #        sequence of hack/test.sh, on ports and a state dir of its own) and
 #        always stops. The nodes' pools live on a sparse ext4 image, so that a
 #        64 GiB volume fits whatever the host has free (the driver does not
-#        overcommit); the benchmark writes a few GiB at most.
+#        overcommit); the benchmark writes a few GiB at most;
+#   f    DiskSnapshots at scale on the same cluster, through the operator
+#        (release build, started by the benchmark under the chart's operator
+#        account): time until all are Ready, the operator's peak RSS, its API
+#        requests per DiskSnapshot (from the API server's audit log), and the
+#        same for deleting them all.
 #
 # Environment (all optional):
 #   LIVEDISK_BENCH_SCALE       data sizes x this (default 1: 256 MiB snapshot
@@ -20,21 +27,28 @@
 #   LIVEDISK_BENCH_EXTENTS     changed extents (default 100000; (c) on a 1 TiB
 #                              disk, (e) on a 64 GiB volume)
 #   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" or "e"
-#                              (default: all, a–e; only e starts a cluster)
+#                              (default: all, a–g; only e and f start a cluster)
+#   LIVEDISK_BENCH_DISK_SNAPSHOTS  (f) DiskSnapshots (default 1000)
+#   LIVEDISK_BENCH_CLAIMS      (f) PVCs they are spread over (default 50); e.g.
+#                              100 of 5 for a quick run
 #   LIVEDISK_BENCH_DIR         where a–d's temporary pool goes (default /var/tmp;
 #                              use a real disk, not tmpfs)
-# Scenario e's cluster (defaults differ from `make up`'s and `make test`'s, so
-# that the three can run side by side):
+# The cluster of scenarios e and f (defaults differ from `make up`'s and
+# `make test`'s, so that the three can run side by side):
 #   LIVEDISK_BENCH_STATE_DIR   its state, pools and logs (default .livedisk/bench-cluster)
 #   LIVEDISK_BENCH_APISERVER_PORT (16543)   LIVEDISK_BENCH_ETCD_PORT (33890)
 #   LIVEDISK_BENCH_ETCD_PEER_PORT (33900)   LIVEDISK_BENCH_KCM_PORT (30357)
 #   LIVEDISK_BENCH_SCHEDULER_PORT (30359)   LIVEDISK_BENCH_SNAPSHOT_METADATA_PORT (17543)
 #   LIVEDISK_BENCH_SNAPSHOT_METADATA_HTTP_PORT (17580)
 #   LIVEDISK_BENCH_LINK_PREFIX (lb)         LIVEDISK_BENCH_SUBNET (10.233)
+#   LIVEDISK_BENCH_CONTROLLER_METRICS_PORT (the snapshot-metadata HTTP port + 1)
+#   LIVEDISK_BENCH_NODE_METRICS_PORT (9090, inside each node's network namespace)
 #   LIVEDISK_BENCH_POOL_GIB    size of the nodes' sparse pool image (default 160)
 # This script tells the binary where the driver is (scenario e):
 #   LIVEDISK_BENCH_CONTROLLER_SOCKET, LIVEDISK_BENCH_NODE_SOCKET, LIVEDISK_BENCH_NODE,
 #   LIVEDISK_BENCH_NODES_DIR, LIVEDISK_BENCH_STAGING_DIR
+# and what scenario f needs: LIVEDISK_BENCH_OPERATOR_BIN, LIVEDISK_BENCH_OPERATOR_KUBECONFIG,
+#   LIVEDISK_BENCH_AUDIT_DIR, LIVEDISK_BENCH_LOG_DIR (the operator's log and pid file)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -46,22 +60,27 @@ for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   }
 done
 
-# Scenario e is selected unless LIVEDISK_BENCH_ONLY leaves it out.
-with_cluster=1
+# Scenarios e and f are selected unless LIVEDISK_BENCH_ONLY leaves them out.
+with_cluster=1 with_operator=1
 if [ -n "${LIVEDISK_BENCH_ONLY+set}" ]; then
-  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*) ;; *) with_cluster=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,f,*) ;; *) with_operator=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*) ;; *) with_cluster=0 ;; esac
 fi
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 echo "bench: building (release)" >&2
-if [ "$with_cluster" = 1 ]; then
-  # The driver runs as built for release, like the benchmark.
+if [ "$with_operator" = 1 ]; then
+  # The driver and the operator run as built for release, like the benchmark.
+  cargo build -q --release -p livedisk-csi -p livedisk-operator --bin livedisk-bench --bin livedisk-csi \
+    --bin livedisk-operator
+elif [ "$with_cluster" = 1 ]; then
   cargo build -q --release -p livedisk-csi --bin livedisk-bench --bin livedisk-csi
 else
   cargo build -q --release -p livedisk-csi --bin livedisk-bench
 fi
 
 if [ "$with_cluster" = 1 ]; then
-  [ "$(id -u)" -eq 0 ] || { echo "bench: scenario e needs root (namespaces, loop devices, mounts)" >&2; exit 1; }
+  [ "$(id -u)" -eq 0 ] || { echo "bench: scenarios e and f need root (namespaces, loop devices, mounts)" >&2; exit 1; }
   export LIVEDISK_STATE_DIR="${LIVEDISK_BENCH_STATE_DIR:-$ROOT/.livedisk/bench-cluster}"
   export LIVEDISK_APISERVER_PORT="${LIVEDISK_BENCH_APISERVER_PORT:-16543}"
   export LIVEDISK_ETCD_PORT="${LIVEDISK_BENCH_ETCD_PORT:-33890}"
@@ -71,8 +90,15 @@ if [ "$with_cluster" = 1 ]; then
   export LIVEDISK_SNAPSHOT_METADATA_PORT="${LIVEDISK_BENCH_SNAPSHOT_METADATA_PORT:-17543}"
   export LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_BENCH_SNAPSHOT_METADATA_HTTP_PORT:-17580}"
   export LIVEDISK_LINK_PREFIX="${LIVEDISK_BENCH_LINK_PREFIX:-lb}" LIVEDISK_SUBNET="${LIVEDISK_BENCH_SUBNET:-10.233}"
+  # hack/driver.sh's metrics ports: only when asked for (it derives its own defaults).
+  [ -z "${LIVEDISK_BENCH_CONTROLLER_METRICS_PORT:-}" ] ||
+    export LIVEDISK_CONTROLLER_METRICS_PORT="$LIVEDISK_BENCH_CONTROLLER_METRICS_PORT"
+  [ -z "${LIVEDISK_BENCH_NODE_METRICS_PORT:-}" ] ||
+    export LIVEDISK_NODE_METRICS_PORT="$LIVEDISK_BENCH_NODE_METRICS_PORT"
   # For starting and for stopping (hack/engine-ns.sh stops a node's engine with it).
-  export LIVEDISK_CSI_BIN="$ROOT/target/release/livedisk-csi"
+  export LIVEDISK_CSI_BIN="$TARGET_DIR/release/livedisk-csi"
+  # Scenario f's operator: the benchmark starts and stops it; its pid file is for this trap.
+  operator_pid_file="$LIVEDISK_STATE_DIR/logs/bench-operator.pid"
   mkdir -p "$LIVEDISK_STATE_DIR"
   nodes="$LIVEDISK_STATE_DIR/nodes"
   image="$LIVEDISK_STATE_DIR/pools.img"
@@ -87,6 +113,11 @@ if [ "$with_cluster" = 1 ]; then
   }
   cleanup() {
     echo "bench: stopping the driver and the local cluster" >&2
+    # An operator the benchmark could not stop (interrupted): it must not outlive its cluster.
+    if [ -f "$operator_pid_file" ]; then
+      kill "$(cat "$operator_pid_file")" 2>/dev/null || true
+      rm -f "$operator_pid_file"
+    fi
     own_cluster_down >/dev/null 2>&1
     release_pools
   }
@@ -97,7 +128,7 @@ if [ "$with_cluster" = 1 ]; then
   hack/driver.sh stop >/dev/null 2>&1 || true
   release_pools
 
-  echo "bench: local cluster for scenario e in $LIVEDISK_STATE_DIR (the first run builds the Go harness)" >&2
+  echo "bench: local cluster for scenarios e/f in $LIVEDISK_STATE_DIR (the first run builds the Go harness)" >&2
   own_cluster_up
   truncate -s "${LIVEDISK_BENCH_POOL_GIB:-160}G" "$image"
   # Few inodes and lazy initialisation: a large, nearly empty filesystem made in a second.
@@ -113,6 +144,12 @@ if [ "$with_cluster" = 1 ]; then
   export LIVEDISK_BENCH_NODES_DIR="$nodes"
   # Where kubelet's staging paths would be (hack/driver.sh stop releases what is left there).
   export LIVEDISK_BENCH_STAGING_DIR="$LIVEDISK_STATE_DIR/kubelet/$LIVEDISK_BENCH_NODE/staging"
+  if [ "$with_operator" = 1 ]; then
+    export LIVEDISK_BENCH_OPERATOR_BIN="$TARGET_DIR/release/livedisk-operator"
+    export LIVEDISK_BENCH_OPERATOR_KUBECONFIG="$LIVEDISK_STATE_DIR/accounts/operator.kubeconfig"
+    export LIVEDISK_BENCH_AUDIT_DIR="$LIVEDISK_STATE_DIR/logs"
+    export LIVEDISK_BENCH_LOG_DIR="$LIVEDISK_STATE_DIR/logs"
+  fi
 fi
 
-target/release/livedisk-bench "$@"
+"$TARGET_DIR/release/livedisk-bench" "$@"

@@ -1,19 +1,24 @@
-//! `livedisk-bench`: the node engine's benchmarks (a–d, on an engine of its
-//! own) and the CSI driver's snapshot path through its sockets (e, on the
-//! cluster hack/bench.sh starts), run by `make bench` through
-//! hack/bench.sh. Prints ratios against targets; never fails on a missed
-//! target, only on a broken run.
+//! `livedisk-bench`: the node engine's benchmarks (a–d and g, on an engine of
+//! its own), the CSI driver's snapshot path through its sockets (e) and
+//! DiskSnapshots at scale through the operator (f), both on the cluster
+//! hack/bench.sh starts, run by `make bench` through hack/bench.sh. Prints
+//! ratios against targets; never fails on a missed target, only on a broken
+//! run.
 
 // Shared with the admin CLI; only `render` is used here.
 #[allow(dead_code)]
 #[path = "../../cli/table.rs"]
 mod table;
 
+mod at_scale;
+mod audit;
 mod csi;
+mod merge_latency;
 mod report;
 mod scenarios;
 mod through_csi;
 mod tools;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,10 +29,10 @@ use livedisk_engine::{Engine, EngineConfig};
 use csi::CsiTarget;
 use scenarios::Config;
 
-/// The benchmarks, by row letter: a–d on an engine of the benchmark's own, e through the
-/// driver's CSI sockets.
-const ALL: [char; 5] = ['a', 'b', 'c', 'd', 'e'];
-const ENGINE_ONLY: [char; 4] = ['a', 'b', 'c', 'd'];
+/// The benchmarks, by row letter: a–d and g on an engine of the benchmark's own, e through the
+/// driver's CSI sockets, f through the operator (e and f on hack/bench.sh's cluster).
+const ALL: [char; 7] = ['a', 'b', 'c', 'd', 'e', 'f', 'g'];
+const ENGINE_ONLY: [char; 5] = ['a', 'b', 'c', 'd', 'g'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -53,7 +58,7 @@ fn parse_only(v: &str) -> Result<Vec<char>> {
         match part.chars().collect::<Vec<_>>()[..] {
             [letter] if ALL.contains(&letter) => picked.push(letter),
             _ => anyhow::bail!(
-                "LIVEDISK_BENCH_ONLY: unknown benchmark {part:?} (choose from a, b, c, d, e)"
+                "LIVEDISK_BENCH_ONLY: unknown benchmark {part:?} (choose from a to g)"
             ),
         }
     }
@@ -74,6 +79,8 @@ fn config() -> Result<Config> {
         runs: env_or("LIVEDISK_BENCH_RUNS", 5usize)?.max(1),
         heavy_runs: env_or("LIVEDISK_BENCH_HEAVY_RUNS", 4usize)?.max(1),
         extents: env_or("LIVEDISK_BENCH_EXTENTS", 100_000u64)?,
+        disk_snapshots: env_or("LIVEDISK_BENCH_DISK_SNAPSHOTS", 1000usize)?,
+        claims: env_or("LIVEDISK_BENCH_CLAIMS", 50usize)?,
         only: only_scenarios()?,
     })
 }
@@ -119,6 +126,9 @@ async fn engine_scenarios(e: &Engine, c: &Config) -> Result<(Vec<report::Row>, b
         rows.extend(io);
         dropped = d;
     }
+    if c.selected('g') {
+        rows.extend(merge_latency::merge_write_latency(e, c).await?);
+    }
     Ok((rows, dropped))
 }
 
@@ -156,6 +166,14 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let scale = if c.selected('f') {
+        Some(at_scale::ScaleTarget::from_env()?.context(
+            "benchmark (f) runs the operator on a local cluster: run it with hack/bench.sh \
+             (make bench), which starts one",
+        )?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let (mut rows, mut dropped) = (vec![], None);
     if ENGINE_ONLY.iter().any(|&s| c.selected(s)) {
@@ -165,15 +183,20 @@ async fn main() -> Result<()> {
     if let Some(target) = csi {
         rows.extend(through_csi::through_csi(target, &c).await?);
     }
+    if let Some(target) = scale {
+        rows.extend(at_scale::disk_snapshots_at_scale(target, &c).await?);
+    }
 
     println!("{}", machine_facts().await);
     println!(
-        "config: scale {} (LIVEDISK_BENCH_SCALE), runs {} / heavy runs {}, {} extents; \
-         page cache dropped before I/O runs: {}; total {:.0} s",
+        "config: scale {} (LIVEDISK_BENCH_SCALE), runs {} / heavy runs {}, {} extents, \
+         {} DiskSnapshots of {} claims; page cache dropped before I/O runs: {}; total {:.0} s",
         c.scale,
         c.runs,
         c.heavy_runs,
         c.extents,
+        c.disk_snapshots,
+        c.claims,
         match dropped {
             Some(true) => "yes",
             Some(false) => "no (not permitted)",
@@ -194,7 +217,8 @@ mod tests {
     fn benchmarks_are_picked_by_letter() {
         assert_eq!(parse_only("e").unwrap(), ['e']);
         assert_eq!(parse_only(" b, d ,e").unwrap(), ['b', 'd', 'e']);
-        assert!(parse_only("f").is_err());
+        assert_eq!(parse_only("f,g").unwrap(), ['f', 'g']);
+        assert!(parse_only("h").is_err());
         assert!(parse_only("ab").is_err());
         assert!(parse_only(" , ").is_err());
     }

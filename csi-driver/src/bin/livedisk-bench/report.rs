@@ -11,6 +11,8 @@ pub enum Target {
     AtLeast(f64),
     /// Absolute value (seconds) must be below this.
     SecondsBelow(f64),
+    /// Absolute value, in `unit`, must be below `limit` (the operator's memory, say).
+    Below { limit: f64, unit: &'static str },
     /// Reported only.
     Info,
 }
@@ -69,6 +71,7 @@ pub fn verdict(ratio: f64, t: Target) -> &'static str {
         Target::AtMost(x) => ratio <= x,
         Target::AtLeast(x) => ratio >= x,
         Target::SecondsBelow(x) => ratio < x,
+        Target::Below { limit, .. } => ratio < limit,
         Target::Info => return "-",
     };
     if ok { "PASS" } else { "MISS" }
@@ -79,6 +82,7 @@ fn target_text(t: Target) -> String {
         Target::AtMost(x) => format!("ratio <= {x:.2}"),
         Target::AtLeast(x) => format!("ratio >= {x:.2}"),
         Target::SecondsBelow(x) => format!("< {x} s"),
+        Target::Below { limit, unit } => format!("< {limit} {unit}"),
         Target::Info => "-".into(),
     }
 }
@@ -86,6 +90,7 @@ fn target_text(t: Target) -> String {
 fn ratio_text(r: &Row) -> String {
     match r.target {
         Target::SecondsBelow(_) => format!("{:.3} s", r.ratio),
+        Target::Below { unit, .. } => format!("{:.1} {unit}", r.ratio),
         _ if r.ratio.is_finite() => format!("{:.2}", r.ratio),
         _ => "n/a".into(),
     }
@@ -109,6 +114,18 @@ pub fn render_rows(rows: &[Row]) -> String {
         &["BENCHMARK", "ENGINE", "PEER", "RATIO", "TARGET", "RESULT"],
         &cells,
     )
+}
+
+/// The `q`-quantile (0..=1) of a sample, nearest rank: the value at or below which a share `q`
+/// of the sample lies (`q = 1` is the maximum). NaN for an empty sample.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 pub fn ms(s: f64) -> String {
@@ -152,6 +169,25 @@ mod tests {
         assert_eq!(verdict(0.2, Target::SecondsBelow(1.0)), "PASS");
         assert_eq!(verdict(f64::NAN, Target::AtLeast(0.7)), "MISS");
         assert_eq!(verdict(9.0, Target::Info), "-");
+        let mib = Target::Below {
+            limit: 100.0,
+            unit: "MiB",
+        };
+        assert_eq!(verdict(42.0, mib), "PASS");
+        assert_eq!(verdict(100.0, mib), "MISS");
+        assert_eq!(verdict(f64::NAN, mib), "MISS");
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert_eq!(percentile(&[7.0], 0.0), 7.0);
+        assert!(percentile(&[], 0.5).is_nan());
     }
 
     #[test]
@@ -165,6 +201,17 @@ mod tests {
         }]);
         assert!(t.lines().nth(1).is_some_and(|l| l.ends_with("PASS")));
         assert!(t.contains("< 1 s"));
+        let t = render_rows(&[Row {
+            name: "rss".into(),
+            measured: "42.0 MiB".into(),
+            peer: String::new(),
+            ratio: 42.0,
+            target: Target::Below {
+                limit: 100.0,
+                unit: "MiB",
+            },
+        }]);
+        assert!(t.contains("42.0 MiB") && t.contains("< 100 MiB"), "{t}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Config {
     pub heavy_runs: usize,
     /// Changed extents for the query benchmark.
     pub extents: u64,
+    /// (f): DiskSnapshots, and the claims they are spread over.
+    pub disk_snapshots: usize,
+    pub claims: usize,
     /// Benchmarks to run (`None`: all).
     pub only: Option<Vec<char>>,
 }
@@ -129,7 +132,7 @@ pub async fn snapshot_latency(e: &Engine, c: &Config) -> Result<Vec<Row>> {
 /// `layer0` (`data` bytes) ← `layer1` (`data` bytes over the same range) ←
 /// active, written through the volume's export. Returns the volume, its
 /// export and the older snapshot, whose deletion commits layer1 into layer0.
-async fn merge_chain(e: &Engine, data: u64) -> Result<(VolumeId, ExportInfo, SnapshotId)> {
+pub async fn merge_chain(e: &Engine, data: u64) -> Result<(VolumeId, ExportInfo, SnapshotId)> {
     let vol = VolumeId::generate();
     e.create_volume(&vol, 2 * data)
         .await
