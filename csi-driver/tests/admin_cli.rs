@@ -640,7 +640,10 @@ async fn changing_commands_work_beside_a_held_engine() {
         break str_of(&v["snapshots"][0]["id"]);
     };
     running().await;
-    assert!(!held.is_finished(), "the snapshot waited for the held merge");
+    assert!(
+        !held.is_finished(),
+        "the snapshot waited for the held merge"
+    );
     let before = (
         record_text(&env, &vid),
         file_names(&env.cfg.pool.join(&vol)),
