@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use livedisk_engine::{
@@ -13,28 +12,6 @@ use livedisk_engine::{
 };
 
 const MIB: u64 = 1 << 20;
-
-/// Waits until the merge job `job` has copied something (and not everything).
-async fn copying(e: &Engine, job: &str) {
-    for _ in 0..500 {
-        if let Some(j) = e
-            .jobs()
-            .await
-            .expect("jobs")
-            .into_iter()
-            .find(|j| j.id == job)
-            && j.current_progress > 0
-        {
-            assert!(
-                j.current_progress < j.total_progress,
-                "{j:?}: too fast to test"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("merge job {job} never made progress");
-}
 
 async fn snapshot(e: &Engine, vol: &VolumeId) -> SnapshotId {
     let s = SnapshotId::generate();
@@ -77,7 +54,7 @@ async fn a_merge_holding_the_active_layer_is_paused_for_a_snapshot_and_the_volum
         let (e, s1) = (e.clone(), s1.clone());
         tokio::spawn(async move { e.delete_snapshot(&s1, Some(2 * MIB)).await })
     };
-    copying(&e, &job).await;
+    merge_copying(&e, &job).await;
 
     // The attach path needs only the volume's lock.
     retrying_busy("detach during the merge", || e.detach_volume(&vol)).await;
@@ -166,7 +143,7 @@ async fn a_stream_into_a_sealed_layer_goes_on_under_a_snapshot_without_a_restart
         };
         tokio::spawn(async move { e.delete_snapshot_with(&sa, opts).await })
     };
-    copying(&e, &job).await;
+    merge_copying(&e, &job).await;
     qemu_io_write(&x.uri(), 0x44, 48 * MIB, MIB);
     let sd = SnapshotId::generate();
     retrying_busy("snapshot during the merge", || e.create_snapshot(&vol, &sd)).await;

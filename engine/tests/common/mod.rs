@@ -586,3 +586,25 @@ where
     }
     panic!("{what}: busy for 5 s");
 }
+
+/// Waits until the merge job `job` has copied something (and not everything).
+pub async fn merge_copying(e: &livedisk_engine::Engine, job: &str) {
+    for _ in 0..500 {
+        if let Some(j) = e
+            .jobs()
+            .await
+            .expect("jobs")
+            .into_iter()
+            .find(|j| j.id == job)
+            && j.current_progress > 0
+        {
+            assert!(
+                j.current_progress < j.total_progress,
+                "{j:?}: too fast to test"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("merge job {job} never made progress");
+}

@@ -13,12 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use livedisk_csi::frontends::FrontEndServer;
-use livedisk_csi::node::attach::Attacher;
 use livedisk_engine::{Engine, SnapshotId};
 
 use crate::report::{Row, Target, ms, percentile};
-use crate::scenarios::{Config, merge_chain};
+use crate::scenarios::{Config, ConsumerDevice, merge_chain};
 use crate::tools::{drop_caches, fill};
 
 const MIB: u64 = 1 << 20;
@@ -168,19 +166,9 @@ pub async fn merge_write_latency(e: &Engine, c: &Config) -> Result<Vec<Row>> {
     // sample pays for allocating the clusters the second one finds allocated.
     progress("filling the active layer");
     fill(&export.uri(), 2 * layer).await?;
-    let engine_dir = e.daemon().runtime.dir.clone();
-    let frontends = FrontEndServer::start(&engine_dir).await?;
-    let attacher = Attacher::new(&engine_dir);
-    let device = attacher
-        .attach(e, &vol)
-        .await
-        .map_err(|err| anyhow::anyhow!("attaching the consumer device: {err}"))?;
-    let measured = measure(e, &device, 2 * layer, layer, &older).await;
-    attacher
-        .detach(e, &vol)
-        .await
-        .map_err(|err| anyhow::anyhow!("detaching the consumer device: {err}"))?;
-    frontends.stop().await?;
+    let device = ConsumerDevice::attach(e, &vol).await?;
+    let measured = measure(e, &device.path, 2 * layer, layer, &older).await;
+    device.release(e, &vol).await?;
     Ok(rows(&measured?))
 }
 

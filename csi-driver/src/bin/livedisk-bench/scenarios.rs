@@ -537,21 +537,46 @@ pub async fn attach_path(e: &Engine, c: &Config) -> Result<(Vec<Row>, bool)> {
     // The consumer's real device: what the CSI node service stages (a loop
     // device without direct I/O over an nbdfuse file of the export, which the
     // engine's front-end server runs: here in this process).
-    let engine_dir = e.daemon().runtime.dir.clone();
-    let frontends = FrontEndServer::start(&engine_dir).await?;
-    let attacher = Attacher::new(&engine_dir);
-    let device = attacher
-        .attach(e, &vol)
-        .await
-        .map_err(|err| anyhow::anyhow!("attaching the consumer device: {err}"))?;
-    let device_s = device.display().to_string();
+    let device = ConsumerDevice::attach(e, &vol).await?;
+    let device_s = device.path.display().to_string();
     let measured = measure_io(c, &modes, &device_s, &uri, &raw_s, &q).await;
-    attacher
-        .detach(e, &vol)
-        .await
-        .map_err(|err| anyhow::anyhow!("detaching the consumer device: {err}"))?;
-    frontends.stop().await?;
+    device.release(e, &vol).await?;
     measured
+}
+
+/// A volume's consumer device as the CSI node service stages it (a loop device over an nbdfuse
+/// file of the export), with the engine's front-end server run in this process.
+pub struct ConsumerDevice {
+    frontends: FrontEndServer,
+    attacher: Attacher,
+    pub path: PathBuf,
+}
+
+impl ConsumerDevice {
+    pub async fn attach(e: &Engine, vol: &VolumeId) -> Result<Self> {
+        let engine_dir = e.daemon().runtime.dir.clone();
+        let frontends = FrontEndServer::start(&engine_dir).await?;
+        let attacher = Attacher::new(&engine_dir);
+        let path = attacher
+            .attach(e, vol)
+            .await
+            .map_err(|err| anyhow::anyhow!("attaching the consumer device: {err}"))?;
+        Ok(Self {
+            frontends,
+            attacher,
+            path,
+        })
+    }
+
+    /// Detaches the device and stops the front-end server.
+    pub async fn release(self, e: &Engine, vol: &VolumeId) -> Result<()> {
+        self.attacher
+            .detach(e, vol)
+            .await
+            .map_err(|err| anyhow::anyhow!("detaching the consumer device: {err}"))?;
+        self.frontends.stop().await?;
+        Ok(())
+    }
 }
 
 /// Every mode on the consumer device, the export, the raw file and the
