@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::core::DeserializeGuard;
-use kube::runtime::controller::{Action, Controller};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use livedisk_api::{DiskExport, DiskMigration, DiskSnapshot};
 use serde::Serialize;
@@ -90,32 +90,26 @@ where
         + 'static,
 {
     let api: Api<DeserializeGuard<K>> = Api::all(context.client.clone());
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(CONCURRENT_RECONCILES));
     // A referenced PVC or DiskSnapshot appearing (or going) triggers the objects that name it at
-    // once, instead of waiting for the periodic requeue.
+    // once, instead of waiting for the periodic requeue. Only names matter: metadata watches keep
+    // the referenced objects' specs and statuses out of this process.
     let store = controller.store();
-    let pvc_watchers = move |pvc: PersistentVolumeClaim| {
+    let pvc_watchers = move |pvc: PartialObjectMeta<PersistentVolumeClaim>| {
         referrers(&store, &pvc, |name| {
             Reference::PersistentVolumeClaim(name.to_string())
         })
     };
     let store = controller.store();
-    let snapshot_watchers = move |snapshot: DiskSnapshot| {
+    let snapshot_watchers = move |snapshot: PartialObjectMeta<DiskSnapshot>| {
         referrers(&store, &snapshot, |name| {
             Reference::DiskSnapshot(name.to_string())
         })
     };
     controller
-        .watches(
-            Api::all(context.client.clone()),
-            watcher::Config::default().any_semantic(),
-            pvc_watchers,
-        )
-        .watches(
-            Api::all(context.client.clone()),
-            watcher::Config::default().any_semantic(),
-            snapshot_watchers,
-        )
+        .watches_stream(metadata_watch(&context.client), pvc_watchers)
+        .watches_stream(metadata_watch(&context.client), snapshot_watchers)
         .shutdown_on_signal()
         .run(reconcile::<K>, error_policy::<K>, context)
         .for_each(|result| async move {
@@ -124,6 +118,32 @@ where
             }
         })
         .await;
+}
+
+/// Objects of one kind reconciled at once: a pass is a few cache reads and at most a couple of
+/// writes, and without a bound many objects created together would each hold a request (and its
+/// buffers) in flight at the same moment.
+pub(crate) const CONCURRENT_RECONCILES: u16 = 16;
+
+/// A metadata-only watch of every `K`, as the stream of objects it touched.
+pub(crate) fn metadata_watch<K>(
+    client: &Client,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(
+        Api::<PartialObjectMeta<K>>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects()
 }
 
 /// One reconcile: the pipeline, and on failure a Warning Event (and, for a permanent error, a

@@ -83,6 +83,11 @@ pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -
     }
 }
 
+/// How long a DiskSnapshot whose VolumeSnapshot is being taken waits before it is looked at
+/// again when nothing woke it: the VolumeSnapshot's and its content's watches wake it on every
+/// change, so this is only a safety net.
+pub(crate) const WATCHED_RECHECK_SECONDS: u64 = 60;
+
 /// The status of a resource whose standard object exists, from that object's state.
 pub(crate) fn decide_work(state: &WorkState) -> Decision {
     let mut fields = serde_json::Map::new();
@@ -94,7 +99,7 @@ pub(crate) fn decide_work(state: &WorkState) -> Decision {
                 phase: Phase::Running,
                 conditions: conditions(Health::InProgress, "SnapshotInProgress", &message),
                 event: EventKind::Normal,
-                requeue_seconds: 3,
+                requeue_seconds: WATCHED_RECHECK_SECONDS,
                 fields,
             }
         }
@@ -107,7 +112,7 @@ pub(crate) fn decide_work(state: &WorkState) -> Decision {
                 phase: Phase::Pending,
                 conditions: conditions(Health::InProgress, "SnapshotError", &message),
                 event: EventKind::Warning,
-                requeue_seconds: 15,
+                requeue_seconds: WATCHED_RECHECK_SECONDS,
                 fields,
             }
         }

@@ -8,6 +8,7 @@
 //! VolumeGroupSnapshot yet: `NotSupportedYet`).
 
 pub mod plan;
+mod watched;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,61 +16,86 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use livedisk_api::DiskSnapshot;
-use livedisk_api::internal::LivediskSnapshot;
 use livedisk_api::snapshot::DeletionPolicy;
 use serde_json::json;
 
 use self::plan::{ContentFacts, DeletionStep, NodeSnapshotFacts, VolumeSnapshotFacts};
+use self::watched::Watched;
 use crate::controller::{Context, reconcile_object};
 use crate::decide::{Decision, decide, decide_work};
 use crate::error::Error;
 use crate::kinds::LivediskKind;
 use crate::{observe, standard, status};
 
+/// The operator's context with the caches only the DiskSnapshot reconciler reads.
+pub struct SnapshotContext {
+    base: Arc<Context>,
+    watched: Watched,
+}
+
+impl std::ops::Deref for SnapshotContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.base
+    }
+}
+
 /// The operator's finalizer on a DiskSnapshot: its VolumeSnapshot's deletion is followed
 /// through before the object goes.
 pub const FINALIZER: &str = "livedisk.io/snapshot";
 
-/// Runs the DiskSnapshot controller until shutdown.
+/// Runs the DiskSnapshot controller until shutdown. The VolumeSnapshots, their contents and the
+/// node snapshots are each watched once, for the caches the reconciler reads and to wake the
+/// DiskSnapshots they concern.
 pub async fn run(context: Arc<Context>) {
     let client = context.client.clone();
+    let (watched, streams) = Watched::start(&client);
     let snapshots: Api<DiskSnapshot> = Api::all(client.clone());
-    let volume_snapshots: Api<DynamicObject> =
-        Api::all_with(client.clone(), &standard::volume_snapshots());
-    let controller = Controller::new(snapshots, watcher::Config::default().any_semantic());
+    let controller = Controller::new(snapshots, watcher::Config::default().any_semantic())
+        .with_config(
+            controller::Config::default().concurrency(crate::controller::CONCURRENT_RECONCILES),
+        );
     // A claim appearing (or going) wakes the DiskSnapshots of it at once.
     let store = controller.store();
-    let claim_watchers = move |pvc: PersistentVolumeClaim| {
+    let claim_watchers = move |pvc: PartialObjectMeta<PersistentVolumeClaim>| {
         let namespace = pvc.namespace();
         let claim = pvc.name_any();
         store
-            .state()
-            .iter()
-            .filter(|s| {
+            .state_filter(|s| {
                 s.namespace() == namespace
                     && s.spec.source.persistent_volume_claim_name.as_deref() == Some(&claim)
             })
+            .iter()
             .map(|s| ObjectRef::from_obj(s.as_ref()))
             .collect::<Vec<_>>()
     };
+    // Only names matter here: a metadata watch keeps the claims' specs and statuses out.
+    let claims = crate::controller::metadata_watch::<PersistentVolumeClaim>(&client);
+    let store = controller.store();
+    let node_snapshot_watchers = move |node: livedisk_api::internal::LivediskSnapshot| {
+        Watched::disk_snapshots_of_node_snapshot(&node, &store)
+    };
+    let context = Arc::new(SnapshotContext {
+        base: context,
+        watched,
+    });
     controller
-        .owns_with(
-            volume_snapshots,
-            standard::volume_snapshots(),
-            watcher::Config::default().any_semantic(),
+        .owns_stream_with(streams.volume_snapshots, standard::volume_snapshots())
+        .watches_stream_with(
+            streams.contents,
+            |content| Watched::disk_snapshot_of_content(&content),
+            standard::volume_snapshot_contents(),
         )
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client),
-            watcher::Config::default().any_semantic(),
-            claim_watchers,
-        )
+        .watches_stream(streams.node_snapshots, node_snapshot_watchers)
+        .watches_stream(claims, claim_watchers)
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -80,7 +106,10 @@ pub async fn run(context: Arc<Context>) {
         .await;
 }
 
-async fn reconcile(snapshot: Arc<DiskSnapshot>, context: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    snapshot: Arc<DiskSnapshot>,
+    context: Arc<SnapshotContext>,
+) -> Result<Action, Error> {
     if !context.leadership.is_leader() {
         return Ok(Action::await_change());
     }
@@ -117,7 +146,12 @@ async fn reconcile(snapshot: Arc<DiskSnapshot>, context: Arc<Context>) -> Result
 /// A permanent failure also says `Stalled=True` with the error's code (best-effort: the error
 /// itself is returned either way). A transient one is retried soon, and the conditions keep
 /// saying what the last successful pass found.
-async fn write_stalled(snapshot: &DiskSnapshot, ctx: &Context, error: &Error, message: &str) {
+async fn write_stalled(
+    snapshot: &DiskSnapshot,
+    ctx: &SnapshotContext,
+    error: &Error,
+    message: &str,
+) {
     let current = serde_json::to_value(snapshot).ok();
     let Some(patch) = status::stalled(
         current.as_ref().and_then(|o| o.get("status")),
@@ -137,7 +171,7 @@ async fn write_stalled(snapshot: &DiskSnapshot, ctx: &Context, error: &Error, me
     }
 }
 
-fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<Context>) -> Action {
+fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<SnapshotContext>) -> Action {
     let code = error.code();
     tracing::warn!(
         kind = "DiskSnapshot",
@@ -154,13 +188,14 @@ fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<Context>) -> 
 /// A DiskSnapshot of a claim: refused, waiting for its references, or under the finalizer.
 async fn reconcile_claim_snapshot(
     snapshot: Arc<DiskSnapshot>,
-    ctx: &Context,
+    ctx: &SnapshotContext,
     claim: &str,
 ) -> Result<Action, Error> {
     let name = snapshot.name_any();
     let namespace = snapshot.namespace().unwrap_or_default();
     let span = tracing::info_span!("reconcile", kind = "DiskSnapshot", %namespace, %name);
     let _entered = span.enter();
+    ctx.watched.listed().await?;
     let guarded = snapshot.finalizers().iter().any(|f| f == FINALIZER);
     let deleting = snapshot.meta().deletion_timestamp.is_some();
     if deleting && !guarded {
@@ -179,7 +214,7 @@ async fn reconcile_claim_snapshot(
         // Before the finalizer goes on: a refused DiskSnapshot never holds up its own deletion
         // (or its namespace's).
         let uid = uid_of(&snapshot)?;
-        if let Some(vs) = volume_snapshot(ctx, &namespace, &name).await?
+        if let Some(vs) = ctx.watched.volume_snapshot(&namespace, &name)
             && let Err(refusal) = plan::ownership(&uid, claim, &VolumeSnapshotFacts::of(&vs))
         {
             let decision = plan::refused(&refusal);
@@ -212,7 +247,7 @@ fn requeue(decision: &Decision) -> Action {
 
 async fn with_finalizer(
     snapshot: Arc<DiskSnapshot>,
-    ctx: &Context,
+    ctx: &SnapshotContext,
     claim: &str,
 ) -> Result<Action, Error> {
     let name = snapshot.name_any();
@@ -231,11 +266,15 @@ async fn with_finalizer(
 
 /// Creates (or adopts) the VolumeSnapshot, keeps a Retain content retained, and reports what
 /// the VolumeSnapshot, its content and the node say.
-async fn apply(snapshot: &DiskSnapshot, ctx: &Context, claim: &str) -> Result<Action, Error> {
+async fn apply(
+    snapshot: &DiskSnapshot,
+    ctx: &SnapshotContext,
+    claim: &str,
+) -> Result<Action, Error> {
     let name = snapshot.name_any();
     let namespace = snapshot.namespace().unwrap_or_default();
     let uid = uid_of(snapshot)?;
-    let vs = match volume_snapshot(ctx, &namespace, &name).await? {
+    let vs = match ctx.watched.volume_snapshot(&namespace, &name) {
         Some(vs) => vs,
         None => create_volume_snapshot(snapshot, ctx, claim).await?,
     };
@@ -246,7 +285,7 @@ async fn apply(snapshot: &DiskSnapshot, ctx: &Context, claim: &str) -> Result<Ac
         return Ok(requeue(&decision));
     }
     let content = match &facts.bound_content {
-        Some(content) => self::content(ctx, content).await?,
+        Some(content) => ctx.watched.content(content).map(|c| ContentFacts::of(&c)),
         None => None,
     };
     let state = standard::volume_snapshot_state(&vs);
@@ -256,7 +295,7 @@ async fn apply(snapshot: &DiskSnapshot, ctx: &Context, claim: &str) -> Result<Ac
         retain_content(ctx, &content.name).await?;
     }
     let node = match content.as_ref().and_then(|c| c.snapshot_handle.as_deref()) {
-        Some(handle) => node_snapshot(ctx, handle).await?,
+        Some(handle) => node_snapshot(ctx, handle),
         None => None,
     };
     let mut decision = decide_work(&state);
@@ -269,7 +308,7 @@ async fn apply(snapshot: &DiskSnapshot, ctx: &Context, claim: &str) -> Result<Ac
 
 /// One step of a deletion under the finalizer: `Some` to look again later, `None` when nothing
 /// is left and the finalizer may come off.
-async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Action>, Error> {
+async fn deletion(snapshot: &DiskSnapshot, ctx: &SnapshotContext) -> Result<Option<Action>, Error> {
     let name = snapshot.name_any();
     let namespace = snapshot.namespace().unwrap_or_default();
     let uid = uid_of(snapshot)?;
@@ -281,8 +320,9 @@ async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Actio
         .unwrap_or_default();
     let status = snapshot.status.clone().unwrap_or_default();
     // Someone else's VolumeSnapshot of the same name is never touched.
-    let vs = volume_snapshot(ctx, &namespace, &name)
-        .await?
+    let vs = ctx
+        .watched
+        .volume_snapshot(&namespace, &name)
         .map(|vs| VolumeSnapshotFacts::of(&vs))
         .filter(|facts| plan::ownership(&uid, &claim, facts).is_ok());
     let content_name = vs
@@ -290,7 +330,7 @@ async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Actio
         .and_then(|v| v.bound_content.clone())
         .or(status.volume_snapshot_content_name.clone());
     let content = match &content_name {
-        Some(c) => content(ctx, c).await?,
+        Some(c) => ctx.watched.content(c).map(|c| ContentFacts::of(&c)),
         None => None,
     };
     let handle = content
@@ -299,19 +339,22 @@ async fn deletion(snapshot: &DiskSnapshot, ctx: &Context) -> Result<Option<Actio
         .or(status.snapshot_handle.clone());
     let retain = snapshot.spec.deletion_policy == DeletionPolicy::Retain;
     let node = match (&handle, retain) {
-        (Some(handle), false) => node_snapshot(ctx, handle).await?,
+        (Some(handle), false) => node_snapshot(ctx, handle),
         _ => None,
     };
     match plan::deletion_step(retain, vs.as_ref(), content.as_ref(), node.as_ref()) {
         DeletionStep::RetainContent(content) => {
             retain_content(ctx, &content).await?;
-            Ok(Some(Action::requeue(Duration::ZERO)))
+            // The content's watch wakes this DiskSnapshot once the change is in the cache.
+            Ok(Some(Action::requeue(Duration::from_secs(
+                plan::DELETION_RECHECK_SECONDS,
+            ))))
         }
         DeletionStep::DeleteVolumeSnapshot => {
             delete_volume_snapshot(ctx, &namespace, &name).await?;
             tracing::info!(volume_snapshot = %name, retain, "VolumeSnapshot deleted");
             Ok(Some(Action::requeue(Duration::from_secs(
-                plan::DELETION_POLL_SECONDS,
+                plan::DELETION_RECHECK_SECONDS,
             ))))
         }
         DeletionStep::Wait(decision) => {
@@ -328,24 +371,13 @@ fn observe_error(what: String) -> impl FnOnce(kube::Error) -> Error {
     move |cause| Error::Observe { what, cause }
 }
 
-fn volume_snapshots(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
+fn volume_snapshots(ctx: &SnapshotContext, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(ctx.client.clone(), namespace, &standard::volume_snapshots())
-}
-
-async fn volume_snapshot(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<DynamicObject>, Error> {
-    volume_snapshots(ctx, namespace)
-        .get_opt(name)
-        .await
-        .map_err(observe_error(format!("VolumeSnapshot {namespace}/{name}")))
 }
 
 async fn create_volume_snapshot(
     snapshot: &DiskSnapshot,
-    ctx: &Context,
+    ctx: &SnapshotContext,
     claim: &str,
 ) -> Result<DynamicObject, Error> {
     let name = snapshot.name_any();
@@ -379,7 +411,11 @@ async fn create_volume_snapshot(
     }
 }
 
-async fn delete_volume_snapshot(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
+async fn delete_volume_snapshot(
+    ctx: &SnapshotContext,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error> {
     match volume_snapshots(ctx, namespace)
         .delete(name, &DeleteParams::background())
         .await
@@ -393,19 +429,9 @@ async fn delete_volume_snapshot(ctx: &Context, namespace: &str, name: &str) -> R
     }
 }
 
-async fn content(ctx: &Context, name: &str) -> Result<Option<ContentFacts>, Error> {
-    let contents: Api<DynamicObject> =
-        Api::all_with(ctx.client.clone(), &standard::volume_snapshot_contents());
-    Ok(contents
-        .get_opt(name)
-        .await
-        .map_err(observe_error(format!("VolumeSnapshotContent {name}")))?
-        .map(|c| ContentFacts::of(&c)))
-}
-
 /// Retain is a property of the bound content: set there, deleting the VolumeSnapshot keeps the
 /// storage snapshot.
-async fn retain_content(ctx: &Context, content: &str) -> Result<(), Error> {
+async fn retain_content(ctx: &SnapshotContext, content: &str) -> Result<(), Error> {
     let contents: Api<DynamicObject> =
         Api::all_with(ctx.client.clone(), &standard::volume_snapshot_contents());
     let patch = json!({ "spec": { "deletionPolicy": "Retain" } });
@@ -420,24 +446,19 @@ async fn retain_content(ctx: &Context, content: &str) -> Result<(), Error> {
 }
 
 /// The node's view of a snapshot (its `LivediskSnapshot`), while it exists.
-async fn node_snapshot(ctx: &Context, handle: &str) -> Result<Option<NodeSnapshotFacts>, Error> {
-    let snapshots: Api<LivediskSnapshot> = Api::all(ctx.client.clone());
-    Ok(snapshots
-        .get_opt(handle)
-        .await
-        .map_err(observe_error(format!("LivediskSnapshot {handle}")))?
-        .map(|s| {
-            let status = s.status.unwrap_or_default();
-            NodeSnapshotFacts {
-                allocated_bytes: status.allocated_bytes,
-                progress: status.progress,
-            }
-        }))
+fn node_snapshot(ctx: &SnapshotContext, handle: &str) -> Option<NodeSnapshotFacts> {
+    ctx.watched.node_snapshot(handle).map(|s| {
+        let status = s.status.unwrap_or_default();
+        NodeSnapshotFacts {
+            allocated_bytes: status.allocated_bytes,
+            progress: status.progress,
+        }
+    })
 }
 
 async fn write_status(
     snapshot: &DiskSnapshot,
-    ctx: &Context,
+    ctx: &SnapshotContext,
     decision: &Decision,
 ) -> Result<(), Error> {
     let source = snapshot.source_description();
@@ -445,7 +466,7 @@ async fn write_status(
 }
 
 async fn publish(
-    ctx: &Context,
+    ctx: &SnapshotContext,
     subject: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,
     reason: &str,

@@ -158,8 +158,10 @@ pub enum DeletionStep {
     Release,
 }
 
-/// How often a deletion in progress is looked at (and its progress reported).
-pub const DELETION_POLL_SECONDS: u64 = 1;
+/// How long a deletion in progress waits before it is looked at again when nothing woke it
+/// sooner. The VolumeSnapshot's, the content's and the node snapshot's watches wake it on every
+/// change (the merge's progress included), so this is only a safety net.
+pub const DELETION_RECHECK_SECONDS: u64 = 30;
 
 /// Pure: the next step of a deletion. `vs` is the VolumeSnapshot only if it is ours; `node`
 /// the snapshot on its node, while it still exists.
@@ -231,7 +233,7 @@ fn deleting(message: String, progress: Option<Progress>) -> Decision {
         phase: Phase::Deleting,
         conditions: conditions(Health::InProgress, "Deleting", &message),
         event: EventKind::Normal,
-        requeue_seconds: DELETION_POLL_SECONDS,
+        requeue_seconds: DELETION_RECHECK_SECONDS,
         fields,
     }
 }

@@ -585,10 +585,16 @@ impl Setup {
         .await?;
         // The DiskMerges go while the operator runs: its finalizer removes their node work.
         let merges: Api<DiskMerge> = Api::namespaced(self.client.clone(), &self.ns);
+        // A merge the test deleted itself may finish going between the list and the delete.
         for merge in merges.list(&Default::default()).await? {
-            merges
+            match merges
                 .delete(&merge.name_any(), &DeleteParams::default())
-                .await?;
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         eventually(90, "the DiskMerges to go", || async {
             Ok(merges
