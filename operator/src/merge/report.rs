@@ -6,8 +6,9 @@ use livedisk_api::internal::{LivediskMergeStatus, MergePhase};
 use super::plan::Refusal;
 use crate::decide::{Decision, EventKind, Health, conditions};
 
-/// How soon a running merge's status is refreshed from its node work.
-pub const RUNNING_REQUEUE_SECONDS: u64 = 1;
+/// How long a running merge waits before it is looked at again when nothing woke it: the watch
+/// of its node work wakes it on every change (progress included), so this is only a safety net.
+pub const RUNNING_RECHECK_SECONDS: u64 = 30;
 
 /// The status of a DiskMerge whose references do not allow it to start; nothing was done.
 pub fn refused(refusal: &Refusal) -> Decision {
@@ -125,7 +126,7 @@ pub fn from_node(
         requeue_seconds: if status.phase.is_terminal() {
             300
         } else {
-            RUNNING_REQUEUE_SECONDS
+            RUNNING_RECHECK_SECONDS
         },
         fields,
     }
@@ -184,7 +185,7 @@ mod tests {
         assert_eq!(running.phase, Phase::Running);
         assert_eq!(running.fields["progress"]["percent"], 25);
         assert_eq!(running.fields["nodeName"], "node-a");
-        assert_eq!(running.requeue_seconds, RUNNING_REQUEUE_SECONDS);
+        assert_eq!(running.requeue_seconds, RUNNING_RECHECK_SECONDS);
         assert!(running.conditions[0].message.contains("1 of 2 (snap-a)"));
         work.error = Some(NodeError {
             code: ErrorCode::Aborted,

@@ -6,9 +6,10 @@ use livedisk_api::internal::{LivediskRestoreSpec, LivediskRestoreStatus, Restore
 use super::plan::Refusal;
 use crate::decide::{Decision, EventKind, Health, conditions};
 
-/// How soon a waiting or running revert's status is refreshed from its node work. A waiting
-/// revert's node looks again every two seconds; this follows it closely enough.
-pub const ACTIVE_REQUEUE_SECONDS: u64 = 2;
+/// How long a waiting or running revert waits before it is looked at again when nothing woke it:
+/// the watch of its node work wakes it on every change (the node writes what it waits for, and
+/// its phase), so this is only a safety net.
+pub const ACTIVE_RECHECK_SECONDS: u64 = 30;
 
 /// The reason of a completed revert.
 pub const RESTORED: &str = "Restored";
@@ -98,7 +99,7 @@ pub fn from_node(
         requeue_seconds: if status.phase.is_terminal() {
             300
         } else {
-            ACTIVE_REQUEUE_SECONDS
+            ACTIVE_RECHECK_SECONDS
         },
         fields: Default::default(),
     }
@@ -156,7 +157,7 @@ mod tests {
         let pending = from_node(&work(), None, "s1");
         assert_eq!(pending.phase, Phase::Pending);
         assert_eq!(condition(&pending, READY).1, "RestorePending");
-        assert_eq!(pending.requeue_seconds, ACTIVE_REQUEUE_SECONDS);
+        assert_eq!(pending.requeue_seconds, ACTIVE_RECHECK_SECONDS);
 
         let mut status = LivediskRestoreStatus {
             waiting_for: Some(RestoreWait {
