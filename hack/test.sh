@@ -150,5 +150,5 @@ passed=$(count passed); failed=$(count failed); ignored=$(count ignored)
 step "done in $((SECONDS - T0))s"
 # The only ignored tests are child-process entry points (the fault tests', the front-end test's)
 # (run by those tests themselves); anything else ignored shows up here too.
-echo "cargo: ${passed:-0} passed, ${failed:-0} failed, ${ignored:-0} ignored (expected: 4 child-process entry points: the fault, revert and clone crash tests, and the front-end test's node-plugin stand-in)"
+echo "cargo: ${passed:-0} passed, ${failed:-0} failed, ${ignored:-0} ignored (expected: 5 child-process entry points: the fault, revert, tombstone and clone crash tests, and the front-end test's node-plugin stand-in)"
 exit "$status"

@@ -144,7 +144,7 @@ fn alive(pid: i32) -> bool {
 /// attaches the volume through the front-end server, records the loop device, and stays until
 /// killed. Runs only when re-executed by the test below.
 #[tokio::test]
-#[ignore]
+#[ignore = "child-process entry point of the front-end test (the node-plugin stand-in), run by it"]
 async fn child_entry() {
     let Ok(op) = std::env::var("LD_CHILD") else {
         return;

@@ -1494,6 +1494,20 @@ async fn deleting_a_disk_snapshot_merges_at_its_class_rate_with_progress() -> Re
         "it was adopted"
     );
 
+    // The classes go last: csi-snapshotter cannot finish the deletion of a content whose class
+    // is gone (it looks the class up first), which would leave it deleting for good.
+    disk_snapshots
+        .delete("typo", &DeleteParams::default())
+        .await?;
+    eventually(90, "the DiskSnapshot with the typo to go", || async {
+        Ok(disk_snapshots
+            .get_opt("typo")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await
+    .with_context(|| s.operator.log())?;
     for class in [&slow, &typo] {
         snapshot_classes(client)
             .delete(class, &DeleteParams::default())

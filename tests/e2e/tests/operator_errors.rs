@@ -29,9 +29,10 @@ fn rules_without_volume_snapshot_create() -> Value {
          "verbs": ["get", "list", "watch"]},
         // The DiskSnapshot's finalizer.
         {"apiGroups": ["livedisk.io"], "resources": ["disksnapshots"], "verbs": ["patch"]},
-        {"apiGroups": ["livedisk.io"], "resources": ["livedisksnapshots"], "verbs": ["get"]},
+        {"apiGroups": ["livedisk.io"], "resources": ["livedisksnapshots"],
+         "verbs": ["list", "watch"]},
         {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotcontents"],
-         "verbs": ["get", "patch"]},
+         "verbs": ["list", "watch", "patch"]},
         {"apiGroups": ["livedisk.io"],
          "resources": ["disksnapshots/status", "diskmerges/status", "diskmigrations/status",
                        "diskexports/status", "diskrestores/status"],
