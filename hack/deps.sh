@@ -11,7 +11,7 @@ log() { echo "deps: $*" >&2; }
 # QEMU 7.2 from Debian 12 is the version the engine tests run on (qemu-storage-daemon lives in
 # qemu-system-common there). Versions are Debian 12's; `make test` prints the ones it ran on.
 APT_PACKAGES=(
-  qemu-utils qemu-system-common libnbd-bin fuse3 e2fsprogs util-linux
+  qemu-utils qemu-system-common libnbd-bin fuse3 e2fsprogs xfsprogs util-linux
   openssl jq unzip iproute2 procps curl ca-certificates socat python3-yaml
   # make images (hack/images.sh) and its test: root filesystems, OCI unpacking
   mmdebstrap umoci file
