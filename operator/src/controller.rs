@@ -18,8 +18,11 @@ use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::kinds::{LivediskKind, Reference};
 use crate::leader::Leadership;
+use crate::merge::Merge;
 use crate::metrics::OperatorMetrics;
+use crate::node_work::NodeWorkContext;
 use crate::observe::{self, Caches};
+use crate::restore::Restore;
 use crate::status;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -45,18 +48,16 @@ pub async fn run_all(
     ready.set(false);
     let caches = Caches::start(&client).await?;
     ready.set(true);
-    let merges = Arc::new(crate::merge::MergeContext {
-        client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter.clone()),
-        leadership: leadership.clone(),
-        metrics: metrics.clone(),
-    });
-    let restores = Arc::new(crate::restore::RestoreContext {
-        client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter.clone()),
-        leadership: leadership.clone(),
-        metrics: metrics.clone(),
-    });
+    let node_work = || {
+        Arc::new(NodeWorkContext {
+            client: client.clone(),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            leadership: leadership.clone(),
+            metrics: metrics.clone(),
+        })
+    };
+    let merges = node_work();
+    let restores = node_work();
     // Lives as long as the controllers, which end on SIGTERM/SIGINT.
     let orphans = tokio::spawn(crate::orphans::run(client.clone(), leadership.clone()));
     let context = Arc::new(Context {
@@ -68,10 +69,10 @@ pub async fn run_all(
     });
     tokio::join!(
         crate::snapshot::run(context.clone()),
-        crate::merge::run(merges),
+        crate::node_work::run::<Merge>(merges),
         run::<DiskMigration>(context.clone()),
         run::<DiskExport>(context),
-        crate::restore::run(restores),
+        crate::node_work::run::<Restore>(restores),
     );
     orphans.abort();
     Ok(())
@@ -176,7 +177,11 @@ where
         .metrics
         .reconciled(&K::kind(&()), &result, started.elapsed());
     if let Err(error) = &result {
-        report_failure(guarded.as_ref(), error, &context).await;
+        crate::failure::publish_warning(&context.recorder, guarded.as_ref(), error).await;
+        // An object this operator cannot read has no status it could safely rewrite.
+        if let Ok(object) = &guarded.0 {
+            crate::failure::write_stalled(&context.client, object, error).await;
+        }
     }
     result
 }
@@ -288,69 +293,6 @@ pub(crate) fn event_note(message: &str) -> String {
     format!("{}{ellipsis}", &message[..end])
 }
 
-/// Pure: what a failed reconcile says about itself: the whole error chain, then how it is retried.
-fn failure_message(error: &Error) -> String {
-    format!(
-        "{}; {}",
-        livedisk_common::error_chain(error),
-        error.code().retry_note()
-    )
-}
-
-/// Publishes a failed reconcile as a Warning Event on the object (reason: the error's code;
-/// action: the stage that failed; note: the whole chain), and for a permanent error also sets
-/// `Stalled=True` with the same reason. Both are best-effort: the error itself is returned to
-/// the controller either way, and a failure to report it is only logged.
-async fn report_failure<K>(guarded: &DeserializeGuard<K>, error: &Error, context: &Context)
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    let code = error.code();
-    let message = failure_message(error);
-    let event = Event {
-        type_: EventType::Warning,
-        reason: code.reason().into(),
-        note: Some(event_note(&message)),
-        action: error.action().into(),
-        secondary: None,
-    };
-    if let Err(publish_error) = context
-        .recorder
-        .publish(&event, &guarded.object_ref(&()))
-        .await
-    {
-        tracing::warn!(error = %publish_error, "could not publish the Warning Event");
-    }
-    // A transient error is retried soon and usually gone by then: the conditions keep saying
-    // what the last successful pass found, rather than flapping.
-    if code.is_transient() {
-        return;
-    }
-    // An object this operator cannot read has no status it could safely rewrite.
-    let Ok(object) = &guarded.0 else { return };
-    let current = serde_json::to_value(object).ok();
-    let Some(patch) = status::stalled(
-        current.as_ref().and_then(|o| o.get("status")),
-        object.meta().generation,
-        code,
-        &message,
-        k8s_openapi::jiff::Timestamp::now(),
-    ) else {
-        return;
-    };
-    let api: Api<K> = Api::namespaced(
-        context.client.clone(),
-        &object.namespace().unwrap_or_default(),
-    );
-    if let Err(status_error) = status::write(&api, &object.name_any(), &patch).await {
-        tracing::warn!(error = %status_error, "could not write the Stalled condition");
-    }
-}
-
 /// The operator's error policy: transient errors are retried soon, permanent ones slowly (see
 /// `ErrorCode::persistence`). The Event was published by [`reconcile`], which can await.
 fn error_policy<K>(
@@ -366,17 +308,7 @@ where
         .as_ref()
         .map(|o| o.name_any())
         .unwrap_or_else(|invalid| invalid.metadata.name.clone().unwrap_or_default());
-    let code = error.code();
-    tracing::warn!(
-        kind = %K::kind(&()),
-        %name,
-        %code,
-        action = error.action(),
-        error = %livedisk_common::error_chain(error),
-        "reconcile failed: {}",
-        code.retry_note()
-    );
-    Action::requeue(code.retry_after())
+    crate::failure::retry(&K::kind(&()), &name, error)
 }
 
 #[cfg(test)]
@@ -390,13 +322,5 @@ mod tests {
         let note = event_note(&long);
         assert!(note.len() <= EVENT_NOTE_LIMIT, "{}", note.len());
         assert!(note.ends_with('…'));
-    }
-
-    #[test]
-    fn the_failure_message_says_how_it_is_retried() {
-        let error = Error::InvalidObject("missing field `spec`".into());
-        let message = failure_message(&error);
-        assert!(message.contains("missing field `spec`"), "{message}");
-        assert!(message.contains("until something is changed"), "{message}");
     }
 }

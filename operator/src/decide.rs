@@ -146,6 +146,32 @@ pub fn failure_conditions(code: ErrorCode, message: &str) -> Vec<ConditionUpdate
     conditions(Health::Stalled, code.reason(), message)
 }
 
+/// Why an object's references do not allow it to start (each kind that checks its references
+/// before handing work to a node has its own). Its text is the condition message.
+pub trait Refusal: std::fmt::Display {
+    /// The condition reason.
+    fn reason(&self) -> &'static str;
+    /// Whether it can go away without a change of the object (a reference that appears, binds
+    /// or becomes ready): then the object waits, else it fails.
+    fn may_resolve(&self) -> bool;
+}
+
+/// The status of an object whose references do not allow it to start; nothing was done.
+pub fn refused(refusal: &impl Refusal) -> Decision {
+    let (health, phase, requeue) = if refusal.may_resolve() {
+        (Health::InProgress, Phase::Pending, 15)
+    } else {
+        (Health::Stalled, Phase::Failed, 300)
+    };
+    Decision {
+        phase,
+        conditions: conditions(health, refusal.reason(), &refusal.to_string()),
+        event: EventKind::Warning,
+        requeue_seconds: requeue,
+        fields: Default::default(),
+    }
+}
+
 /// The three states kstatus tells apart, each a fixed combination of the three conditions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Health {
@@ -181,9 +207,58 @@ fn waiting(reason: &str, message: String, event: EventKind, requeue_seconds: u64
     }
 }
 
+/// The status and reason of the condition `type_` of a decision (which must set it).
+#[cfg(test)]
+pub(crate) fn condition(decision: &Decision, type_: &str) -> (Status, String) {
+    let c = decision
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .expect("condition");
+    (c.status, c.reason.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct TestRefusal(&'static str, bool);
+
+    impl std::fmt::Display for TestRefusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused for {}", self.0)
+        }
+    }
+
+    impl Refusal for TestRefusal {
+        fn reason(&self) -> &'static str {
+            self.0
+        }
+        fn may_resolve(&self) -> bool {
+            self.1
+        }
+    }
+
+    #[test]
+    fn a_refusal_that_may_resolve_waits_and_one_that_cannot_fails() {
+        let waiting = refused(&TestRefusal("ClaimNotBound", true));
+        assert_eq!(waiting.phase, Phase::Pending);
+        assert_eq!(
+            condition(&waiting, RECONCILING),
+            (Status::True, "ClaimNotBound".into())
+        );
+        assert_eq!(waiting.requeue_seconds, 15);
+        assert_eq!(waiting.event, EventKind::Warning);
+        assert_eq!(waiting.conditions[0].message, "refused for ClaimNotBound");
+        let failed = refused(&TestRefusal("OtherDriver", false));
+        assert_eq!(failed.phase, Phase::Failed);
+        assert_eq!(
+            condition(&failed, STALLED),
+            (Status::True, "OtherDriver".into())
+        );
+        assert_eq!(failed.requeue_seconds, 300);
+        assert!(failed.fields.is_empty());
+    }
 
     #[test]
     fn snapshot_status_follows_its_volume_snapshot() {

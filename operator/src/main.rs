@@ -3,11 +3,13 @@
 mod controller;
 mod decide;
 mod error;
+mod failure;
 mod finalized;
 mod kinds;
 mod leader;
 mod merge;
 mod metrics;
+mod node_work;
 mod observe;
 mod orphans;
 mod restore;

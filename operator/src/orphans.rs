@@ -5,39 +5,18 @@
 //! [`SWEEP_INTERVAL`] the leader deletes node work whose owner (named by its labels, with the
 //! UID in the work's name) no longer exists.
 
-use std::fmt::Debug;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, Resource, ResourceExt};
-use livedisk_api::internal::{LivediskMerge, LivediskRestore};
-use livedisk_api::{DiskMerge, DiskRestore};
-use serde::de::DeserializeOwned;
 
 use crate::leader::Leadership;
+use crate::merge::Merge;
+use crate::node_work::NodeWorkKind;
+use crate::restore::Restore;
 
 /// How often the leader looks for orphaned node work.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How a kind of node work names its owner.
-struct OwnerLink {
-    /// The work's name is this prefix and the owner's UID.
-    prefix: &'static str,
-    label_namespace: &'static str,
-    label_name: &'static str,
-}
-
-const RESTORES: OwnerLink = OwnerLink {
-    prefix: "restore-",
-    label_namespace: livedisk_api::internal::restore::LABEL_NAMESPACE,
-    label_name: livedisk_api::internal::restore::LABEL_NAME,
-};
-
-const MERGES: OwnerLink = OwnerLink {
-    prefix: "merge-",
-    label_namespace: crate::merge::LABEL_NAMESPACE,
-    label_name: crate::merge::LABEL_NAME,
-};
 
 /// Pure: whether node work named `work_name` has lost its owner, given the UID of the object
 /// its labels name (`None`: there is none). A new owner of the same name is not the owner.
@@ -57,41 +36,33 @@ pub async fn run(client: Client, leadership: Leadership) {
         if !leadership.is_leader() {
             continue;
         }
-        sweep::<LivediskRestore, DiskRestore>(&client, &RESTORES).await;
-        sweep::<LivediskMerge, DiskMerge>(&client, &MERGES).await;
+        sweep::<Restore>(&client).await;
+        sweep::<Merge>(&client).await;
     }
 }
 
 /// Deletes the orphaned node work of one kind; failures are logged and tried next time.
-async fn sweep<W, O>(client: &Client, link: &OwnerLink)
-where
-    W: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
-    O: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + Debug
-        + DeserializeOwned,
-{
-    let works: Api<W> = Api::all(client.clone());
+async fn sweep<K: NodeWorkKind>(client: &Client) {
+    let works: Api<K::Work> = Api::all(client.clone());
     let listed = match works
-        .list(&ListParams::default().labels(link.label_name))
+        .list(&ListParams::default().labels(K::LABEL_NAME))
         .await
     {
         Ok(list) => list.items,
         Err(error) => {
-            tracing::warn!(kind = %W::kind(&()), %error, "listing node work for orphans failed");
+            tracing::warn!(kind = %K::Work::kind(&()), %error, "listing node work for orphans failed");
             return;
         }
     };
     for work in listed {
         let work_name = work.name_any();
         let labels = work.labels();
-        let (Some(namespace), Some(name)) = (
-            labels.get(link.label_namespace),
-            labels.get(link.label_name),
-        ) else {
+        let (Some(namespace), Some(name)) =
+            (labels.get(K::LABEL_NAMESPACE), labels.get(K::LABEL_NAME))
+        else {
             continue;
         };
-        let owners: Api<O> = Api::namespaced(client.clone(), namespace);
+        let owners: Api<K::Object> = Api::namespaced(client.clone(), namespace);
         let owner_uid = match owners.get_opt(name).await {
             Ok(owner) => owner.and_then(|o| o.uid()),
             Err(error) => {
@@ -99,13 +70,13 @@ where
                 continue;
             }
         };
-        if !orphaned(&work_name, link.prefix, owner_uid.as_deref()) {
+        if !orphaned(&work_name, K::WORK_PREFIX, owner_uid.as_deref()) {
             continue;
         }
         match works.delete(&work_name, &DeleteParams::default()).await {
             Ok(_) => tracing::warn!(
                 work = work_name,
-                owner_kind = %O::kind(&()),
+                owner_kind = %K::Object::kind(&()),
                 owner = format!("{namespace}/{name}"),
                 "deleted node work whose owner was removed without its finalizer"
             ),

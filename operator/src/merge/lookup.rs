@@ -126,8 +126,7 @@ pub(crate) async fn node_of(client: &Client, claim: &Claim) -> Result<Option<Str
     })
 }
 
-/// A named DiskSnapshot, through its VolumeSnapshot (same name, or `status.volumeSnapshotName`)
-/// to its bound content.
+/// A named DiskSnapshot, through its VolumeSnapshot to its bound content (among `contents`).
 async fn named(
     client: &Client,
     namespace: &str,
@@ -135,13 +134,42 @@ async fn named(
     contents: &[Content],
 ) -> Result<Option<NamedSnapshot>, Error> {
     let Some(name) = name else { return Ok(None) };
+    Ok(Some(match bound_content(client, namespace, name).await? {
+        BoundContent::NoDiskSnapshot => NamedSnapshot::Missing,
+        BoundContent::Unbound => NamedSnapshot::NotTaken,
+        BoundContent::Named(bound) => match contents.iter().find(|c| c.name == bound) {
+            Some(c) if c.snapshot_handle.is_some() => NamedSnapshot::Taken(c.clone()),
+            // A content of another driver is no livedisk snapshot of this claim.
+            _ => NamedSnapshot::NotTaken,
+        },
+    }))
+}
+
+/// A DiskSnapshot followed to the VolumeSnapshotContent its VolumeSnapshot is bound to.
+pub(crate) enum BoundContent {
+    /// There is no DiskSnapshot of that name.
+    NoDiskSnapshot,
+    /// Its VolumeSnapshot does not exist or is not bound yet.
+    Unbound,
+    /// The name of the bound content.
+    Named(String),
+}
+
+/// A DiskSnapshot, through its VolumeSnapshot (`status.volumeSnapshotName`, or the same name),
+/// to the content it is bound to. Shared by every kind that names DiskSnapshots (DiskMerge,
+/// DiskRestore).
+pub(crate) async fn bound_content(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<BoundContent, Error> {
     let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), namespace);
     let Some(disk_snapshot) = disk_snapshots
         .get_opt(name)
         .await
         .map_err(observe_error(format!("DiskSnapshot {namespace}/{name}")))?
     else {
-        return Ok(Some(NamedSnapshot::Missing));
+        return Ok(BoundContent::NoDiskSnapshot);
     };
     let vs_name = disk_snapshot
         .status
@@ -160,13 +188,7 @@ async fn named(
                 .as_str()
                 .map(str::to_string)
         });
-    Ok(Some(
-        match bound.and_then(|b| contents.iter().find(|c| c.name == b)) {
-            Some(c) if c.snapshot_handle.is_some() => NamedSnapshot::Taken(c.clone()),
-            // A content of another driver is no livedisk snapshot of this claim.
-            _ => NamedSnapshot::NotTaken,
-        },
-    ))
+    Ok(bound.map_or(BoundContent::Unbound, BoundContent::Named))
 }
 
 /// Pure: the facts of a VolumeSnapshotContent.

@@ -1,36 +1,26 @@
 //! The DiskMerge reconciler: look up PVC → PV → volume handle and DiskSnapshots → snapshot
 //! handles (`lookup`), validate and decide the node work (`plan`, pure), apply the
 //! `LivediskMerge`, report its progress (`report`, pure), and once it ended delete the
-//! DiskSnapshots and VolumeSnapshots of the snapshots merged away. A finalizer (kube-runtime's
-//! `finalizer()`) makes deleting a DiskMerge stop its node work first.
+//! DiskSnapshots and VolumeSnapshots of the snapshots merged away. The finalizer of the
+//! node-work shell (`crate::node_work`) makes deleting a DiskMerge stop its node work first.
 
 pub(crate) mod lookup;
 pub mod plan;
 pub mod report;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
 use livedisk_api::DiskMerge;
 use livedisk_api::internal::{LivediskMerge, LivediskMergeSpec};
 use serde_json::json;
 
-use crate::decide::Decision;
 use crate::error::Error;
-use crate::leader::Leadership;
-use crate::metrics::OperatorMetrics;
+use crate::node_work::{NodeWorkContext, NodeWorkKind, work};
 
-/// The operator's finalizer on a DiskMerge: its node work is stopped and removed first.
-pub const FINALIZER: &str = "livedisk.io/merge";
 /// Labels on a LivediskMerge naming its DiskMerge (a cluster-scoped object cannot be owned by a
 /// namespaced one).
 pub const LABEL_NAMESPACE: &str = "livedisk.io/diskmerge-namespace";
@@ -39,117 +29,65 @@ pub const LABEL_NAME: &str = "livedisk.io/diskmerge-name";
 /// merges, so that they can be deleted after their contents are gone.
 const ANNOTATION_SNAPSHOTS: &str = "livedisk.io/volume-snapshots";
 
-pub struct MergeContext {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub leadership: Leadership,
-    pub metrics: Arc<OperatorMetrics>,
-}
+/// How long a deletion waits in one reconcile for the node to stop the merge; after that the
+/// reconcile fails and is retried.
+const CLEANUP_WAIT: Duration = Duration::from_secs(60);
 
-/// Runs the DiskMerge controller until shutdown.
-pub async fn run(context: Arc<MergeContext>) {
-    let merges: Api<DiskMerge> = Api::all(context.client.clone());
-    let work: Api<LivediskMerge> = Api::all(context.client.clone());
-    Controller::new(merges, watcher::Config::default().any_semantic())
-        .watches(work, watcher::Config::default().any_semantic(), |w| {
-            let labels = w.labels();
-            Some(ObjectRef::new(labels.get(LABEL_NAME)?).within(labels.get(LABEL_NAMESPACE)?))
-        })
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
-        .for_each(|_| async {})
-        .await;
-}
+/// The DiskMerge kind, for the node-work shell.
+pub struct Merge;
 
-/// The name of a DiskMerge's node work.
-fn work_name(merge: &DiskMerge) -> Result<String, Error> {
-    merge
-        .uid()
-        .map(|uid| format!("merge-{uid}"))
-        .ok_or_else(|| {
-            Error::InvalidObject(format!("DiskMerge {} has no uid yet", merge.name_any()))
-        })
-}
+impl NodeWorkKind for Merge {
+    type Object = DiskMerge;
+    type Work = LivediskMerge;
+    /// Its node work is stopped and removed first.
+    const FINALIZER: &'static str = "livedisk.io/merge";
+    const WORK_PREFIX: &'static str = "merge-";
+    const LABEL_NAMESPACE: &'static str = LABEL_NAMESPACE;
+    const LABEL_NAME: &'static str = LABEL_NAME;
 
-async fn reconcile(merge: Arc<DiskMerge>, context: Arc<MergeContext>) -> Result<Action, Error> {
-    if !context.leadership.is_leader() {
-        return Ok(Action::await_change());
-    }
-    let started = Instant::now();
-    let namespace = merge.namespace().unwrap_or_default();
-    let api: Api<DiskMerge> = Api::namespaced(context.client.clone(), &namespace);
-    let ctx = context.as_ref();
-    // The finalizer goes on only once there is node work to stop: a DiskMerge refused for its
-    // references never holds up its own deletion (or its namespace's) on the operator.
-    let guarded = merge.finalizers().iter().any(|f| f == FINALIZER);
-    let early = match guarded || merge.meta().deletion_timestamp.is_some() {
-        true => Ok(None),
-        false => refused_early(&merge, ctx).await,
-    };
-    let result = match early {
-        Ok(Some(action)) => Ok(action),
-        Err(error) => Err(error),
-        Ok(None) => with_finalizer(&api, merge.clone(), ctx, &namespace).await,
-    };
-    context
-        .metrics
-        .reconciled("DiskMerge", &result, started.elapsed());
-    if let Err(error) = &result {
-        let note = format!(
-            "{}; {}",
-            livedisk_common::error_chain(error),
-            error.code().retry_note()
-        );
-        publish(
-            ctx,
-            merge.as_ref(),
-            EventType::Warning,
-            error.code().reason(),
-            &note,
-            error.action(),
-        )
-        .await;
-    }
-    result
-}
-
-/// The reconcile under the finalizer: `apply`, or `cleanup` once the DiskMerge is deleted.
-async fn with_finalizer(
-    api: &Api<DiskMerge>,
-    merge: Arc<DiskMerge>,
-    ctx: &MergeContext,
-    namespace: &str,
-) -> Result<Action, Error> {
-    let name = merge.name_any();
-    let result = finalizer(api, FINALIZER, merge, |event| async move {
-        match event {
-            finalizer::Event::Apply(m) => apply(&m, ctx).await,
-            finalizer::Event::Cleanup(m) => cleanup(&m, ctx).await,
+    async fn refused_early(
+        merge: &DiskMerge,
+        ctx: &NodeWorkContext,
+    ) -> Result<Option<Action>, Error> {
+        let name = work::name::<Self>(merge)?;
+        if work::get::<Self>(&work::api::<Self>(ctx), &name)
+            .await?
+            .is_some()
+        {
+            return Ok(None);
         }
-    })
-    .await;
-    crate::finalized::settle(result, "DiskMerge", namespace, &name)
-}
+        if terminal(merge) {
+            return Ok(Some(Action::await_change()));
+        }
+        Ok(validate(merge, ctx).await?.err())
+    }
 
-/// Before the finalizer is on: whether the DiskMerge stops here (`Some`): its node work ended
-/// and is gone, or its references refuse it (the status says why). `None`: go on and create
-/// the node work.
-async fn refused_early(merge: &DiskMerge, ctx: &MergeContext) -> Result<Option<Action>, Error> {
-    let name = work_name(merge)?;
-    let works: Api<LivediskMerge> = Api::all(ctx.client.clone());
-    let existing = works.get_opt(&name).await.map_err(|cause| Error::Observe {
-        what: format!("LivediskMerge {name}"),
-        cause,
-    })?;
-    if existing.is_some() {
-        return Ok(None);
+    async fn apply(merge: &DiskMerge, ctx: &NodeWorkContext) -> Result<Action, Error> {
+        let name = work::name::<Self>(merge)?;
+        let works = work::api::<Self>(ctx);
+        let work = match work::get::<Self>(&works, &name).await? {
+            Some(work) => follow(&works, merge, work).await?,
+            // A DiskMerge whose node work ended and was removed never starts again.
+            None if terminal(merge) => return Ok(Action::await_change()),
+            None => {
+                let planned = match validate(merge, ctx).await? {
+                    Ok(planned) => planned,
+                    Err(action) => return Ok(action),
+                };
+                let new = new_work(&name, planned.spec, &planned.volume_snapshots);
+                work::create::<Self>(&works, merge, new).await?
+            }
+        };
+        report_progress(merge, ctx, &work).await
     }
-    if terminal(merge) {
-        return Ok(Some(Action::await_change()));
-    }
-    match validate(merge, ctx).await? {
-        Ok(_) => Ok(None),
-        Err(action) => Ok(Some(action)),
+
+    /// Deleting a DiskMerge stops its node work: the LivediskMerge is deleted (the node cancels
+    /// the job and removes its finalizer once the job ended) and awaited.
+    async fn cleanup(merge: &DiskMerge, ctx: &NodeWorkContext) -> Result<Action, Error> {
+        let name = work::name::<Self>(merge)?;
+        let works = work::api::<Self>(ctx);
+        work::delete_and_await::<Self>(&works, &name, CLEANUP_WAIT, "is still stopping on its node")
+            .await
     }
 }
 
@@ -157,7 +95,7 @@ async fn refused_early(merge: &DiskMerge, ctx: &MergeContext) -> Result<Option<A
 /// again.
 async fn validate(
     merge: &DiskMerge,
-    ctx: &MergeContext,
+    ctx: &NodeWorkContext,
 ) -> Result<Result<plan::Planned, Action>, Error> {
     let namespace = merge.namespace().unwrap_or_default();
     let observed = lookup::lookup(&ctx.client, &namespace, &merge.spec).await?;
@@ -169,8 +107,8 @@ async fn validate(
     ) {
         Ok(planned) => Ok(Ok(planned)),
         Err(refusal) => {
-            let decision = report::refused(&refusal);
-            write_status(merge, ctx, &decision).await?;
+            let decision = crate::decide::refused(&refusal);
+            ctx.write_status(merge, &decision).await?;
             Ok(Err(Action::requeue(Duration::from_secs(
                 decision.requeue_seconds,
             ))))
@@ -186,57 +124,38 @@ fn bandwidth_of(merge: &DiskMerge) -> Option<i64> {
         .and_then(plan::bandwidth_bytes)
 }
 
-fn error_policy(_: Arc<DiskMerge>, error: &Error, _: Arc<MergeContext>) -> Action {
-    tracing::warn!(error = %livedisk_common::error_chain(error), "DiskMerge reconcile failed");
-    Action::requeue(error.code().retry_after())
+/// Only the rate limit and cancel follow the DiskMerge once its node work exists.
+async fn follow(
+    works: &Api<LivediskMerge>,
+    merge: &DiskMerge,
+    work: LivediskMerge,
+) -> Result<LivediskMerge, Error> {
+    let bandwidth = bandwidth_of(merge);
+    if work.spec.bandwidth_bytes_per_second != bandwidth || work.spec.cancel != merge.spec.cancel {
+        let name = work.name_any();
+        let patch = json!({ "spec": {
+            "bandwidthBytesPerSecond": bandwidth,
+            "cancel": merge.spec.cancel || work.spec.cancel,
+        }});
+        works
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|cause| Error::Apply {
+                what: format!("LivediskMerge {name}"),
+                cause,
+            })?;
+    }
+    Ok(work)
 }
 
-async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
-    let name = work_name(merge)?;
-    let works: Api<LivediskMerge> = Api::all(ctx.client.clone());
-    let get_error = |cause| Error::Observe {
-        what: format!("LivediskMerge {name}"),
-        cause,
-    };
-    let bandwidth = bandwidth_of(merge);
-    let work = match works.get_opt(&name).await.map_err(get_error)? {
-        Some(work) => {
-            // Only the rate limit and cancel follow the DiskMerge once the work exists.
-            if work.spec.bandwidth_bytes_per_second != bandwidth
-                || work.spec.cancel != merge.spec.cancel
-            {
-                let patch = json!({ "spec": {
-                    "bandwidthBytesPerSecond": bandwidth,
-                    "cancel": merge.spec.cancel || work.spec.cancel,
-                }});
-                works
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map_err(|cause| Error::Apply {
-                        what: format!("LivediskMerge {name}"),
-                        cause,
-                    })?;
-            }
-            work
-        }
-        // A DiskMerge whose node work ended and was removed never starts again.
-        None if terminal(merge) => return Ok(Action::await_change()),
-        None => {
-            let planned = match validate(merge, ctx).await? {
-                Ok(planned) => planned,
-                Err(action) => return Ok(action),
-            };
-            create_work(
-                &works,
-                merge,
-                &name,
-                planned.spec,
-                &planned.volume_snapshots,
-            )
-            .await?
-        }
-    };
-    let snapshots = volume_snapshots_of(&work);
+/// Reports the node work on the DiskMerge's status; once it ended, deletes the DiskSnapshots and
+/// VolumeSnapshots of the snapshots it merged away.
+async fn report_progress(
+    merge: &DiskMerge,
+    ctx: &NodeWorkContext,
+    work: &LivediskMerge,
+) -> Result<Action, Error> {
+    let snapshots = volume_snapshots_of(work);
     let merged: Vec<String> = work
         .status
         .as_ref()
@@ -252,7 +171,7 @@ async fn apply(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
         work.spec.snapshot_ids.len(),
         &merged_names,
     );
-    write_status(merge, ctx, &decision).await?;
+    ctx.write_status(merge, &decision).await?;
     if work.status.as_ref().is_some_and(|s| s.phase.is_terminal()) {
         let targets: Vec<&(String, String)> =
             merged.iter().filter_map(|id| snapshots.get(id)).collect();
@@ -271,21 +190,12 @@ fn terminal(merge: &DiskMerge) -> bool {
         .is_some_and(|s| matches!(s.phase, Phase::Completed | Phase::Failed | Phase::Cancelled))
 }
 
-async fn create_work(
-    works: &Api<LivediskMerge>,
-    merge: &DiskMerge,
+fn new_work(
     name: &str,
     spec: LivediskMergeSpec,
     volume_snapshots: &[(String, Option<(String, String)>)],
-) -> Result<LivediskMerge, Error> {
+) -> LivediskMerge {
     let mut work = LivediskMerge::new(name, spec);
-    let labels = BTreeMap::from([
-        (
-            LABEL_NAMESPACE.to_string(),
-            merge.namespace().unwrap_or_default(),
-        ),
-        (LABEL_NAME.to_string(), merge.name_any()),
-    ]);
     let map: BTreeMap<&str, String> = volume_snapshots
         .iter()
         .filter_map(|(id, vs)| {
@@ -293,25 +203,11 @@ async fn create_work(
                 .map(|(ns, n)| (id.as_str(), format!("{ns}/{n}")))
         })
         .collect();
-    work.metadata.labels = Some(labels);
     work.metadata.annotations = Some(BTreeMap::from([(
         ANNOTATION_SNAPSHOTS.to_string(),
         serde_json::to_string(&map).unwrap_or_default(),
     )]));
-    match works.create(&PostParams::default(), &work).await {
-        Ok(created) => Ok(created),
-        // Created by a reconcile whose answer was lost: it is the same work.
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            works.get(name).await.map_err(|cause| Error::Observe {
-                what: format!("LivediskMerge {name}"),
-                cause,
-            })
-        }
-        Err(cause) => Err(Error::Apply {
-            what: format!("LivediskMerge {name}"),
-            cause,
-        }),
-    }
+    work
 }
 
 /// The VolumeSnapshot (namespace, name) of each snapshot ID of a node work.
@@ -327,50 +223,4 @@ fn volume_snapshots_of(work: &LivediskMerge) -> BTreeMap<String, (String, String
             Some((id, (ns.to_string(), name.to_string())))
         })
         .collect()
-}
-
-/// Deleting a DiskMerge stops its node work: the LivediskMerge is deleted (the node cancels the
-/// job and removes its finalizer once the job ended) and awaited.
-async fn cleanup(merge: &DiskMerge, ctx: &MergeContext) -> Result<Action, Error> {
-    let name = work_name(merge)?;
-    let works: Api<LivediskMerge> = Api::all(ctx.client.clone());
-    let error = |cause| Error::Apply {
-        what: format!("LivediskMerge {name}"),
-        cause,
-    };
-    match works.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
-        Err(cause) => return Err(error(cause)),
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if works.get_opt(&name).await.map_err(error)?.is_none() {
-            return Ok(Action::await_change());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(Error::CacheSync(format!(
-        "LivediskMerge {name} is still stopping on its node"
-    )))
-}
-
-async fn write_status(
-    merge: &DiskMerge,
-    ctx: &MergeContext,
-    decision: &Decision,
-) -> Result<(), Error> {
-    crate::finalized::write_status(&ctx.client, &ctx.recorder, merge, None, decision).await
-}
-
-async fn publish(
-    ctx: &MergeContext,
-    merge: &DiskMerge,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-    action: &str,
-) {
-    let subject = merge.object_ref(&());
-    crate::finalized::publish(&ctx.recorder, &subject, type_, reason, note, action).await;
 }

@@ -16,6 +16,8 @@
 use livedisk_api::MergeMode;
 use livedisk_api::internal::LivediskMergeSpec;
 
+use crate::decide;
+
 /// A VolumeSnapshotContent of the volume, as far as the merge cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Content {
@@ -98,9 +100,9 @@ pub enum Refusal {
     NoNode(String),
 }
 
-impl Refusal {
+impl decide::Refusal for Refusal {
     /// The condition reason: the variant's name.
-    pub fn reason(&self) -> &'static str {
+    fn reason(&self) -> &'static str {
         match self {
             Refusal::ClaimNotFound(_) => "ClaimNotFound",
             Refusal::ClaimNotBound(_) => "ClaimNotBound",
@@ -117,7 +119,7 @@ impl Refusal {
 
     /// Whether it can go away without a change of the DiskMerge (a claim that binds, a
     /// snapshot that appears or is taken): then the DiskMerge waits, else it fails.
-    pub fn may_resolve(&self) -> bool {
+    fn may_resolve(&self) -> bool {
         matches!(
             self,
             Refusal::ClaimNotFound(_)
@@ -259,6 +261,7 @@ pub fn bandwidth_bytes(quantity: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Refusal as _;
     use livedisk_api::DiskMergeSpec;
 
     const VOL: &str = "vol-00000000-0000-4000-8000-000000000001";

@@ -1,31 +1,13 @@
-//! Pure: the DiskMerge's status from a refusal or from its node work's status.
+//! Pure: the DiskMerge's status from its node work's status (a refusal's is `decide::refused`).
 
 use livedisk_api::Phase;
 use livedisk_api::internal::{LivediskMergeStatus, MergePhase};
 
-use super::plan::Refusal;
 use crate::decide::{Decision, EventKind, Health, conditions};
 
 /// How long a running merge waits before it is looked at again when nothing woke it: the watch
 /// of its node work wakes it on every change (progress included), so this is only a safety net.
 pub const RUNNING_RECHECK_SECONDS: u64 = 30;
-
-/// The status of a DiskMerge whose references do not allow it to start; nothing was done.
-pub fn refused(refusal: &Refusal) -> Decision {
-    let message = refusal.to_string();
-    let (health, phase, requeue) = if refusal.may_resolve() {
-        (Health::InProgress, Phase::Pending, 15)
-    } else {
-        (Health::Stalled, Phase::Failed, 300)
-    };
-    Decision {
-        phase,
-        conditions: conditions(health, refusal.reason(), &message),
-        event: EventKind::Warning,
-        requeue_seconds: requeue,
-        fields: Default::default(),
-    }
-}
 
 /// The status of a DiskMerge from its node work's status. `merged_names` are the
 /// VolumeSnapshots of the snapshots merged away so far.
@@ -146,18 +128,11 @@ fn describe(merged_names: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::{condition, refused};
+    use crate::merge::plan::Refusal;
     use livedisk_api::Progress;
     use livedisk_api::conditions::{READY, RECONCILING, STALLED, Status};
     use livedisk_api::internal::{ErrorCode, NodeError};
-
-    fn condition(d: &Decision, type_: &str) -> (Status, String) {
-        let c = d
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .expect("condition");
-        (c.status, c.reason.clone())
-    }
 
     #[test]
     fn a_refusal_waits_or_fails_and_says_nothing_was_done() {

@@ -4,11 +4,13 @@
 
 use kube::Client;
 use kube::api::{Api, DynamicObject};
-use livedisk_api::{DiskRestoreSpec, DiskSnapshot};
+use livedisk_api::DiskRestoreSpec;
 
 use super::plan::{Lookup, NamedSnapshot};
 use crate::error::Error;
-use crate::merge::lookup::{claim, content, node_of, observe_error, resource};
+use crate::merge::lookup::{
+    BoundContent, bound_content, claim, content, node_of, observe_error, resource,
+};
 
 pub async fn lookup(
     client: &Client,
@@ -25,36 +27,13 @@ pub async fn lookup(
     })
 }
 
-/// A DiskSnapshot, through its VolumeSnapshot (`status.volumeSnapshotName`, or the same name)
-/// to its bound content. `NotTaken` until the content has a snapshot handle and is ready to use.
+/// A DiskSnapshot, through its VolumeSnapshot to its bound content. `NotTaken` until the
+/// content has a snapshot handle and is ready to use.
 async fn snapshot(client: &Client, namespace: &str, name: &str) -> Result<NamedSnapshot, Error> {
-    let disk_snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), namespace);
-    let Some(disk_snapshot) = disk_snapshots
-        .get_opt(name)
-        .await
-        .map_err(observe_error(format!("DiskSnapshot {namespace}/{name}")))?
-    else {
-        return Ok(NamedSnapshot::Missing);
-    };
-    let vs_name = disk_snapshot
-        .status
-        .and_then(|s| s.volume_snapshot_name)
-        .unwrap_or_else(|| name.to_string());
-    let volume_snapshots: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), namespace, &resource("VolumeSnapshot"));
-    let bound = volume_snapshots
-        .get_opt(&vs_name)
-        .await
-        .map_err(observe_error(format!(
-            "VolumeSnapshot {namespace}/{vs_name}"
-        )))?
-        .and_then(|vs| {
-            vs.data["status"]["boundVolumeSnapshotContentName"]
-                .as_str()
-                .map(str::to_string)
-        });
-    let Some(bound) = bound else {
-        return Ok(NamedSnapshot::NotTaken);
+    let bound = match bound_content(client, namespace, name).await? {
+        BoundContent::NoDiskSnapshot => return Ok(NamedSnapshot::Missing),
+        BoundContent::Unbound => return Ok(NamedSnapshot::NotTaken),
+        BoundContent::Named(bound) => bound,
     };
     let contents: Api<DynamicObject> =
         Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));

@@ -7,6 +7,8 @@
 
 use livedisk_api::internal::LivediskRestoreSpec;
 
+use crate::decide;
+
 pub use crate::merge::plan::{Claim, NamedSnapshot};
 
 /// Everything looked up for one DiskRestore.
@@ -44,10 +46,10 @@ pub enum Refusal {
     NoNode(String),
 }
 
-impl Refusal {
+impl decide::Refusal for Refusal {
     /// The condition reason. A missing claim or DiskSnapshot is `ReferenceNotFound`, as for
     /// every livedisk kind.
-    pub fn reason(&self) -> &'static str {
+    fn reason(&self) -> &'static str {
         match self {
             Refusal::ClaimNotFound(_) | Refusal::SnapshotNotFound(_) => "ReferenceNotFound",
             Refusal::ClaimNotBound(_) => "ClaimNotBound",
@@ -60,7 +62,7 @@ impl Refusal {
 
     /// Whether it can go away without a change of the DiskRestore (a claim or snapshot that
     /// appears, binds or becomes ready): then the DiskRestore waits, else it fails.
-    pub fn may_resolve(&self) -> bool {
+    fn may_resolve(&self) -> bool {
         match self {
             Refusal::ClaimNotFound(_)
             | Refusal::ClaimNotBound(_)
@@ -120,6 +122,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Refusal as _;
     use crate::merge::plan::Content;
     use livedisk_api::DiskRestoreSpec;
 

@@ -1,9 +1,8 @@
-//! Pure: the DiskRestore's status from a refusal or from its node work's status.
+//! Pure: the DiskRestore's status from its node work's status (a refusal's is `decide::refused`).
 
 use livedisk_api::Phase;
 use livedisk_api::internal::{LivediskRestoreSpec, LivediskRestoreStatus, RestorePhase};
 
-use super::plan::Refusal;
 use crate::decide::{Decision, EventKind, Health, conditions};
 
 /// How long a waiting or running revert waits before it is looked at again when nothing woke it:
@@ -13,23 +12,6 @@ pub const ACTIVE_RECHECK_SECONDS: u64 = 30;
 
 /// The reason of a completed revert.
 pub const RESTORED: &str = "Restored";
-
-/// The status of a DiskRestore whose references do not allow it to start; nothing was done.
-pub fn refused(refusal: &Refusal) -> Decision {
-    let message = refusal.to_string();
-    let (health, phase, requeue) = if refusal.may_resolve() {
-        (Health::InProgress, Phase::Pending, 15)
-    } else {
-        (Health::Stalled, Phase::Failed, 300)
-    };
-    Decision {
-        phase,
-        conditions: conditions(health, refusal.reason(), &message),
-        event: EventKind::Warning,
-        requeue_seconds: requeue,
-        fields: Default::default(),
-    }
-}
 
 /// The status of a DiskRestore from its node work. `snapshot_name`: the DiskSnapshot reverted to.
 pub fn from_node(
@@ -108,17 +90,10 @@ pub fn from_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::{condition, refused};
+    use crate::restore::plan::Refusal;
     use livedisk_api::conditions::{READY, RECONCILING, STALLED, Status};
     use livedisk_api::internal::{ErrorCode, NodeError, RestoreWait};
-
-    fn condition(d: &Decision, type_: &str) -> (Status, String) {
-        let c = d
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .expect("condition");
-        (c.status, c.reason.clone())
-    }
 
     fn work() -> LivediskRestoreSpec {
         LivediskRestoreSpec {

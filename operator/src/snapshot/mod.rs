@@ -18,7 +18,6 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -33,7 +32,7 @@ use crate::controller::{Context, reconcile_object};
 use crate::decide::{Decision, decide, decide_work};
 use crate::error::Error;
 use crate::kinds::LivediskKind;
-use crate::{observe, standard, status};
+use crate::{observe, standard};
 
 /// The operator's context with the caches only the DiskSnapshot reconciler reads.
 pub struct SnapshotContext {
@@ -122,67 +121,14 @@ async fn reconcile(
         .metrics
         .reconciled("DiskSnapshot", &result, started.elapsed());
     if let Err(error) = &result {
-        let note = format!(
-            "{}; {}",
-            livedisk_common::error_chain(error),
-            error.code().retry_note()
-        );
-        publish(
-            &context,
-            &snapshot.object_ref(&()),
-            EventType::Warning,
-            error.code().reason(),
-            &note,
-            error.action(),
-        )
-        .await;
-        if !error.code().is_transient() {
-            write_stalled(&snapshot, &context, error, &note).await;
-        }
+        crate::failure::publish_warning(&context.recorder, snapshot.as_ref(), error).await;
+        crate::failure::write_stalled(&context.client, snapshot.as_ref(), error).await;
     }
     result
 }
 
-/// A permanent failure also says `Stalled=True` with the error's code (best-effort: the error
-/// itself is returned either way). A transient one is retried soon, and the conditions keep
-/// saying what the last successful pass found.
-async fn write_stalled(
-    snapshot: &DiskSnapshot,
-    ctx: &SnapshotContext,
-    error: &Error,
-    message: &str,
-) {
-    let current = serde_json::to_value(snapshot).ok();
-    let Some(patch) = status::stalled(
-        current.as_ref().and_then(|o| o.get("status")),
-        snapshot.meta().generation,
-        error.code(),
-        message,
-        k8s_openapi::jiff::Timestamp::now(),
-    ) else {
-        return;
-    };
-    let api: Api<DiskSnapshot> = Api::namespaced(
-        ctx.client.clone(),
-        &snapshot.namespace().unwrap_or_default(),
-    );
-    if let Err(status_error) = status::write(&api, &snapshot.name_any(), &patch).await {
-        tracing::warn!(error = %status_error, "could not write the Stalled condition");
-    }
-}
-
 fn error_policy(snapshot: Arc<DiskSnapshot>, error: &Error, _: Arc<SnapshotContext>) -> Action {
-    let code = error.code();
-    tracing::warn!(
-        kind = "DiskSnapshot",
-        name = %snapshot.name_any(),
-        %code,
-        action = error.action(),
-        error = %livedisk_common::error_chain(error),
-        "reconcile failed: {}",
-        code.retry_note()
-    );
-    Action::requeue(code.retry_after())
+    crate::failure::retry("DiskSnapshot", &snapshot.name_any(), error)
 }
 
 /// A DiskSnapshot of a claim: refused, waiting for its references, or under the finalizer.
@@ -463,15 +409,4 @@ async fn write_status(
 ) -> Result<(), Error> {
     let source = snapshot.source_description();
     crate::finalized::write_status(&ctx.client, &ctx.recorder, snapshot, source, decision).await
-}
-
-async fn publish(
-    ctx: &SnapshotContext,
-    subject: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-    action: &str,
-) {
-    crate::finalized::publish(&ctx.recorder, subject, type_, reason, note, action).await;
 }
