@@ -14,7 +14,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::core::{ClusterResourceScope, NamespaceResourceScope};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -102,6 +102,9 @@ pub async fn run<K: NodeWorkKind>(context: Arc<NodeWorkContext>) {
     let objects: Api<K::Object> = Api::all(context.client.clone());
     let works: Api<K::Work> = Api::all(context.client.clone());
     Controller::new(objects, watcher::Config::default().any_semantic())
+        .with_config(
+            controller::Config::default().concurrency(crate::controller::CONCURRENT_RECONCILES),
+        )
         .watches(works, watcher::Config::default().any_semantic(), |w| {
             let labels = w.labels();
             Some(ObjectRef::new(labels.get(K::LABEL_NAME)?).within(labels.get(K::LABEL_NAMESPACE)?))
