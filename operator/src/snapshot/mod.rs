@@ -220,8 +220,14 @@ async fn apply(
     let name = snapshot.name_any();
     let namespace = snapshot.namespace().unwrap_or_default();
     let uid = uid_of(snapshot)?;
+    let status = snapshot.status.clone().unwrap_or_default();
     let vs = match ctx.watched.volume_snapshot(&namespace, &name) {
         Some(vs) => vs,
+        None if plan::volume_snapshot_lost(&status) => {
+            let decision = plan::lost(&name, &status);
+            write_status(snapshot, ctx, &decision).await?;
+            return Ok(requeue(&decision));
+        }
         None => create_volume_snapshot(snapshot, ctx, claim).await?,
     };
     let facts = VolumeSnapshotFacts::of(&vs);

@@ -2,7 +2,7 @@
 //! ours, what the status says, and the next step of a deletion.
 
 use kube::api::DynamicObject;
-use livedisk_api::{Phase, Progress};
+use livedisk_api::{DiskSnapshotStatus, Phase, Progress};
 use serde_json::{Map, Value, json};
 
 use crate::decide::{Decision, EventKind, Health, conditions};
@@ -124,6 +124,33 @@ pub fn refused(refusal: &Refusal) -> Decision {
     }
 }
 
+/// Pure: whether a DiskSnapshot whose VolumeSnapshot is not there had one bound already (its
+/// status names the content or the snapshot): then that point in time is gone, and a new
+/// VolumeSnapshot would be another one under the same name, so none is made.
+pub fn volume_snapshot_lost(status: &DiskSnapshotStatus) -> bool {
+    status.volume_snapshot_content_name.is_some() || status.snapshot_handle.is_some()
+}
+
+/// Pure: the status of a DiskSnapshot whose bound VolumeSnapshot was deleted by someone else.
+pub fn lost(name: &str, status: &DiskSnapshotStatus) -> Decision {
+    let content = status
+        .volume_snapshot_content_name
+        .as_deref()
+        .unwrap_or("(unknown)");
+    let message = format!(
+        "VolumeSnapshot {name} (content {content}) was deleted after the snapshot was taken; \
+         no new one is taken under this name, since it would be another point in time: delete \
+         this DiskSnapshot"
+    );
+    Decision {
+        phase: Phase::Failed,
+        conditions: conditions(Health::Stalled, "VolumeSnapshotDeleted", &message),
+        event: EventKind::Warning,
+        requeue_seconds: 300,
+        fields: Map::new(),
+    }
+}
+
 /// Pure: the status fields that come from the content and the node (`progress` cleared: it only
 /// shows while the snapshot is being deleted).
 pub fn snapshot_fields(
@@ -241,6 +268,34 @@ fn deleting(message: String, progress: Option<Progress>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_snapshot_whose_volume_snapshot_went_is_lost_not_taken_again() {
+        let taking = DiskSnapshotStatus::default();
+        assert!(!volume_snapshot_lost(&taking), "never bound: it is made");
+        let bound = DiskSnapshotStatus {
+            volume_snapshot_content_name: Some("snapcontent-1".into()),
+            ..Default::default()
+        };
+        assert!(volume_snapshot_lost(&bound));
+        let handled = DiskSnapshotStatus {
+            snapshot_handle: Some("snap-1".into()),
+            ..Default::default()
+        };
+        assert!(volume_snapshot_lost(&handled));
+        let decision = lost("s", &bound);
+        assert_eq!(decision.phase, Phase::Failed);
+        let ready = decision
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "VolumeSnapshotDeleted")
+        );
+        assert!(ready.message.contains("snapcontent-1"), "{}", ready.message);
+    }
 
     fn vs(owner: &str, claim: &str) -> VolumeSnapshotFacts {
         VolumeSnapshotFacts {
