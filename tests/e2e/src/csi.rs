@@ -95,6 +95,18 @@ pub fn block_capability() -> VolumeCapability {
 
 /// CreateVolume of a 64 MiB block volume on `node_name` (the CSI name `name`); its volume ID.
 pub async fn create_block_volume(name: &str, node_name: &str) -> Result<String> {
+    let volume = controller()
+        .await?
+        .create_volume(block_volume_request(name, node_name, 64 << 20))
+        .await?
+        .into_inner()
+        .volume
+        .context("CreateVolume answered no volume")?;
+    Ok(volume.volume_id)
+}
+
+/// The CreateVolume request of a block volume of `bytes` that must live on `node_name`.
+pub fn block_volume_request(name: &str, node_name: &str, bytes: i64) -> CreateVolumeRequest {
     let topology = Topology {
         segments: [(
             livedisk_common::TOPOLOGY_NODE_KEY.to_string(),
@@ -102,26 +114,19 @@ pub async fn create_block_volume(name: &str, node_name: &str) -> Result<String> 
         )]
         .into(),
     };
-    let volume = controller()
-        .await?
-        .create_volume(CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 64 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![block_capability()],
-            accessibility_requirements: Some(TopologyRequirement {
-                requisite: vec![topology.clone()],
-                preferred: vec![topology],
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("CreateVolume answered no volume")?;
-    Ok(volume.volume_id)
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block_capability()],
+        accessibility_requirements: Some(TopologyRequirement {
+            requisite: vec![topology.clone()],
+            preferred: vec![topology],
+        }),
+        ..Default::default()
+    }
 }
 
 /// kubelet's staging and publish paths of a block volume for `tag` on `node_name`, under the

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use kube::api::{Api, ListParams};
 use livedisk_api::internal::LivediskSnapshot;
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{attach_block, block_capability, controller, detach_block, in_node};
+use livedisk_e2e::csi::{attach_block, block_volume_request, controller, detach_block, in_node};
 use livedisk_e2e::{client, eventually};
 use tonic::Code;
 
@@ -28,26 +28,7 @@ fn unique(prefix: &str) -> String {
 }
 
 fn on_node(name: &str, bytes: i64) -> CreateVolumeRequest {
-    let topology = Topology {
-        segments: [(
-            livedisk_common::TOPOLOGY_NODE_KEY.to_string(),
-            NODE.to_string(),
-        )]
-        .into(),
-    };
-    CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![block_capability()],
-        accessibility_requirements: Some(TopologyRequirement {
-            requisite: vec![topology.clone()],
-            preferred: vec![topology],
-        }),
-        ..Default::default()
-    }
+    block_volume_request(name, NODE, bytes)
 }
 
 /// The first run of digits after `marker` in `message`.
