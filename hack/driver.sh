@@ -196,7 +196,8 @@ YAML
       "$BIN" node --csi-endpoint "unix://$CSI_DIR/$node.sock" --node-name "$node" \
       --pool-dir "$root/pool" --engine-socket-dir "$root/run" \
       --metadata-listen "$SUBNET.$index.2:9443" --metadata-advertise "https://$SUBNET.$index.2:9443" \
-      --node-tls-dir "$PKI/node-tls" --metrics-addr "$SUBNET.$index.2:$NODE_METRICS_PORT"
+      --node-tls-dir "$PKI/node-tls" --metrics-addr "$SUBNET.$index.2:$NODE_METRICS_PORT" \
+      --export-listen "$SUBNET.$index.2"
     printf '%s %s.%s.2:%s %s.%s.2 -\n' "$node" "$SUBNET" "$index" "$NODE_METRICS_PORT" "$SUBNET" "$index" \
       >> "$CSI_DIR/metrics-endpoints"
     wait_socket "$CSI_DIR/$node.sock"

@@ -22,6 +22,8 @@ use crate::schema;
     printcolumn = r#"{"name":"Snapshot","type":"string","jsonPath":".spec.snapshotName"}"#,
     printcolumn = r#"{"name":"Protocol","type":"string","jsonPath":".spec.protocol"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Served","type":"integer","jsonPath":".status.bytesServed"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expirationTime"}"#,
     printcolumn = r#"{"name":"Endpoint","type":"string","priority":1,"jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable: create a new DiskExport instead").reason(Reason::FieldValueForbidden)
@@ -71,10 +73,12 @@ pub struct DiskExportStatus {
     /// Pending, Ready, Completed (expired) or Failed.
     #[serde(default)]
     pub phase: Phase,
-    /// Where to read: `nbds://host:port/name` or `https://host:port/name`.
+    /// Where to read: `nbds://host:port/name` or `https://host:port/exports/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Secret in the same namespace holding the CA certificate and client credentials.
+    /// Secret in the same namespace holding the credentials: `ca-cert.pem` (the CA that signed
+    /// the node's server certificate), `client-cert.pem` and `client-key.pem` (admitted over NBD
+    /// and HTTP), and `token` (a bearer token admitted over HTTP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_name: Option<String>,
     /// The node serving the export.
@@ -83,6 +87,12 @@ pub struct DiskExportStatus {
     /// When the export stops (ttlSeconds after it became ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiration_time: Option<Time>,
+    /// Bytes the node's front has sent to this export's clients (reported every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_served: Option<i64>,
+    /// Size of the exported image in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
     /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]

@@ -16,7 +16,7 @@ pub mod schema;
 pub mod snapshot;
 
 pub use common::{Phase, Progress};
-pub use export::{DiskExport, DiskExportSpec, DiskExportStatus};
+pub use export::{DiskExport, DiskExportSpec, DiskExportStatus, ExportProtocol};
 pub use kube_error::{kube_error_code, kube_error_message};
 pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
 pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus};
@@ -41,6 +41,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
         internal::LivediskNode::crd(),
         internal::LivediskMerge::crd(),
         internal::LivediskRestore::crd(),
+        internal::LivediskExport::crd(),
     ]
 }
 

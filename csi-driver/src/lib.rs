@@ -8,6 +8,8 @@
 //!   stages and publishes volumes through it.
 //! * [`metadata`]: the changed-block (SnapshotMetadata) service: served by the node from its
 //!   engine's records over mutual TLS, relayed by the cluster side to the sidecar.
+//! * [`export`]: the node's export front: snapshot exports over NBD-over-TLS and HTTPS for
+//!   backup tools, admitted per export by credentials the operator issued.
 //! * [`frontends`]: the engine pod's front-end server (the FUSE front ends of attached volumes,
 //!   beside the engine daemon) and the node plugin's client of it.
 //! * [`grpc`]: what both sides share: the unix-socket server, Identity, the error type mapped to
@@ -15,6 +17,7 @@
 //! * [`run`]: the server modes the binary starts.
 
 pub mod cluster;
+pub mod export;
 pub mod frontends;
 pub mod grpc;
 pub mod metadata;

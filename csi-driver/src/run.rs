@@ -77,6 +77,20 @@ pub struct NodeArgs {
     /// Directory with `ca.crt`, `tls.crt`, `tls.key` for the private service (server side).
     #[arg(long, env = "LIVEDISK_NODE_GRPC_TLS_DIR")]
     pub node_tls_dir: Option<PathBuf>,
+    /// Address the export front binds (its NBD-over-TLS and HTTPS listeners). Unset: this node
+    /// serves no exports (its LivediskExports fail with a message saying so).
+    #[arg(long, env = "LIVEDISK_EXPORT_LISTEN")]
+    pub export_listen: Option<std::net::IpAddr>,
+    /// Host clients dial to reach the export front (in endpoints and the front's certificate).
+    /// Default: the listen address.
+    #[arg(long, env = "LIVEDISK_EXPORT_HOST", requires = "export_listen")]
+    pub export_host: Option<String>,
+    /// TCP port of the export front's NBD-over-TLS listener.
+    #[arg(long, env = "LIVEDISK_EXPORT_NBD_PORT", default_value_t = 10809)]
+    pub export_nbd_port: u16,
+    /// TCP port of the export front's HTTPS listener.
+    #[arg(long, env = "LIVEDISK_EXPORT_HTTPS_PORT", default_value_t = 10810)]
+    pub export_https_port: u16,
     /// How long the node plugin waits for its engine daemon to come back once it is gone. The
     /// engine re-attaches to a restarted daemon by itself; after this long without one the
     /// plugin exits non-zero, so that it is restarted and opens its engine afresh.
@@ -244,6 +258,30 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         None => None,
     };
     let restores = RestoreGate::start(client.clone(), &args.node_name);
+    let front = match args.export_listen {
+        Some(listen) => {
+            let config = crate::export::FrontConfig {
+                listen,
+                host: args
+                    .export_host
+                    .clone()
+                    .unwrap_or_else(|| listen.to_string()),
+                nbd_port: args.export_nbd_port,
+                https_port: args.export_https_port,
+            };
+            Some(
+                crate::export::Front::start(
+                    config,
+                    engine.clone(),
+                    client.clone(),
+                    &args.node_name,
+                )
+                .await
+                .context("starting the export front")?,
+            )
+        }
+        None => None,
+    };
     let node_agent = Arc::new(Agent {
         client,
         engine: engine.clone(),
@@ -251,6 +289,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         metadata_endpoint: args.metadata_advertise.clone(),
         metrics: node_metrics,
         merges: Default::default(),
+        front,
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
         (Some(listen), Some(dir)) => {

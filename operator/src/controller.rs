@@ -10,12 +10,13 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use livedisk_api::{DiskExport, DiskMigration, DiskSnapshot};
+use livedisk_api::{DiskMigration, DiskSnapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::decide::{EventKind, decide};
 use crate::error::Error;
+use crate::export::Export;
 use crate::kinds::{LivediskKind, Reference};
 use crate::leader::Leadership;
 use crate::merge::Merge;
@@ -44,20 +45,29 @@ pub async fn run_all(
     leadership: Leadership,
     metrics: Arc<OperatorMetrics>,
     ready: livedisk_telemetry::ReadyFlag,
+    namespace: String,
 ) -> Result<(), Error> {
     ready.set(false);
     let caches = Caches::start(&client).await?;
     ready.set(true);
+    let export_ca = Arc::new(crate::export::ca::CaStore::new(client.clone(), namespace));
     let node_work = || {
         Arc::new(NodeWorkContext {
             client: client.clone(),
             recorder: Recorder::new(client.clone(), reporter.clone()),
             leadership: leadership.clone(),
             metrics: metrics.clone(),
+            export_ca: export_ca.clone(),
         })
     };
     let merges = node_work();
     let restores = node_work();
+    let exports = node_work();
+    let signer = tokio::spawn(crate::export::signer::run(
+        client.clone(),
+        export_ca.clone(),
+        leadership.clone(),
+    ));
     // Lives as long as the controllers, which end on SIGTERM/SIGINT.
     let orphans = tokio::spawn(crate::orphans::run(client.clone(), leadership.clone()));
     let context = Arc::new(Context {
@@ -70,11 +80,12 @@ pub async fn run_all(
     tokio::join!(
         crate::snapshot::run(context.clone()),
         crate::node_work::run::<Merge>(merges),
-        run::<DiskMigration>(context.clone()),
-        run::<DiskExport>(context),
+        run::<DiskMigration>(context),
+        crate::node_work::run::<Export>(exports),
         crate::node_work::run::<Restore>(restores),
     );
     orphans.abort();
+    signer.abort();
     Ok(())
 }
 

@@ -367,7 +367,7 @@ mod tests {
     #[test]
     fn never_ready_for_work_not_done() {
         let decision = decide(
-            "DiskExport",
+            "DiskMigration",
             &Observation {
                 missing: vec![],
                 driver_registered: true,

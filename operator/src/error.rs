@@ -27,6 +27,8 @@ pub enum Error {
     CacheSync(String),
     #[error("object cannot be read with this operator's API types: {0}")]
     InvalidObject(String),
+    #[error("export credentials: {0}")]
+    Credentials(String),
 }
 
 impl Error {
@@ -42,6 +44,9 @@ impl Error {
             // The stored object does not match the schema this operator was built with (a
             // version skew): retrying will not change it.
             Error::InvalidObject(_) => ErrorCode::InvalidArgument,
+            // A certificate could not be made or read (a broken CA Secret is named in the
+            // message; a person must replace it).
+            Error::Credentials(_) => ErrorCode::Internal,
         }
     }
 
@@ -54,6 +59,7 @@ impl Error {
             Error::UpdateStatus(_) => "UpdateStatus",
             Error::CacheSync(_) => "CacheSync",
             Error::InvalidObject(_) => "Read",
+            Error::Credentials(_) => "IssueCredentials",
         }
     }
 }

@@ -3,6 +3,7 @@
 mod controller;
 mod decide;
 mod error;
+mod export;
 mod failure;
 mod finalized;
 mod kinds;
@@ -99,18 +100,22 @@ async fn main() -> anyhow::Result<()> {
         let client = kube::Client::try_from(config)?;
         wait_for_crds(&client, &args).await?;
         ready.set(true);
+        let namespace = settings(&args).namespace;
         controller::run_all(
             client,
             reporter,
             Leadership::unconditional(),
             metrics,
             ready,
+            namespace,
         )
         .await?;
         return Ok(());
     }
 
-    let mut elector = Elector::new(kube::Client::try_from(config.clone())?, settings(&args));
+    let settings = settings(&args);
+    let namespace = settings.namespace.clone();
+    let mut elector = Elector::new(kube::Client::try_from(config.clone())?, settings);
     let leadership = elector.leadership();
     // Every write of the controllers goes through the fence: none leaves while this replica
     // cannot prove it holds the Lease.
@@ -121,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     ready.set(true);
     elector.acquire().await;
     tokio::select! {
-        stopped = controller::run_all(client, reporter, leadership, metrics, ready) => {
+        stopped = controller::run_all(client, reporter, leadership, metrics, ready, namespace) => {
             // The controllers stopped on SIGTERM/SIGINT: hand the Lease over at once.
             elector.release().await;
             stopped?;

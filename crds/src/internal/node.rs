@@ -50,7 +50,37 @@ pub struct LivediskNodeStatus {
     /// CSI controller's SnapshotMetadata service relays from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_endpoint: Option<String>,
+    /// The node's TLS front for exports, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_front: Option<ExportFront>,
     /// When the node plugin last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<Time>,
+}
+
+/// A node's export front: the certificate it asks for and the one the operator issued. The node
+/// plugin writes `certificateRequest` (it keeps the private key in memory, never in the API);
+/// the operator signs it with the driver's export CA and writes `certificate`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportFront {
+    /// Host (IP address or DNS name) clients use to reach the front.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// TCP port of the NBD-over-TLS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_port: Option<i32>,
+    /// TCP port of the HTTPS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_port: Option<i32>,
+    /// PEM PKCS#10 request for the front's server certificate (its names: `host` and the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_request: Option<String>,
+    /// PEM certificate the operator issued (leaf, then the CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Hex SHA-256 of the `certificateRequest` text `certificate` was issued for: a node plugin
+    /// that restarted with a new key waits for a certificate of its own request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_request_sha256: Option<String>,
 }

@@ -25,9 +25,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ContentSource, ErrorCode, LivediskMerge, LivediskNode, LivediskNodeSpec, LivediskNodeStatus,
-    LivediskRestore, LivediskRestoreStatus, LivediskSnapshot, LivediskVolume, NODE_FINALIZER,
-    NodeError, NodePhase, RestoreWait,
+    ContentSource, ErrorCode, LivediskExport, LivediskMerge, LivediskNode, LivediskNodeSpec,
+    LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus, LivediskSnapshot, LivediskVolume,
+    NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -51,6 +51,8 @@ pub struct Agent {
     pub metrics: Arc<NodeMetrics>,
     /// The merges running on this node (`LivediskMerge`), each in its own task.
     pub merges: Runs,
+    /// The export front, when this node serves exports.
+    pub front: Option<Arc<crate::export::Front>>,
 }
 
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
@@ -81,13 +83,19 @@ pub async fn run(agent: Arc<Agent>) {
     let restores: Api<LivediskRestore> = Api::all(agent.client.clone());
     let restore_loop = Controller::new(restores, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_restore, retry, agent)
+        .run(reconcile_restore, retry, agent.clone())
+        .for_each(|_| async {});
+    let exports: Api<LivediskExport> = Api::all(agent.client.clone());
+    let export_loop = Controller::new(exports, watcher::Config::default().fields(&selector))
+        .shutdown_on_signal()
+        .run(reconcile_export, retry, agent)
         .for_each(|_| async {});
     tokio::join!(
         volume_loop,
         snapshot_loop,
         merge_loop,
         restore_loop,
+        export_loop,
         report_node(agent_for_report)
     );
 }
@@ -245,6 +253,7 @@ async fn report_node(agent: Arc<Agent>) {
             volumes: agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
             engine_pid: agent.engine.daemon().pid.map(i64::from),
             metadata_endpoint: agent.metadata_endpoint.clone(),
+            export_front: agent.front.as_ref().map(|f| f.report()),
             heartbeat_time: Some(Time(Timestamp::now())),
         };
         let result = async {
@@ -390,6 +399,51 @@ async fn cleanup_merge(agent: &Agent, merge: &LivediskMerge) -> Result<Action, C
     }
     agent.merges.remove(&name);
     Ok(Action::await_change())
+}
+
+async fn reconcile_export(
+    export: Arc<LivediskExport>,
+    agent: Arc<Agent>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<LivediskExport> = Api::all(agent.client.clone());
+    let (api_ref, agent) = (&api, agent.as_ref());
+    let result = finalizer(&api, NODE_FINALIZER, export, |event| async move {
+        match event {
+            Event::Apply(export) => apply_export(api_ref, agent, &export).await,
+            Event::Cleanup(export) => {
+                if let Some(front) = &agent.front {
+                    crate::export::work::stop(front, &export).await?;
+                }
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await;
+    done_if_gone(result)
+}
+
+/// Serves the export and reports it; a served export is looked at again every few seconds (its
+/// byte count, its expiry).
+async fn apply_export(
+    api: &Api<LivediskExport>,
+    agent: &Agent,
+    export: &LivediskExport,
+) -> Result<Action, CsiError> {
+    let name = export.name_any();
+    let outcome = crate::export::work::serve(agent.front.as_ref(), export).await?;
+    let grant = agent.front.as_ref().and_then(|f| f.grants.get(&name));
+    let due = || {
+        grant
+            .as_ref()
+            .is_some_and(|g| g.report_due(crate::export::work::REPORT_INTERVAL))
+    };
+    if crate::export::work::worth_writing(export.status.as_ref(), &outcome.status, due) {
+        apply_status(api, &name, &outcome.status).await?;
+    }
+    Ok(match outcome.requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
 }
 
 async fn reconcile_restore(

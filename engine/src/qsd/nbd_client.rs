@@ -2,9 +2,10 @@
 //! pipelined `NBD_CMD_WRITE_ZEROES` requests with simple replies (and single
 //! durable writes, for the benchmark's latency probe, and flushes).
 //!
-//! It exists for two jobs in our own daemon: setting bits of a dirty bitmap
-//! (see `qcow2/bitmap.rs`), and flushing a node, for which QMP has no
-//! command (see `qcow2/clone.rs`). QEMU has no QMP command that sets arbitrary
+//! It exists for three jobs in our own daemon: setting bits of a dirty bitmap
+//! (see `qcow2/bitmap.rs`), flushing a node, for which QMP has no
+//! command (see `qcow2/clone.rs`), and reading a snapshot export for the
+//! node's HTTPS front (one plain `NBD_CMD_READ` at a time). QEMU has no QMP command that sets arbitrary
 //! bits, but every write request reaching a node marks its dirty bitmaps, and
 //! a write-zeroes request carries no payload, so 100k extents cost 100k
 //! 28-byte requests on a unix socket. No data is ever read or sent.
@@ -38,6 +39,7 @@ const TFLAG_READ_ONLY: u16 = 1 << 1;
 const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 const TFLAG_SEND_FUA: u16 = 1 << 3;
 const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
@@ -272,6 +274,32 @@ impl NbdClient {
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| NbdError::Timeout(timeout))?
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (one request; simple replies, as negotiated).
+    pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        let length = u32::try_from(buf.len())
+            .map_err(|_| NbdError::Protocol("read larger than 4 GiB".into()))?;
+        self.stream
+            .write_all(&request(CMD_READ, 0, offset, length))
+            .await?;
+        let mut rep = [0u8; 16];
+        self.stream.read_exact(&mut rep).await?;
+        let (errno, _) = simple_reply(&rep)?;
+        if errno != 0 {
+            return Err(NbdError::Request {
+                offset,
+                length: u64::from(length),
+                errno,
+            });
+        }
+        self.stream.read_exact(buf).await?;
+        Ok(())
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`); the server closes it.

@@ -35,6 +35,8 @@ pub struct NodeWorkContext {
     /// Checked before each reconcile: a replica that does not hold the Lease does nothing.
     pub leadership: Leadership,
     pub metrics: Arc<OperatorMetrics>,
+    /// The driver's export CA (only DiskExport issues credentials).
+    pub export_ca: Arc<crate::export::ca::CaStore>,
 }
 
 impl NodeWorkContext {

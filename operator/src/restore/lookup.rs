@@ -29,7 +29,11 @@ pub async fn lookup(
 
 /// A DiskSnapshot, through its VolumeSnapshot to its bound content. `NotTaken` until the
 /// content has a snapshot handle and is ready to use.
-async fn snapshot(client: &Client, namespace: &str, name: &str) -> Result<NamedSnapshot, Error> {
+pub(crate) async fn snapshot(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<NamedSnapshot, Error> {
     let bound = match bound_content(client, namespace, name).await? {
         BoundContent::NoDiskSnapshot => return Ok(NamedSnapshot::Missing),
         BoundContent::Unbound => return Ok(NamedSnapshot::NotTaken),

@@ -5,7 +5,7 @@
 //! (`crate::node_work`) makes deleting a DiskRestore remove its node work first: a revert that
 //! waits never starts, and one that runs is waited for (it cannot be cancelled midway).
 
-mod lookup;
+pub(crate) mod lookup;
 pub mod plan;
 pub mod report;
 

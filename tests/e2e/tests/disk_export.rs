@@ -1,0 +1,581 @@
+//! DiskExport on the two-node local cluster: the operator (under the chart's account) issues the
+//! export's credentials from its export CA and declares the node work; the node plugin holding
+//! the snapshot serves it through its TLS front, and real clients of other implementations read
+//! it: `qemu-img` and `nbdinfo`/libnbd over NBD with TLS, `curl` over HTTPS with Range requests.
+//! What they read is checked against the checksummed writer's logs, never against another read
+//! through livedisk, while a writer keeps changing the live volume (the export is the snapshot's
+//! point in time).
+//!
+//! Each phase writes blocks of the disk once with its own tag and a snapshot is taken after it:
+//! phase 1 and 2 every block, phase 3 the first quarter only, so the extents changed between
+//! the second and third snapshot are exactly the first quarter.
+//!
+//! Refusals: a plaintext NBD client, a TLS client without a certificate, a client with another
+//! export's credentials (it sees only its own export in `NBD_OPT_LIST`), an HTTP request without
+//! or with another export's token, an expired export and a deleted one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, DeleteParams};
+use livedisk_api::{DiskExport, DiskSnapshot, Phase};
+use livedisk_e2e::csi::{attach_block, detach_block};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
+use livedisk_e2e::operator::Operator;
+use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
+use serde_json::{Value, json};
+
+/// Blocks of 4 KiB (4 MiB): phases 1 and 2 write all of them, phase 3 the first `QUARTER`.
+const BLOCKS: u64 = 1024;
+const QUARTER: u64 = BLOCKS / 4;
+const BLOCK: u64 = 4096;
+
+fn log_path(dir: &Path, phase: u64) -> PathBuf {
+    dir.join(format!("phase{phase}.log"))
+}
+
+/// One phase: blocks `0..blocks` written once with the phase as their tag, logged.
+fn write_phase(device: &str, phase: u64, blocks: u64, dir: &Path) -> Result<()> {
+    let output = verifier()?
+        .args(["write", "--path", device, "--tag", &phase.to_string()])
+        .args([
+            "--blocks",
+            &blocks.to_string(),
+            "--count",
+            &blocks.to_string(),
+            "--log",
+        ])
+        .arg(log_path(dir, phase))
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "writer: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Checks that every acknowledged write of a log reads back from `image`.
+fn verify(image: &Path, tag: u64, log: &Path) -> Result<()> {
+    let output = verifier()?
+        .args(["verify", "--path"])
+        .arg(image)
+        .args(["--tag", &tag.to_string(), "--log"])
+        .arg(log)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "verify {} against {} (tag {tag}): {}{}",
+        image.display(),
+        log.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The lines of `log` for blocks at or above `from`, written to `out`.
+fn log_from_block(log: &Path, from: u64, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(log)?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["block"].as_u64())
+                .is_some_and(|b| b >= from)
+        })
+        .collect();
+    ensure!(
+        !kept.is_empty(),
+        "no block at or above {from} in {}",
+        log.display()
+    );
+    std::fs::write(out, kept.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// The extents a log's blocks cover, merged, in bytes.
+fn extents_of_log(log: &Path) -> Result<Vec<(u64, u64)>> {
+    let mut blocks: Vec<u64> = std::fs::read_to_string(log)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["block"].as_u64())
+        .collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    Ok(merge(blocks.iter().map(|b| (b * BLOCK, BLOCK))))
+}
+
+fn merge(extents: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (offset, length) in extents {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == offset => *l += length,
+            _ => out.push((offset, length)),
+        }
+    }
+    out
+}
+
+async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str) -> Result<()> {
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot", "metadata": {"name": name},
+               "spec": {"source": {"persistentVolumeClaimName": claim}}}),
+    )
+    .await?;
+    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
+        let status = snapshots.get(name).await?.status.unwrap_or_default();
+        Ok((status.phase == Phase::Ready).then_some(()))
+    })
+    .await
+}
+
+/// A DiskExport, applied, and its status once it serves.
+async fn export(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    snapshot: &str,
+    base: Option<&str>,
+    protocol: &str,
+    ttl: Option<i64>,
+) -> Result<Served> {
+    let mut spec = json!({"snapshotName": snapshot, "protocol": protocol});
+    if let Some(base) = base {
+        spec["baseSnapshotName"] = json!(base);
+    }
+    if let Some(ttl) = ttl {
+        spec["ttlSeconds"] = json!(ttl);
+    }
+    must(
+        client,
+        ns,
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskExport", "metadata": {"name": name}, "spec": spec}),
+    )
+    .await?;
+    let exports: Api<DiskExport> = Api::namespaced(client.clone(), ns);
+    let status = eventually(90, &format!("DiskExport {name} Ready"), || async {
+        let status = exports.get(name).await?.status.unwrap_or_default();
+        Ok((status.phase == Phase::Ready).then_some(status))
+    })
+    .await?;
+    let endpoint = status.endpoint.clone().context("no endpoint")?;
+    let secret = status
+        .credentials_secret_name
+        .clone()
+        .context("no credentials Secret")?;
+    ensure!(status.node_name.is_some(), "no node in {status:?}");
+    let dir = std::env::temp_dir().join(format!("{ns}-{name}-credentials"));
+    std::fs::create_dir_all(&dir)?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let data = secrets.get(&secret).await?.data.unwrap_or_default();
+    for key in ["ca-cert.pem", "client-cert.pem", "client-key.pem", "token"] {
+        let value = data
+            .get(key)
+            .with_context(|| format!("{secret} lacks {key}"))?;
+        std::fs::write(dir.join(key), &value.0)?;
+    }
+    Ok(Served {
+        name: name.into(),
+        endpoint,
+        size: status.size_bytes.context("no size")? as u64,
+        dir,
+    })
+}
+
+/// An export as a client sees it: where, and the credentials directory (the Secret's keys as
+/// files, as a mounted Secret would be).
+struct Served {
+    name: String,
+    endpoint: String,
+    size: u64,
+    dir: PathBuf,
+}
+
+impl Served {
+    fn token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.dir.join("token"))?
+            .trim()
+            .to_string())
+    }
+
+    /// (host, port, export name) of an `nbds://` endpoint.
+    fn nbd(&self) -> Result<(String, String, String)> {
+        let rest = self
+            .endpoint
+            .strip_prefix("nbds://")
+            .context("not an nbds:// endpoint")?;
+        let (address, name) = rest.split_once('/').context("no export name")?;
+        let (host, port) = address.rsplit_once(':').context("no port")?;
+        Ok((host.into(), port.into(), name.into()))
+    }
+}
+
+fn run(command: &mut Command) -> Result<std::process::Output> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    Ok(output)
+}
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `qemu-img convert` of an NBD export to a raw file, over TLS with the credentials in `dir`
+/// (None: no TLS at all).
+fn qemu_img_read(
+    host: &str,
+    port: &str,
+    name: &str,
+    dir: Option<&Path>,
+    out: &Path,
+) -> Result<std::process::Output> {
+    let mut file = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={host},file.server.port={port},file.export={name}"
+    );
+    let mut command = Command::new("qemu-img");
+    command.arg("convert");
+    if let Some(dir) = dir {
+        command.args([
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                dir.display()
+            ),
+        ]);
+        file.push_str(",file.tls-creds=tls0");
+    }
+    command.args(["-O", "raw", "--image-opts", &file]).arg(out);
+    run(&mut command)
+}
+
+/// `curl` of an HTTPS URL with the export's CA; returns (status, body file).
+fn curl(
+    url: &str,
+    ca: &Path,
+    token: Option<&str>,
+    range: Option<(u64, u64)>,
+    out: &Path,
+) -> Result<u16> {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--cacert"])
+        .arg(ca)
+        .args(["-o"])
+        .arg(out)
+        .args(["-w", "%{http_code}"]);
+    if let Some(token) = token {
+        command.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    if let Some((a, b)) = range {
+        command.args(["-r", &format!("{a}-{b}")]);
+    }
+    command.arg(url);
+    let output = run(&mut command)?;
+    ensure!(output.status.success(), "curl {url}: {}", text(&output));
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+}
+
+/// The whole image of an HTTPS export, read with Range requests of 1 MiB.
+fn read_by_ranges(served: &Served, size: u64, out: &Path) -> Result<()> {
+    let token = served.token()?;
+    let ca = served.dir.join("ca-cert.pem");
+    let mut image = Vec::with_capacity(size as usize);
+    let piece = served.dir.join("piece");
+    let mut at = 0;
+    while at < size {
+        let end = (at + (1 << 20)).min(size) - 1;
+        let status = curl(&served.endpoint, &ca, Some(&token), Some((at, end)), &piece)?;
+        ensure!(
+            status == 206,
+            "Range {at}-{end}: HTTP {status}: {}",
+            std::fs::read_to_string(&piece).unwrap_or_default()
+        );
+        let bytes = std::fs::read(&piece)?;
+        ensure!(
+            bytes.len() as u64 == end - at + 1,
+            "Range {at}-{end} returned {} bytes",
+            bytes.len()
+        );
+        image.extend_from_slice(&bytes);
+        at = end + 1;
+    }
+    std::fs::write(out, image)?;
+    Ok(())
+}
+
+fn start_writer(device: &str, dir: &Path, stop: &Path) -> Result<Child> {
+    Ok(verifier()?
+        .args([
+            "write",
+            "--path",
+            device,
+            "--tag",
+            "9",
+            "--blocks",
+            &BLOCKS.to_string(),
+        ])
+        .arg("--until-file")
+        .arg(stop)
+        .arg("--log")
+        .arg(dir.join("live.log"))
+        .spawn()?)
+}
+
+#[tokio::test]
+async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only() -> Result<()> {
+    let client = client().await?;
+    let operator = Operator::start()?;
+    let namespace = TestNamespace::create(&client, "export").await?;
+    let ns = namespace.name.clone();
+    let scratch = ScratchDir::new("disk-export")?;
+    let dir = scratch.0.clone();
+    let result = async {
+        must(&client, &ns, pvc("disk", None)).await?;
+        must(&client, &ns, pod("disk-consumer", "disk", None)).await?;
+        let (volume_id, node) = bound_volume(&client, &ns, "disk", "disk-consumer").await?;
+        let tag = format!("{ns}-disk");
+        let target = attach_block(&node, &volume_id, &tag).await?;
+        let device = host_device(&node, &target)?;
+        write_phase(&device, 1, BLOCKS, &dir)?;
+        take_snapshot(&client, &ns, "s1", "disk").await?;
+        write_phase(&device, 2, BLOCKS, &dir)?;
+        take_snapshot(&client, &ns, "s2", "disk").await?;
+        write_phase(&device, 3, QUARTER, &dir)?;
+        take_snapshot(&client, &ns, "s3", "disk").await?;
+
+        // One that expires while the others are read (60 s is the shortest TTL allowed).
+        let short = export(&client, &ns, "short", "s1", None, "HTTP", Some(60)).await?;
+        let stop = dir.join("stop");
+        let writer = start_writer(&device, &dir, &stop)?;
+        let checks = async {
+            let nbd = export(&client, &ns, "nbd", "s2", Some("s1"), "NBD", None).await?;
+            let http = export(&client, &ns, "http", "s3", Some("s2"), "HTTP", None).await?;
+            let (host, port, name) = nbd.nbd()?;
+
+            // qemu-img over TLS with the issued certificate: exactly phase 2.
+            let image = dir.join("s2.raw");
+            let output = qemu_img_read(&host, &port, &name, Some(&nbd.dir), &image)?;
+            ensure!(
+                output.status.success(),
+                "qemu-img over TLS: {}",
+                text(&output)
+            );
+            verify(&image, 2, &log_path(&dir, 2))?;
+
+            // nbdcopy (libnbd) over TLS: the same bytes.
+            let uri = format!("{}?tls-certificates={}", nbd.endpoint, nbd.dir.display());
+            let copied = dir.join("s2-nbdcopy.raw");
+            let output = run(Command::new("nbdcopy").arg(&uri).arg(&copied))?;
+            ensure!(
+                output.status.success(),
+                "nbdcopy over TLS: {}",
+                text(&output)
+            );
+            ensure!(
+                std::fs::read(&copied)? == std::fs::read(&image)?,
+                "nbdcopy and qemu-img read different bytes"
+            );
+
+            // The changed-block context: exactly phase 2's blocks (all of them).
+            let context = format!(
+                "qemu:dirty-bitmap:changed-since-{}",
+                snapshot_handle(&client, &ns, "s1").await?
+            );
+            let output = run(Command::new("nbdinfo")
+                .arg(format!("--map={context}"))
+                .arg(&uri))?;
+            ensure!(output.status.success(), "nbdinfo --map: {}", text(&output));
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let dirty = merge(stdout.lines().filter_map(dirty_line));
+            ensure!(
+                dirty == extents_of_log(&log_path(&dir, 2))?,
+                "NBD changed blocks {dirty:?}"
+            );
+
+            // HTTPS Range reads of s3: phase 3's quarter, phase 2 after it.
+            let s3 = dir.join("s3.raw");
+            read_by_ranges(&http, http.size, &s3)?;
+            verify(&s3, 3, &log_path(&dir, 3))?;
+            let rest = dir.join("phase2-rest.log");
+            log_from_block(&log_path(&dir, 2), QUARTER, &rest)?;
+            verify(&s3, 2, &rest)?;
+            // Its extent map: exactly the blocks phase 3 wrote.
+            let map = dir.join("extents.json");
+            let ca = http.dir.join("ca-cert.pem");
+            let status = curl(
+                &format!("{}/extents", http.endpoint),
+                &ca,
+                Some(&http.token()?),
+                None,
+                &map,
+            )?;
+            ensure!(status == 200, "extents: HTTP {status}");
+            let map: Value = serde_json::from_slice(&std::fs::read(&map)?)?;
+            let extents = merge(
+                map["extents"]
+                    .as_array()
+                    .context("extents")?
+                    .iter()
+                    .filter_map(|e| Some((e["offset"].as_u64()?, e["length"].as_u64()?))),
+            );
+            ensure!(
+                extents == extents_of_log(&log_path(&dir, 3))?,
+                "HTTP extent map {extents:?}"
+            );
+
+            // Refusals: plaintext, no certificate, another export's credentials (an NBD export of
+            // s1), an HTTP export's certificate on the NBD listener.
+            let other = export(&client, &ns, "nbd-other", "s1", None, "NBD", None).await?;
+            let s1_handle = snapshot_handle(&client, &ns, "s1").await?;
+            let output = qemu_img_read(&host, &port, &name, None, &dir.join("x.raw"))?;
+            ensure!(
+                !output.status.success(),
+                "a plaintext NBD client read the export"
+            );
+            ensure!(
+                text(&output).contains("TLS"),
+                "plaintext refusal: {}",
+                text(&output)
+            );
+            let ca_only = dir.join("ca-only");
+            std::fs::create_dir_all(&ca_only)?;
+            std::fs::copy(nbd.dir.join("ca-cert.pem"), ca_only.join("ca-cert.pem"))?;
+            let output = qemu_img_read(&host, &port, &name, Some(&ca_only), &dir.join("x.raw"))?;
+            ensure!(
+                !output.status.success(),
+                "a TLS client without a certificate read the export"
+            );
+            let output = qemu_img_read(&host, &port, &name, Some(&other.dir), &dir.join("x.raw"))?;
+            ensure!(
+                !output.status.success(),
+                "another export's certificate read the export"
+            );
+            let output = qemu_img_read(&host, &port, &name, Some(&http.dir), &dir.join("x.raw"))?;
+            ensure!(
+                !output.status.success(),
+                "an HTTP export's certificate read over NBD"
+            );
+            let list = |creds: &Path| -> Result<String> {
+                let uri = format!("nbds://{host}:{port}/?tls-certificates={}", creds.display());
+                let output = run(Command::new("nbdinfo").args(["--list", "--json"]).arg(uri))?;
+                ensure!(output.status.success(), "nbdinfo --list: {}", text(&output));
+                Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+            };
+            let own = list(&nbd.dir)?;
+            ensure!(
+                own.contains(&name),
+                "NBD_OPT_LIST hides the client's own export: {own}"
+            );
+            let s3_handle = snapshot_handle(&client, &ns, "s3").await?;
+            let theirs = list(&other.dir)?;
+            ensure!(
+                !theirs.contains(&name) && theirs.contains(&s1_handle),
+                "NBD_OPT_LIST of the other credentials: {theirs}"
+            );
+            let x = dir.join("x");
+            ensure!(
+                curl(&http.endpoint, &ca, None, Some((0, 4095)), &x)? == 401,
+                "HTTP without a token"
+            );
+            let s2_url = http.endpoint.replace(&s3_handle, &name);
+            ensure!(
+                curl(&s2_url, &ca, Some(&http.token()?), Some((0, 4095)), &x)? == 404,
+                "HTTP with another export's token"
+            );
+            ensure!(
+                curl(&s2_url, &ca, Some(&nbd.token()?), Some((0, 4095)), &x)? != 206,
+                "the NBD export's token over HTTP"
+            );
+
+            // Deleting an export stops it at once.
+            let exports: Api<DiskExport> = Api::namespaced(client.clone(), &ns);
+            exports.delete(&http.name, &DeleteParams::default()).await?;
+            eventually(30, "DiskExport http gone", || async {
+                Ok(exports.get_opt(&http.name).await?.is_none().then_some(()))
+            })
+            .await?;
+            ensure!(
+                curl(
+                    &http.endpoint,
+                    &ca,
+                    Some(&http.token()?),
+                    Some((0, 4095)),
+                    &x
+                )? == 401,
+                "a deleted export still serves"
+            );
+            Ok::<_, anyhow::Error>(())
+        };
+        let checked = checks.await;
+        std::fs::write(&stop, b"")?;
+        let mut writer = writer;
+        let written = writer.wait()?;
+        checked?;
+        ensure!(written.success(), "the live writer failed");
+
+        // The short export expires: Completed, and its token opens nothing.
+        let exports: Api<DiskExport> = Api::namespaced(client.clone(), &ns);
+        let status = eventually(120, "DiskExport short Completed (expired)", || async {
+            let status = exports.get("short").await?.status.unwrap_or_default();
+            Ok((status.phase == Phase::Completed).then_some(status))
+        })
+        .await?;
+        ensure!(
+            status.endpoint.is_none(),
+            "an expired export names an endpoint: {status:?}"
+        );
+        let ca = short.dir.join("ca-cert.pem");
+        let x = dir.join("x");
+        ensure!(
+            curl(
+                &short.endpoint,
+                &ca,
+                Some(&short.token()?),
+                Some((0, 4095)),
+                &x
+            )? == 401,
+            "an expired export still serves"
+        );
+        detach_block(&node, &volume_id, &tag).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if result.is_err() {
+        let log = operator.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!(
+            "operator log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    drop(operator);
+    result
+}
+
+/// A `nbdinfo --map` line of a dirty extent: (offset, length).
+fn dirty_line(line: &str) -> Option<(u64, u64)> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let kind: u64 = fields.get(2)?.parse().ok()?;
+    if kind & 1 == 0 {
+        return None;
+    }
+    Some((fields.first()?.parse().ok()?, fields.get(1)?.parse().ok()?))
+}
+
+async fn snapshot_handle(client: &Client, ns: &str, name: &str) -> Result<String> {
+    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
+    let status = snapshots.get(name).await?.status.unwrap_or_default();
+    status.snapshot_handle.context("no snapshot handle")
+}
