@@ -1,6 +1,6 @@
 //! `livedisk-csi`: the CSI driver's binary: `controller` and `node` serve CSI (see `run.rs`),
 //! `frontends` serves the FUSE front ends beside the engine daemon, `admin` is the node-local
-//! admin command.
+//! admin command, `backup` the client of the node's HTTPS export front.
 
 mod cli;
 
@@ -28,6 +28,23 @@ async fn main() {
             Err(e) => {
                 eprint!("{}", report(&chain_messages(&e)));
                 classify(&e).code()
+            }
+        },
+        Command::Backup(args) => match cli::backup::run(args).await {
+            // One JSON line on stdout, for scripts; progress went to stderr.
+            Ok(summary) => match serde_json::to_string(&summary) {
+                Ok(line) => {
+                    println!("{line}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: formatting the summary: {e}");
+                    1
+                }
+            },
+            Err(e) => {
+                eprint!("{}", report(&e.messages()));
+                e.class().code()
             }
         },
         Command::Controller(args) => {

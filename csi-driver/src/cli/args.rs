@@ -27,6 +27,9 @@ pub enum Command {
     /// Serve the engine pod's front ends: runs nbdfuse for each attached volume, beside the
     /// engine daemon, so that node plugin restarts keep consumers' I/O.
     Frontends(livedisk_csi::run::FrontEndsArgs),
+    /// Back up a snapshot export over HTTPS (full or incremental), or restore backups onto a
+    /// block device or file.
+    Backup(super::backup::args::BackupArgs),
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,9 @@
-//! The `livedisk-csi` command line: the node-local admin tool, and room for
+//! The `livedisk-csi` command line: the node-local admin tool, the backup client, and room for
 //! the controller/node server modes.
 
 pub mod admin;
 pub mod args;
+pub mod backup;
 pub mod exit;
 pub mod size;
 pub mod table;
