@@ -16,7 +16,11 @@
 #        (release build, started by the benchmark under the chart's operator
 #        account): time until all are Ready, the operator's peak RSS, its API
 #        requests per DiskSnapshot (from the API server's audit log), and the
-#        same for deleting them all.
+#        same for deleting them all;
+#   h    exports on the same cluster, through the operator and a node's TLS
+#        front: a snapshot read over NBD with TLS vs qemu-nbd without TLS on
+#        the same layer file (nbdcopy), and an incremental backup's bytes
+#        read vs the bytes changed.
 #
 # Environment (all optional):
 #   LIVEDISK_BENCH_SCALE       data sizes x this (default 1: 256 MiB snapshot
@@ -27,7 +31,7 @@
 #   LIVEDISK_BENCH_EXTENTS     changed extents (default 100000; (c) on a 1 TiB
 #                              disk, (e) on a 64 GiB volume)
 #   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" or "e"
-#                              (default: all, a–g; only e and f start a cluster)
+#                              (default: all, a–h; only e, f and h start a cluster)
 #   LIVEDISK_BENCH_DISK_SNAPSHOTS  (f) DiskSnapshots (default 1000)
 #   LIVEDISK_BENCH_CLAIMS      (f) PVCs they are spread over (default 50); e.g.
 #                              100 of 5 for a quick run
@@ -60,11 +64,11 @@ for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   }
 done
 
-# Scenarios e and f are selected unless LIVEDISK_BENCH_ONLY leaves them out.
+# Scenarios e, f and h are selected unless LIVEDISK_BENCH_ONLY leaves them out.
 with_cluster=1 with_operator=1
 if [ -n "${LIVEDISK_BENCH_ONLY+set}" ]; then
-  case ",${LIVEDISK_BENCH_ONLY// /}," in *,f,*) ;; *) with_operator=0 ;; esac
-  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*) ;; *) with_cluster=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,f,*|*,h,*) ;; *) with_operator=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*|*,h,*) ;; *) with_cluster=0 ;; esac
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 

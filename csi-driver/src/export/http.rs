@@ -244,6 +244,19 @@ async fn respond(
         Ask::Size { export } | Ask::Data { export, .. } | Ask::Extents { export } => export,
     };
     let now = SystemTime::now();
+    // After a start the grants come back as the node reconciles its exports again; until then
+    // a request no grant admits may be one of theirs: retry (503), not refused for good.
+    if front
+        .grants
+        .admit(ExportProtocol::Http, export, &credential, now)
+        .is_none()
+        && front.is_restoring()
+    {
+        return Err(refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node's export front has just started and is restoring its exports; retry in a few seconds",
+        ));
+    }
     let grant = match front
         .grants
         .admit(ExportProtocol::Http, export, &credential, now)

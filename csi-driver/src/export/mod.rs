@@ -60,7 +60,14 @@ pub struct Front {
     pub engine: Arc<Engine>,
     /// The engine daemon's NBD socket.
     pub backend_socket: PathBuf,
+    /// The exports this node served before the plugin (re)started and has not served again yet,
+    /// and since when: until they are back, a request no grant admits may be one of theirs.
+    restoring: std::sync::Mutex<(std::time::Instant, std::collections::HashSet<String>)>,
 }
+
+/// How long a started front waits at most for its exports to come back before a request no
+/// grant admits is refused for good (401/404) rather than told to retry (503).
+const RESTORE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Front {
     /// Binds both listeners and starts serving (connections are refused until the certificate
@@ -79,6 +86,7 @@ impl Front {
             tokio::net::TcpListener::bind(SocketAddr::new(config.listen, config.https_port))
                 .await?;
         let front = Arc::new(Self {
+            restoring: std::sync::Mutex::new((std::time::Instant::now(), Default::default())),
             backend_socket: engine.daemon().runtime.nbd_socket(),
             tls: FrontTls::new(grants.clone()),
             grants,
@@ -100,6 +108,25 @@ impl Front {
             node_name.to_string(),
         ));
         Ok(front)
+    }
+
+    /// The LivediskExports this node served when the plugin started (from one list before its
+    /// reconciler runs): the front answers "retry" until each is served again or has ended.
+    pub fn expect_restore(&self, works: impl IntoIterator<Item = String>) {
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        restoring.1.extend(works);
+    }
+
+    /// One export is served again (or ended): no longer waited for.
+    pub fn restored(&self, work: &str) {
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        restoring.1.remove(work);
+    }
+
+    /// Whether exports of before the start are still coming back (within the window).
+    pub fn is_restoring(&self) -> bool {
+        let restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        !restoring.1.is_empty() && restoring.0.elapsed() < RESTORE_WINDOW
     }
 
     /// What the node reports of its front in its LivediskNode.

@@ -185,6 +185,7 @@ pub async fn serve(
             front.grants.put(grant)
         }
     };
+    front.restored(&name);
     let status = LivediskExportStatus {
         observed_generation: generation,
         phase: ExportPhase::Ready,
@@ -208,6 +209,7 @@ pub async fn serve(
 /// snapshot, stops the engine's export.
 pub async fn stop(front: &Front, export: &LivediskExport) -> Result<(), CsiError> {
     let name = export.name_any();
+    front.restored(&name);
     let removed = front.grants.remove(&name);
     let snapshot = export.spec.snapshot_id.as_str();
     if front.grants.export_shared(&name, snapshot) {

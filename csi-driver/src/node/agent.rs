@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::object::HasStatus;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{self, Event, finalizer};
@@ -86,6 +86,23 @@ pub async fn run(agent: Arc<Agent>) {
         .run(reconcile_restore, retry, agent.clone())
         .for_each(|_| async {});
     let exports: Api<LivediskExport> = Api::all(agent.client.clone());
+    if let Some(front) = &agent.front {
+        // The exports served before this start: the front tells their clients to retry until
+        // each is back (the reconciler below serves them again).
+        match exports.list(&ListParams::default().fields(&selector)).await {
+            Ok(list) => front.expect_restore(
+                list.items
+                    .iter()
+                    .filter(|e| {
+                        e.status
+                            .as_ref()
+                            .is_some_and(|s| s.phase == livedisk_api::internal::ExportPhase::Ready)
+                    })
+                    .map(|e| e.name_any()),
+            ),
+            Err(error) => tracing::warn!(%error, "listing this node's LivediskExports"),
+        }
+    }
     let export_loop = Controller::new(exports, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
         .run(reconcile_export, retry, agent)

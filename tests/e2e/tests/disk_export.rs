@@ -22,10 +22,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, DeleteParams};
 use livedisk_api::{DiskExport, DiskSnapshot, Phase};
+use livedisk_e2e::csi::node_plugin_pid;
 use livedisk_e2e::csi::{attach_block, detach_block};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::Operator;
-use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
+use livedisk_e2e::{TestNamespace, bound_volume, client, eventually, workspace_binary};
 use serde_json::{Value, json};
 
 /// Blocks of 4 KiB (4 MiB): phases 1 and 2 write all of them, phase 3 the first `QUARTER`.
@@ -315,6 +316,32 @@ fn read_by_ranges(served: &Served, size: u64, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The backup test kills a node plugin: it runs alone, the other test of this binary waits.
+static NODES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// `livedisk-csi backup ARGS`, its JSON summary line (stdout) and its stderr.
+fn backup(args: &[&str]) -> Result<(Value, String)> {
+    let output = run(Command::new(workspace_binary("livedisk-csi")?)
+        .arg("backup")
+        .args(args))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(
+        output.status.success(),
+        "livedisk-csi backup {args:?}: {}",
+        text(&output)
+    );
+    let summary = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .context("no summary line")?
+        .to_string();
+    Ok((serde_json::from_str(&summary)?, stderr))
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
 fn start_writer(device: &str, dir: &Path, stop: &Path) -> Result<Child> {
     Ok(verifier()?
         .args([
@@ -335,6 +362,7 @@ fn start_writer(device: &str, dir: &Path, stop: &Path) -> Result<Child> {
 
 #[tokio::test]
 async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only() -> Result<()> {
+    let _nodes = NODES.read().await;
     let client = client().await?;
     let operator = Operator::start()?;
     let namespace = TestNamespace::create(&client, "export").await?;
@@ -578,4 +606,229 @@ async fn snapshot_handle(client: &Client, ns: &str, name: &str) -> Result<String
     let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
     let status = snapshots.get(name).await?.status.unwrap_or_default();
     status.snapshot_handle.context("no snapshot handle")
+}
+
+/// The reference backup client against real exports: a full backup, then two incrementals (with
+/// writes, and a live deletion merge of the full backup's snapshot, in between), restored into a
+/// new volume, equal the last snapshot byte for byte and the writer's logs; each incremental read
+/// exactly the changed extents. A full backup read while the snapshot's node plugin is killed
+/// with -9 resumes once the plugin (and its front) is back, and is complete.
+#[tokio::test]
+async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -> Result<()> {
+    let _nodes = NODES.write().await;
+    let client = client().await?;
+    let operator = Operator::start()?;
+    let namespace = TestNamespace::create(&client, "backup").await?;
+    let ns = namespace.name.clone();
+    let scratch = ScratchDir::new("disk-backup")?;
+    let dir = scratch.0.clone();
+    let result = async {
+        must(&client, &ns, pvc("disk", None)).await?;
+        must(&client, &ns, pod("disk-consumer", "disk", None)).await?;
+        let (volume_id, node) = bound_volume(&client, &ns, "disk", "disk-consumer").await?;
+        let tag = format!("{ns}-disk");
+        let device = host_device(&node, &attach_block(&node, &volume_id, &tag).await?)?;
+        let exports: Api<DiskExport> = Api::namespaced(client.clone(), &ns);
+        let unexport = |name: &'static str| {
+            let exports = exports.clone();
+            async move {
+                exports.delete(name, &DeleteParams::default()).await?;
+                eventually(30, &format!("DiskExport {name} gone"), || async {
+                    Ok(exports.get_opt(name).await?.is_none().then_some(()))
+                })
+                .await
+            }
+        };
+
+        // Full backup of b1 (every block of phase 1).
+        write_phase(&device, 1, BLOCKS, &dir)?;
+        take_snapshot(&client, &ns, "b1", "disk").await?;
+        let e1 = export(&client, &ns, "e1", "b1", None, "HTTP", None).await?;
+        let full = dir.join("full.raw");
+        let (summary, _) = backup(&[
+            "full",
+            "--url",
+            &e1.endpoint,
+            "--credentials",
+            path_str(&e1.dir)?,
+            "--output",
+            path_str(&full)?,
+        ])?;
+        ensure!(
+            summary["bytesRead"].as_u64() == Some(e1.size),
+            "full backup read {summary}"
+        );
+
+        // First incremental: b2 (the first half rewritten) against b1.
+        write_phase(&device, 2, BLOCKS / 2, &dir)?;
+        take_snapshot(&client, &ns, "b2", "disk").await?;
+        let e2 = export(&client, &ns, "e2", "b2", Some("b1"), "HTTP", None).await?;
+        let inc1 = dir.join("inc1.raw");
+        let (summary, _) = backup(&[
+            "incremental",
+            "--url",
+            &e2.endpoint,
+            "--credentials",
+            path_str(&e2.dir)?,
+            "--output",
+            path_str(&inc1)?,
+        ])?;
+        let changed: u64 = extents_of_log(&log_path(&dir, 2))?
+            .iter()
+            .map(|e| e.1)
+            .sum();
+        ensure!(
+            summary["bytesRead"].as_u64() == Some(changed),
+            "incremental 1 read {summary}, {changed} bytes changed"
+        );
+
+        // A live merge: b1 is deleted (its layer merged away) while the disk stays attached.
+        unexport("e1").await?;
+        unexport("e2").await?;
+        let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), &ns);
+        snapshots.delete("b1", &DeleteParams::default()).await?;
+        eventually(120, "DiskSnapshot b1 merged away", || async {
+            Ok(snapshots.get_opt("b1").await?.is_none().then_some(()))
+        })
+        .await?;
+
+        // Second incremental: b3 (the first quarter rewritten) against b2.
+        write_phase(&device, 3, QUARTER, &dir)?;
+        take_snapshot(&client, &ns, "b3", "disk").await?;
+        let e3 = export(&client, &ns, "e3", "b3", Some("b2"), "HTTP", None).await?;
+        let inc2 = dir.join("inc2.raw");
+        let (summary, _) = backup(&[
+            "incremental",
+            "--url",
+            &e3.endpoint,
+            "--credentials",
+            path_str(&e3.dir)?,
+            "--output",
+            path_str(&inc2)?,
+        ])?;
+        let changed: u64 = extents_of_log(&log_path(&dir, 3))?
+            .iter()
+            .map(|e| e.1)
+            .sum();
+        ensure!(
+            summary["bytesRead"].as_u64() == Some(changed),
+            "incremental 2 read {summary}, {changed} bytes changed"
+        );
+
+        // Restore into a new volume: byte for byte b3, and the writer's logs.
+        must(&client, &ns, pvc("restored", None)).await?;
+        must(
+            &client,
+            &ns,
+            pod("restored-consumer", "restored", Some(&node)),
+        )
+        .await?;
+        let (restored_id, _) = bound_volume(&client, &ns, "restored", "restored-consumer").await?;
+        let restored_tag = format!("{ns}-restored");
+        let restored = host_device(
+            &node,
+            &attach_block(&node, &restored_id, &restored_tag).await?,
+        )?;
+        backup(&[
+            "restore",
+            "--full",
+            path_str(&full)?,
+            "--incremental",
+            path_str(&inc1)?,
+            "--incremental",
+            path_str(&inc2)?,
+            "--target",
+            &restored,
+        ])?;
+        verify(Path::new(&restored), 3, &log_path(&dir, 3))?;
+        let from_quarter = dir.join("phase2-rest.log");
+        log_from_block(&log_path(&dir, 2), QUARTER, &from_quarter)?;
+        verify(Path::new(&restored), 2, &from_quarter)?;
+        let from_half = dir.join("phase1-rest.log");
+        log_from_block(&log_path(&dir, 1), BLOCKS / 2, &from_half)?;
+        verify(Path::new(&restored), 1, &from_half)?;
+        let whole = dir.join("b3.raw");
+        let status = curl(
+            &e3.endpoint,
+            &e3.dir.join("ca-cert.pem"),
+            Some(&e3.token()?),
+            None,
+            &whole,
+        )?;
+        ensure!(status == 200, "GET of the whole image: HTTP {status}");
+        let image = std::fs::read(&whole)?;
+        let mut device_bytes = vec![0u8; image.len()];
+        {
+            use std::io::Read;
+            std::fs::File::open(&restored)?.read_exact(&mut device_bytes)?;
+        }
+        ensure!(
+            device_bytes == image,
+            "the restored volume differs from snapshot b3"
+        );
+        detach_block(&node, &restored_id, &restored_tag).await?;
+
+        // kill -9 of the node plugin (its front) while a full backup reads: it resumes.
+        let slow = dir.join("during-kill.raw");
+        let mut reader = Command::new(workspace_binary("livedisk-csi")?)
+            .args([
+                "backup",
+                "full",
+                "--url",
+                &e3.endpoint,
+                "--credentials",
+                path_str(&e3.dir)?,
+            ])
+            .args([
+                "--output",
+                path_str(&slow)?,
+                "--chunk-size",
+                "64KiB",
+                "--parallel",
+                "1",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        ensure!(
+            reader.try_wait()?.is_none(),
+            "the backup ended before the kill: make it slower"
+        );
+        let plugin = node_plugin_pid(&node)?.context("no node plugin")?;
+        // SAFETY: kill(2) only sends a signal, to the node plugin process found above.
+        ensure!(
+            unsafe { libc::kill(plugin, libc::SIGKILL) } == 0,
+            "kill -9 node plugin"
+        );
+        let output = tokio::task::spawn_blocking(move || reader.wait_with_output()).await??;
+        ensure!(
+            output.status.success(),
+            "the backup did not survive the kill: {}",
+            text(&output)
+        );
+        ensure!(
+            text(&output).contains("resumed"),
+            "the backup never had to resume: {}",
+            text(&output)
+        );
+        ensure!(
+            std::fs::read(&slow)? == image,
+            "the resumed backup differs from snapshot b3"
+        );
+
+        detach_block(&node, &volume_id, &tag).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if result.is_err() {
+        let log = operator.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!(
+            "operator log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    drop(operator);
+    result
 }

@@ -163,7 +163,7 @@ pub fn claim_of(i: usize, claims: usize) -> String {
 /// to 5 minutes: CrashLoopBackOff). Stopped with SIGTERM at the end, killed if the benchmark goes
 /// first; its pid is written to `log_dir`, so that hack/bench.sh's trap can stop it after an
 /// interrupted run. `tend` keeps it running and samples its peak memory.
-struct Operator {
+pub(crate) struct Operator {
     target: ScaleTarget,
     child: Option<Child>,
     pid: u32,
@@ -186,7 +186,7 @@ pub fn restart_delay(n: usize) -> Duration {
 }
 
 impl Operator {
-    fn start(t: &ScaleTarget) -> Result<Self> {
+    pub(crate) fn start(t: &ScaleTarget) -> Result<Self> {
         let mut o = Self {
             target: t.clone(),
             child: None,
@@ -277,7 +277,7 @@ impl Operator {
         memory_mib(self.pid, "VmRSS").unwrap_or(0.0)
     }
 
-    async fn stop(mut self) -> Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         let _ = std::fs::remove_file(self.pid_file());
         let Some(mut child) = self.child.take() else {
             return Ok(());
@@ -548,7 +548,7 @@ async fn leading(client: &kube::Client, operator: &mut Operator) -> Result<()> {
 }
 
 /// The consumer pods go only when forced (no kubelet); the namespace takes the rest.
-async fn clean(client: &kube::Client, ns: &str) -> Result<()> {
+pub(crate) async fn clean(client: &kube::Client, ns: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let now = DeleteParams {
         grace_period_seconds: Some(0),

@@ -13,6 +13,7 @@ mod table;
 mod at_scale;
 mod audit;
 mod csi;
+mod exports;
 mod merge_latency;
 mod report;
 mod scenarios;
@@ -30,8 +31,9 @@ use csi::CsiTarget;
 use scenarios::Config;
 
 /// The benchmarks, by row letter: a–d and g on an engine of the benchmark's own, e through the
-/// driver's CSI sockets, f through the operator (e and f on hack/bench.sh's cluster).
-const ALL: [char; 7] = ['a', 'b', 'c', 'd', 'e', 'f', 'g'];
+/// driver's CSI sockets, f through the operator, h through the operator and a node's export
+/// front (e, f and h on hack/bench.sh's cluster).
+const ALL: [char; 8] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
 const ENGINE_ONLY: [char; 5] = ['a', 'b', 'c', 'd', 'g'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -174,6 +176,16 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let exports_on = if c.selected('h') {
+        let context = "benchmark (h) runs the operator and the driver on a local cluster: run it \
+                       with hack/bench.sh (make bench), which starts one";
+        Some((
+            CsiTarget::from_env()?.context(context)?,
+            at_scale::ScaleTarget::from_env()?.context(context)?,
+        ))
+    } else {
+        None
+    };
     let started = Instant::now();
     let (mut rows, mut dropped) = (vec![], None);
     if ENGINE_ONLY.iter().any(|&s| c.selected(s)) {
@@ -185,6 +197,9 @@ async fn main() -> Result<()> {
     }
     if let Some(target) = scale {
         rows.extend(at_scale::disk_snapshots_at_scale(target, &c).await?);
+    }
+    if let Some((csi, operator)) = exports_on {
+        rows.extend(exports::exports(csi, operator, &c).await?);
     }
 
     println!("{}", machine_facts().await);
@@ -218,7 +233,8 @@ mod tests {
         assert_eq!(parse_only("e").unwrap(), ['e']);
         assert_eq!(parse_only(" b, d ,e").unwrap(), ['b', 'd', 'e']);
         assert_eq!(parse_only("f,g").unwrap(), ['f', 'g']);
-        assert!(parse_only("h").is_err());
+        assert_eq!(parse_only("h").unwrap(), ['h']);
+        assert!(parse_only("i").is_err());
         assert!(parse_only("ab").is_err());
         assert!(parse_only(" , ").is_err());
     }
