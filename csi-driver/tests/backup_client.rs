@@ -791,8 +791,17 @@ async fn dropped_connections_are_retried_and_the_backup_resumes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_front_lets_the_backup_resume() {
+/// A full backup of the first image in 256 KiB ranges, running against a front that answers
+/// each request after `delay_ms`.
+struct SlowBackup {
+    dir: tempfile::TempDir,
+    front: Front,
+    image: Vec<u8>,
+    output: std::path::PathBuf,
+    child: tokio::process::Child,
+}
+
+async fn slow_full_backup(delay_ms: u64) -> SlowBackup {
     let dir = tempfile::tempdir().expect("temp dir");
     let image_path = dir.path().join("served.img");
     let image = first_image();
@@ -804,8 +813,7 @@ async fn a_restarted_front_lets_the_backup_resume() {
     })
     .await;
     let creds = credentials(&front, &dir.path().join("creds"), TOKEN);
-    // 64 requests of 256 KiB, 4 at a time, 100 ms each: 1.6 s without the restart.
-    front.state.delay_ms.store(100, Ordering::SeqCst);
+    front.state.delay_ms.store(delay_ms, Ordering::SeqCst);
     let output = dir.path().join("full.img");
     let url = front.url();
     let mut args = fetch_args("full", &url, &creds, &output);
@@ -817,6 +825,25 @@ async fn a_restarted_front_lets_the_backup_resume() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    SlowBackup {
+        dir,
+        front,
+        image,
+        output,
+        child,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_front_lets_the_backup_resume() {
+    // 64 requests of 256 KiB, 4 at a time, 100 ms each: 1.6 s without the restart.
+    let SlowBackup {
+        dir: _dir,
+        front,
+        image,
+        output,
+        child,
+    } = slow_full_backup(100).await;
     wait_for_requests(&front, 8).await;
     front.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -837,28 +864,13 @@ async fn a_restarted_front_lets_the_backup_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_backup_says_it_is_incomplete() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let image_path = dir.path().join("served.img");
-    std::fs::write(&image_path, first_image()).expect("image");
-    let front = Front::start(Export {
-        name: SNAP1.into(),
-        image: image_path,
-        changes: None,
-    })
-    .await;
-    let creds = credentials(&front, &dir.path().join("creds"), TOKEN);
-    front.state.delay_ms.store(200, Ordering::SeqCst);
-    let output = dir.path().join("full.img");
-    let url = front.url();
-    let mut args = fetch_args("full", &url, &creds, &output);
-    args[8] = "256KiB";
-    let child = tokio::process::Command::new(BIN)
-        .arg("backup")
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let SlowBackup {
+        dir: _dir,
+        front,
+        image: _,
+        output,
+        child,
+    } = slow_full_backup(200).await;
     wait_for_requests(&front, 4).await;
     let pid = child.id().expect("pid") as libc::pid_t;
     // SAFETY: kill(2) on the child this test started and has not reaped.

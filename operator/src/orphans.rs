@@ -1,7 +1,8 @@
 //! Node work whose public object went without its finalizer (force-removed with its finalizers
 //! stripped, or a namespace torn down that way). The reconcilers never see such an object again,
 //! so its internal, cluster-scoped node work would stay for good: a `LivediskRestore` keeps
-//! refusing NodeStage of its volume, a `LivediskMerge` keeps its node busy. Every
+//! refusing NodeStage of its volume, a `LivediskMerge` keeps its node busy, a `LivediskExport`
+//! keeps serving a snapshot to its credentials. Every
 //! [`SWEEP_INTERVAL`] the leader deletes node work whose owner (named by its labels, with the
 //! UID in the work's name) no longer exists.
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, Resource, ResourceExt};
 
+use crate::export::Export;
 use crate::leader::Leadership;
 use crate::merge::Merge;
 use crate::node_work::NodeWorkKind;
@@ -38,6 +40,7 @@ pub async fn run(client: Client, leadership: Leadership) {
         }
         sweep::<Restore>(&client).await;
         sweep::<Merge>(&client).await;
+        sweep::<Export>(&client).await;
     }
 }
 

@@ -33,7 +33,6 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Largest single NBD read behind a response.
 const PIECE: usize = 2 * 1024 * 1024;
-const MAX_CONNECTIONS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a request asks for, decided from its method, path and `Range` header.
@@ -154,23 +153,9 @@ pub fn credential(authorization: Option<&str>, certificate: Option<&str>) -> Opt
 
 /// Serves the HTTPS listener until the process ends.
 pub async fn serve(listener: TcpListener, front: Arc<Front>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "HTTPS front: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "HTTPS front: too many connections, refusing one");
-            continue;
-        };
+    super::listener::accept_loop(listener, "HTTPS front", move |tcp, peer| {
         let front = front.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+        async move {
             let Some(config) = front.tls.https() else {
                 tracing::info!(%peer, "HTTPS front: no certificate yet, connection refused");
                 return;
@@ -195,7 +180,9 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>) {
             let service = hyper::service::service_fn(move |request| {
                 let front = front.clone();
                 let certificate = certificate.clone();
-                async move { Ok::<_, Infallible>(answer(&front, certificate.as_deref(), request).await) }
+                async move {
+                    Ok::<_, Infallible>(answer(&front, certificate.as_deref(), request).await)
+                }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -203,8 +190,9 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>) {
             {
                 tracing::debug!(%peer, %error, "HTTPS front: connection ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn answer(

@@ -7,6 +7,7 @@
 pub mod grants;
 pub mod http;
 pub mod identity;
+mod listener;
 pub mod nbd;
 pub mod work;
 

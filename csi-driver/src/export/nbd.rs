@@ -58,8 +58,6 @@ const MAX_OPTION: u32 = 64 * 1024;
 const MAX_REPLY: u32 = 16 * 1024 * 1024;
 /// The whole negotiation (before data flows) must end within this.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connections served at once by one listener.
-const MAX_CONNECTIONS: usize = 256;
 /// Copy buffer of a spliced connection.
 const SPLICE_BUFFER: usize = 256 * 1024;
 
@@ -121,29 +119,16 @@ fn length_prefixed_name(data: &[u8]) -> Option<String> {
 
 /// Serves the NBD listener until the process ends.
 pub async fn serve(listener: TcpListener, front: Arc<Front>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "NBD front: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "NBD front: too many connections, refusing one");
-            continue;
-        };
+    super::listener::accept_loop(listener, "NBD front", move |tcp, peer| {
         let front = front.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+        async move {
             match connection(tcp, &front).await {
                 Ok(()) => tracing::debug!(%peer, "NBD front: connection closed"),
                 Err(error) => tracing::info!(%peer, %error, "NBD front: connection ended"),
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// One client connection: negotiation, then the splice.

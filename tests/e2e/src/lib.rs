@@ -5,6 +5,7 @@ pub mod csi;
 pub mod disks;
 pub mod metrics;
 pub mod operator;
+pub mod phases;
 
 use std::path::PathBuf;
 

@@ -12,7 +12,7 @@
 //!
 //! Refusals: a plaintext NBD client, a TLS client without a certificate, a client with another
 //! export's credentials (it sees only its own export in `NBD_OPT_LIST`), an HTTP request without
-//! or with another export's token, an expired export and a deleted one.
+//! or with another export's token, an expired export, a deleted one and a force-removed one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -20,12 +20,13 @@ use std::process::{Child, Command};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use livedisk_api::{DiskExport, DiskSnapshot, Phase};
 use livedisk_e2e::csi::node_plugin_pid;
 use livedisk_e2e::csi::{attach_block, detach_block};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::Operator;
+use livedisk_e2e::phases::{log_from_block, take_snapshot, verify, write_phase};
 use livedisk_e2e::{TestNamespace, bound_volume, client, eventually, workspace_binary};
 use serde_json::{Value, json};
 
@@ -36,67 +37,6 @@ const BLOCK: u64 = 4096;
 
 fn log_path(dir: &Path, phase: u64) -> PathBuf {
     dir.join(format!("phase{phase}.log"))
-}
-
-/// One phase: blocks `0..blocks` written once with the phase as their tag, logged.
-fn write_phase(device: &str, phase: u64, blocks: u64, dir: &Path) -> Result<()> {
-    let output = verifier()?
-        .args(["write", "--path", device, "--tag", &phase.to_string()])
-        .args([
-            "--blocks",
-            &blocks.to_string(),
-            "--count",
-            &blocks.to_string(),
-            "--log",
-        ])
-        .arg(log_path(dir, phase))
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "writer: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-/// Checks that every acknowledged write of a log reads back from `image`.
-fn verify(image: &Path, tag: u64, log: &Path) -> Result<()> {
-    let output = verifier()?
-        .args(["verify", "--path"])
-        .arg(image)
-        .args(["--tag", &tag.to_string(), "--log"])
-        .arg(log)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "verify {} against {} (tag {tag}): {}{}",
-        image.display(),
-        log.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-/// The lines of `log` for blocks at or above `from`, written to `out`.
-fn log_from_block(log: &Path, from: u64, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(log)?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v["block"].as_u64())
-                .is_some_and(|b| b >= from)
-        })
-        .collect();
-    ensure!(
-        !kept.is_empty(),
-        "no block at or above {from} in {}",
-        log.display()
-    );
-    std::fs::write(out, kept.join("\n") + "\n")?;
-    Ok(())
 }
 
 /// The extents a log's blocks cover, merged, in bytes.
@@ -119,22 +59,6 @@ fn merge(extents: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str) -> Result<()> {
-    must(
-        client,
-        ns,
-        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot", "metadata": {"name": name},
-               "spec": {"source": {"persistentVolumeClaimName": claim}}}),
-    )
-    .await?;
-    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
-    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
-        let status = snapshots.get(name).await?.status.unwrap_or_default();
-        Ok((status.phase == Phase::Ready).then_some(()))
-    })
-    .await
 }
 
 /// A DiskExport, applied, and its status once it serves.
@@ -338,6 +262,27 @@ fn backup(args: &[&str]) -> Result<(Value, String)> {
     Ok((serde_json::from_str(&summary)?, stderr))
 }
 
+/// An incremental backup of `served` into `out`; it must read exactly the extents the phase
+/// logged in `log` wrote.
+fn incremental(served: &Served, out: &Path, log: &Path) -> Result<()> {
+    let (summary, _) = backup(&[
+        "incremental",
+        "--url",
+        &served.endpoint,
+        "--credentials",
+        path_str(&served.dir)?,
+        "--output",
+        path_str(out)?,
+    ])?;
+    let changed: u64 = extents_of_log(log)?.iter().map(|e| e.1).sum();
+    ensure!(
+        summary["bytesRead"].as_u64() == Some(changed),
+        "incremental backup of {} read {summary}, {changed} bytes changed",
+        served.name
+    );
+    Ok(())
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("path is not UTF-8")
 }
@@ -376,11 +321,11 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
         let tag = format!("{ns}-disk");
         let target = attach_block(&node, &volume_id, &tag).await?;
         let device = host_device(&node, &target)?;
-        write_phase(&device, 1, BLOCKS, &dir)?;
+        write_phase(&device, 1, BLOCKS, &log_path(&dir, 1))?;
         take_snapshot(&client, &ns, "s1", "disk").await?;
-        write_phase(&device, 2, BLOCKS, &dir)?;
+        write_phase(&device, 2, BLOCKS, &log_path(&dir, 2))?;
         take_snapshot(&client, &ns, "s2", "disk").await?;
-        write_phase(&device, 3, QUARTER, &dir)?;
+        write_phase(&device, 3, QUARTER, &log_path(&dir, 3))?;
         take_snapshot(&client, &ns, "s3", "disk").await?;
 
         // One that expires while the others are read (60 s is the shortest TTL allowed).
@@ -544,6 +489,26 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
                 )? == 401,
                 "a deleted export still serves"
             );
+
+            // One force-removed (its finalizer stripped) stops being served too: the operator's
+            // sweep removes node work whose owner is gone.
+            let forced = export(&client, &ns, "forced", "s3", Some("s2"), "HTTP", None).await?;
+            exports
+                .patch(
+                    &forced.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await?;
+            exports
+                .delete(&forced.name, &DeleteParams::default())
+                .await?;
+            let token = forced.token()?;
+            eventually(120, "the force-removed export to stop serving", || async {
+                let status = curl(&forced.endpoint, &ca, Some(&token), Some((0, 4095)), &x)?;
+                Ok((status == 401).then_some(()))
+            })
+            .await?;
             Ok::<_, anyhow::Error>(())
         };
         let checked = checks.await;
@@ -580,6 +545,11 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
         Ok::<_, anyhow::Error>(())
     }
     .await;
+    finish(operator, result)
+}
+
+/// Stops the test's operator, with the end of its log when the test failed.
+fn finish(operator: Operator, result: Result<()>) -> Result<()> {
     if result.is_err() {
         let log = operator.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
@@ -641,7 +611,7 @@ async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -
         };
 
         // Full backup of b1 (every block of phase 1).
-        write_phase(&device, 1, BLOCKS, &dir)?;
+        write_phase(&device, 1, BLOCKS, &log_path(&dir, 1))?;
         take_snapshot(&client, &ns, "b1", "disk").await?;
         let e1 = export(&client, &ns, "e1", "b1", None, "HTTP", None).await?;
         let full = dir.join("full.raw");
@@ -660,27 +630,11 @@ async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -
         );
 
         // First incremental: b2 (the first half rewritten) against b1.
-        write_phase(&device, 2, BLOCKS / 2, &dir)?;
+        write_phase(&device, 2, BLOCKS / 2, &log_path(&dir, 2))?;
         take_snapshot(&client, &ns, "b2", "disk").await?;
         let e2 = export(&client, &ns, "e2", "b2", Some("b1"), "HTTP", None).await?;
         let inc1 = dir.join("inc1.raw");
-        let (summary, _) = backup(&[
-            "incremental",
-            "--url",
-            &e2.endpoint,
-            "--credentials",
-            path_str(&e2.dir)?,
-            "--output",
-            path_str(&inc1)?,
-        ])?;
-        let changed: u64 = extents_of_log(&log_path(&dir, 2))?
-            .iter()
-            .map(|e| e.1)
-            .sum();
-        ensure!(
-            summary["bytesRead"].as_u64() == Some(changed),
-            "incremental 1 read {summary}, {changed} bytes changed"
-        );
+        incremental(&e2, &inc1, &log_path(&dir, 2))?;
 
         // A live merge: b1 is deleted (its layer merged away) while the disk stays attached.
         unexport("e1").await?;
@@ -693,27 +647,11 @@ async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -
         .await?;
 
         // Second incremental: b3 (the first quarter rewritten) against b2.
-        write_phase(&device, 3, QUARTER, &dir)?;
+        write_phase(&device, 3, QUARTER, &log_path(&dir, 3))?;
         take_snapshot(&client, &ns, "b3", "disk").await?;
         let e3 = export(&client, &ns, "e3", "b3", Some("b2"), "HTTP", None).await?;
         let inc2 = dir.join("inc2.raw");
-        let (summary, _) = backup(&[
-            "incremental",
-            "--url",
-            &e3.endpoint,
-            "--credentials",
-            path_str(&e3.dir)?,
-            "--output",
-            path_str(&inc2)?,
-        ])?;
-        let changed: u64 = extents_of_log(&log_path(&dir, 3))?
-            .iter()
-            .map(|e| e.1)
-            .sum();
-        ensure!(
-            summary["bytesRead"].as_u64() == Some(changed),
-            "incremental 2 read {summary}, {changed} bytes changed"
-        );
+        incremental(&e3, &inc2, &log_path(&dir, 3))?;
 
         // Restore into a new volume: byte for byte b3, and the writer's logs.
         must(&client, &ns, pvc("restored", None)).await?;
@@ -740,13 +678,13 @@ async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -
             "--target",
             &restored,
         ])?;
-        verify(Path::new(&restored), 3, &log_path(&dir, 3))?;
+        verify(&restored, 3, &log_path(&dir, 3))?;
         let from_quarter = dir.join("phase2-rest.log");
         log_from_block(&log_path(&dir, 2), QUARTER, &from_quarter)?;
-        verify(Path::new(&restored), 2, &from_quarter)?;
+        verify(&restored, 2, &from_quarter)?;
         let from_half = dir.join("phase1-rest.log");
         log_from_block(&log_path(&dir, 1), BLOCKS / 2, &from_half)?;
-        verify(Path::new(&restored), 1, &from_half)?;
+        verify(&restored, 1, &from_half)?;
         let whole = dir.join("b3.raw");
         let status = curl(
             &e3.endpoint,
@@ -821,14 +759,5 @@ async fn the_backup_client_restores_a_chain_and_survives_kill_9_of_the_front() -
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    if result.is_err() {
-        let log = operator.log();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        eprintln!(
-            "operator log (last lines):\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    drop(operator);
-    result
+    finish(operator, result)
 }

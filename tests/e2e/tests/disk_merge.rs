@@ -27,6 +27,7 @@ use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
 use livedisk_e2e::csi::{attach_block, detach_block, node_plugin_pid};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc_of_size, verifier};
 use livedisk_e2e::operator::Operator;
+use livedisk_e2e::phases::{log_from_block, verify, write_phase};
 use livedisk_e2e::{
     TestNamespace, bound_volume, client, eventually, parse_manifests, workspace_root,
 };
@@ -119,29 +120,6 @@ fn log_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.log"))
 }
 
-/// One phase: every block of `0..blocks` written once with `tag`, logged.
-fn write_phase(device: &str, tag: u64, blocks: u64, log: &Path) -> Result<()> {
-    let output = verifier()?
-        .args([
-            "write",
-            "--path",
-            device,
-            "--tag",
-            &tag.to_string(),
-            "--blocks",
-            &blocks.to_string(),
-        ])
-        .args(["--count", &blocks.to_string(), "--log"])
-        .arg(log)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "writer: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 /// A writer over the first half of the blocks until `stop` exists.
 fn start_writer(device: &str, tag: u64, log: &Path, stop: &Path) -> Result<Child> {
     Ok(verifier()?
@@ -165,50 +143,6 @@ fn stop_writer(mut child: Child, stop: &Path) -> Result<()> {
     std::fs::write(stop, b"")?;
     let status = child.wait()?;
     anyhow::ensure!(status.success(), "the writer failed: {status}");
-    Ok(())
-}
-
-/// Checks `device` against a log (only the log's acknowledged writes, with its tag).
-fn verify(device: &str, tag: u64, log: &Path) -> Result<()> {
-    let output = verifier()?
-        .args([
-            "verify",
-            "--path",
-            device,
-            "--tag",
-            &tag.to_string(),
-            "--log",
-        ])
-        .arg(log)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "verify {device} against {} (tag {tag}): {}{}",
-        log.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-/// The lines of `log` for blocks at or above `from`, written to a new file.
-fn log_from_block(log: &Path, from: u64, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(log)?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v["block"].as_u64())
-                .is_some_and(|b| b >= from)
-        })
-        .collect();
-    anyhow::ensure!(
-        !kept.is_empty(),
-        "no block at or above {from} in {}",
-        log.display()
-    );
-    std::fs::write(out, kept.join("\n") + "\n")?;
     Ok(())
 }
 
@@ -339,11 +273,7 @@ fn verify_snapshot_in_pool(
     dir: &Path,
 ) -> Result<()> {
     let raw = snapshot_raw(node, volume_id, handle, dir)?;
-    let result = verify(
-        &raw.display().to_string(),
-        tag,
-        &log_path(dir, &format!("phase{tag}")),
-    );
+    let result = verify(&raw, tag, &log_path(dir, &format!("phase{tag}")));
     let _ = std::fs::remove_file(&raw);
     result.with_context(|| format!("snapshot {handle} read from the pool"))
 }
@@ -1023,7 +953,7 @@ async fn a_1gib_commit_takes_a_snapshot_in_its_stride_and_cancels_after_a_quarte
     let check = |handle: &str, phase3: bool| -> Result<()> {
         let raw = snapshot_raw(node, vol, handle, dir)?;
         let result = if phase3 {
-            verify(&raw.display().to_string(), 3, &log_path(dir, "phase3"))
+            verify(&raw, 3, &log_path(dir, "phase3"))
                 .and_then(|()| same_bytes(&raw, &data, BLOCKS * 4096, GIB - BLOCKS * 4096))
         } else {
             same_bytes(&raw, &data, 0, GIB)

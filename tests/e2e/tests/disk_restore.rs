@@ -24,11 +24,12 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::restore::LABEL_NAMESPACE;
 use livedisk_api::internal::{LivediskRestore, RestorePhase};
-use livedisk_api::{DiskRestore, DiskRestoreStatus, DiskSnapshot, Phase};
+use livedisk_api::{DiskRestore, DiskRestoreStatus, Phase};
 use livedisk_csi_proto::csi::v1::NodeStageVolumeRequest;
 use livedisk_e2e::csi::{attach_block, block_capability, detach_block, node, node_plugin_pid};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::Operator;
+use livedisk_e2e::phases::take_snapshot;
 use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
 use serde_json::{Value, json};
 
@@ -121,22 +122,6 @@ fn verify(device: &str, phase: u64, dir: &Path) -> Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
-}
-
-async fn take_snapshot(client: &Client, ns: &str, name: &str, claim: &str) -> Result<()> {
-    must(
-        client,
-        ns,
-        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot", "metadata": {"name": name},
-               "spec": {"source": {"persistentVolumeClaimName": claim}}}),
-    )
-    .await?;
-    let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
-    eventually(90, &format!("DiskSnapshot {name} Ready"), || async {
-        let status = snapshots.get(name).await?.status.unwrap_or_default();
-        Ok((status.phase == Phase::Ready).then_some(()))
-    })
-    .await
 }
 
 /// Reads a snapshot back: a volume restored from its VolumeSnapshot (the standard PVC
