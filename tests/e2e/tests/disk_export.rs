@@ -462,6 +462,26 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
                 curl(&http.endpoint, &ca, None, Some((0, 4095)), &x)? == 401,
                 "HTTP without a token"
             );
+            // The export's client certificate opens it over HTTPS too, without a token.
+            let output = run(Command::new("curl")
+                .args(["-sS", "-w", "%{http_code}", "-r", "0-4095", "--cacert"])
+                .arg(&ca)
+                .arg("--cert")
+                .arg(http.dir.join("client-cert.pem"))
+                .arg("--key")
+                .arg(http.dir.join("client-key.pem"))
+                .arg("-o")
+                .arg(&x)
+                .arg(&http.endpoint))?;
+            ensure!(
+                String::from_utf8_lossy(&output.stdout).trim() == "206",
+                "HTTPS with the client certificate: {}",
+                text(&output)
+            );
+            ensure!(
+                std::fs::read(&x)? == std::fs::read(&s3)?[..4096],
+                "the first block read with the client certificate differs from s3"
+            );
             let s2_url = http.endpoint.replace(&s3_handle, &name);
             ensure!(
                 curl(&s2_url, &ca, Some(&http.token()?), Some((0, 4095)), &x)? == 404,
