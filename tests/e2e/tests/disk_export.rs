@@ -6,9 +6,12 @@
 //! through livedisk, while a writer keeps changing the live volume (the export is the snapshot's
 //! point in time).
 //!
-//! Each phase writes blocks of the disk once with its own tag and a snapshot is taken after it:
-//! phase 1 and 2 every block, phase 3 the first quarter only, so the extents changed between
-//! the second and third snapshot are exactly the first quarter.
+//! Phase 1 writes every block once (tag 1), then s1 is taken; s2 is taken **while a writer runs**
+//! (tag 2, cycling over every block), and what qemu-img reads of it is checked against that
+//! writer's log at the cut (every write acknowledged before the snapshot was asked for is there,
+//! none issued after it was Ready); s2b is taken once that writer stopped, phase 3 rewrites the
+//! first quarter (tag 3) and s3 is taken, so the extents changed between s2b and s3 are exactly
+//! the first quarter.
 //!
 //! Refusals: a plaintext NBD client, a TLS client without a certificate, a client with another
 //! export's credentials (it sees only its own export in `NBD_OPT_LIST`), an HTTP request without
@@ -287,22 +290,76 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("path is not UTF-8")
 }
 
-fn start_writer(device: &str, dir: &Path, stop: &Path) -> Result<Child> {
+/// A writer cycling over every block with `tag` until `stop` exists, logging to `log`.
+fn start_writer(device: &str, tag: u64, log: &Path, stop: &Path) -> Result<Child> {
     Ok(verifier()?
-        .args([
-            "write",
-            "--path",
-            device,
-            "--tag",
-            "9",
-            "--blocks",
-            &BLOCKS.to_string(),
-        ])
-        .arg("--until-file")
+        .args(["write", "--path", device, "--tag", &tag.to_string()])
+        .args(["--blocks", &BLOCKS.to_string(), "--until-file"])
         .arg(stop)
         .arg("--log")
-        .arg(dir.join("live.log"))
+        .arg(log)
         .spawn()?)
+}
+
+fn stop_writer(mut writer: Child, stop: &Path) -> Result<()> {
+    std::fs::write(stop, b"")?;
+    let status = writer.wait()?;
+    ensure!(status.success(), "the writer failed: {status}");
+    Ok(())
+}
+
+/// The writer's log so far: how many writes, and the last sequence number acknowledged.
+fn acked(log: &Path) -> Result<(usize, Option<u64>)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let seqs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["seq"].as_u64())
+        .collect();
+    Ok((seqs.len(), seqs.iter().max().copied()))
+}
+
+/// The cut of a snapshot taken while the writer of `log` runs: every write acknowledged before
+/// it was asked for must be in it (`acked_before`), none issued after it was Ready
+/// (`issued_after`: the writer has one write in flight, so the one after the last acknowledged
+/// one may still precede the cut).
+async fn snapshot_under_writer(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    claim: &str,
+    log: &Path,
+) -> Result<(u64, u64)> {
+    let (_, before) = acked(log)?;
+    take_snapshot(client, ns, name, claim).await?;
+    let (_, after) = acked(log)?;
+    let before = before.context("the writer acknowledged nothing before the snapshot")?;
+    let after = after.unwrap_or(before);
+    Ok((before, after + 2))
+}
+
+/// Checks a point-in-time image against a log written across its cut.
+fn verify_cut(
+    image: &Path,
+    tag: u64,
+    log: &Path,
+    (acked_before, issued_after): (u64, u64),
+) -> Result<()> {
+    let output = verifier()?
+        .args(["verify", "--path"])
+        .arg(image)
+        .args(["--tag", &tag.to_string(), "--log"])
+        .arg(log)
+        .args(["--acked-before", &acked_before.to_string()])
+        .args(["--issued-after", &issued_after.to_string()])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "verify {} at the cut ({acked_before}, {issued_after}) of {}: {}",
+        image.display(),
+        log.display(),
+        text(&output)
+    );
+    Ok(())
 }
 
 #[tokio::test]
@@ -323,21 +380,31 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
         let device = host_device(&node, &target)?;
         write_phase(&device, 1, BLOCKS, &log_path(&dir, 1))?;
         take_snapshot(&client, &ns, "s1", "disk").await?;
-        write_phase(&device, 2, BLOCKS, &log_path(&dir, 2))?;
-        take_snapshot(&client, &ns, "s2", "disk").await?;
+        // s2 is taken while a writer runs (tag 2, every block written at least once first).
+        let stop2 = dir.join("stop2");
+        let writer2 = start_writer(&device, 2, &log_path(&dir, 2), &stop2)?;
+        eventually(60, "the writer's first pass over every block", || async {
+            Ok((acked(&log_path(&dir, 2))?.0 as u64 >= BLOCKS).then_some(()))
+        })
+        .await?;
+        let cut = snapshot_under_writer(&client, &ns, "s2", "disk", &log_path(&dir, 2)).await;
+        stop_writer(writer2, &stop2)?;
+        let cut = cut?;
+        // The writer wrote on after s2's cut: s2b, taken once it stopped, is the quiet base of s3.
+        take_snapshot(&client, &ns, "s2b", "disk").await?;
         write_phase(&device, 3, QUARTER, &log_path(&dir, 3))?;
         take_snapshot(&client, &ns, "s3", "disk").await?;
 
         // One that expires while the others are read (60 s is the shortest TTL allowed).
         let short = export(&client, &ns, "short", "s1", None, "HTTP", Some(60)).await?;
         let stop = dir.join("stop");
-        let writer = start_writer(&device, &dir, &stop)?;
+        let writer = start_writer(&device, 9, &dir.join("live.log"), &stop)?;
         let checks = async {
             let nbd = export(&client, &ns, "nbd", "s2", Some("s1"), "NBD", None).await?;
-            let http = export(&client, &ns, "http", "s3", Some("s2"), "HTTP", None).await?;
+            let http = export(&client, &ns, "http", "s3", Some("s2b"), "HTTP", None).await?;
             let (host, port, name) = nbd.nbd()?;
 
-            // qemu-img over TLS with the issued certificate: exactly phase 2.
+            // qemu-img over TLS with the issued certificate: the writer's log at s2's cut.
             let image = dir.join("s2.raw");
             let output = qemu_img_read(&host, &port, &name, Some(&nbd.dir), &image)?;
             ensure!(
@@ -345,7 +412,7 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
                 "qemu-img over TLS: {}",
                 text(&output)
             );
-            verify(&image, 2, &log_path(&dir, 2))?;
+            verify_cut(&image, 2, &log_path(&dir, 2), cut)?;
 
             // nbdcopy (libnbd) over TLS: the same bytes.
             let uri = format!("{}?tls-certificates={}", nbd.endpoint, nbd.dir.display());
@@ -512,7 +579,7 @@ async fn exports_serve_the_point_in_time_over_tls_to_their_own_credentials_only(
 
             // One force-removed (its finalizer stripped) stops being served too: the operator's
             // sweep removes node work whose owner is gone.
-            let forced = export(&client, &ns, "forced", "s3", Some("s2"), "HTTP", None).await?;
+            let forced = export(&client, &ns, "forced", "s3", Some("s2b"), "HTTP", None).await?;
             exports
                 .patch(
                     &forced.name,

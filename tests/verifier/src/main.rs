@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use livedisk_verifier::{Ack, Writer, verify, writer::longest_stall};
+use livedisk_verifier::{Ack, Writer, verify, verify_point_in_time, writer::longest_stall};
 
 #[derive(Parser)]
 #[command(about = "Checksummed block writer and verifier")]
@@ -46,6 +46,13 @@ enum Cmd {
         tag: u64,
         #[arg(long)]
         log: PathBuf,
+        /// A point-in-time copy (a snapshot, an export of one): it must hold every write
+        /// acknowledged up to this sequence number (the last ack before the cut was asked for)...
+        #[arg(long, requires = "issued_after")]
+        acked_before: Option<u64>,
+        /// ...and nothing issued from this sequence number on (issued once the cut was done).
+        #[arg(long, requires = "acked_before")]
+        issued_after: Option<u64>,
     },
 }
 
@@ -95,14 +102,25 @@ fn main() -> anyhow::Result<()> {
                 gap.as_secs_f64() * 1e3
             );
         }
-        Cmd::Verify { path, tag, log } => {
+        Cmd::Verify {
+            path,
+            tag,
+            log,
+            acked_before,
+            issued_after,
+        } => {
             let text = std::fs::read_to_string(&log)?;
             let acks: Vec<Ack> = text
                 .lines()
                 .filter(|l| !l.trim().is_empty())
                 .map(serde_json::from_str)
                 .collect::<Result<_, _>>()?;
-            let r = verify(&path, tag, &acks)?;
+            let r = match (acked_before, issued_after) {
+                (Some(before), Some(after)) => {
+                    verify_point_in_time(&path, tag, &acks, before, after)?
+                }
+                _ => verify(&path, tag, &acks)?,
+            };
             println!("{}", serde_json::to_string_pretty(&r)?);
             let (lat, gap) = longest_stall(&acks);
             println!(
