@@ -112,17 +112,22 @@ make_pki() {
 
 # link_node NAME INDEX: a veth pair between the host and the node's network namespace, so the
 # controller reaches the node's private service over a real network hop ($SUBNET.INDEX.0/30,
-# addresses of this project's own test hosts).
+# addresses of this project's own test hosts), and the nodes reach each other through the host.
 link_node() {
   local node="$1" i="$2" ns="$LIVEDISK_NODES_DIR/$1/ns/net" host_if="$LINK_PREFIX-$1"
-  nsenter --net="$ns" ip link show eth0 >/dev/null 2>&1 && return 0
-  # A host end without its node end is left from an interrupted run: replace it.
-  ip link del "$host_if" 2>/dev/null || true
-  nsenter --net="$ns" ip link add eth0 type veth peer name "$host_if" netns 1
-  ip addr add "$SUBNET.$i.1/30" dev "$host_if"
-  ip link set "$host_if" up
-  nsenter --net="$ns" ip addr add "$SUBNET.$i.2/30" dev eth0
-  nsenter --net="$ns" ip link set eth0 up
+  if ! nsenter --net="$ns" ip link show eth0 >/dev/null 2>&1; then
+    # A host end without its node end is left from an interrupted run: replace it.
+    ip link del "$host_if" 2>/dev/null || true
+    nsenter --net="$ns" ip link add eth0 type veth peer name "$host_if" netns 1
+    ip addr add "$SUBNET.$i.1/30" dev "$host_if"
+    ip link set "$host_if" up
+    nsenter --net="$ns" ip addr add "$SUBNET.$i.2/30" dev eth0
+    nsenter --net="$ns" ip link set eth0 up
+  fi
+  # Node to node (remote attach: one node's engine dials another's export front) through the
+  # host: forwarding on these links only, the host's other interfaces keep their setting.
+  sysctl -qw "net.ipv4.conf.$host_if.forwarding=1"
+  nsenter --net="$ns" ip route replace "$SUBNET.0.0/16" via "$SUBNET.$i.1" dev eth0
 }
 
 cmd_start() {

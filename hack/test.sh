@@ -78,11 +78,11 @@ node_build_pid=$!
 step "Helm chart: lint, template, server-side dry run of every rendered object"
 hack/test-chart.sh
 
-step "csi-sanity (kubernetes-csi/csi-test v5), mount and block access types"
-hack/csi-sanity.sh
-
 step "the CSI driver on the cluster: controller + sidecars, two nodes in their own namespaces"
 hack/driver.sh start
+
+step "csi-sanity (kubernetes-csi/csi-test v5) against the two-node driver: node-a's and node-b's node service, mount and block access types"
+hack/csi-sanity.sh
 
 step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster)"
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"

@@ -42,6 +42,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
         internal::LivediskMerge::crd(),
         internal::LivediskRestore::crd(),
         internal::LivediskExport::crd(),
+        internal::LivediskAttachment::crd(),
     ]
 }
 

@@ -282,6 +282,13 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         }
         None => None,
     };
+    let remote = crate::node::remote_attach::RemoteAttacher::new(
+        client.clone(),
+        args.node_name.clone(),
+        engine.clone(),
+        front.clone(),
+    );
+    let served = front.as_ref().map(|f| f.grants.clone());
     let node_agent = Arc::new(Agent {
         client,
         engine: engine.clone(),
@@ -336,6 +343,8 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             &args.engine_socket_dir,
             args.node_name,
             restores,
+            remote,
+            served,
         )))
         .add_service(reflection()?)
         .serve_with_incoming_shutdown(server::incoming(listener), shutdown)

@@ -159,7 +159,7 @@ async fn child_entry() {
         .await
         .expect("engine");
     let device = Attacher::new(&cfg.runtime_dir)
-        .attach(&engine, &volume)
+        .attach(&engine, &volume, false)
         .await
         .expect("attach");
     let out = std::env::var("LD_DEVICE_FILE").expect("LD_DEVICE_FILE");
@@ -270,7 +270,10 @@ async fn io_survives_the_node_plugin_and_a_server_restart() {
     let engine = env.engine().await;
     let attacher = Attacher::new(&run);
     assert_eq!(
-        attacher.attach(&engine, &volume).await.expect("re-attach"),
+        attacher
+            .attach(&engine, &volume, false)
+            .await
+            .expect("re-attach"),
         device
     );
     let file = frontends
@@ -309,7 +312,10 @@ async fn io_survives_the_node_plugin_and_a_server_restart() {
     assert!(!mounts.contains(&run.display().to_string()), "{mounts}");
 
     // Attached anew, the volume reads back every acknowledged write.
-    let device = attacher.attach(&engine, &volume).await.expect("attach");
+    let device = attacher
+        .attach(&engine, &volume, false)
+        .await
+        .expect("attach");
     let report = verify(&device, TAG, &acks).expect("verify after re-attach");
     assert!(report.ok(), "{:?}", report.mismatches);
     attacher.detach(&engine, &volume).await.expect("detach");

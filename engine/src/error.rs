@@ -29,6 +29,10 @@ pub enum EngineError {
     /// The pool has no room for what was asked (see `pool_space`); nothing was made.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Another node that must take part (the owner of a remotely attached volume) cannot be
+    /// reached now.
+    #[error("{0}")]
+    Unreachable(String),
     #[error("merge job {0} was cancelled; the snapshot stays in state deleting, retry to finish")]
     Cancelled(String),
     #[error("merge job {job} failed: {error}")]
@@ -62,6 +66,7 @@ impl EngineError {
             E::OutOfRange(_) => Code::OutOfRange,
             E::FailedPrecondition(_) => Code::FailedPrecondition,
             E::ResourceExhausted(_) => Code::ResourceExhausted,
+            E::Unreachable(_) => Code::Unavailable,
             E::Cancelled(_) => Code::Cancelled,
             E::Plan(p) => match p {
                 PlanError::SnapshotNotFound(_) => Code::NotFound,
@@ -118,6 +123,7 @@ mod tests {
                 C::ResourceExhausted,
             ),
             (EngineError::Cancelled("job".into()), C::Cancelled),
+            (EngineError::Unreachable("x".into()), C::Unavailable),
             (
                 EngineError::JobFailed {
                     job: "job".into(),

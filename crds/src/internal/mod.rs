@@ -6,6 +6,7 @@
 //! makes it real with its engine and reports in `status`, including a typed error the controller
 //! turns into the right gRPC code. Users do not create these objects.
 
+pub mod attachment;
 pub mod export;
 pub mod merge;
 pub mod node;
@@ -16,6 +17,10 @@ pub mod volume;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use attachment::{
+    AttachmentPhase, LivediskAttachment, LivediskAttachmentSpec, LivediskAttachmentStatus,
+    attachment_name,
+};
 pub use export::{ExportPhase, LivediskExport, LivediskExportSpec, LivediskExportStatus};
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
 pub use node::{ExportFront, LivediskNode, LivediskNodeSpec, LivediskNodeStatus};

@@ -15,6 +15,7 @@ use livedisk_api::internal::{
 use livedisk_csi_proto::csi::v1::controller_server::Controller;
 use livedisk_csi_proto::csi::v1::controller_service_capability::{self, rpc};
 use livedisk_csi_proto::csi::v1::volume_capability::AccessType;
+use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::volume_content_source::{self, SnapshotSource, VolumeSource};
 use livedisk_csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
@@ -352,6 +353,15 @@ impl ControllerService {
             }
         }
         let volume = self.await_volume(id.as_str()).await?;
+        let shared = request.volume_capabilities.iter().any(|c| {
+            c.access_mode
+                .as_ref()
+                .is_some_and(|m| m.mode == Mode::MultiNodeMultiWriter as i32)
+        });
+        let registered = match shared {
+            true => self.known_nodes().await?,
+            false => vec![],
+        };
         Ok(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: volume
@@ -362,7 +372,11 @@ impl ControllerService {
                 volume_id: id.to_string(),
                 volume_context: HashMap::new(),
                 content_source: request.volume_content_source.clone(),
-                accessible_topology: vec![topology::of_node(&volume.spec.node_name)],
+                accessible_topology: topology::accessible(
+                    &volume.spec.node_name,
+                    &registered,
+                    shared,
+                ),
             }),
         })
     }

@@ -30,6 +30,9 @@ use super::grants::{Grants, sha256_hex};
 /// The front's key and the request for its certificate.
 pub struct FrontKey {
     key_der: Vec<u8>,
+    /// The same key, PEM (PKCS#8): the engine daemon reads it from a file when this node
+    /// attaches another node's volume (the certificate serves as the node's client identity).
+    key_pem: String,
     /// PEM PKCS#10 request naming `host` and the node.
     pub request_pem: String,
     pub request_sha256: String,
@@ -51,9 +54,16 @@ impl FrontKey {
         let request_pem = params.serialize_request(&key)?.pem()?;
         Ok(Self {
             key_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
             request_sha256: sha256_hex(request_pem.as_bytes()),
             request_pem,
         })
+    }
+}
+
+impl FrontKey {
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 }
 
@@ -93,6 +103,11 @@ impl FrontTls {
 
     pub fn installed(&self) -> bool {
         self.read().is_some()
+    }
+
+    /// The installed chain (PEM, leaf first, the CA last), once the operator issued it.
+    pub fn chain_pem(&self) -> Option<String> {
+        self.read().as_ref().map(|c| c.chain_pem.clone())
     }
 
     /// Installs the issued chain (PEM, leaf first, the CA last) for `key`. The CA at the end of

@@ -4,6 +4,7 @@
 //! export (`grants`, `identity`); the engine daemon's own NBD server stays on its unix socket.
 //! `work` turns this node's `LivediskExport` objects into engine exports and grants.
 
+pub mod attachment;
 pub mod grants;
 pub mod http;
 pub mod identity;

@@ -70,7 +70,8 @@ pub fn satisfies(size: i64, range: Option<&CapacityRange>) -> bool {
     }
 }
 
-/// Checks that every capability is one livedisk serves: one node at a time, block or mount.
+/// Checks that every capability is one livedisk serves: one node at a time (block or mount), or
+/// several nodes writing one block device.
 pub fn capabilities(capabilities: &[VolumeCapability]) -> Result<(), CsiError> {
     if capabilities.is_empty() {
         return Err(CsiError::InvalidArgument(
@@ -105,9 +106,21 @@ pub fn capability(capability: &VolumeCapability) -> Result<(), CsiError> {
         | Mode::SingleNodeReaderOnly
         | Mode::SingleNodeSingleWriter
         | Mode::SingleNodeMultiWriter => Ok(()),
+        // Block only: the owner's engine serves every node's writes, so the device is shared;
+        // a filesystem mounted on two nodes at once would be corrupted by either.
+        Mode::MultiNodeMultiWriter => match access_type {
+            AccessType::Block(_) => Ok(()),
+            AccessType::Mount(_) => Err(CsiError::InvalidArgument(
+                "access mode MULTI_NODE_MULTI_WRITER is offered for volumeMode Block only (as \
+                 KubeVirt's live migration uses it): a filesystem mounted on two nodes at once \
+                 would be corrupted"
+                    .into(),
+            )),
+        },
         Mode::Unknown => Err(CsiError::InvalidArgument("access mode is unknown".into())),
         other => Err(CsiError::InvalidArgument(format!(
-            "access mode {} is not supported: a livedisk volume is attached on one node at a time",
+            "access mode {} is not supported: a livedisk volume has one writer node, or is \
+             block-shared by several (MULTI_NODE_MULTI_WRITER)",
             other.as_str_name()
         ))),
     }
@@ -223,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn single_node_modes_only() {
+    fn single_node_modes_and_shared_block_only() {
         assert!(
             capabilities(&[
                 cap(Mode::SingleNodeWriter, true),
@@ -231,7 +244,15 @@ mod tests {
             ])
             .is_ok()
         );
-        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true)]).is_err());
+        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true)]).is_ok());
+        let filesystem_rwx = capabilities(&[cap(Mode::MultiNodeMultiWriter, false)])
+            .expect_err("a filesystem on several nodes");
+        assert!(
+            filesystem_rwx.to_string().contains("Block only"),
+            "{filesystem_rwx}"
+        );
+        assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, true)]).is_err());
+        assert!(capabilities(&[cap(Mode::MultiNodeSingleWriter, true)]).is_err());
         assert!(capabilities(&[]).is_err());
         let mut no_type = cap(Mode::SingleNodeWriter, true);
         no_type.access_type = None;

@@ -13,6 +13,23 @@ pub fn of_node(node: &str) -> Topology {
     }
 }
 
+/// Pure: where a volume held by `owner` can be used. A volume shared by several nodes
+/// (MULTI_NODE_MULTI_WRITER block, attached remotely on all but its owner) is accessible from
+/// every registered node, its owner first; any other from its owner only, so that its consumer
+/// runs where its engine is.
+pub fn accessible(owner: &str, registered: &[String], shared: bool) -> Vec<Topology> {
+    let mut nodes = vec![owner];
+    if shared {
+        nodes.extend(
+            registered
+                .iter()
+                .map(String::as_str)
+                .filter(|n| *n != owner),
+        );
+    }
+    nodes.into_iter().map(of_node).collect()
+}
+
 /// Chooses the node for a new volume: the first preferred topology that names a known node,
 /// then the first requisite one; without requirements, the known node with the fewest volumes.
 /// `None` when the requirements name no known node.
@@ -86,5 +103,18 @@ mod tests {
             Some("node-b")
         );
         assert_eq!(choose_node(None, &[], &counts), None);
+    }
+
+    #[test]
+    fn shared_volumes_are_accessible_from_every_node_owner_first() {
+        let registered = vec!["node-a".to_string(), "node-b".to_string()];
+        assert_eq!(
+            accessible("node-b", &registered, false),
+            vec![of_node("node-b")]
+        );
+        assert_eq!(
+            accessible("node-b", &registered, true),
+            vec![of_node("node-b"), of_node("node-a")]
+        );
     }
 }

@@ -25,9 +25,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ContentSource, ErrorCode, LivediskExport, LivediskMerge, LivediskNode, LivediskNodeSpec,
-    LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus, LivediskSnapshot, LivediskVolume,
-    NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
+    ContentSource, ErrorCode, LivediskAttachment, LivediskExport, LivediskMerge, LivediskNode,
+    LivediskNodeSpec, LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus, LivediskSnapshot,
+    LivediskVolume, NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -105,14 +105,21 @@ pub async fn run(agent: Arc<Agent>) {
     }
     let export_loop = Controller::new(exports, watcher::Config::default().fields(&selector))
         .shutdown_on_signal()
-        .run(reconcile_export, retry, agent)
+        .run(reconcile_export, retry, agent.clone())
         .for_each(|_| async {});
+    let attachments: Api<LivediskAttachment> = Api::all(agent.client.clone());
+    let attachment_loop =
+        Controller::new(attachments, watcher::Config::default().fields(&selector))
+            .shutdown_on_signal()
+            .run(reconcile_attachment, retry, agent)
+            .for_each(|_| async {});
     tokio::join!(
         volume_loop,
         snapshot_loop,
         merge_loop,
         restore_loop,
         export_loop,
+        attachment_loop,
         report_node(agent_for_report)
     );
 }
@@ -461,6 +468,45 @@ async fn apply_export(
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// Serves a remote node's attachment of a volume this node holds; its deletion withdraws the
+/// grant (the finalizer stays until it is withdrawn).
+async fn reconcile_attachment(
+    attachment: Arc<LivediskAttachment>,
+    agent: Arc<Agent>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<LivediskAttachment> = Api::all(agent.client.clone());
+    let (api_ref, agent) = (&api, agent.as_ref());
+    let result = finalizer(&api, NODE_FINALIZER, attachment, |event| async move {
+        match event {
+            Event::Apply(attachment) => {
+                let status =
+                    crate::export::attachment::serve(agent.front.as_ref(), &attachment).await?;
+                if attachment.status.as_ref() != Some(&status) {
+                    apply_status(api_ref, &attachment.name_any(), &status).await?;
+                }
+                Ok(Action::await_change())
+            }
+            Event::Cleanup(attachment) => {
+                if let Some(front) = &agent.front {
+                    let local = livedisk_engine::VolumeId::parse(&attachment.spec.volume_id)
+                        .is_ok_and(|v| {
+                            crate::frontends::layout::FrontEndPaths::new(
+                                &agent.engine.daemon().runtime.dir,
+                                &v,
+                            )
+                            .dir
+                            .exists()
+                        });
+                    crate::export::attachment::stop(front, &attachment, local).await?;
+                }
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await;
+    done_if_gone(result)
 }
 
 async fn reconcile_restore(

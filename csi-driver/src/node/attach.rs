@@ -18,7 +18,7 @@ use super::blocking::io;
 use crate::frontends::FrontEndsClient;
 use crate::frontends::layout::FrontEndPaths;
 use crate::grpc::error::CsiError;
-use livedisk_engine::{Engine, ErrorCode, VolumeId};
+use livedisk_engine::{Engine, ErrorCode, ExportInfo, VolumeId};
 
 /// Attachment state lives under `<runtime dir>/attach/<volume>/`, beside the front end's files.
 pub struct Attacher {
@@ -75,13 +75,44 @@ impl Attacher {
 
     /// Attaches the volume and returns its block device. Idempotent: the engine's export and the
     /// front end are started or found as they are.
-    pub async fn attach(&self, engine: &Engine, volume: &VolumeId) -> Result<PathBuf, CsiError> {
+    pub async fn attach(
+        &self,
+        engine: &Engine,
+        volume: &VolumeId,
+        shared: bool,
+    ) -> Result<PathBuf, CsiError> {
         if let Some(device) = self.device(volume).await {
-            return Ok(device);
+            return share(device, shared).await;
         }
         let export = engine.attach_volume(volume).await?;
+        self.attach_over(volume, &export, shared).await
+    }
+
+    /// The front end and loop device over an engine export of the volume (the engine's own, or
+    /// its NBD client of another node's: see `remote_attach`). A `shared` volume (written from
+    /// several nodes) gets a loop device with direct I/O on its backing file: the FUSE file's
+    /// page cache would otherwise serve this node a block another node rewrote since (seen here
+    /// with a direct-I/O reader of the loop device).
+    pub async fn attach_over(
+        &self,
+        volume: &VolumeId,
+        export: &ExportInfo,
+        shared: bool,
+    ) -> Result<PathBuf, CsiError> {
+        if let Some(device) = self.device(volume).await {
+            return share(device, shared).await;
+        }
         let backing = self.frontends.start(volume, &export.uri()).await?;
-        let device = run("losetup", &["--find", "--show", &backing.to_string_lossy()]).await?;
+        let direct = if shared {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
+        let device = run(
+            "losetup",
+            &["--find", "--show", direct, &backing.to_string_lossy()],
+        )
+        .await?;
         let device = PathBuf::from(device.trim());
         tokio::fs::write(
             self.dir(volume).join("device"),
@@ -146,6 +177,34 @@ impl Attacher {
 
     /// Detaches the volume: loop device, front end, engine export. Idempotent.
     pub async fn detach(&self, engine: &Engine, volume: &VolumeId) -> Result<(), CsiError> {
+        self.detach_keeping(engine, volume, false).await
+    }
+
+    /// [`Attacher::detach`]; with `export_in_use` the engine's consumer export stays (another
+    /// node uses the volume through it: a remote attachment this node serves).
+    pub async fn detach_keeping(
+        &self,
+        engine: &Engine,
+        volume: &VolumeId,
+        export_in_use: bool,
+    ) -> Result<(), CsiError> {
+        self.release(volume).await?;
+        // A volume the engine serves no consumer export of (never staged, or
+        // detached already) needs nothing from the engine: not asking keeps an
+        // idempotent unstage from being refused as busy while background work
+        // (a flatten, a capture) holds the volume.
+        if !export_in_use && serves_consumer(engine, volume) {
+            match engine.detach_volume(volume).await {
+                Ok(()) => {}
+                Err(error) if error.code() == ErrorCode::NotFound => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.forget(volume).await
+    }
+
+    /// Releases what this node made for the consumer: loop device and front end. Idempotent.
+    pub async fn release(&self, volume: &VolumeId) -> Result<(), CsiError> {
         let dir = self.dir(volume);
         if let Ok(recorded) = tokio::fs::read_to_string(dir.join("device")).await {
             let device = recorded.trim().to_string();
@@ -159,17 +218,12 @@ impl Attacher {
         if exists(&dir).await {
             self.frontends.stop(volume).await?;
         }
-        // A volume the engine serves no consumer export of (never staged, or
-        // detached already) needs nothing from the engine: not asking keeps an
-        // idempotent unstage from being refused as busy while background work
-        // (a flatten, a capture) holds the volume.
-        if serves_consumer(engine, volume) {
-            match engine.detach_volume(volume).await {
-                Ok(()) => {}
-                Err(error) if error.code() == ErrorCode::NotFound => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
+        Ok(())
+    }
+
+    /// Removes the attach directory: the volume is no longer attached here.
+    pub async fn forget(&self, volume: &VolumeId) -> Result<(), CsiError> {
+        let dir = self.dir(volume);
         if exists(&dir).await {
             tokio::fs::remove_dir_all(&dir)
                 .await
@@ -178,6 +232,15 @@ impl Attacher {
         tracing::info!(volume = %volume, "volume detached");
         Ok(())
     }
+}
+
+/// A device staged before for one node only, now staged shared: direct I/O switched on (the
+/// loop driver changes it on a live device).
+async fn share(device: PathBuf, shared: bool) -> Result<PathBuf, CsiError> {
+    if shared {
+        run("losetup", &["--direct-io=on", &device.to_string_lossy()]).await?;
+    }
+    Ok(device)
 }
 
 /// Whether the engine's record names the volume's writable (consumer) export.

@@ -12,6 +12,7 @@ pub mod mount_decision;
 pub mod mounts;
 pub mod pool_check;
 pub mod registration;
+pub mod remote_attach;
 pub mod report;
 pub mod restore_work;
 pub mod service;

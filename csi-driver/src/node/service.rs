@@ -17,7 +17,9 @@ use super::blocking::off_runtime;
 use super::mount_decision::{self, Decision, Source, Wanted};
 use super::mounts;
 pub use super::mounts::statvfs;
+use super::remote_attach::{Placement, RemoteAttacher};
 use super::restore_work::RestoreGate;
+use crate::export::grants::Grants;
 use crate::grpc::error::CsiError;
 use crate::grpc::inflight::InFlight;
 use crate::grpc::{request, topology};
@@ -28,6 +30,11 @@ type Reply<T> = Result<Response<T>, Status>;
 pub struct NodeService {
     engine: Arc<Engine>,
     attacher: Attacher,
+    /// Volumes other nodes hold, attached here over the network.
+    remote: RemoteAttacher,
+    /// The export front's admissions: a volume this node serves to another node keeps its
+    /// engine export when the local consumer lets go.
+    served: Option<Arc<Grants>>,
     node_name: String,
     in_flight: InFlight,
     /// This node's reverts: a volume whose revert waits or runs is not staged.
@@ -40,18 +47,23 @@ impl NodeService {
         runtime_dir: &Path,
         node_name: String,
         restores: RestoreGate,
+        remote: RemoteAttacher,
+        served: Option<Arc<Grants>>,
     ) -> Self {
         Self {
             engine,
             attacher: Attacher::new(runtime_dir),
+            remote,
+            served,
             node_name,
             in_flight: InFlight::default(),
             restores,
         }
     }
 
-    /// The volume, or NOT_FOUND: an ID of the wrong shape names no volume.
-    async fn volume(&self, id: &str) -> Result<VolumeId, CsiError> {
+    /// The volume and where it lives (this node, or the node that serves it here), or
+    /// NOT_FOUND: an ID of the wrong shape names no volume.
+    async fn volume(&self, id: &str) -> Result<(VolumeId, Placement), CsiError> {
         if id.is_empty() {
             return Err(CsiError::InvalidArgument(
                 "volume_id must not be empty".into(),
@@ -59,10 +71,41 @@ impl NodeService {
         }
         let volume = VolumeId::parse(id)
             .map_err(|_| CsiError::NotFound(format!("volume {id:?} does not exist")))?;
-        self.volume_info(&volume).await.map_err(|_| {
-            CsiError::NotFound(format!("volume {id} is not on node {}", self.node_name))
-        })?;
-        Ok(volume)
+        let placement = self.remote.placement(&volume).await?;
+        Ok((volume, placement))
+    }
+
+    /// Attaches the volume where it lives and returns its block device.
+    async fn attach(
+        &self,
+        volume: &VolumeId,
+        placement: &Placement,
+        capability: &VolumeCapability,
+    ) -> Result<PathBuf, CsiError> {
+        let shared = capability
+            .access_mode
+            .as_ref()
+            .is_some_and(|m| m.mode == Mode::MultiNodeMultiWriter as i32);
+        match placement {
+            Placement::Local => self.attacher.attach(&self.engine, volume, shared).await,
+            Placement::Remote { owner, .. } => {
+                // Attached already: the device is found over the export it was made on.
+                let export = match self.attacher.device(volume).await {
+                    Some(_) => self.remote.local_export(volume),
+                    None => self.remote.attach(volume, owner).await?,
+                };
+                self.attacher.attach_over(volume, &export, shared).await
+            }
+        }
+    }
+
+    /// The volume's size: this node's engine's, or the inventory's for a volume another node
+    /// holds.
+    async fn size(&self, volume: &VolumeId, placement: &Placement) -> Result<i64, CsiError> {
+        match placement {
+            Placement::Local => Ok(self.volume_info(volume).await?.size as i64),
+            Placement::Remote { capacity, .. } => Ok(*capacity),
+        }
     }
 
     /// The engine's view of a volume (it reads the volume's record file: off the runtime).
@@ -86,14 +129,14 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         request::capability(capability)?;
-        let volume = self.volume(&request.volume_id).await?;
+        let (volume, placement) = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
         // A consumer staged now would see its disk change under it (or hold the revert off
         // again right after the previous consumer let go).
         self.restores.check(&volume).await?;
         let Some(AccessType::Mount(mount)) = &capability.access_type else {
             // Block access: the device is all there is to stage; nothing goes at the path.
-            self.attacher.attach(&self.engine, &volume).await?;
+            self.attach(&volume, &placement, capability).await?;
             return Ok(());
         };
         let fs_type = if mount.fs_type.is_empty() {
@@ -104,7 +147,7 @@ impl NodeService {
         let options = mount_decision::mount_options(&mount.mount_flags);
         let existing = mounts::mounted_at(&staging).await?;
         let device = match &existing {
-            None => self.attacher.attach(&self.engine, &volume).await?,
+            None => self.attach(&volume, &placement, capability).await?,
             Some(mounted) => self.attacher.device(&volume).await.ok_or_else(|| {
                 CsiError::AlreadyExists(format!(
                     "staging path {}: {} is mounted there, and volume {volume} is not attached",
@@ -148,7 +191,27 @@ impl NodeService {
         };
         let _guard = self.in_flight.begin(volume.as_str())?;
         mounts::unmount(&staging).await?;
-        self.attacher.detach(&self.engine, &volume).await
+        let local = {
+            let (engine, id) = (self.engine.clone(), volume.clone());
+            off_runtime("reading the volume record", move || {
+                Ok(engine.record(&id).is_ok())
+            })
+            .await?
+        };
+        if local {
+            let served = self
+                .served
+                .as_ref()
+                .is_some_and(|g| g.export_shared("", volume.as_str()));
+            return self
+                .attacher
+                .detach_keeping(&self.engine, &volume, served)
+                .await;
+        }
+        // Held by another node (or by none any more): the remote attachment, if any, ends.
+        self.attacher.release(&volume).await?;
+        self.remote.detach(&volume).await?;
+        self.attacher.forget(&volume).await
     }
 
     /// Publishes: binds the staged volume (its staging mount, or its block device) onto the
@@ -163,7 +226,7 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         request::capability(capability)?;
-        let volume = self.volume(&request.volume_id).await?;
+        let (volume, _) = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
         let staged = self.staged(&volume, capability, &staging).await?;
         let wanted = Wanted {
@@ -268,7 +331,7 @@ impl NodeService {
         request: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
         let path = required_path(&request.volume_path, "volume_path")?;
-        let volume = self.volume(&request.volume_id).await?;
+        let (volume, placement) = self.volume(&request.volume_id).await?;
         let Ok(metadata) = tokio::fs::metadata(&path).await else {
             return Err(CsiError::NotFound(format!(
                 "volume path {} does not exist",
@@ -292,7 +355,7 @@ impl NodeService {
                 },
             ]
         } else {
-            let size = self.volume_info(&volume).await?.size as i64;
+            let size = self.size(&volume, &placement).await?;
             vec![VolumeUsage {
                 available: 0,
                 total: size,
@@ -308,10 +371,20 @@ impl NodeService {
         request: NodeExpandVolumeRequest,
     ) -> Result<NodeExpandVolumeResponse, CsiError> {
         let path = required_path(&request.volume_path, "volume_path")?;
-        let volume = self.volume(&request.volume_id).await?;
+        let (volume, placement) = self.volume(&request.volume_id).await?;
         let _guard = self.in_flight.begin(volume.as_str())?;
-        let size = self.volume_info(&volume).await?.size as i64;
+        let size = self.size(&volume, &placement).await?;
         if let Some(device) = self.attacher.device(&volume).await {
+            if let Placement::Remote { owner, .. } = &placement {
+                let attached = run("blockdev", &["--getsize64", &device.to_string_lossy()]).await?;
+                if attached.trim().parse::<i64>().is_ok_and(|a| a < size) {
+                    // The NBD connection carries the size it was opened with.
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {volume} grew on node {owner} after it was attached here; it has \
+                         its new size on this node once it is staged here again"
+                    )));
+                }
+            }
             // The loop device learns the new size of its backing file, then the filesystem grows.
             run("losetup", &["--set-capacity", &device.to_string_lossy()]).await?;
             let block = matches!(

@@ -24,6 +24,7 @@ mod reconcile;
 mod reconnect;
 pub mod record;
 pub mod recover;
+pub mod remote;
 mod revert;
 mod snapshot;
 mod space;

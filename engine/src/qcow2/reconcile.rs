@@ -669,6 +669,7 @@ impl Engine {
                 }
             }
         }
+        self.restore_remotes().await?;
         self.dismiss_stale_jobs().await
     }
 

@@ -85,13 +85,18 @@ impl ExportCa {
         })
     }
 
-    /// A node front's server certificate for its request (its names as requested), as the chain
+    /// A node front's certificate (server, and client of other nodes' fronts) for its request (its names as requested), as the chain
     /// the front serves: the leaf, then this CA.
     pub fn sign_front(&self, request_pem: &str) -> Result<String, Error> {
         let mut request =
             CertificateSigningRequestParams::from_pem(request_pem).map_err(credential_error)?;
         request.params.is_ca = IsCa::ExplicitNoCa;
-        request.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Client use too: a node's engine presents it when it attaches another node's volume
+        // through that node's front (remote attach).
+        request.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         request.params.not_before = now_minus_minutes(5);
         request.params.not_after = days_from_now(FRONT_DAYS);

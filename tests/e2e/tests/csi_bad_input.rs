@@ -86,9 +86,12 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         Code::InvalidArgument,
     );
     let mut multi = create("bad-multi");
-    multi.volume_capabilities = vec![capability(Mode::MultiNodeMultiWriter)];
+    multi.volume_capabilities = vec![VolumeCapability {
+        access_type: Some(AccessType::Mount(Default::default())),
+        ..capability(Mode::MultiNodeMultiWriter)
+    }];
     expect(
-        "CreateVolume multi-node writer",
+        "CreateVolume multi-node writer of a filesystem",
         c.create_volume(multi).await,
         Code::InvalidArgument,
     );
@@ -350,7 +353,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     expect(
         "GetCapacity with an unsupported capability",
         c.get_capacity(GetCapacityRequest {
-            volume_capabilities: vec![capability(Mode::MultiNodeMultiWriter)],
+            volume_capabilities: vec![capability(Mode::MultiNodeSingleWriter)],
             ..Default::default()
         })
         .await,

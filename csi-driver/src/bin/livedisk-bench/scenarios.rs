@@ -558,7 +558,7 @@ impl ConsumerDevice {
         let frontends = FrontEndServer::start(&engine_dir).await?;
         let attacher = Attacher::new(&engine_dir);
         let path = attacher
-            .attach(e, vol)
+            .attach(e, vol, false)
             .await
             .map_err(|err| anyhow::anyhow!("attaching the consumer device: {err}"))?;
         Ok(Self {

@@ -1,0 +1,110 @@
+//! The owner's part of a remote attachment: serves a `LivediskAttachment` with the engine's
+//! writable export of the volume (the one a local consumer uses too) and a grant in the front's
+//! NBD listener that admits exactly the client node's pinned certificate, and withdraws both
+//! when the object goes.
+//!
+//! The engine's consumer export is shared by the local consumer and every remote one: it is
+//! stopped only when none of them is left.
+
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use livedisk_api::ExportProtocol;
+use livedisk_api::internal::{
+    AttachmentPhase, ErrorCode, LivediskAttachment, LivediskAttachmentStatus, NodeError,
+};
+use livedisk_engine::{EngineError, VolumeId};
+
+use super::Front;
+use super::grants::Grant;
+use crate::grpc::error::{CsiError, node_error};
+
+/// Serves one attachment; returns the status to write.
+pub async fn serve(
+    front: Option<&Arc<Front>>,
+    attachment: &LivediskAttachment,
+) -> Result<LivediskAttachmentStatus, CsiError> {
+    let generation = attachment.metadata.generation;
+    let failed = |code: ErrorCode, message: String| LivediskAttachmentStatus {
+        observed_generation: generation,
+        phase: AttachmentPhase::Failed,
+        error: Some(NodeError { code, message }),
+        ..Default::default()
+    };
+    let Some(front) = front else {
+        return Ok(failed(
+            ErrorCode::FailedPrecondition,
+            "this node plugin serves no remote attachments (start it with --export-listen; the chart's exports.enabled)".into(),
+        ));
+    };
+    let Ok(volume) = VolumeId::parse(&attachment.spec.volume_id) else {
+        return Ok(failed(
+            ErrorCode::InvalidArgument,
+            format!("{:?} is not a volume ID", attachment.spec.volume_id),
+        ));
+    };
+    let info = match front.engine.attach_volume(&volume).await {
+        Ok(info) => info,
+        Err(error) if error.code().is_transient() || matches!(error, EngineError::Busy(_)) => {
+            return Err(error.into());
+        }
+        Err(error) => {
+            let e = node_error(&error);
+            return Ok(failed(e.code, e.message));
+        }
+    };
+    let name = attachment.name_any();
+    let pinned = &attachment.spec.client_certificate_sha256;
+    if front
+        .grants
+        .get(&name)
+        .is_none_or(|g| g.certificate_sha256 != *pinned)
+    {
+        front.grants.put(Grant::new(
+            name.clone(),
+            info.name.clone(),
+            ExportProtocol::Nbd,
+            info.name.clone(),
+            info.socket.clone(),
+            pinned.clone(),
+            // No bearer token opens a volume: the HTTPS listener never admits this grant.
+            String::new(),
+            None,
+            None,
+            0,
+        ));
+        tracing::info!(attachment = %name, %volume, client = %attachment.spec.client_node, "volume served to a remote node");
+    }
+    Ok(LivediskAttachmentStatus {
+        observed_generation: generation,
+        phase: AttachmentPhase::Ready,
+        host: Some(front.config.host.clone()),
+        port: Some(i32::from(front.config.nbd_port)),
+        error: None,
+    })
+}
+
+/// Withdraws the grant (its connections end) and stops the engine's consumer export unless a
+/// local consumer or another remote node still uses it.
+pub async fn stop(
+    front: &Front,
+    attachment: &LivediskAttachment,
+    attached_locally: bool,
+) -> Result<(), CsiError> {
+    let name = attachment.name_any();
+    let removed = front.grants.remove(&name);
+    let Ok(volume) = VolumeId::parse(&attachment.spec.volume_id) else {
+        return Ok(());
+    };
+    if removed.is_some() {
+        tracing::info!(attachment = %name, %volume, "remote attachment withdrawn");
+    }
+    if attached_locally || front.grants.export_shared(&name, volume.as_str()) {
+        return Ok(());
+    }
+    match front.engine.detach_volume(&volume).await {
+        Ok(()) => Ok(()),
+        Err(EngineError::NotFound(_)) => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}

@@ -1,0 +1,327 @@
+//! The client's part of a remote attachment: staging a volume that another node holds.
+//!
+//! The node plugin declares a `LivediskAttachment` pinning its own certificate (its export
+//! front's, issued by the driver's export CA for client use too), waits for the owner to serve
+//! it, and has its engine daemon open the owner's export over TLS NBD (`Engine::attach_remote`);
+//! the consumer's front end and loop device then go over that as over a local volume. Unstaging
+//! ends it in the reverse order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::wait::{Condition, await_condition};
+use kube::{Api, Client};
+use livedisk_api::internal::{
+    AttachmentPhase, LivediskAttachment, LivediskAttachmentSpec, LivediskVolume, attachment_name,
+};
+use livedisk_engine::qcow2::remote::RemoteSource;
+use livedisk_engine::{Engine, ExportInfo, VolumeId};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+
+use crate::export::Front;
+use crate::export::grants::sha256_hex;
+use crate::grpc::error::CsiError;
+use crate::node::blocking::off_runtime;
+
+/// How long staging waits for the owner to serve an attachment.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a volume this node was asked to stage lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// This node's engine holds it.
+    Local,
+    /// `owner` holds it; it is (or will be) attached over the network.
+    Remote { owner: String, capacity: i64 },
+}
+
+pub struct RemoteAttacher {
+    client: Client,
+    node_name: String,
+    engine: Arc<Engine>,
+    front: Option<Arc<Front>>,
+}
+
+impl RemoteAttacher {
+    pub fn new(
+        client: Client,
+        node_name: String,
+        engine: Arc<Engine>,
+        front: Option<Arc<Front>>,
+    ) -> Self {
+        Self {
+            client,
+            node_name,
+            engine,
+            front,
+        }
+    }
+
+    fn attachments(&self) -> Api<LivediskAttachment> {
+        Api::all(self.client.clone())
+    }
+
+    /// Where `volume` lives: this node's engine, or the node its inventory object names.
+    /// NOT_FOUND when no node holds it.
+    pub async fn placement(&self, volume: &VolumeId) -> Result<Placement, CsiError> {
+        let (engine, id) = (self.engine.clone(), volume.clone());
+        let local = off_runtime("reading the volume record", move || {
+            Ok(engine.record(&id).is_ok())
+        })
+        .await?;
+        if local {
+            return Ok(Placement::Local);
+        }
+        let inventory: Api<LivediskVolume> = Api::all(self.client.clone());
+        match inventory.get_opt(volume.as_str()).await? {
+            Some(v) if v.spec.node_name != self.node_name => Ok(Placement::Remote {
+                owner: v.spec.node_name.clone(),
+                capacity: v
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.capacity_bytes)
+                    .unwrap_or(v.spec.capacity_bytes),
+            }),
+            // Declared for this node but not (or no longer) in its engine.
+            _ => Err(CsiError::NotFound(format!(
+                "volume {volume} does not exist"
+            ))),
+        }
+    }
+
+    /// Whether this node's engine attaches `volume` remotely now.
+    pub async fn is_attached(&self, volume: &VolumeId) -> Result<bool, CsiError> {
+        let (engine, id) = (self.engine.clone(), volume.clone());
+        off_runtime("reading the remote attachment record", move || {
+            Ok(engine.remote_record(&id)?.is_some())
+        })
+        .await
+    }
+
+    /// Attaches `volume`, held by `owner`, and returns the local export the front end opens.
+    pub async fn attach(&self, volume: &VolumeId, owner: &str) -> Result<ExportInfo, CsiError> {
+        let front = self.front.as_ref().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "volume {volume} is held by node {owner}; attaching it here needs this node's \
+                 export front (--export-listen; the chart's exports.enabled), whose certificate \
+                 identifies this node"
+            ))
+        })?;
+        let chain = front.tls.chain_pem().ok_or_else(|| {
+            CsiError::Unavailable(format!(
+                "volume {volume} is held by node {owner}; this node has no certificate from the \
+                 driver's export CA yet (the operator signs it)"
+            ))
+        })?;
+        let identity = ChainParts::of(&chain)?;
+        let name = attachment_name(volume.as_str(), &self.node_name);
+        let spec = LivediskAttachmentSpec {
+            node_name: owner.to_string(),
+            client_node: self.node_name.clone(),
+            volume_id: volume.to_string(),
+            client_certificate_sha256: identity.leaf_sha256.clone(),
+        };
+        let api = self.attachments();
+        let attached = self.is_attached(volume).await?;
+        match api.get_opt(&name).await? {
+            // Already attached: the daemon keeps presenting the certificate it was attached with,
+            // which the existing object pins (this plugin may have restarted with a new one).
+            Some(_) if attached => {}
+            Some(existing) if existing.spec == spec => {}
+            Some(_) => {
+                // Left by an attach that did not finish, for another certificate or owner.
+                self.delete_and_wait(&name).await?;
+                self.create(&api, &name, spec).await?;
+            }
+            None => self.create(&api, &name, spec).await?,
+        }
+        let served = tokio::time::timeout(
+            SERVE_TIMEOUT,
+            await_condition(api.clone(), &name, served()),
+        )
+        .await
+        .map_err(|_| {
+            CsiError::Unavailable(format!(
+                "node {owner} has not served volume {volume} to this node within {SERVE_TIMEOUT:?} \
+                 (LivediskAttachment {name})"
+            ))
+        })?
+        .map_err(|e| CsiError::Internal(format!("waiting for LivediskAttachment {name}: {e}")))?;
+        let status = served.and_then(|a| a.status).unwrap_or_default();
+        if status.phase == AttachmentPhase::Failed {
+            let error = status.error.unwrap_or(livedisk_api::internal::NodeError {
+                code: livedisk_api::internal::ErrorCode::Internal,
+                message: "failed without a reason".into(),
+            });
+            return Err(CsiError::Node(livedisk_api::internal::NodeError {
+                code: error.code,
+                message: format!(
+                    "node {owner} cannot serve volume {volume}: {}",
+                    error.message
+                ),
+            }));
+        }
+        let (Some(host), Some(port)) = (status.host, status.port) else {
+            return Err(CsiError::Internal(format!(
+                "LivediskAttachment {name} is Ready without an address"
+            )));
+        };
+        let source = RemoteSource {
+            host,
+            port: u16::try_from(port)
+                .map_err(|_| CsiError::Internal(format!("port {port} out of range")))?,
+            export: volume.to_string(),
+            ca_pem: identity.ca_pem,
+            cert_pem: identity.leaf_pem,
+            key_pem: front.key.key_pem().to_string(),
+        };
+        let info = self.engine.attach_remote(volume, &source).await?;
+        tracing::info!(%volume, %owner, host = %source.host, "volume attached from its owner over TLS NBD");
+        Ok(info)
+    }
+
+    /// The local export of a volume attached remotely already (what the front end opens).
+    pub fn local_export(&self, volume: &VolumeId) -> ExportInfo {
+        ExportInfo {
+            name: volume.to_string(),
+            socket: self.engine.daemon().runtime.nbd_socket(),
+            writable: true,
+            dirty_bitmap: None,
+        }
+    }
+
+    async fn create(
+        &self,
+        api: &Api<LivediskAttachment>,
+        name: &str,
+        spec: LivediskAttachmentSpec,
+    ) -> Result<(), CsiError> {
+        let mut object = LivediskAttachment::new(name, spec);
+        object.metadata.labels = Some(
+            [(
+                livedisk_api::internal::attachment::LABEL_CLIENT_NODE.to_string(),
+                self.node_name.clone(),
+            )]
+            .into(),
+        );
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_and_wait(&self, name: &str) -> Result<(), CsiError> {
+        let api = self.attachments();
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::timeout(
+            SERVE_TIMEOUT,
+            await_condition(api, name, kube::runtime::conditions::is_deleted("")),
+        )
+        .await
+        .map_err(|_| {
+            CsiError::Unavailable(format!(
+                "LivediskAttachment {name} is still being withdrawn by its owner"
+            ))
+        })?
+        .map_err(|e| CsiError::Internal(format!("waiting for LivediskAttachment {name}: {e}")))?;
+        Ok(())
+    }
+
+    /// Ends the remote attachment of `volume` here (the engine's NBD client and export), then
+    /// withdraws the owner's admission. Idempotent.
+    pub async fn detach(&self, volume: &VolumeId) -> Result<(), CsiError> {
+        self.engine.detach_remote(volume).await?;
+        let name = attachment_name(volume.as_str(), &self.node_name);
+        match self
+            .attachments()
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The owner answered: Ready or Failed.
+fn served() -> impl Condition<LivediskAttachment> {
+    |object: Option<&LivediskAttachment>| {
+        object
+            .and_then(|a| a.status.as_ref())
+            .is_some_and(|s| matches!(s.phase, AttachmentPhase::Ready | AttachmentPhase::Failed))
+    }
+}
+
+/// The parts of this node's issued chain a client identity needs.
+#[derive(Debug, PartialEq, Eq)]
+struct ChainParts {
+    leaf_pem: String,
+    leaf_sha256: String,
+    ca_pem: String,
+}
+
+impl ChainParts {
+    /// Pure: splits `leaf, …, CA` (PEM) into the leaf and the CA, and digests the leaf's DER.
+    fn of(chain_pem: &str) -> Result<Self, CsiError> {
+        const END: &str = "-----END CERTIFICATE-----";
+        let blocks: Vec<String> = chain_pem
+            .split_inclusive(END)
+            .map(str::trim)
+            .filter(|b| b.ends_with(END))
+            .map(|b| format!("{b}\n"))
+            .collect();
+        let unusable =
+            |why: &str| CsiError::Internal(format!("this node's certificate chain {why}"));
+        let (Some(leaf), Some(ca)) = (blocks.first(), blocks.last()) else {
+            return Err(unusable("is empty"));
+        };
+        if blocks.len() < 2 {
+            return Err(unusable("has no CA certificate after the leaf"));
+        }
+        let der = CertificateDer::from_pem_slice(leaf.as_bytes())
+            .map_err(|e| unusable(&format!("has an unreadable leaf: {e}")))?;
+        Ok(Self {
+            leaf_sha256: sha256_hex(der.as_ref()),
+            leaf_pem: leaf.clone(),
+            ca_pem: ca.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert")
+            .pem()
+    }
+
+    #[test]
+    fn a_chain_splits_into_its_leaf_and_its_ca() {
+        let (leaf, ca) = (cert("leaf"), cert("ca"));
+        let parts = ChainParts::of(&format!("{leaf}{ca}")).expect("parts");
+        assert_eq!(parts.leaf_pem.trim(), leaf.trim());
+        assert_eq!(parts.ca_pem.trim(), ca.trim());
+        let der = CertificateDer::from_pem_slice(leaf.as_bytes()).expect("der");
+        assert_eq!(parts.leaf_sha256, sha256_hex(der.as_ref()));
+    }
+
+    #[test]
+    fn a_chain_without_its_ca_is_refused() {
+        assert!(ChainParts::of(&cert("leaf")).is_err());
+        assert!(ChainParts::of("").is_err());
+    }
+}
