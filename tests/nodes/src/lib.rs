@@ -93,8 +93,22 @@ impl Cluster {
         mode: VolumeMode,
         snapshot: Option<&str>,
     ) -> Result<()> {
+        self.create_pvc_with(ns, name, mode, "ReadWriteOnce", snapshot)
+            .await
+    }
+
+    /// A PVC of the chart's StorageClass with one access mode (`ReadWriteMany`: a block volume
+    /// several nodes attach at once).
+    pub async fn create_pvc_with(
+        &self,
+        ns: &str,
+        name: &str,
+        mode: VolumeMode,
+        access_mode: &str,
+        snapshot: Option<&str>,
+    ) -> Result<()> {
         let mut spec = json!({
-            "accessModes": ["ReadWriteOnce"], "storageClassName": "livedisk",
+            "accessModes": [access_mode], "storageClassName": "livedisk",
             "volumeMode": mode.as_str(), "resources": {"requests": {"storage": "256Mi"}}
         });
         if let Some(snapshot) = snapshot {

@@ -15,6 +15,7 @@ mod audit;
 mod csi;
 mod exports;
 mod merge_latency;
+mod remote;
 mod report;
 mod scenarios;
 mod through_csi;
@@ -32,8 +33,8 @@ use scenarios::Config;
 
 /// The benchmarks, by row letter: a–d and g on an engine of the benchmark's own, e through the
 /// driver's CSI sockets, f through the operator, h through the operator and a node's export
-/// front (e, f and h on hack/bench.sh's cluster).
-const ALL: [char; 8] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
+/// front, i through the operator and both nodes (e, f, h and i on hack/bench.sh's cluster).
+const ALL: [char; 9] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'];
 const ENGINE_ONLY: [char; 5] = ['a', 'b', 'c', 'd', 'g'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -186,6 +187,16 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let remote_on = if c.selected('i') {
+        let context = "benchmark (i) runs the operator and the two-node driver on a local \
+                       cluster: run it with hack/bench.sh (make bench), which starts one";
+        Some((
+            CsiTarget::from_env()?.context(context)?,
+            at_scale::ScaleTarget::from_env()?.context(context)?,
+        ))
+    } else {
+        None
+    };
     let started = Instant::now();
     let (mut rows, mut dropped) = (vec![], None);
     if ENGINE_ONLY.iter().any(|&s| c.selected(s)) {
@@ -200,6 +211,9 @@ async fn main() -> Result<()> {
     }
     if let Some((csi, operator)) = exports_on {
         rows.extend(exports::exports(csi, operator, &c).await?);
+    }
+    if let Some((csi, operator)) = remote_on {
+        rows.extend(remote::remote_attach(csi, operator, &c).await?);
     }
 
     println!("{}", machine_facts().await);
