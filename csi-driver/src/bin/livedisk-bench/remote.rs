@@ -1,7 +1,7 @@
 //! (i) Remote attach vs local attach, through the CSI driver on hack/bench.sh's cluster: one
 //! volume held by the other node and staged on the benchmark's node (its engine daemon's NBD
 //! client over TLS to the holder's export front), one held and staged on the benchmark's node;
-//! `qemu-img bench` (sequential 1 MiB reads and writes, and 4 KiB random writes, queue depth 8)
+//! `qemu-img bench` (sequential 1 MiB writes, then reads of them, and scattered 4 KiB writes, queue depth 8)
 //! against each one's consumer export on the benchmark's node's daemon, the path the node's
 //! front end and loop device go through. Runs alternate which goes first. The operator runs for
 //! the nodes' front certificates.
@@ -29,13 +29,14 @@ struct Pattern {
 }
 
 const PATTERNS: [Pattern; 3] = [
-    Pattern {
-        name: "sequential 1 MiB reads",
-        args: |bytes| seq(bytes, false),
-    },
+    // Writes first: the reads then read data, not holes.
     Pattern {
         name: "sequential 1 MiB writes",
         args: |bytes| seq(bytes, true),
+    },
+    Pattern {
+        name: "sequential 1 MiB reads (of written data)",
+        args: |bytes| seq(bytes, false),
     },
     Pattern {
         name: "4 KiB writes, 1 MiB apart",
