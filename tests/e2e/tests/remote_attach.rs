@@ -8,7 +8,8 @@
 //! Faults: the link between the nodes cut mid-write, and the owner's node plugin killed with
 //! SIGKILL mid-write (its front, which carries the connection, dies with it): the client's NBD
 //! connection comes back by itself, the writer sees no error and every acknowledged write is
-//! there. Refusals: a plaintext client, and a certificate of the same CA that no attachment pins.
+//! there; the client's node plugin killed mid-write: the I/O goes on without it, and the
+//! restarted plugin detaches the volume from its record. Refusals: a plaintext client, and a certificate of the same CA that no attachment pins.
 //! Sharing: a MULTI_NODE_MULTI_WRITER block volume attached on both nodes at once; a block read
 //! on one node before the other rewrote it reads new afterwards (direct I/O, as QEMU's
 //! `cache=none` that KubeVirt uses for migratable disks).
@@ -320,7 +321,7 @@ async fn the_owners_front_admits_only_the_certificate_an_attachment_pins() -> Re
 }
 
 #[tokio::test]
-async fn a_cut_link_and_a_killed_owner_plugin_lose_no_acknowledged_write() -> Result<()> {
+async fn a_cut_link_and_killed_node_plugins_lose_no_acknowledged_write() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
     let _operator = operator_and_fronts(&client).await?;
@@ -379,11 +380,41 @@ async fn a_cut_link_and_a_killed_owner_plugin_lose_no_acknowledged_write() -> Re
         acked(&log)
     );
     verify(&device, 3, &log)?;
-    detach_block(CLIENT, &volume, "faults").await?;
+
+    // The client's node plugin killed mid-write: the consumer's I/O does not go through it
+    // (its engine daemon and front end run on), and the restarted plugin detaches the volume
+    // from what it recorded.
+    let log = dir.0.join("client-kill.log");
+    let writer = start_writer(&device, 4, BLOCKS, 4000, &log)?;
+    eventually(30, "the writer under way", || async {
+        Ok((acked(&log) > 100).then_some(()))
+    })
+    .await?;
+    let pid = node_plugin_pid(CLIENT)?.context("the client's node plugin is not running")?;
+    // SAFETY: kill(2) of the node plugin this cluster's driver started.
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}"
+    );
+    eventually(120, "the client's node plugin back", || async {
+        Ok(node_plugin_pid(CLIENT)?.filter(|p| *p != pid))
+    })
+    .await?;
+    finish_writer(writer)?;
+    ensure!(
+        acked(&log) == 4000,
+        "the writer acknowledged {} of 4000 writes",
+        acked(&log)
+    );
+    verify(&device, 4, &log)?;
+    eventually(60, "the client's node plugin serving again", || async {
+        Ok(detach_block(CLIENT, &volume, "faults").await.ok())
+    })
+    .await?;
     attachment_gone(&client, &volume).await?;
     // Read back where the volume lives.
     let target = attach_block(OWNER, &volume, "faults-local").await?;
-    verify(host_device(OWNER, &target)?, 3, &log)?;
+    verify(host_device(OWNER, &target)?, 4, &log)?;
     detach_block(OWNER, &volume, "faults-local").await?;
     delete_volume(&volume).await?;
     Ok(())

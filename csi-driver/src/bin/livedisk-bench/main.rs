@@ -247,8 +247,8 @@ mod tests {
         assert_eq!(parse_only("e").unwrap(), ['e']);
         assert_eq!(parse_only(" b, d ,e").unwrap(), ['b', 'd', 'e']);
         assert_eq!(parse_only("f,g").unwrap(), ['f', 'g']);
-        assert_eq!(parse_only("h").unwrap(), ['h']);
-        assert!(parse_only("i").is_err());
+        assert_eq!(parse_only("h,i").unwrap(), ['h', 'i']);
+        assert!(parse_only("j").is_err());
         assert!(parse_only("ab").is_err());
         assert!(parse_only(" , ").is_err());
     }
