@@ -229,6 +229,12 @@ impl Grants {
             .any(|g| g.work != work && g.export == export)
     }
 
+    /// Whether any grant serves `export` (a volume this node serves to another node keeps its
+    /// engine export when the local consumer lets go).
+    pub fn serves_export(&self, export: &str) -> bool {
+        self.read().values().any(|g| g.export == export)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Grant>>> {
         self.by_work.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -182,16 +182,6 @@ impl RemoteAttacher {
         Ok(info)
     }
 
-    /// The local export of a volume attached remotely already (what the front end opens).
-    pub fn local_export(&self, volume: &VolumeId) -> ExportInfo {
-        ExportInfo {
-            name: volume.to_string(),
-            socket: self.engine.daemon().runtime.nbd_socket(),
-            writable: true,
-            dirty_bitmap: None,
-        }
-    }
-
     async fn create(
         &self,
         api: &Api<LivediskAttachment>,

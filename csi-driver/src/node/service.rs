@@ -91,7 +91,7 @@ impl NodeService {
             Placement::Remote { owner, .. } => {
                 // Attached already: the device is found over the export it was made on.
                 let export = match self.attacher.device(volume).await {
-                    Some(_) => self.remote.local_export(volume),
+                    Some(_) => self.engine.remote_export(volume),
                     None => self.remote.attach(volume, owner).await?,
                 };
                 self.attacher.attach_over(volume, &export, shared).await
@@ -202,7 +202,7 @@ impl NodeService {
             let served = self
                 .served
                 .as_ref()
-                .is_some_and(|g| g.export_shared("", volume.as_str()));
+                .is_some_and(|g| g.serves_export(volume.as_str()));
             return self
                 .attacher
                 .detach_keeping(&self.engine, &volume, served)

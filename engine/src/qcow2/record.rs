@@ -436,11 +436,26 @@ pub fn keep_captured(mut rec: VolumeRecord, on_disk: Option<&VolumeRecord>) -> V
 }
 
 pub fn atomic_write(path: &Path, body: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, body, 0o666)
+}
+
+/// [`atomic_write`] of a file only its owner may read (a private key).
+pub fn atomic_write_private(path: &Path, body: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, body, 0o600)
+}
+
+fn atomic_write_mode(path: &Path, body: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(body)?;
         f.sync_all()?;
     }

@@ -13,15 +13,15 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::engine::{Engine, Result};
-use super::record::atomic_write;
+use super::record::{atomic_write, atomic_write_private};
 use super::types::ExportInfo;
 use crate::error::EngineError;
 use livedisk_common::VolumeId;
@@ -150,7 +150,8 @@ impl Engine {
         Ok(self.remote_export(volume))
     }
 
-    fn remote_export(&self, volume: &VolumeId) -> ExportInfo {
+    /// The local export a remotely attached volume is served under (what its front end opens).
+    pub fn remote_export(&self, volume: &VolumeId) -> ExportInfo {
         ExportInfo {
             name: volume.to_string(),
             socket: self.daemon().runtime.nbd_socket(),
@@ -167,9 +168,9 @@ impl Engine {
             .recursive(true)
             .mode(0o700)
             .create(&tls)?;
-        write_private(&tls.join("ca-cert.pem"), &source.ca_pem)?;
-        write_private(&tls.join("client-cert.pem"), &source.cert_pem)?;
-        write_private(&tls.join("client-key.pem"), &source.key_pem)?;
+        atomic_write_private(&tls.join("ca-cert.pem"), source.ca_pem.as_bytes())?;
+        atomic_write_private(&tls.join("client-cert.pem"), source.cert_pem.as_bytes())?;
+        atomic_write_private(&tls.join("client-key.pem"), source.key_pem.as_bytes())?;
         let body = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
         atomic_write(&dir.join(RECORD_FILE), &body)?;
         Ok(())
@@ -285,24 +286,6 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-fn write_private(path: &Path, body: &str) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        use std::io::Write;
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(body.as_bytes())?;
-        file.sync_all()?;
-    }
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

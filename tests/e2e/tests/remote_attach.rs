@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use livedisk_api::internal::{AttachmentPhase, LivediskAttachment, LivediskNode};
 use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
@@ -196,7 +196,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
     )?;
     let written =
         String::from_utf8(in_node(CLIENT, &["cat", &format!("{target_a}/data.sum")])?.stdout)?;
-    fs_unpublish_unstage(CLIENT, &volume, &staging_a, &target_a).await?;
+    unpublish_unstage(CLIENT, &volume, &staging_a, &target_a).await?;
     attachment_gone(&client, &volume).await?;
     let (staging_b, target_b) = fs_paths(OWNER, "local-fs")?;
     fs_stage_publish(OWNER, &volume, &staging_b, &target_b).await?;
@@ -206,7 +206,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
         read.split_whitespace().next() == written.split_whitespace().next(),
         "the file written on {CLIENT} reads {read:?} on {OWNER}, expected {written:?}"
     );
-    fs_unpublish_unstage(OWNER, &volume, &staging_b, &target_b).await?;
+    unpublish_unstage(OWNER, &volume, &staging_b, &target_b).await?;
     delete_volume(&volume).await?;
     Ok(())
 }
@@ -489,10 +489,7 @@ async fn a_shared_block_volume_serves_both_nodes_without_stale_reads() -> Result
     ensure!(read(&client_device)? == vec![0x33; 4096]);
     shared_detach(CLIENT, &volume).await?;
     shared_detach(OWNER, &volume).await?;
-    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
-    let _ = attachments
-        .delete(&format!("{volume}.{CLIENT}"), &DeleteParams::default())
-        .await;
+    attachment_gone(&client, &volume).await?;
     delete_volume(&volume).await?;
     Ok(())
 }
@@ -519,37 +516,66 @@ fn kubelet_dir(node: &str, tag: &str) -> Result<String> {
 
 async fn shared_attach(node_name: &str, volume: &str) -> Result<String> {
     let base = kubelet_dir(node_name, "shared")?;
-    let (staging, target) = (format!("{base}/staging"), format!("{base}/publish/dev"));
-    let mut csi = node(node_name).await?;
-    csi.node_stage_volume(NodeStageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(shared_capability()),
-        ..Default::default()
-    })
-    .await?;
-    csi.node_publish_volume(NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging,
-        target_path: target.clone(),
-        volume_capability: Some(shared_capability()),
-        ..Default::default()
-    })
-    .await?;
+    let target = format!("{base}/publish/dev");
+    let staging = format!("{base}/staging");
+    stage_publish(node_name, volume, shared_capability(), &staging, &target).await?;
     Ok(target)
 }
 
 async fn shared_detach(node_name: &str, volume: &str) -> Result<()> {
     let base = kubelet_dir(node_name, "shared")?;
+    unpublish_unstage(
+        node_name,
+        volume,
+        &format!("{base}/staging"),
+        &format!("{base}/publish/dev"),
+    )
+    .await
+}
+
+/// NodeStage + NodePublish with `capability`, as kubelet calls them.
+async fn stage_publish(
+    node_name: &str,
+    volume: &str,
+    capability: VolumeCapability,
+    staging: &str,
+    target: &str,
+) -> Result<()> {
+    let mut csi = node(node_name).await?;
+    csi.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.into(),
+        volume_capability: Some(capability.clone()),
+        ..Default::default()
+    })
+    .await?;
+    csi.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.into(),
+        target_path: target.into(),
+        volume_capability: Some(capability),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// NodeUnpublish + NodeUnstage, as kubelet calls them.
+async fn unpublish_unstage(
+    node_name: &str,
+    volume: &str,
+    staging: &str,
+    target: &str,
+) -> Result<()> {
     let mut csi = node(node_name).await?;
     csi.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: volume.into(),
-        target_path: format!("{base}/publish/dev"),
+        target_path: target.into(),
     })
     .await?;
     csi.node_unstage_volume(NodeUnstageVolumeRequest {
         volume_id: volume.into(),
-        staging_target_path: format!("{base}/staging"),
+        staging_target_path: staging.into(),
     })
     .await?;
     Ok(())
@@ -579,41 +605,5 @@ async fn fs_stage_publish(
     target: &str,
 ) -> Result<()> {
     in_node(node_name, &["mkdir", "-p", staging])?;
-    let mut csi = node(node_name).await?;
-    csi.node_stage_volume(NodeStageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.into(),
-        volume_capability: Some(mount_capability()),
-        ..Default::default()
-    })
-    .await?;
-    csi.node_publish_volume(NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.into(),
-        target_path: target.into(),
-        volume_capability: Some(mount_capability()),
-        ..Default::default()
-    })
-    .await?;
-    Ok(())
-}
-
-async fn fs_unpublish_unstage(
-    node_name: &str,
-    volume: &str,
-    staging: &str,
-    target: &str,
-) -> Result<()> {
-    let mut csi = node(node_name).await?;
-    csi.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.into(),
-    })
-    .await?;
-    csi.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.into(),
-    })
-    .await?;
-    Ok(())
+    stage_publish(node_name, volume, mount_capability(), staging, target).await
 }

@@ -26,6 +26,8 @@ fn progress(msg: &str) {
 struct Pattern {
     name: &'static str,
     args: fn(u64) -> Vec<String>,
+    /// The bytes it moves on a volume of that size.
+    moved: fn(u64) -> u64,
 }
 
 const PATTERNS: [Pattern; 3] = [
@@ -33,10 +35,12 @@ const PATTERNS: [Pattern; 3] = [
     Pattern {
         name: "sequential 1 MiB writes",
         args: |bytes| seq(bytes, true),
+        moved: |bytes| bytes,
     },
     Pattern {
         name: "sequential 1 MiB reads (of written data)",
         args: |bytes| seq(bytes, false),
+        moved: |bytes| bytes,
     },
     Pattern {
         name: "4 KiB writes, 1 MiB apart",
@@ -49,6 +53,7 @@ const PATTERNS: [Pattern; 3] = [
             a.extend(["-d".into(), "8".into(), "-c".into(), count.to_string()]);
             a
         },
+        moved: |bytes| (bytes >> 20) * 4096,
     },
 ];
 
@@ -66,13 +71,6 @@ fn seq(bytes: u64, write: bool) -> Vec<String> {
     a
 }
 
-fn moved(pattern: &Pattern, bytes: u64) -> u64 {
-    match pattern.name {
-        "4 KiB writes, 1 MiB apart" => (bytes >> 20) * 4096,
-        _ => bytes,
-    }
-}
-
 pub async fn remote_attach(csi: CsiTarget, op: ScaleTarget, c: &Config) -> Result<Vec<Row>> {
     let operator = Operator::start(&op)?;
     let measured = measure(&csi, c).await;
@@ -85,7 +83,7 @@ pub async fn remote_attach(csi: CsiTarget, op: ScaleTarget, c: &Config) -> Resul
         .iter()
         .zip(pairs)
         .map(|(p, pairs)| {
-            let size = moved(p, bytes);
+            let size = (p.moved)(bytes);
             Row {
                 name: format!("(i) remote attach vs local attach: {}", p.name),
                 measured: format!("{:.0} MiB/s", mibps(size, pairs.measured())),
