@@ -19,7 +19,7 @@ pub use common::{Phase, Progress};
 pub use export::{DiskExport, DiskExportSpec, DiskExportStatus, ExportProtocol};
 pub use kube_error::{kube_error_code, kube_error_message};
 pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
-pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus};
+pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus, MigrationStage};
 pub use restore::{DiskRestore, DiskRestoreSpec, DiskRestoreStatus};
 pub use snapshot::{DiskSnapshot, DiskSnapshotSource, DiskSnapshotSpec, DiskSnapshotStatus};
 
@@ -43,6 +43,7 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
         internal::LivediskRestore::crd(),
         internal::LivediskExport::crd(),
         internal::LivediskAttachment::crd(),
+        internal::LivediskMigration::crd(),
     ]
 }
 

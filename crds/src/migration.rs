@@ -24,6 +24,7 @@ use crate::schema;
     printcolumn = r#"{"name":"From","type":"string","jsonPath":".status.sourceNodeName"}"#,
     printcolumn = r#"{"name":"To","type":"string","jsonPath":".spec.targetNodeName"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Stage","type":"string","jsonPath":".status.stage"}"#,
     printcolumn = r#"{"name":"Progress","type":"integer","jsonPath":".status.progress.percent","description":"Percent copied"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.spec.persistentVolumeClaimName == oldSelf.spec.persistentVolumeClaimName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.verify == oldSelf.spec.verify").message("persistentVolumeClaimName, targetNodeName and verify are immutable; only bandwidthLimit and cancel may change").reason(Reason::FieldValueForbidden),
@@ -67,9 +68,21 @@ pub struct DiskMigrationStatus {
     /// The node that owned the volume when the migration started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_node_name: Option<String>,
-    /// Bytes copied so far, of how many, at what rate.
+    /// While Running: Copying, Synchronized, CuttingOver or Verifying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<MigrationStage>,
+    /// Bytes copied so far, of how many, at what rate (the sealed layers, then the mirror of
+    /// the active layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Bytes written by the consumer that the mirror has still to copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub dirty_bytes_remaining: Option<i64>,
+    /// Estimated seconds until the copy converges, from the recent throughput.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub eta_seconds: Option<i64>,
     /// How long the consumer's I/O was held during the cutover, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
@@ -78,4 +91,18 @@ pub struct DiskMigrationStatus {
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// The step a running migration is in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum MigrationStage {
+    /// Sealed layers, then the active layer, are copied to the target.
+    Copying,
+    /// The mirror is converged: every write reaches both nodes before it is acknowledged.
+    Synchronized,
+    /// `job-complete` is sent or done: the target is the truth from here on, and cancelling is
+    /// refused.
+    CuttingOver,
+    /// The source's last content is compared with the target's.
+    Verifying,
 }

@@ -296,6 +296,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         metadata_endpoint: args.metadata_advertise.clone(),
         metrics: node_metrics,
         merges: Default::default(),
+        imports: Default::default(),
         front,
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {

@@ -1,32 +1,32 @@
-//! Runs one kube-runtime Controller per livedisk kind, all sharing the same pipeline:
-//! dereference (observe) → decide (pure) → update status → publish an Event on a change.
+//! Runs the controllers of every livedisk kind: DiskSnapshot (`crate::snapshot`) and the kinds
+//! that hand their work to nodes (`crate::node_work`: DiskMerge, DiskMigration, DiskExport,
+//! DiskRestore). Here too the pipeline of a DiskSnapshot that has no work of its own yet (one of
+//! a VirtualMachine): dereference (observe) → decide (pure) → update status → publish an Event
+//! on a change.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
-use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{self, Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use livedisk_api::{DiskMigration, DiskSnapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::export::Export;
-use crate::kinds::{LivediskKind, Reference};
+use crate::kinds::LivediskKind;
 use crate::leader::Leadership;
 use crate::merge::Merge;
 use crate::metrics::OperatorMetrics;
+use crate::migration::Migration;
 use crate::node_work::NodeWorkContext;
 use crate::observe::{self, Caches};
 use crate::restore::Restore;
 use crate::status;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::runtime::reflector::{ObjectRef, Store};
 
 pub struct Context {
     pub(crate) client: Client,
@@ -63,6 +63,7 @@ pub async fn run_all(
     let merges = node_work();
     let restores = node_work();
     let exports = node_work();
+    let migrations = node_work();
     let signer = tokio::spawn(crate::export::signer::run(
         client.clone(),
         export_ca.clone(),
@@ -80,56 +81,13 @@ pub async fn run_all(
     tokio::join!(
         crate::snapshot::run(context.clone()),
         crate::node_work::run::<Merge>(merges),
-        run::<DiskMigration>(context),
+        crate::node_work::run::<Migration>(migrations),
         crate::node_work::run::<Export>(exports),
         crate::node_work::run::<Restore>(restores),
     );
     orphans.abort();
     signer.abort();
     Ok(())
-}
-
-async fn run<K>(context: Arc<Context>)
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + LivediskKind
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let api: Api<DeserializeGuard<K>> = Api::all(context.client.clone());
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
-        .with_config(controller::Config::default().concurrency(CONCURRENT_RECONCILES));
-    // A referenced PVC or DiskSnapshot appearing (or going) triggers the objects that name it at
-    // once, instead of waiting for the periodic requeue. Only names matter: metadata watches keep
-    // the referenced objects' specs and statuses out of this process.
-    let store = controller.store();
-    let pvc_watchers = move |pvc: PartialObjectMeta<PersistentVolumeClaim>| {
-        referrers(&store, &pvc, |name| {
-            Reference::PersistentVolumeClaim(name.to_string())
-        })
-    };
-    let store = controller.store();
-    let snapshot_watchers = move |snapshot: PartialObjectMeta<DiskSnapshot>| {
-        referrers(&store, &snapshot, |name| {
-            Reference::DiskSnapshot(name.to_string())
-        })
-    };
-    controller
-        .watches_stream(metadata_watch(&context.client), pvc_watchers)
-        .watches_stream(metadata_watch(&context.client), snapshot_watchers)
-        .shutdown_on_signal()
-        .run(reconcile::<K>, error_policy::<K>, context)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, kind = %K::kind(&()), "reconcile loop reported an error");
-            }
-        })
-        .await;
 }
 
 /// Objects of one kind reconciled at once: a pass is a few cache reads and at most a couple of
@@ -156,45 +114,6 @@ where
     )
     .default_backoff()
     .touched_objects()
-}
-
-/// One reconcile: the pipeline, and on failure a Warning Event (and, for a permanent error, a
-/// Stalled condition) on the object, so the failure is seen where the object is looked at.
-async fn reconcile<K>(
-    guarded: Arc<DeserializeGuard<K>>,
-    context: Arc<Context>,
-) -> Result<Action, Error>
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + LivediskKind
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    // The process exits when the Lease is lost; until it does, nothing more is done (and the
-    // write fence refuses what a reconcile already under way would still send).
-    if !context.leadership.is_leader() {
-        tracing::debug!(kind = %K::kind(&()), "not the leader: reconcile skipped");
-        return Ok(Action::await_change());
-    }
-    let started = Instant::now();
-    let result = match &guarded.0 {
-        Ok(object) => reconcile_object(object, &context).await,
-        // One unreadable object must not stall the others: report it and move on.
-        Err(invalid) => Err(Error::InvalidObject(invalid.to_string())),
-    };
-    context
-        .metrics
-        .reconciled(&K::kind(&()), &result, started.elapsed());
-    if let Err(error) = &result {
-        crate::failure::publish_warning(&context.recorder, guarded.as_ref(), error).await;
-        // An object this operator cannot read has no status it could safely rewrite.
-        if let Ok(object) = &guarded.0 {
-            crate::failure::write_stalled(&context.client, object, error).await;
-        }
-    }
-    result
 }
 
 /// The pipeline for one readable object: observe → decide → apply → status → Event.
@@ -263,31 +182,6 @@ where
     )))
 }
 
-/// The objects in the store that refer to `referenced` (same namespace, same name).
-fn referrers<K, R>(
-    store: &Store<DeserializeGuard<K>>,
-    referenced: &R,
-    as_reference: impl Fn(&str) -> Reference,
-) -> Vec<ObjectRef<DeserializeGuard<K>>>
-where
-    K: Resource<DynamicType = ()> + LivediskKind + Clone,
-    R: Resource,
-{
-    let namespace = referenced.namespace();
-    let reference = as_reference(&referenced.name_any());
-    store
-        .state()
-        .iter()
-        .filter_map(|guarded| guarded.0.as_ref().ok())
-        .filter(|object| {
-            object.namespace() == namespace && object.references().contains(&reference)
-        })
-        .map(|object| {
-            ObjectRef::new(&object.name_any()).within(&object.namespace().unwrap_or_default())
-        })
-        .collect()
-}
-
 /// The Event note limit of the events.k8s.io API, in bytes.
 const EVENT_NOTE_LIMIT: usize = 1024;
 
@@ -302,24 +196,6 @@ pub(crate) fn event_note(message: &str) -> String {
         end -= 1;
     }
     format!("{}{ellipsis}", &message[..end])
-}
-
-/// The operator's error policy: transient errors are retried soon, permanent ones slowly (see
-/// `ErrorCode::persistence`). The Event was published by [`reconcile`], which can await.
-fn error_policy<K>(
-    guarded: Arc<DeserializeGuard<K>>,
-    error: &Error,
-    _context: Arc<Context>,
-) -> Action
-where
-    K: Resource<DynamicType = ()>,
-{
-    let name = guarded
-        .0
-        .as_ref()
-        .map(|o| o.name_any())
-        .unwrap_or_else(|invalid| invalid.metadata.name.clone().unwrap_or_default());
-    crate::failure::retry(&K::kind(&()), &name, error)
 }
 
 #[cfg(test)]

@@ -47,8 +47,9 @@ pub use livedisk_common::DRIVER_NAME as CSI_DRIVER_NAME;
 
 /// Decides the status of a livedisk object of kind `kind` from an observation.
 ///
-/// This revision of the operator performs no storage work itself: until the CSI driver and the
-/// node engine carry out the request, the honest answer is `Ready=False` with the reason why.
+/// Used for the requests whose work this version does not carry out (a DiskSnapshot of a
+/// VirtualMachine): the honest answer is `Ready=False` with the reason why. The kinds with work
+/// of their own decide it in their modules.
 pub fn decide(kind: &str, observation: &Observation, work: Option<&WorkState>) -> Decision {
     if !observation.missing.is_empty() {
         let names: Vec<String> = observation
@@ -366,8 +367,9 @@ mod tests {
 
     #[test]
     fn never_ready_for_work_not_done() {
+        // A DiskSnapshot of a VirtualMachine: valid, its references exist, no work yet.
         let decision = decide(
-            "DiskMigration",
+            "DiskSnapshot",
             &Observation {
                 missing: vec![],
                 driver_registered: true,
@@ -375,6 +377,7 @@ mod tests {
             None,
         );
         assert_eq!(ready(&decision).status, Status::False);
+        assert_eq!(ready(&decision).reason, "NotSupportedYet");
         assert!(
             decision
                 .conditions

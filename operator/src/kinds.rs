@@ -8,7 +8,6 @@ pub enum Reference {
     PersistentVolumeClaim(String),
     VirtualMachine(String),
     DiskSnapshot(String),
-    Node(String),
 }
 
 impl std::fmt::Display for Reference {
@@ -17,7 +16,6 @@ impl std::fmt::Display for Reference {
             Reference::PersistentVolumeClaim(n) => write!(f, "PersistentVolumeClaim \"{n}\""),
             Reference::VirtualMachine(n) => write!(f, "VirtualMachine \"{n}\""),
             Reference::DiskSnapshot(n) => write!(f, "DiskSnapshot \"{n}\""),
-            Reference::Node(n) => write!(f, "Node \"{n}\""),
         }
     }
 }
@@ -73,12 +71,13 @@ impl LivediskKind for DiskMerge {
     }
 }
 
+/// Its target is a node running the livedisk node plugin: the migration's lookup checks the
+/// node's LivediskNode (`crate::migration::lookup`), not the Kubernetes Node.
 impl LivediskKind for DiskMigration {
     fn references(&self) -> Vec<Reference> {
-        vec![
-            Reference::PersistentVolumeClaim(self.spec.persistent_volume_claim_name.clone()),
-            Reference::Node(self.spec.target_node_name.clone()),
-        ]
+        vec![Reference::PersistentVolumeClaim(
+            self.spec.persistent_volume_claim_name.clone(),
+        )]
     }
 }
 

@@ -10,6 +10,7 @@ mod kinds;
 mod leader;
 mod merge;
 mod metrics;
+mod migration;
 mod node_work;
 mod observe;
 mod orphans;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind, PartialObjectMeta};
@@ -25,7 +25,6 @@ use crate::kinds::Reference;
 #[derive(Clone)]
 pub struct Caches {
     pvcs: Store<PartialObjectMeta<PersistentVolumeClaim>>,
-    nodes: Store<PartialObjectMeta<Node>>,
     drivers: Store<PartialObjectMeta<CSIDriver>>,
     snapshots: Store<PartialObjectMeta<DiskSnapshot>>,
 }
@@ -35,13 +34,11 @@ impl Caches {
     pub async fn start(client: &Client) -> Result<Self, Error> {
         let caches = Self {
             pvcs: cache(client),
-            nodes: cache(client),
             drivers: cache(client),
             snapshots: cache(client),
         };
-        let ready = futures::future::try_join4(
+        let ready = futures::future::try_join3(
             caches.pvcs.wait_until_ready(),
-            caches.nodes.wait_until_ready(),
             caches.drivers.wait_until_ready(),
             caches.snapshots.wait_until_ready(),
         );
@@ -115,7 +112,6 @@ async fn exists(
         Reference::DiskSnapshot(name) => {
             in_cache(&caches.snapshots, ObjectRef::new(name).within(namespace))
         }
-        Reference::Node(name) => in_cache(&caches.nodes, ObjectRef::new(name)),
         Reference::VirtualMachine(name) => {
             let gvk = GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine");
             let resource = ApiResource::from_gvk_with_plural(&gvk, "virtualmachines");

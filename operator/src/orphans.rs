@@ -2,7 +2,7 @@
 //! stripped, or a namespace torn down that way). The reconcilers never see such an object again,
 //! so its internal, cluster-scoped node work would stay for good: a `LivediskRestore` keeps
 //! refusing NodeStage of its volume, a `LivediskMerge` keeps its node busy, a `LivediskExport`
-//! keeps serving a snapshot to its credentials. Every
+//! keeps serving a snapshot to its credentials, a `LivediskMigration` keeps moving a volume. Every
 //! [`SWEEP_INTERVAL`] the leader deletes node work whose owner (named by its labels, with the
 //! UID in the work's name) no longer exists.
 
@@ -14,6 +14,7 @@ use kube::{Client, Resource, ResourceExt};
 use crate::export::Export;
 use crate::leader::Leadership;
 use crate::merge::Merge;
+use crate::migration::Migration;
 use crate::node_work::NodeWorkKind;
 use crate::restore::Restore;
 
@@ -41,6 +42,7 @@ pub async fn run(client: Client, leadership: Leadership) {
         sweep::<Restore>(&client).await;
         sweep::<Merge>(&client).await;
         sweep::<Export>(&client).await;
+        sweep::<Migration>(&client).await;
     }
 }
 

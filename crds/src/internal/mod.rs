@@ -9,6 +9,7 @@
 pub mod attachment;
 pub mod export;
 pub mod merge;
+pub mod migration;
 pub mod node;
 pub mod restore;
 pub mod snapshot;
@@ -23,6 +24,10 @@ pub use attachment::{
 };
 pub use export::{ExportPhase, LivediskExport, LivediskExportSpec, LivediskExportStatus};
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
+pub use migration::{
+    LivediskMigration, LivediskMigrationSpec, LivediskMigrationStatus, MigrationLayer,
+    MigrationPhase, MigrationSource, MigrationStage, MigrationTarget,
+};
 pub use node::{ExportFront, LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use restore::{
     LivediskRestore, LivediskRestoreSpec, LivediskRestoreStatus, RestorePhase, RestoreWait,

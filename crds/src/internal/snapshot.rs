@@ -29,7 +29,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Progress","type":"integer","priority":1,"jsonPath":".status.progress.percent"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new(super::SNAPSHOT_NAME_RULE).message("the name must be a snapshot ID: snap-<lowercase uuid>"),
-    validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable").reason(Reason::FieldValueForbidden)
+    validation = Rule::new("self.spec.volumeId == oldSelf.spec.volumeId && self.spec.csiName == oldSelf.spec.csiName && has(self.spec.mergeBandwidthBytesPerSecond) == has(oldSelf.spec.mergeBandwidthBytesPerSecond) && (!has(self.spec.mergeBandwidthBytesPerSecond) || self.spec.mergeBandwidthBytesPerSecond == oldSelf.spec.mergeBandwidthBytesPerSecond) && has(self.spec.volumeSnapshot) == has(oldSelf.spec.volumeSnapshot) && (!has(self.spec.volumeSnapshot) || self.spec.volumeSnapshot == oldSelf.spec.volumeSnapshot)").message("spec is immutable except nodeName (a migration hands the snapshot to another node)").reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LivediskSnapshotSpec {

@@ -235,6 +235,11 @@ impl Grants {
         self.read().values().any(|g| g.export == export)
     }
 
+    /// The names of every grant's work.
+    pub fn works(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Grant>>> {
         self.by_work.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -25,15 +25,16 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ContentSource, ErrorCode, LivediskAttachment, LivediskExport, LivediskMerge, LivediskNode,
-    LivediskNodeSpec, LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus, LivediskSnapshot,
-    LivediskVolume, NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
+    ContentSource, ErrorCode, LivediskAttachment, LivediskExport, LivediskMerge, LivediskMigration,
+    LivediskNode, LivediskNodeSpec, LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus,
+    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::merge_work::{self, PROGRESS_INTERVAL, Runs};
 use super::metrics::{NodeMetrics, OperationKind};
+use super::migration_work;
 use super::pool_check;
 use super::report::{self, SnapshotReport, VolumeReport};
 use super::restore_work::{self, AfterError};
@@ -53,6 +54,8 @@ pub struct Agent {
     pub merges: Runs,
     /// The export front, when this node serves exports.
     pub front: Option<Arc<crate::export::Front>>,
+    /// The volumes this node imports as a migration's target, each in its own task.
+    pub imports: super::migration_work::Imports,
 }
 
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
@@ -111,8 +114,25 @@ pub async fn run(agent: Arc<Agent>) {
     let attachment_loop =
         Controller::new(attachments, watcher::Config::default().fields(&selector))
             .shutdown_on_signal()
-            .run(reconcile_attachment, retry, agent)
+            .run(reconcile_attachment, retry, agent.clone())
             .for_each(|_| async {});
+    // A migration is this node's work as its source (`spec.nodeName`) or as its target.
+    let migrations: Api<LivediskMigration> = Api::all(agent.client.clone());
+    let migration_source_loop = Controller::new(
+        migrations.clone(),
+        watcher::Config::default().fields(&selector),
+    )
+    .shutdown_on_signal()
+    .run(migration_work::reconcile_source, retry, agent.clone())
+    .for_each(|_| async {});
+    let target_selector = format!("spec.targetNodeName={}", agent.node_name);
+    let migration_target_loop = Controller::new(
+        migrations,
+        watcher::Config::default().fields(&target_selector),
+    )
+    .shutdown_on_signal()
+    .run(migration_work::reconcile_target, retry, agent)
+    .for_each(|_| async {});
     tokio::join!(
         volume_loop,
         snapshot_loop,
@@ -120,6 +140,8 @@ pub async fn run(agent: Arc<Agent>) {
         restore_loop,
         export_loop,
         attachment_loop,
+        migration_source_loop,
+        migration_target_loop,
         report_node(agent_for_report)
     );
 }

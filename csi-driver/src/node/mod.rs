@@ -8,6 +8,7 @@ pub mod engine_health;
 pub mod grow;
 pub mod merge_work;
 pub mod metrics;
+pub mod migration_work;
 pub mod mount_decision;
 pub mod mounts;
 pub mod pool_check;

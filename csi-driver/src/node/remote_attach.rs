@@ -72,6 +72,16 @@ impl RemoteAttacher {
         })
         .await?;
         if local {
+            let (engine, id) = (self.engine.clone(), volume.clone());
+            let incoming = off_runtime("reading the migration marker", move || {
+                Ok(engine.is_incoming(&id)?)
+            })
+            .await?;
+            if incoming {
+                return Err(CsiError::Unavailable(format!(
+                    "volume {volume} is being migrated to this node; it can be staged here once                      the migration's cutover is done"
+                )));
+            }
             return Ok(Placement::Local);
         }
         let inventory: Api<LivediskVolume> = Api::all(self.client.clone());
@@ -252,15 +262,15 @@ fn served() -> impl Condition<LivediskAttachment> {
 
 /// The parts of this node's issued chain a client identity needs.
 #[derive(Debug, PartialEq, Eq)]
-struct ChainParts {
-    leaf_pem: String,
-    leaf_sha256: String,
-    ca_pem: String,
+pub(crate) struct ChainParts {
+    pub(crate) leaf_pem: String,
+    pub(crate) leaf_sha256: String,
+    pub(crate) ca_pem: String,
 }
 
 impl ChainParts {
     /// Pure: splits `leaf, …, CA` (PEM) into the leaf and the CA, and digests the leaf's DER.
-    fn of(chain_pem: &str) -> Result<Self, CsiError> {
+    pub(crate) fn of(chain_pem: &str) -> Result<Self, CsiError> {
         const END: &str = "-----END CERTIFICATE-----";
         let blocks: Vec<String> = chain_pem
             .split_inclusive(END)

@@ -65,6 +65,7 @@ impl Engine {
         }
         let _gs = self.locks.try_lock(&src.id)?;
         let _gn = self.locks.try_lock(id)?;
+        self.refuse_if_migrating(&src.id)?;
         self.restore_locked(id, &src.id, snap, size, flatten_speed, None)
             .await
     }

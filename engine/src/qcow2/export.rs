@@ -217,6 +217,7 @@ impl Engine {
             rec
         };
         if let ExportTarget::Snapshot { id } = &target {
+            self.refuse_if_migrating(volume)?;
             match rec.snapshot(id) {
                 None => return Err(EngineError::NotFound(format!("snapshot {id}"))),
                 Some(s) if s.state != SnapshotState::Ready => {
@@ -234,6 +235,10 @@ impl Engine {
             }
         } else if rec.deleted {
             return Err(EngineError::NotFound(format!("volume {volume}")));
+        } else if !rec.exports.iter().any(|e| e.target == target) {
+            // A consumer export added while a migration's mirror runs would sit below the
+            // mirror's filter and not follow the pivot: it waits until the migration ended.
+            self.refuse_new_consumer_while_mirroring(volume)?;
         }
         let want = ExportRecord {
             target: target.clone(),

@@ -116,6 +116,7 @@ impl Engine {
         // base whose clone is still being made.
         let _gs = self.locks.try_lock(source)?;
         let _gc = self.locks.try_lock(id)?;
+        self.refuse_if_migrating(source)?;
         if let Some(rec) = self.store.load(id)? {
             let same = !rec.deleted
                 && rec

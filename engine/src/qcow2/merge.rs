@@ -48,6 +48,7 @@ impl Engine {
     pub async fn delete_snapshot_with(&self, snap: &SnapshotId, opts: MergeOptions) -> Result<()> {
         let (rec, guard) = self.lock_for_merge(snap).await?;
         let volume = rec.id.clone();
+        self.refuse_if_migrating(&volume)?;
         if !self.merge_locked(rec, snap, opts, false).await? {
             return Ok(());
         }

@@ -15,6 +15,7 @@ mod export;
 mod hidden_base;
 mod merge;
 mod merge_pause;
+pub mod migrate;
 mod open;
 pub mod plan;
 pub mod qemu_img;

@@ -212,3 +212,74 @@ pub async fn sync_file(file: &Path) -> Result<(), QemuImgError> {
             stderr,
         })
 }
+
+/// An NBD export reached over TLS with an x509 client certificate (`tls_dir` holds
+/// `ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+pub struct NbdTls<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub export: &'a str,
+    pub tls_dir: &'a Path,
+}
+
+/// Copies the raw bytes of an NBD export into a new raw file (`qemu-img convert`: holes stay
+/// holes), at most `rate` bytes per second, reporting the fraction done from qemu-img's own
+/// progress output. The child is killed if the future is dropped (a cancelled migration).
+pub async fn convert_from_nbd(
+    source: &NbdTls<'_>,
+    out: &Path,
+    rate: Option<u64>,
+    progress: impl Fn(f64),
+) -> Result<(), QemuImgError> {
+    // `--image-opts` values cannot hold commas unescaped; none of these can contain one (host
+    // names, numbers, export names of IDs, a pool path checked here).
+    let dir = path_str(source.tls_dir)?;
+    if dir.contains(',') || source.host.contains(',') || source.export.contains(',') {
+        return Err(QemuImgError::Failed {
+            args: String::new(),
+            stderr: "a comma in a path, host or export name".into(),
+        });
+    }
+    let object = format!("tls-creds-x509,id=migtls,endpoint=client,dir={dir}");
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host={},server.port={},export={},tls-creds=migtls",
+        source.host, source.port, source.export
+    );
+    let rate = rate.filter(|r| *r > 0).map(|r| r.to_string());
+    let mut args = vec!["convert", "-p", "-O", "raw", "--object", &object];
+    if let Some(r) = &rate {
+        args.extend(["-r", r]);
+    }
+    args.extend(["--image-opts", &image, path_str(out)?]);
+    let mut child = Command::new("qemu-img")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(QemuImgError::Missing)?;
+    let stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let reading = async {
+        if let Some(out) = stdout {
+            let _ = super::migrate::read_progress(out, &progress).await;
+        }
+    };
+    let collecting = async {
+        let mut text = String::new();
+        if let Some(err) = stderr.as_mut() {
+            use tokio::io::AsyncReadExt;
+            let _ = err.read_to_string(&mut text).await;
+        }
+        text
+    };
+    let ((), text) = tokio::join!(reading, collecting);
+    let status = child.wait().await.map_err(QemuImgError::Missing)?;
+    if !status.success() {
+        return Err(QemuImgError::Failed {
+            args: args.join(" "),
+            stderr: text.trim().to_owned(),
+        });
+    }
+    Ok(())
+}

@@ -270,6 +270,8 @@ impl Engine {
     /// Makes the daemon hold what the record describes. Idempotent. The
     /// caller holds the volume's lock.
     pub(super) async fn reconcile_with(&self, id: &VolumeId, mode: Recovery) -> Result<()> {
+        // A cutover that may have pivoted is finished first: the volume is then the target's.
+        self.resolve_pivoting(id).await?;
         self.resolve_pending_revert(id).await?;
         self.resolve_pending_snapshot(id).await?;
         self.resolve_merge_seal(id).await?;

@@ -59,7 +59,7 @@ pub struct RemoteRecord {
 }
 
 /// The daemon's names for a remote volume's objects: TLS credentials, NBD client node, export.
-fn names(volume: &VolumeId) -> (String, String, String) {
+pub(super) fn names(volume: &VolumeId) -> (String, String, String) {
     let hex = &volume.hex()[..24];
     (
         format!("tlsr{hex}"),
@@ -162,8 +162,13 @@ impl Engine {
 
     /// Writes the TLS files (key 0600 in a 0700 directory) and then the record.
     fn write_remote(&self, record: &RemoteRecord, source: &RemoteSource) -> Result<()> {
-        let dir = self.remote_dir(&record.volume);
-        let tls = dir.join(TLS_DIR);
+        self.write_remote_tls(&record.volume, source)?;
+        self.write_remote_record(record)
+    }
+
+    /// The TLS files the daemon's NBD client of `volume` reads.
+    pub(super) fn write_remote_tls(&self, volume: &VolumeId, source: &RemoteSource) -> Result<()> {
+        let tls = self.remote_dir(volume).join(TLS_DIR);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -171,15 +176,52 @@ impl Engine {
         atomic_write_private(&tls.join("ca-cert.pem"), source.ca_pem.as_bytes())?;
         atomic_write_private(&tls.join("client-cert.pem"), source.cert_pem.as_bytes())?;
         atomic_write_private(&tls.join("client-key.pem"), source.key_pem.as_bytes())?;
-        let body = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        atomic_write(&dir.join(RECORD_FILE), &body)?;
         Ok(())
+    }
+
+    /// The record that makes `volume` a remote attachment of this node (restored after a
+    /// daemon restart, ended by `detach_remote`).
+    pub(super) fn write_remote_record(&self, record: &RemoteRecord) -> Result<()> {
+        let body = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        atomic_write(&self.remote_dir(&record.volume).join(RECORD_FILE), &body)?;
+        Ok(())
+    }
+
+    /// Removes what `write_remote_tls` wrote, for a volume with no remote record.
+    pub(super) fn remove_remote_files(&self, volume: &VolumeId) -> Result<()> {
+        match fs::remove_dir_all(self.remote_dir(volume)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Makes the daemon serve a recorded attachment: credentials, NBD client, export. Each step
     /// finds what a previous (interrupted) attempt left.
     async fn open_remote(&self, record: &RemoteRecord) -> Result<()> {
-        let (creds, node, export) = names(&record.volume);
+        let (_, node, export) = names(&record.volume);
+        self.open_remote_node(record).await?;
+        let exported = self
+            .qmp
+            .execute(
+                "block-export-add",
+                json!({
+                    "type": "nbd", "id": export, "node-name": node,
+                    "name": record.volume.to_string(), "writable": true,
+                }),
+            )
+            .await;
+        match exported {
+            Ok(_) => Ok(()),
+            Err(e) if e.desc_contains("already") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The NBD client node of `record` (and its credentials), without an export: what a
+    /// migration mirrors into, and what a remote attachment exports.
+    pub(super) async fn open_remote_node(&self, record: &RemoteRecord) -> Result<String> {
+        let (creds, node, _) = names(&record.volume);
         let tls = self.remote_dir(&record.volume).join(TLS_DIR);
         let added = self
             .qmp
@@ -218,19 +260,24 @@ impl Engine {
                 )));
             }
         }
-        let exported = self
+        Ok(node)
+    }
+
+    /// Removes the NBD client node of `volume` and its credentials (not the export). Idempotent.
+    pub(super) async fn close_remote_node(&self, volume: &VolumeId) -> Result<()> {
+        let (creds, node, _) = names(volume);
+        match self
             .qmp
-            .execute(
-                "block-export-add",
-                json!({
-                    "type": "nbd", "id": export, "node-name": node,
-                    "name": record.volume.to_string(), "writable": true,
-                }),
-            )
-            .await;
-        match exported {
+            .execute("blockdev-del", json!({ "node-name": node }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.desc_contains("Failed to find node") || e.desc_contains("not found") => {}
+            Err(e) => return Err(e.into()),
+        }
+        match self.qmp.execute("object-del", json!({ "id": creds })).await {
             Ok(_) => Ok(()),
-            Err(e) if e.desc_contains("already") => Ok(()),
+            Err(e) if e.desc_contains("not found") => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -242,27 +289,10 @@ impl Engine {
         if self.remote_record(volume)?.is_none() && !self.remote_dir(volume).exists() {
             return Ok(());
         }
-        let (creds, node, export) = names(volume);
+        let (_, _, export) = names(volume);
         self.delete_export_and_wait(&export).await?;
-        match self
-            .qmp
-            .execute("blockdev-del", json!({ "node-name": node }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.desc_contains("Failed to find node") || e.desc_contains("not found") => {}
-            Err(e) => return Err(e.into()),
-        }
-        match self.qmp.execute("object-del", json!({ "id": creds })).await {
-            Ok(_) => {}
-            Err(e) if e.desc_contains("not found") => {}
-            Err(e) => return Err(e.into()),
-        }
-        match fs::remove_dir_all(self.remote_dir(volume)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.close_remote_node(volume).await?;
+        self.remove_remote_files(volume)
     }
 
     /// After a daemon (re)start: every recorded remote attachment served again. One that cannot

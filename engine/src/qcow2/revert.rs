@@ -44,6 +44,7 @@ impl Engine {
     /// Idempotent: a retry finishes or undoes an interrupted attempt first.
     pub async fn revert_volume(&self, id: &VolumeId, snap: &SnapshotId) -> Result<VolumeInfo> {
         let _g = self.locks.try_lock(id)?;
+        self.refuse_if_migrating(id)?;
         let rec = self.load_live(id)?;
         if rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
             return Err(EngineError::FailedPrecondition(format!(

@@ -65,6 +65,9 @@ impl Engine {
         for v in &sorted {
             guards.push(self.locks.try_lock(v)?);
         }
+        for v in &sorted {
+            self.refuse_if_migrating(v)?;
+        }
         self.check_snapshot_space(pairs)?;
         self.snapshot_locked(pairs, None, started).await
     }

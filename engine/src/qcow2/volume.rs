@@ -69,6 +69,9 @@ impl Engine {
     /// which finds the volume gone, deletes the base.
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let _g = self.locks.try_lock(id)?;
+        if self.store.load(id)?.is_some() {
+            self.refuse_if_migrating(id)?;
+        }
         let rec = match self.store.load(id)? {
             Some(rec) if !rec.deleted => rec,
             Some(_) => return Err(EngineError::NotFound(format!("volume {id}"))),
@@ -135,6 +138,7 @@ impl Engine {
     /// Grows a volume. Shrinking is refused: it would destroy data.
     pub async fn expand_volume(&self, id: &VolumeId, new_size: u64) -> Result<VolumeInfo> {
         let _g = self.locks.try_lock(id)?;
+        self.refuse_if_migrating(id)?;
         let mut rec = self.settled(self.load_live(id)?).await?;
         let new_size = new_size.div_ceil(512) * 512;
         if new_size < rec.size {

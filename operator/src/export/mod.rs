@@ -58,7 +58,7 @@ impl NodeWorkKind for Export {
         let observed = lookup(&ctx.client, &namespace, export).await?;
         match plan::validate(&export.spec, &observed) {
             Ok(()) => Ok(None),
-            Err(refusal) => Ok(Some(refuse(ctx, export, &refusal).await?)),
+            Err(refusal) => Ok(Some(ctx.refuse(export, &refusal).await?)),
         }
     }
 
@@ -75,23 +75,20 @@ impl NodeWorkKind for Export {
                 let namespace = export.namespace().unwrap_or_default();
                 let observed = lookup(&ctx.client, &namespace, export).await?;
                 if let Err(refusal) = plan::validate(&export.spec, &observed) {
-                    return refuse(ctx, export, &refusal).await;
+                    return ctx.refuse(export, &refusal).await;
                 }
                 let ca = ctx.export_ca.current().await?;
                 let pins = match credentials::ensure(&ctx.client, &ca, export).await? {
                     Ok((_, pins)) => pins,
                     Err(conflict) => {
-                        return refuse(
-                            ctx,
-                            export,
-                            &plan::Refusal::CredentialsConflict(conflict.0),
-                        )
-                        .await;
+                        return ctx
+                            .refuse(export, &plan::Refusal::CredentialsConflict(conflict.0))
+                            .await;
                     }
                 };
                 let spec = match plan::plan(&export.spec, &observed, &pins) {
                     Ok(spec) => spec,
-                    Err(refusal) => return refuse(ctx, export, &refusal).await,
+                    Err(refusal) => return ctx.refuse(export, &refusal).await,
                 };
                 work::create::<Self>(&works, export, LivediskExport::new(&name, spec)).await?
             }
@@ -127,18 +124,6 @@ impl NodeWorkKind for Export {
         )
         .await
     }
-}
-
-async fn refuse(
-    ctx: &NodeWorkContext,
-    export: &DiskExport,
-    refusal: &plan::Refusal,
-) -> Result<Action, Error> {
-    let decision = crate::decide::refused(refusal);
-    ctx.write_status(export, &decision).await?;
-    Ok(Action::requeue(Duration::from_secs(
-        decision.requeue_seconds,
-    )))
 }
 
 fn terminal(export: &DiskExport) -> bool {

@@ -106,13 +106,7 @@ async fn validate(
         &observed,
     ) {
         Ok(planned) => Ok(Ok(planned)),
-        Err(refusal) => {
-            let decision = crate::decide::refused(&refusal);
-            ctx.write_status(merge, &decision).await?;
-            Ok(Err(Action::requeue(Duration::from_secs(
-                decision.requeue_seconds,
-            ))))
-        }
+        Err(refusal) => Ok(Err(ctx.refuse(merge, &refusal).await?)),
     }
 }
 

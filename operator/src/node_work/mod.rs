@@ -1,15 +1,15 @@
-//! The shell of the kinds that hand their work to a node (DiskMerge, DiskRestore): each object
-//! gets one cluster-scoped node work object, labelled with the object's namespace and name, and
-//! a finalizer (kube-runtime's `finalizer()`) so that deleting the object stops or awaits its
-//! node work first. What differs between the kinds (what they look up, decide and report) stays
-//! with each kind, behind [`NodeWorkKind`].
+//! The shell of the kinds that hand their work to a node (DiskMerge, DiskRestore, DiskExport,
+//! DiskMigration): each object gets one cluster-scoped node work object, labelled with the
+//! object's namespace and name, and a finalizer (kube-runtime's `finalizer()`) so that deleting
+//! the object stops or awaits its node work first. What differs between the kinds (what they
+//! look up, decide and report) stays with each kind, behind [`NodeWorkKind`].
 
 pub mod work;
 
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::Api;
@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::decide::Decision;
+use crate::decide::{Decision, Refusal};
 use crate::error::Error;
 use crate::leader::Leadership;
 use crate::metrics::OperatorMetrics;
@@ -46,6 +46,20 @@ impl NodeWorkContext {
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + ApiObject,
     {
         crate::finalized::write_status(&self.client, &self.recorder, object, None, decision).await
+    }
+
+    /// Writes the status of an object whose references refuse it (nothing was done) and says
+    /// when to look again: soon for a refusal that may go away by itself, rarely for one that
+    /// needs a person.
+    pub async fn refuse<K>(&self, object: &K, refusal: &impl Refusal) -> Result<Action, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + ApiObject,
+    {
+        let decision = crate::decide::refused(refusal);
+        self.write_status(object, &decision).await?;
+        Ok(Action::requeue(Duration::from_secs(
+            decision.requeue_seconds,
+        )))
     }
 }
 

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use super::{NodeWorkContext, NodeWorkKind, kind_name};
 use crate::error::Error;
 
-/// How often a deletion looks whether the node let its work go.
+/// How often a deletion (or a wait for the end of node work) looks at the node work again.
 const DELETION_POLL: Duration = Duration::from_millis(500);
 
 /// All node work of the kind.
@@ -77,6 +77,32 @@ pub async fn create<K: NodeWorkKind>(
             what: what::<K>(&name),
             cause,
         }),
+    }
+}
+
+/// Waits up to `wait` until the node work named `name` has `ended` (or is gone: `None`). Past
+/// that, the reconcile fails with `still_running` (what the node is still doing) and is retried:
+/// a finalizer's cleanup may not return before its work is over.
+pub async fn await_ended<K: NodeWorkKind>(
+    works: &Api<K::Work>,
+    name: &str,
+    wait: Duration,
+    ended: impl Fn(&K::Work) -> bool,
+    still_running: &str,
+) -> Result<Option<K::Work>, Error> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let current = get::<K>(works, name).await?;
+        if current.as_ref().is_none_or(&ended) {
+            return Ok(current);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::CacheSync(format!(
+                "{} {still_running}",
+                what::<K>(name)
+            )));
+        }
+        tokio::time::sleep(DELETION_POLL).await;
     }
 }
 

@@ -104,13 +104,7 @@ async fn validate(
     let observed = lookup::lookup(&ctx.client, &namespace, &restore.spec).await?;
     match plan::plan(&restore.spec, &observed) {
         Ok(spec) => Ok(Ok(spec)),
-        Err(refusal) => {
-            let decision = crate::decide::refused(&refusal);
-            ctx.write_status(restore, &decision).await?;
-            Ok(Err(Action::requeue(Duration::from_secs(
-                decision.requeue_seconds,
-            ))))
-        }
+        Err(refusal) => Ok(Err(ctx.refuse(restore, &refusal).await?)),
     }
 }
 

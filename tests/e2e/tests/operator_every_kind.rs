@@ -28,8 +28,7 @@ fn ready_for_generation(object: &kube::api::DynamicObject) -> Option<(String, St
 }
 
 /// The reasons an example may honestly carry here: its PVC exists but is never bound (no consumer
-/// pod), so no snapshot is taken and nothing exported, KubeVirt is absent, and DiskMigration is
-/// work this version does not perform.
+/// pod), so no snapshot is taken, nothing exported and nothing moved, and KubeVirt is absent.
 fn expected_reasons(object: &serde_json::Value) -> &'static [&'static str] {
     match object["kind"].as_str() {
         Some("DiskSnapshot")
@@ -38,8 +37,9 @@ fn expected_reasons(object: &serde_json::Value) -> &'static [&'static str] {
             &["SnapshotInProgress", "SnapshotError"]
         }
         Some("DiskSnapshot") => &["ReferenceNotFound"],
-        // Its claim is never bound here: the merge or revert waits for it, having done nothing.
-        Some("DiskMerge") | Some("DiskRestore") => &["ClaimNotBound"],
+        // Its claim is never bound here: the merge, revert or move waits for it, having done
+        // nothing.
+        Some("DiskMerge") | Some("DiskRestore") | Some("DiskMigration") => &["ClaimNotBound"],
         // Its DiskSnapshot is never taken here (the claim is never bound): nothing is exported.
         Some("DiskExport") => &["SnapshotNotReady"],
         _ => &["NotSupportedYet"],

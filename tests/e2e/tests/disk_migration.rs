@@ -1,0 +1,480 @@
+//! DiskMigration on the two-node local cluster (processes layout: each node's engine and node
+//! plugin in their own namespaces, so the copy is real I/O over TLS NBD between them), driven
+//! the way a user drives it: a DiskMigration of a PVC, reconciled by the operator under the
+//! chart's account.
+//!
+//! * Under a continuous checksummed writer on the source node: zero write errors, every
+//!   acknowledged write reads back on the source (now served remotely by the target) and on the
+//!   target after the consumer moved; the inventory names the target; the cutover pause is
+//!   reported; GetMetadataDelta between two snapshots taken before the move answers the same
+//!   after it (the snapshots and their changed-block records moved with the volume).
+//! * Cancelled while the mirror runs (a bandwidth limit keeps it running): Cancelled, the volume
+//!   stays on the source with every write, and the target keeps nothing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use livedisk_api::internal::{LivediskMigration, LivediskNode, LivediskSnapshot, LivediskVolume};
+use livedisk_api::{DiskMigration, MigrationStage, Phase};
+use livedisk_csi_proto::csi::v1::*;
+use livedisk_e2e::csi::{attach_block, detach_block};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
+use livedisk_e2e::operator::Operator;
+use livedisk_e2e::phases::{take_snapshot, verify, write_phase};
+use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
+use serde_json::json;
+
+const SOURCE: &str = "node-a";
+const TARGET: &str = "node-b";
+const BLOCKS: u64 = 2048;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn operator_and_fronts(client: &Client) -> Result<Operator> {
+    let operator = Operator::start()?;
+    let nodes: Api<LivediskNode> = Api::all(client.clone());
+    for name in [SOURCE, TARGET] {
+        eventually(90, &format!("{name}'s front certificate"), || async {
+            // Not registered yet right after the cluster came up: wait for it too.
+            let Some(node) = nodes.get_opt(name).await? else {
+                return Ok(None);
+            };
+            Ok(node
+                .status
+                .and_then(|s| s.export_front)
+                .and_then(|f| f.certificate)
+                .map(|_| ()))
+        })
+        .await?;
+    }
+    Ok(operator)
+}
+
+/// A block PVC bound on the source node (its consumer pod pinned there; no kubelet runs it in
+/// this layout, the test stages the volume itself as kubelet would).
+async fn volume_on_source(client: &Client, ns: &str, claim: &str) -> Result<String> {
+    must(client, ns, pvc(claim, None)).await?;
+    let consumer = format!("{claim}-consumer");
+    must(client, ns, pod(&consumer, claim, Some(SOURCE))).await?;
+    let (volume, node) = bound_volume(client, ns, claim, &consumer).await?;
+    ensure!(node == SOURCE, "the consumer was scheduled on {node}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let _ = pods
+        .delete(
+            &consumer,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    Ok(volume)
+}
+
+/// NodeStage + NodePublish on `node`, retried as kubelet retries them while the node answers
+/// ABORTED (the volume busy for a moment: here the target withdrawing the source's attachment).
+async fn stage_as_kubelet(node: &str, volume: &str, tag: &str) -> Result<String> {
+    eventually(60, &format!("{volume} staged on {node}"), || async {
+        match attach_block(node, volume, tag).await {
+            Ok(path) => Ok(Some(path)),
+            Err(e) if format!("{e:#}").contains("another operation is in progress") => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+fn start_writer(device: &str, tag: u64, writes: u64, log: &Path) -> Result<std::process::Child> {
+    Ok(verifier()?
+        .args(["write", "--path", device, "--tag", &tag.to_string()])
+        .args([
+            "--blocks",
+            &BLOCKS.to_string(),
+            "--count",
+            &writes.to_string(),
+            "--log",
+        ])
+        .arg(log)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+fn finish_writer(writer: std::process::Child) -> Result<()> {
+    let output = writer.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "the writer met an error: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+async fn migration(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    claim: &str,
+    extra: serde_json::Value,
+) -> Result<()> {
+    let mut spec = json!({ "persistentVolumeClaimName": claim, "targetNodeName": TARGET });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    must(
+        client,
+        ns,
+        json!({ "apiVersion": "livedisk.io/v1alpha1", "kind": "DiskMigration",
+                "metadata": { "name": name }, "spec": spec }),
+    )
+    .await
+}
+
+/// The volume's snapshot IDs, oldest first.
+async fn snapshot_ids(client: &Client, volume: &str) -> Result<Vec<String>> {
+    let api: Api<LivediskSnapshot> = Api::all(client.clone());
+    let mut list = api
+        .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+        .await?
+        .items;
+    list.sort_by_key(|s| s.metadata.creation_timestamp.clone().map(|t| t.0));
+    Ok(list.iter().map(|s| s.name_any()).collect())
+}
+
+async fn delta(base: &str, target: &str) -> Result<Vec<(i64, i64)>> {
+    let mut metadata = livedisk_e2e::csi::snapshot_metadata().await?;
+    let mut stream = metadata
+        .get_metadata_delta(GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut out = vec![];
+    while let Some(m) = stream.message().await? {
+        out.extend(
+            m.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok(out)
+}
+
+/// Whether a node's pool (a host directory in this layout) holds anything of `volume`.
+fn pool_has(node: &str, volume: &str) -> Result<bool> {
+    let pool = livedisk_e2e::csi::socket_dir()?
+        .with_file_name("nodes")
+        .join(node)
+        .join("pool");
+    Ok(pool.join(volume).exists() || pool.join("incoming").join(volume).exists())
+}
+
+#[tokio::test]
+async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_and_fronts(&client).await?;
+    let namespace = TestNamespace::create(&client, "migrate").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    let target = attach_block(SOURCE, &volume, "migrate").await?;
+    let device = host_device(SOURCE, &target)?;
+
+    // History: two snapshots with writes before and between them.
+    let log1 = dir.0.join("phase1.log");
+    write_phase(&device, 1, BLOCKS, &log1)?;
+    take_snapshot(&client, &ns, "before", "disk").await?;
+    let log2 = dir.0.join("phase2.log");
+    write_phase(&device, 2, 300, &log2)?;
+    take_snapshot(&client, &ns, "between", "disk").await?;
+    let snaps = snapshot_ids(&client, &volume).await?;
+    ensure!(snaps.len() == 2, "snapshots of {volume}: {snaps:?}");
+    let delta_before = delta(&snaps[0], &snaps[1]).await?;
+    ensure!(
+        !delta_before.is_empty(),
+        "no changed blocks between the snapshots"
+    );
+
+    // The move, under a writer.
+    let log3 = dir.0.join("during.log");
+    let writer = start_writer(&device, 3, 40_000, &log3)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    migration(&client, &ns, "move", "disk", json!({})).await?;
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    let stages = std::sync::Mutex::new(Vec::<MigrationStage>::new());
+    let done = eventually(300, "DiskMigration move Completed", || async {
+        let status = migrations.get("move").await?.status.unwrap_or_default();
+        if let Some(stage) = status.stage
+            && let Ok(mut seen) = stages.lock()
+            && seen.last() != Some(&stage)
+        {
+            seen.push(stage);
+        }
+        ensure!(
+            status.phase != Phase::Failed,
+            "migration failed: {:?}",
+            status.conditions
+        );
+        Ok((status.phase == Phase::Completed).then_some(status))
+    })
+    .await?;
+    let stages = stages.into_inner().unwrap_or_default();
+    finish_writer(writer)?;
+    let pause = done
+        .cutover_pause_milliseconds
+        .context("no cutover pause reported")?;
+    println!("cutover pause {pause} ms; stages seen {stages:?}");
+    ensure!(done.source_node_name.as_deref() == Some(SOURCE));
+    ensure!(
+        stages.contains(&MigrationStage::Copying),
+        "stages {stages:?}"
+    );
+
+    // Ownership moved: the inventory names the target, the source keeps no copy.
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    let snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
+    for s in &snaps {
+        ensure!(
+            snapshots.get(s).await?.spec.node_name == TARGET,
+            "snapshot {s} stayed"
+        );
+    }
+    ensure!(
+        !pool_has(SOURCE, &volume)?,
+        "the source still holds {volume}"
+    );
+
+    // Every acknowledged write is there: through the source's (now remote) consumer...
+    verify(&device, 3, &log3)?;
+    // ...and on the target once the consumer moved.
+    detach_block(SOURCE, &volume, "migrate").await?;
+    let moved = host_device(
+        TARGET,
+        &stage_as_kubelet(TARGET, &volume, "migrated").await?,
+    )?;
+    verify(&moved, 3, &log3)?;
+    // Changed blocks between the two snapshots answer the same on the new node.
+    let delta_after = delta(&snaps[0], &snaps[1]).await?;
+    ensure!(
+        delta_after == delta_before,
+        "delta changed: {delta_before:?} -> {delta_after:?}"
+    );
+    // The snapshots are still snapshots: a third one on the target.
+    take_snapshot(&client, &ns, "after", "disk").await?;
+    detach_block(TARGET, &volume, "migrated").await?;
+    let _ = migrations.delete("move", &DeleteParams::default()).await;
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn a_cancelled_migration_leaves_the_volume_where_it_was() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_and_fronts(&client).await?;
+    let namespace = TestNamespace::create(&client, "migrate-cancel").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-cancel")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    let target = attach_block(SOURCE, &volume, "cancel").await?;
+    let device = host_device(SOURCE, &target)?;
+    let log = dir.0.join("phase1.log");
+    write_phase(&device, 1, BLOCKS, &log)?;
+
+    // 1 MiB/s: the mirror of 8 MiB of written data runs for seconds.
+    migration(
+        &client,
+        &ns,
+        "slow",
+        "disk",
+        json!({ "bandwidthLimit": "1Mi" }),
+    )
+    .await?;
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    eventually(120, "the mirror running", || async {
+        let list = works
+            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+            .await?;
+        Ok(list.items.into_iter().find(|w| {
+            w.status
+                .as_ref()
+                .is_some_and(|s| s.target.as_ref().is_some_and(|t| t.imported))
+        }))
+    })
+    .await?;
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    migrations
+        .patch(
+            "slow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "cancel": true } })),
+        )
+        .await?;
+    eventually(120, "DiskMigration slow Cancelled", || async {
+        let status = migrations.get("slow").await?.status.unwrap_or_default();
+        ensure!(
+            status.phase != Phase::Completed,
+            "completed despite the cancel"
+        );
+        Ok((status.phase == Phase::Cancelled).then_some(()))
+    })
+    .await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == SOURCE);
+    eventually(60, "the target's import discarded", || async {
+        Ok((!pool_has(TARGET, &volume)?).then_some(()))
+    })
+    .await?;
+    // The source is untouched and still takes writes.
+    verify(&device, 1, &log)?;
+    let log2 = dir.0.join("phase2.log");
+    write_phase(&device, 2, 256, &log2)?;
+    verify(&device, 2, &log2)?;
+    detach_block(SOURCE, &volume, "cancel").await?;
+    let _ = migrations.delete("slow", &DeleteParams::default()).await;
+    namespace.delete().await
+}
+
+fn acked(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn link(node: &str, up: bool) -> Result<()> {
+    let prefix = std::env::var("LIVEDISK_LINK_PREFIX").unwrap_or_else(|_| "ld".into());
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", &format!("{prefix}-{node}")])
+        .arg(if up { "up" } else { "down" })
+        .status()?;
+    ensure!(status.success(), "ip link set {node}");
+    Ok(())
+}
+
+async fn kill_node_plugin(node: &str) -> Result<()> {
+    let pid = livedisk_e2e::csi::node_plugin_pid(node)?
+        .with_context(|| format!("{node}'s node plugin is not running"))?;
+    // SAFETY: kill(2) of the node plugin this cluster's driver started.
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}"
+    );
+    eventually(120, &format!("{node}'s node plugin back"), || async {
+        Ok(livedisk_e2e::csi::node_plugin_pid(node)?.filter(|p| *p != pid))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_source_plugin_and_cut_links_lose_no_acknowledged_write() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_and_fronts(&client).await?;
+    let namespace = TestNamespace::create(&client, "migrate-faults").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-faults")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    let target = attach_block(SOURCE, &volume, "faults").await?;
+    let device = host_device(SOURCE, &target)?;
+    // 47 MiB in a sealed layer: at 4 MiB/s the copy reads for over ten seconds.
+    write_phase(&device, 1, 12_000, &dir.0.join("phase1.log"))?;
+    take_snapshot(&client, &ns, "sealed", "disk").await?;
+
+    let log = dir.0.join("during.log");
+    let writer = start_writer(&device, 2, 60_000, &log)?;
+    eventually(30, "the writer under way", || async {
+        Ok((acked(&log) > 100).then_some(()))
+    })
+    .await?;
+    migration(
+        &client,
+        &ns,
+        "faulty",
+        "disk",
+        json!({ "bandwidthLimit": "4Mi" }),
+    )
+    .await?;
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    let copying = || async {
+        let list = works
+            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+            .await?;
+        Ok(list.items.into_iter().find(|w| {
+            w.status.as_ref().is_some_and(|s| {
+                s.target
+                    .as_ref()
+                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
+            })
+        }))
+    };
+    eventually(120, "the copy under way", copying).await?;
+    // The source's node plugin (its front serves the copy) killed mid-copy.
+    kill_node_plugin(SOURCE).await?;
+    // The link between the nodes cut for 3 s while the copy goes on.
+    eventually(120, "the copy under way again", copying).await?;
+    link(SOURCE, false)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link(SOURCE, true)?;
+
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    let done = eventually(300, "DiskMigration faulty Completed", || async {
+        let status = migrations.get("faulty").await?.status.unwrap_or_default();
+        ensure!(
+            status.phase != Phase::Failed,
+            "migration failed: {:?}",
+            status.conditions
+        );
+        Ok((status.phase == Phase::Completed).then_some(status))
+    })
+    .await?;
+    println!(
+        "after a killed source plugin and a cut link: completed, pause {:?} ms",
+        done.cutover_pause_milliseconds
+    );
+
+    // After the pivot the source's consumer is served by the target: a cut link mid-write.
+    finish_writer(writer)?;
+    ensure!(
+        acked(&log) == 60_000,
+        "the writer acknowledged {} of 60000 writes",
+        acked(&log)
+    );
+    verify(&device, 2, &log)?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    let log = dir.0.join("after.log");
+    let writer = start_writer(&device, 3, 6000, &log)?;
+    eventually(30, "the writer under way", || async {
+        Ok((acked(&log) > 100).then_some(()))
+    })
+    .await?;
+    link(TARGET, false)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    link(TARGET, true)?;
+    finish_writer(writer)?;
+    ensure!(
+        acked(&log) == 6000,
+        "the writer acknowledged {} of 6000 writes",
+        acked(&log)
+    );
+    verify(&device, 3, &log)?;
+    eventually(60, "the source's plugin unstaging", || async {
+        Ok(detach_block(SOURCE, &volume, "faults").await.ok())
+    })
+    .await?;
+    let moved = host_device(
+        TARGET,
+        &stage_as_kubelet(TARGET, &volume, "faults-moved").await?,
+    )?;
+    verify(&moved, 3, &log)?;
+    detach_block(TARGET, &volume, "faults-moved").await?;
+    let _ = migrations.delete("faulty", &DeleteParams::default()).await;
+    namespace.delete().await
+}
