@@ -57,7 +57,10 @@ start_frontends() {
     echo $! > "$frontends_pid"
     for _ in $(seq 1 300); do
       in_ns test -S "$root/run/frontends.sock" && return 0
-      frontends_alive || break
+      # Whether the process still exists, not whether it is the server yet: right after the
+      # fork, before its exec, the child still looks like this script (a loaded `make test`
+      # once gave up on a server that then started fine).
+      kill -0 "$(cat "$frontends_pid")" 2>/dev/null || break
       sleep 0.1
     done
     if frontends_alive; then
