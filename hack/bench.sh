@@ -31,7 +31,7 @@
 #   LIVEDISK_BENCH_EXTENTS     changed extents (default 100000; (c) on a 1 TiB
 #                              disk, (e) on a 64 GiB volume)
 #   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" or "e"
-#                              (default: all, a–i; only e, f, h and i start a cluster)
+#                              (default: all, a–j; only e, f, h, i and j start a cluster)
 #   LIVEDISK_BENCH_DISK_SNAPSHOTS  (f) DiskSnapshots (default 1000)
 #   LIVEDISK_BENCH_CLAIMS      (f) PVCs they are spread over (default 50); e.g.
 #                              100 of 5 for a quick run
@@ -64,11 +64,11 @@ for tool in qemu-storage-daemon qemu-img qemu-io nbdfuse losetup fusermount3; do
   }
 done
 
-# Scenarios e, f, h and i are selected unless LIVEDISK_BENCH_ONLY leaves them out.
+# Scenarios e, f, h, i and j are selected unless LIVEDISK_BENCH_ONLY leaves them out.
 with_cluster=1 with_operator=1
 if [ -n "${LIVEDISK_BENCH_ONLY+set}" ]; then
-  case ",${LIVEDISK_BENCH_ONLY// /}," in *,f,*|*,h,*|*,i,*) ;; *) with_operator=0 ;; esac
-  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*|*,h,*|*,i,*) ;; *) with_cluster=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,f,*|*,h,*|*,i,*|*,j,*) ;; *) with_operator=0 ;; esac
+  case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*|*,h,*|*,i,*|*,j,*) ;; *) with_cluster=0 ;; esac
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 

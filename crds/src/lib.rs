@@ -19,7 +19,9 @@ pub use common::{Phase, Progress};
 pub use export::{DiskExport, DiskExportSpec, DiskExportStatus, ExportProtocol};
 pub use kube_error::{kube_error_code, kube_error_message};
 pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
-pub use migration::{DiskMigration, DiskMigrationSpec, DiskMigrationStatus, MigrationStage};
+pub use migration::{
+    DiskMigration, DiskMigrationSpec, DiskMigrationStatus, MigrationStage, MigrationVerification,
+};
 pub use restore::{DiskRestore, DiskRestoreSpec, DiskRestoreStatus};
 pub use snapshot::{DiskSnapshot, DiskSnapshotSource, DiskSnapshotSpec, DiskSnapshotStatus};
 

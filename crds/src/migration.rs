@@ -83,6 +83,9 @@ pub struct DiskMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub eta_seconds: Option<i64>,
+    /// With `spec.verify`: what comparing the source's last content with the target found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<MigrationVerification>,
     /// How long the consumer's I/O was held during the cutover, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
@@ -105,4 +108,22 @@ pub enum MigrationStage {
     CuttingOver,
     /// The source's last content is compared with the target's.
     Verifying,
+}
+
+/// What the comparison of source and target after the cutover found.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationVerification {
+    /// Bytes read on both nodes and found equal.
+    #[schemars(range(min = 0))]
+    pub compared_bytes: i64,
+    /// Bytes not compared: written (by the mirror's last copies or the consumer) after the
+    /// comparison's dirty bitmap started, just before `job-complete`.
+    #[schemars(range(min = 0))]
+    pub skipped_bytes: i64,
+    /// The offset of the first 4 MiB chunk that differs; absent when everything compared is
+    /// equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub first_difference_offset: Option<i64>,
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeError;
 use crate::common::Progress;
-pub use crate::migration::MigrationStage;
+pub use crate::migration::{MigrationStage, MigrationVerification};
 use crate::schema;
 
 /// Node work of a `DiskMigration`, declared by the operator and named `migrate-<uid>` after it.
@@ -96,19 +96,30 @@ impl MigrationPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationSource {
-    /// The source's export front (a host its certificate names) and NBD port.
+    /// The source's export front: a host its certificate names.
     pub host: String,
+    /// The source's export front: its NBD port.
     pub port: i32,
     /// The NBD export (raw bytes) of the source's volume record as it was when the copy
-    /// started, its length in bytes and its SHA-256.
+    /// started.
     pub manifest_export: String,
+    /// The manifest's length in bytes (the export is padded to whole sectors).
     #[schemars(range(min = 1))]
     pub manifest_length: i64,
+    /// Hex SHA-256 of the manifest's bytes, checked by the target on arrival.
     #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
     pub manifest_sha256: String,
     /// The sealed layer files to copy, base first.
     #[serde(default)]
     pub layers: Vec<MigrationLayer>,
+    /// How long the mirror took from its start to converging (ready), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub mirror_milliseconds: Option<i64>,
+    /// The bytes the mirror had copied when it converged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub mirrored_bytes: Option<i64>,
     /// When the cutover held the consumer's I/O, for how long, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
@@ -116,6 +127,9 @@ pub struct MigrationSource {
     /// Set once `job-complete` returned: the target is the truth.
     #[serde(default)]
     pub pivoted: bool,
+    /// With `spec.verify`: what comparing the old chain with the target found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<MigrationVerification>,
 }
 
 /// One sealed layer file the source serves for the copy.
@@ -149,6 +163,11 @@ pub struct MigrationTarget {
     /// on top, served by its engine.
     #[serde(default)]
     pub imported: bool,
+    /// How long the successful copy of the manifest and the sealed layers took, in
+    /// milliseconds (for benchmarks: bytes copied over this time is the copy's throughput).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub copy_milliseconds: Option<i64>,
     /// Why the target could not do its part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<NodeError>,

@@ -26,7 +26,7 @@ pub use export::{ExportPhase, LivediskExport, LivediskExportSpec, LivediskExport
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};
 pub use migration::{
     LivediskMigration, LivediskMigrationSpec, LivediskMigrationStatus, MigrationLayer,
-    MigrationPhase, MigrationSource, MigrationStage, MigrationTarget,
+    MigrationPhase, MigrationSource, MigrationStage, MigrationTarget, MigrationVerification,
 };
 pub use node::{ExportFront, LivediskNode, LivediskNodeSpec, LivediskNodeStatus};
 pub use restore::{

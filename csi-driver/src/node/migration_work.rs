@@ -22,7 +22,7 @@ use livedisk_api::Progress;
 use livedisk_api::internal::{
     AttachmentPhase, ErrorCode, LivediskAttachment, LivediskAttachmentSpec, LivediskMigration,
     LivediskSnapshot, LivediskVolume, MigrationLayer, MigrationPhase, MigrationSource,
-    MigrationStage, NodeError, attachment_name,
+    MigrationStage, MigrationVerification, NodeError, attachment_name,
 };
 use livedisk_engine::qcow2::migrate::{FileSource, MigrationStep};
 use livedisk_engine::qcow2::remote::RemoteSource;
@@ -56,6 +56,8 @@ fn waits(e: &CsiError) -> bool {
 pub struct Imports {
     runs: Mutex<HashMap<String, Import>>,
     samples: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+    /// When this process started each migration's mirror (as its source).
+    mirrors: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 struct Import {
@@ -63,6 +65,18 @@ struct Import {
 }
 
 impl Imports {
+    fn mirror_started(&self, name: &str) {
+        if let Ok(mut m) = self.mirrors.lock() {
+            m.insert(name.to_string(), std::time::Instant::now());
+        }
+    }
+
+    /// How long ago this process started the mirror of `name`; `None` after a restart.
+    fn mirror_age(&self, name: &str) -> Option<Duration> {
+        let m = self.mirrors.lock().ok()?;
+        m.get(name).map(|t| t.elapsed())
+    }
+
     /// Bytes per second since the previous sample of the same migration (the source's reports
     /// come from its reconciles, about once a second).
     pub fn rate(&self, name: &str, bytes: u64) -> Option<i64> {
@@ -315,6 +329,9 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
                 .collect(),
             cutover_pause_milliseconds: None,
             pivoted: false,
+            verification: None,
+            mirror_milliseconds: None,
+            mirrored_bytes: None,
         };
         patch_status(
             client,
@@ -393,6 +410,7 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
                 key_pem: front.key.key_pem().to_string(),
             };
             agent.engine.mirror_start(&volume, &target, speed).await?;
+            agent.imports.mirror_started(&name);
             return Ok(Action::requeue(Duration::from_millis(300)));
         }
         Err(e) => {
@@ -423,23 +441,80 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
         .await?;
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    let converged = agent
+        .imports
+        .mirror_age(&name)
+        .map(|d| d.as_millis() as i64);
     patch_status(
         client,
         &name,
         json!({ "stage": MigrationStage::Synchronized, "progress": overall,
-                "dirtyBytesRemaining": remaining }),
+                "dirtyBytesRemaining": remaining,
+                "source": { "mirrorMilliseconds": converged, "mirroredBytes": progress.total } }),
     )
     .await?;
-    let pause = agent.engine.cutover(&volume).await?;
+    patch_status(
+        client,
+        &name,
+        json!({ "stage": MigrationStage::CuttingOver }),
+    )
+    .await?;
+    let pause = agent.engine.cutover(&volume, m.spec.verify).await?;
     let pause_ms = pause.as_millis() as i64;
     patch_status(
         client,
         &name,
-        json!({ "stage": MigrationStage::CuttingOver,
-                "source": { "pivoted": true, "cutoverPauseMilliseconds": pause_ms } }),
+        json!({ "source": { "pivoted": true, "cutoverPauseMilliseconds": pause_ms } }),
     )
     .await?;
     tracing::info!(migration = %name, %volume, pause_ms, "cutover done: the target holds the volume");
+    let mut difference = None;
+    if m.spec.verify {
+        patch_status(client, &name, json!({ "stage": MigrationStage::Verifying })).await?;
+        match agent.engine.verify_migration_out(&volume).await {
+            Ok(v) => {
+                tracing::info!(migration = %name, %volume, compared = v.compared, skipped = v.skipped, difference = ?v.first_difference, "verification done");
+                difference = v.first_difference;
+                let found = MigrationVerification {
+                    compared_bytes: v.compared as i64,
+                    skipped_bytes: v.skipped as i64,
+                    first_difference_offset: v.first_difference.map(|o| o as i64),
+                };
+                patch_status(
+                    client,
+                    &name,
+                    json!({ "source": { "verification": found } }),
+                )
+                .await?;
+            }
+            // The comparison is a check, not a step of the move: the target is the truth
+            // either way. Said in the status, never retried (the bitmap is gone with a restart).
+            Err(e) => {
+                tracing::warn!(migration = %name, %volume, error = %e, "verification could not run");
+                patch_status(
+                    client,
+                    &name,
+                    json!({ "error": node_err(ErrorCode::Internal, format!("the cutover pivoted; the comparison with the source could not run: {e}")) }),
+                )
+                .await?;
+            }
+        }
+    }
+    if let Some(offset) = difference {
+        agent.engine.complete_migration_out(&volume).await?;
+        hand_over(&agent.client, &volume, &m.spec.target_node_name).await?;
+        withdraw_grants(agent, &name);
+        patch_status(
+            client,
+            &name,
+            json!({ "phase": MigrationPhase::Failed, "stage": null, "completionTime": now(),
+                    "error": node_err(ErrorCode::Internal, format!(
+                        "the target holds the volume (the cutover pivoted), but its content differs from the source's at offset {offset}, outside what was written after the comparison started"
+                    )) }),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
     finish(agent, m, &volume).await
 }
 
@@ -451,9 +526,7 @@ async fn finish(
     volume: &VolumeId,
 ) -> Result<Action, CsiError> {
     let name = m.name_any();
-    if agent.engine.migration_marker(volume)?.is_some() {
-        agent.engine.cutover(volume).await?;
-    }
+    agent.engine.complete_migration_out(volume).await?;
     hand_over(&agent.client, volume, &m.spec.target_node_name).await?;
     withdraw_grants(agent, &name);
     if agent.engine.remote_record(volume)?.is_none() {
@@ -667,8 +740,10 @@ async fn import(
     // A lost connection (the source's plugin or daemon restarting, a network blip) is
     // retried: the source serves the same files again when it comes back.
     let mut attempt = 0;
+    let mut started;
     let result = loop {
         attempt += 1;
+        started = std::time::Instant::now();
         match import_files(&agent, &volume, &source, rate, &copied).await {
             Err(e) if attempt < IMPORT_ATTEMPTS && retryable(&e) => {
                 tracing::warn!(migration = %name, %volume, attempt, error = %e, "copy failed; retrying");
@@ -681,7 +756,8 @@ async fn import(
     let body = match result {
         Ok(()) => {
             tracing::info!(migration = %name, %volume, "volume imported; serving it to the source");
-            json!({ "target": { "imported": true, "copiedBytes": copied.load(Ordering::Relaxed) } })
+            json!({ "target": { "imported": true, "copiedBytes": copied.load(Ordering::Relaxed),
+                                "copyMilliseconds": started.elapsed().as_millis() as i64 } })
         }
         Err(e) => {
             tracing::warn!(migration = %name, %volume, error = %e, "import failed");
@@ -700,6 +776,11 @@ async fn import_files(
     rate: Option<u64>,
     copied: &AtomicU64,
 ) -> Result<(), EngineError> {
+    // Imported already by a plugin that died before it could say so: only opened again.
+    if agent.engine.is_incoming(volume)? {
+        let rec = agent.engine.record(volume)?;
+        return agent.engine.import_finish(volume, rec).await;
+    }
     let (me, front) = identity(agent.front.as_ref())
         .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
     let port = u16::try_from(source.port)

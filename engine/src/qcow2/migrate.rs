@@ -42,6 +42,22 @@ const INCOMING_DIR: &str = "incoming";
 /// How long the cutover waits for the mirror to pivot.
 const PIVOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The dirty bitmap that records what reaches the target from just before `job-complete`.
+const VERIFY_BITMAP: &str = "migverify";
+/// How much the verification reads per request from each side.
+const VERIFY_CHUNK: u64 = 4 << 20;
+
+/// What the post-cutover comparison found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verification {
+    /// Bytes compared (the volume less what the verify bitmap marked).
+    pub compared: u64,
+    /// Bytes skipped because they were written after the bitmap started.
+    pub skipped: u64,
+    /// The offset of the first chunk that differs, if any.
+    pub first_difference: Option<u64>,
+}
+
 /// Which side of a migration this node's copy of a volume is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -494,11 +510,15 @@ impl Engine {
         }
     }
 
-    /// Pivots a converged mirror: `job-complete`, then the source's chain is retired and a
-    /// consumer attached here goes on as a remote attachment of the target. Returns how long
-    /// the pivot took (QEMU drains the consumer's I/O for part of it). Idempotent after a
-    /// crash: a marker at `Pivoting` is finished, never undone.
-    pub async fn cutover(&self, volume: &VolumeId) -> Result<Duration> {
+    /// Pivots a converged mirror with `job-complete`. Returns how long the pivot took (QEMU
+    /// drains the consumer's I/O for part of it). With `verify`, a dirty bitmap on the NBD
+    /// connection to the target starts recording before `job-complete`: every write that
+    /// reaches the target from then on (the mirror's last copies, the consumer's writes after
+    /// the pivot) passes through that connection, so what it does not mark must read the same
+    /// on the target as in the source's old chain ([`Engine::verify_migration_out`]). The old
+    /// chain stays until [`Engine::complete_migration_out`]. Idempotent after a crash: a marker
+    /// at `Pivoting` is finished, never undone.
+    pub async fn cutover(&self, volume: &VolumeId, verify: bool) -> Result<Duration> {
         let _g = self.locks.try_lock(volume)?;
         let Some(marker) = self.migration_marker(volume)? else {
             return Err(EngineError::NotFound(format!(
@@ -531,6 +551,21 @@ impl Engine {
             .find(|j| j.id == job);
         let pause = match running {
             Some(j) if j.status == "ready" => {
+                if verify {
+                    let (_, node, _) = super::remote::names(volume);
+                    let added = self
+                        .qmp
+                        .execute(
+                            "block-dirty-bitmap-add",
+                            json!({ "node": node, "name": VERIFY_BITMAP }),
+                        )
+                        .await;
+                    match added {
+                        Ok(_) => {}
+                        Err(e) if e.desc_contains("already") => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 let started = Instant::now();
                 self.qmp
                     .execute("job-complete", json!({ "id": job }))
@@ -549,8 +584,61 @@ impl Engine {
             }
             None => Duration::ZERO,
         };
-        self.finish_pivot(volume, &marker).await?;
         Ok(pause)
+    }
+
+    /// Compares the source's old chain (frozen at the pivot) with the target, read through the
+    /// NBD connection, outside the verify bitmap's dirty ranges. Call between
+    /// [`Engine::cutover`] with `verify` and [`Engine::complete_migration_out`].
+    pub async fn verify_migration_out(&self, volume: &VolumeId) -> Result<Verification> {
+        let _g = self.locks.try_lock(volume)?;
+        let rec = self.load(volume)?;
+        let active = rec
+            .active()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {volume}")))?;
+        let (_, node, _) = super::remote::names(volume);
+        let (old_id, old_name) = (
+            format!("vo{}", hex(volume)),
+            format!("mig-old-{}", hex(volume)),
+        );
+        let (new_id, new_name) = (
+            format!("vn{}", hex(volume)),
+            format!("mig-new-{}", hex(volume)),
+        );
+        for (id, name, target, bitmaps) in [
+            (&old_id, &old_name, rec.node_name(active.seq), None),
+            (
+                &new_id,
+                &new_name,
+                node.clone(),
+                Some(json!([VERIFY_BITMAP])),
+            ),
+        ] {
+            let mut args = json!({
+                "type": "nbd", "id": id, "node-name": target, "name": name, "writable": false,
+            });
+            if let Some(b) = bitmaps {
+                args["bitmaps"] = b;
+            }
+            match self.qmp.execute("block-export-add", args).await {
+                Ok(_) => {}
+                Err(e) if e.desc_contains("already") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let socket = self.daemon().runtime.nbd_socket();
+        let result = compare_outside_dirty(&socket, &old_name, &new_name, rec.size).await;
+        self.delete_export_and_wait(&old_id).await?;
+        self.delete_export_and_wait(&new_id).await?;
+        result
+    }
+
+    /// Ends a migration out of this node after the pivot (finishing a cutover a crash
+    /// interrupted first): the source's chain is retired and a consumer attached here goes on
+    /// as a remote attachment of the target. Idempotent.
+    pub async fn complete_migration_out(&self, volume: &VolumeId) -> Result<()> {
+        let _g = self.locks.try_lock(volume)?;
+        self.resolve_pivoting(volume).await
     }
 
     async fn wait_job_gone(&self, job: &str) -> Result<()> {
@@ -577,6 +665,15 @@ impl Engine {
         let Some(rec) = self.store.load(volume)? else {
             return Ok(());
         };
+        // The verify bitmap would record the consumer's writes for as long as the node lives.
+        let (_, node, _) = super::remote::names(volume);
+        let _ = self
+            .qmp
+            .execute(
+                "block-dirty-bitmap-remove",
+                json!({ "node": node, "name": VERIFY_BITMAP }),
+            )
+            .await;
         let consumer = rec
             .exports
             .iter()
@@ -828,6 +925,82 @@ impl Engine {
     }
 }
 
+/// The ranges of `[0, size)` a `qemu-img map` of an export with `x-dirty-bitmap` reports as
+/// clean (`"data": true`; dirty ranges read as `"data": false`).
+async fn clean_ranges(socket: &Path, export: &str) -> Result<Vec<(u64, u64)>> {
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={export},x-dirty-bitmap=qemu:dirty-bitmap:{VERIFY_BITMAP}",
+        socket.display()
+    );
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts", &opts])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(EngineError::Io(io::Error::other(format!(
+            "qemu-img map of {export}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))));
+    }
+    clean_from_map(&out.stdout)
+}
+
+/// Pure: the `"data": true` entries of `qemu-img map --output=json`, as (offset, length).
+fn clean_from_map(json: &[u8]) -> Result<Vec<(u64, u64)>> {
+    let entries: Vec<Value> = serde_json::from_slice(json)
+        .map_err(|e| EngineError::Io(io::Error::other(format!("qemu-img map output: {e}"))))?;
+    Ok(entries
+        .iter()
+        .filter(|e| e["data"].as_bool() == Some(true))
+        .filter_map(|e| Some((e["start"].as_u64()?, e["length"].as_u64()?)))
+        .filter(|(_, l)| *l > 0)
+        .collect())
+}
+
+async fn compare_outside_dirty(
+    socket: &Path,
+    old: &str,
+    new: &str,
+    size: u64,
+) -> Result<Verification> {
+    let clean = clean_ranges(socket, new).await?;
+    let nbd =
+        |e: crate::qsd::nbd_client::NbdError| EngineError::Io(io::Error::other(e.to_string()));
+    let mut a = crate::qsd::nbd_client::NbdClient::connect(socket, old)
+        .await
+        .map_err(nbd)?;
+    let mut b = crate::qsd::nbd_client::NbdClient::connect(socket, new)
+        .await
+        .map_err(nbd)?;
+    let mut compared = 0;
+    let mut first_difference = None;
+    let (mut x, mut y) = (vec![], vec![]);
+    'ranges: for (start, length) in clean {
+        let end = (start + length).min(size);
+        let mut at = start;
+        while at < end {
+            let n = VERIFY_CHUNK.min(end - at) as usize;
+            x.resize(n, 0);
+            y.resize(n, 0);
+            a.read(at, &mut x).await.map_err(nbd)?;
+            b.read(at, &mut y).await.map_err(nbd)?;
+            if x != y {
+                first_difference = Some(at);
+                break 'ranges;
+            }
+            compared += n as u64;
+            at += n as u64;
+        }
+    }
+    let _ = a.disconnect().await;
+    let _ = b.disconnect().await;
+    Ok(Verification {
+        compared,
+        skipped: size.saturating_sub(compared),
+        first_difference,
+    })
+}
+
 fn read_marker(path: &Path) -> Result<Option<MigrationMarker>> {
     match fs::read(path) {
         Ok(body) => serde_json::from_slice(&body).map(Some).map_err(|e| {
@@ -888,6 +1061,18 @@ mod tests {
         assert_eq!(parse_progress(b"    (12.50/100%)"), Some(0.125));
         assert_eq!(parse_progress(b"(100.00/100%)"), Some(1.0));
         assert_eq!(parse_progress(b"garbage"), None);
+    }
+
+    #[test]
+    fn clean_ranges_are_the_data_entries_of_the_map() {
+        let map =
+            br#"[{"start":0,"length":65536,"depth":0,"present":true,"zero":false,"data":true},
+            {"start":65536,"length":131072,"depth":0,"present":false,"zero":false,"data":false},
+            {"start":196608,"length":65536,"depth":0,"present":true,"zero":false,"data":true}]"#;
+        assert_eq!(
+            clean_from_map(map).unwrap(),
+            vec![(0, 65536), (196608, 65536)]
+        );
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub fn from_node(
     let eta = progress.as_ref().filter(|_| running).and_then(eta_seconds);
     fields.insert("etaSeconds".into(), eta.into());
     fields.insert("cutoverPauseMilliseconds".into(), pause.into());
+    let verification = status.source.as_ref().and_then(|s| s.verification.clone());
+    fields.insert(
+        "verification".into(),
+        json_or_null(verification.as_ref()),
+    );
 
     // A cancel asked for, what the nodes say while the migration goes on, and a rate limit that
     // was not taken.
@@ -110,8 +115,15 @@ pub fn from_node(
                     Some(ms) => format!("the consumer's I/O was held for {ms} ms at the cutover"),
                     None => "the node did not report the cutover pause".into(),
                 },
-                // This version makes no comparison after the cutover (docs/migration.md).
-                "the content was not compared after the cutover (this version does not verify)"
+                match (&verification, work.verify) {
+                    (Some(v), _) => format!(
+                        "{} bytes compared equal with the source's last content ({} bytes \
+                         written after the comparison started were skipped)",
+                        v.compared_bytes, v.skipped_bytes
+                    ),
+                    (None, true) => "the comparison with the source could not run".into(),
+                    (None, false) => "not compared (spec.verify is false)".into(),
+                }
             ),
             EventKind::Normal,
         ),
@@ -246,6 +258,9 @@ mod tests {
             layers: vec![],
             cutover_pause_milliseconds: pause,
             pivoted,
+            verification: None,
+            mirror_milliseconds: None,
+            mirrored_bytes: None,
         }
     }
 
@@ -463,7 +478,7 @@ mod tests {
         assert_eq!(done.fields["progress"]["percent"], 100);
         assert_eq!(done.fields["sourceNodeName"], "node-a");
         assert!(message(&done).contains("held for 3 ms at the cutover"));
-        assert!(message(&done).contains("does not verify"));
+        assert!(message(&done).contains("could not run"));
         assert_eq!(done.event, EventKind::Normal);
         assert_eq!(done.requeue_seconds, ENDED_RECHECK_SECONDS);
     }

@@ -137,6 +137,7 @@ where
 }
 
 /// The driver's three services, connected.
+#[derive(Clone)]
 pub struct Driver {
     pub target: CsiTarget,
     controller: ControllerClient<Channel>,

@@ -199,7 +199,12 @@ async fn measure(
 }
 
 /// A block claim of `bytes` bound on `node`; its volume handle.
-async fn bound_claim(client: &kube::Client, ns: &str, node: &str, bytes: u64) -> Result<String> {
+pub(crate) async fn bound_claim(
+    client: &kube::Client,
+    ns: &str,
+    node: &str,
+    bytes: u64,
+) -> Result<String> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvc = serde_json::from_value(json!({
         "metadata": {"name": "disk"},
@@ -229,7 +234,7 @@ async fn bound_claim(client: &kube::Client, ns: &str, node: &str, bytes: u64) ->
         .context("the PV has no CSI volume handle")
 }
 
-async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+pub(crate) async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
@@ -244,7 +249,7 @@ where
     }
 }
 
-async fn snapshot(client: &kube::Client, ns: &str, name: &str) -> Result<()> {
+pub(crate) async fn snapshot(client: &kube::Client, ns: &str, name: &str) -> Result<()> {
     let api: Api<DiskSnapshot> = Api::namespaced(client.clone(), ns);
     let object = serde_json::from_value(json!({
         "metadata": {"name": name},
@@ -272,7 +277,7 @@ async fn handle(client: &kube::Client, ns: &str, name: &str) -> Result<String> {
 }
 
 /// A served DiskExport: its endpoint and a directory with its credentials.
-async fn export(
+pub(crate) async fn export(
     client: &kube::Client,
     ns: &str,
     name: &str,

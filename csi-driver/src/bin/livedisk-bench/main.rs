@@ -15,6 +15,7 @@ mod audit;
 mod csi;
 mod exports;
 mod merge_latency;
+mod migration;
 mod remote;
 mod report;
 mod scenarios;
@@ -33,8 +34,9 @@ use scenarios::Config;
 
 /// The benchmarks, by row letter: a–d and g on an engine of the benchmark's own, e through the
 /// driver's CSI sockets, f through the operator, h through the operator and a node's export
-/// front, i through the operator and both nodes (e, f, h and i on hack/bench.sh's cluster).
-const ALL: [char; 9] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'];
+/// front, i and j through the operator and both nodes (e, f, h, i and j on hack/bench.sh's
+/// cluster).
+const ALL: [char; 10] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'];
 const ENGINE_ONLY: [char; 5] = ['a', 'b', 'c', 'd', 'g'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -197,6 +199,16 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let migration_on = if c.selected('j') {
+        let context = "benchmark (j) runs the operator and the two-node driver on a local \
+                       cluster: run it with hack/bench.sh (make bench), which starts one";
+        Some((
+            CsiTarget::from_env()?.context(context)?,
+            at_scale::ScaleTarget::from_env()?.context(context)?,
+        ))
+    } else {
+        None
+    };
     let started = Instant::now();
     let (mut rows, mut dropped) = (vec![], None);
     if ENGINE_ONLY.iter().any(|&s| c.selected(s)) {
@@ -214,6 +226,9 @@ async fn main() -> Result<()> {
     }
     if let Some((csi, operator)) = remote_on {
         rows.extend(remote::remote_attach(csi, operator, &c).await?);
+    }
+    if let Some((csi, operator)) = migration_on {
+        rows.extend(migration::migration(csi, operator, &c).await?);
     }
 
     println!("{}", machine_facts().await);
@@ -248,7 +263,8 @@ mod tests {
         assert_eq!(parse_only(" b, d ,e").unwrap(), ['b', 'd', 'e']);
         assert_eq!(parse_only("f,g").unwrap(), ['f', 'g']);
         assert_eq!(parse_only("h,i").unwrap(), ['h', 'i']);
-        assert!(parse_only("j").is_err());
+        assert_eq!(parse_only("i,j").unwrap(), ['i', 'j']);
+        assert!(parse_only("k").is_err());
         assert!(parse_only("ab").is_err());
         assert!(parse_only(" , ").is_err());
     }
