@@ -677,8 +677,10 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
         return Ok(Action::await_change());
     }
     let target = status.target.clone().unwrap_or_default();
-    if target.certificate_sha256.is_none() {
-        let (me, _) = identity(agent.front.as_ref())?;
+    // Published again whenever it changed: a restarted plugin has a new certificate, which
+    // the source must admit instead of the old one.
+    let (me, _) = identity(agent.front.as_ref())?;
+    if target.certificate_sha256.as_deref() != Some(me.leaf_sha256.as_str()) {
         patch_status(
             &agent.client,
             &name,
@@ -693,6 +695,8 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
     if target.imported || target.error.is_some() || agent.imports.running(&name) {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
+    // Not before this node has its certificate again (a restarted plugin waits for it).
+    identity(agent.front.as_ref())?;
     let rate = m.spec.bandwidth_bytes_per_second.map(|b| b.max(0) as u64);
     let task = tokio::spawn(import(agent.clone(), name.clone(), volume, source, rate));
     agent.imports.start(&name, task);
@@ -781,8 +785,9 @@ async fn import_files(
         let rec = agent.engine.record(volume)?;
         return agent.engine.import_finish(volume, rec).await;
     }
-    let (me, front) = identity(agent.front.as_ref())
-        .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
+    // A plugin that has just started has no certificate yet: the copy is tried again.
+    let (me, front) =
+        identity(agent.front.as_ref()).map_err(|e| EngineError::Unreachable(e.to_string()))?;
     let port = u16::try_from(source.port)
         .map_err(|_| EngineError::InvalidArgument(format!("port {} out of range", source.port)))?;
     let key = front.key.key_pem().to_string();

@@ -597,40 +597,46 @@ impl Engine {
             .active()
             .ok_or_else(|| EngineError::NotFound(format!("volume {volume}")))?;
         let (_, node, _) = super::remote::names(volume);
-        let (old_id, old_name) = (
-            format!("vo{}", hex(volume)),
-            format!("mig-old-{}", hex(volume)),
-        );
-        let (new_id, new_name) = (
-            format!("vn{}", hex(volume)),
-            format!("mig-new-{}", hex(volume)),
-        );
-        for (id, name, target, bitmaps) in [
-            (&old_id, &old_name, rec.node_name(active.seq), None),
-            (
-                &new_id,
-                &new_name,
-                node.clone(),
-                Some(json!([VERIFY_BITMAP])),
-            ),
-        ] {
-            let mut args = json!({
-                "type": "nbd", "id": id, "node-name": target, "name": name, "writable": false,
-            });
-            if let Some(b) = bitmaps {
-                args["bitmaps"] = b;
+        let names = VerifyExports::of(volume);
+        let result = async {
+            // The target's side is exported writable (nothing writes through it): QEMU refuses
+            // an enabled bitmap on a read-only export, and the bitmap must stay enabled to keep
+            // recording the consumer's writes while the comparison runs.
+            for (id, name, target, writable) in [
+                (
+                    &names.old_id,
+                    &names.old_name,
+                    rec.node_name(active.seq),
+                    false,
+                ),
+                (&names.new_id, &names.new_name, node.clone(), true),
+            ] {
+                let mut args = json!({
+                    "type": "nbd", "id": id, "node-name": target, "name": name,
+                    "writable": writable,
+                });
+                if writable {
+                    args["bitmaps"] = json!([VERIFY_BITMAP]);
+                }
+                match self.qmp.execute("block-export-add", args).await {
+                    Ok(_) => {}
+                    Err(e) if e.desc_contains("already") => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            match self.qmp.execute("block-export-add", args).await {
-                Ok(_) => {}
-                Err(e) if e.desc_contains("already") => {}
-                Err(e) => return Err(e.into()),
-            }
+            let socket = self.daemon().runtime.nbd_socket();
+            compare_outside_dirty(&socket, &names.old_name, &names.new_name, rec.size).await
         }
-        let socket = self.daemon().runtime.nbd_socket();
-        let result = compare_outside_dirty(&socket, &old_name, &new_name, rec.size).await;
-        self.delete_export_and_wait(&old_id).await?;
-        self.delete_export_and_wait(&new_id).await?;
+        .await;
+        self.remove_verify_exports(volume).await?;
         result
+    }
+
+    /// Removes the comparison's exports (left by an interrupted one too). Idempotent.
+    async fn remove_verify_exports(&self, volume: &VolumeId) -> Result<()> {
+        let names = VerifyExports::of(volume);
+        self.delete_export_and_wait(&names.old_id).await?;
+        self.delete_export_and_wait(&names.new_id).await
     }
 
     /// Ends a migration out of this node after the pivot (finishing a cutover a crash
@@ -665,6 +671,8 @@ impl Engine {
         let Some(rec) = self.store.load(volume)? else {
             return Ok(());
         };
+        // The comparison's exports hold the old chain's top node (one a crash left included).
+        self.remove_verify_exports(volume).await?;
         // The verify bitmap would record the consumer's writes for as long as the node lives.
         let (_, node, _) = super::remote::names(volume);
         let _ = self
@@ -925,6 +933,33 @@ impl Engine {
     }
 }
 
+/// The comparison's two exports: the source's old chain, and the target through the NBD
+/// connection (with the verify bitmap).
+struct VerifyExports {
+    old_id: String,
+    old_name: String,
+    new_id: String,
+    new_name: String,
+}
+
+impl VerifyExports {
+    fn of(volume: &VolumeId) -> Self {
+        Self {
+            old_id: format!("vo{}", hex(volume)),
+            old_name: format!("mig-old-{}", hex(volume)),
+            new_id: format!("vn{}", hex(volume)),
+            new_name: format!("mig-new-{}", hex(volume)),
+        }
+    }
+}
+
+/// Whether `[offset, offset + length)` lies inside one of `ranges`.
+fn inside(ranges: &[(u64, u64)], offset: u64, length: u64) -> bool {
+    ranges
+        .iter()
+        .any(|&(s, l)| s <= offset && offset + length <= s + l)
+}
+
 /// The ranges of `[0, size)` a `qemu-img map` of an export with `x-dirty-bitmap` reports as
 /// clean (`"data": true`; dirty ranges read as `"data": false`).
 async fn clean_ranges(socket: &Path, export: &str) -> Result<Vec<(u64, u64)>> {
@@ -974,8 +1009,9 @@ async fn compare_outside_dirty(
         .map_err(nbd)?;
     let mut compared = 0;
     let mut first_difference = None;
+    let mut differing = vec![];
     let (mut x, mut y) = (vec![], vec![]);
-    'ranges: for (start, length) in clean {
+    for (start, length) in clean {
         let end = (start + length).min(size);
         let mut at = start;
         while at < end {
@@ -985,15 +1021,27 @@ async fn compare_outside_dirty(
             a.read(at, &mut x).await.map_err(nbd)?;
             b.read(at, &mut y).await.map_err(nbd)?;
             if x != y {
-                first_difference = Some(at);
-                break 'ranges;
+                differing.push((at, n as u64));
+            } else {
+                compared += n as u64;
             }
-            compared += n as u64;
             at += n as u64;
         }
     }
     let _ = a.disconnect().await;
     let _ = b.disconnect().await;
+    // The consumer may have written a chunk while it was being compared (the bitmap was read
+    // once, before): a chunk the bitmap marks dirty now is excused, one it still leaves clean
+    // is a real difference.
+    if !differing.is_empty() {
+        let clean_now = clean_ranges(socket, new).await?;
+        for (offset, length) in differing {
+            if inside(&clean_now, offset, length) {
+                first_difference.get_or_insert(offset);
+                break;
+            }
+        }
+    }
     Ok(Verification {
         compared,
         skipped: size.saturating_sub(compared),
@@ -1061,6 +1109,15 @@ mod tests {
         assert_eq!(parse_progress(b"    (12.50/100%)"), Some(0.125));
         assert_eq!(parse_progress(b"(100.00/100%)"), Some(1.0));
         assert_eq!(parse_progress(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_chunk_is_inside_a_clean_range_only_whole() {
+        let clean = [(0, 65536), (131072, 65536)];
+        assert!(inside(&clean, 0, 4096));
+        assert!(inside(&clean, 131072, 65536));
+        assert!(!inside(&clean, 61440, 8192));
+        assert!(!inside(&clean, 65536, 4096));
     }
 
     #[test]

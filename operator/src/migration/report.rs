@@ -61,10 +61,7 @@ pub fn from_node(
     fields.insert("etaSeconds".into(), eta.into());
     fields.insert("cutoverPauseMilliseconds".into(), pause.into());
     let verification = status.source.as_ref().and_then(|s| s.verification.clone());
-    fields.insert(
-        "verification".into(),
-        json_or_null(verification.as_ref()),
-    );
+    fields.insert("verification".into(), json_or_null(verification.as_ref()));
 
     // A cancel asked for, what the nodes say while the migration goes on, and a rate limit that
     // was not taken.

@@ -454,7 +454,7 @@ async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Resul
     })
     .await?;
     println!(
-        "after a killed source plugin and a cut link: completed, pause {:?} ms",
+        "after killed node plugins and a cut link: completed, pause {:?} ms",
         done.cutover_pause_milliseconds
     );
 
