@@ -246,7 +246,18 @@ pub async fn convert_from_nbd(
         source.host, source.port, source.export
     );
     let rate = rate.filter(|r| *r > 0).map(|r| r.to_string());
-    let mut args = vec!["convert", "-p", "-O", "raw", "--object", &object];
+    // `-t writeback`: flushed before qemu-img exits (its default for the output never flushes);
+    // the caller's fsync then finds nothing left to write.
+    let mut args = vec![
+        "convert",
+        "-p",
+        "-t",
+        "writeback",
+        "-O",
+        "raw",
+        "--object",
+        &object,
+    ];
     if let Some(r) = &rate {
         args.extend(["-r", r]);
     }

@@ -2,7 +2,8 @@
 //! it: a block claim filled with data that a snapshot sealed, moved back and forth between the
 //! nodes. Each run first times the raw peer, `qemu-img convert` of the same sealed data from a
 //! DiskExport of the snapshot over the source's TLS front into a file on the target node (the
-//! same link, the same TLS, the same front), then the migration, whose target reports how long
+//! same link, the same TLS, the same front; flushed to disk at the end, as the migration's copy
+//! is), then the migration, whose target reports how long
 //! its copy of the sealed layers took. A consumer writes to the volume (`qemu-img bench`) from
 //! the moment the migration starts on every second run, so the mirror's time to converge and the
 //! cutover pause are measured with and without a writer.
@@ -135,7 +136,19 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
     driver
         .write(
             &volume,
-            &["-w", "-t", "none", "-s", "4M", "-S", "4M", "-c", &count],
+            // A non-zero pattern: zeros would be copied as holes, by both sides.
+            &[
+                "-w",
+                "--pattern=165",
+                "-t",
+                "none",
+                "-s",
+                "4M",
+                "-S",
+                "4M",
+                "-c",
+                &count,
+            ],
         )
         .await?;
     driver.unstage(&volume, "j-fill").await?;
@@ -170,7 +183,18 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
                     .write(
                         &volume,
                         &[
-                            "-w", "-t", "none", "-s", "4K", "-S", "65536", "-d", "8", "-c", &count,
+                            "-w",
+                            "--pattern=90",
+                            "-t",
+                            "none",
+                            "-s",
+                            "4K",
+                            "-S",
+                            "65536",
+                            "-d",
+                            "8",
+                            "-c",
+                            &count,
                         ],
                     )
                     .await
@@ -268,8 +292,20 @@ async fn peer_convert(
     let started = Instant::now();
     let output = tokio::process::Command::new(script)
         .env("LIVEDISK_NODES_DIR", &csi.nodes_dir)
+        // `-t writeback`: the copy is flushed to disk before qemu-img exits, as the migration's
+        // copy is before the target records it (qemu-img's default for the output, `unsafe`,
+        // never flushes).
         .args([
-            "exec", target, "--", "qemu-img", "convert", "-O", "raw", "--object",
+            "exec",
+            target,
+            "--",
+            "qemu-img",
+            "convert",
+            "-t",
+            "writeback",
+            "-O",
+            "raw",
+            "--object",
         ])
         .arg(&object)
         .args(["--image-opts", &image])
