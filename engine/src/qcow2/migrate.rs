@@ -777,16 +777,7 @@ impl Engine {
         }
         let dir = self.incoming_dir(volume);
         let tls = dir.join("tls");
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&tls)?;
-        }
-        atomic_write_private(&tls.join("ca-cert.pem"), source.ca_pem.as_bytes())?;
-        atomic_write_private(&tls.join("client-cert.pem"), source.cert_pem.as_bytes())?;
-        atomic_write_private(&tls.join("client-key.pem"), source.key_pem.as_bytes())?;
+        super::remote::write_client_tls(&tls, source.ca_pem, source.cert_pem, source.key_pem)?;
         let out = match seq {
             Some(seq) => dir.join(VolumeRecord::layer_file(seq)),
             None => dir.join(MANIFEST_FILE),

@@ -168,15 +168,12 @@ impl Engine {
 
     /// The TLS files the daemon's NBD client of `volume` reads.
     pub(super) fn write_remote_tls(&self, volume: &VolumeId, source: &RemoteSource) -> Result<()> {
-        let tls = self.remote_dir(volume).join(TLS_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&tls)?;
-        atomic_write_private(&tls.join("ca-cert.pem"), source.ca_pem.as_bytes())?;
-        atomic_write_private(&tls.join("client-cert.pem"), source.cert_pem.as_bytes())?;
-        atomic_write_private(&tls.join("client-key.pem"), source.key_pem.as_bytes())?;
-        Ok(())
+        write_client_tls(
+            &self.remote_dir(volume).join(TLS_DIR),
+            &source.ca_pem,
+            &source.cert_pem,
+            &source.key_pem,
+        )
     }
 
     /// The record that makes `volume` a remote attachment of this node (restored after a
@@ -316,6 +313,24 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// A directory QEMU's `tls-creds-x509` (endpoint client) reads: the CA, the certificate and the
+/// key, each 0600 in a 0700 directory.
+pub(super) fn write_client_tls(
+    dir: &std::path::Path,
+    ca: &str,
+    cert: &str,
+    key: &str,
+) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    atomic_write_private(&dir.join("ca-cert.pem"), ca.as_bytes())?;
+    atomic_write_private(&dir.join("client-cert.pem"), cert.as_bytes())?;
+    atomic_write_private(&dir.join("client-key.pem"), key.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]
