@@ -13,7 +13,8 @@ pub const LABEL_CLIENT_NODE: &str = "livedisk.io/client-node";
 /// that `spec.nodeName` holds; the node plugin of `spec.nodeName` then serves the volume's
 /// writable export through its TLS front to exactly the client certificate the spec pins (the
 /// client node's engine daemon connects with it). Deleting the object withdraws the admission
-/// and cuts its connections. Named `<volume ID>.<client node>`.
+/// and cuts its connections. Named `<volume ID>.<client node>`. With `spec.snapshotId`, a
+/// snapshot served read-only to a node that restores a volume from it (cross-node restore).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "livedisk.io",
@@ -49,6 +50,13 @@ pub struct LivediskAttachmentSpec {
     /// front's certificate, which the driver's export CA issues for client and server use).
     #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
     pub client_certificate_sha256: String,
+    /// Set for a cross-node restore: the owner serves this snapshot of `volumeId` read-only
+    /// (named by the snapshot's ID on the wire) instead of the volume, and the client node
+    /// restores a new volume from it. Such an object is named after the new volume
+    /// (`restore.<new volume>.<client node>`) and deleted once that volume stands alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = livedisk_common::SNAPSHOT_ID_PATTERN))]
+    pub snapshot_id: Option<String>,
 }
 
 /// Where an attachment is.
@@ -86,6 +94,13 @@ pub struct LivediskAttachmentStatus {
     pub error: Option<NodeError>,
 }
 
+/// The object's name for the source of a volume `restored` on `client_node` from another node's
+/// snapshot: `restore.<restored volume>.<node>` (cut as in [`attachment_name`]). One per restored
+/// volume, so that two volumes restored from the same snapshot end their sources independently.
+pub fn restore_source_name(restored: &str, client_node: &str) -> String {
+    attachment_name(&format!("restore.{restored}"), client_node)
+}
+
 /// The object's name for a volume used on `client_node`: `<volume>.<node>`, or, when that is
 /// longer than an object name may be, the node's name cut and a digest of it appended.
 pub fn attachment_name(volume: &str, client_node: &str) -> String {
@@ -119,5 +134,11 @@ mod tests {
         assert!(name.len() <= 253, "{}", name.len());
         assert!(name.starts_with(volume));
         assert_ne!(name, attachment_name(volume, &"m".repeat(250)));
+        let restore = restore_source_name(volume, &long);
+        assert!(restore.len() <= 253 && restore.starts_with("restore.vol-"));
+        assert_ne!(
+            restore_source_name(volume, "node-b"),
+            attachment_name(volume, "node-b")
+        );
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use attachment::{
     AttachmentPhase, LivediskAttachment, LivediskAttachmentSpec, LivediskAttachmentStatus,
-    attachment_name,
+    attachment_name, restore_source_name,
 };
 pub use export::{ExportPhase, LivediskExport, LivediskExportSpec, LivediskExportStatus};
 pub use merge::{LivediskMerge, LivediskMergeSpec, LivediskMergeStatus, MergePhase};

@@ -46,7 +46,8 @@ pub struct LivediskVolumeSpec {
     pub content_source: Option<ContentSource>,
     /// Rate limit, in bytes per second, of the merges that deleting this volume's snapshots
     /// start, from the StorageClass's `mergeBandwidthLimit`; a snapshot's own
-    /// VolumeSnapshotClass limit wins. Empty: unlimited.
+    /// VolumeSnapshotClass limit wins. Also the speed of the background copy of a volume made
+    /// from a snapshot. Empty: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub merge_bandwidth_bytes_per_second: Option<i64>,

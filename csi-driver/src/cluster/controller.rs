@@ -315,13 +315,26 @@ impl ControllerService {
                         || requisite
                             .iter()
                             .any(|t| t.segments.get(topology::NODE_KEY) == Some(&node));
-                    if !allowed {
+                    let from_snapshot = source.as_ref().is_some_and(|s| s.snapshot_id.is_some());
+                    if allowed {
+                        node
+                    } else if from_snapshot {
+                        // A cross-node restore: the consumer's node makes the volume and reads
+                        // the snapshot from its owner until it has copied it all.
+                        let known = self.known_nodes().await?;
+                        let counts = self.volumes_per_node().await?;
+                        topology::choose_node(request.accessibility_requirements.as_ref(), &known, &counts)
+                            .ok_or_else(|| CsiError::ResourceExhausted(format!(
+                                "the snapshot lives on node {node}, which the topology requirement excludes, \
+                                 and no other livedisk node satisfies it (registered nodes: {known:?})"
+                            )))?
+                    } else {
                         return Err(CsiError::ResourceExhausted(format!(
-                            "the source lives on node {node}, which the topology requirement excludes; \
-                             restoring across nodes is not supported yet (move the volume with a DiskMigration first)"
+                            "the source volume lives on node {node}, which the topology requirement excludes; \
+                             cloning a volume across nodes is not supported (restore from a snapshot of it, \
+                             or move it with a DiskMigration first)"
                         )));
                     }
-                    node
                 }
                 None => {
                     let known = self.known_nodes().await?;

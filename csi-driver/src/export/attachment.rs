@@ -5,6 +5,9 @@
 //!
 //! The engine's consumer export is shared by the local consumer and every remote one: it is
 //! stopped only when none of them is left.
+//!
+//! An attachment that names a snapshot (a cross-node restore's source) is served the same way
+//! with the engine's read-only export of that snapshot, shared with any `DiskExport` of it.
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use livedisk_api::ExportProtocol;
 use livedisk_api::internal::{
     AttachmentPhase, ErrorCode, LivediskAttachment, LivediskAttachmentStatus, NodeError,
 };
-use livedisk_engine::{EngineError, VolumeId};
+use livedisk_engine::{EngineError, SnapshotId, VolumeId};
 
 use super::Front;
 use super::grants::Grant;
@@ -43,7 +46,19 @@ pub async fn serve(
             format!("{:?} is not a volume ID", attachment.spec.volume_id),
         ));
     };
-    let info = match front.engine.attach_volume(&volume).await {
+    let served = match attachment.spec.snapshot_id.as_deref() {
+        None => front.engine.attach_volume(&volume).await,
+        Some(snapshot) => match SnapshotId::parse(snapshot) {
+            Ok(snapshot) => export_snapshot_of(front, &volume, &snapshot).await,
+            Err(_) => {
+                return Ok(failed(
+                    ErrorCode::InvalidArgument,
+                    format!("{snapshot:?} is not a snapshot ID"),
+                ));
+            }
+        },
+    };
+    let info = match served {
         Ok(info) => info,
         Err(error) if error.code().is_transient() || matches!(error, EngineError::Busy(_)) => {
             return Err(error.into());
@@ -73,7 +88,7 @@ pub async fn serve(
             None,
             0,
         ));
-        tracing::info!(attachment = %name, %volume, client = %attachment.spec.client_node, "volume served to a remote node");
+        tracing::info!(attachment = %name, %volume, snapshot = ?attachment.spec.snapshot_id, client = %attachment.spec.client_node, "volume served to a remote node");
     }
     Ok(LivediskAttachmentStatus {
         observed_generation: generation,
@@ -82,6 +97,21 @@ pub async fn serve(
         port: Some(i32::from(front.config.nbd_port)),
         error: None,
     })
+}
+
+/// The read-only export of `snapshot`, which must be one of `volume`'s.
+async fn export_snapshot_of(
+    front: &Front,
+    volume: &VolumeId,
+    snapshot: &SnapshotId,
+) -> Result<livedisk_engine::ExportInfo, EngineError> {
+    let owner = front.engine.snapshot(snapshot)?.volume;
+    if &owner != volume {
+        return Err(EngineError::InvalidArgument(format!(
+            "snapshot {snapshot} belongs to volume {owner}, not to {volume}"
+        )));
+    }
+    front.engine.export_snapshot(snapshot).await
 }
 
 /// Withdraws the grant (its connections end) and stops the engine's consumer export unless a
@@ -98,6 +128,18 @@ pub async fn stop(
     };
     if removed.is_some() {
         tracing::info!(attachment = %name, %volume, "remote attachment withdrawn");
+    }
+    if let Some(snapshot) = attachment.spec.snapshot_id.as_deref() {
+        let Ok(snapshot) = SnapshotId::parse(snapshot) else {
+            return Ok(());
+        };
+        if front.grants.export_shared(&name, snapshot.as_str()) {
+            return Ok(());
+        }
+        return match front.engine.unexport_snapshot(&snapshot).await {
+            Ok(()) | Err(EngineError::NotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        };
     }
     if attached_locally || front.grants.export_shared(&name, volume.as_str()) {
         return Ok(());

@@ -40,6 +40,7 @@ use super::report::{self, SnapshotReport, VolumeReport};
 use super::restore_work::{self, AfterError};
 use crate::grpc::error::{CsiError, node_error};
 use livedisk_common::error_chain;
+use livedisk_engine::qcow2::remote_clone::RemoteSnapshot;
 use livedisk_engine::{Engine, EngineError, SnapshotId, VolumeId, VolumeInfo};
 
 pub struct Agent {
@@ -56,6 +57,17 @@ pub struct Agent {
     pub front: Option<Arc<crate::export::Front>>,
     /// The volumes this node imports as a migration's target, each in its own task.
     pub imports: super::migration_work::Imports,
+}
+
+impl Agent {
+    fn remote_attacher(&self) -> super::remote_attach::RemoteAttacher {
+        super::remote_attach::RemoteAttacher::new(
+            self.client.clone(),
+            self.node_name.clone(),
+            self.engine.clone(),
+            self.front.clone(),
+        )
+    }
 }
 
 /// The field manager of everything the node writes: its objects' status, its `LivediskNode`.
@@ -701,13 +713,19 @@ async fn apply_volume(
                 .metrics
                 .track(OperationKind::CreateVolume, creating)
                 .await
+                .map_err(|e| node_error(&e))
         }
-        (None, Some(source)) => create_from(agent, &id, source, size).await,
+        (None, Some(source)) => {
+            let speed = volume
+                .spec
+                .merge_bandwidth_bytes_per_second
+                .and_then(|b| u64::try_from(b).ok());
+            create_from(agent, &id, source, size, speed).await
+        }
     };
     let info = match created {
         Ok(info) => info,
         Err(error) => {
-            let error = node_error(&error);
             let phase = report::failed_create_phase(&error);
             let report = VolumeReport {
                 phase,
@@ -762,6 +780,16 @@ async fn apply_volume(
             }
         },
     };
+    if flattening.is_none()
+        && volume
+            .spec
+            .content_source
+            .as_ref()
+            .is_some_and(|s| s.snapshot_id.is_some())
+    {
+        // Restored from another node's snapshot: its source is not read any more.
+        agent.remote_attacher().release_restore_source(&id).await?;
+    }
     let report = VolumeReport {
         phase: NodePhase::Ready,
         capacity_bytes: Some(info.size as i64),
@@ -776,28 +804,104 @@ async fn apply_volume(
     }))
 }
 
-/// A new volume with the content of `source`: restored from a snapshot, or cloned from a volume
-/// (the engine takes, and later deletes, the snapshot a clone is made from).
+/// A new volume with the content of `source`: restored from a snapshot (of this node, or served
+/// by the node that holds it), or cloned from a volume (the engine takes, and later deletes, the
+/// snapshot a clone is made from). A restore's background copy runs at `speed` bytes/s (the
+/// class's `mergeBandwidthLimit`; unlimited if `None`).
 async fn create_from(
     agent: &Agent,
     id: &VolumeId,
     source: &ContentSource,
     size: u64,
-) -> Result<VolumeInfo, EngineError> {
-    let invalid = |e: livedisk_engine::ids::IdError| EngineError::InvalidArgument(e.to_string());
+    speed: Option<u64>,
+) -> Result<VolumeInfo, NodeError> {
+    let invalid = |e: livedisk_engine::ids::IdError| NodeError {
+        code: ErrorCode::InvalidArgument,
+        message: e.to_string(),
+    };
     let (engine, metrics) = (&agent.engine, &agent.metrics);
+    let engine_error = |e: EngineError| node_error(&e);
     match (&source.snapshot_id, &source.volume_id) {
         (Some(snapshot), _) => {
             let snapshot = SnapshotId::parse(snapshot).map_err(invalid)?;
-            let restoring = engine.create_volume_from_snapshot(id, &snapshot, Some(size));
-            metrics.track(OperationKind::RestoreVolume, restoring).await
+            let Some(remote) = restore_source(agent, id, &snapshot)
+                .await
+                .map_err(|e| csi_node_error(&e))?
+            else {
+                let restoring =
+                    engine.create_volume_from_snapshot_with(id, &snapshot, Some(size), speed);
+                return metrics
+                    .track(OperationKind::RestoreVolume, restoring)
+                    .await
+                    .map_err(engine_error);
+            };
+            let restoring =
+                engine.create_volume_from_remote_snapshot(id, &remote, Some(size), speed);
+            metrics
+                .track(OperationKind::RestoreVolume, restoring)
+                .await
+                .map_err(engine_error)
         }
         (None, Some(volume)) => {
             let volume = VolumeId::parse(volume).map_err(invalid)?;
             let cloning = engine.clone_volume(id, &volume, Some(size));
-            metrics.track(OperationKind::CloneVolume, cloning).await
+            metrics
+                .track(OperationKind::CloneVolume, cloning)
+                .await
+                .map_err(engine_error)
         }
-        (None, None) => Err(EngineError::InvalidArgument("empty content source".into())),
+        (None, None) => Err(NodeError {
+            code: ErrorCode::InvalidArgument,
+            message: "empty content source".into(),
+        }),
+    }
+}
+
+/// Where the snapshot a volume is restored from is read: `None` when this node holds it, else
+/// its owner's served export (declared and waited for; see `RemoteAttacher::restore_source`).
+async fn restore_source(
+    agent: &Agent,
+    id: &VolumeId,
+    snapshot: &SnapshotId,
+) -> Result<Option<RemoteSnapshot>, CsiError> {
+    let snapshots: Api<LivediskSnapshot> = Api::all(agent.client.clone());
+    let Some(object) = snapshots.get_opt(snapshot.as_str()).await? else {
+        return Err(CsiError::NotFound(format!(
+            "snapshot {snapshot} does not exist"
+        )));
+    };
+    if object.spec.node_name == agent.node_name {
+        return Ok(None);
+    }
+    let size = object
+        .status
+        .as_ref()
+        .and_then(|s| s.size_bytes)
+        .ok_or_else(|| CsiError::Unavailable(format!("snapshot {snapshot} reports no size yet")))?;
+    let volume = VolumeId::parse(&object.spec.volume_id)
+        .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+    let owner = object.spec.node_name.clone();
+    let source = agent
+        .remote_attacher()
+        .restore_source(id, &owner, &volume, snapshot)
+        .await?;
+    Ok(Some(RemoteSnapshot {
+        source,
+        volume,
+        snapshot: snapshot.clone(),
+        size: size as u64,
+    }))
+}
+
+/// A CSI-layer error as the node reports it in an object's status.
+fn csi_node_error(error: &CsiError) -> NodeError {
+    match error {
+        CsiError::Node(e) => e.clone(),
+        CsiError::Engine(e) => node_error(e),
+        other => NodeError {
+            code: other.error_code(),
+            message: error_chain(other),
+        },
     }
 }
 
@@ -843,6 +947,14 @@ async fn cleanup_volume(
             .track(OperationKind::DeleteVolume, agent.engine.delete_volume(&id)),
     )
     .await?;
+    if volume
+        .spec
+        .content_source
+        .as_ref()
+        .is_some_and(|s| s.snapshot_id.is_some())
+    {
+        agent.remote_attacher().release_restore_source(&id).await?;
+    }
     tracing::info!(volume = %id, "volume deleted");
     Ok(Action::await_change())
 }

@@ -363,6 +363,7 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
         client_node: agent.node_name.clone(),
         volume_id: volume.to_string(),
         client_certificate_sha256: me.leaf_sha256.clone(),
+        snapshot_id: None,
     };
     let existing = attachments.get_opt(&attachment).await?;
     let served_to_me = match existing {

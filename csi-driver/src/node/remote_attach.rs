@@ -14,9 +14,10 @@ use kube::runtime::wait::{Condition, await_condition};
 use kube::{Api, Client};
 use livedisk_api::internal::{
     AttachmentPhase, LivediskAttachment, LivediskAttachmentSpec, LivediskVolume, attachment_name,
+    restore_source_name,
 };
 use livedisk_engine::qcow2::remote::RemoteSource;
-use livedisk_engine::{Engine, ExportInfo, VolumeId};
+use livedisk_engine::{Engine, ExportInfo, SnapshotId, VolumeId};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
@@ -112,76 +113,26 @@ impl RemoteAttacher {
 
     /// Attaches `volume`, held by `owner`, and returns the local export the front end opens.
     pub async fn attach(&self, volume: &VolumeId, owner: &str) -> Result<ExportInfo, CsiError> {
-        let front = self.front.as_ref().ok_or_else(|| {
-            CsiError::FailedPrecondition(format!(
-                "volume {volume} is held by node {owner}; attaching it here needs this node's \
-                 export front (--export-listen; the chart's exports.enabled), whose certificate \
-                 identifies this node"
-            ))
-        })?;
-        let chain = front.tls.chain_pem().ok_or_else(|| {
-            CsiError::Unavailable(format!(
-                "volume {volume} is held by node {owner}; this node has no certificate from the \
-                 driver's export CA yet (the operator signs it)"
-            ))
-        })?;
-        let identity = ChainParts::of(&chain)?;
+        let (front, identity) = self.identity(&format!(
+            "volume {volume} is held by node {owner}; attaching it here"
+        ))?;
         let name = attachment_name(volume.as_str(), &self.node_name);
         let spec = LivediskAttachmentSpec {
             node_name: owner.to_string(),
             client_node: self.node_name.clone(),
             volume_id: volume.to_string(),
             client_certificate_sha256: identity.leaf_sha256.clone(),
+            snapshot_id: None,
         };
-        let api = self.attachments();
+        // Already attached: the daemon keeps presenting the certificate it was attached with,
+        // which the existing object pins (this plugin may have restarted with a new one).
         let attached = self.is_attached(volume).await?;
-        match api.get_opt(&name).await? {
-            // Already attached: the daemon keeps presenting the certificate it was attached with,
-            // which the existing object pins (this plugin may have restarted with a new one).
-            Some(_) if attached => {}
-            Some(existing) if existing.spec == spec => {}
-            Some(_) => {
-                // Left by an attach that did not finish, for another certificate or owner.
-                self.delete_and_wait(&name).await?;
-                self.create(&api, &name, spec).await?;
-            }
-            None => self.create(&api, &name, spec).await?,
-        }
-        let served = tokio::time::timeout(
-            SERVE_TIMEOUT,
-            await_condition(api.clone(), &name, served()),
-        )
-        .await
-        .map_err(|_| {
-            CsiError::Unavailable(format!(
-                "node {owner} has not served volume {volume} to this node within {SERVE_TIMEOUT:?} \
-                 (LivediskAttachment {name})"
-            ))
-        })?
-        .map_err(|e| CsiError::Internal(format!("waiting for LivediskAttachment {name}: {e}")))?;
-        let status = served.and_then(|a| a.status).unwrap_or_default();
-        if status.phase == AttachmentPhase::Failed {
-            let error = status.error.unwrap_or(livedisk_api::internal::NodeError {
-                code: livedisk_api::internal::ErrorCode::Internal,
-                message: "failed without a reason".into(),
-            });
-            return Err(CsiError::Node(livedisk_api::internal::NodeError {
-                code: error.code,
-                message: format!(
-                    "node {owner} cannot serve volume {volume}: {}",
-                    error.message
-                ),
-            }));
-        }
-        let (Some(host), Some(port)) = (status.host, status.port) else {
-            return Err(CsiError::Internal(format!(
-                "LivediskAttachment {name} is Ready without an address"
-            )));
-        };
+        let (host, port) = self
+            .declare_and_wait(&name, spec, attached, &format!("volume {volume}"))
+            .await?;
         let source = RemoteSource {
             host,
-            port: u16::try_from(port)
-                .map_err(|_| CsiError::Internal(format!("port {port} out of range")))?,
+            port,
             export: volume.to_string(),
             ca_pem: identity.ca_pem,
             cert_pem: identity.leaf_pem,
@@ -190,6 +141,137 @@ impl RemoteAttacher {
         let info = self.engine.attach_remote(volume, &source).await?;
         tracing::info!(%volume, %owner, host = %source.host, "volume attached from its owner over TLS NBD");
         Ok(info)
+    }
+
+    /// Has `owner` serve `snapshot` (of its `volume`) to this node for the volume `restored`
+    /// here from it (a cross-node restore), and returns where and how to read it. The
+    /// declaration stays until [`RemoteAttacher::release_restore_source`].
+    pub async fn restore_source(
+        &self,
+        restored: &VolumeId,
+        owner: &str,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<RemoteSource, CsiError> {
+        let (front, identity) = self.identity(&format!(
+            "snapshot {snapshot} is held by node {owner}; restoring it here"
+        ))?;
+        let name = restore_source_name(restored.as_str(), &self.node_name);
+        let spec = LivediskAttachmentSpec {
+            node_name: owner.to_string(),
+            client_node: self.node_name.clone(),
+            volume_id: volume.to_string(),
+            client_certificate_sha256: identity.leaf_sha256.clone(),
+            snapshot_id: Some(snapshot.to_string()),
+        };
+        // A restore already made keeps the connection it was made with (and its certificate).
+        let (engine, id) = (self.engine.clone(), restored.clone());
+        let made = off_runtime("reading the volume record", move || {
+            Ok(engine.record(&id).is_ok())
+        })
+        .await?;
+        let (host, port) = self
+            .declare_and_wait(&name, spec, made, &format!("snapshot {snapshot}"))
+            .await?;
+        Ok(RemoteSource {
+            host,
+            port,
+            export: snapshot.to_string(),
+            ca_pem: identity.ca_pem,
+            cert_pem: identity.leaf_pem,
+            key_pem: front.key.key_pem().to_string(),
+        })
+    }
+
+    /// Withdraws the source of a volume restored from another node's snapshot: it stands alone
+    /// (or is deleted). Idempotent.
+    pub async fn release_restore_source(&self, restored: &VolumeId) -> Result<(), CsiError> {
+        let name = restore_source_name(restored.as_str(), &self.node_name);
+        match self
+            .attachments()
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(volume = %restored, attachment = name, "restore source released");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// This node's export front and the parts of its certificate chain a client identity needs;
+    /// `why` says what needs them, for the error.
+    fn identity(&self, why: &str) -> Result<(&Arc<Front>, ChainParts), CsiError> {
+        let front = self.front.as_ref().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "{why} needs this node's export front (--export-listen; the chart's \
+                 exports.enabled), whose certificate identifies this node"
+            ))
+        })?;
+        let chain = front.tls.chain_pem().ok_or_else(|| {
+            CsiError::Unavailable(format!(
+                "{why} needs a certificate from the driver's export CA, which this node has not \
+                 got yet (the operator signs it)"
+            ))
+        })?;
+        Ok((front, ChainParts::of(&chain)?))
+    }
+
+    /// Declares `spec` as the LivediskAttachment `name` (replacing one left for another
+    /// certificate or owner unless `in_use`) and waits for its owner to serve it; returns the
+    /// address. `what` names the served thing in errors.
+    async fn declare_and_wait(
+        &self,
+        name: &str,
+        spec: LivediskAttachmentSpec,
+        in_use: bool,
+        what: &str,
+    ) -> Result<(String, u16), CsiError> {
+        let owner = spec.node_name.clone();
+        let api = self.attachments();
+        match api.get_opt(name).await? {
+            Some(_) if in_use => {}
+            Some(existing) if existing.spec == spec => {}
+            Some(_) => {
+                // Left by an attach that did not finish, for another certificate or owner.
+                self.delete_and_wait(name).await?;
+                self.create(&api, name, spec).await?;
+            }
+            None => self.create(&api, name, spec).await?,
+        }
+        let served =
+            tokio::time::timeout(SERVE_TIMEOUT, await_condition(api.clone(), name, served()))
+                .await
+                .map_err(|_| {
+                    CsiError::Unavailable(format!(
+                        "node {owner} has not served {what} to this node within {SERVE_TIMEOUT:?} \
+                 (LivediskAttachment {name})"
+                    ))
+                })?
+                .map_err(|e| {
+                    CsiError::Internal(format!("waiting for LivediskAttachment {name}: {e}"))
+                })?;
+        let status = served.and_then(|a| a.status).unwrap_or_default();
+        if status.phase == AttachmentPhase::Failed {
+            let error = status.error.unwrap_or(livedisk_api::internal::NodeError {
+                code: livedisk_api::internal::ErrorCode::Internal,
+                message: "failed without a reason".into(),
+            });
+            return Err(CsiError::Node(livedisk_api::internal::NodeError {
+                code: error.code,
+                message: format!("node {owner} cannot serve {what}: {}", error.message),
+            }));
+        }
+        let (Some(host), Some(port)) = (status.host, status.port) else {
+            return Err(CsiError::Internal(format!(
+                "LivediskAttachment {name} is Ready without an address"
+            )));
+        };
+        let port = u16::try_from(port)
+            .map_err(|_| CsiError::Internal(format!("port {port} out of range")))?;
+        Ok((host, port))
     }
 
     async fn create(

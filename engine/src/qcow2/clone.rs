@@ -129,6 +129,7 @@ impl Engine {
             layer,
             snapshot: snap.clone(),
             flatten_speed,
+            remote: None,
         });
         rec.cloned_from = cloned_from;
         rec.inherited = inherited;
@@ -228,10 +229,14 @@ impl Engine {
         // Save first, dismiss after: a crash in between re-runs a (now
         // trivial) stream, never loses the fact.
         let mut rec = rec.clone();
-        rec.clone_of = None;
+        let remote = rec.clone_of.take().is_some_and(|c| c.remote.is_some());
         self.store.save(&rec)?;
         self.stats.copied(j.current_progress);
         self.dismiss(&job).await;
+        if remote {
+            // Nothing reads through the connection to the source any more.
+            self.discard_remote_origin(&rec.id).await;
+        }
         tracing::info!(volume = %rec.id, "clone flattened");
         Ok(true)
     }

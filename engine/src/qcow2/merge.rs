@@ -208,6 +208,7 @@ impl Engine {
             None => (opts.mode, MergePhase::Running),
         };
         self.refuse_if_cloned(&rec).await?;
+        self.refuse_if_remote_clone(&rec, "its snapshots can be deleted")?;
         let mut plan = plan::plan_delete_with(&rec, snap, mode)?;
         // The flatten job of an unflattened clone holds its bottom layer.
         if let (Some(src), Some(bottom)) = (&rec.clone_of, rec.layers.first())

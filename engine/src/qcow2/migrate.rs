@@ -1154,6 +1154,7 @@ mod tests {
             layer: 0,
             snapshot: livedisk_common::SnapshotId::generate(),
             flatten_speed: None,
+            remote: None,
         });
         assert!(refusal(&rec).unwrap().contains("clone"));
     }

@@ -26,6 +26,7 @@ mod reconnect;
 pub mod record;
 pub mod recover;
 pub mod remote;
+pub mod remote_clone;
 mod revert;
 mod snapshot;
 mod space;

@@ -59,6 +59,7 @@ impl Engine {
     /// including a clone's source layers: for offline recovery decisions.
     pub(super) fn chain_files(&self, rec: &VolumeRecord, upto: usize) -> Result<Vec<PathBuf>> {
         let mut out = vec![];
+        self.refuse_if_remote_clone(rec, "offline decisions on its layers can be made")?;
         if let Some(src) = &rec.clone_of {
             let srec = self.load(&src.volume)?;
             let si = srec
@@ -285,7 +286,7 @@ impl Engine {
         let rec = self.capture_locked(rec).await?;
         let dir = self.vol_dir(id);
         let nodes = self.named_nodes().await?;
-        let mut below: Option<String> = self.clone_backing(&rec)?;
+        let mut below: Option<String> = self.open_clone_backing(&rec).await?;
         let top = rec.layers.last().map(|l| l.seq);
         for l in &rec.layers {
             let name = rec.node_name(l.seq);
@@ -308,6 +309,7 @@ impl Engine {
             below = Some(name);
         }
         self.sweep_orphans(&rec).await?;
+        self.sweep_remote_origin(&rec).await?;
         let exports = self.export_ids().await?;
         for e in rec.exports.clone() {
             let (_, eid) = rec.export_names(&e.target);

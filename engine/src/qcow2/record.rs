@@ -218,6 +218,21 @@ pub struct CloneSource {
     /// job (after a snapshot or a daemon restart) keeps it.
     #[serde(default)]
     pub flatten_speed: Option<u64>,
+    /// Set when the source is on another node (a cross-node restore):
+    /// `volume` and `snapshot` name it there, `layer` means nothing, and
+    /// the bottom layer backs onto an NBD client of that node's export of
+    /// the snapshot (credentials under `<pool>/remote/<this volume>/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteOrigin>,
+}
+
+/// Where a remote clone's source snapshot is served: the owner's export
+/// front and the export's name on the wire (the snapshot's ID).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteOrigin {
+    pub host: String,
+    pub port: u16,
+    pub export: String,
 }
 
 /// The origin of a volume cloned from another volume. The clone is made

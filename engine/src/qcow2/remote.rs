@@ -184,6 +184,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether anything of `write_remote_tls` is left for `volume`.
+    pub(super) fn has_remote_files(&self, volume: &VolumeId) -> bool {
+        self.remote_dir(volume).exists()
+    }
+
     /// Removes what `write_remote_tls` wrote, for a volume with no remote record.
     pub(super) fn remove_remote_files(&self, volume: &VolumeId) -> Result<()> {
         match fs::remove_dir_all(self.remote_dir(volume)) {
@@ -218,6 +223,16 @@ impl Engine {
     /// The NBD client node of `record` (and its credentials), without an export: what a
     /// migration mirrors into, and what a remote attachment exports.
     pub(super) async fn open_remote_node(&self, record: &RemoteRecord) -> Result<String> {
+        self.open_remote_node_with(record, false).await
+    }
+
+    /// [`Engine::open_remote_node`]; `read_only` for a read-only export (QEMU's NBD client
+    /// refuses to open one read-write): a remote clone's source snapshot.
+    pub(super) async fn open_remote_node_with(
+        &self,
+        record: &RemoteRecord,
+        read_only: bool,
+    ) -> Result<String> {
         let (creds, node, _) = names(&record.volume);
         let tls = self.remote_dir(&record.volume).join(TLS_DIR);
         let added = self
@@ -244,6 +259,7 @@ impl Engine {
                     "server": { "type": "inet", "host": record.host, "port": record.port.to_string() },
                     "export": record.export, "tls-creds": creds,
                     "reconnect-delay": RECONNECT_DELAY.as_secs(),
+                    "read-only": read_only,
                 }),
             )
             .await;

@@ -78,6 +78,7 @@ impl Engine {
             }
         }
         let mut rec = self.load_live(id)?;
+        self.refuse_if_remote_clone(&rec, "it can be reverted")?;
         let plan = plan::plan_revert(&rec, snap)?;
         // A clone's flatten job writes its bottom layer, which N's
         // difference is computed through: paused (cancelled; a stream

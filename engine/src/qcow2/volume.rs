@@ -102,6 +102,9 @@ impl Engine {
                 self.blockdev_del(&rec.node_name(l.seq)).await?;
             }
             self.store.remove(id)?;
+            if rec.clone_of.as_ref().is_some_and(|c| c.remote.is_some()) {
+                self.discard_remote_origin(id).await;
+            }
             if let Some(base) = rec
                 .cloned_from
                 .as_ref()

@@ -216,3 +216,72 @@ pub fn node_plugin_pid(node_name: &str) -> Result<Option<i32>> {
                 && args.contains(&endpoint)
         }))
 }
+
+/// Brings the host side of `node`'s network link down or up: the node's namespace loses (or
+/// gets back) every connection to the other node and to the API server.
+pub fn set_link(node: &str, up: bool) -> Result<()> {
+    let prefix = std::env::var("LIVEDISK_LINK_PREFIX").unwrap_or_else(|_| "ld".into());
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", &format!("{prefix}-{node}")])
+        .arg(if up { "up" } else { "down" })
+        .status()?;
+    anyhow::ensure!(status.success(), "ip link set {prefix}-{node}");
+    Ok(())
+}
+
+/// kill -9 of `node`'s node plugin (its export front dies with it), then waits until the
+/// driver's restart loop has started a new one.
+pub async fn kill_node_plugin(node: &str) -> Result<()> {
+    let pid =
+        node_plugin_pid(node)?.with_context(|| format!("{node}'s node plugin is not running"))?;
+    // SAFETY: kill(2) of the node plugin this cluster's driver started.
+    anyhow::ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}"
+    );
+    crate::eventually(120, &format!("{node}'s node plugin back"), || async {
+        Ok(node_plugin_pid(node)?.filter(|p| *p != pid))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Whether `pid` runs (a zombie does not count).
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// The node's engine daemon pid (its runtime dir is a tmpfs in the node's mount namespace).
+pub fn engine_daemon_pid(node_name: &str) -> Result<i32> {
+    let file = socket_dir()?
+        .with_file_name("nodes")
+        .join(node_name)
+        .join("run/qsd.pid");
+    let output = in_node(node_name, &["cat", &file.to_string_lossy()])?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .context("daemon pid file")
+}
+
+/// SIGKILL of the node's engine daemon (every device of the node dies with it; its node plugin
+/// starts another); waits until it is gone and returns its pid.
+pub async fn kill_engine_daemon(node_name: &str) -> Result<i32> {
+    let pid = engine_daemon_pid(node_name)?;
+    // SAFETY: kill(2) of the engine daemon this cluster's driver started.
+    anyhow::ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}"
+    );
+    crate::eventually(10, "the daemon to be gone", || async {
+        Ok((!process_alive(pid)).then_some(()))
+    })
+    .await?;
+    Ok(pid)
+}

@@ -128,3 +128,39 @@ impl Drop for Operator {
         }
     }
 }
+
+/// The operator (it signs the node plugins' export front certificates), once each of `nodes`
+/// has registered and has its front's certificate, issued for the request of the plugin running
+/// now (a restarted plugin asks anew with a new key, while its status still shows the old
+/// certificate): what a test of traffic between nodes needs.
+pub async fn operator_with_fronts(client: &kube::Client, nodes: &[&str]) -> Result<Operator> {
+    use livedisk_api::internal::LivediskNode;
+    use sha2::Digest;
+    let operator = Operator::start()?;
+    let api: kube::Api<LivediskNode> = kube::Api::all(client.clone());
+    for name in nodes {
+        crate::eventually(90, &format!("{name}'s front certificate"), || async {
+            // Not registered yet right after the cluster came up: wait for it too.
+            let Some(node) = api.get_opt(name).await? else {
+                return Ok(None);
+            };
+            let Some(front) = node.status.and_then(|s| s.export_front) else {
+                return Ok(None);
+            };
+            let asked = front.certificate_request.map(|r| {
+                sha2::Sha256::digest(r.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            });
+            let current = front.certificate.is_some()
+                && asked.is_some()
+                && front.signed_request_sha256 == asked;
+            Ok(current.then_some(()))
+        })
+        .await?;
+    }
+    // The plugins pick the certificate up from their watch of the same object a moment later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(operator)
+}

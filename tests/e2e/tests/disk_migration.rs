@@ -22,12 +22,12 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use livedisk_api::internal::{LivediskMigration, LivediskNode, LivediskSnapshot, LivediskVolume};
+use livedisk_api::internal::{LivediskMigration, LivediskSnapshot, LivediskVolume};
 use livedisk_api::{DiskMigration, MigrationStage, Phase};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{attach_block, detach_block};
+use livedisk_e2e::csi::{attach_block, detach_block, kill_node_plugin, set_link};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
-use livedisk_e2e::operator::Operator;
+use livedisk_e2e::operator::operator_with_fronts;
 use livedisk_e2e::phases::{take_snapshot, verify, write_phase};
 use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
 use serde_json::json;
@@ -37,26 +37,6 @@ const TARGET: &str = "node-b";
 const BLOCKS: u64 = 2048;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn operator_and_fronts(client: &Client) -> Result<Operator> {
-    let operator = Operator::start()?;
-    let nodes: Api<LivediskNode> = Api::all(client.clone());
-    for name in [SOURCE, TARGET] {
-        eventually(90, &format!("{name}'s front certificate"), || async {
-            // Not registered yet right after the cluster came up: wait for it too.
-            let Some(node) = nodes.get_opt(name).await? else {
-                return Ok(None);
-            };
-            Ok(node
-                .status
-                .and_then(|s| s.export_front)
-                .and_then(|f| f.certificate)
-                .map(|_| ()))
-        })
-        .await?;
-    }
-    Ok(operator)
-}
 
 /// A block PVC bound on the source node (its consumer pod pinned there; no kubelet runs it in
 /// this layout, the test stages the volume itself as kubelet would).
@@ -182,7 +162,7 @@ fn pool_has(node: &str, volume: &str) -> Result<bool> {
 async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
     let namespace = TestNamespace::create(&client, "migrate").await?;
     let ns = namespace.name.clone();
     let dir = ScratchDir::new("disk-migration")?;
@@ -292,7 +272,7 @@ async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -
 async fn a_cancelled_migration_leaves_the_volume_where_it_was() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
     let namespace = TestNamespace::create(&client, "migrate-cancel").await?;
     let ns = namespace.name.clone();
     let dir = ScratchDir::new("disk-migration-cancel")?;
@@ -362,36 +342,11 @@ fn acked(log: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn link(node: &str, up: bool) -> Result<()> {
-    let prefix = std::env::var("LIVEDISK_LINK_PREFIX").unwrap_or_else(|_| "ld".into());
-    let status = std::process::Command::new("ip")
-        .args(["link", "set", &format!("{prefix}-{node}")])
-        .arg(if up { "up" } else { "down" })
-        .status()?;
-    ensure!(status.success(), "ip link set {node}");
-    Ok(())
-}
-
-async fn kill_node_plugin(node: &str) -> Result<()> {
-    let pid = livedisk_e2e::csi::node_plugin_pid(node)?
-        .with_context(|| format!("{node}'s node plugin is not running"))?;
-    // SAFETY: kill(2) of the node plugin this cluster's driver started.
-    ensure!(
-        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
-        "kill -9 {pid}"
-    );
-    eventually(120, &format!("{node}'s node plugin back"), || async {
-        Ok(livedisk_e2e::csi::node_plugin_pid(node)?.filter(|p| *p != pid))
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
     let namespace = TestNamespace::create(&client, "migrate-faults").await?;
     let ns = namespace.name.clone();
     let dir = ScratchDir::new("disk-migration-faults")?;
@@ -434,9 +389,9 @@ async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Resul
     kill_node_plugin(SOURCE).await?;
     // The link between the nodes cut for 3 s while the copy goes on.
     eventually(120, "the copy under way again", copying).await?;
-    link(SOURCE, false)?;
+    set_link(SOURCE, false)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    link(SOURCE, true)?;
+    set_link(SOURCE, true)?;
     // The target's node plugin (it runs the copy) killed mid-copy: the restarted plugin copies
     // again from the start.
     eventually(120, "the copy under way after the cut", copying).await?;
@@ -474,9 +429,9 @@ async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Resul
         Ok((acked(&log) > 100).then_some(()))
     })
     .await?;
-    link(TARGET, false)?;
+    set_link(TARGET, false)?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    link(TARGET, true)?;
+    set_link(TARGET, true)?;
     finish_writer(writer)?;
     ensure!(
         acked(&log) == 6000,

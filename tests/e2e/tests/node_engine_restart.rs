@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail};
 use livedisk_csi_proto::csi::v1::identity_client::IdentityClient;
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, channel, controller, create_block_volume, detach_block, in_node, socket_dir,
+    attach_block, channel, controller, create_block_volume, detach_block, engine_daemon_pid,
+    in_node, kill_engine_daemon, process_alive, socket_dir,
 };
 use livedisk_e2e::metrics::endpoint;
 use livedisk_e2e::{eventually, workspace_binary, workspace_root};
@@ -53,26 +54,6 @@ fn nodes_dir() -> Result<PathBuf> {
     Ok(socket_dir()?.with_file_name("nodes"))
 }
 
-/// The node's engine daemon pid (its runtime dir is a tmpfs in the node's mount namespace).
-fn daemon_pid(node_name: &str) -> Result<i32> {
-    let file = nodes_dir()?.join(node_name).join("run/qsd.pid");
-    let output = in_node(node_name, &["cat", &file.to_string_lossy()])?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .context("daemon pid file")
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 /// The command lines of the live processes, by pid.
 fn processes() -> Vec<(i32, Vec<String>)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -81,7 +62,7 @@ fn processes() -> Vec<(i32, Vec<String>)> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| alive(*pid))
+        .filter(|pid| process_alive(*pid))
         .filter_map(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let args = String::from_utf8_lossy(&cmd)
@@ -136,20 +117,6 @@ fn node_plugin_pid(node_name: &str) -> Result<Option<i32>> {
             && args.contains(&endpoint);
         plugin.then_some(pid)
     }))
-}
-
-/// SIGKILL of the node's engine daemon; waits until it is gone.
-async fn kill_daemon(node_name: &str) -> Result<i32> {
-    let pid = daemon_pid(node_name)?;
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
-    eventually(10, "the daemon to be gone", || async {
-        Ok((!alive(pid)).then_some(()))
-    })
-    .await?;
-    Ok(pid)
 }
 
 /// Writes a 4 KiB block of `text` at block 0 of the device, synchronously and flushed.
@@ -267,7 +234,7 @@ async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
     assert_eq!(http_probe(node_name, "/readyz").await, Some(200));
     let plugin = node_plugin_pid(node_name)?.context("node plugin of node-a not found")?;
 
-    let old = kill_daemon(node_name).await?;
+    let old = kill_engine_daemon(node_name).await?;
     let killed = std::time::Instant::now();
     not_ready_soon(node_name).await?;
     eprintln!("not ready {:?} after the kill", killed.elapsed());
@@ -297,7 +264,7 @@ async fn node_plugin_reattaches_when_its_daemon_is_restarted() -> Result<()> {
         );
     }
     ready_within(node_name, 90).await?;
-    assert_ne!(daemon_pid(node_name)?, old);
+    assert_ne!(engine_daemon_pid(node_name)?, old);
     assert_eq!(
         node_plugin_pid(node_name)?,
         Some(plugin),
@@ -317,7 +284,7 @@ async fn node_plugin_exits_and_is_restarted_when_its_daemon_stays_away() -> Resu
     write_block(node_name, &device, "before-the-kill")?;
     let plugin = node_plugin_pid(node_name)?.context("node plugin of node-b not found")?;
 
-    let old = kill_daemon(node_name).await?;
+    let old = kill_engine_daemon(node_name).await?;
     not_ready_soon(node_name).await?;
     // Nobody restarts the daemon: after its bound (LIVEDISK_ENGINE_RECONNECT_SECONDS, 30 s by
     // default) the plugin exits; restarted, it opens its engine afresh, which starts a daemon.
@@ -330,7 +297,7 @@ async fn node_plugin_exits_and_is_restarted_when_its_daemon_stays_away() -> Resu
     })
     .await?;
     ready_within(node_name, 90).await?;
-    assert_ne!(daemon_pid(node_name)?, old);
+    assert_ne!(engine_daemon_pid(node_name)?, old);
 
     let snapshot_id = restage_and_snapshot(node_name, &volume_id, &tag).await?;
     delete(&volume_id, &snapshot_id).await

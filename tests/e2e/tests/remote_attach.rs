@@ -22,7 +22,7 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
-use livedisk_api::internal::{AttachmentPhase, LivediskAttachment, LivediskNode};
+use livedisk_api::internal::{AttachmentPhase, LivediskAttachment};
 use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use livedisk_csi_proto::csi::v1::*;
@@ -30,7 +30,7 @@ use livedisk_e2e::csi::{
     attach_block, block_volume_request, controller, detach_block, in_node, node, node_plugin_pid,
 };
 use livedisk_e2e::disks::{ScratchDir, host_device, verifier};
-use livedisk_e2e::operator::Operator;
+use livedisk_e2e::operator::operator_with_fronts;
 use livedisk_e2e::phases::{verify, write_phase};
 use livedisk_e2e::{client, eventually};
 
@@ -40,24 +40,6 @@ const BLOCKS: u64 = 2048;
 
 /// One test at a time: they cut links and kill node plugins the others use.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The operator (it signs the nodes' front certificates), once both fronts have one.
-async fn operator_and_fronts(client: &Client) -> Result<Operator> {
-    let operator = Operator::start()?;
-    let nodes: Api<LivediskNode> = Api::all(client.clone());
-    for name in [OWNER, CLIENT] {
-        eventually(90, &format!("{name}'s front certificate"), || async {
-            let node = nodes.get(name).await?;
-            Ok(node
-                .status
-                .and_then(|s| s.export_front)
-                .and_then(|f| f.certificate)
-                .map(|_| ()))
-        })
-        .await?;
-    }
-    Ok(operator)
-}
 
 async fn create_volume(name: &str, owner: &str, mode: Mode) -> Result<String> {
     let mut request = block_volume_request(name, owner, 64 << 20);
@@ -161,7 +143,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
 -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let dir = ScratchDir::new("remote-attach")?;
 
     // Block: staged on node-a, written there, read back on node-b.
@@ -215,7 +197,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
 async fn the_owners_front_admits_only_the_certificate_an_attachment_pins() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let dir = ScratchDir::new("remote-attach-refusals")?;
     let volume = create_volume("remote-attach-refused", OWNER, Mode::SingleNodeWriter).await?;
     let target = attach_block(CLIENT, &volume, "refused").await?;
@@ -324,7 +306,7 @@ async fn the_owners_front_admits_only_the_certificate_an_attachment_pins() -> Re
 async fn a_cut_link_and_killed_node_plugins_lose_no_acknowledged_write() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let dir = ScratchDir::new("remote-attach-faults")?;
     let volume = create_volume("remote-attach-faults", OWNER, Mode::SingleNodeWriter).await?;
     let target = attach_block(CLIENT, &volume, "faults").await?;
@@ -424,7 +406,7 @@ async fn a_cut_link_and_killed_node_plugins_lose_no_acknowledged_write() -> Resu
 async fn a_shared_block_volume_serves_both_nodes_without_stale_reads() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let client = client().await?;
-    let _operator = operator_and_fronts(&client).await?;
+    let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let volume = create_volume("remote-attach-shared", OWNER, Mode::MultiNodeMultiWriter).await?;
     let owner_device = host_device(OWNER, &shared_attach(OWNER, &volume).await?)?;
     let client_device = host_device(CLIENT, &shared_attach(CLIENT, &volume).await?)?;
