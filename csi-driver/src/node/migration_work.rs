@@ -704,9 +704,11 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 
-/// How often the target tries to copy the source's files before it reports a failure, and how
-/// long it waits in between (a restarted source plugin serves them again within seconds).
-const IMPORT_ATTEMPTS: u32 = 10;
+/// How long the target keeps trying to copy the source's files before it reports a failure, and
+/// how long it waits in between. A restarted source plugin serves them again within seconds; a
+/// source whose engine daemon died is back once its plugin gave the daemon up (30 s) and
+/// started a new one, so the bound covers that with room to spare.
+const IMPORT_RETRY_FOR: Duration = Duration::from_secs(180);
 const IMPORT_RETRY: Duration = Duration::from_secs(3);
 
 /// Whether a failed copy may succeed when tried again: the transfer failed, not the data.
@@ -746,11 +748,12 @@ async fn import(
     // retried: the source serves the same files again when it comes back.
     let mut attempt = 0;
     let mut started;
+    let first = std::time::Instant::now();
     let result = loop {
         attempt += 1;
         started = std::time::Instant::now();
         match import_files(&agent, &volume, &source, rate, &copied).await {
-            Err(e) if attempt < IMPORT_ATTEMPTS && retryable(&e) => {
+            Err(e) if first.elapsed() < IMPORT_RETRY_FOR && retryable(&e) => {
                 tracing::warn!(migration = %name, %volume, attempt, error = %e, "copy failed; retrying");
                 tokio::time::sleep(IMPORT_RETRY).await;
             }

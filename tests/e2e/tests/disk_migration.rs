@@ -25,10 +25,12 @@ use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskMigration, LivediskSnapshot, LivediskVolume};
 use livedisk_api::{DiskMigration, MigrationStage, Phase};
 use livedisk_csi_proto::csi::v1::*;
-use livedisk_e2e::csi::{attach_block, detach_block, kill_node_plugin, set_link};
+use livedisk_e2e::csi::{
+    attach_block, detach_block, kill_engine_daemon, kill_node_plugin, set_link,
+};
 use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
 use livedisk_e2e::operator::operator_with_fronts;
-use livedisk_e2e::phases::{take_snapshot, verify, write_phase};
+use livedisk_e2e::phases::{log_from_block, take_snapshot, verify, write_phase};
 use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
 use serde_json::json;
 
@@ -450,5 +452,108 @@ async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Resul
     verify(&moved, 3, &log)?;
     detach_block(TARGET, &volume, "faults-moved").await?;
     let _ = migrations.delete("faulty", &DeleteParams::default()).await;
+    namespace.delete().await
+}
+
+/// NodeUnstage + NodeStage again until it works (after an engine daemon restart the node answers
+/// UNAVAILABLE for a while); the new host device.
+async fn restage(node: &str, volume: &str, tag: &str) -> Result<String> {
+    eventually(180, &format!("{volume} re-staged on {node}"), || async {
+        let _ = detach_block(node, volume, tag).await;
+        match attach_block(node, volume, tag).await {
+            Ok(path) => Ok(Some(host_device(node, &path)?)),
+            Err(_) => Ok(None),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn killed_engine_daemons_mid_copy_lose_no_acknowledged_write() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
+    let namespace = TestNamespace::create(&client, "migrate-daemons").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-daemons")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    let device = host_device(SOURCE, &attach_block(SOURCE, &volume, "daemons").await?)?;
+    // 47 MiB in a sealed layer (at 4 MiB/s the copy reads for over ten seconds), then writes
+    // in the active layer over its first 2000 blocks. Each daemon kill takes the consumer's
+    // device with it, so nothing writes while they happen: the ground truth is the two phases.
+    let (sealed_log, active_log) = (dir.0.join("sealed.log"), dir.0.join("active.log"));
+    write_phase(&device, 1, 12_000, &sealed_log)?;
+    take_snapshot(&client, &ns, "sealed", "disk").await?;
+    write_phase(&device, 2, 2000, &active_log)?;
+    let below = dir.0.join("sealed-untouched.log");
+    log_from_block(&sealed_log, 2000, &below)?;
+
+    migration(
+        &client,
+        &ns,
+        "daemons",
+        "disk",
+        json!({ "bandwidthLimit": "4Mi" }),
+    )
+    .await?;
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    let copying = || async {
+        let list = works
+            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+            .await?;
+        Ok(list.items.into_iter().find(|w| {
+            w.status.as_ref().is_some_and(|s| {
+                s.target
+                    .as_ref()
+                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
+            })
+        }))
+    };
+    eventually(120, "the copy under way", copying).await?;
+    // The target's engine daemon (it holds the import) killed mid-copy.
+    kill_engine_daemon(TARGET).await?;
+    eventually(240, "the copy under way again", copying).await?;
+    // The source's engine daemon (it serves the sealed layers) killed mid-copy.
+    kill_engine_daemon(SOURCE).await?;
+
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    let ended = eventually(480, "DiskMigration daemons ended", || async {
+        let status = migrations.get("daemons").await?.status.unwrap_or_default();
+        Ok(matches!(status.phase, Phase::Completed | Phase::Failed).then_some(status))
+    })
+    .await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    let owner = volumes.get(&volume).await?.spec.node_name;
+    println!(
+        "after both engine daemons were killed mid-copy: {:?} ({:?}), the volume on {owner}",
+        ended.phase,
+        ended
+            .conditions
+            .iter()
+            .map(|c| &c.message)
+            .collect::<Vec<_>>()
+    );
+    // The copy resumes after each restart (the target retries for up to three minutes).
+    ensure!(
+        ended.phase == Phase::Completed && owner == TARGET,
+        "{:?} and the volume is on {owner}",
+        ended.phase
+    );
+    // Every acknowledged write, read where a consumer on the source reads it now (its device
+    // died with the daemon: staged again, as kubelet would after the pod's restart).
+    let device = restage(SOURCE, &volume, "daemons").await?;
+    verify(&device, 2, &active_log)?;
+    verify(&device, 1, &below)?;
+    detach_block(SOURCE, &volume, "daemons").await?;
+    if owner == TARGET {
+        let moved = host_device(
+            TARGET,
+            &stage_as_kubelet(TARGET, &volume, "daemons-moved").await?,
+        )?;
+        verify(&moved, 2, &active_log)?;
+        verify(&moved, 1, &below)?;
+        detach_block(TARGET, &volume, "daemons-moved").await?;
+    }
+    let _ = migrations.delete("daemons", &DeleteParams::default()).await;
     namespace.delete().await
 }
