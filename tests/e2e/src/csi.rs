@@ -285,3 +285,15 @@ pub async fn kill_engine_daemon(node_name: &str) -> Result<i32> {
     .await?;
     Ok(pid)
 }
+
+/// DeleteVolume through the controller, as the provisioner calls it.
+pub async fn delete_volume(volume: &str) -> Result<()> {
+    controller()
+        .await?
+        .delete_volume(livedisk_csi_proto::csi::v1::DeleteVolumeRequest {
+            volume_id: volume.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}

@@ -22,8 +22,8 @@ use kube::api::Api;
 use livedisk_api::internal::{LivediskAttachment, LivediskVolume, restore_source_name};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, block_volume_request, controller, create_block_volume, detach_block,
-    kill_engine_daemon, kill_node_plugin, set_link,
+    attach_block, block_volume_request, controller, create_block_volume, delete_volume,
+    detach_block, kill_engine_daemon, kill_node_plugin, set_link,
 };
 use livedisk_e2e::disks::{ScratchDir, host_device};
 use livedisk_e2e::operator::operator_with_fronts;
@@ -80,17 +80,6 @@ fn from_snapshot(mut request: CreateVolumeRequest, snapshot: &str) -> CreateVolu
         )),
     });
     request
-}
-
-async fn delete_volume(volume: &str) -> Result<()> {
-    controller()
-        .await?
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: volume.into(),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
 }
 
 #[tokio::test]

@@ -344,6 +344,22 @@ fn acked(log: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The migration of `volume` while its target copies the sealed layers (copied some, not yet
+/// imported).
+async fn copy_under_way(client: &Client, volume: &str) -> Result<Option<LivediskMigration>> {
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    let list = works
+        .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+        .await?;
+    Ok(list.items.into_iter().find(|w| {
+        w.status.as_ref().is_some_and(|s| {
+            s.target
+                .as_ref()
+                .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
+        })
+    }))
+}
+
 #[tokio::test]
 async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -373,19 +389,7 @@ async fn killed_node_plugins_and_cut_links_lose_no_acknowledged_write() -> Resul
         json!({ "bandwidthLimit": "4Mi" }),
     )
     .await?;
-    let works: Api<LivediskMigration> = Api::all(client.clone());
-    let copying = || async {
-        let list = works
-            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
-            .await?;
-        Ok(list.items.into_iter().find(|w| {
-            w.status.as_ref().is_some_and(|s| {
-                s.target
-                    .as_ref()
-                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
-            })
-        }))
-    };
+    let copying = || copy_under_way(&client, &volume);
     eventually(120, "the copy under way", copying).await?;
     // The source's node plugin (its front serves the copy) killed mid-copy.
     kill_node_plugin(SOURCE).await?;
@@ -496,19 +500,7 @@ async fn killed_engine_daemons_mid_copy_lose_no_acknowledged_write() -> Result<(
         json!({ "bandwidthLimit": "4Mi" }),
     )
     .await?;
-    let works: Api<LivediskMigration> = Api::all(client.clone());
-    let copying = || async {
-        let list = works
-            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
-            .await?;
-        Ok(list.items.into_iter().find(|w| {
-            w.status.as_ref().is_some_and(|s| {
-                s.target
-                    .as_ref()
-                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
-            })
-        }))
-    };
+    let copying = || copy_under_way(&client, &volume);
     eventually(120, "the copy under way", copying).await?;
     // The target's engine daemon (it holds the import) killed mid-copy.
     kill_engine_daemon(TARGET).await?;

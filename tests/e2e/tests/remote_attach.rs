@@ -27,7 +27,8 @@ use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, block_volume_request, controller, detach_block, in_node, node, node_plugin_pid,
+    attach_block, block_volume_request, controller, delete_volume, detach_block, in_node, node,
+    node_plugin_pid,
 };
 use livedisk_e2e::disks::{ScratchDir, host_device, verifier};
 use livedisk_e2e::operator::operator_with_fronts;
@@ -52,17 +53,6 @@ async fn create_volume(name: &str, owner: &str, mode: Mode) -> Result<String> {
         .volume
         .context("CreateVolume answered no volume")?;
     Ok(volume.volume_id)
-}
-
-async fn delete_volume(volume: &str) -> Result<()> {
-    controller()
-        .await?
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: volume.into(),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
 }
 
 /// The attachment object of `volume` on the client node, once it is Ready.
