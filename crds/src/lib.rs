@@ -6,6 +6,7 @@
 
 pub mod common;
 pub mod conditions;
+pub mod evacuation;
 pub mod export;
 pub mod internal;
 pub mod kube_error;
@@ -16,6 +17,10 @@ pub mod schema;
 pub mod snapshot;
 
 pub use common::{Phase, Progress};
+pub use evacuation::{
+    ClaimReference, DiskEvacuation, DiskEvacuationSpec, DiskEvacuationStatus, EvacuationCounts,
+    EvacuationVolume, EvacuationVolumePhase,
+};
 pub use export::{DiskExport, DiskExportSpec, DiskExportStatus, ExportProtocol};
 pub use kube_error::{kube_error_code, kube_error_message};
 pub use merge::{DiskMerge, DiskMergeSpec, DiskMergeStatus, MergeMode};
@@ -49,7 +54,8 @@ pub fn internal_crds() -> Vec<CustomResourceDefinition> {
     ]
 }
 
-/// Every public CRD, in a stable order (the order `crdgen` writes them in).
+/// Every public CRD, in a stable order (the order `crdgen` writes them in). All are namespaced
+/// but `DiskEvacuation`, which names a node and moves volumes of every namespace.
 pub fn public_crds() -> Vec<CustomResourceDefinition> {
     vec![
         DiskSnapshot::crd(),
@@ -57,5 +63,6 @@ pub fn public_crds() -> Vec<CustomResourceDefinition> {
         DiskMigration::crd(),
         DiskExport::crd(),
         DiskRestore::crd(),
+        DiskEvacuation::crd(),
     ]
 }

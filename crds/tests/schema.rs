@@ -59,7 +59,12 @@ fn every_kind_reports_kstatus_fields_and_belongs_to_the_category() {
     for crd in livedisk_api::public_crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         assert_eq!(crd.spec.group, livedisk_api::GROUP);
-        assert_eq!(crd.spec.scope, "Namespaced", "{name}");
+        // A DiskEvacuation names a node and moves the volumes of every namespace.
+        let scope = match crd.spec.names.kind.as_str() {
+            "DiskEvacuation" => "Cluster",
+            _ => "Namespaced",
+        };
+        assert_eq!(crd.spec.scope, scope, "{name}");
         assert_eq!(
             crd.spec.names.categories.as_deref(),
             Some(&[livedisk_api::CATEGORY.to_string()][..]),

@@ -1,8 +1,8 @@
-//! Runs the controllers of every livedisk kind: DiskSnapshot (`crate::snapshot`) and the kinds
+//! Runs the controllers of every livedisk kind: DiskSnapshot (`crate::snapshot`), the kinds
 //! that hand their work to nodes (`crate::node_work`: DiskMerge, DiskMigration, DiskExport,
-//! DiskRestore). Here too the pipeline of a DiskSnapshot that has no work of its own yet (one of
-//! a VirtualMachine): dereference (observe) → decide (pure) → update status → publish an Event
-//! on a change.
+//! DiskRestore) and DiskEvacuation (`crate::evacuation`), whose work is DiskMigrations. Here too
+//! the pipeline of a DiskSnapshot that has no work of its own yet (one of a VirtualMachine):
+//! dereference (observe) → decide (pure) → update status → publish an Event on a change.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +64,12 @@ pub async fn run_all(
     let restores = node_work();
     let exports = node_work();
     let migrations = node_work();
+    let evacuations = Arc::new(crate::evacuation::EvacuationContext {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        leadership: leadership.clone(),
+        metrics: metrics.clone(),
+    });
     let signer = tokio::spawn(crate::export::signer::run(
         client.clone(),
         export_ca.clone(),
@@ -84,6 +90,7 @@ pub async fn run_all(
         crate::node_work::run::<Migration>(migrations),
         crate::node_work::run::<Export>(exports),
         crate::node_work::run::<Restore>(restores),
+        crate::evacuation::run(evacuations),
     );
     orphans.abort();
     signer.abort();

@@ -1,6 +1,8 @@
 //! What each livedisk kind refers to, as data the pipeline can check.
 
-use livedisk_api::{DiskExport, DiskMerge, DiskMigration, DiskRestore, DiskSnapshot};
+use livedisk_api::{
+    DiskEvacuation, DiskExport, DiskMerge, DiskMigration, DiskRestore, DiskSnapshot,
+};
 
 /// An object a livedisk resource names and needs before any work can start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,6 +102,14 @@ impl LivediskKind for DiskRestore {
             Reference::PersistentVolumeClaim(self.spec.persistent_volume_claim_name.clone()),
             Reference::DiskSnapshot(self.spec.snapshot_name.clone()),
         ]
+    }
+}
+
+/// It names a node, not an object of a namespace: the evacuation's lookup checks the node's
+/// LivediskNode and finds the claims of its volumes (`crate::evacuation::lookup`).
+impl LivediskKind for DiskEvacuation {
+    fn references(&self) -> Vec<Reference> {
+        Vec::new()
     }
 }
 

@@ -3,6 +3,7 @@
 mod controller;
 mod decide;
 mod error;
+mod evacuation;
 mod export;
 mod failure;
 mod finalized;

@@ -138,10 +138,10 @@ impl TestNamespace {
     }
 }
 
-/// Deletes the objects of every public livedisk kind in `namespace` (all namespaces: `None`) and
-/// takes the operator's finalizers off them, until none is left: test cleanup, where the
-/// operator may be stopped (or a failed test left its objects). An operator still running
-/// cannot put a finalizer back on an object being deleted.
+/// Deletes the objects of every public livedisk kind in `namespace` (all namespaces and the
+/// cluster-scoped kinds too: `None`) and takes the operator's finalizers off them, until none is
+/// left: test cleanup, where the operator may be stopped (or a failed test left its objects). An
+/// operator still running cannot put a finalizer back on an object being deleted.
 pub async fn remove_livedisk_objects(client: &Client, namespace: Option<&str>) -> Result<()> {
     let unguarded = serde_json::json!({"metadata": {"finalizers": null}});
     let gone = |result: std::result::Result<(), kube::Error>| match result {
@@ -157,6 +157,11 @@ pub async fn remove_livedisk_objects(client: &Client, namespace: Option<&str>) -
             .context("a CRD without versions")?;
         let gvk = GroupVersionKind::gvk(&crd.spec.group, &version, &crd.spec.names.kind);
         let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
+        let cluster_scoped = crd.spec.scope == "Cluster";
+        // A namespace holds no object of a cluster-scoped kind (a DiskEvacuation).
+        if cluster_scoped && namespace.is_some() {
+            continue;
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let all: Api<DynamicObject> = match namespace {
@@ -169,11 +174,10 @@ pub async fn remove_livedisk_objects(client: &Client, namespace: Option<&str>) -
             }
             for object in &left {
                 let name = object.name_any();
-                let api: Api<DynamicObject> = Api::namespaced_with(
-                    client.clone(),
-                    &object.namespace().unwrap_or_default(),
-                    &resource,
-                );
+                let api: Api<DynamicObject> = match object.namespace() {
+                    Some(namespace) => Api::namespaced_with(client.clone(), &namespace, &resource),
+                    None => Api::all_with(client.clone(), &resource),
+                };
                 if object.metadata.deletion_timestamp.is_none() {
                     gone(
                         api.delete(&name, &DeleteParams::background())

@@ -2,7 +2,10 @@
 //! offending field, and accepts every example.
 
 use anyhow::Result;
-use livedisk_e2e::{TestNamespace, apply, client, error_message, parse_manifests, workspace_root};
+use kube::ResourceExt;
+use livedisk_e2e::{
+    TestNamespace, api_for, apply, client, error_message, parse_manifests, workspace_root,
+};
 use serde_json::{Value, json};
 
 fn snapshot(spec: Value) -> Value {
@@ -56,6 +59,7 @@ async fn every_example_is_accepted() -> Result<()> {
         files.len() >= 6,
         "examples/ should hold one manifest per kind at least"
     );
+    let mut cluster_scoped = Vec::new();
     for file in files {
         for object in parse_manifests(&std::fs::read_to_string(&file)?)? {
             let result = apply(&client, &namespace.name, &object).await?;
@@ -65,7 +69,15 @@ async fn every_example_is_accepted() -> Result<()> {
                 file.display(),
                 error_message(&result.unwrap_err())
             );
+            let (api, object) = api_for(&client, &namespace.name, &object).await?;
+            if api.namespace().is_none() {
+                cluster_scoped.push((api, object.name_any()));
+            }
         }
+    }
+    // A namespace holds no cluster-scoped example (a DiskEvacuation): removed one by one.
+    for (api, name) in cluster_scoped {
+        api.delete(&name, &Default::default()).await?;
     }
     namespace.delete().await
 }

@@ -30,6 +30,7 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
         "30-diskmigration.yaml",
         "40-diskexport.yaml",
         "50-diskrestore.yaml",
+        "60-diskevacuation.yaml",
     ] {
         let yaml = std::fs::read_to_string(workspace_root().join("examples").join(file))?;
         for object in parse_manifests(&yaml)? {
@@ -45,6 +46,8 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
         "diskmigration.livedisk.io/vm-disk-to-node-b",
         "diskexport.livedisk.io/vm-disk-backup",
         "diskrestore.livedisk.io/vm-disk-rollback",
+        // Cluster-scoped: listed whatever the namespace.
+        "diskevacuation.livedisk.io/drain-node-c",
     ] {
         assert!(
             listing.contains(expected),
@@ -53,6 +56,7 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
     }
     for header in [
         "SOURCE", "READY", "SIZE", "HELD", "MODE", "PROGRESS", "TO", "PROTOCOL", "SNAPSHOT",
+        "NODE", "DONE", "TOTAL",
     ] {
         assert!(
             listing.contains(header),
@@ -64,6 +68,12 @@ async fn get_livedisk_lists_every_kind_with_columns() -> Result<()> {
         short.contains("scratch-disk-flatten") && short.contains("Commit"),
         "{short}"
     );
+    let evacuation = run(&["get", "devac", "drain-node-c"])?;
+    assert!(
+        evacuation.contains("drain-node-c") && evacuation.contains("node-c"),
+        "{evacuation}"
+    );
+    run(&["delete", "devac", "drain-node-c", "--wait=true"])?;
     namespace.delete().await
 }
 

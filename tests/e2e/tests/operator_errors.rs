@@ -3,9 +3,10 @@
 //! condition.
 //!
 //! The error is a real one: the operator binary runs as a ServiceAccount that may do everything
-//! the operator needs except create VolumeSnapshots, so applying a DiskSnapshot's VolumeSnapshot
-//! is answered 403 by the API server's RBAC. Its own test binary: the operator it starts must be
-//! the only one reconciling while it runs.
+//! the operator needs except create VolumeSnapshots and DiskMigrations, so applying a
+//! DiskSnapshot's VolumeSnapshot, or a DiskEvacuation's first DiskMigration, is answered 403 by
+//! the API server's RBAC. Its own test binary, its tests one at a time: the operator each starts
+//! must be the only one reconciling while it runs.
 
 use std::path::PathBuf;
 
@@ -15,27 +16,36 @@ use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use livedisk_api::DiskSnapshot;
 use livedisk_api::conditions::{READY, STALLED, find};
+use livedisk_api::internal::{LivediskNode, LivediskVolume};
+use livedisk_api::{DiskEvacuation, DiskMigration, DiskSnapshot};
+use livedisk_e2e::disks::{must, pod, pvc};
 use livedisk_e2e::operator::Operator;
-use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually};
+use livedisk_e2e::{TestNamespace, apply, bound_volume, client, error_message, eventually};
 use serde_json::{Value, json};
 
-/// Every permission the operator uses, except `create` on VolumeSnapshots.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Every permission the operator uses, except `create` on VolumeSnapshots and DiskMigrations.
 fn rules_without_volume_snapshot_create() -> Value {
     json!([
         {"apiGroups": ["livedisk.io"],
-         "resources": ["disksnapshots", "diskmerges", "diskmigrations", "diskexports", "diskrestores"],
+         "resources": ["disksnapshots", "diskmerges", "diskmigrations", "diskexports", "diskrestores",
+                       "diskevacuations"],
          "verbs": ["get", "list", "watch"]},
         // The DiskSnapshot's finalizer.
         {"apiGroups": ["livedisk.io"], "resources": ["disksnapshots"], "verbs": ["patch"]},
         {"apiGroups": ["livedisk.io"], "resources": ["livedisksnapshots"],
          "verbs": ["list", "watch"]},
+        // A DiskEvacuation's lookups: the nodes, the volumes of its node, their PVs.
+        {"apiGroups": ["livedisk.io"], "resources": ["livedisknodes", "livediskvolumes"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["list"]},
         {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotcontents"],
          "verbs": ["list", "watch", "patch"]},
         {"apiGroups": ["livedisk.io"],
          "resources": ["disksnapshots/status", "diskmerges/status", "diskmigrations/status",
-                       "diskexports/status", "diskrestores/status"],
+                       "diskexports/status", "diskrestores/status", "diskevacuations/status"],
          "verbs": ["get", "patch"]},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
          "verbs": ["get", "list", "watch"]},
@@ -124,6 +134,7 @@ async fn warnings(
 
 #[tokio::test]
 async fn a_forbidden_apply_becomes_a_warning_event_and_a_stalled_condition() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let client = client().await?;
     // The operator only applies a VolumeSnapshot once the livedisk driver is registered.
     let drivers: Api<CSIDriver> = Api::all(client.clone());
@@ -254,6 +265,105 @@ async fn forbidden_apply(client: &Client, ns: &str, identity: &RestrictedIdentit
     );
     assert_eq!(ready.1.map(|c| c.status).as_deref(), Some("False"));
     assert!(volume_snapshots.get_opt("data-snap").await?.is_some());
+    drop(operator);
+    Ok(())
+}
+
+/// A DiskEvacuation is cluster-scoped: its Events are in `default`, its conditions on itself.
+#[tokio::test]
+async fn a_forbidden_create_stalls_an_evacuation_and_moves_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let nodes: Api<LivediskNode> = Api::all(client.clone());
+    for node in ["node-a", "node-b"] {
+        eventually(120, &format!("{node}'s pool space reported"), || async {
+            Ok(nodes
+                .get_opt(node)
+                .await?
+                .and_then(|n| n.status?.pool_available_bytes))
+        })
+        .await?;
+    }
+    let namespace = TestNamespace::create(&client, "evacuation-errors").await?;
+    let ns = namespace.name.clone();
+    let identity =
+        RestrictedIdentity::create(&client, &ns, rules_without_volume_snapshot_create()).await?;
+    let name = format!("drain-{ns}");
+    let result = forbidden_evacuation(&client, &ns, &name, &identity).await;
+    let evacuations: Api<DiskEvacuation> = Api::all(client.clone());
+    let _ = evacuations.delete(&name, &DeleteParams::default()).await;
+    identity.delete().await?;
+    namespace.delete().await?;
+    result
+}
+
+async fn forbidden_evacuation(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    identity: &RestrictedIdentity,
+) -> Result<()> {
+    // A claim bound on node-a: the evacuation has a volume to move.
+    must(client, ns, pvc("disk", None)).await?;
+    must(client, ns, pod("disk-consumer", "disk", Some("node-a"))).await?;
+    let (volume, node) = bound_volume(client, ns, "disk", "disk-consumer").await?;
+    anyhow::ensure!(node == "node-a", "scheduled on {node}");
+    let operator = Operator::start_with_kubeconfig(&identity.kubeconfig)?;
+    must(
+        client,
+        "",
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskEvacuation",
+               "metadata": {"name": name}, "spec": {"nodeName": "node-a", "targetNodeName": "node-b"}}),
+    )
+    .await?;
+    let event = eventually(
+        120,
+        "a PermissionDenied Warning Event on the DiskEvacuation",
+        || async {
+            Ok(warnings(client, "default", name, "PermissionDenied")
+                .await?
+                .into_iter()
+                .next())
+        },
+    )
+    .await
+    .with_context(|| operator.log())?;
+    assert_eq!(event.action.as_deref(), Some("Apply"), "{event:?}");
+    let note = event.note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&format!("applying DiskMigration {ns}/evac-")),
+        "{note}"
+    );
+    assert!(
+        note.contains("cannot create resource \"diskmigrations\""),
+        "{note}"
+    );
+    let evacuations: Api<DiskEvacuation> = Api::all(client.clone());
+    let stalled = eventually(30, "Stalled=True on the DiskEvacuation", || async {
+        let conditions = evacuations
+            .get(name)
+            .await?
+            .status
+            .map(|s| s.conditions)
+            .unwrap_or_default();
+        Ok(find(&conditions, STALLED)
+            .filter(|c| c.status == "True")
+            .cloned())
+    })
+    .await
+    .with_context(|| operator.log())?;
+    assert_eq!(stalled.reason, "PermissionDenied");
+    // Nothing was created, nothing moved.
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), ns);
+    assert!(
+        migrations
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+    );
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    assert_eq!(volumes.get(&volume).await?.spec.node_name, "node-a");
     drop(operator);
     Ok(())
 }
