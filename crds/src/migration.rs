@@ -27,7 +27,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Stage","type":"string","jsonPath":".status.stage"}"#,
     printcolumn = r#"{"name":"Progress","type":"integer","jsonPath":".status.progress.percent","description":"Percent copied"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.spec.persistentVolumeClaimName == oldSelf.spec.persistentVolumeClaimName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.verify == oldSelf.spec.verify").message("persistentVolumeClaimName, targetNodeName and verify are immutable; only bandwidthLimit and cancel may change").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("self.spec.persistentVolumeClaimName == oldSelf.spec.persistentVolumeClaimName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.verify == oldSelf.spec.verify").message("persistentVolumeClaimName, targetNodeName and verify are immutable; only bandwidthLimit, holdCutover and cancel may change").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!oldSelf.spec.cancel || self.spec.cancel").message("spec.cancel cannot be set back to false").reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
@@ -49,6 +49,11 @@ pub struct DiskMigrationSpec {
     /// Set to true to cancel before the cutover; the volume stays where it was.
     #[serde(default)]
     pub cancel: bool,
+    /// While true, a converged migration waits in the stage Synchronized instead of cutting
+    /// over: the mirror keeps the target in step (every write is acknowledged by both nodes)
+    /// until this is set back to false (the cutover follows) or the migration is cancelled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold_cutover: bool,
 }
 
 fn default_true() -> bool {

@@ -289,6 +289,10 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         front.clone(),
     );
     let served = front.as_ref().map(|f| f.grants.clone());
+    // One call per volume at a time across the CSI node service and the node agent: serving or
+    // withdrawing another node's attachment shares the volume's engine export with a local
+    // NodeStage/NodeUnstage, whose front end must not lose it between its export and its connect.
+    let volume_calls = crate::grpc::inflight::InFlight::default();
     let node_agent = Arc::new(Agent {
         client,
         engine: engine.clone(),
@@ -298,6 +302,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         merges: Default::default(),
         imports: Default::default(),
         front,
+        volume_calls: volume_calls.clone(),
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
         (Some(listen), Some(dir)) => {
@@ -346,6 +351,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             restores,
             remote,
             served,
+            volume_calls,
         )))
         .add_service(reflection()?)
         .serve_with_incoming_shutdown(server::incoming(listener), shutdown)

@@ -39,7 +39,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Stage","type":"string","jsonPath":".status.stage"}"#,
     printcolumn = r#"{"name":"Progress","type":"integer","jsonPath":".status.progress.percent"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.spec.nodeName == oldSelf.spec.nodeName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.volumeId == oldSelf.spec.volumeId && self.spec.verify == oldSelf.spec.verify").message("only bandwidthBytesPerSecond and cancel may change").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("self.spec.nodeName == oldSelf.spec.nodeName && self.spec.targetNodeName == oldSelf.spec.targetNodeName && self.spec.volumeId == oldSelf.spec.volumeId && self.spec.verify == oldSelf.spec.verify").message("only bandwidthBytesPerSecond, holdCutover and cancel may change").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!oldSelf.spec.cancel || self.spec.cancel").message("spec.cancel cannot be set back to false").reason(Reason::FieldValueForbidden),
     validation = Rule::new("self.spec.nodeName != self.spec.targetNodeName").message("the target node is the node that holds the volume already")
 )]
@@ -65,6 +65,9 @@ pub struct LivediskMigrationSpec {
     /// Set to stop the migration; honoured until the cutover starts, refused after it.
     #[serde(default)]
     pub cancel: bool,
+    /// While true, a converged mirror is kept in step (stage Synchronized) and not cut over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold_cutover: bool,
 }
 
 /// Where a migration is.

@@ -57,6 +57,8 @@ pub struct Agent {
     pub front: Option<Arc<crate::export::Front>>,
     /// The volumes this node imports as a migration's target, each in its own task.
     pub imports: super::migration_work::Imports,
+    /// Calls on a volume in progress, shared with the CSI node service (one at a time).
+    pub volume_calls: crate::grpc::inflight::InFlight,
 }
 
 impl Agent {
@@ -512,6 +514,18 @@ async fn reconcile_attachment(
 ) -> Result<Action, ReconcileError> {
     let api: Api<LivediskAttachment> = Api::all(agent.client.clone());
     let (api_ref, agent) = (&api, agent.as_ref());
+    // A withdrawal not while a NodeStage or NodeUnstage of the same volume runs here: it may stop
+    // the engine export they share, between a NodeStage's export and its front end's connect
+    // (the reconcile is retried; a NodeStage meanwhile answers ABORTED, which kubelet retries).
+    let _call = match attachment.metadata.deletion_timestamp {
+        Some(_) => Some(
+            agent
+                .volume_calls
+                .begin(&attachment.spec.volume_id)
+                .map_err(finalizer::Error::CleanupFailed)?,
+        ),
+        None => None,
+    };
     let result = finalizer(&api, NODE_FINALIZER, attachment, |event| async move {
         match event {
             Event::Apply(attachment) => {

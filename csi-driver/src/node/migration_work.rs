@@ -454,6 +454,11 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
                 "source": { "mirrorMilliseconds": converged, "mirroredBytes": progress.total } }),
     )
     .await?;
+    // Held: the converged mirror keeps the target in step (write-blocking) until the hold is
+    // lifted or the migration cancelled; both come back here through a change of the spec.
+    if m.spec.hold_cutover {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     patch_status(
         client,
         &name,

@@ -49,6 +49,7 @@ impl NodeService {
         restores: RestoreGate,
         remote: RemoteAttacher,
         served: Option<Arc<Grants>>,
+        in_flight: InFlight,
     ) -> Self {
         Self {
             engine,
@@ -56,7 +57,7 @@ impl NodeService {
             remote,
             served,
             node_name,
-            in_flight: InFlight::default(),
+            in_flight,
             restores,
         }
     }

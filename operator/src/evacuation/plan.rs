@@ -403,6 +403,7 @@ pub fn plan(
                     bandwidth_limit: spec.bandwidth_limit.clone(),
                     verify: spec.verify,
                     cancel: false,
+                    hold_cutover: false,
                 },
             });
             slots -= 1;
@@ -697,6 +698,7 @@ mod tests {
                 bandwidth_limit: None,
                 verify: true,
                 cancel: false,
+                hold_cutover: false,
             }
         );
         // node-b has 1000, then 800 once A is planned there: B goes to node-c (900).

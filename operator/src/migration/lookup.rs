@@ -97,6 +97,7 @@ mod tests {
                 bandwidth_bytes_per_second: None,
                 verify: true,
                 cancel: false,
+                hold_cutover: false,
             },
         );
         work.metadata.labels = owner.map(|(namespace, name)| {

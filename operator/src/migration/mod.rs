@@ -165,7 +165,11 @@ async fn report_progress(
     work: &LivediskMigration,
     ignored_bandwidth: Option<&str>,
 ) -> Result<Action, Error> {
-    let decision = report::from_node(&work.spec, work.status.as_ref(), ignored_bandwidth);
+    // A cancel that reached an ended node work (not forwarded any more) is still the user's
+    // request, and the report says what became of it.
+    let mut asked = work.spec.clone();
+    asked.cancel |= migration.spec.cancel;
+    let decision = report::from_node(&asked, work.status.as_ref(), ignored_bandwidth);
     ctx.write_status(migration, &decision).await?;
     Ok(Action::requeue(Duration::from_secs(
         decision.requeue_seconds,

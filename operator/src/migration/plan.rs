@@ -157,6 +157,7 @@ pub fn plan(spec: &DiskMigrationSpec, lookup: &Lookup) -> Result<LivediskMigrati
         bandwidth_bytes_per_second: bandwidth,
         verify: spec.verify,
         cancel: spec.cancel,
+        hold_cutover: spec.hold_cutover,
     })
 }
 
@@ -170,9 +171,9 @@ pub struct Following {
     pub ignored_bandwidth: Option<String>,
 }
 
-/// Only the rate limit and a cancel follow the DiskMigration once its node work exists (the rest
-/// of both specs is immutable), and a cancel only from false to true: a node work's cancel is
-/// never taken back (its CEL rule refuses that too).
+/// Only the rate limit, the cutover hold and a cancel follow the DiskMigration once its node work
+/// exists (the rest of both specs is immutable), and a cancel only from false to true: a node
+/// work's cancel is never taken back (its CEL rule refuses that too).
 pub fn follow(spec: &DiskMigrationSpec, work: &LivediskMigrationSpec) -> Following {
     let mut changes = Map::new();
     let mut ignored_bandwidth = None;
@@ -186,6 +187,9 @@ pub fn follow(spec: &DiskMigrationSpec, work: &LivediskMigrationSpec) -> Followi
     }
     if spec.cancel && !work.cancel {
         changes.insert("cancel".into(), Value::Bool(true));
+    }
+    if spec.hold_cutover != work.hold_cutover {
+        changes.insert("holdCutover".into(), Value::Bool(spec.hold_cutover));
     }
     Following {
         patch: (!changes.is_empty()).then(|| json!({ "spec": changes })),
@@ -207,6 +211,7 @@ mod tests {
             bandwidth_limit: Some("500Mi".into()),
             verify: true,
             cancel: false,
+            hold_cutover: false,
         }
     }
 
@@ -234,6 +239,7 @@ mod tests {
                 bandwidth_bytes_per_second: Some(500 << 20),
                 verify: true,
                 cancel: false,
+                hold_cutover: false,
             }
         );
         let unlimited = DiskMigrationSpec {
@@ -340,7 +346,7 @@ mod tests {
     }
 
     #[test]
-    fn the_node_work_follows_the_rate_and_a_cancel_only() {
+    fn the_node_work_follows_the_rate_the_hold_and_a_cancel_only() {
         let work = plan(&spec(), &lookup()).expect("valid");
         assert_eq!(follow(&spec(), &work), Following::default());
 
@@ -369,6 +375,23 @@ mod tests {
         assert_eq!(
             follow(&cancel, &work).patch,
             Some(json!({"spec": {"cancel": true}}))
+        );
+        // The cutover hold follows both ways.
+        let held = DiskMigrationSpec {
+            hold_cutover: true,
+            ..spec()
+        };
+        assert_eq!(
+            follow(&held, &work).patch,
+            Some(json!({"spec": {"holdCutover": true}}))
+        );
+        let held_work = LivediskMigrationSpec {
+            hold_cutover: true,
+            ..work.clone()
+        };
+        assert_eq!(
+            follow(&spec(), &held_work).patch,
+            Some(json!({"spec": {"holdCutover": false}}))
         );
         // A cancelled node work stays cancelled, whatever the DiskMigration says.
         let cancelled = LivediskMigrationSpec {

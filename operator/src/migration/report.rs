@@ -121,7 +121,12 @@ pub fn from_node(
                     (None, true) => "the comparison with the source could not run".into(),
                     (None, false) => "not compared (spec.verify is false)".into(),
                 }
-            ),
+            ) + if work.cancel {
+                // Asked for too late: while the cutover or the verification ran, or after.
+                "; cancel refused: the cutover had pivoted and the target held the volume before the cancel took effect"
+            } else {
+                ""
+            },
             EventKind::Normal,
         ),
         MigrationPhase::Cancelled => (
@@ -194,6 +199,9 @@ fn running_message(work: &LivediskMigrationSpec, stage: Option<MigrationStage>) 
         Some(MigrationStage::Copying) => format!(
             "copying volume {volume} from node {source} to node {target} while it is written (the sealed layers, then a mirror of the active layer)"
         ),
+        Some(MigrationStage::Synchronized) if work.hold_cutover => format!(
+            "volume {volume} is mirrored to node {target}: every write reaches both nodes; the cutover waits until spec.holdCutover is false"
+        ),
         Some(MigrationStage::Synchronized) => format!(
             "volume {volume} is mirrored to node {target}: every write reaches both nodes; the cutover comes next"
         ),
@@ -242,6 +250,7 @@ mod tests {
             bandwidth_bytes_per_second: Some(1 << 20),
             verify: true,
             cancel: false,
+            hold_cutover: false,
         }
     }
 
@@ -342,6 +351,11 @@ mod tests {
             "no rate, no estimate"
         );
         assert!(message(&synchronized).contains("every write reaches both nodes"));
+        let held = LivediskMigrationSpec {
+            hold_cutover: true,
+            ..work()
+        };
+        assert!(message(&from_node(&held, Some(&status), None)).contains("spec.holdCutover"));
 
         status.stage = Some(MigrationStage::CuttingOver);
         assert!(message(&from_node(&work(), Some(&status), None)).contains("cancel is refused"));
@@ -478,6 +492,25 @@ mod tests {
         assert!(message(&done).contains("could not run"));
         assert_eq!(done.event, EventKind::Normal);
         assert_eq!(done.requeue_seconds, ENDED_RECHECK_SECONDS);
+        assert!(!message(&done).contains("cancel"));
+
+        // A cancel that came during the cutover or the verification, or after: still Completed
+        // and Ready, and the message says the cancel was refused.
+        let late = LivediskMigrationSpec {
+            cancel: true,
+            ..work()
+        };
+        let refused = from_node(&late, Some(&status), None);
+        assert_eq!(refused.phase, Phase::Completed);
+        assert_eq!(
+            condition(&refused, READY),
+            (Status::True, "MigrationCompleted".into())
+        );
+        assert!(
+            message(&refused).contains("cancel refused"),
+            "{}",
+            message(&refused)
+        );
     }
 
     #[test]

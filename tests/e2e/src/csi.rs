@@ -163,8 +163,24 @@ pub async fn attach_block(node_name: &str, volume_id: &str, tag: &str) -> Result
     Ok(target)
 }
 
-/// NodeUnpublish + NodeUnstage of what `attach_block` did for `tag`.
+/// NodeUnpublish + NodeUnstage of what `attach_block` did for `tag`, retried as kubelet retries
+/// them while the node answers ABORTED (an operation on the volume in progress there).
 pub async fn detach_block(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
+    crate::eventually(
+        60,
+        &format!("{volume_id} unstaged on {node_name}"),
+        || async {
+            match detach_block_once(node_name, volume_id, tag).await {
+                Ok(()) => Ok(Some(())),
+                Err(e) if busy(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await
+}
+
+async fn detach_block_once(node_name: &str, volume_id: &str, tag: &str) -> Result<()> {
     let (staging, target) = kubelet_paths(node_name, tag)?;
     let mut client = node(node_name).await?;
     client
@@ -296,4 +312,25 @@ pub async fn delete_volume(volume: &str) -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// [`attach_block`], retried as kubelet retries NodeStage while the node answers ABORTED (the
+/// volume busy for a moment: a node withdrawing another node's attachment of it shares its
+/// export).
+pub async fn attach_block_as_kubelet(node: &str, volume: &str, tag: &str) -> Result<String> {
+    crate::eventually(60, &format!("{volume} staged on {node}"), || async {
+        match attach_block(node, volume, tag).await {
+            Ok(path) => Ok(Some(path)),
+            Err(e) if busy(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+/// Whether a node answered ABORTED: an operation on the volume is in progress.
+fn busy(error: &anyhow::Error) -> bool {
+    let text = format!("{error:#}");
+    text.contains("another operation is in progress")
+        || text.contains("is already in progress; retry later")
 }

@@ -84,3 +84,38 @@ impl Drop for ScratchDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A block PVC bound on `node`: created with a consumer pod pinned there (no kubelet runs it in
+/// the processes layout; the test stages the volume itself as kubelet would), then the pod is
+/// removed. The volume's ID.
+pub async fn claim_bound_on(client: &Client, ns: &str, claim: &str, node: &str) -> Result<String> {
+    claim_of_size_bound_on(client, ns, claim, "64Mi", node).await
+}
+
+/// [`claim_bound_on`] for a claim of another size (a quantity).
+pub async fn claim_of_size_bound_on(
+    client: &Client,
+    ns: &str,
+    claim: &str,
+    size: &str,
+    node: &str,
+) -> Result<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams};
+    must(client, ns, pvc_of_size(claim, None, size)).await?;
+    let consumer = format!("{claim}-consumer");
+    must(client, ns, pod(&consumer, claim, Some(node))).await?;
+    let (volume, bound) = crate::bound_volume(client, ns, claim, &consumer).await?;
+    anyhow::ensure!(bound == node, "the consumer was scheduled on {bound}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let _ = pods
+        .delete(
+            &consumer,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    Ok(volume)
+}

@@ -19,7 +19,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{LivediskMigration, LivediskSnapshot, LivediskVolume};
@@ -28,10 +27,10 @@ use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
     attach_block, detach_block, kill_engine_daemon, kill_node_plugin, set_link,
 };
-use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc, verifier};
+use livedisk_e2e::disks::{ScratchDir, host_device, must, verifier};
 use livedisk_e2e::operator::operator_with_fronts;
 use livedisk_e2e::phases::{log_from_block, take_snapshot, verify, write_phase};
-use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
+use livedisk_e2e::{TestNamespace, client, eventually};
 use serde_json::json;
 
 const SOURCE: &str = "node-a";
@@ -40,38 +39,13 @@ const BLOCKS: u64 = 2048;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A block PVC bound on the source node (its consumer pod pinned there; no kubelet runs it in
-/// this layout, the test stages the volume itself as kubelet would).
+/// A block PVC bound on the source node.
 async fn volume_on_source(client: &Client, ns: &str, claim: &str) -> Result<String> {
-    must(client, ns, pvc(claim, None)).await?;
-    let consumer = format!("{claim}-consumer");
-    must(client, ns, pod(&consumer, claim, Some(SOURCE))).await?;
-    let (volume, node) = bound_volume(client, ns, claim, &consumer).await?;
-    ensure!(node == SOURCE, "the consumer was scheduled on {node}");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let _ = pods
-        .delete(
-            &consumer,
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            },
-        )
-        .await;
-    Ok(volume)
+    livedisk_e2e::disks::claim_bound_on(client, ns, claim, SOURCE).await
 }
 
-/// NodeStage + NodePublish on `node`, retried as kubelet retries them while the node answers
-/// ABORTED (the volume busy for a moment: here the target withdrawing the source's attachment).
 async fn stage_as_kubelet(node: &str, volume: &str, tag: &str) -> Result<String> {
-    eventually(60, &format!("{volume} staged on {node}"), || async {
-        match attach_block(node, volume, tag).await {
-            Ok(path) => Ok(Some(path)),
-            Err(e) if format!("{e:#}").contains("another operation is in progress") => Ok(None),
-            Err(e) => Err(e),
-        }
-    })
-    .await
+    livedisk_e2e::csi::attach_block_as_kubelet(node, volume, tag).await
 }
 
 fn start_writer(device: &str, tag: u64, writes: u64, log: &Path) -> Result<std::process::Child> {
@@ -547,5 +521,220 @@ async fn killed_engine_daemons_mid_copy_lose_no_acknowledged_write() -> Result<(
         detach_block(TARGET, &volume, "daemons-moved").await?;
     }
     let _ = migrations.delete("daemons", &DeleteParams::default()).await;
+    namespace.delete().await
+}
+
+/// The stage of the node work of `volume`, and whether the target has imported the sealed
+/// layers.
+async fn work_state(
+    client: &Client,
+    volume: &str,
+) -> Result<Option<(Option<MigrationStage>, bool)>> {
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    let list = works
+        .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+        .await?;
+    Ok(list.items.into_iter().next().and_then(|w| {
+        w.status.map(|s| {
+            let imported = s.target.as_ref().is_some_and(|t| t.imported);
+            (s.stage, imported)
+        })
+    }))
+}
+
+/// Cancels DiskMigration `name` and waits until it is Cancelled with the volume still on the
+/// source and the target's partial import discarded.
+async fn cancel_and_expect_source_kept(
+    client: &Client,
+    migrations: &Api<DiskMigration>,
+    name: &str,
+    volume: &str,
+) -> Result<()> {
+    migrations
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "cancel": true } })),
+        )
+        .await?;
+    eventually(120, &format!("DiskMigration {name} Cancelled"), || async {
+        let status = migrations.get(name).await?.status.unwrap_or_default();
+        ensure!(
+            status.phase != Phase::Completed,
+            "completed despite the cancel"
+        );
+        Ok((status.phase == Phase::Cancelled).then_some(()))
+    })
+    .await?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(volume).await?.spec.node_name == SOURCE);
+    eventually(60, "the target's partial copy discarded", || async {
+        Ok((!pool_has(TARGET, volume)?).then_some(()))
+    })
+    .await?;
+    migrations.delete(name, &DeleteParams::default()).await?;
+    eventually(60, &format!("DiskMigration {name} gone"), || async {
+        Ok(migrations.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+/// Waits until the node work of `volume` reports `stage`.
+async fn work_reaches(client: &Client, volume: &str, stage: MigrationStage) -> Result<()> {
+    eventually(240, &format!("the migration at {stage:?}"), || async {
+        Ok(work_state(client, volume)
+            .await?
+            .filter(|(s, _)| *s == Some(stage))
+            .map(|_| ()))
+    })
+    .await
+}
+
+/// Blocks the writer rewrites while a migration is held in Synchronized.
+const HELD_BLOCKS: u64 = 512;
+
+#[tokio::test]
+async fn a_cancel_in_each_stage_before_the_cutover_keeps_the_source_and_one_after_is_refused()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
+    let namespace = TestNamespace::create(&client, "migrate-cancels").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-cancels")?;
+    // 2 GiB, mostly holes: the copy and the mirror move only what was written, while the
+    // verification after the pivot reads all of it (seconds: the window for a late cancel).
+    let volume =
+        livedisk_e2e::disks::claim_of_size_bound_on(&client, &ns, "disk", "2Gi", SOURCE).await?;
+    let device = host_device(SOURCE, &attach_block(SOURCE, &volume, "cancels").await?)?;
+    // 47 MiB sealed by a snapshot: at 2 MiB/s its copy runs for many seconds.
+    let sealed_log = dir.0.join("sealed.log");
+    write_phase(&device, 1, 12_000, &sealed_log)?;
+    take_snapshot(&client, &ns, "sealed", "disk").await?;
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+
+    // Copying: cancelled while the target copies the sealed layers (before any mirror).
+    migration(
+        &client,
+        &ns,
+        "copying",
+        "disk",
+        json!({ "bandwidthLimit": "2Mi" }),
+    )
+    .await?;
+    let works: Api<LivediskMigration> = Api::all(client.clone());
+    eventually(120, "the sealed layers being copied", || async {
+        let list = works
+            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
+            .await?;
+        Ok(list.items.into_iter().find(|w| {
+            w.status.as_ref().is_some_and(|s| {
+                s.target
+                    .as_ref()
+                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
+            })
+        }))
+    })
+    .await?;
+    cancel_and_expect_source_kept(&client, &migrations, "copying", &volume).await?;
+    verify(&device, 1, &sealed_log)?;
+
+    // Synchronized: converged and held there by holdCutover; writes made meanwhile reach both
+    // nodes; the cancel keeps the source with them.
+    migration(
+        &client,
+        &ns,
+        "synchronized",
+        "disk",
+        json!({ "holdCutover": true }),
+    )
+    .await?;
+    work_reaches(&client, &volume, MigrationStage::Synchronized).await?;
+    let held_log = dir.0.join("held.log");
+    write_phase(&device, 2, HELD_BLOCKS, &held_log)?;
+    // The sealed writes the held ones did not overwrite.
+    let sealed_rest = dir.0.join("sealed-rest.log");
+    log_from_block(&sealed_log, HELD_BLOCKS, &sealed_rest)?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let held = migrations
+        .get("synchronized")
+        .await?
+        .status
+        .unwrap_or_default();
+    ensure!(
+        held.phase == Phase::Running && held.stage == Some(MigrationStage::Synchronized),
+        "a held migration left Synchronized: {:?} {:?}",
+        held.phase,
+        held.stage
+    );
+    cancel_and_expect_source_kept(&client, &migrations, "synchronized", &volume).await?;
+    verify(&device, 1, &sealed_rest)?;
+    verify(&device, 2, &held_log)?;
+
+    // After the pivot (held, then released; the cancel lands during the verification): refused
+    // with a condition, the migration completes and the volume lives on the target.
+    migration(&client, &ns, "late", "disk", json!({ "holdCutover": true })).await?;
+    work_reaches(&client, &volume, MigrationStage::Synchronized).await?;
+    migrations
+        .patch(
+            "late",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "holdCutover": false } })),
+        )
+        .await?;
+    work_reaches(&client, &volume, MigrationStage::Verifying).await?;
+    migrations
+        .patch(
+            "late",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "cancel": true } })),
+        )
+        .await?;
+    let refused = eventually(
+        120,
+        "the late cancel refused on the DiskMigration",
+        || async {
+            let status = migrations.get("late").await?.status.unwrap_or_default();
+            Ok(status
+                .conditions
+                .iter()
+                // The node's refusal ("cancel is refused" is the CuttingOver stage's message).
+                .find(|c| c.message.contains("cancel refused"))
+                .map(|c| (c.type_.clone(), c.reason.clone(), c.message.clone())))
+        },
+    )
+    .await?;
+    eprintln!("late cancel: {refused:?}");
+    let done = eventually(180, "DiskMigration late ended", || async {
+        let status = migrations.get("late").await?.status.unwrap_or_default();
+        Ok(matches!(
+            status.phase,
+            Phase::Completed | Phase::Cancelled | Phase::Failed
+        )
+        .then_some(status))
+    })
+    .await?;
+    ensure!(
+        done.phase == Phase::Completed,
+        "a cancel after the pivot ended the migration {:?}: {:?}",
+        done.phase,
+        done.conditions
+    );
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    verify(&device, 1, &sealed_rest)?;
+    verify(&device, 2, &held_log)?;
+    eventually(60, "the source's plugin unstaging", || async {
+        Ok(detach_block(SOURCE, &volume, "cancels").await.ok())
+    })
+    .await?;
+    let moved = host_device(
+        TARGET,
+        &stage_as_kubelet(TARGET, &volume, "cancels-moved").await?,
+    )?;
+    verify(&moved, 1, &sealed_rest)?;
+    verify(&moved, 2, &held_log)?;
+    detach_block(TARGET, &volume, "cancels-moved").await?;
+    let _ = migrations.delete("late", &DeleteParams::default()).await;
     namespace.delete().await
 }

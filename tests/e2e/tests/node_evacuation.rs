@@ -88,17 +88,8 @@ async fn volume_on_source(client: &Client, ns: &str, claim: &str) -> Result<Stri
     Ok(volume)
 }
 
-/// NodeStage + NodePublish on `node`, retried as kubelet retries them while the node answers
-/// ABORTED (the volume busy for a moment: here the target withdrawing the source's attachment).
 async fn stage_as_kubelet(node: &str, volume: &str, tag: &str) -> Result<String> {
-    eventually(60, &format!("{volume} staged on {node}"), || async {
-        match attach_block(node, volume, tag).await {
-            Ok(path) => Ok(Some(path)),
-            Err(e) if format!("{e:#}").contains("another operation is in progress") => Ok(None),
-            Err(e) => Err(e),
-        }
-    })
-    .await
+    livedisk_e2e::csi::attach_block_as_kubelet(node, volume, tag).await
 }
 
 /// A unique name for a cluster-scoped evacuation of this run.

@@ -27,8 +27,8 @@ use livedisk_csi_proto::csi::v1::volume_capability::access_mode::Mode;
 use livedisk_csi_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, block_volume_request, controller, delete_volume, detach_block, in_node, node,
-    node_plugin_pid,
+    attach_block_as_kubelet, block_volume_request, controller, delete_volume, detach_block,
+    in_node, node, node_plugin_pid,
 };
 use livedisk_e2e::disks::{ScratchDir, host_device, verifier};
 use livedisk_e2e::operator::operator_with_fronts;
@@ -138,7 +138,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
 
     // Block: staged on node-a, written there, read back on node-b.
     let volume = create_volume("remote-attach-block", OWNER, Mode::SingleNodeWriter).await?;
-    let target = attach_block(CLIENT, &volume, "remote-block").await?;
+    let target = attach_block_as_kubelet(CLIENT, &volume, "remote-block").await?;
     let attachment = ready_attachment(&client, &volume).await?;
     ensure!(attachment.spec.node_name == OWNER && attachment.spec.client_node == CLIENT);
     let device = host_device(CLIENT, &target)?;
@@ -147,7 +147,7 @@ async fn a_volume_one_node_holds_is_written_on_the_other_and_reads_back_where_it
     verify(&device, 1, &log)?;
     detach_block(CLIENT, &volume, "remote-block").await?;
     attachment_gone(&client, &volume).await?;
-    let target = attach_block(OWNER, &volume, "local-block").await?;
+    let target = attach_block_as_kubelet(OWNER, &volume, "local-block").await?;
     verify(host_device(OWNER, &target)?, 1, &log)?;
     detach_block(OWNER, &volume, "local-block").await?;
     delete_volume(&volume).await?;
@@ -190,7 +190,7 @@ async fn the_owners_front_admits_only_the_certificate_an_attachment_pins() -> Re
     let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let dir = ScratchDir::new("remote-attach-refusals")?;
     let volume = create_volume("remote-attach-refused", OWNER, Mode::SingleNodeWriter).await?;
-    let target = attach_block(CLIENT, &volume, "refused").await?;
+    let target = attach_block_as_kubelet(CLIENT, &volume, "refused").await?;
     let attachment = ready_attachment(&client, &volume).await?;
     let status = attachment.status.context("no status")?;
     let (host, port) = (
@@ -299,7 +299,7 @@ async fn a_cut_link_and_killed_node_plugins_lose_no_acknowledged_write() -> Resu
     let _operator = operator_with_fronts(&client, &[OWNER, CLIENT]).await?;
     let dir = ScratchDir::new("remote-attach-faults")?;
     let volume = create_volume("remote-attach-faults", OWNER, Mode::SingleNodeWriter).await?;
-    let target = attach_block(CLIENT, &volume, "faults").await?;
+    let target = attach_block_as_kubelet(CLIENT, &volume, "faults").await?;
     ready_attachment(&client, &volume).await?;
     let device = host_device(CLIENT, &target)?;
 
@@ -385,7 +385,7 @@ async fn a_cut_link_and_killed_node_plugins_lose_no_acknowledged_write() -> Resu
     .await?;
     attachment_gone(&client, &volume).await?;
     // Read back where the volume lives.
-    let target = attach_block(OWNER, &volume, "faults-local").await?;
+    let target = attach_block_as_kubelet(OWNER, &volume, "faults-local").await?;
     verify(host_device(OWNER, &target)?, 4, &log)?;
     detach_block(OWNER, &volume, "faults-local").await?;
     delete_volume(&volume).await?;
@@ -532,8 +532,25 @@ async fn stage_publish(
     Ok(())
 }
 
-/// NodeUnpublish + NodeUnstage, as kubelet calls them.
+/// NodeUnpublish + NodeUnstage, as kubelet calls them (and retries them while the node answers
+/// ABORTED: the owner withdrawing the other node's attachment of the volume meanwhile).
 async fn unpublish_unstage(
+    node_name: &str,
+    volume: &str,
+    staging: &str,
+    target: &str,
+) -> Result<()> {
+    eventually(60, &format!("{volume} unstaged on {node_name}"), || async {
+        match unpublish_unstage_once(node_name, volume, staging, target).await {
+            Ok(()) => Ok(Some(())),
+            Err(e) if format!("{e:#}").contains("is already in progress; retry later") => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+async fn unpublish_unstage_once(
     node_name: &str,
     volume: &str,
     staging: &str,

@@ -4,11 +4,14 @@
 //! DiskExport of the snapshot over the source's TLS front into a file on the target node (the
 //! same link, the same TLS, the same front; flushed to disk at the end, as the migration's copy
 //! is), then the migration, whose target reports how long
-//! its copy of the sealed layers took. A consumer writes to the volume (`qemu-img bench`) from
-//! the moment the migration starts on every second run, so the mirror's time to converge and the
-//! cutover pause are measured with and without a writer.
+//! its copy of the sealed layers took. A consumer writes to the volume (`qemu-img bench`, 4 KiB
+//! writes 64 KiB apart) from the moment the migration starts until it ends on every second run,
+//! at queue depth 1, 4 and 16 in turn, so the mirror's time to converge and the cutover pause are
+//! measured without a writer and as a function of the writer's rate (its bytes over its time).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -37,13 +40,34 @@ pub struct Measured {
     pub bytes: u64,
     /// Seconds: the migration's copy of the sealed layers, and the peer's convert.
     pub copies: Pairs,
-    /// Milliseconds from the mirror's start to convergence, idle and under the writer.
+    /// Milliseconds from the mirror's start to convergence, without a writer.
     pub converge_idle: Vec<f64>,
-    pub converge_writing: Vec<f64>,
-    /// Milliseconds the cutover held I/O, idle and under the writer.
+    /// Milliseconds the cutover held I/O, without a writer.
     pub pause_idle: Vec<f64>,
-    pub pause_writing: Vec<f64>,
+    /// The runs with a writer.
+    pub writing: Vec<WritingRun>,
 }
+
+/// One migration under a writer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WritingRun {
+    /// The writer's queue depth.
+    pub depth: u32,
+    /// What it wrote, in MiB/s over the migration.
+    pub rate_mibps: f64,
+    /// Milliseconds from the mirror's start to convergence.
+    pub converge_ms: f64,
+    /// Milliseconds the cutover held I/O.
+    pub pause_ms: f64,
+}
+
+/// The writer's queue depths, one per writing run in turn.
+const WRITER_DEPTHS: [u32; 3] = [1, 4, 16];
+
+/// Writes of one `qemu-img bench` round of the writer.
+const WRITER_ROUND: u64 = 2048;
+/// Bytes between two writes of a round.
+const WRITER_STRIDE: u64 = 64 << 10;
 
 pub fn rows(m: &Measured) -> Vec<Row> {
     let mut rows = vec![Row {
@@ -55,10 +79,24 @@ pub fn rows(m: &Measured) -> Vec<Row> {
         ratio: 1.0 / m.copies.ratio(),
         target: Target::AtLeast(0.9),
     }];
-    for (what, converge, pause) in [
-        ("no consumer", &m.converge_idle, &m.pause_idle),
-        ("a consumer writing", &m.converge_writing, &m.pause_writing),
-    ] {
+    let mut series = vec![(
+        "no consumer".to_string(),
+        m.converge_idle.clone(),
+        m.pause_idle.clone(),
+    )];
+    for depth in WRITER_DEPTHS {
+        let runs: Vec<&WritingRun> = m.writing.iter().filter(|r| r.depth == depth).collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let rate = median(runs.iter().map(|r| r.rate_mibps).collect());
+        series.push((
+            format!("a writer at {rate:.0} MiB/s (4 KiB, depth {depth})"),
+            runs.iter().map(|r| r.converge_ms).collect(),
+            runs.iter().map(|r| r.pause_ms).collect(),
+        ));
+    }
+    for (what, converge, pause) in &series {
         if pause.is_empty() {
             continue;
         }
@@ -163,6 +201,7 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
         let target = other(&holder);
         let peer = peer_convert(client, ns, csi, &target, &dir, run).await?;
         let writing = run % 2 == 1;
+        let depth = WRITER_DEPTHS[(run / 2) % WRITER_DEPTHS.len()];
         let source = driver_on(&holder).await?;
         let tag = format!("j-run-{run}");
         source.stage(&volume, &tag).await?;
@@ -173,32 +212,16 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
             "spec": {"persistentVolumeClaimName": "disk", "targetNodeName": target, "verify": false}
         }))?;
         migrations.create(&PostParams::default(), &object).await?;
-        // The consumer's writes, 4 KiB at random offsets, for as long as the migration runs.
+        // The consumer's writes for as long as the migration runs.
+        let stop = Arc::new(AtomicBool::new(false));
         let writer = writing.then(|| {
-            let count = (bytes / 4096 / 4).to_string();
-            let source = source.clone();
-            let volume = volume.clone();
-            tokio::spawn(async move {
-                source
-                    .write(
-                        &volume,
-                        &[
-                            "-w",
-                            "--pattern=90",
-                            "-t",
-                            "none",
-                            "-s",
-                            "4K",
-                            "-S",
-                            "65536",
-                            "-d",
-                            "8",
-                            "-c",
-                            &count,
-                        ],
-                    )
-                    .await
-            })
+            tokio::spawn(write_until(
+                source.clone(),
+                volume.clone(),
+                bytes,
+                depth,
+                stop.clone(),
+            ))
         });
         let done = until(
             Duration::from_secs(1800),
@@ -214,9 +237,11 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
             },
         )
         .await;
-        if let Some(w) = writer {
-            w.await.context("the writer task")??;
-        }
+        stop.store(true, Ordering::Relaxed);
+        let written = match writer {
+            Some(w) => Some(w.await.context("the writer task")??),
+            None => None,
+        };
         done?;
         let uid = migrations
             .get(&name)
@@ -235,18 +260,26 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
         let src = status.source.context("no source status")?;
         let pause = src.cutover_pause_milliseconds.context("no pause")? as f64;
         let converge = src.mirror_milliseconds.unwrap_or_default() as f64;
+        let rate_mibps = written.map(|(bytes, secs)| mibps(bytes, secs));
         progress(&format!(
             "run {run} ({holder} -> {target}{}): copy {copy_ms} ms, peer {:.0} ms, mirror {converge:.0} ms, pause {pause:.0} ms",
-            if writing { ", writing" } else { "" },
+            rate_mibps
+                .map(|r| format!(", writer depth {depth} at {r:.1} MiB/s"))
+                .unwrap_or_default(),
             peer * 1000.0
         ));
         m.copies.push(copy_ms as f64 / 1000.0, peer);
-        if writing {
-            m.converge_writing.push(converge);
-            m.pause_writing.push(pause);
-        } else {
-            m.converge_idle.push(converge);
-            m.pause_idle.push(pause);
+        match rate_mibps {
+            Some(rate_mibps) => m.writing.push(WritingRun {
+                depth,
+                rate_mibps,
+                converge_ms: converge,
+                pause_ms: pause,
+            }),
+            None => {
+                m.converge_idle.push(converge);
+                m.pause_idle.push(pause);
+            }
         }
         // The consumer on the old node is a remote attachment now: unstage it there.
         source.unstage(&volume, &tag).await?;
@@ -255,6 +288,50 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(m)
+}
+
+/// The consumer: rounds of `qemu-img bench` (4 KiB writes `WRITER_STRIDE` apart at queue
+/// depth `depth`, each round further into the volume) until `stop`; the bytes written and the
+/// seconds it wrote for (the gaps between rounds count: they are the writer's rate as the
+/// mirror sees it).
+async fn write_until(
+    source: Driver,
+    volume: String,
+    volume_bytes: u64,
+    depth: u32,
+    stop: Arc<AtomicBool>,
+) -> Result<(u64, f64)> {
+    let started = Instant::now();
+    let (depth, count) = (depth.to_string(), WRITER_ROUND.to_string());
+    let span = WRITER_ROUND * WRITER_STRIDE;
+    let (mut offset, mut written) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let start = offset.to_string();
+        source
+            .write(
+                &volume,
+                &[
+                    "-w",
+                    "--pattern=90",
+                    "-t",
+                    "none",
+                    "-s",
+                    "4K",
+                    "-S",
+                    &WRITER_STRIDE.to_string(),
+                    "-d",
+                    &depth,
+                    "-c",
+                    &count,
+                    "-o",
+                    &start,
+                ],
+            )
+            .await?;
+        written += WRITER_ROUND * 4096;
+        offset = (offset + span) % volume_bytes.saturating_sub(span).max(1);
+    }
+    Ok((written, started.elapsed().as_secs_f64()))
 }
 
 /// Seconds of `qemu-img convert` of the sealed snapshot from a DiskExport served by the holder's
