@@ -74,6 +74,7 @@ cmd_apply() {
   kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   log "the chart's ServiceAccounts and RBAC (helm template $RELEASE -n $NAMESPACE)"
   "$helm" template "$RELEASE" "$ROOT/charts/livedisk" --namespace "$NAMESPACE" \
+    --set groupSnapshot.enabled=true \
     | python3 "$ROOT/hack/lib/select-kinds.py" ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding \
     | kubectl apply --server-side --force-conflicts --field-manager=livedisk-accounts -f - >/dev/null
   local component

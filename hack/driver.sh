@@ -137,11 +137,12 @@ cmd_start() {
   mkdir -p "$CSI_DIR" "$PIDS" "$LOGS"
 
   # The chart's RBAC (metrics review grants included) is applied by hack/accounts.sh.
-  log "CSIDriver, StorageClass and VolumeSnapshotClass from the chart"
+  log "CSIDriver, StorageClass, VolumeSnapshotClass and VolumeGroupSnapshotClass from the chart"
   "$(cd "$ROOT" && hack/helm.sh | tail -n 1)" template livedisk "$ROOT/charts/livedisk" \
-    --namespace livedisk-system \
+    --namespace livedisk-system --set groupSnapshot.enabled=true \
     --show-only templates/storage/csidriver.yaml --show-only templates/storage/storageclass.yaml \
-    --show-only templates/storage/volumesnapshotclass.yaml | kubectl apply -f - >/dev/null
+    --show-only templates/storage/volumesnapshotclass.yaml \
+    --show-only templates/storage/volumegroupsnapshotclass.yaml | kubectl apply -f - >/dev/null
   kubectl create namespace livedisk-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
   local accounts="$STATE/accounts" account
@@ -165,7 +166,10 @@ cmd_start() {
   start_bg csi-provisioner "${as_controller[@]}" NAMESPACE=livedisk-system POD_NAME=csi-controller \
     csi-provisioner "${common[@]}" --strict-topology --immediate-topology=false --extra-create-metadata \
     --default-fstype=ext4 --enable-capacity --capacity-ownerref-level=-1 --capacity-poll-interval=15s
-  start_bg csi-snapshotter "${as_controller[@]}" csi-snapshotter "${common[@]}" --extra-create-metadata
+  # Group snapshots on, as the chart runs it with groupSnapshot.enabled (the cluster serves the
+  # groupsnapshot CRDs).
+  start_bg csi-snapshotter "${as_controller[@]}" csi-snapshotter "${common[@]}" --extra-create-metadata \
+    --feature-gates=CSIVolumeGroupSnapshot=true
   start_bg csi-resizer "${as_controller[@]}" csi-resizer "${common[@]}"
   start_bg csi-snapshot-metadata "${as_controller[@]}" csi-snapshot-metadata --csi-address="$CSI_DIR/controller.sock" \
     --kubeconfig="$accounts/csi-controller.kubeconfig" --port="$SNAPSHOT_METADATA_PORT" --audience="$AUDIENCE" \

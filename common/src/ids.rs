@@ -27,10 +27,20 @@ macro_rules! snapshot_id_regex {
     };
 }
 
+/// The regular expression of a group snapshot ID (see [`volume_id_regex`]).
+#[macro_export]
+macro_rules! group_snapshot_id_regex {
+    () => {
+        "^gsnap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    };
+}
+
 /// Volume IDs: `vol-` and a lowercase hyphenated UUID. Never a node, never a path.
 pub const VOLUME_ID_PATTERN: &str = volume_id_regex!();
 /// Snapshot IDs: `snap-` and a lowercase hyphenated UUID.
 pub const SNAPSHOT_ID_PATTERN: &str = snapshot_id_regex!();
+/// Group snapshot IDs: `gsnap-` and a lowercase hyphenated UUID.
+pub const GROUP_SNAPSHOT_ID_PATTERN: &str = group_snapshot_id_regex!();
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {kind} id {shown:?}: expected {kind_prefix}<lowercase uuid>")]
@@ -123,6 +133,7 @@ macro_rules! strict_id {
 
 strict_id!(VolumeId, "vol-", "volume");
 strict_id!(SnapshotId, "snap-", "snapshot");
+strict_id!(GroupSnapshotId, "gsnap-", "group snapshot");
 
 #[cfg(test)]
 mod tests {

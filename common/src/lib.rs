@@ -20,7 +20,10 @@ pub mod quantity;
 
 pub use chain::error_chain;
 pub use code::{ErrorCode, Persistence};
-pub use ids::{IdError, SNAPSHOT_ID_PATTERN, SnapshotId, VOLUME_ID_PATTERN, VolumeId};
+pub use ids::{
+    GROUP_SNAPSHOT_ID_PATTERN, GroupSnapshotId, IdError, SNAPSHOT_ID_PATTERN, SnapshotId,
+    VOLUME_ID_PATTERN, VolumeId,
+};
 
 /// The CSI driver name, as registered in the CSIDriver object and answered by GetPluginInfo.
 pub const DRIVER_NAME: &str = "csi.livedisk.io";

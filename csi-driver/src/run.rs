@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use livedisk_csi_proto::csi::v1::controller_server::ControllerServer;
+use livedisk_csi_proto::csi::v1::group_controller_server::GroupControllerServer;
 use livedisk_csi_proto::csi::v1::identity_server::IdentityServer;
 use livedisk_csi_proto::csi::v1::node_server::NodeServer;
 use tonic::transport::Server;
 
 use crate::cluster::controller::ControllerService;
+use crate::cluster::group::GroupControllerService;
 use crate::grpc::identity::IdentityService;
 use crate::grpc::metrics::{CallMetrics, CallMetricsLayer};
 use crate::grpc::server;
@@ -191,6 +193,11 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
         })),
         None => None,
     };
+    // One controller for both services: they share its in-flight calls and its timeout.
+    let controller = Arc::new(ControllerService::new(
+        client,
+        Duration::from_secs(args.node_wait_seconds),
+    ));
     Server::builder()
         .layer(CallMetricsLayer::new(calls))
         .add_service(IdentityServer::new(IdentityService {
@@ -198,9 +205,9 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
             snapshot_metadata: relay.is_some(),
             readiness: None,
         }))
-        .add_service(ControllerServer::new(ControllerService::new(
-            client,
-            Duration::from_secs(args.node_wait_seconds),
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(GroupControllerServer::new(GroupControllerService::new(
+            controller,
         )))
         .add_optional_service(relay)
         .add_service(reflection()?)

@@ -33,7 +33,8 @@ pub use restore::{
     LivediskRestore, LivediskRestoreSpec, LivediskRestoreStatus, RestorePhase, RestoreWait,
 };
 pub use snapshot::{
-    LivediskSnapshot, LivediskSnapshotSpec, LivediskSnapshotStatus, VolumeSnapshotReference,
+    GROUP_SNAPSHOT_LABEL, GroupMember, LivediskSnapshot, LivediskSnapshotSpec,
+    LivediskSnapshotStatus, SnapshotGroup, VolumeSnapshotReference,
 };
 pub use volume::{ContentSource, LivediskVolume, LivediskVolumeSpec, LivediskVolumeStatus};
 

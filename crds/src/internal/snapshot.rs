@@ -29,7 +29,7 @@ use crate::schema;
     printcolumn = r#"{"name":"Progress","type":"integer","priority":1,"jsonPath":".status.progress.percent"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new(super::SNAPSHOT_NAME_RULE).message("the name must be a snapshot ID: snap-<lowercase uuid>"),
-    validation = Rule::new("self.spec.volumeId == oldSelf.spec.volumeId && self.spec.csiName == oldSelf.spec.csiName && has(self.spec.mergeBandwidthBytesPerSecond) == has(oldSelf.spec.mergeBandwidthBytesPerSecond) && (!has(self.spec.mergeBandwidthBytesPerSecond) || self.spec.mergeBandwidthBytesPerSecond == oldSelf.spec.mergeBandwidthBytesPerSecond) && has(self.spec.volumeSnapshot) == has(oldSelf.spec.volumeSnapshot) && (!has(self.spec.volumeSnapshot) || self.spec.volumeSnapshot == oldSelf.spec.volumeSnapshot)").message("spec is immutable except nodeName (a migration hands the snapshot to another node)").reason(Reason::FieldValueForbidden)
+    validation = Rule::new("self.spec.volumeId == oldSelf.spec.volumeId && self.spec.csiName == oldSelf.spec.csiName && has(self.spec.mergeBandwidthBytesPerSecond) == has(oldSelf.spec.mergeBandwidthBytesPerSecond) && (!has(self.spec.mergeBandwidthBytesPerSecond) || self.spec.mergeBandwidthBytesPerSecond == oldSelf.spec.mergeBandwidthBytesPerSecond) && has(self.spec.volumeSnapshot) == has(oldSelf.spec.volumeSnapshot) && (!has(self.spec.volumeSnapshot) || self.spec.volumeSnapshot == oldSelf.spec.volumeSnapshot) && has(self.spec.group) == has(oldSelf.spec.group) && (!has(self.spec.group) || self.spec.group == oldSelf.spec.group)").message("spec is immutable except nodeName (a migration hands the snapshot to another node)").reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LivediskSnapshotSpec {
@@ -54,6 +54,41 @@ pub struct LivediskSnapshotSpec {
     /// the CSI controller publishes the progress of its deletion there as Events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot: Option<VolumeSnapshotReference>,
+    /// The group snapshot this snapshot is a member of (CSI CreateVolumeGroupSnapshot): the node
+    /// takes every member in one engine transaction, at one instant, once all are declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<SnapshotGroup>,
+}
+
+/// The label on every member snapshot of a group snapshot: its group snapshot ID.
+pub const GROUP_SNAPSHOT_LABEL: &str = "livedisk.io/group-snapshot";
+
+/// A group snapshot, as each of its members records it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotGroup {
+    /// The group snapshot ID (`gsnap-<uuid>`), also the value of the member's
+    /// `livedisk.io/group-snapshot` label.
+    #[schemars(regex(pattern = livedisk_common::GROUP_SNAPSHOT_ID_PATTERN))]
+    pub id: String,
+    /// The name the CSI CreateVolumeGroupSnapshot call used.
+    #[schemars(length(min = 1, max = 253))]
+    pub csi_name: String,
+    /// Every member of the group (this one included), in volume ID order.
+    #[schemars(length(min = 1, max = 64))]
+    pub members: Vec<GroupMember>,
+}
+
+/// One member of a group snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupMember {
+    /// The member's volume.
+    #[schemars(regex(pattern = livedisk_common::VOLUME_ID_PATTERN))]
+    pub volume_id: String,
+    /// The member's snapshot ID (its LivediskSnapshot's name).
+    #[schemars(regex(pattern = livedisk_common::SNAPSHOT_ID_PATTERN))]
+    pub snapshot_id: String,
 }
 
 /// A VolumeSnapshot, as CreateSnapshot learnt it.

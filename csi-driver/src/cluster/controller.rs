@@ -55,7 +55,7 @@ impl ControllerService {
         }
     }
 
-    fn begin(&self, key: &str) -> Result<Guard, CsiError> {
+    pub(super) fn begin(&self, key: &str) -> Result<Guard, CsiError> {
         self.in_flight.begin(key)
     }
 
@@ -63,7 +63,7 @@ impl ControllerService {
         Api::all(self.client.clone())
     }
 
-    fn snapshots(&self) -> Api<LivediskSnapshot> {
+    pub(super) fn snapshots(&self) -> Api<LivediskSnapshot> {
         Api::all(self.client.clone())
     }
 
@@ -91,7 +91,7 @@ impl ControllerService {
     }
 
     /// The existing volume with this ID, or NOT_FOUND (an ID of the wrong shape cannot exist).
-    async fn volume(&self, id: &str) -> Result<LivediskVolume, CsiError> {
+    pub(super) async fn volume(&self, id: &str) -> Result<LivediskVolume, CsiError> {
         let not_found = || CsiError::NotFound(format!("volume {id:?} does not exist"));
         VolumeId::parse(id).map_err(|_| not_found())?;
         self.volumes().get_opt(id).await?.ok_or_else(not_found)
@@ -131,7 +131,7 @@ impl ControllerService {
         result
     }
 
-    async fn await_snapshot(&self, id: &str) -> Result<LivediskSnapshot, CsiError> {
+    pub(super) async fn await_snapshot(&self, id: &str) -> Result<LivediskSnapshot, CsiError> {
         let result = wait::until(
             &self.snapshots(),
             id,
@@ -194,7 +194,7 @@ impl ControllerService {
     /// Deletes a snapshot and waits for the node to merge its layer away, publishing the
     /// deletion's progress as Events on the VolumeSnapshot it was taken for (when known): when it
     /// starts (once, not on a retried call), at each quarter, and when it is done.
-    async fn delete_snapshot_with_events(&self, id: &str) -> Result<(), CsiError> {
+    pub(super) async fn delete_snapshot_with_events(&self, id: &str) -> Result<(), CsiError> {
         let snapshot = match SnapshotId::parse(id) {
             Ok(_) => self.snapshots().get_opt(id).await?,
             Err(_) => None,
@@ -432,6 +432,7 @@ impl ControllerService {
                     merge_bandwidth_bytes_per_second: merge_bandwidth
                         .or(volume.spec.merge_bandwidth_bytes_per_second),
                     volume_snapshot: request::snapshot_origin(&request.name, &request.parameters),
+                    group: None,
                 },
                 status: None,
             };
@@ -529,7 +530,7 @@ impl NodeReported for LivediskSnapshot {
     }
 }
 
-fn to_csi_snapshot(snapshot: &LivediskSnapshot) -> Snapshot {
+pub(super) fn to_csi_snapshot(snapshot: &LivediskSnapshot) -> Snapshot {
     let status = snapshot.status.clone().unwrap_or_default();
     Snapshot {
         size_bytes: status.size_bytes.unwrap_or(0),
@@ -540,7 +541,12 @@ fn to_csi_snapshot(snapshot: &LivediskSnapshot) -> Snapshot {
             nanos: t.0.subsec_nanosecond(),
         }),
         ready_to_use: status.ready_to_use,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: snapshot
+            .spec
+            .group
+            .as_ref()
+            .map(|g| g.id.clone())
+            .unwrap_or_default(),
         accessible_topology: vec![topology::of_node(&snapshot.spec.node_name)],
     }
 }

@@ -134,6 +134,7 @@ mod tests {
                 csi_name: "snapshot-x".into(),
                 merge_bandwidth_bytes_per_second: Some(1024),
                 volume_snapshot: None,
+                group: None,
             },
         );
         assert!(subject(&snapshot).is_none());

@@ -1,6 +1,7 @@
-//! The cluster side: the CSI Controller service. It owns no storage; it declares `LivediskVolume`
+//! The cluster side: the CSI Controller and GroupController services. It owns no storage; it declares `LivediskVolume`
 //! and `LivediskSnapshot` objects for a chosen node and answers from their status.
 
 pub mod controller;
 pub mod deletion_events;
+pub mod group;
 pub mod wait;

@@ -62,6 +62,7 @@ impl Identity for IdentityService {
         )];
         if self.controller {
             capabilities.push(service_capability(service::Type::ControllerService));
+            capabilities.push(service_capability(service::Type::GroupControllerService));
         }
         if self.snapshot_metadata {
             capabilities.push(service_capability(service::Type::SnapshotMetadataService));

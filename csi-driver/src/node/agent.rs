@@ -25,9 +25,10 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use livedisk_api::Progress;
 use livedisk_api::internal::{
-    ContentSource, ErrorCode, LivediskAttachment, LivediskExport, LivediskMerge, LivediskMigration,
-    LivediskNode, LivediskNodeSpec, LivediskNodeStatus, LivediskRestore, LivediskRestoreStatus,
-    LivediskSnapshot, LivediskVolume, NODE_FINALIZER, NodeError, NodePhase, RestoreWait,
+    ContentSource, ErrorCode, GROUP_SNAPSHOT_LABEL, LivediskAttachment, LivediskExport,
+    LivediskMerge, LivediskMigration, LivediskNode, LivediskNodeSpec, LivediskNodeStatus,
+    LivediskRestore, LivediskRestoreStatus, LivediskSnapshot, LivediskVolume, NODE_FINALIZER,
+    NodeError, NodePhase, RestoreWait, SnapshotGroup,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -997,9 +998,15 @@ async fn apply_snapshot(
     }
     let volume = VolumeId::parse(&snapshot.spec.volume_id)
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
-    let taken = match agent.engine.snapshot(&id) {
-        Ok(info) => Ok(info),
-        Err(_) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
+    let taken = match (agent.engine.snapshot(&id), &snapshot.spec.group) {
+        (Ok(info), _) => Ok(info),
+        (Err(_), Some(group)) => match take_group(api, agent, &id, group).await {
+            Ok(Some(info)) => Ok(info),
+            // Not every member is declared yet: the CSI controller is declaring them.
+            Ok(None) => return Ok(Action::requeue(Duration::from_millis(500))),
+            Err(error) => Err(error),
+        },
+        (Err(_), None) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
             Some(refused) => Err(EngineError::ResourceExhausted(refused.message)),
             None => agent
                 .metrics
@@ -1043,6 +1050,57 @@ async fn apply_snapshot(
             retry_unless_failed(phase, error)
         }
     }
+}
+
+/// Takes every member of `group` in one engine transaction (one instant for all its volumes),
+/// once each member's object is declared: before that, `None`. A member another reconcile took
+/// meanwhile is not taken twice (the engine's transaction is idempotent when every member
+/// exists). Returns this member's snapshot.
+async fn take_group(
+    api: &Api<LivediskSnapshot>,
+    agent: &Agent,
+    id: &SnapshotId,
+    group: &SnapshotGroup,
+) -> Result<Option<livedisk_engine::SnapshotInfo>, EngineError> {
+    let declared: std::collections::BTreeSet<String> = api
+        .list(&ListParams::default().labels(&format!("{GROUP_SNAPSHOT_LABEL}={}", group.id)))
+        .await
+        .map_err(|e| EngineError::Busy(format!("listing the members of group {}: {e}", group.id)))?
+        .items
+        .into_iter()
+        .map(|s| s.name_any())
+        .collect();
+    if group
+        .members
+        .iter()
+        .any(|m| !declared.contains(&m.snapshot_id))
+    {
+        return Ok(None);
+    }
+    let mut pairs = Vec::with_capacity(group.members.len());
+    for member in &group.members {
+        let volume = VolumeId::parse(&member.volume_id)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        let snapshot = SnapshotId::parse(&member.snapshot_id)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        if let Some(refused) = pool_check::snapshot_too_big(&agent.engine, &volume).await {
+            return Err(EngineError::ResourceExhausted(refused.message));
+        }
+        pairs.push((volume, snapshot));
+    }
+    let (taken, timings) = agent
+        .metrics
+        .track(
+            OperationKind::CreateSnapshot,
+            agent.engine.create_snapshots(&pairs),
+        )
+        .await?;
+    tracing::info!(group = %group.id, members = pairs.len(), transaction_ms = timings.transaction.as_secs_f64() * 1e3, "group snapshot taken in one transaction");
+    taken
+        .into_iter()
+        .find(|info| info.id == *id)
+        .map(Some)
+        .ok_or_else(|| EngineError::NotFound(format!("snapshot {id} in group {}", group.id)))
 }
 
 /// How often a ready snapshot's held space is looked at again: a sealed layer only grows when a

@@ -191,6 +191,7 @@ mod tests {
                     name: name.into(),
                     uid: None,
                 }),
+                group: None,
             },
         )
     }

@@ -38,7 +38,8 @@ fn progress(msg: &str) {
 #[derive(Debug, Default)]
 pub struct Measured {
     pub bytes: u64,
-    /// Seconds: the migration's copy of the sealed layers, and the peer's convert.
+    /// Seconds: the migration's copy of the sealed layers, and the peer's convert (runs without
+    /// a writer).
     pub copies: Pairs,
     /// Milliseconds from the mirror's start to convergence, without a writer.
     pub converge_idle: Vec<f64>,
@@ -268,7 +269,11 @@ async fn measure(client: &kube::Client, ns: &str, csi: &CsiTarget, c: &Config) -
                 .unwrap_or_default(),
             peer * 1000.0
         ));
-        m.copies.push(copy_ms as f64 / 1000.0, peer);
+        // The peer copies with no writer: so is the copy it is compared with (under a writer
+        // the copy shares the source's disk with it).
+        if rate_mibps.is_none() {
+            m.copies.push(copy_ms as f64 / 1000.0, peer);
+        }
         match rate_mibps {
             Some(rate_mibps) => m.writing.push(WritingRun {
                 depth,
