@@ -46,6 +46,10 @@ pub struct LivediskNodeStatus {
     /// Process ID of the host's engine daemon (qemu-storage-daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_pid: Option<i64>,
+    /// Whether the node plugin's session with its engine daemon is live: false while the daemon
+    /// is gone or a restarted one is being brought in line (volume health reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_live: Option<bool>,
     /// Where the node serves its private changed-block service (gRPC over mutual TLS), which the
     /// CSI controller's SnapshotMetadata service relays from.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::health;
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
@@ -95,6 +96,32 @@ impl ControllerService {
         let not_found = || CsiError::NotFound(format!("volume {id:?} does not exist"));
         VolumeId::parse(id).map_err(|_| not_found())?;
         self.volumes().get_opt(id).await?.ok_or_else(not_found)
+    }
+
+    /// The volumes that exist (not being deleted), sorted by ID: what ListVolumes pages over.
+    async fn listed_volumes(&self) -> Result<Vec<LivediskVolume>, CsiError> {
+        let mut volumes: Vec<LivediskVolume> = self
+            .volumes()
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|v| v.metadata.deletion_timestamp.is_none())
+            .collect();
+        volumes.sort_by_key(|v| v.name_any());
+        Ok(volumes)
+    }
+
+    /// Every node's livedisk report, by node name.
+    async fn node_reports(&self) -> Result<HashMap<String, LivediskNode>, CsiError> {
+        let nodes: Api<LivediskNode> = Api::all(self.client.clone());
+        Ok(nodes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect())
     }
 
     async fn snapshot(&self, id: &str) -> Result<LivediskSnapshot, CsiError> {
@@ -561,6 +588,67 @@ fn capability(kind: rpc::Type) -> ControllerServiceCapability {
     }
 }
 
+/// The CSI view of an existing volume (ListVolumes, ControllerGetVolume): its node's topology.
+fn to_csi_volume(volume: &LivediskVolume) -> Volume {
+    let source = volume.spec.content_source.as_ref();
+    Volume {
+        capacity_bytes: volume
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity_bytes)
+            .unwrap_or(volume.spec.capacity_bytes),
+        volume_id: volume.name_any(),
+        volume_context: HashMap::new(),
+        content_source: source.and_then(|s| {
+            let kind = match (&s.snapshot_id, &s.volume_id) {
+                (Some(snapshot_id), _) => volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: snapshot_id.clone(),
+                }),
+                (None, Some(volume_id)) => volume_content_source::Type::Volume(VolumeSource {
+                    volume_id: volume_id.clone(),
+                }),
+                (None, None) => return None,
+            };
+            Some(VolumeContentSource { r#type: Some(kind) })
+        }),
+        accessible_topology: vec![topology::of_node(&volume.spec.node_name)],
+    }
+}
+
+/// Pagination over objects sorted by name: the token is the name of the last entry of the
+/// previous page, so volumes created or deleted between two pages neither shift nor repeat
+/// entries (a deleted last entry is still a valid place to go on from). A token that is not a
+/// volume ID was not issued here: ABORTED, as CSI asks.
+fn page_after<K: kube::Resource + Clone>(
+    items: &[K],
+    starting_token: &str,
+    max_entries: i32,
+) -> Result<(Vec<K>, String), CsiError> {
+    if max_entries < 0 {
+        return Err(CsiError::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
+    }
+    if !starting_token.is_empty() && VolumeId::parse(starting_token).is_err() {
+        return Err(CsiError::Aborted(format!(
+            "starting_token {starting_token:?} is not valid"
+        )));
+    }
+    let rest: Vec<&K> = items
+        .iter()
+        .filter(|i| starting_token.is_empty() || i.meta().name.as_deref() > Some(starting_token))
+        .collect();
+    let take = match max_entries {
+        0 => rest.len(),
+        n => (n as usize).min(rest.len()),
+    };
+    let next = match take < rest.len() {
+        true => rest[take - 1].meta().name.clone().unwrap_or_default(),
+        false => String::new(),
+    };
+    Ok((rest[..take].iter().map(|i| (*i).clone()).collect(), next))
+}
+
 /// Pagination over a sorted list: the token is the index of the next entry.
 fn page<T: Clone>(
     items: &[T],
@@ -676,22 +764,70 @@ impl Controller for ControllerService {
         Ok(Response::new(response))
     }
 
-    async fn list_volumes(&self, _: Request<ListVolumesRequest>) -> Reply<ListVolumesResponse> {
-        Err(CsiError::Unimplemented("ListVolumes is not offered".into()).into())
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Reply<ListVolumesResponse> {
+        let request = request.into_inner();
+        let volumes = self.listed_volumes().await?;
+        let (entries, next_token) =
+            page_after(&volumes, &request.starting_token, request.max_entries)?;
+        Ok(Response::new(ListVolumesResponse {
+            entries: entries
+                .iter()
+                .map(|v| list_volumes_response::Entry {
+                    volume: Some(to_csi_volume(v)),
+                    status: Some(list_volumes_response::VolumeStatus {
+                        published_node_ids: vec![],
+                    }),
+                })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn controller_list_volume_health(
         &self,
-        _: Request<ControllerListVolumeHealthRequest>,
+        request: Request<ControllerListVolumeHealthRequest>,
     ) -> Reply<ControllerListVolumeHealthResponse> {
-        Err(CsiError::Unimplemented("volume health is not offered".into()).into())
+        let request = request.into_inner();
+        let volumes = self.listed_volumes().await?;
+        let (entries, next_token) =
+            page_after(&volumes, &request.starting_token, request.max_entries)?;
+        let nodes = self.node_reports().await?;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        Ok(Response::new(ControllerListVolumeHealthResponse {
+            entries: entries
+                .iter()
+                .map(|v| VolumeHealth {
+                    volume_id: v.name_any(),
+                    health_statuses: health::volume_health(v, nodes.get(&v.spec.node_name), now),
+                })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn controller_get_volume_health(
         &self,
-        _: Request<ControllerGetVolumeHealthRequest>,
+        request: Request<ControllerGetVolumeHealthRequest>,
     ) -> Reply<ControllerGetVolumeHealthResponse> {
-        Err(CsiError::Unimplemented("volume health is not offered".into()).into())
+        let id = request.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id must not be empty".into()).into());
+        }
+        let volume = self.volume(&id).await?;
+        let nodes = self.node_reports().await?;
+        Ok(Response::new(ControllerGetVolumeHealthResponse {
+            volume_health: Some(VolumeHealth {
+                volume_id: id,
+                health_statuses: health::volume_health(
+                    &volume,
+                    nodes.get(&volume.spec.node_name),
+                    k8s_openapi::jiff::Timestamp::now(),
+                ),
+            }),
+        }))
     }
 
     async fn get_capacity(
@@ -739,6 +875,10 @@ impl Controller for ControllerService {
             rpc::Type::ExpandVolume,
             rpc::Type::GetCapacity,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::ListVolumes,
+            rpc::Type::GetVolume,
+            rpc::Type::GetVolumeHealth,
+            rpc::Type::ListVolumeHealth,
         ]
         .into_iter()
         .map(capability)
@@ -827,9 +967,19 @@ impl Controller for ControllerService {
 
     async fn controller_get_volume(
         &self,
-        _: Request<ControllerGetVolumeRequest>,
+        request: Request<ControllerGetVolumeRequest>,
     ) -> Reply<ControllerGetVolumeResponse> {
-        Err(CsiError::Unimplemented("ControllerGetVolume is not offered".into()).into())
+        let id = request.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id must not be empty".into()).into());
+        }
+        let volume = self.volume(&id).await?;
+        Ok(Response::new(ControllerGetVolumeResponse {
+            volume: Some(to_csi_volume(&volume)),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+            }),
+        }))
     }
 
     async fn controller_modify_volume(

@@ -107,6 +107,16 @@ pub fn plan_group(
     Ok((node, group))
 }
 
+/// Pure: whether a member snapshot was taken (Ready) or is being deleted: either way the
+/// group's instant is settled for it.
+pub fn taken_or_going(member: &LivediskSnapshot) -> bool {
+    member.metadata.deletion_timestamp.is_some()
+        || member
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == livedisk_api::internal::NodePhase::Ready)
+}
+
 /// Pure: whether a caller's `snapshot_ids` name exactly the group's members (an empty list
 /// names them all: the caller leaves it to the plugin).
 pub fn check_snapshot_ids(group: &SnapshotGroup, snapshot_ids: &[String]) -> Result<(), CsiError> {
@@ -168,7 +178,7 @@ impl GroupControllerService {
         let id = group_snapshot_id_for(&request.name);
         let _group_call = self.controller.begin(id.as_str())?;
         let (existing, recorded) = self.members(&id).await?;
-        let group = match recorded {
+        let (node, group) = match recorded {
             Some(group) => {
                 let recorded_volumes: BTreeSet<String> =
                     group.members.iter().map(|m| m.volume_id.clone()).collect();
@@ -178,7 +188,11 @@ impl GroupControllerService {
                         request.name
                     )));
                 }
-                group
+                let node = existing
+                    .first()
+                    .map(|s| s.spec.node_name.clone())
+                    .unwrap_or_default();
+                (node, group)
             }
             None => {
                 // Each volume's node, as the inventory says now.
@@ -187,31 +201,56 @@ impl GroupControllerService {
                     let found = self.controller.volume(volume).await?;
                     volumes.insert(volume.clone(), found.spec.node_name.clone());
                 }
-                plan_group(&request.name, &volumes)?.1
+                plan_group(&request.name, &volumes)?
             }
         };
+        let missing: Vec<&GroupMember> = group
+            .members
+            .iter()
+            .filter(|m| !existing.iter().any(|s| s.name_any() == m.snapshot_id))
+            .collect();
+        if !missing.is_empty() && existing.iter().any(taken_or_going) {
+            // The group's instant is past (or its members are going): a member declared now
+            // could only be taken at another instant.
+            return Err(CsiError::FailedPrecondition(format!(
+                "group snapshot {:?} was taken without {} (deleted since) or is being deleted; \
+                 delete the group and take a new one",
+                request.name,
+                missing
+                    .iter()
+                    .map(|m| m.volume_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         // Every member not declared yet (all of them the first time; those an interrupted call
-        // left out on a retry).
-        for member in &group.members {
-            if !existing.iter().any(|s| s.name_any() == member.snapshot_id) {
-                let volume = self.controller.volume(&member.volume_id).await?;
-                let node = volume.spec.node_name.clone();
-                self.declare_member(&node, &group, member, merge_bandwidth, &volume)
-                    .await?;
+        // left out on a retry), on the group's one node: a volume that moved since is refused.
+        for member in missing {
+            let volume = self.controller.volume(&member.volume_id).await?;
+            if volume.spec.node_name != node {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {} moved to node {} while its group snapshot on node {node} was being \
+                     declared; the group has no common instant",
+                    member.volume_id, volume.spec.node_name
+                )));
             }
+            self.declare_member(&node, &group, member, merge_bandwidth, &volume)
+                .await?;
         }
         let mut taken = Vec::with_capacity(group.members.len());
         for member in &group.members {
             match self.controller.await_snapshot(&member.snapshot_id).await {
                 Ok(snapshot) => taken.push(snapshot),
                 // The members share one instant or none: a node that could not take them (a
-                // full pool) failed them all; all are removed, so a retry starts afresh.
+                // full pool) failed them all; the members not taken are removed, so a retry
+                // starts afresh. A member taken already is never removed here.
                 Err(error @ CsiError::Node(_)) => {
-                    for member in &group.members {
+                    let (members, _) = self.members(&id).await?;
+                    for member in members.iter().filter(|m| !taken_or_going(m)) {
                         let _ = self
                             .controller
                             .snapshots()
-                            .delete(&member.snapshot_id, &Default::default())
+                            .delete(&member.name_any(), &Default::default())
                             .await;
                     }
                     return Err(error);

@@ -4,4 +4,5 @@
 pub mod controller;
 pub mod deletion_events;
 pub mod group;
+pub mod health;
 pub mod wait;

@@ -313,6 +313,7 @@ async fn report_node(agent: Arc<Agent>) {
             pool_available_bytes: space.map(|s| (s.f_bavail * s.f_frsize) as i64),
             volumes: agent.engine.list_volumes().map(|v| v.len() as i64).ok(),
             engine_pid: agent.engine.daemon().pid.map(i64::from),
+            engine_live: Some(super::engine_health::ready(agent.engine.session())),
             metadata_endpoint: agent.metadata_endpoint.clone(),
             export_front: agent.front.as_ref().map(|f| f.report()),
             heartbeat_time: Some(Time(Timestamp::now())),
@@ -515,18 +516,18 @@ async fn reconcile_attachment(
 ) -> Result<Action, ReconcileError> {
     let api: Api<LivediskAttachment> = Api::all(agent.client.clone());
     let (api_ref, agent) = (&api, agent.as_ref());
-    // A withdrawal not while a NodeStage or NodeUnstage of the same volume runs here: it may stop
-    // the engine export they share, between a NodeStage's export and its front end's connect
-    // (the reconcile is retried; a NodeStage meanwhile answers ABORTED, which kubelet retries).
-    let _call = match attachment.metadata.deletion_timestamp {
-        Some(_) => Some(
-            agent
-                .volume_calls
-                .begin(&attachment.spec.volume_id)
-                .map_err(finalizer::Error::CleanupFailed)?,
-        ),
-        None => None,
-    };
+    // Serving or withdrawing not while a NodeStage or NodeUnstage of the same volume runs here:
+    // they share the volume's engine export. A withdrawal could stop it between a NodeStage's
+    // export and its front end's connect; a NodeUnstage between a serve's export and its grant
+    // would stop an export the grant then names. The reconcile is retried; a NodeStage meanwhile
+    // answers ABORTED, which kubelet retries.
+    let _call = agent
+        .volume_calls
+        .begin(&attachment.spec.volume_id)
+        .map_err(|e| match attachment.metadata.deletion_timestamp {
+            Some(_) => finalizer::Error::CleanupFailed(e),
+            None => finalizer::Error::ApplyFailed(e),
+        })?;
     let result = finalizer(&api, NODE_FINALIZER, attachment, |event| async move {
         match event {
             Event::Apply(attachment) => {
@@ -1003,7 +1004,7 @@ async fn apply_snapshot(
         (Err(_), Some(group)) => match take_group(api, agent, &id, group).await {
             Ok(Some(info)) => Ok(info),
             // Not every member is declared yet: the CSI controller is declaring them.
-            Ok(None) => return Ok(Action::requeue(Duration::from_millis(500))),
+            Ok(None) => return Ok(Action::requeue(Duration::from_secs(2))),
             Err(error) => Err(error),
         },
         (Err(_), None) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
@@ -1052,6 +1053,9 @@ async fn apply_snapshot(
     }
 }
 
+/// How long a group member waits for its siblings to be declared.
+const GROUP_DECLARATION_LIMIT: Duration = Duration::from_secs(300);
+
 /// Takes every member of `group` in one engine transaction (one instant for all its volumes),
 /// once each member's object is declared: before that, `None`. A member another reconcile took
 /// meanwhile is not taken twice (the engine's transaction is idempotent when every member
@@ -1062,19 +1066,43 @@ async fn take_group(
     id: &SnapshotId,
     group: &SnapshotGroup,
 ) -> Result<Option<livedisk_engine::SnapshotInfo>, EngineError> {
-    let declared: std::collections::BTreeSet<String> = api
+    let listed = api
         .list(&ListParams::default().labels(&format!("{GROUP_SNAPSHOT_LABEL}={}", group.id)))
         .await
         .map_err(|e| EngineError::Busy(format!("listing the members of group {}: {e}", group.id)))?
-        .items
-        .into_iter()
-        .map(|s| s.name_any())
-        .collect();
+        .items;
+    // A member being deleted would get a snapshot no object accounts for.
+    if let Some(going) = listed
+        .iter()
+        .find(|s| s.metadata.deletion_timestamp.is_some())
+    {
+        return Err(EngineError::FailedPrecondition(format!(
+            "member {} of group snapshot {} is being deleted; the group is not taken",
+            going.name_any(),
+            group.id
+        )));
+    }
+    let declared: std::collections::BTreeSet<String> =
+        listed.iter().map(|s| s.name_any()).collect();
     if group
         .members
         .iter()
         .any(|m| !declared.contains(&m.snapshot_id))
     {
+        // The controller declares all members in one call; one still missing long after is
+        // left by a call that failed and was not retried.
+        let this = listed.iter().find(|s| s.name_any() == id.as_str());
+        let age = this
+            .and_then(|s| s.metadata.creation_timestamp.as_ref())
+            .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+            .unwrap_or(0);
+        if age > GROUP_DECLARATION_LIMIT.as_secs() as i64 {
+            return Err(EngineError::FailedPrecondition(format!(
+                "not every member of group snapshot {} was declared within {} s",
+                group.id,
+                GROUP_DECLARATION_LIMIT.as_secs()
+            )));
+        }
         return Ok(None);
     }
     let mut pairs = Vec::with_capacity(group.members.len());

@@ -52,6 +52,14 @@ impl Attacher {
     /// not by the backing file's path: the kernel names the path as seen from the mount namespace
     /// that set the loop device up, so a restarted node plugin container reads a path that is not
     /// its own (`/disk`, the FUSE mount's root) for a device it did attach.
+    /// Whether a front end was attached for `volume` here (its device is recorded), whether or
+    /// not its device still backs it.
+    pub async fn recorded(&self, volume: &VolumeId) -> bool {
+        tokio::fs::try_exists(self.dir(volume).join("device"))
+            .await
+            .unwrap_or(false)
+    }
+
     pub async fn device(&self, volume: &VolumeId) -> Option<PathBuf> {
         let recorded = tokio::fs::read_to_string(self.dir(volume).join("device"))
             .await

@@ -442,18 +442,23 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
         .await?;
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let converged = agent
-        .imports
-        .mirror_age(&name)
-        .map(|d| d.as_millis() as i64);
-    patch_status(
-        client,
-        &name,
-        json!({ "stage": MigrationStage::Synchronized, "progress": overall,
-                "dirtyBytesRemaining": remaining,
-                "source": { "mirrorMilliseconds": converged, "mirroredBytes": progress.total } }),
-    )
-    .await?;
+    // Written once, when the mirror first converges: the time to converge is what it reports,
+    // and a held migration must not rewrite its status on every pass (each write wakes the
+    // next pass at once).
+    if status.stage != Some(MigrationStage::Synchronized) {
+        let converged = agent
+            .imports
+            .mirror_age(&name)
+            .map(|d| d.as_millis() as i64);
+        patch_status(
+            client,
+            &name,
+            json!({ "stage": MigrationStage::Synchronized, "progress": overall,
+                    "dirtyBytesRemaining": remaining,
+                    "source": { "mirrorMilliseconds": converged, "mirroredBytes": progress.total } }),
+        )
+        .await?;
+    }
     // Held: the converged mirror keeps the target in step (write-blocking) until the hold is
     // lifted or the migration cancelled; both come back here through a change of the spec.
     if m.spec.hold_cutover {

@@ -1,4 +1,4 @@
-//! The node side: the CSI Node service (stage, publish, stats), the agent that makes this
+//! The node side: the CSI Node service (stage, publish, stats, health), the agent that makes this
 //! node's internal CRs real with the engine, and kubelet plugin registration.
 
 pub mod agent;
@@ -6,6 +6,7 @@ pub mod attach;
 mod blocking;
 pub mod engine_health;
 pub mod grow;
+pub mod health;
 pub mod merge_work;
 pub mod metrics;
 pub mod migration_work;

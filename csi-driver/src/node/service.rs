@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::attach::{Attacher, run};
 use super::blocking::off_runtime;
+use super::health;
 use super::mount_decision::{self, Decision, Source, Wanted};
 use super::mounts;
 pub use super::mounts::statvfs;
@@ -367,6 +368,54 @@ impl NodeService {
         Ok(NodeGetVolumeStatsResponse { usage })
     }
 
+    /// The volume's health on this node: its engine, its export and front end here, and the
+    /// paths kubelet gave (NOT_FOUND for a volume that exists nowhere).
+    async fn volume_health(
+        &self,
+        request: NodeGetVolumeHealthRequest,
+    ) -> Result<NodeGetVolumeHealthResponse, CsiError> {
+        let engine_live = super::engine_health::ready(self.engine.session());
+        let (volume, placement) = self.volume(&request.volume_id).await?;
+        let remote_owner = match &placement {
+            Placement::Remote { owner, .. } => Some(owner.clone()),
+            Placement::Local => None,
+        };
+        let exported = match &placement {
+            Placement::Remote { .. } => self.remote.is_attached(&volume).await?,
+            Placement::Local => {
+                let (engine, id) = (self.engine.clone(), volume.clone());
+                off_runtime("reading the volume record", move || {
+                    Ok(engine.record(&id).is_ok_and(|r| {
+                        r.exports.iter().any(|e| {
+                            matches!(e.target, livedisk_engine::record::ExportTarget::Volume)
+                        })
+                    }))
+                })
+                .await?
+            }
+        };
+        let mut missing_paths = Vec::new();
+        for path in [&request.staging_target_path, &request.volume_publish_path] {
+            if !path.is_empty() && !tokio::fs::try_exists(path).await.unwrap_or(false) {
+                missing_paths.push(path.clone());
+            }
+        }
+        let observed = health::VolumeObserved {
+            engine_live,
+            remote_owner,
+            exported,
+            front_end_recorded: self.attacher.recorded(&volume).await,
+            device_present: self.attacher.device(&volume).await.is_some(),
+            missing_paths,
+        };
+        Ok(NodeGetVolumeHealthResponse {
+            volume_health: Some(VolumeHealth {
+                volume_id: volume.to_string(),
+                health_statuses: health::volume_health(&observed),
+            }),
+        })
+    }
+
     async fn expand(
         &self,
         request: NodeExpandVolumeRequest,
@@ -483,16 +532,28 @@ impl Node for NodeService {
 
     async fn node_get_volume_health(
         &self,
-        _: Request<NodeGetVolumeHealthRequest>,
+        request: Request<NodeGetVolumeHealthRequest>,
     ) -> Reply<NodeGetVolumeHealthResponse> {
-        Err(CsiError::Unimplemented("volume health is not offered".into()).into())
+        Ok(Response::new(
+            self.volume_health(request.into_inner()).await?,
+        ))
     }
 
     async fn node_get_storage_health(
         &self,
         _: Request<NodeGetStorageHealthRequest>,
     ) -> Reply<NodeGetStorageHealthResponse> {
-        Err(CsiError::Unimplemented("storage health is not offered".into()).into())
+        let pool = self.engine.pool().to_path_buf();
+        let available = mounts::statvfs_off_runtime(&pool)
+            .await
+            .ok()
+            .map(|s| s.f_bavail * s.f_frsize);
+        Ok(Response::new(NodeGetStorageHealthResponse {
+            backend_health: health::storage_health(
+                super::engine_health::ready(self.engine.session()),
+                available,
+            ),
+        }))
     }
 
     async fn node_expand_volume(
@@ -511,6 +572,8 @@ impl Node for NodeService {
             rpc::Type::GetVolumeStats,
             rpc::Type::ExpandVolume,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::GetVolumeHealth,
+            rpc::Type::GetStorageHealth,
         ]
         .into_iter()
         .map(capability)

@@ -69,8 +69,11 @@ pub async fn lookup(
             })
         })
         .collect();
+    // A volume skipped for want of a bound claim is looked at again: its PersistentVolume may
+    // have been created and bound since (the inventory object comes first).
     let known: BTreeSet<&str> = listed
         .iter()
+        .filter(|v| !super::plan::waits_for_a_claim(v))
         .map(|v| v.volume_id.as_str())
         .chain(children.iter().map(|c| c.volume_id.as_str()))
         .collect();

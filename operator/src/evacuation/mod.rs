@@ -184,9 +184,12 @@ async fn apply(
     uid: &str,
     plan: &mut Plan,
 ) -> Result<usize, Error> {
-    let owner = evacuation.controller_owner_ref(&()).ok_or_else(|| {
+    let mut owner = evacuation.controller_owner_ref(&()).ok_or_else(|| {
         Error::InvalidObject(format!("{KIND} {} has no uid yet", evacuation.name_any()))
     })?;
+    // Garbage collection needs no more; blocking the owner's deletion would need `update` on
+    // diskevacuations/finalizers where OwnerReferencesPermissionEnforcement is on.
+    owner.block_owner_deletion = None;
     let mut created = 0;
     for new in &plan.creates {
         match create(&ctx.client, &owner, uid, new).await? {

@@ -194,6 +194,15 @@ fn validate(spec: &DiskEvacuationSpec, lookup: &Lookup) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Pure: whether a listed volume was skipped only because no bound claim named it yet (looked
+/// at again on every pass: the provisioner creates and binds its PersistentVolume after the
+/// inventory object).
+pub fn waits_for_a_claim(volume: &EvacuationVolume) -> bool {
+    volume.phase == EvacuationVolumePhase::Skipped
+        && volume.persistent_volume_claim.is_none()
+        && volume.migration_name.is_none()
+}
+
 /// Pure: one pass of the evacuation. `previous`: the volumes its status lists.
 pub fn plan(
     evacuation: Evacuation<'_>,
@@ -230,7 +239,15 @@ pub fn plan(
     // Volumes found on the node: new ones join while the evacuation runs.
     if !spec.cancel {
         for volume in &lookup.volumes {
-            if volumes.contains_key(&volume.id) {
+            if let Some(listed) = volumes.get_mut(&volume.id) {
+                // Skipped for want of a bound claim: joins once its claim is bound.
+                if waits_for_a_claim(listed)
+                    && let Some(Binding::Claim(claim)) = lookup.bindings.get(&volume.id)
+                {
+                    listed.persistent_volume_claim = Some(claim.clone());
+                    listed.phase = EvacuationVolumePhase::Pending;
+                    listed.message = None;
+                }
                 continue;
             }
             let (claim, phase, message) = match lookup.bindings.get(&volume.id) {
@@ -680,6 +697,38 @@ mod tests {
         alone.volumes.clear();
         let empty = plan(evacuation(&spec()), &[], &alone).expect("nothing to move");
         assert!(empty.volumes.is_empty() && empty.creates.is_empty());
+    }
+
+    #[test]
+    fn a_volume_skipped_for_want_of_a_claim_joins_once_its_claim_is_bound() {
+        let first = plan(evacuation(&spec()), &[], &lookup()).expect("plan");
+        let c = first
+            .volumes
+            .iter()
+            .find(|v| v.volume_id == C)
+            .expect("C listed");
+        assert!(waits_for_a_claim(c), "{c:?}");
+        // The provisioner bound its claim since: the next pass plans its migration.
+        let mut bound = lookup();
+        bound
+            .bindings
+            .insert(C.to_string(), Binding::Claim(claim("ns", "c")));
+        let next = plan(evacuation(&spec()), &first.volumes, &bound).expect("plan");
+        let c = next
+            .volumes
+            .iter()
+            .find(|v| v.volume_id == C)
+            .expect("C listed");
+        assert!(!waits_for_a_claim(c), "{c:?}");
+        assert_eq!(c.persistent_volume_claim, Some(claim("ns", "c")));
+        // Still unbound: still skipped, and looked at again.
+        let again = plan(evacuation(&spec()), &first.volumes, &lookup()).expect("plan");
+        let c = again
+            .volumes
+            .iter()
+            .find(|v| v.volume_id == C)
+            .expect("C listed");
+        assert!(waits_for_a_claim(c));
     }
 
     #[test]

@@ -415,8 +415,10 @@ async fn a_volume_group_snapshot_of_labelled_claims_is_ready_and_each_member_res
     let status = eventually(180, "VolumeGroupSnapshot db ready", || async {
         let group = groups.get("db").await?;
         let status = group.data.get("status").cloned().unwrap_or_default();
+        // csi-snapshotter records a transient error (an ABORTED call) and retries: only the
+        // timeout fails the test, and it names the last error.
         if let Some(error) = status.get("error") {
-            anyhow::bail!("the group snapshot failed: {error}");
+            eprintln!("VolumeGroupSnapshot db reports: {error}");
         }
         Ok((status["readyToUse"] == json!(true)).then_some(status))
     })
