@@ -639,8 +639,9 @@ async fn a_cancel_in_each_stage_before_the_cutover_keeps_the_source_and_one_afte
     cancel_and_expect_source_kept(&client, &migrations, "copying", &volume).await?;
     verify(&device, 1, &sealed_log)?;
 
-    // Synchronized: converged and held there by holdCutover; writes made meanwhile reach both
-    // nodes; the cancel keeps the source with them.
+    // Synchronized: converged and held there by holdCutover, for seconds, with writes made
+    // meanwhile; the cancel keeps the source with every one of them (what the mirror carried to
+    // the target is discarded with it, so it is not checked here).
     migration(
         &client,
         &ns,
