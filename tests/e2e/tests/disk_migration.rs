@@ -280,35 +280,13 @@ async fn a_cancelled_migration_leaves_the_volume_where_it_was() -> Result<()> {
     })
     .await?;
     let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
-    migrations
-        .patch(
-            "slow",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "cancel": true } })),
-        )
-        .await?;
-    eventually(120, "DiskMigration slow Cancelled", || async {
-        let status = migrations.get("slow").await?.status.unwrap_or_default();
-        ensure!(
-            status.phase != Phase::Completed,
-            "completed despite the cancel"
-        );
-        Ok((status.phase == Phase::Cancelled).then_some(()))
-    })
-    .await?;
-    let volumes: Api<LivediskVolume> = Api::all(client.clone());
-    ensure!(volumes.get(&volume).await?.spec.node_name == SOURCE);
-    eventually(60, "the target's import discarded", || async {
-        Ok((!pool_has(TARGET, &volume)?).then_some(()))
-    })
-    .await?;
+    cancel_and_expect_source_kept(&client, &migrations, "slow", &volume).await?;
     // The source is untouched and still takes writes.
     verify(&device, 1, &log)?;
     let log2 = dir.0.join("phase2.log");
     write_phase(&device, 2, 256, &log2)?;
     verify(&device, 2, &log2)?;
     detach_block(SOURCE, &volume, "cancel").await?;
-    let _ = migrations.delete("slow", &DeleteParams::default()).await;
     namespace.delete().await
 }
 

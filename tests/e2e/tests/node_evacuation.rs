@@ -18,7 +18,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -28,12 +27,10 @@ use livedisk_api::{
     DiskEvacuation, DiskEvacuationStatus, DiskMigration, EvacuationVolumePhase, Phase,
 };
 use livedisk_e2e::csi::{attach_block, detach_block};
-use livedisk_e2e::disks::{ScratchDir, host_device, must, pod, pvc};
+use livedisk_e2e::disks::{ScratchDir, host_device, must};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::phases::{verify, write_phase};
-use livedisk_e2e::{
-    TestNamespace, apply, bound_volume, client, error_message, eventually, kubectl,
-};
+use livedisk_e2e::{TestNamespace, apply, client, error_message, eventually, kubectl};
 use serde_json::json;
 
 const SOURCE: &str = "node-a";
@@ -71,22 +68,7 @@ async fn operator_and_nodes(client: &Client) -> Result<Operator> {
 /// A block PVC bound on the source node (its consumer pod pinned there; no kubelet runs it in
 /// this layout, the test stages the volume itself as kubelet would).
 async fn volume_on_source(client: &Client, ns: &str, claim: &str) -> Result<String> {
-    must(client, ns, pvc(claim, None)).await?;
-    let consumer = format!("{claim}-consumer");
-    must(client, ns, pod(&consumer, claim, Some(SOURCE))).await?;
-    let (volume, node) = bound_volume(client, ns, claim, &consumer).await?;
-    ensure!(node == SOURCE, "the consumer was scheduled on {node}");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let _ = pods
-        .delete(
-            &consumer,
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            },
-        )
-        .await;
-    Ok(volume)
+    livedisk_e2e::disks::claim_bound_on(client, ns, claim, SOURCE).await
 }
 
 async fn stage_as_kubelet(node: &str, volume: &str, tag: &str) -> Result<String> {
