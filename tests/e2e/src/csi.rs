@@ -10,9 +10,9 @@ use livedisk_csi_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, access_mode::Mode,
 };
 use livedisk_csi_proto::csi::v1::{
-    CapacityRange, CreateVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Topology, TopologyRequirement,
-    VolumeCapability,
+    CapacityRange, CreateSnapshotRequest, CreateVolumeRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Snapshot,
+    Topology, TopologyRequirement, VolumeCapability, VolumeContentSource, volume_content_source,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -300,6 +300,41 @@ pub async fn kill_engine_daemon(node_name: &str) -> Result<i32> {
     })
     .await?;
     Ok(pid)
+}
+
+/// CreateSnapshot of `volume` through the controller, as csi-snapshotter calls it.
+pub async fn create_snapshot(name: &str, volume: &str) -> Result<Snapshot> {
+    controller()
+        .await?
+        .create_snapshot(CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: volume.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .snapshot
+        .context("CreateSnapshot answered no snapshot")
+}
+
+/// A 64 MiB block volume restored from `snapshot` that must live on `node_name`: its ID.
+pub async fn restore_block_volume(name: &str, snapshot: &str, node_name: &str) -> Result<String> {
+    let mut request = block_volume_request(name, node_name, 64 << 20);
+    request.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    Ok(controller()
+        .await?
+        .create_volume(request)
+        .await?
+        .into_inner()
+        .volume
+        .context("CreateVolume answered no volume")?
+        .volume_id)
 }
 
 /// DeleteVolume through the controller, as the provisioner calls it.

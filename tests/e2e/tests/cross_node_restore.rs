@@ -55,17 +55,7 @@ async fn restage(node: &str, volume: &str, tag: &str) -> Result<String> {
 
 async fn snapshot_ready(name: &str, volume: &str) -> Result<String> {
     eventually(60, &format!("snapshot {name} ready"), || async {
-        let snapshot = controller()
-            .await?
-            .create_snapshot(CreateSnapshotRequest {
-                source_volume_id: volume.into(),
-                name: name.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .snapshot
-            .context("CreateSnapshot answered no snapshot")?;
+        let snapshot = livedisk_e2e::csi::create_snapshot(name, volume).await?;
         Ok(snapshot.ready_to_use.then_some(snapshot.snapshot_id))
     })
     .await

@@ -600,18 +600,8 @@ async fn a_cancel_in_each_stage_before_the_cutover_keeps_the_source_and_one_afte
         json!({ "bandwidthLimit": "2Mi" }),
     )
     .await?;
-    let works: Api<LivediskMigration> = Api::all(client.clone());
-    eventually(120, "the sealed layers being copied", || async {
-        let list = works
-            .list(&ListParams::default().fields(&format!("spec.volumeId={volume}")))
-            .await?;
-        Ok(list.items.into_iter().find(|w| {
-            w.status.as_ref().is_some_and(|s| {
-                s.target
-                    .as_ref()
-                    .is_some_and(|t| t.copied_bytes > 0 && !t.imported)
-            })
-        }))
+    eventually(120, "the sealed layers being copied", || {
+        copy_under_way(&client, &volume)
     })
     .await?;
     cancel_and_expect_source_kept(&client, &migrations, "copying", &volume).await?;

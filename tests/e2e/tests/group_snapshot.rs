@@ -25,11 +25,10 @@ use kube::api::{ListParams, PatchParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::internal::{GROUP_SNAPSHOT_LABEL, LivediskSnapshot};
 use livedisk_csi_proto::csi::v1::group_controller_client::GroupControllerClient;
-use livedisk_csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, block_volume_request, channel, controller, create_block_volume, delete_volume,
-    detach_block, socket_dir,
+    attach_block, channel, controller, create_block_volume, create_snapshot, delete_volume,
+    detach_block, restore_block_volume, socket_dir,
 };
 use livedisk_e2e::disks::{ScratchDir, claim_bound_on, host_device, must, pvc};
 use livedisk_e2e::phases::{verify, write_phase};
@@ -83,20 +82,7 @@ fn newest_seq(device: &str) -> Result<Option<u64>> {
 
 /// A volume restored from `snapshot` on `node`, staged there: its host device.
 async fn restored(name: &str, snapshot: &str, node: &str) -> Result<(String, String)> {
-    let mut request = block_volume_request(name, node, 64 << 20);
-    request.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Type::Snapshot(SnapshotSource {
-            snapshot_id: snapshot.into(),
-        })),
-    });
-    let volume = controller()
-        .await?
-        .create_volume(request)
-        .await?
-        .into_inner()
-        .volume
-        .context("CreateVolume answered no volume")?
-        .volume_id;
+    let volume = restore_block_volume(name, snapshot, node).await?;
     let device = host_device(node, &attach_block(node, &volume, name).await?)?;
     Ok((volume, device))
 }
@@ -147,17 +133,7 @@ async fn a_group_snapshot_of_two_volumes_is_one_instant_and_its_members_are_ordi
     // calls, while the writer goes on. They are two instants, which the same measure shows.
     let mut separate = Vec::new();
     for (tag, volume) in [("a", &a), ("b", &b)] {
-        let snapshot = controller()
-            .await?
-            .create_snapshot(CreateSnapshotRequest {
-                name: format!("separate-{tag}-{suffix}"),
-                source_volume_id: volume.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .snapshot
-            .context("no snapshot")?;
+        let snapshot = create_snapshot(&format!("separate-{tag}-{suffix}"), volume).await?;
         separate.push(snapshot.snapshot_id);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -63,32 +63,12 @@ async fn the_volume_list_pages_by_name_through_creations_and_deletions() -> Resu
         ours.push(create_block_volume(&format!("list-{i}-{suffix}"), NODE).await?);
     }
     let mut client = controller().await?;
-    // Page by one: delete the last entry of the first page and create a volume before walking on.
-    let first = client
-        .list_volumes(ListVolumesRequest {
-            max_entries: 1,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        first.entries.len() == 1 && !first.next_token.is_empty(),
-        "{first:?}"
-    );
-    let last = first.entries[0]
-        .volume
-        .as_ref()
-        .context("no volume")?
-        .volume_id
-        .clone();
-    let mut seen = vec![last.clone()];
-    let deleted = ours.iter().position(|v| *v == last);
-    if let Some(i) = deleted {
-        delete_volume(&ours.remove(i)).await?;
-    }
-    ours.push(create_block_volume(&format!("list-late-{suffix}"), NODE).await?);
-    let mut token = first.next_token;
-    while !token.is_empty() {
+    // Page by one. At the first page whose entry is one of this test's volumes, that volume
+    // (the last entry of the page) is deleted and a new one created before walking on.
+    let mut seen: Vec<String> = Vec::new();
+    let mut token = String::new();
+    let mut late: Option<(String, String)> = None;
+    loop {
         let page = client
             .list_volumes(ListVolumesRequest {
                 max_entries: 1,
@@ -96,13 +76,26 @@ async fn the_volume_list_pages_by_name_through_creations_and_deletions() -> Resu
             })
             .await?
             .into_inner();
+        ensure!(page.entries.len() <= 1, "{page:?}");
         for entry in &page.entries {
             let volume = entry.volume.as_ref().context("no volume")?;
             ensure!(volume.capacity_bytes > 0, "{volume:?}");
             seen.push(volume.volume_id.clone());
         }
         token = page.next_token;
+        if token.is_empty() {
+            break;
+        }
+        let last = seen.last().cloned().unwrap_or_default();
+        if late.is_none()
+            && let Some(i) = ours.iter().position(|v| *v == last)
+        {
+            delete_volume(&ours.remove(i)).await?;
+            let created = create_block_volume(&format!("list-late-{suffix}"), NODE).await?;
+            late = Some((created, token.clone()));
+        }
     }
+    let (late, at) = late.context("no page ended with one of this test's volumes")?;
     let unique: BTreeSet<&String> = seen.iter().collect();
     ensure!(unique.len() == seen.len(), "an entry repeated: {seen:?}");
     for volume in &ours {
@@ -111,6 +104,14 @@ async fn the_volume_list_pages_by_name_through_creations_and_deletions() -> Resu
             "{volume} missing from the walk {seen:?}"
         );
     }
+    // A volume created mid-walk is listed exactly when its ID comes after the page it was
+    // created at.
+    ensure!(
+        seen.contains(&late) == (late > at),
+        "{late} created at token {at}: listed {}",
+        seen.contains(&late)
+    );
+    ours.push(late);
     let bad = client
         .list_volumes(ListVolumesRequest {
             starting_token: "not-a-token".into(),
