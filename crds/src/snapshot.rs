@@ -106,8 +106,8 @@ pub struct DiskSnapshotStatus {
     /// The source, as `PersistentVolumeClaim/<name>` or `VirtualMachine/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// The standard VolumeSnapshot (PVC source) or VolumeGroupSnapshot (VM source) that carries
-    /// this snapshot.
+    /// PersistentVolumeClaim source: the standard VolumeSnapshot that carries this snapshot (a
+    /// VirtualMachine source lists its groups in `volumeGroupSnapshotNames`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot_name: Option<String>,
     /// Size of a volume restored from this snapshot.
@@ -128,8 +128,92 @@ pub struct DiskSnapshotStatus {
     /// While `Deleting`: how far the merge that removes the snapshot's layer is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// VirtualMachine source: the VolumeGroupSnapshots that carry the snapshot, one per node
+    /// that holds some of the VM's livedisk volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_group_snapshot_names: Vec<String>,
+    /// VirtualMachine source: each volume of the VM, with its member VolumeSnapshot or the reason
+    /// it was left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VirtualMachineVolumeSnapshot>,
+    /// VirtualMachine source: the state of the VM when the snapshot was taken, in KubeVirt's
+    /// vocabulary (`Online`, `GuestAgent`, `NoGuestAgent`, `QuiesceTimeout`, `Paused`,
+    /// `PartialSnapshot`), each with a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indications: Vec<SnapshotIndication>,
+    /// VirtualMachine source: the guest filesystem freeze around the snapshot, when one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_freeze: Option<GuestFreeze>,
+    /// VirtualMachine source: how many times the group was started. An attempt interrupted
+    /// while the guest was frozen (an operator restart) is discarded and taken again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub attempt: Option<i32>,
     /// Ready, Reconciling and Stalled, per the Kubernetes API conventions.
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// One volume of a VirtualMachine and what its snapshot is.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineVolumeSnapshot {
+    /// The volume's name in the VM's `spec.template.spec.volumes`.
+    pub name: String,
+    /// The claim behind it (a DataVolume's claim has the DataVolume's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// The node that holds the volume, whose group took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The member VolumeSnapshot made by the group: restore the volume from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_name: Option<String>,
+    /// Size of a volume restored from the member snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+    /// Set when the volume was left out: why (not a claim, or a claim of another driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// A fact about the VM at the snapshot, named as KubeVirt's VirtualMachineSnapshot names it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotIndication {
+    /// The indication, in KubeVirt's words.
+    pub indication: String,
+    /// What it means for this snapshot.
+    pub message: String,
+}
+
+/// The guest freeze of a VirtualMachine snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestFreeze {
+    /// `Freezing` (asked), `Frozen` (the guest answered), `Thawed` (unfrozen after the cut) or
+    /// `Failed` (the freeze was refused; the message says why).
+    pub state: GuestFreezeState,
+    /// When the freeze was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// How long the guest stayed frozen, at most: from the freeze request to the unfreeze answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub frozen_milliseconds: Option<i64>,
+    /// What the freeze or unfreeze answered when it did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum GuestFreezeState {
+    #[default]
+    Freezing,
+    Frozen,
+    Thawed,
+    Failed,
 }

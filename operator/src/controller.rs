@@ -1,32 +1,24 @@
 //! Runs the controllers of every livedisk kind: DiskSnapshot (`crate::snapshot`), the kinds
 //! that hand their work to nodes (`crate::node_work`: DiskMerge, DiskMigration, DiskExport,
-//! DiskRestore) and DiskEvacuation (`crate::evacuation`), whose work is DiskMigrations. Here too
-//! the pipeline of a DiskSnapshot that has no work of its own yet (one of a VirtualMachine):
-//! dereference (observe) → decide (pure) → update status → publish an Event on a change.
+//! DiskRestore) and DiskEvacuation (`crate::evacuation`), whose work is DiskMigrations.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::decide::{EventKind, decide};
 use crate::error::Error;
 use crate::export::Export;
-use crate::kinds::LivediskKind;
 use crate::leader::Leadership;
 use crate::merge::Merge;
 use crate::metrics::OperatorMetrics;
 use crate::migration::Migration;
 use crate::node_work::NodeWorkContext;
-use crate::observe::{self, Caches};
+use crate::observe::Caches;
 use crate::restore::Restore;
-use crate::status;
 
 pub struct Context {
     pub(crate) client: Client,
@@ -121,72 +113,6 @@ where
     )
     .default_backoff()
     .touched_objects()
-}
-
-/// The pipeline for one readable object: observe → decide → apply → status → Event.
-pub(crate) async fn reconcile_object<K>(object: &K, context: &Context) -> Result<Action, Error>
-where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + LivediskKind
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    let kind = K::kind(&()).to_string();
-    let name = object.name_any();
-    let namespace = object.namespace().unwrap_or_default();
-    let span = tracing::info_span!("reconcile", %kind, %namespace, %name);
-    let _entered = span.enter();
-
-    let observation = observe::observe(
-        &context.caches,
-        &context.client,
-        &namespace,
-        &object.references(),
-    )
-    .await?;
-    let decision = decide(&kind, &observation, None);
-    let current = serde_json::to_value(object).ok();
-    let update = status::build(
-        current.as_ref().and_then(|o| o.get("status")),
-        object.meta().generation,
-        object.source_description(),
-        &decision,
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    if let Some(patch) = &update.patch {
-        let api: Api<K> = Api::namespaced(context.client.clone(), &namespace);
-        status::write(&api, &name, patch).await?;
-        tracing::info!(phase = ?decision.phase, "status updated");
-    }
-    if update.ready_reason_changed
-        && let Some(ready) = decision
-            .conditions
-            .iter()
-            .find(|c| c.type_ == livedisk_api::conditions::READY)
-    {
-        let event = Event {
-            type_: match decision.event {
-                EventKind::Normal => EventType::Normal,
-                EventKind::Warning => EventType::Warning,
-            },
-            reason: ready.reason.clone(),
-            note: Some(event_note(&ready.message)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(error) = context
-            .recorder
-            .publish(&event, &object.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, "could not publish Event");
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(
-        decision.requeue_seconds,
-    )))
 }
 
 /// The Event note limit of the events.k8s.io API, in bytes.

@@ -4,10 +4,10 @@
 //! (kube-runtime's `finalizer()`) so that deleting the DiskSnapshot follows the deletion through:
 //! `Retain` keeps the content, `Delete` waits while the node merges the layer away, with the
 //! merge's progress on the status (the CSI controller publishes it as Events on the
-//! VolumeSnapshot). A VirtualMachine source goes through the generic pipeline (no
-//! VolumeGroupSnapshot yet: `NotSupportedYet`).
+//! VolumeSnapshot). A VirtualMachine source is taken as VolumeGroupSnapshots (`vm`).
 
 pub mod plan;
+pub mod vm;
 mod watched;
 
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use serde_json::json;
 
 use self::plan::{ContentFacts, DeletionStep, NodeSnapshotFacts, VolumeSnapshotFacts};
 use self::watched::Watched;
-use crate::controller::{Context, reconcile_object};
+use crate::controller::Context;
 use crate::decide::{Decision, decide, decide_work};
 use crate::error::Error;
 use crate::kinds::LivediskKind;
@@ -38,6 +38,8 @@ use crate::{observe, standard};
 pub struct SnapshotContext {
     base: Arc<Context>,
     watched: Watched,
+    /// What this process started of each VirtualMachine snapshot.
+    vm_attempts: vm::Attempts,
 }
 
 impl std::ops::Deref for SnapshotContext {
@@ -85,6 +87,7 @@ pub async fn run(context: Arc<Context>) {
     let context = Arc::new(SnapshotContext {
         base: context,
         watched,
+        vm_attempts: vm::Attempts::default(),
     });
     controller
         .owns_stream_with(streams.volume_snapshots, standard::volume_snapshots())
@@ -115,7 +118,7 @@ async fn reconcile(
     let started = Instant::now();
     let result = match snapshot.spec.source.persistent_volume_claim_name.clone() {
         Some(claim) => reconcile_claim_snapshot(snapshot.clone(), &context, &claim).await,
-        None => reconcile_object(snapshot.as_ref(), &context).await,
+        None => reconcile_vm_snapshot(snapshot.clone(), &context).await,
     };
     context
         .metrics
@@ -176,6 +179,32 @@ async fn reconcile_claim_snapshot(
         }
     }
     with_finalizer(snapshot, ctx, claim).await
+}
+
+/// A DiskSnapshot of a VirtualMachine: waiting for its VM and the driver before the finalizer
+/// goes on, then `vm::reconcile`.
+async fn reconcile_vm_snapshot(
+    snapshot: Arc<DiskSnapshot>,
+    ctx: &SnapshotContext,
+) -> Result<Action, Error> {
+    let vm = snapshot
+        .spec
+        .source
+        .virtual_machine_name
+        .clone()
+        .unwrap_or_default();
+    let guarded = snapshot.finalizers().iter().any(|f| f == FINALIZER);
+    if !guarded && snapshot.meta().deletion_timestamp.is_none() {
+        let namespace = snapshot.namespace().unwrap_or_default();
+        let observation =
+            observe::observe(&ctx.caches, &ctx.client, &namespace, &snapshot.references()).await?;
+        if !observation.ready_for_work() {
+            let decision = decide("DiskSnapshot", &observation, None);
+            write_status(&snapshot, ctx, &decision).await?;
+            return Ok(requeue(&decision));
+        }
+    }
+    vm::reconcile(snapshot, ctx, &vm).await
 }
 
 fn uid_of(snapshot: &DiskSnapshot) -> Result<String, Error> {

@@ -6,6 +6,7 @@ pub mod disks;
 pub mod metrics;
 pub mod operator;
 pub mod phases;
+pub mod vm;
 
 use std::path::PathBuf;
 
