@@ -6,8 +6,8 @@
 #   3. a server-side dry run of every rendered object against the API server of $KUBECONFIG:
 #      the target namespace is created, the livedisk CRDs from charts/livedisk/crds/ (if any)
 #      are applied server-side first, then `kubectl apply --dry-run=server` on each rendering.
-#      The cluster must already serve the snapshot.storage.k8s.io, groupsnapshot.storage.k8s.io
-#      and cbt.storage.k8s.io CRDs (hack/cluster.sh installs them).
+#      The cluster must already serve the snapshot.storage.k8s.io, groupsnapshot.storage.k8s.io,
+#      cbt.storage.k8s.io and CDI's cdi.kubevirt.io CRDs (hack/cluster.sh installs them).
 #
 # Usage: hack/test-chart.sh [--offline]
 #   --offline   skip step 3 (says so); without it, an unreachable API server is a failure.
@@ -87,7 +87,7 @@ import sys, yaml
 path, ns = sys.argv[1], sys.argv[2]
 cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass",
                   "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "SnapshotMetadataService",
-                  "Namespace", "CustomResourceDefinition", "PriorityClass"}
+                  "Namespace", "CustomResourceDefinition", "PriorityClass", "StorageProfile"}
 seen, errors = set(), []
 docs = [d for d in yaml.safe_load_all(open(path)) if d is not None]
 for d in docs:

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod operator;
 pub mod phases;
 pub mod vm;
+pub mod vm_standin;
 
 use std::path::PathBuf;
 
