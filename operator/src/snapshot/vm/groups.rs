@@ -137,11 +137,10 @@ pub async fn facts(client: &Client, namespace: &str, name: &str) -> Result<Group
         creation_time: status["creationTime"].as_str().map(str::to_string),
         error: status["error"]["message"].as_str().map(str::to_string),
         cut: false,
+        volume_handles: None,
     };
     facts.cut = facts.creation_time.is_some();
-    if !facts.cut
-        && let Some(content) = status["boundVolumeGroupSnapshotContentName"].as_str()
-    {
+    if let Some(content) = status["boundVolumeGroupSnapshotContentName"].as_str() {
         let contents: Api<DynamicObject> = Api::all_with(client.clone(), &contents_resource());
         if let Some(content) = contents
             .get_opt(content)
@@ -150,8 +149,15 @@ pub async fn facts(client: &Client, namespace: &str, name: &str) -> Result<Group
                 "VolumeGroupSnapshotContent {content}"
             )))?
         {
+            facts.volume_handles = content.data["spec"]["source"]["volumeHandles"]
+                .as_array()
+                .map(|hs| {
+                    hs.iter()
+                        .filter_map(|h| h.as_str().map(str::to_string))
+                        .collect()
+                });
             let status = &content.data["status"];
-            facts.cut = status["creationTime"].is_number() || status["creationTime"].is_string();
+            facts.cut |= status["creationTime"].is_number() || status["creationTime"].is_string();
             if facts.error.is_none() {
                 facts.error = status["error"]["message"].as_str().map(str::to_string);
             }

@@ -110,6 +110,7 @@ pub async fn claims(
                 let csi = pv.and_then(|pv| pv.spec).and_then(|s| s.csi);
                 if let Some(csi) = csi {
                     found.driver = Some(csi.driver.clone());
+                    found.volume_handle = Some(csi.volume_handle.clone());
                     if csi.driver == livedisk_common::DRIVER_NAME {
                         found.node = inventory
                             .get_opt(&csi.volume_handle)

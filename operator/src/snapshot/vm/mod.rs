@@ -45,6 +45,10 @@ const CUT_POLL: Duration = Duration::from_millis(50);
 const CUT_DEADLINE: Duration = Duration::from_secs(30);
 /// How often a snapshot whose groups are being taken is looked at again.
 const FOLLOW_SECONDS: u64 = 2;
+/// How long the claims' labels are given to reach the snapshot-controller's cache before the
+/// groups that select them are made (outside the freeze). A group that took other volumes anyway
+/// is found by its content's volume handles and taken again.
+const LABEL_SETTLE: Duration = Duration::from_secs(1);
 
 /// What this process did to the DiskSnapshots it reconciles, by UID: the attempt it started last.
 /// The status read at the start of a pass can lag behind this process's own writes; this tells a
@@ -218,31 +222,34 @@ async fn interrupted(
         Ok(()) => "thawed the guest".to_string(),
         Err(refused) => format!("the unfreeze answered: {refused}"),
     };
+    let message = format!(
+        "attempt {attempt} was interrupted while the guest was frozen (an operator restart): {thaw}"
+    );
+    restart_attempt(snapshot, ctx, uid, attempt, "FreezeInterrupted", &message).await
+}
+
+/// Discards attempt `attempt` (its groups and labels) and starts the next one.
+async fn restart_attempt(
+    snapshot: &DiskSnapshot,
+    ctx: &SnapshotContext,
+    uid: &str,
+    attempt: i32,
+    reason: &str,
+    why: &str,
+) -> Result<Action, Error> {
+    let namespace = snapshot.namespace().unwrap_or_default();
     let leftovers = groups::list(&ctx.client, &namespace, uid).await?;
     groups::delete(&ctx.client, &namespace, &leftovers, false).await?;
     groups::unlabel_claims(&ctx.client, &namespace, &plan::selector_label(uid)).await?;
     let message = format!(
-        "attempt {attempt} was interrupted while the guest was frozen (an operator restart): {thaw}, discarded its {} group(s), and takes the snapshot again",
+        "{why}; discarded its {} group(s) and takes the snapshot again",
         leftovers.len()
     );
-    tracing::warn!(%message, "interrupted freeze recovered");
-    publish(
-        ctx,
-        snapshot,
-        EventType::Warning,
-        "FreezeInterrupted",
-        &message,
-    )
-    .await;
+    tracing::warn!(%message, "attempt discarded");
+    publish(ctx, snapshot, EventType::Warning, reason, &message).await;
     let next = attempt + 1;
     ctx.vm_attempts.start(uid, next);
-    let mut d = decision(
-        Phase::Pending,
-        Health::InProgress,
-        "FreezeInterrupted",
-        &message,
-        1,
-    );
+    let mut d = decision(Phase::Pending, Health::InProgress, reason, &message, 1);
     set(&mut d, "attempt", next);
     set(&mut d, "guestFreeze", Value::Null);
     set(&mut d, "volumeGroupSnapshotNames", Value::Null);
@@ -303,6 +310,7 @@ async fn start(
         }
     }
     ctx.vm_attempts.start(uid, attempt);
+    tokio::time::sleep(LABEL_SETTLE).await;
     let names: Vec<String> = (0..nodes.len())
         .map(|n| plan::group_name(&snapshot.name_any(), attempt, n))
         .collect();
@@ -496,6 +504,14 @@ async fn frozen_cut(
         Ok(()) => wait_for_cut(ctx, &namespace, names).await,
         Err(e) => Err(e),
     };
+    let incomplete = match &outcome {
+        Ok((_, facts)) => plan::expected_handles(members)
+            .iter()
+            .zip(facts)
+            .any(|(expected, group)| plan::incomplete(expected, group)),
+        Err(_) => false,
+    };
+    let outcome = outcome.map(|(state, _)| state);
     let thaw = freeze::unfreeze(client, &namespace, vm).await;
     let frozen_ms = i64::try_from(frozen_at.elapsed().as_millis()).unwrap_or(i64::MAX);
     tracing::info!(vm, frozen_ms, "guest thawed");
@@ -511,6 +527,12 @@ async fn frozen_cut(
             indication: "QuiesceTimeout".into(),
             message: format!("the guest stayed frozen {frozen_ms} ms, past its unfreeze timeout: it may have thawed before the cut"),
         });
+    }
+    if incomplete {
+        let why = format!(
+            "a group took other volumes than the VM's claims (the labels had not reached the snapshot-controller); the guest was thawed after {frozen_ms} ms"
+        );
+        return restart_attempt(snapshot, ctx, uid, attempt, "GroupIncomplete", &why).await;
     }
     let failure = match outcome {
         Ok(GroupsState::Failed(error)) => Some(format!("a group snapshot failed: {error}")),
@@ -567,7 +589,7 @@ async fn wait_for_cut(
     ctx: &SnapshotContext,
     namespace: &str,
     names: &[String],
-) -> Result<GroupsState, Error> {
+) -> Result<(GroupsState, Vec<plan::GroupFacts>), Error> {
     let started = Instant::now();
     loop {
         let mut facts = Vec::with_capacity(names.len());
@@ -576,10 +598,43 @@ async fn wait_for_cut(
         }
         let state = plan::groups_state(&facts);
         if state != GroupsState::Taking || started.elapsed() >= CUT_DEADLINE {
-            return Ok(state);
+            return Ok((state, facts));
         }
         tokio::time::sleep(CUT_POLL).await;
     }
+}
+
+/// The volume handles each group of a started snapshot must hold, from its status's volume
+/// lines (group `n` is the `n`th node in order) and the claims' volumes.
+async fn expected_from_status(
+    ctx: &SnapshotContext,
+    namespace: &str,
+    status: &DiskSnapshotStatus,
+) -> Result<Vec<Vec<String>>, Error> {
+    let volumes: Vec<plan::VmVolume> = status
+        .volumes
+        .iter()
+        .filter(|v| v.skipped.is_none())
+        .filter_map(|v| {
+            Some(plan::VmVolume {
+                name: v.name.clone(),
+                source: plan::VolumeSource::Claim {
+                    claim: v.claim_name.clone()?,
+                },
+            })
+        })
+        .collect();
+    let claims = lookup::claims(&ctx.client, namespace, &volumes).await?;
+    let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in status.volumes.iter().filter(|v| v.skipped.is_none()) {
+        let (Some(node), Some(claim)) = (&line.node_name, &line.claim_name) else {
+            continue;
+        };
+        if let Some(handle) = claims.get(claim).and_then(|c| c.volume_handle.clone()) {
+            by_node.entry(node.clone()).or_default().push(handle);
+        }
+    }
+    Ok(by_node.into_values().collect())
 }
 
 /// Follows groups already asked for until they are ready; fills in the member snapshots.
@@ -617,7 +672,20 @@ async fn follow(
         }
         return Ok(Action::requeue(Duration::from_secs(FOLLOW_SECONDS)));
     }
-    match plan::groups_state(&facts) {
+    let state = plan::groups_state(&facts);
+    if matches!(state, GroupsState::Cut | GroupsState::Ready) {
+        let expected = expected_from_status(ctx, &namespace, status).await?;
+        if expected
+            .iter()
+            .zip(&facts)
+            .any(|(expected, group)| plan::incomplete(expected, group))
+        {
+            let why = "a group took other volumes than the VM's claims (the labels had not reached the snapshot-controller)";
+            let attempt = status.attempt.unwrap_or(0);
+            return restart_attempt(snapshot, ctx, uid, attempt, "GroupIncomplete", why).await;
+        }
+    }
+    match state {
         GroupsState::Failed(error) if names.len() == 1 && !froze => {
             // One node, no freeze: the snapshot-controller retries, as for a claim's snapshot.
             let message = format!("VolumeGroupSnapshot {} reports: {error}", names[0]);

@@ -27,6 +27,8 @@ pub enum VolumeSource {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClaimFacts {
     pub exists: bool,
+    /// The CSI volume handle of its bound PersistentVolume.
+    pub volume_handle: Option<String>,
     /// The CSI driver of its bound PersistentVolume (none while unbound).
     pub driver: Option<String>,
     /// For a livedisk volume: the node that holds it (its LivediskVolume).
@@ -48,6 +50,8 @@ pub struct Members {
     pub volumes: Vec<VirtualMachineVolumeSnapshot>,
     /// Node name → claims, both sorted: group `n` is the `n`th node.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Claim → CSI volume handle, for the claims taken.
+    pub handles: BTreeMap<String, String>,
     /// Some claim-backed volume was left out (another driver's claim).
     pub partial: bool,
 }
@@ -139,6 +143,7 @@ pub fn members(
 ) -> Result<Members, VmRefusal> {
     let mut lines = Vec::new();
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut handles = BTreeMap::new();
     let mut partial = false;
     for volume in volumes {
         let mut line = VirtualMachineVolumeSnapshot {
@@ -167,6 +172,9 @@ pub fn members(
                             .clone()
                             .ok_or_else(|| VmRefusal::VolumeNodeUnknown(claim.clone()))?;
                         line.node_name = Some(node.clone());
+                        if let Some(handle) = &facts.volume_handle {
+                            handles.insert(claim.clone(), handle.clone());
+                        }
                         let group = groups.entry(node).or_default();
                         if !group.contains(claim) {
                             group.push(claim.clone());
@@ -184,6 +192,7 @@ pub fn members(
     Ok(Members {
         volumes: lines,
         groups,
+        handles,
         partial,
     })
 }
@@ -339,6 +348,37 @@ pub struct GroupFacts {
     pub ready: bool,
     pub creation_time: Option<String>,
     pub error: Option<String>,
+    /// The volume handles its content was made of (once the snapshot-controller made it).
+    pub volume_handles: Option<Vec<String>>,
+}
+
+/// Whether a group that has its content took other volumes than its claims': the
+/// snapshot-controller selected the claims from a cache that had not seen every label yet.
+pub fn incomplete(expected: &[String], group: &GroupFacts) -> bool {
+    match &group.volume_handles {
+        None => false,
+        Some(actual) => {
+            let mut actual = actual.clone();
+            actual.sort();
+            let mut expected = expected.to_vec();
+            expected.sort();
+            actual != expected
+        }
+    }
+}
+
+/// The volume handles each group must hold, in group order.
+pub fn expected_handles(members: &Members) -> Vec<Vec<String>> {
+    members
+        .groups
+        .values()
+        .map(|claims| {
+            claims
+                .iter()
+                .filter_map(|c| members.handles.get(c).cloned())
+                .collect()
+        })
+        .collect()
 }
 
 /// Where the groups of an attempt are, all together.
@@ -389,6 +429,7 @@ mod tests {
     fn on(node: &str) -> ClaimFacts {
         ClaimFacts {
             exists: true,
+            volume_handle: Some(format!("vol-{node}")),
             driver: Some(DRIVER.into()),
             node: Some(node.into()),
         }
@@ -430,7 +471,7 @@ mod tests {
             ClaimFacts {
                 exists: true,
                 driver: Some("nfs.csi.k8s.io".into()),
-                node: None,
+                ..Default::default()
             },
         );
         let members = members("vm", &volumes, &claims, DRIVER).expect("members");
@@ -478,7 +519,7 @@ mod tests {
             ClaimFacts {
                 exists: true,
                 driver: Some("other".into()),
-                node: None,
+                ..Default::default()
             },
         );
         let refused = members("vm", &volumes, &foreign, DRIVER).expect_err("foreign only");
@@ -600,6 +641,13 @@ mod tests {
             GroupsState::Failed("boom".into())
         );
         assert!(quiesce_timed_out(60_000, 60_000));
+        let taken = GroupFacts {
+            volume_handles: Some(vec!["v2".into(), "v1".into()]),
+            ..Default::default()
+        };
+        assert!(!incomplete(&["v1".into(), "v2".into()], &taken));
+        assert!(incomplete(&["v1".into(), "v2".into(), "v3".into()], &taken));
+        assert!(!incomplete(&["v1".into()], &GroupFacts::default()));
         assert!(!quiesce_timed_out(150, 60_000));
     }
 }
