@@ -4,6 +4,10 @@
 # kube-scheduler and the external-snapshotter snapshot-controller, plus the
 # snapshot.storage.k8s.io / groupsnapshot.storage.k8s.io / cbt.storage.k8s.io CRDs
 # and two Node objects (node-a, node-b). No kubelet runs: tests play its part.
+# Also virt-api-standin (tests/virt-api-standin), a STAND-IN for KubeVirt's virt-api: the
+# aggregated API subresources.kubevirt.io/v1 (VMI freeze/unfreeze), registered as the APIService
+# v1.subresources.kubevirt.io through the Service kubevirt/virt-api-standin (ExternalName
+# localhost); its call record is $STATE/virt-api-standin/calls.jsonl.
 #
 #   hack/cluster.sh up       start (idempotent: a healthy running cluster is left alone)
 #   hack/cluster.sh down     stop every process it started; deletes the cluster data
@@ -16,9 +20,11 @@
 # Ports (all on 127.0.0.1), overridable:
 #   LIVEDISK_APISERVER_PORT  (6443)   LIVEDISK_ETCD_PORT (23790)  LIVEDISK_ETCD_PEER_PORT (23800)
 #   LIVEDISK_KCM_PORT        (20257)  LIVEDISK_SCHEDULER_PORT (20259)
+#   LIVEDISK_VIRT_API_STANDIN_PORT (the API server port + 1: 6444) the virt-api stand-in
 # Other: LIVEDISK_CACHE_DIR (build cache, see hack/harness/build.sh),
 #   LIVEDISK_UP_TIMEOUT (seconds to wait for readiness, 180),
-#   LIVEDISK_SNAPSHOT_FEATURE_GATES (snapshot-controller, "CSIVolumeGroupSnapshot=true").
+#   LIVEDISK_SNAPSHOT_FEATURE_GATES (snapshot-controller, "CSIVolumeGroupSnapshot=true"),
+#   LIVEDISK_VIRT_API_STANDIN_BIN (the stand-in's binary; default: cargo builds it).
 # Real nodes (prototype, hack/node.sh; both default to today's behaviour):
 #   LIVEDISK_FAKE_NODES      the Node objects registered without a kubelet ("node-a node-b");
 #                            when empty, the node lifecycle controller runs as on a real cluster.
@@ -49,6 +55,10 @@ ETCD_PORT="${LIVEDISK_ETCD_PORT:-23790}"
 ETCD_PEER_PORT="${LIVEDISK_ETCD_PEER_PORT:-23800}"
 KCM_PORT="${LIVEDISK_KCM_PORT:-20257}"
 SCHEDULER_PORT="${LIVEDISK_SCHEDULER_PORT:-20259}"
+# Derived from the API server's port, so that clusters side by side (each with its own API server
+# port) get distinct ones without setting it.
+STANDIN_PORT="${LIVEDISK_VIRT_API_STANDIN_PORT:-$((APISERVER_PORT + 1))}"
+STANDIN_DIR="$STATE/virt-api-standin"
 UP_TIMEOUT="${LIVEDISK_UP_TIMEOUT:-180}"
 SNAPSHOT_FEATURE_GATES="${LIVEDISK_SNAPSHOT_FEATURE_GATES-CSIVolumeGroupSnapshot=true}"
 SERVICE_CIDR="10.96.0.0/24"
@@ -57,7 +67,7 @@ SA_ISSUER="https://kubernetes.default.svc.cluster.local"
 read -r -a NODES <<< "${LIVEDISK_FAKE_NODES-node-a node-b}"
 
 # Start order; down stops in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler snapshot-controller)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler snapshot-controller virt-api-standin)
 
 T0=$SECONDS
 log() { echo "cluster: [$((SECONDS - T0))s] $*" >&2; }
@@ -81,10 +91,13 @@ alive() {
 }
 
 # start NAME ARGS...: runs $BIN/NAME in its own session, log in $LOGS/NAME.log.
-start() {
-  local name="$1"; shift
+start() { local name="$1"; shift; start_at "$name" "$BIN/$name" "$@"; }
+
+# start_at NAME PATH ARGS...: runs PATH (a binary named NAME) in its own session.
+start_at() {
+  local name="$1" path="$2"; shift 2
   log "starting $name (log: $LOGS/$name.log)"
-  setsid "$BIN/$name" "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
+  setsid "$path" "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
   echo $! > "$PIDS/$name.pid"
   sleep 1
   alive "$name" || { tail -n 30 "$LOGS/$name.log" >&2; die "$name exited right after start (log above: $LOGS/$name.log)"; }
@@ -110,26 +123,34 @@ stop_one() {
 
 # --- certificates ----------------------------------------------------------------------
 
-gen_pki() {
-  mkdir -p "$PKI"; chmod 700 "$PKI"
-  [ -f "$PKI/ca.crt" ] && [ -f "$PKI/sa.key" ] && return 0
-  log "generating CA, serving and client certificates, service-account key pair (openssl)"
-  local days=3650
-  openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days "$days" \
-    -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -subj "/CN=livedisk-local-ca" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
-  # signed NAME SUBJECT EXTFILE-CONTENT
-  signed() {
-    local name="$1" subj="$2" ext="$3"
-    openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$PKI/$name.key" -out "$PKI/$name.csr" -subj "$subj" 2>/dev/null
-    printf '%s\n' "$ext" > "$PKI/$name.ext"
-    openssl x509 -req -sha256 -days "$days" -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
-      -CAcreateserial -out "$PKI/$name.crt" -extfile "$PKI/$name.ext" 2>/dev/null
-    rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-  }
-  local client="basicConstraints=CA:FALSE
+PKI_DAYS=3650
+CLIENT_EXT="basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
+
+# new_ca NAME CN: a self-signed CA NAME.crt/.key.
+new_ca() {
+  openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days "$PKI_DAYS" \
+    -keyout "$PKI/$1.key" -out "$PKI/$1.crt" -subj "/CN=$2" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+}
+
+# signed NAME SUBJECT EXTFILE-CONTENT [CA]: NAME.crt/.key signed by CA (default: ca).
+signed() {
+  local name="$1" subj="$2" ext="$3" ca="${4:-ca}"
+  openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$PKI/$name.key" -out "$PKI/$name.csr" -subj "$subj" 2>/dev/null
+  printf '%s\n' "$ext" > "$PKI/$name.ext"
+  openssl x509 -req -sha256 -days "$PKI_DAYS" -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" \
+    -CAcreateserial -out "$PKI/$name.crt" -extfile "$PKI/$name.ext" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
+}
+
+gen_pki() {
+  mkdir -p "$PKI"; chmod 700 "$PKI"
+  [ -f "$PKI/ca.crt" ] && [ -f "$PKI/sa.key" ] && { gen_aggregation_pki; return 0; }
+  log "generating CA, serving and client certificates, service-account key pair (openssl)"
+  new_ca ca livedisk-local-ca
+  local client="$CLIENT_EXT"
   signed apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
@@ -142,6 +163,25 @@ subjectAltName=IP:127.0.0.1,IP:$API_HOST,IP:$SERVICE_IP,DNS:localhost,DNS:kubern
   signed apiserver-kubelet-client "/CN=livedisk:apiserver-kubelet-client" "$client"
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  gen_aggregation_pki
+  chmod 600 "$PKI"/*.key
+}
+
+# API aggregation: the front-proxy CA (its own, as kubeadm makes it) and the API server's client
+# certificate of it, with which the aggregator calls aggregated API servers and vouches for the
+# X-Remote-* headers; the virt-api stand-in's serving certificate (cluster CA; the name the
+# aggregator checks is <service>.<namespace>.svc) and its client certificate towards the API
+# server (user livedisk:virt-api-standin). Made when missing (also in a kept, older PKI).
+gen_aggregation_pki() {
+  [ -f "$PKI/virt-api-standin-client.crt" ] && return 0
+  log "generating the front-proxy CA and client certificate, the virt-api stand-in's certificates (openssl)"
+  new_ca front-proxy-ca livedisk-front-proxy-ca
+  signed front-proxy-client "/CN=front-proxy-client" "$CLIENT_EXT" front-proxy-ca
+  signed virt-api-standin "/CN=virt-api-standin.kubevirt.svc" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:virt-api-standin.kubevirt.svc,DNS:localhost,IP:127.0.0.1"
+  signed virt-api-standin-client "/CN=livedisk:virt-api-standin" "$CLIENT_EXT"
   chmod 600 "$PKI"/*.key
 }
 
@@ -273,6 +313,85 @@ EOF
   done
 }
 
+# --- the virt-api stand-in -------------------------------------------------------------
+
+# Its binary: LIVEDISK_VIRT_API_STANDIN_BIN, or built by cargo from this repository (a no-op
+# when up to date). `--workspace --bin`, not `-p`: the dependencies are then resolved with the
+# workspace's features, so the artifacts of `cargo build --workspace` are reused, not rebuilt.
+standin_binary() {
+  if [ -n "${LIVEDISK_VIRT_API_STANDIN_BIN:-}" ]; then echo "$LIVEDISK_VIRT_API_STANDIN_BIN"; return 0; fi
+  need cargo "the Rust toolchain (hack/deps.sh)"
+  need jq "jq (apt-get install jq)"
+  (cd "$REPO_ROOT" && nice cargo build -q --workspace --bin virt-api-standin --message-format=json) |
+    jq -r 'select(.reason == "compiler-artifact" and .executable != null) | .executable' | tail -n 1
+}
+
+# Its identity (a client certificate of the cluster CA) may review access and read and patch
+# VMIs; the aggregator finds it through an ExternalName Service: for those the API server's
+# service resolver (k8s.io/apiserver/pkg/util/proxy ResolveCluster) dials
+# https://<externalName>:<APIService port> directly, with no endpoints or kube-proxy involved,
+# and verifies the serving certificate against the caBundle for <service>.<namespace>.svc.
+register_standin() {
+  kc apply --server-side --force-conflicts --field-manager=livedisk-cluster -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: livedisk:virt-api-standin
+rules:
+- apiGroups: [authorization.k8s.io]
+  resources: [subjectaccessreviews]
+  verbs: [create]
+- apiGroups: [kubevirt.io]
+  resources: [virtualmachineinstances]
+  verbs: [get, patch]
+- apiGroups: [kubevirt.io]
+  resources: [virtualmachineinstances/status]
+  verbs: [patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: livedisk:virt-api-standin
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: livedisk:virt-api-standin
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: User
+  name: livedisk:virt-api-standin
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: kubevirt
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: virt-api-standin
+  namespace: kubevirt
+spec:
+  type: ExternalName
+  externalName: localhost
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata:
+  name: v1.subresources.kubevirt.io
+spec:
+  group: subresources.kubevirt.io
+  version: v1
+  groupPriorityMinimum: 1000
+  versionPriority: 15
+  service:
+    namespace: kubevirt
+    name: virt-api-standin
+    port: $STANDIN_PORT
+  caBundle: $(base64 -w0 < "$PKI/ca.crt")
+EOF
+}
+
 write_env() {
   cat > "$STATE/env" <<EOF
 # source this file: livedisk local cluster (hack/cluster.sh)
@@ -331,6 +450,9 @@ cmd_up() {
   for c in "${COMPONENTS[@]}"; do
     if alive "$c"; then log "found a partly running cluster: stopping it first"; cmd_down --quiet; break; fi
   done
+  local standin_bin
+  standin_bin="$(standin_binary)"
+  [ -x "$standin_bin" ] || die "the virt-api stand-in's binary was not built ('$standin_bin')"
   # A fresh cluster each up (unless the data was kept by `down --keep-data`).
   gen_pki
   write_kubeconfig "$KUBECONFIG_FILE" admin livedisk-admin
@@ -364,6 +486,14 @@ cmd_up() {
     --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-uid-headers X-Remote-Uid \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file "$PKI/front-proxy-client.key" \
     --service-account-issuer "$SA_ISSUER" \
     --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" \
@@ -414,9 +544,20 @@ cmd_up() {
   [ -n "$SNAPSHOT_FEATURE_GATES" ] && gates=(--feature-gates "$SNAPSHOT_FEATURE_GATES")
   start snapshot-controller --kubeconfig "$KUBECONFIG_FILE" --leader-election=false "${gates[@]}"
 
+  write_kubeconfig "$STATE/virt-api-standin.kubeconfig" virt-api-standin-client livedisk:virt-api-standin
+  # A fresh record each up, like the audit log.
+  mkdir -p "$STANDIN_DIR" && rm -f "$STANDIN_DIR/calls.jsonl"
+  start_at virt-api-standin "$standin_bin" --address "$HOST" --port "$STANDIN_PORT" \
+    --tls-cert-file "$PKI/virt-api-standin.crt" --tls-private-key-file "$PKI/virt-api-standin.key" \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+    --kubeconfig "$STATE/virt-api-standin.kubeconfig" --record "$STANDIN_DIR/calls.jsonl"
+  register_standin
+
   wait_for "kube-controller-manager /healthz on :$KCM_PORT" kube-controller-manager component_healthy "$KCM_PORT"
   wait_for "kube-scheduler /healthz on :$SCHEDULER_PORT" kube-scheduler component_healthy "$SCHEDULER_PORT"
   wait_for "ServiceAccount default/default (controller-manager)" kube-controller-manager kc get serviceaccount default -n default
+  wait_for "APIService v1.subresources.kubevirt.io Available (virt-api stand-in on $HOST:$STANDIN_PORT)" virt-api-standin \
+    kc wait --for condition=Available --timeout=5s apiservice/v1.subresources.kubevirt.io
 
   # Every process must still be up a moment later (crash loops show here).
   sleep 2
@@ -465,5 +606,5 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   down) shift; cmd_down "$@" ;;
   status) shift; cmd_status "$@" ;;
-  *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
