@@ -85,10 +85,18 @@ pub async fn set_instance_status(
         conditions.push(json!({"type": "AgentConnected", "status": "True"}));
     }
     let patch = json!({"status": {"phase": phase, "conditions": conditions}});
-    instances(client, ns)
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    // KubeVirt's VirtualMachineInstance CRD has no status subresource: virt-handler writes the
+    // status with the object. A CRD that has one takes it only through /status.
+    let api = instances(client, ns);
+    let written = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .context("setting the VirtualMachineInstance status")?;
+    if written.data["status"]["phase"] != json!(phase) {
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .context("setting the VirtualMachineInstance status (status subresource)")?;
+    }
     Ok(())
 }
 

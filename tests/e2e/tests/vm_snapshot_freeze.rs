@@ -22,7 +22,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use livedisk_api::DiskSnapshot;
-use livedisk_api::snapshot::GuestFreezeState;
+use livedisk_api::snapshot::{DiskSnapshotStatus, GuestFreezeState};
 use livedisk_e2e::disks::{claim_bound_on, must};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::vm::{
@@ -67,28 +67,46 @@ async fn no_labelled_claims(client: &Client, ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// The creation time (nanoseconds since the epoch) the CSI sidecar recorded on the bound content
-/// of a group: the driver's cut.
-async fn cut_nanos(client: &Client, ns: &str, group: &str) -> Result<i64> {
-    let group = group_snapshots(client, ns).get(group).await?;
-    let content = group.data["status"]["boundVolumeGroupSnapshotContentName"]
-        .as_str()
-        .context("no bound content")?
-        .to_string();
+/// The cut of each member snapshot of a Ready DiskSnapshot, by volume: the creation time the
+/// CSI sidecar recorded on its VolumeSnapshotContent (nanoseconds since the epoch, as the driver
+/// returned it). A group's own creation time has whole seconds only.
+async fn member_cuts(
+    client: &Client,
+    ns: &str,
+    status: &DiskSnapshotStatus,
+) -> Result<Vec<(String, i64)>> {
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+            "volumesnapshots",
+        ),
+    );
     let contents: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "groupsnapshot.storage.k8s.io",
-                "v1",
-                "VolumeGroupSnapshotContent",
-            ),
-            "volumegroupsnapshotcontents",
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+            "volumesnapshotcontents",
         ),
     );
-    contents.get(&content).await?.data["status"]["creationTime"]
-        .as_i64()
-        .context("content without creationTime")
+    let mut cuts = Vec::new();
+    for volume in status.volumes.iter().filter(|v| v.skipped.is_none()) {
+        let member = volume
+            .volume_snapshot_name
+            .clone()
+            .context("no member snapshot")?;
+        let content =
+            snapshots.get(&member).await?.data["status"]["boundVolumeSnapshotContentName"]
+                .as_str()
+                .context("member without content")?
+                .to_string();
+        let cut = contents.get(&content).await?.data["status"]["creationTime"]
+            .as_i64()
+            .context("member content without creationTime")?;
+        cuts.push((volume.name.clone(), cut));
+    }
+    Ok(cuts)
 }
 
 #[tokio::test]
@@ -126,16 +144,17 @@ async fn a_running_vm_on_two_nodes_is_cut_inside_one_guest_freeze() -> Result<()
         ensure!(status.volume_group_snapshot_names.len() == 2);
         let frozen = calls[0].nanos()?;
         let thawed = calls[1].nanos()?;
-        for group in &status.volume_group_snapshot_names {
-            let cut = cut_nanos(&client, &ns, group).await?;
+        let cuts = member_cuts(&client, &ns, &status).await?;
+        ensure!(cuts.len() == 2, "{cuts:?}");
+        for (volume, cut) in &cuts {
             eprintln!(
-                "{group}: cut {} ms after the freeze, {} ms before the unfreeze",
+                "{volume}: cut {} ms after the freeze, {} ms before the unfreeze",
                 (cut - frozen) / 1_000_000,
                 (thawed - cut) / 1_000_000
             );
             ensure!(
-                frozen < cut && cut < thawed,
-                "{group}: cut outside the freeze"
+                frozen < *cut && *cut < thawed,
+                "{volume}: cut outside the freeze"
             );
         }
 
@@ -296,9 +315,32 @@ async fn a_group_that_fails_inside_the_freeze_is_thawed_and_a_refused_freeze_is_
     if result.is_err() {
         eprintln!("operator log:\n{}", operator.log());
     }
-    let _ = classes.delete(&class, &Default::default()).await;
     namespace.delete().await?;
-    result
+    // The class goes once no group content of it is left: csi-snapshotter reads it to delete one.
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "groupsnapshot.storage.k8s.io",
+                "v1",
+                "VolumeGroupSnapshotContent",
+            ),
+            "volumegroupsnapshotcontents",
+        ),
+    );
+    let drained = eventually(120, "the broken class's group contents gone", || async {
+        let left = contents
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|c| c.data["spec"]["volumeGroupSnapshotClassName"] == json!(class))
+            .count();
+        Ok((left == 0).then_some(()))
+    })
+    .await;
+    let _ = classes.delete(&class, &Default::default()).await;
+    result.and(drained)
 }
 
 #[tokio::test]
@@ -374,8 +416,12 @@ async fn an_operator_killed_while_the_guest_is_frozen_is_followed_by_a_thaw_and_
             "{:?}",
             status.volume_group_snapshot_names
         );
-        let cut = cut_nanos(&client, &ns, "killed-1-0").await?;
-        ensure!(calls[2].nanos()? < cut && cut < calls[3].nanos()?);
+        for (volume, cut) in member_cuts(&client, &ns, &status).await? {
+            ensure!(
+                calls[2].nanos()? < cut && cut < calls[3].nanos()?,
+                "{volume}: cut outside the second freeze"
+            );
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         no_labelled_claims(&client, &ns).await
     }

@@ -50,17 +50,25 @@ const FOLLOW_SECONDS: u64 = 2;
 /// is found by its content's volume handles and taken again.
 const LABEL_SETTLE: Duration = Duration::from_secs(1);
 
-/// What this process did to the DiskSnapshots it reconciles, by UID: the attempt it started last.
-/// The status read at the start of a pass can lag behind this process's own writes; this tells a
-/// stale status from the state an interrupted (earlier) process left.
+/// What this process did to the DiskSnapshots it reconciles, by UID. The status read at the start
+/// of a pass can lag behind this process's own writes; this tells a stale status from the state
+/// an interrupted (earlier) process left.
 #[derive(Default)]
-pub struct Attempts(Mutex<HashMap<String, i32>>);
+pub struct Attempts(Mutex<HashMap<String, Attempt>>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// This process wrote the groups' names of this attempt.
+    Started(i32),
+    /// This process discarded this attempt (the next one is to be started).
+    Discarded(i32),
+}
 
 impl Attempts {
-    fn started(&self, uid: &str) -> Option<i32> {
+    fn get(&self, uid: &str) -> Option<Attempt> {
         self.0.lock().ok().and_then(|m| m.get(uid).copied())
     }
-    fn start(&self, uid: &str, attempt: i32) {
+    fn set(&self, uid: &str, attempt: Attempt) {
         if let Ok(mut m) = self.0.lock() {
             m.insert(uid.into(), attempt);
         }
@@ -69,6 +77,15 @@ impl Attempts {
         if let Ok(mut m) = self.0.lock() {
             m.remove(uid);
         }
+    }
+}
+
+/// Pure: whether the status read lags behind what this process wrote (look again shortly).
+fn stale(memory: Option<Attempt>, attempt: i32, names_written: bool) -> bool {
+    match memory {
+        Some(Attempt::Started(a)) => attempt < a || (attempt == a && !names_written),
+        Some(Attempt::Discarded(a)) => attempt <= a,
+        None => false,
     }
 }
 
@@ -173,12 +190,16 @@ async fn apply(snapshot: &DiskSnapshot, ctx: &SnapshotContext, vm: &str) -> Resu
     if status.phase == Phase::Failed || status.phase == Phase::Ready && attempt_done(&status) {
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    match ctx.vm_attempts.started(&uid) {
+    let memory = ctx.vm_attempts.get(&uid);
+    if stale(
+        memory,
+        attempt,
+        !status.volume_group_snapshot_names.is_empty(),
+    ) {
         // This process wrote a newer state than the status shows: the cache lags.
-        Some(started) if started > attempt => return Ok(Action::requeue(Duration::from_secs(1))),
-        Some(started) if started == attempt && status.volume_group_snapshot_names.is_empty() => {
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    match memory {
         Some(_) => {}
         None => {
             let frozen = status.guest_freeze.as_ref().is_some_and(|f| {
@@ -195,7 +216,7 @@ async fn apply(snapshot: &DiskSnapshot, ctx: &SnapshotContext, vm: &str) -> Resu
     if status.volume_group_snapshot_names.is_empty() {
         start(snapshot, ctx, vm, &uid, attempt).await
     } else {
-        ctx.vm_attempts.start(&uid, attempt);
+        ctx.vm_attempts.set(&uid, Attempt::Started(attempt));
         follow(snapshot, ctx, &uid, &status).await
     }
 }
@@ -248,7 +269,7 @@ async fn restart_attempt(
     tracing::warn!(%message, "attempt discarded");
     publish(ctx, snapshot, EventType::Warning, reason, &message).await;
     let next = attempt + 1;
-    ctx.vm_attempts.start(uid, next);
+    ctx.vm_attempts.set(uid, Attempt::Discarded(attempt));
     let mut d = decision(Phase::Pending, Health::InProgress, reason, &message, 1);
     set(&mut d, "attempt", next);
     set(&mut d, "guestFreeze", Value::Null);
@@ -309,7 +330,6 @@ async fn start(
             .await?;
         }
     }
-    ctx.vm_attempts.start(uid, attempt);
     tokio::time::sleep(LABEL_SETTLE).await;
     let names: Vec<String> = (0..nodes.len())
         .map(|n| plan::group_name(&snapshot.name_any(), attempt, n))
@@ -343,6 +363,7 @@ async fn start(
         set(&mut d, "indications", &freeze_plan.indications);
         set(&mut d, "volumeGroupSnapshotNames", &names);
         write(snapshot, ctx, &d).await?;
+        ctx.vm_attempts.set(uid, Attempt::Started(attempt));
         if let Err(e) = create_groups(snapshot, ctx, uid, attempt, &names).await {
             return group_create_failed(snapshot, ctx, uid, e).await;
         }
@@ -448,6 +469,7 @@ async fn frozen_cut(
     set(&mut d, "volumeGroupSnapshotNames", names);
     set(&mut d, "guestFreeze", &freeze_status);
     write(snapshot, ctx, &d).await?;
+    ctx.vm_attempts.set(uid, Attempt::Started(attempt));
 
     let frozen_at = Instant::now();
     if let Err(answer) = freeze::freeze(client, &namespace, vm, freeze::UNFREEZE_TIMEOUT).await {
@@ -811,7 +833,7 @@ async fn deletion(snapshot: &DiskSnapshot, ctx: &SnapshotContext) -> Result<Opti
     let status = snapshot.status.clone().unwrap_or_default();
     // A guest left frozen by an interrupted pass is thawed before anything else.
     if let Some(vm) = &snapshot.spec.source.virtual_machine_name
-        && ctx.vm_attempts.started(&uid).is_none()
+        && ctx.vm_attempts.get(&uid).is_none()
         && status.guest_freeze.as_ref().is_some_and(|f| {
             matches!(
                 f.state,
@@ -887,6 +909,18 @@ mod tests {
         );
         assert!(consistency(&status(false, true), 1).contains("not frozen"));
         assert!(consistency(&status(false, false), 2).contains("stopped"));
+    }
+
+    #[test]
+    fn a_status_older_than_this_process_wrote_is_stale() {
+        // Started attempt 2 here: a status of attempt 1, or of 2 without its groups, lags.
+        assert!(stale(Some(Attempt::Started(2)), 1, true));
+        assert!(stale(Some(Attempt::Started(2)), 2, false));
+        assert!(!stale(Some(Attempt::Started(2)), 2, true));
+        // Discarded attempt 2 here: the next pass starts attempt 3.
+        assert!(stale(Some(Attempt::Discarded(2)), 2, true));
+        assert!(!stale(Some(Attempt::Discarded(2)), 3, false));
+        assert!(!stale(None, 0, false));
     }
 
     #[test]
