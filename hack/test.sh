@@ -26,6 +26,7 @@ export LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT="${LIVEDISK_TEST_SNAPSHOT_METADATA_H
 # The virt-api stand-in (hack/cluster.sh), stated here rather than left to its derivation.
 export LIVEDISK_VIRT_API_STANDIN_PORT="${LIVEDISK_TEST_VIRT_API_STANDIN_PORT:-16444}"
 export LIVEDISK_LINK_PREFIX="${LIVEDISK_TEST_LINK_PREFIX:-lt}" LIVEDISK_SUBNET="${LIVEDISK_TEST_SUBNET:-10.232}"
+export LIVEDISK_VIRT_CONTROLLER_PORT="${LIVEDISK_TEST_VIRT_CONTROLLER_PORT:-18182}"
 
 step "dependencies (apt packages, Rust components)"
 hack/deps.sh
@@ -82,6 +83,9 @@ hack/test-chart.sh
 
 step "the CSI driver on the cluster: controller + sidecars, two nodes in their own namespaces"
 hack/driver.sh start
+
+step "KubeVirt's virt-controller (built from KubeVirt's Go module) for the VM snapshot/restore test"
+hack/kubevirt.sh start
 
 step "csi-sanity (kubernetes-csi/csi-test v5) against the two-node driver: node-a's and node-b's node service, mount and block access types"
 hack/csi-sanity.sh

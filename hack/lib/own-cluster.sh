@@ -21,8 +21,10 @@ own_cluster_up() {
   hack/accounts.sh apply
 }
 
-# Stops the driver (if started) and the cluster; never fails, so that it can run in a trap.
+# Stops KubeVirt's virt-controller and the driver (if started) and the cluster; never fails, so
+# that it can run in a trap.
 own_cluster_down() {
+  hack/kubevirt.sh stop || true
   hack/driver.sh stop || true
   hack/cluster.sh down || true
 }
