@@ -184,6 +184,14 @@ async fn a_virtual_machine_snapshot_of_a_stopped_vm_on_livedisk_restores_its_dis
         included == ["data", "root"],
         "included volumes: {included:?}"
     );
+    // A volume without a VolumeSnapshotClass would be left out silently (listed here).
+    ensure!(
+        status["snapshotVolumes"]["excludedVolumes"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "excluded volumes: {}",
+        status["snapshotVolumes"]["excludedVolumes"]
+    );
 
     // Its content holds one VolumeSnapshot per disk, of the livedisk class, taken by the driver.
     let content_name = status["virtualMachineSnapshotContentName"]
