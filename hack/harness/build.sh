@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the livedisk test harness binaries (kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, etcd, the kubernetes-csi sidecars and test tools) from the
-# Go module in this directory, into a cache OUTSIDE the clone:
+# Go module in this directory, csi-sanity from sanity/, KubeVirt's virt-controller and
+# kubevirt-manifests from kubevirt/, into a cache OUTSIDE the clone:
 #   ${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/harness/<key>/bin/
-# where <key> hashes go.mod + go.sum + the harness's own sources + `go version`.
+# where <key> hashes the go.mod + go.sum files, the harness's own sources and `go version`.
 # Binaries already in the cache are not rebuilt, so a second run (or a second clone)
 # builds nothing. The last line on stdout is the bin dir.
 #
@@ -69,7 +70,7 @@ BIN_DIR="$CACHE_ROOT/$KEY/bin"
 case "${1:-}" in
   --print-bin-dir) echo "$BIN_DIR"; exit 0 ;;
   --list) for b in "${BINARIES[@]}"; do echo "${b%%=*}"; done; exit 0 ;;
-  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 WANT=("$@")
