@@ -13,6 +13,8 @@ log() { echo "deps: $*" >&2; }
 APT_PACKAGES=(
   qemu-utils qemu-system-common libnbd-bin fuse3 e2fsprogs xfsprogs util-linux
   openssl jq unzip iproute2 procps curl ca-certificates socat python3-yaml
+  # the gRPC client test (hack/grpc-clients.sh): a virtual environment for Python grpcio
+  python3-venv
   # make images (hack/images.sh) and its test: root filesystems, OCI unpacking
   mmdebstrap umoci file
   # real nodes (hack/node.sh, hack/harness/node-build.sh): runc with seccomp, the pause program

@@ -90,6 +90,9 @@ hack/kubevirt.sh start
 step "csi-sanity (kubernetes-csi/csi-test v5) against the two-node driver: node-a's and node-b's node service, mount and block access types"
 hack/csi-sanity.sh
 
+step "gRPC clients of other implementations: Python grpcio (gRPC's C core) calls every service on the controller's and both nodes' sockets, default options and grpc.default_authority=localhost"
+hack/grpc-clients.sh
+
 step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster)"
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"

@@ -17,7 +17,7 @@ use crate::cluster::controller::ControllerService;
 use crate::cluster::group::GroupControllerService;
 use crate::grpc::identity::IdentityService;
 use crate::grpc::metrics::{CallMetrics, CallMetricsLayer};
-use crate::grpc::server;
+use crate::grpc::{authority, server};
 use crate::metadata::{NodeMetadata, RelayMetadata, TlsDir};
 use crate::node::agent::{self, Agent};
 use crate::node::engine_health;
@@ -211,7 +211,7 @@ pub async fn controller(args: ControllerArgs) -> Result<()> {
         )))
         .add_optional_service(relay)
         .add_service(reflection()?)
-        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
+        .serve_with_incoming_shutdown(authority::incoming(listener), server::shutdown_signal())
         .await
         .context("serving CSI")?;
     Ok(())
@@ -361,7 +361,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             volume_calls,
         )))
         .add_service(reflection()?)
-        .serve_with_incoming_shutdown(server::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(authority::incoming(listener), shutdown)
         .await
         .context("serving CSI")?;
     agent_task.abort();

@@ -51,7 +51,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// A stream of connections for tonic's `serve_with_incoming_shutdown`.
+/// A stream of connections for tonic's `serve_with_incoming_shutdown`, as they come: for sockets
+/// only the driver's own clients use. The CSI and registration sockets serve
+/// `authority::incoming` (other gRPC implementations send a path as `:authority`).
 pub fn incoming(listener: UnixListener) -> UnixListenerStream {
     UnixListenerStream::new(listener)
 }

@@ -116,14 +116,9 @@ impl RegistrationHandle {
             Server::builder()
                 .add_service(RegistrationServer::new(service))
                 // kubelet's calls need their `:authority` repaired before h2 sees them.
-                .serve_with_incoming_shutdown(
-                    tokio_stream::StreamExt::map(server::incoming(listener), |connection| {
-                        connection.map(authority::relayed)
-                    }),
-                    async {
-                        let _ = stopped.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(authority::incoming(listener), async {
+                    let _ = stopped.await;
+                }),
         );
         tracing::info!(
             socket = %socket.display(),
