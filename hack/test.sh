@@ -84,9 +84,6 @@ hack/test-chart.sh
 step "the CSI driver on the cluster: controller + sidecars, two nodes in their own namespaces"
 hack/driver.sh start
 
-step "KubeVirt's virt-controller (built from KubeVirt's Go module) for the VM snapshot/restore test"
-hack/kubevirt.sh start
-
 step "csi-sanity (kubernetes-csi/csi-test v5) against the two-node driver: node-a's and node-b's node service, mount and block access types"
 hack/csi-sanity.sh
 

@@ -16,12 +16,16 @@ pub struct Call {
     pub op: String,
     pub namespace: String,
     pub name: String,
+    /// The caller, as the API server vouched for it (none for an `auto-unfreeze`).
     #[serde(default)]
-    pub user: String,
+    pub user: Option<String>,
     #[serde(default)]
     pub unfreeze_timeout: Option<String>,
-    /// The HTTP status it answered.
-    pub code: u16,
+    /// The HTTP status it answered (none for an `auto-unfreeze`).
+    #[serde(default)]
+    pub code: Option<u16>,
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 impl Call {
