@@ -1,6 +1,6 @@
 //! `LivediskSnapshot`: one snapshot, on the node that holds its layer.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -123,9 +123,10 @@ pub struct LivediskSnapshotStatus {
     /// Size of a volume restored from it (the source's size at the snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
-    /// The point in time captured.
+    /// The point in time captured, to the microsecond: the cut that CreateSnapshot returns and
+    /// that a guest freeze must enclose (a `Time` would keep whole seconds only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub creation_time: Option<Time>,
+    pub creation_time: Option<MicroTime>,
     /// Space the snapshot holds in the pool: the allocated bytes of its sealed layer (refreshed
     /// at most every few minutes; a merge into it makes it grow).
     #[serde(default, skip_serializing_if = "Option::is_none")]

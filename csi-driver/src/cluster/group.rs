@@ -486,7 +486,7 @@ mod tests {
 
     #[test]
     fn the_group_is_ready_when_every_member_is_and_has_their_instant() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
         use livedisk_api::internal::LivediskSnapshotStatus;
         let (_, group) =
             plan_group("g", &volumes(&[("a", "node-a"), ("b", "node-a")])).expect("one node");
@@ -504,8 +504,8 @@ mod tests {
             );
             s.status = Some(LivediskSnapshotStatus {
                 ready_to_use: ready,
-                creation_time: Some(Time(
-                    k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap_or_default(),
+                creation_time: Some(MicroTime(
+                    k8s_openapi::jiff::Timestamp::new(1_000, 250_000_000).unwrap_or_default(),
                 )),
                 ..Default::default()
             });
@@ -518,7 +518,10 @@ mod tests {
         let csi = to_csi_group(&group.id, &both);
         assert!(csi.ready_to_use);
         assert_eq!(csi.snapshots.len(), 2);
-        assert_eq!(csi.creation_time.map(|t| t.seconds), Some(1_000));
+        assert_eq!(
+            csi.creation_time.map(|t| (t.seconds, t.nanos)),
+            Some((1_000, 250_000_000))
+        );
         assert!(
             csi.snapshots
                 .iter()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::object::HasStatus;
@@ -1025,9 +1025,11 @@ async fn apply_snapshot(
                 phase: NodePhase::Ready,
                 ready_to_use: info.ready,
                 size_bytes: Some(info.size as i64),
-                creation_time: Timestamp::from_second(info.created.timestamp())
-                    .ok()
-                    .map(Time),
+                creation_time: info
+                    .created
+                    .timestamp_nanos_opt()
+                    .and_then(|nanos| Timestamp::from_nanosecond(i128::from(nanos)).ok())
+                    .map(MicroTime),
                 allocated_bytes: allocated_bytes(agent, &id),
                 progress: None,
                 error: None,

@@ -5,7 +5,7 @@
 //! `livedisk_api::conditions`), so `kubectl wait` and kstatus-based tools read these internal
 //! objects like any other.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use livedisk_api::Progress;
 use livedisk_api::conditions::{
@@ -50,7 +50,7 @@ pub struct SnapshotReport {
     pub phase: NodePhase,
     pub ready_to_use: bool,
     pub size_bytes: Option<i64>,
-    pub creation_time: Option<Time>,
+    pub creation_time: Option<MicroTime>,
     /// Bytes the snapshot's layer takes in the pool.
     pub allocated_bytes: Option<i64>,
     /// How far the deletion merge is, while `Deleting`.
@@ -208,6 +208,7 @@ fn phase_name(phase: NodePhase) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use livedisk_api::conditions::{find, is_true};
 
     fn at(seconds: i64) -> Timestamp {
@@ -339,5 +340,30 @@ mod tests {
         assert!(is_true(&s.conditions, STALLED));
         assert!(!is_true(&s.conditions, READY));
         assert!(!is_true(&s.conditions, RECONCILING));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_cut_to_the_microsecond_through_the_api() {
+        let cut = Timestamp::new(1_800_000_000, 123_456_789).expect("valid timestamp");
+        let s = snapshot_status(
+            None,
+            Some(1),
+            SnapshotReport {
+                phase: NodePhase::Ready,
+                ready_to_use: true,
+                size_bytes: Some(1 << 20),
+                creation_time: Some(MicroTime(cut)),
+                allocated_bytes: None,
+                progress: None,
+                error: None,
+            },
+            at(10),
+        );
+        let json = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(json["creationTime"], "2027-01-15T08:00:00.123456Z");
+        let back: LivediskSnapshotStatus = serde_json::from_value(json).expect("parses");
+        let kept = back.creation_time.expect("creation time").0;
+        assert_eq!(kept.as_second(), 1_800_000_000);
+        assert_eq!(kept.subsec_nanosecond(), 123_456_000);
     }
 }

@@ -6,7 +6,8 @@
 //! * A stopped VM with disks on two nodes: one VolumeGroupSnapshot per node, each volume's member
 //!   restores with its data, volumes that are not livedisk claims are listed as skipped
 //!   (`PartialSnapshot`), the selection labels are gone afterwards, and deleting the DiskSnapshot
-//!   deletes the groups.
+//!   (`deletionPolicy: Retain`) deletes the groups and keeps their contents and the storage
+//!   snapshots, which go once an administrator deletes the contents with policy Delete.
 //! * A running VM without a guest agent whose disks are on two nodes is refused, and nothing is
 //!   taken; `freeze: Required` without an agent is refused too.
 //!
@@ -18,9 +19,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::{Client, ResourceExt};
 use livedisk_api::DiskSnapshot;
+use livedisk_api::internal::LivediskSnapshot;
 use livedisk_e2e::csi::{attach_block, detach_block};
 use livedisk_e2e::disks::{ScratchDir, claim_bound_on, host_device, must, pvc};
 use livedisk_e2e::operator::Operator;
@@ -67,6 +71,57 @@ async fn foreign_claim(client: &Client, ns: &str, name: &str) -> Result<()> {
     .await
 }
 
+fn group_contents_api(client: &Client) -> Api<DynamicObject> {
+    Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "groupsnapshot.storage.k8s.io",
+                "v1",
+                "VolumeGroupSnapshotContent",
+            ),
+            "volumegroupsnapshotcontents",
+        ),
+    )
+}
+
+/// The CSI snapshot handles (the driver's `LivediskSnapshot` names) of member VolumeSnapshots.
+async fn member_handles(
+    client: &Client,
+    ns: &str,
+    members: impl Iterator<Item = &String>,
+) -> Result<Vec<String>> {
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+            "volumesnapshots",
+        ),
+    );
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+            "volumesnapshotcontents",
+        ),
+    );
+    let mut handles = Vec::new();
+    for member in members {
+        let content = snapshots.get(member).await?.data["status"]["boundVolumeSnapshotContentName"]
+            .as_str()
+            .context("member without content")?
+            .to_string();
+        handles.push(
+            contents.get(&content).await?.data["status"]["snapshotHandle"]
+                .as_str()
+                .context("member content without snapshotHandle")?
+                .to_string(),
+        );
+    }
+    Ok(handles)
+}
+
 #[tokio::test]
 async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -96,7 +151,10 @@ async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result
             virtual_machine("web", &["root", "data", "logs", "shared"], true),
         )
         .await?;
-        must(&client, &ns, disk_snapshot("web-snap", "web", "Auto", None)).await?;
+        // Retain: deleting the DiskSnapshot must leave its snapshots in place.
+        let mut request = disk_snapshot("web-snap", "web", "Auto", None);
+        request["spec"]["deletionPolicy"] = json!("Retain");
+        must(&client, &ns, request).await?;
         let snapshots: Api<DiskSnapshot> = Api::namespaced(client.clone(), &ns);
         let snapshot = wait_for_phase(&snapshots, "web-snap", "Ready", 240).await?;
         let status = snapshot.status.clone().context("status")?;
@@ -109,11 +167,18 @@ async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result
             status.volume_group_snapshot_names
         );
         let groups = group_snapshots(&client, &ns);
+        let mut group_contents = Vec::new();
         for name in &status.volume_group_snapshot_names {
             let group = groups.get(name).await?;
             ensure!(
                 group.data["status"]["readyToUse"] == json!(true),
                 "{name} not ready"
+            );
+            group_contents.push(
+                group.data["status"]["boundVolumeGroupSnapshotContentName"]
+                    .as_str()
+                    .context("group without content")?
+                    .to_string(),
             );
         }
         // Every volume is listed: three taken, the foreign claim and the cloud-init disk skipped.
@@ -183,7 +248,9 @@ async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result
             detach_block(&bound, &volume, &restored).await?;
         }
 
-        // Deleting the DiskSnapshot deletes its groups.
+        // Deleting the Retain DiskSnapshot deletes its groups and keeps what they took: the group
+        // contents (set to Retain first) and every member's storage snapshot.
+        let handles = member_handles(&client, &ns, taken.values()).await?;
         snapshots
             .delete("web-snap", &DeleteParams::default())
             .await?;
@@ -191,6 +258,46 @@ async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result
             let left = groups.list(&ListParams::default()).await?.items.len();
             let gone = snapshots.get_opt("web-snap").await?.is_none();
             Ok((gone && left == 0).then_some(()))
+        })
+        .await?;
+        let contents = group_contents_api(&client);
+        for name in &group_contents {
+            let content = contents.get(name).await?;
+            ensure!(
+                content.data["spec"]["deletionPolicy"] == json!("Retain"),
+                "{name}: {}",
+                content.data["spec"]
+            );
+        }
+        let internal: Api<LivediskSnapshot> = Api::all(client.clone());
+        for handle in &handles {
+            ensure!(
+                internal.get_opt(handle).await?.is_some(),
+                "the retained snapshot {handle} was deleted"
+            );
+        }
+        eprintln!("retained: group contents {group_contents:?}, snapshots {handles:?}");
+
+        // An administrator releases them: Delete on the contents, then delete the contents.
+        for name in &group_contents {
+            contents
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"deletionPolicy": "Delete"}})),
+                )
+                .await?;
+            contents.delete(name, &DeleteParams::default()).await?;
+        }
+        eventually(180, "the released snapshots gone", || async {
+            let mut left = 0;
+            for handle in &handles {
+                left += usize::from(internal.get_opt(handle).await?.is_some());
+            }
+            for name in &group_contents {
+                left += usize::from(contents.get_opt(name).await?.is_some());
+            }
+            Ok((left == 0).then_some(()))
         })
         .await?;
         Ok(())

@@ -3,6 +3,7 @@
 //! VolumeSnapshots report.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -166,7 +167,49 @@ pub async fn facts(client: &Client, namespace: &str, name: &str) -> Result<Group
     Ok(facts)
 }
 
-/// Deletes the named groups (a Retain DiskSnapshot first sets Retain on their contents).
+/// The snapshot-controller's finalizer on a VolumeGroupSnapshot it has bound to a content.
+const GROUP_BOUND_FINALIZER: &str =
+    "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-bound-protection";
+
+/// How long a deletion waits for the snapshot-controller to finish its first pass over a group.
+const GROUP_SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Pure: whether the snapshot-controller is done with its first pass over a group, so that
+/// deleting it now reaches the content too. A group deleted between the content's creation and
+/// the controller's finalizer is gone before the controller could tie the content to it: the
+/// content then stays behind, never deleted (seen with a group the driver refused at once).
+/// Done means: the bound finalizer is on, or the controller refused the group before making a
+/// content (an error and no content).
+pub fn settled(group: &DynamicObject) -> bool {
+    let status = &group.data["status"];
+    group
+        .finalizers()
+        .iter()
+        .any(|f| f == GROUP_BOUND_FINALIZER)
+        || (status["boundVolumeGroupSnapshotContentName"].is_null() && !status["error"].is_null())
+}
+
+/// The group as it is once `settled`, or after GROUP_SETTLE_LIMIT (a snapshot-controller that
+/// does not run never settles it; it is deleted all the same).
+async fn settle(api: &Api<DynamicObject>, group: &DynamicObject) -> Result<DynamicObject, Error> {
+    let name = group.name_any();
+    let started = Instant::now();
+    let mut current = group.clone();
+    while !settled(&current) && started.elapsed() < GROUP_SETTLE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match api.get_opt(&name).await {
+            Ok(Some(latest)) => current = latest,
+            Ok(None) => break,
+            Err(cause) => {
+                return Err(observe_error(format!("VolumeGroupSnapshot {name}"))(cause));
+            }
+        }
+    }
+    Ok(current)
+}
+
+/// Deletes the named groups (a Retain DiskSnapshot first sets Retain on their contents), each
+/// once the snapshot-controller has settled it (see `settled`).
 pub async fn delete(
     client: &Client,
     namespace: &str,
@@ -177,6 +220,11 @@ pub async fn delete(
         Api::namespaced_with(client.clone(), namespace, &groups_resource());
     let contents: Api<DynamicObject> = Api::all_with(client.clone(), &contents_resource());
     for group in groups {
+        let group = &if group.metadata.deletion_timestamp.is_none() {
+            settle(&api, group).await?
+        } else {
+            group.clone()
+        };
         let name = group.name_any();
         if retain
             && let Some(content) =
@@ -309,5 +357,32 @@ mod tests {
         assert_eq!(g["metadata"]["labels"][GROUP_OWNER_LABEL], "u");
         let g = group("d-0-0", Some("gold"), ("k", "v"), "u", owner);
         assert_eq!(g["spec"]["volumeGroupSnapshotClassName"], "gold");
+    }
+
+    fn observed(finalizers: &[&str], status: Value) -> DynamicObject {
+        let mut g = DynamicObject::new("g", &groups_resource());
+        g.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        g.data = json!({ "status": status });
+        g
+    }
+
+    #[test]
+    fn a_group_is_deleted_once_the_snapshot_controller_is_done_with_it() {
+        // Bound and protected: its deletion reaches the content.
+        assert!(settled(&observed(
+            &[GROUP_BOUND_FINALIZER],
+            json!({"boundVolumeGroupSnapshotContentName": "c"})
+        )));
+        // A content made but not yet tied to the group: deleting now would orphan it.
+        assert!(!settled(&observed(
+            &[],
+            json!({"boundVolumeGroupSnapshotContentName": "c", "error": {"message": "refused"}})
+        )));
+        assert!(!settled(&observed(&[], Value::Null)));
+        // Refused before any content was made: nothing to orphan.
+        assert!(settled(&observed(
+            &[],
+            json!({"error": {"message": "class not found"}})
+        )));
     }
 }
