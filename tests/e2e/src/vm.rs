@@ -110,6 +110,44 @@ pub fn disk_snapshot(name: &str, vm: &str, freeze: &str, class: Option<&str>) ->
            "metadata": {"name": name}, "spec": spec})
 }
 
+pub fn group_snapshot_contents(client: &Client) -> Api<DynamicObject> {
+    Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "groupsnapshot.storage.k8s.io",
+                "v1",
+                "VolumeGroupSnapshotContent",
+            ),
+            "volumegroupsnapshotcontents",
+        ),
+    )
+}
+
+/// The VolumeSnapshotContent bound to the VolumeSnapshot `name` (a group's member).
+pub async fn member_content(client: &Client, ns: &str, name: &str) -> Result<DynamicObject> {
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+            "volumesnapshots",
+        ),
+    );
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+            "volumesnapshotcontents",
+        ),
+    );
+    let content = snapshots.get(name).await?.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .with_context(|| format!("{name} without content"))?
+        .to_string();
+    Ok(contents.get(&content).await?)
+}
+
 pub fn group_snapshots(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
         client.clone(),

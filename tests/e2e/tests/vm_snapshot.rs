@@ -29,7 +29,10 @@ use livedisk_e2e::csi::{attach_block, detach_block};
 use livedisk_e2e::disks::{ScratchDir, claim_bound_on, host_device, must, pvc};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::phases::{verify, write_phase};
-use livedisk_e2e::vm::{disk_snapshot, group_snapshots, instance, virtual_machine, wait_for_phase};
+use livedisk_e2e::vm::{
+    disk_snapshot, group_snapshot_contents, group_snapshots, instance, member_content,
+    virtual_machine, wait_for_phase,
+};
 use livedisk_e2e::{TestNamespace, bound_volume, client, eventually};
 use serde_json::json;
 
@@ -71,49 +74,16 @@ async fn foreign_claim(client: &Client, ns: &str, name: &str) -> Result<()> {
     .await
 }
 
-fn group_contents_api(client: &Client) -> Api<DynamicObject> {
-    Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "groupsnapshot.storage.k8s.io",
-                "v1",
-                "VolumeGroupSnapshotContent",
-            ),
-            "volumegroupsnapshotcontents",
-        ),
-    )
-}
-
 /// The CSI snapshot handles (the driver's `LivediskSnapshot` names) of member VolumeSnapshots.
 async fn member_handles(
     client: &Client,
     ns: &str,
     members: impl Iterator<Item = &String>,
 ) -> Result<Vec<String>> {
-    let snapshots: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        ns,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
-            "volumesnapshots",
-        ),
-    );
-    let contents: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
-            "volumesnapshotcontents",
-        ),
-    );
     let mut handles = Vec::new();
     for member in members {
-        let content = snapshots.get(member).await?.data["status"]["boundVolumeSnapshotContentName"]
-            .as_str()
-            .context("member without content")?
-            .to_string();
         handles.push(
-            contents.get(&content).await?.data["status"]["snapshotHandle"]
+            member_content(client, ns, member).await?.data["status"]["snapshotHandle"]
                 .as_str()
                 .context("member content without snapshotHandle")?
                 .to_string(),
@@ -260,7 +230,7 @@ async fn a_stopped_vm_is_one_group_per_node_and_each_volume_restores() -> Result
             Ok((gone && left == 0).then_some(()))
         })
         .await?;
-        let contents = group_contents_api(&client);
+        let contents = group_snapshot_contents(&client);
         for name in &group_contents {
             let content = contents.get(name).await?;
             ensure!(

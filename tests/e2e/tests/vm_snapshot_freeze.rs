@@ -26,7 +26,8 @@ use livedisk_api::snapshot::{DiskSnapshotStatus, GuestFreezeState};
 use livedisk_e2e::disks::{claim_bound_on, must};
 use livedisk_e2e::operator::Operator;
 use livedisk_e2e::vm::{
-    disk_snapshot, group_snapshots, instance, instances, virtual_machine, wait_for_phase,
+    disk_snapshot, group_snapshot_contents, group_snapshots, instance, instances, member_content,
+    virtual_machine, wait_for_phase,
 };
 use livedisk_e2e::vm_standin::{Call, calls_for};
 use livedisk_e2e::{TestNamespace, client, eventually};
@@ -68,40 +69,20 @@ async fn no_labelled_claims(client: &Client, ns: &str) -> Result<()> {
 }
 
 /// The cut of each member snapshot of a Ready DiskSnapshot, by volume: the creation time the
-/// CSI sidecar recorded on its VolumeSnapshotContent (nanoseconds since the epoch, as the driver
-/// returned it). A group's own creation time has whole seconds only.
+/// CSI sidecar recorded on its VolumeSnapshotContent (nanoseconds since the epoch; the driver
+/// returns the cut to the microsecond). A group's own creation time has whole seconds only.
 async fn member_cuts(
     client: &Client,
     ns: &str,
     status: &DiskSnapshotStatus,
 ) -> Result<Vec<(String, i64)>> {
-    let snapshots: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        ns,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
-            "volumesnapshots",
-        ),
-    );
-    let contents: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
-            "volumesnapshotcontents",
-        ),
-    );
     let mut cuts = Vec::new();
     for volume in status.volumes.iter().filter(|v| v.skipped.is_none()) {
         let member = volume
             .volume_snapshot_name
             .clone()
             .context("no member snapshot")?;
-        let content =
-            snapshots.get(&member).await?.data["status"]["boundVolumeSnapshotContentName"]
-                .as_str()
-                .context("member without content")?
-                .to_string();
-        let cut = contents.get(&content).await?.data["status"]["creationTime"]
+        let cut = member_content(client, ns, &member).await?.data["status"]["creationTime"]
             .as_i64()
             .context("member content without creationTime")?;
         cuts.push((volume.name.clone(), cut));
@@ -324,17 +305,7 @@ async fn a_group_that_fails_inside_the_freeze_is_thawed_and_a_refused_freeze_is_
     }
     namespace.delete().await?;
     // The class goes once no group content of it is left: csi-snapshotter reads it to delete one.
-    let contents: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "groupsnapshot.storage.k8s.io",
-                "v1",
-                "VolumeGroupSnapshotContent",
-            ),
-            "volumegroupsnapshotcontents",
-        ),
-    );
+    let contents = group_snapshot_contents(&client);
     // (up to the snapshot-controller's retry after a conflict: see above)
     let drained = eventually(300, "the broken class's group contents gone", || async {
         let left = contents
