@@ -20,8 +20,9 @@ APT_PACKAGES=(
   # real nodes (hack/node.sh, hack/harness/node-build.sh): runc with seccomp, the pause program
   # and the test busybox image (static), kube-proxy's and the CNI plugins' iptables and conntrack
   gcc libc6-dev libseccomp-dev busybox-static iptables conntrack
-  # the test VM (hack/vm/, docs/vm-test.md): its initramfs archive, the VM on the host
-  cpio qemu-system-x86
+  # the test VM (hack/vm/, docs/vm-test.md): its initramfs archive (readelf finds the guest
+  # programs' libraries), the VM on the host
+  cpio binutils qemu-system-x86
 )
 
 missing=()

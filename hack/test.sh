@@ -40,6 +40,10 @@ echo "generated CRDs match the Rust types"
 step "building the workspace and its tests"
 cargo build --workspace --all-targets
 
+step "the live test VM without a cluster: two volumes on qemu-storage-daemon, ext4, the real qemu-guest-agent's freeze (hack/vm/live-smoke.sh)"
+live_vm_status=0
+hack/vm/live-smoke.sh || live_vm_status=$?
+
 step "images: make images (cached by content); their test in the background"
 # With the dev binaries just built: a cold release build would not fit CI's time. `make images`
 # (release) builds the same images with the release binaries.
@@ -113,6 +117,7 @@ images_test_pid=""
 grep -E '^(PASS|FAIL) ' "$images_log" || true
 tail -n 1 "$images_log"
 [ "$status" -ne 0 ] || status=$images_status
+[ "$status" -ne 0 ] || status=$live_vm_status
 
 step "waiting for the node runtime build"
 while kill -0 "$node_build_pid" 2>/dev/null; do

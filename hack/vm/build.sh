@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test VM's guest: a Debian cloud kernel and a small initramfs (busybox-static, the
-# checksummed writer/verifier livedisk-verifier built statically, the virtio modules and
-# hack/vm/guest-init as /init). docs/vm-test.md says what the guest does.
+# checksummed writer/verifier livedisk-verifier built statically, the virtio modules, Debian's
+# qemu-guest-agent and mke2fs with the shared libraries they load, and hack/vm/guest-init as
+# /init). docs/vm-test.md says what the guest does.
 #
 #   hack/vm/build.sh              build what is missing (content-keyed cache); print the output dir
 #   hack/vm/build.sh --out DIR    build again into DIR, reading and writing no cache
@@ -26,6 +27,14 @@ EPOCH="${SOURCE_DATE_EPOCH:-1735689600}"
 CACHE="${LIVEDISK_CACHE_DIR:-$HOME/.cache/livedisk}/vm"
 KERNEL_META=linux-image-cloud-amd64
 BUSYBOX=busybox-static
+# Dynamically linked programs the guest runs, from Debian packages: qemu-ga (the real guest agent:
+# fsfreeze, shutdown) and mke2fs (the live mode's ext4 disk). GUEST_PROGRAMS are paths inside
+# their packages; GUEST_LIBRARY_PACKAGES must hold every shared library they load (build.sh walks
+# their NEEDED entries and fails naming a missing one).
+GUEST_PROGRAM_PACKAGES=(qemu-guest-agent e2fsprogs)
+GUEST_PROGRAMS=(usr/sbin/qemu-ga sbin/mke2fs)
+GUEST_LIBRARY_PACKAGES=(libc6 libglib2.0-0 libnuma1 libudev1 liburing2 libpcre2-8-0 libblkid1
+  libuuid1 libcom-err2 libext2fs2)
 # The virtio modules the guest loads, in load order (the cloud kernel builds them as modules):
 # virtio_blk for its disks, virtio_console for its output port (a virtio serial port).
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console)
@@ -41,7 +50,7 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-for tool in apt-get apt-cache dpkg-deb cpio gzip sha256sum cargo file; do
+for tool in apt-get apt-cache dpkg-deb cpio gzip sha256sum cargo file readelf; do
   command -v "$tool" >/dev/null || die "'$tool' is missing: hack/deps.sh installs it"
 done
 
@@ -63,12 +72,14 @@ KERNEL_PKG="$(apt-cache depends "$META_PIN" 2>/dev/null \
 [ -n "$KERNEL_PKG" ] || die "$META_PIN depends on no linux-image-*-cloud-amd64 package"
 KERNEL_PIN="$(pin "$KERNEL_PKG")"
 BUSYBOX_PIN="$(pin "$BUSYBOX")"
+GUEST_PINS=()
+for p in "${GUEST_PROGRAM_PACKAGES[@]}" "${GUEST_LIBRARY_PACKAGES[@]}"; do GUEST_PINS+=("$(pin "$p")"); done
 
 verifier_source_hash() {
   (cd "$ROOT" && cat Cargo.toml Cargo.lock tests/verifier/Cargo.toml && find tests/verifier/src -type f | LC_ALL=C sort | xargs cat) \
     | sha256sum | cut -c1-16
 }
-KEY="$( { cat "$0" "$ROOT/hack/vm/guest-init"; echo "$KERNEL_PIN $BUSYBOX_PIN $EPOCH $VERIFIER_TARGET"
+KEY="$( { cat "$0" "$ROOT/hack/vm/guest-init"; echo "$KERNEL_PIN $BUSYBOX_PIN ${GUEST_PINS[*]} $EPOCH $VERIFIER_TARGET"
           verifier_source_hash; rustc -V; cpio --version | head -n1; gzip --version | head -n1; } \
         | sha256sum | cut -c1-16)"
 
@@ -101,13 +112,14 @@ log "cargo: done in $((SECONDS - t))s"
 
 # --- Debian packages --------------------------------------------------------------------------
 
-log "apt-get download $KERNEL_PIN $BUSYBOX_PIN (~27 MB)..."
+log "apt-get download $KERNEL_PIN $BUSYBOX_PIN and ${#GUEST_PINS[@]} packages for qemu-ga and mke2fs (~35 MB)..."
 mkdir -p "$WORK/debs"
 # As root, apt downloads as the _apt user unless told otherwise; the work dir is root's.
-(cd "$WORK/debs" && apt-get download -q -o APT::Sandbox::User=root "$KERNEL_PIN" "$BUSYBOX_PIN") >"$WORK/apt.log" 2>&1 \
+(cd "$WORK/debs" && apt-get download -q -o APT::Sandbox::User=root "$KERNEL_PIN" "$BUSYBOX_PIN" "${GUEST_PINS[@]}") >"$WORK/apt.log" 2>&1 \
   || { cat "$WORK/apt.log" >&2; die "apt-get download failed; if a pinned version is missing, the mirror has moved past the host's apt lists: run apt-get update"; }
 dpkg-deb -x "$WORK/debs/${KERNEL_PIN%%=*}"_*.deb "$WORK/kernel"
 dpkg-deb -x "$WORK/debs/${BUSYBOX_PIN%%=*}"_*.deb "$WORK/busybox"
+for p in "${GUEST_PINS[@]}"; do dpkg-deb -x "$WORK/debs/${p%%=*}"_*.deb "$WORK/userland"; done
 KVER="${KERNEL_PKG#linux-image-}"
 [ -f "$WORK/kernel/boot/vmlinuz-$KVER" ] || die "$KERNEL_PKG has no boot/vmlinuz-$KVER"
 
@@ -131,6 +143,35 @@ for m in "${MODULES[@]}"; do
   loaded+="$m "
 done
 printf '%s\n' "${MODULES[@]}" >"$ROOTFS/lib/modules/load-order"
+# The dynamic programs, their shared libraries (NEEDED, transitively, found in the extracted
+# packages' library dirs) and the loader they name. Libraries land in /lib, which the loader
+# searches by default.
+UL="$WORK/userland"
+mkdir -p "$ROOTFS/lib64" "$ROOTFS/sbin" "$ROOTFS/etc"
+find_library() { # SONAME -> its path in the extracted packages
+  local d
+  for d in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+    [ -e "$UL/$d/$1" ] && { echo "$UL/$d/$1"; return; }
+  done
+  die "no package of GUEST_LIBRARY_PACKAGES holds $1 (add the package that does)"
+}
+pending=() copied=" "
+for prog in "${GUEST_PROGRAMS[@]}"; do
+  [ -f "$UL/$prog" ] || die "no $prog in ${GUEST_PROGRAM_PACKAGES[*]}"
+  install -m 0755 "$UL/$prog" "$ROOTFS/sbin/${prog##*/}"
+  pending+=("$UL/$prog")
+done
+while [ ${#pending[@]} -gt 0 ]; do
+  elf="${pending[0]}"; pending=("${pending[@]:1}")
+  for so in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+    [[ "$copied" == *" $so "* ]] && continue
+    lib="$(find_library "$so")"
+    install -m 0755 "$(readlink -f "$lib")" "$ROOTFS/lib/$so"
+    copied+="$so "; pending+=("$lib")
+  done
+done
+install -m 0755 "$(readlink -f "$UL/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")" "$ROOTFS/lib64/ld-linux-x86-64.so.2"
+install -m 0644 "$UL/etc/mke2fs.conf" "$ROOTFS/etc/mke2fs.conf"
 # Reproducible archive: sorted names, owner 0:0, one mtime, inode numbers renumbered.
 find "$ROOTFS" -exec touch -h -d "@$EPOCH" {} +
 (cd "$ROOTFS" && find . -mindepth 1 | LC_ALL=C sort \
@@ -142,10 +183,12 @@ cat >"$WORK/inputs.txt" <<EOF
 key $KEY
 kernel $KERNEL_PIN (via $META_PIN)
 busybox $BUSYBOX_PIN
+guest programs ${GUEST_PROGRAMS[*]} from ${GUEST_PINS[*]}
+guest libraries${copied% }
 verifier source $(verifier_source_hash), $(rustc -V), target $VERIFIER_TARGET, crt-static
 modules ${MODULES[*]}
 EOF
-rm -rf "$WORK/debs" "$WORK/kernel" "$WORK/busybox" "$ROOTFS" "$WORK/apt.log"
+rm -rf "$WORK/debs" "$WORK/kernel" "$WORK/busybox" "$WORK/userland" "$ROOTFS" "$WORK/apt.log"
 if [ -z "$OUT" ]; then
   rm -rf "$DEST"; mv "$WORK" "$DEST"
 else
