@@ -310,6 +310,7 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         imports: Default::default(),
         front,
         volume_calls: volume_calls.clone(),
+        group_turns: Default::default(),
     });
     let metadata_task = match (args.metadata_listen, &args.node_tls_dir) {
         (Some(listen), Some(dir)) => {

@@ -57,6 +57,11 @@ chart_install() {
   local helm args=() f
   helm="$(hack/helm.sh | tail -n 1)"
   for f in ${LIVEDISK_HELM_VALUES:-}; do args+=(--values "$f"); done
+  # The local cluster serves the group-snapshot CRDs (hack/cluster.sh): group snapshots on, as a
+  # user whose cluster has them turns them on (a VM's DiskSnapshot takes one group per node).
+  if kubectl get crd volumegroupsnapshots.groupsnapshot.storage.k8s.io >/dev/null 2>&1; then
+    args+=(--set groupSnapshot.enabled=true)
+  fi
   chart_log "helm upgrade --install $CHART_RELEASE charts/livedisk (namespace $CHART_NAMESPACE)"
   "$helm" upgrade --install "$CHART_RELEASE" charts/livedisk --namespace "$CHART_NAMESPACE" \
     --create-namespace --wait --timeout 5m "${args[@]}" >/dev/null

@@ -60,6 +60,8 @@ pub struct Agent {
     pub imports: super::migration_work::Imports,
     /// Calls on a volume in progress, shared with the CSI node service (one at a time).
     pub volume_calls: crate::grpc::inflight::InFlight,
+    /// One take of a group snapshot at a time (its members are reconciled side by side).
+    pub group_turns: super::group_turns::GroupTurns,
 }
 
 impl Agent {
@@ -1001,12 +1003,19 @@ async fn apply_snapshot(
         .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
     let taken = match (agent.engine.snapshot(&id), &snapshot.spec.group) {
         (Ok(info), _) => Ok(info),
-        (Err(_), Some(group)) => match take_group(api, agent, &id, group).await {
-            Ok(Some(info)) => Ok(info),
-            // Not every member is declared yet: the CSI controller is declaring them.
-            Ok(None) => return Ok(Action::requeue(Duration::from_secs(2))),
-            Err(error) => Err(error),
-        },
+        (Err(_), Some(group)) => {
+            let _turn = agent.group_turns.turn(&group.id).await;
+            // A sibling's transaction may have taken this member while this one waited.
+            match agent.engine.snapshot(&id) {
+                Ok(info) => Ok(info),
+                Err(_) => match take_group(api, agent, &id, group).await {
+                    Ok(Some(info)) => Ok(info),
+                    // Not every member is declared yet: the CSI controller is declaring them.
+                    Ok(None) => return Ok(Action::requeue(Duration::from_secs(2))),
+                    Err(error) => Err(error),
+                },
+            }
+        }
         (Err(_), None) => match pool_check::snapshot_too_big(&agent.engine, &volume).await {
             Some(refused) => Err(EngineError::ResourceExhausted(refused.message)),
             None => agent

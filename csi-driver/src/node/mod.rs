@@ -5,6 +5,7 @@ pub mod agent;
 pub mod attach;
 mod blocking;
 pub mod engine_health;
+pub mod group_turns;
 pub mod grow;
 pub mod health;
 pub mod merge_work;

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{self, Decision, User};
 use crate::duration::{parse_go_duration, whole_seconds};
-use crate::guest::{Froze, Guests, Vmi};
+use crate::guest::{Froze, GuestError, Guests, Vmi};
 use crate::record::{Call, Recorder};
 
 pub const GROUP: &str = "subresources.kubevirt.io";
@@ -235,12 +235,16 @@ async fn carry_out(
     }
     if op == "unfreeze" {
         return match server.guests.unfreeze(&vmi).await {
-            Ok(true) => Reply::ok(),
-            Ok(false) => Reply {
-                note: Some("was not frozen".into()),
+            Ok((was_frozen, thawed)) => Reply {
+                note: unfreeze_note(was_frozen, thawed),
                 ..Reply::ok()
             },
-            Err(error) => Reply::internal(&format!("clearing the VMI's freeze status: {error}")),
+            Err(GuestError::Agent(error)) => {
+                Reply::virt_handler_refused(&format!("the guest agent failed the thaw: {error}"))
+            }
+            Err(GuestError::Api(error)) => {
+                Reply::internal(&format!("clearing the VMI's freeze status: {error}"))
+            }
         };
     }
     freeze(server, &vmi, body).await
@@ -274,7 +278,8 @@ async fn freeze(server: &Arc<Server>, vmi: &Vmi, body: Body) -> Reply {
         },
     };
     match server.guests.freeze(vmi, whole_seconds(nanos), &text).await {
-        Ok(Froze::Now) => Reply {
+        Ok(Froze::Now(count)) => Reply {
+            note: count.map(|n| format!("the guest agent froze {n} filesystems")),
             delay,
             ..Reply::ok()
         },
@@ -285,7 +290,24 @@ async fn freeze(server: &Arc<Server>, vmi: &Vmi, body: Body) -> Reply {
             delay,
             ..Reply::ok()
         },
-        Err(error) => Reply::internal(&format!("setting the VMI's freeze status: {error}")),
+        Err(GuestError::Agent(error)) => {
+            Reply::virt_handler_refused(&format!("the guest agent failed the freeze: {error}"))
+        }
+        Err(GuestError::Api(error)) => {
+            Reply::internal(&format!("setting the VMI's freeze status: {error}"))
+        }
+    }
+}
+
+/// Pure: what the record says of an unfreeze.
+fn unfreeze_note(was_frozen: bool, thawed: Option<u64>) -> Option<String> {
+    match (was_frozen, thawed) {
+        (true, None) => None,
+        (false, None) => Some("was not frozen".into()),
+        (true, Some(n)) => Some(format!("the guest agent thawed {n} filesystems")),
+        (false, Some(n)) => Some(format!(
+            "was not frozen by this stand-in; the guest agent thawed {n} filesystems"
+        )),
     }
 }
 

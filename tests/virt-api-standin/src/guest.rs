@@ -7,8 +7,13 @@
 //! by itself after N seconds unless an unfreeze came first; an unfreeze cancels the timer and
 //! thaws. The state is in memory: a restarted stand-in has forgotten frozen guests and their
 //! timers (an unfreeze still clears the status).
+//!
+//! A VMI that names its guest's real qemu-guest-agent socket ([`AGENT_SOCKET_ANNOTATION`]) is
+//! frozen for real: the stand-in asks that agent (`guest-fsfreeze-status`, `-freeze`, `-thaw`)
+//! as virt-launcher does, and the call fails when the agent fails.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +22,28 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+use crate::agent::{AgentError, GuestAgent};
 use crate::record::{Call, Recorder};
+
+/// Test knob: the unix socket of the guest's real qemu-guest-agent (the test VM's
+/// `vm-run live --agent`, reachable from the stand-in's host). With it, freezes and unfreezes
+/// reach the guest; without it, only the VMI's status is kept.
+pub const AGENT_SOCKET_ANNOTATION: &str = "livedisk.io/standin-guest-agent-socket";
+
+/// Why a freeze or an unfreeze failed.
+#[derive(Debug)]
+pub enum GuestError {
+    /// Writing the VMI's status.
+    Api(kube::Error),
+    /// The guest agent.
+    Agent(AgentError),
+}
+
+impl From<kube::Error> for GuestError {
+    fn from(error: kube::Error) -> Self {
+        GuestError::Api(error)
+    }
+}
 
 /// The value KubeVirt writes to `status.fsFreezeStatus` of a frozen guest (absent when thawed).
 pub const FROZEN: &str = "frozen";
@@ -25,6 +51,7 @@ pub const FROZEN: &str = "frozen";
 struct Frozen {
     generation: u64,
     timer: Option<JoinHandle<()>>,
+    agent: Option<PathBuf>,
 }
 
 pub struct Guests {
@@ -39,7 +66,8 @@ pub struct Guests {
 /// What a freeze did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Froze {
-    Now,
+    /// Frozen now; with a real agent, how many filesystems it froze.
+    Now(Option<u64>),
     /// It was frozen already: nothing changed, the first freeze's timer still runs.
     AlreadyFrozen,
 }
@@ -54,6 +82,14 @@ pub struct Vmi {
 }
 
 impl Vmi {
+    /// The guest's real agent, when the VMI names one.
+    fn agent(&self) -> Option<PathBuf> {
+        self.annotations
+            .get(AGENT_SOCKET_ANNOTATION)
+            .map(|p| PathBuf::from(p.trim()))
+            .filter(|p| !p.as_os_str().is_empty())
+    }
+
     fn from_object(object: DynamicObject, namespace: &str) -> Self {
         let phase = object
             .data
@@ -102,12 +138,28 @@ impl Guests {
         vmi: &Vmi,
         seconds: i64,
         unfreeze_timeout: &str,
-    ) -> Result<Froze, kube::Error> {
+    ) -> Result<Froze, GuestError> {
         let mut frozen = self.frozen.lock().await;
         if frozen.contains_key(&vmi.uid) {
             return Ok(Froze::AlreadyFrozen);
         }
-        self.set_status(vmi, true).await?;
+        let agent = vmi.agent();
+        let mut count = None;
+        if let Some(socket) = &agent {
+            let guest = GuestAgent::new(socket);
+            // As virt-launcher: a guest frozen already (by an earlier stand-in, say) is left so.
+            if guest.is_frozen().await.map_err(GuestError::Agent)? {
+                return Ok(Froze::AlreadyFrozen);
+            }
+            count = Some(guest.freeze().await.map_err(GuestError::Agent)?);
+        }
+        if let Err(error) = self.set_status(vmi, true).await {
+            if let Some(socket) = &agent {
+                // Nobody could tell it is frozen: thaw it rather than leave it so.
+                let _ = GuestAgent::new(socket).thaw().await;
+            }
+            return Err(error.into());
+        }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let timer = (seconds != 0).then(|| {
             let guests = Arc::clone(self);
@@ -121,14 +173,31 @@ impl Guests {
                     .await;
             })
         });
-        frozen.insert(vmi.uid.clone(), Frozen { generation, timer });
-        Ok(Froze::Now)
+        frozen.insert(
+            vmi.uid.clone(),
+            Frozen {
+                generation,
+                timer,
+                agent,
+            },
+        );
+        Ok(Froze::Now(count))
     }
 
     /// Thaws the guest (cancelling its safety timer) and clears the VMI's freeze status. Returns
-    /// whether it was frozen.
-    pub async fn unfreeze(&self, vmi: &Vmi) -> Result<bool, kube::Error> {
+    /// whether it was frozen, and with a real agent how many filesystems it thawed (it is asked
+    /// even when this stand-in did not freeze the guest: it may have been restarted).
+    pub async fn unfreeze(&self, vmi: &Vmi) -> Result<(bool, Option<u64>), GuestError> {
         let mut frozen = self.frozen.lock().await;
+        let mut thawed = None;
+        if let Some(socket) = vmi.agent() {
+            thawed = Some(
+                GuestAgent::new(&socket)
+                    .thaw()
+                    .await
+                    .map_err(GuestError::Agent)?,
+            );
+        }
         let was = frozen.remove(&vmi.uid);
         if let Some(timer) = was.as_ref().and_then(|f| f.timer.as_ref()) {
             timer.abort();
@@ -142,12 +211,13 @@ impl Guests {
                     Frozen {
                         generation: entry.generation,
                         timer: None,
+                        agent: entry.agent,
                     },
                 );
             }
-            return Err(error);
+            return Err(error.into());
         }
-        Ok(was.is_some())
+        Ok((was.is_some(), thawed))
     }
 
     async fn safety_unfreeze(
@@ -159,12 +229,19 @@ impl Guests {
         unfreeze_timeout: String,
     ) {
         let mut frozen = self.frozen.lock().await;
-        match frozen.get(&uid) {
+        let agent = match frozen.get(&uid) {
             Some(entry) if entry.generation == generation => {
-                frozen.remove(&uid);
+                frozen.remove(&uid).and_then(|entry| entry.agent)
             }
             _ => return,
-        }
+        };
+        let thawed = match &agent {
+            Some(socket) => match GuestAgent::new(socket).thaw().await {
+                Ok(n) => format!(" (the guest agent thawed {n} filesystems)"),
+                Err(error) => format!(" ({error})"),
+            },
+            None => String::new(),
+        };
         let vmi = Vmi {
             namespace: namespace.clone(),
             name: name.clone(),
@@ -174,10 +251,10 @@ impl Guests {
         };
         let message = match self.set_status(&vmi, false).await {
             Ok(()) => format!(
-                "unfreeze was not called within {unfreeze_timeout}: thawed by the safety timer"
+                "unfreeze was not called within {unfreeze_timeout}: thawed by the safety timer{thawed}"
             ),
             Err(error) => format!(
-                "thawed by the safety timer; the VMI's status could not be cleared: {error}"
+                "thawed by the safety timer{thawed}; the VMI's status could not be cleared: {error}"
             ),
         };
         drop(frozen);

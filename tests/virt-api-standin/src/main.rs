@@ -11,8 +11,11 @@
 //! certificate, authorizes the user with a SubjectAccessReview, answers as virt-api would, keeps
 //! the guests' frozen state (with the guest agent's safety unfreeze), reports it in the VMI's
 //! `status.fsFreezeStatus` as virt-handler would, and appends every call to a record file that
-//! tests read. Two VMI annotations are test knobs (see [`api`]). No guest is frozen for real.
+//! tests read. Two VMI annotations are test knobs (see [`api`]). A guest is frozen for real only
+//! when its VMI names the socket of its real qemu-guest-agent (a third annotation, see [`guest`]):
+//! then the stand-in asks that agent as virt-launcher would.
 
+mod agent;
 mod api;
 mod auth;
 mod duration;
