@@ -21,6 +21,8 @@ use serde_json::json;
 
 pub use livedisk_e2e::TestNamespace;
 
+pub mod live_vm;
+
 pub const DRIVER: &str = "csi.livedisk.io";
 pub const CHART_NAMESPACE: &str = "livedisk-system";
 /// Where writer pods log acknowledged writes, inside every node (a node-private directory).

@@ -16,15 +16,13 @@
 //! every write acknowledged before the snapshot was asked for. Then the guest is shut down
 //! through its agent and verifies both disks itself.
 
-use std::path::Path;
-use std::process::Command;
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use kube::api::{Api, Patch, PatchParams};
 use livedisk_api::DiskSnapshot;
 use livedisk_e2e::eventually;
 use livedisk_e2e::vm::{disk_snapshot, instance, instances, virtual_machine, wait_for_phase};
-use livedisk_node_e2e::{Cluster, PodClaim, PodSpec, TestNamespace, VolumeMode};
+use livedisk_node_e2e::live_vm::{guest_agent, last_seq};
+use livedisk_node_e2e::{Cluster, PodSpec, TestNamespace, VolumeMode, live_vm};
 use serde_json::json;
 
 const NODE: &str = "node-a";
@@ -32,35 +30,6 @@ const VM: &str = "live";
 const BLOCK_DISK: &str = "live-blocks";
 const DATA_DISK: &str = "live-data";
 const TAG: u64 = 3;
-
-/// The newest `seq` on the `prefix` lines of the VM's output so far.
-fn last_seq(logs: &str, prefix: &str) -> Option<u64> {
-    logs.lines()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
-        .filter_map(|ack| ack["seq"].as_u64())
-        .max()
-}
-
-/// One guest agent command through hack/vm/guest-agent, run in the socket's directory (a
-/// socket path may be longer than a unix address holds).
-fn guest_agent(socket: &Path, command: &str) -> Result<String> {
-    let dir = socket.parent().context("socket without a directory")?;
-    let name = socket.file_name().context("socket without a name")?;
-    let output = Command::new(livedisk_e2e::workspace_root().join("hack/vm/guest-agent"))
-        .arg(name)
-        .arg(command)
-        .current_dir(dir)
-        .output()
-        .context("running hack/vm/guest-agent")?;
-    if !output.status.success() {
-        bail!(
-            "guest-agent {command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
-}
 
 /// The member VolumeSnapshot of `claim` in a Ready DiskSnapshot of the VM.
 fn member(snapshot: &DiskSnapshot, claim: &str) -> Result<String> {
@@ -102,25 +71,8 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
     for claim in [BLOCK_DISK, DATA_DISK] {
         cluster.create_pvc(n, claim, VolumeMode::Block).await?;
     }
-    let script = format!(
-        "exec vm-run live --disk /dev/xvda --disk2 /dev/xvdb --acks /ack/acks.jsonl \
-         --blocks 2048 --file-blocks 1024 --agent /ack/qga.sock --tag {TAG}"
-    );
-    let vm_pod = PodSpec {
-        claims: vec![
-            PodClaim {
-                name: BLOCK_DISK,
-                mode: VolumeMode::Block,
-                path: "/dev/xvda",
-            },
-            PodClaim {
-                name: DATA_DISK,
-                mode: VolumeMode::Block,
-                path: "/dev/xvdb",
-            },
-        ],
-        ..PodSpec::once_without_claims("vm", NODE, &script)
-    };
+    let script = live_vm::script(TAG, "");
+    let vm_pod = live_vm::pod("vm", NODE, [BLOCK_DISK, DATA_DISK], &script);
     cluster.run_pod(n, &vm_pod).await?;
     let started = eventually(300, "the guest's writers on both disks", || async {
         let logs = cluster.logs(n, "vm").await.unwrap_or_default();

@@ -1,0 +1,84 @@
+//! The test VM's live mode in pods (docs/vm-test.md): QEMU with two block PVCs, a real
+//! qemu-guest-agent and QEMU's monitor on unix sockets in the pod's node directory (/ack), which
+//! the test reaches from this host.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{PodClaim, PodSpec, VolumeMode};
+
+/// The block disk (vda) and the ext4 disk (vdc) of a live VM pod.
+pub const DEVICES: [&str; 2] = ["/dev/xvda", "/dev/xvdb"];
+
+/// The `vm-run live` command of a pod; `extra` is appended (e.g. `--incoming tcp:0.0.0.0:4444`).
+pub fn script(tag: u64, extra: &str) -> String {
+    format!(
+        "exec vm-run live --disk {} --disk2 {} --acks /ack/acks.jsonl --blocks 2048 \
+         --file-blocks 1024 --agent /ack/qga.sock --qmp /ack/qmp.sock --tag {tag} {extra}",
+        DEVICES[0], DEVICES[1]
+    )
+}
+
+/// A pod that runs `script` on `node` with the two claims as its disks.
+pub fn pod<'a>(name: &'a str, node: &'a str, claims: [&'a str; 2], script: &'a str) -> PodSpec<'a> {
+    PodSpec {
+        claims: vec![
+            PodClaim {
+                name: claims[0],
+                mode: VolumeMode::Block,
+                path: DEVICES[0],
+            },
+            PodClaim {
+                name: claims[1],
+                mode: VolumeMode::Block,
+                path: DEVICES[1],
+            },
+        ],
+        ..PodSpec::once_without_claims(name, node, script)
+    }
+}
+
+/// The newest `seq` on the `prefix` lines (`LDACK `, `LDFILE `) of a VM's output.
+pub fn last_seq(logs: &str, prefix: &str) -> Option<u64> {
+    logs.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter_map(|ack| ack["seq"].as_u64())
+        .max()
+}
+
+/// Runs a hack/vm tool on a socket, in the socket's directory (a socket path may be longer
+/// than a unix address holds); returns its stdout.
+fn on_socket(tool: &str, socket: &Path, args: &[&str]) -> Result<String> {
+    let dir = socket.parent().context("socket without a directory")?;
+    let name = socket.file_name().context("socket without a name")?;
+    let output = Command::new(livedisk_e2e::workspace_root().join("hack/vm").join(tool))
+        .arg(name)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running hack/vm/{tool}"))?;
+    if !output.status.success() {
+        bail!(
+            "{tool} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// One guest agent command (hack/vm/guest-agent); its JSON return.
+pub fn guest_agent(socket: &Path, command: &str) -> Result<String> {
+    on_socket("guest-agent", socket, &[command])
+}
+
+/// A live migration of the QEMU behind `qmp` to `uri` (hack/vm/migrate): its summary (status,
+/// total_ms, downtime_ms, ...). The source QEMU quits once it completed.
+pub fn migrate(qmp: &Path, uri: &str) -> Result<serde_json::Value> {
+    let out = on_socket("migrate", qmp, &[uri])?;
+    serde_json::from_str(&out).with_context(|| format!("migrate's summary: {out}"))
+}

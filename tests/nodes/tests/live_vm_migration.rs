@@ -1,0 +1,186 @@
+//! A running VM and its disks moved from node-a to node-b while the guest writes, as KubeVirt
+//! users move one: the disks are ReadWriteMany block PVCs.
+//!
+//! 1. The VM runs in a pod on node-a (the test VM's live mode, docs/vm-test.md): a block writer
+//!    on one disk, ext4 with a file writer on the other, a real qemu-guest-agent.
+//! 2. A DiskMigration of each disk moves the volume to node-b (the engine mirrors it live and
+//!    cuts over); the VM on node-a goes on through a remote attachment to node-b.
+//! 3. The same VM starts on node-b with `-incoming`, its disks staged there (local now); a
+//!    DiskMigration back to node-a is refused while node-a's VM uses the volumes remotely
+//!    (ConsumerOnTarget: moving a volume under a consumer on its target stalled when tried).
+//! 4. QEMU's live migration moves the guest from node-a's pod to node-b's (hack/vm/migrate plays
+//!    virt-handler, which drives it over QEMU's monitor in KubeVirt); the source pod ends saying
+//!    its guest moved away.
+//! 5. The guest, shut down through its agent on node-b, verifies every write it acknowledged on
+//!    both disks, before and after both moves.
+
+use anyhow::{Context, Result, bail, ensure};
+use kube::api::{Api, DeleteParams};
+use livedisk_api::{DiskMigration, Phase};
+use livedisk_e2e::eventually;
+use livedisk_node_e2e::live_vm::{guest_agent, last_seq, migrate};
+use livedisk_node_e2e::{Cluster, TestNamespace, VolumeMode, live_vm};
+use serde_json::json;
+
+const SOURCE: &str = "node-a";
+const TARGET: &str = "node-b";
+const DISKS: [&str; 2] = ["mig-blocks", "mig-data"];
+const TAG: u64 = 5;
+const PORT: u16 = 4444;
+
+#[tokio::test]
+async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let ns = TestNamespace::create(&cluster.client, "vm-migration").await?;
+    let n = ns.name.as_str();
+    for claim in DISKS {
+        cluster
+            .create_pvc_with(n, claim, VolumeMode::Block, "ReadWriteMany", None)
+            .await?;
+    }
+    let source_script = live_vm::script(TAG, "");
+    cluster
+        .run_pod(n, &live_vm::pod("vm-a", SOURCE, DISKS, &source_script))
+        .await?;
+    let started = eventually(300, "the guest's writers on node-a", || async {
+        let logs = cluster.logs(n, "vm-a").await.unwrap_or_default();
+        Ok(last_seq(&logs, "LDFILE ")
+            .filter(|s| *s >= 50)
+            .and(last_seq(&logs, "LDACK ").filter(|s| *s >= 100)))
+    })
+    .await;
+    if let Err(error) = started {
+        eprintln!("{}", cluster.describe(n, "vm-a").await);
+        return Err(error);
+    }
+
+    // 2. The disks move to node-b under the running VM.
+    let migrations: Api<DiskMigration> = Api::namespaced(cluster.client.clone(), n);
+    let disk_migration = |name: &str, claim: &str, target: &str| {
+        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskMigration",
+               "metadata": {"name": name},
+               "spec": {"persistentVolumeClaimName": claim, "targetNodeName": target,
+                        "verify": true}})
+    };
+    for claim in DISKS {
+        cluster
+            .create_object(n, disk_migration(claim, claim, TARGET))
+            .await?;
+    }
+    for claim in DISKS {
+        let done = eventually(600, &format!("DiskMigration {claim} Completed"), || async {
+            let status = migrations.get(claim).await?.status.unwrap_or_default();
+            match status.phase {
+                Phase::Completed => Ok(Some(status)),
+                Phase::Failed | Phase::Cancelled => bail!("DiskMigration {claim}: {status:?}"),
+                _ => Ok(None),
+            }
+        })
+        .await?;
+        println!(
+            "DiskMigration {claim}: {}",
+            serde_json::to_string(&done).unwrap_or_default()
+        );
+    }
+    let after_disks = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
+    eventually(
+        120,
+        "the guest on node-a writing to its disks on node-b",
+        || async {
+            let logs = cluster.logs(n, "vm-a").await.unwrap_or_default();
+            Ok(last_seq(&logs, "LDACK ").filter(|s| *s > after_disks + 200))
+        },
+    )
+    .await?;
+
+    // 3. The destination: the same VM, waiting for its state on node-b with the same disks.
+    let target_script = live_vm::script(TAG, &format!("--incoming tcp:0.0.0.0:{PORT}"));
+    cluster
+        .run_pod(n, &live_vm::pod("vm-b", TARGET, DISKS, &target_script))
+        .await?;
+    let target_qmp = cluster.ack_path(TARGET, n, "qmp.sock");
+    let waiting = eventually(240, "the destination QEMU on node-b", || async {
+        let logs = cluster.logs(n, "vm-b").await.unwrap_or_default();
+        Ok((target_qmp.exists() && logs.contains("waiting for a live migration")).then_some(()))
+    })
+    .await;
+    if let Err(error) = waiting {
+        eprintln!("{}", cluster.describe(n, "vm-b").await);
+        return Err(error);
+    }
+    // A volume is not moved under a consumer on its target: node-a's VM uses it remotely now.
+    cluster
+        .create_object(n, disk_migration("back", DISKS[0], SOURCE))
+        .await?;
+    let refused = eventually(60, "DiskMigration back refused", || async {
+        let status = migrations.get("back").await?.status.unwrap_or_default();
+        Ok(status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled" && c.reason == "ConsumerOnTarget")
+            .map(|c| c.message.clone()))
+    })
+    .await?;
+    println!("refused: {refused}");
+    migrations.delete("back", &DeleteParams::default()).await?;
+
+    // 4. The guest moves.
+    let target_ip = cluster
+        .pods(n)
+        .get("vm-b")
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("vm-b has no pod IP")?;
+    let before = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
+    let summary = migrate(
+        &cluster.ack_path(SOURCE, n, "qmp.sock"),
+        &format!("tcp:{target_ip}:{PORT}"),
+    )?;
+    ensure!(summary["status"] == "completed", "migration: {summary}");
+    println!(
+        "QEMU migrated node-a -> node-b: total {} ms, guest paused {} ms, {} bytes sent",
+        summary["total_ms"], summary["downtime_ms"], summary["transferred_bytes"]
+    );
+    cluster.wait_phase(n, "vm-a", "Succeeded", 120).await?;
+    let source_logs = cluster.logs(n, "vm-a").await?;
+    ensure!(
+        source_logs.contains("LIVEDISK-MIGRATED"),
+        "the source pod's end: {}",
+        source_logs.lines().last().unwrap_or_default()
+    );
+    let moved_at = last_seq(&source_logs, "LDACK ").unwrap_or(0);
+    ensure!(moved_at >= before, "acks went backwards on the source");
+    eventually(120, "the guest writing on node-b", || async {
+        let logs = cluster.logs(n, "vm-b").await.unwrap_or_default();
+        Ok(last_seq(&logs, "LDACK ")
+            .filter(|s| *s > moved_at + 200)
+            .and(last_seq(&logs, "LDFILE ")))
+    })
+    .await?;
+
+    // 5. Shut down through its agent on node-b: the guest verifies both disks, every write of
+    // its whole life (before and after both moves).
+    guest_agent(&cluster.ack_path(TARGET, n, "qga.sock"), "guest-shutdown")?;
+    cluster.wait_phase(n, "vm-b", "Succeeded", 300).await?;
+    let end = cluster.logs(n, "vm-b").await?;
+    let result = end
+        .lines()
+        .rfind(|l| l.starts_with("LIVEDISK-RESULT"))
+        .unwrap_or_default();
+    ensure!(
+        result.contains("status=ok") && result.contains("verified=vda,ext4"),
+        "the guest's own verification on node-b: {result}"
+    );
+    let writes: u64 = result
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("writes="))
+        .and_then(|w| w.parse().ok())
+        .context("no writes= in the result")?;
+    ensure!(
+        writes > moved_at,
+        "the guest's log ({writes} writes) covers the writes before the move ({moved_at})"
+    );
+    println!("moved after block ack {moved_at}; {result}");
+    ns.delete().await
+}
