@@ -646,55 +646,8 @@ async fn exports_work_while_a_finished_stream_job_waits_for_dismissal() {
 
     // A stream job of two scratch nodes (no volume's), finished and left
     // undismissed.
-    let (base, top) = (env.root.join("tsbase.qcow2"), env.root.join("tstop.qcow2"));
-    for (f, backing) in [(&base, None), (&top, Some("tsbase.qcow2"))] {
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(["create", "-q", "-f", "qcow2"]);
-        if let Some(b) = backing {
-            cmd.args(["-u", "-b", b, "-F", "qcow2"]);
-        }
-        assert!(cmd.arg(f).arg("4M").status().expect("qemu-img").success());
-    }
-    let io = Command::new("qemu-io")
-        .args(["-c", "write 0 1M"])
-        .arg(&base)
-        .output()
-        .expect("qemu-io");
-    assert!(io.status.success());
+    finished_stream_left_undismissed(&env, &e, "tstream").await;
     let q = e.qmp();
-    for (name, file, backing) in [
-        ("tsbase", &base, Value::Null),
-        ("tstop", &top, json!("tsbase")),
-    ] {
-        q.execute(
-            "blockdev-add",
-            json!({ "driver": "qcow2", "node-name": name, "backing": backing,
-                    "file": { "driver": "file", "filename": file } }),
-        )
-        .await
-        .expect("scratch node");
-    }
-    q.execute(
-        "block-stream",
-        json!({ "job-id": "tstream", "device": "tstop", "auto-dismiss": false }),
-    )
-    .await
-    .expect("block-stream");
-    let t = Instant::now();
-    loop {
-        let jobs = e.jobs().await.expect("jobs");
-        if jobs
-            .iter()
-            .any(|j| j.id == "tstream" && j.status == "concluded")
-        {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "stream not concluded: {jobs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let pid = env.daemon_pid();
 
     // Changed since b: built, published, read back; idempotent; stopped.
@@ -736,7 +689,7 @@ async fn exports_work_while_a_finished_stream_job_waits_for_dismissal() {
     q.execute("job-dismiss", json!({ "id": "tstream" }))
         .await
         .expect("dismiss");
-    for n in ["tstop", "tsbase"] {
+    for n in ["tstreamtop", "tstreambase"] {
         q.execute("blockdev-del", json!({ "node-name": n }))
             .await
             .expect("drop scratch node");

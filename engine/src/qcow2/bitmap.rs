@@ -60,7 +60,6 @@ use super::record::{ExportTarget, VolumeRecord};
 use super::{qemu_img, record};
 use crate::error::EngineError;
 use crate::extents::{self, Extent};
-use crate::qsd::qmp::{self};
 use livedisk_common::{SnapshotId, VolumeId};
 
 /// Bound on building one bitmap (100k extents take well under a second).
@@ -425,18 +424,6 @@ impl Engine {
         r
     }
 
-    /// The daemon's node names, unless a `block-stream` job is settling
-    /// (finished, not dismissed yet), when listing them would crash QEMU 7.2
-    /// (see `qmp::stream_settling`, whose test this repeats).
-    /// Its owner dismisses such a job at once, so callers skip what needs
-    /// the list and leave it to a later pass.
-    async fn named_nodes_unless_stream_settles(&self) -> Result<Option<HashSet<String>>> {
-        if qmp::stream_settling(&qmp::query_jobs(&self.qmp).await?) {
-            return Ok(None);
-        }
-        Ok(Some(self.named_nodes().await?))
-    }
-
     /// What an interrupted export left of this volume (see
     /// [`ExportLeftovers`]), judged from the node names and export ids the
     /// caller read from the daemon and from the volume's directory. The
@@ -454,19 +441,10 @@ impl Engine {
 
     /// Deletes what an interrupted export build left of this volume
     /// ([`Engine::export_leftovers`]): writer exports, then helper nodes,
-    /// then frozen lists. Called by recovery with the volume lock held,
-    /// after it may have spent seconds rebuilding bitmaps: the node list is
-    /// read only while no stream job settles; otherwise orphan helpers wait
-    /// for the next recovery of the volume.
+    /// then frozen lists. Called by recovery with the volume lock held.
     pub(super) async fn sweep_export_helpers(&self, rec: &VolumeRecord) -> Result<()> {
         let exports = self.export_ids().await?;
-        let nodes = match self.named_nodes_unless_stream_settles().await? {
-            Some(n) => n,
-            None => {
-                tracing::info!(volume = %rec.id, "a stream job is settling; orphan bitmap helpers are swept later");
-                HashSet::new()
-            }
-        };
+        let nodes = self.named_nodes().await?;
         let left = self.export_leftovers(rec, &nodes, &exports);
         if left.is_empty() {
             return Ok(());

@@ -15,7 +15,7 @@ use super::record::{RecordStore, VolumeRecord};
 use crate::error::EngineError;
 use crate::lock::Locks;
 use crate::qsd::daemon::Daemon;
-use crate::qsd::qmp::{Qmp, SessionState};
+use crate::qsd::qmp::{self, Qmp, SessionState};
 use crate::stats::JobStats;
 use livedisk_common::VolumeId;
 
@@ -234,27 +234,10 @@ impl Engine {
         Ok(rec)
     }
 
-    /// The daemon's block nodes as `query-named-block-nodes` (flat) lists
-    /// them.
-    pub(super) async fn block_nodes(&self) -> Result<Vec<Value>> {
-        let v = self
-            .qmp
-            .execute("query-named-block-nodes", json!({ "flat": true }))
-            .await?;
-        Ok(match v {
-            Value::Array(nodes) => nodes,
-            _ => vec![],
-        })
-    }
-
+    /// The daemon's node names (never `query-named-block-nodes`: see
+    /// [`qmp::BlockGraph`]).
     pub(super) async fn named_nodes(&self) -> Result<HashSet<String>> {
-        Ok(self
-            .block_nodes()
-            .await?
-            .iter()
-            .filter_map(|n| n.get("node-name").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect())
+        Ok(qmp::block_graph(&self.qmp).await?.names())
     }
 
     pub(super) async fn export_ids(&self) -> Result<HashSet<String>> {

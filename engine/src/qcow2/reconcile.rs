@@ -34,25 +34,10 @@ use livedisk_common::ErrorCode;
 use livedisk_common::VolumeId;
 
 impl Engine {
-    /// Node name -> `backing_file_depth` of every named node in the daemon.
-    /// Not `flat`: QEMU 7.2 reports depth 0 for every node in flat mode.
+    /// Node name -> backing depth of every node in the daemon (see
+    /// [`qmp::BlockGraph`]).
     pub(super) async fn node_depths(&self) -> Result<HashMap<String, u64>> {
-        let v = self
-            .qmp
-            .execute("query-named-block-nodes", json!({ "flat": false }))
-            .await?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| {
-                let name = n.get("node-name").and_then(Value::as_str)?;
-                let depth = n
-                    .get("backing_file_depth")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
-                Some((name.to_owned(), depth))
-            })
-            .collect())
+        Ok(qmp::block_graph(&self.qmp).await?.backing_depth)
     }
 
     /// Layer files of the chain a layer's view is read from, base first,

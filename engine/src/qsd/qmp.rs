@@ -569,11 +569,11 @@ pub async fn probe(path: &Path, within: Duration) -> Greeting {
 }
 
 /// Whether a `block-stream` job has finished but is not dismissed yet.
-/// QEMU 7.2 then crashes on `query-named-block-nodes` (segfault in
-/// `bdrv_refresh_filename`, seen here: the job's copy-on-read filter node is
-/// half torn down until the job is dismissed), and every recovery step
-/// queries the nodes. Its owner dismisses it at once (a merge's finisher,
-/// the flatten watcher), so light recovery waits for that instead.
+/// QEMU 7.2 then crashes on `query-named-block-nodes` (seen here: the job's
+/// copy-on-read filter node is half torn down until the job is dismissed),
+/// so the engine lists nodes with [`block_graph`] instead. Its owner
+/// dismisses such a job at once (a merge's finisher, the flatten watcher),
+/// so light recovery waits for that rather than take the volume's lock.
 pub fn stream_settling(jobs: &[JobInfo]) -> bool {
     jobs.iter().any(|j| {
         j.kind == "stream"
@@ -582,4 +582,147 @@ pub fn stream_settling(jobs: &[JobInfo]) -> bool {
                 "waiting" | "pending" | "aborting" | "concluded"
             )
     })
+}
+
+/// The daemon's block nodes and their backing links, as
+/// `x-debug-query-block-graph` gives them.
+///
+/// Not `query-named-block-nodes`: QEMU 7.2 segfaults on that (`segfault at
+/// 40`, seen here in a node's daemon and reproduced with a bare one) while a
+/// `block-stream` job that ended, finished or cancelled, is not dismissed
+/// yet, and such a job can end between any look at `query-jobs`
+/// ([`stream_settling`]) and the listing after it: a clone's flatten
+/// concludes whenever its copy is done. The graph names nodes and edges
+/// only and reads no node's filename; it lists the same nodes, and answers
+/// in that state (tested).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockGraph {
+    /// Node name -> how many `backing` links lead down from it (0: none).
+    /// QEMU's `backing_file_depth` also counts filters' children, which the
+    /// graph does not tell apart; the engine's layers are qcow2 nodes, for
+    /// which the two agree.
+    pub backing_depth: HashMap<String, u64>,
+}
+
+impl BlockGraph {
+    /// Reads the answer of `x-debug-query-block-graph`.
+    pub fn parse(v: &Value) -> Result<Self, QmpError> {
+        let bad = |what: &str| QmpError::Protocol(format!("x-debug-query-block-graph: {what}"));
+        let nodes = v
+            .get("nodes")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no node list"))?;
+        let edges = v
+            .get("edges")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no edge list"))?;
+        let mut names = HashMap::new();
+        for n in nodes {
+            if n.get("type").and_then(Value::as_str) != Some("block-driver") {
+                continue;
+            }
+            let id = n
+                .get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("node id"))?;
+            let name = n.get("name").and_then(Value::as_str).unwrap_or_default();
+            if !name.is_empty() {
+                names.insert(id, name.to_owned());
+            }
+        }
+        let mut backing = HashMap::new();
+        for e in edges {
+            if e.get("name").and_then(Value::as_str) != Some("backing") {
+                continue;
+            }
+            let end = |k: &str| e.get(k).and_then(Value::as_u64).ok_or_else(|| bad(k));
+            backing.insert(end("parent")?, end("child")?);
+        }
+        let backing_depth = names
+            .iter()
+            .map(|(id, name)| {
+                let mut depth = 0;
+                let mut at = *id;
+                // Bounded: a chain has fewer links than the graph has edges.
+                while let Some(next) = backing.get(&at)
+                    && depth < backing.len() as u64
+                {
+                    depth += 1;
+                    at = *next;
+                }
+                (name.clone(), depth)
+            })
+            .collect();
+        Ok(Self { backing_depth })
+    }
+
+    /// Every node's name.
+    pub fn names(&self) -> HashSet<String> {
+        self.backing_depth.keys().cloned().collect()
+    }
+}
+
+/// The daemon's block nodes (see [`BlockGraph`]).
+pub async fn block_graph(qmp: &Qmp) -> Result<BlockGraph, QmpError> {
+    BlockGraph::parse(&qmp.execute("x-debug-query-block-graph", json!({})).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x-debug-query-block-graph` of a QEMU 7.2 daemon holding `top` on
+    /// `base` (each on a `file` node) while the stream job `f1` of `top`,
+    /// cancelled, waits to be dismissed: the state in which
+    /// `query-named-block-nodes` segfaults it.
+    fn settling_stream_graph() -> Value {
+        json!({"edges": [
+            {"name": "file", "parent": 3, "shared-perm": [], "perm": [], "child": 6},
+            {"name": "backing", "parent": 3, "shared-perm": [], "perm": [], "child": 2},
+            {"name": "file", "parent": 2, "shared-perm": [], "perm": [], "child": 5},
+            {"name": "main node", "parent": 1, "shared-perm": [], "perm": [], "child": 4},
+            {"name": "active node", "parent": 1, "shared-perm": [], "perm": [], "child": 3},
+            {"name": "intermediate node", "parent": 1, "shared-perm": [], "perm": [], "child": 2}],
+        "nodes": [
+            {"name": "#block091", "type": "block-driver", "id": 4},
+            {"name": "top", "type": "block-driver", "id": 3},
+            {"name": "tf", "type": "block-driver", "id": 6},
+            {"name": "base", "type": "block-driver", "id": 2},
+            {"name": "bf", "type": "block-driver", "id": 5},
+            {"name": "f1", "type": "block-job", "id": 1},
+            {"name": "", "type": "block-backend", "id": 7}]})
+    }
+
+    #[test]
+    fn the_block_graph_names_every_node_and_counts_backing_links_only() {
+        let g = BlockGraph::parse(&settling_stream_graph()).expect("parse");
+        let depth = |n: &str| g.backing_depth.get(n).copied();
+        assert_eq!(depth("top"), Some(1));
+        assert_eq!(depth("base"), Some(0));
+        // A `file` child is no backing; jobs and backends are no nodes.
+        assert_eq!(
+            (depth("tf"), depth("bf"), depth("#block091")),
+            (Some(0), Some(0), Some(0))
+        );
+        assert_eq!(depth("f1"), None);
+        assert_eq!(g.names().len(), 5);
+    }
+
+    #[test]
+    fn a_longer_chain_counts_every_link_and_a_loop_ends() {
+        let node = |id: u64| json!({"name": format!("n{id}"), "type": "block-driver", "id": id});
+        let link =
+            |parent: u64, child: u64| json!({"name": "backing", "parent": parent, "child": child});
+        let chain =
+            json!({"nodes": [node(1), node(2), node(3)], "edges": [link(3, 2), link(2, 1)]});
+        let g = BlockGraph::parse(&chain).expect("parse");
+        assert_eq!(g.backing_depth["n3"], 2);
+        assert_eq!(g.backing_depth["n1"], 0);
+        let looped = json!({"nodes": [node(1), node(2)], "edges": [link(1, 2), link(2, 1)]});
+        assert_eq!(
+            BlockGraph::parse(&looped).expect("parse").backing_depth["n1"],
+            2
+        );
+        assert!(BlockGraph::parse(&json!({"nodes": []})).is_err());
+    }
 }

@@ -608,3 +608,61 @@ pub async fn merge_copying(e: &livedisk_engine::Engine, job: &str) {
     }
     panic!("merge job {job} never made progress");
 }
+
+/// Leaves a `block-stream` job `job` finished and undismissed, of two scratch
+/// nodes (`<job>base`, `<job>top`: no volume's), as a clone's flatten is
+/// between its end and its flush and dismissal: QEMU 7.2 then segfaults on
+/// `query-named-block-nodes`.
+pub async fn finished_stream_left_undismissed(env: &TestEnv, e: &Engine, job: &str) {
+    use serde_json::{Value, json};
+    let (base, top) = (format!("{job}base"), format!("{job}top"));
+    let file = |n: &str| env.root.join(format!("{n}.qcow2"));
+    for (n, backing) in [(&base, None), (&top, Some(format!("{base}.qcow2")))] {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            cmd.args(["-u", "-b", &b, "-F", "qcow2"]);
+        }
+        assert!(
+            cmd.arg(file(n))
+                .arg("4M")
+                .status()
+                .expect("qemu-img")
+                .success()
+        );
+    }
+    let io = Command::new("qemu-io")
+        .args(["-c", "write 0 1M"])
+        .arg(file(&base))
+        .output()
+        .expect("qemu-io");
+    assert!(io.status.success());
+    let q = e.qmp();
+    for (n, backing) in [(&base, Value::Null), (&top, json!(base))] {
+        q.execute(
+            "blockdev-add",
+            json!({ "driver": "qcow2", "node-name": n, "backing": backing,
+                    "file": { "driver": "file", "filename": file(n) } }),
+        )
+        .await
+        .expect("scratch node");
+    }
+    q.execute(
+        "block-stream",
+        json!({ "job-id": job, "device": top, "auto-dismiss": false }),
+    )
+    .await
+    .expect("block-stream");
+    let t = Instant::now();
+    loop {
+        let jobs = e.jobs().await.expect("jobs");
+        if jobs.iter().any(|j| j.id == job && j.status == "concluded") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "stream not concluded: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
