@@ -1,5 +1,5 @@
 # The stable interface of the project. The scripts behind each target live in hack/.
-.PHONY: up down test bench images generate fmt lint help
+.PHONY: up down test demo bench images generate fmt lint help
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -12,6 +12,10 @@ down: ## stop everything `make up` started
 
 test: ## every test, on real parts (installs what it needs; starts and stops its own cluster)
 	hack/test.sh
+
+demo: ## a running VM's disks through livedisk on the local cluster (`make up` first when none answers)
+	@{ [ -f .livedisk/env ] && . ./.livedisk/env && kubectl get nodes node-a node-b >/dev/null 2>&1; } || hack/up.sh
+	hack/demo.sh
 
 bench: ## the benchmarks (tables of ratios)
 	hack/bench.sh

@@ -82,3 +82,82 @@ pub fn migrate(qmp: &Path, uri: &str) -> Result<serde_json::Value> {
     let out = on_socket("migrate", qmp, &[uri])?;
     serde_json::from_str(&out).with_context(|| format!("migrate's summary: {out}"))
 }
+
+/// How long the guest's acknowledged block writes took in a stretch of its life.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latency {
+    pub writes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The latency of the block writes with sequence numbers in `from..=to` among the `LDACK` lines
+/// of `logs` (one pod's output, or several pods' of one guest concatenated); None without any.
+pub fn write_latency(logs: &str, from: u64, to: u64) -> Option<Latency> {
+    let mut seen = std::collections::BTreeMap::new();
+    for ack in logs
+        .lines()
+        .filter_map(|l| l.strip_prefix("LDACK "))
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+    {
+        if let (Some(seq), Some(ns)) = (ack["seq"].as_u64(), ack["latency_ns"].as_u64())
+            && (from..=to).contains(&seq)
+        {
+            seen.insert(seq, ns);
+        }
+    }
+    let mut ns: Vec<u64> = seen.into_values().collect();
+    if ns.is_empty() {
+        return None;
+    }
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1e6;
+    Some(Latency {
+        writes: ns.len(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+    })
+}
+
+/// Prints a table of the guest's write latency per stretch: (what, from seq, to seq).
+pub fn print_latency(title: &str, logs: &str, stretches: &[(&str, u64, u64)]) {
+    println!("{title}: guest block-write latency (ms), acknowledged O_DSYNC 4 KiB writes");
+    println!(
+        "{:<48} {:>7} {:>8} {:>8} {:>8}",
+        "while", "writes", "p50", "p99", "max"
+    );
+    for (what, from, to) in stretches {
+        match write_latency(logs, *from, *to) {
+            Some(l) => println!(
+                "{what:<48} {:>7} {:>8.2} {:>8.2} {:>8.2}",
+                l.writes, l.p50_ms, l.p99_ms, l.max_ms
+            ),
+            None => println!("{what:<48} {:>7}", 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_counts_each_write_of_the_stretch_once() {
+        let logs = (1..=100)
+            .map(|seq| {
+                format!(
+                    "LDACK {{\"seq\":{seq},\"block\":0,\"acked_ns\":0,\"latency_ns\":{}}}\n",
+                    seq * 1_000_000
+                )
+            })
+            .collect::<String>();
+        // The same lines twice (two pods' logs overlapping), and a line of something else.
+        let doubled = format!("{logs}LDFILE {{\"seq\":7}}\n{logs}");
+        let l = write_latency(&doubled, 1, 100).expect("writes");
+        assert_eq!(l.writes, 100);
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (51.0, 99.0, 100.0));
+        assert_eq!(write_latency(&logs, 200, 300), None);
+    }
+}

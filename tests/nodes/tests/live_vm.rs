@@ -13,12 +13,14 @@
 //! cut's ext4 is clean without a journal replay (`dumpe2fs` shows no needs_recovery, `e2fsck -fn`
 //! passes) and its file holds every write its own log records; a cut taken without a freeze
 //! (`freeze: Never`) needs journal recovery, so the check can fail; the block disk's cut holds
-//! every write acknowledged before the snapshot was asked for. Then the guest is shut down
-//! through its agent and verifies both disks itself.
+//! every write acknowledged before the snapshot was asked for. Then a DiskMerge (an active
+//! commit of the ext4 disk into a new snapshot's layer) runs under the VM, its progress seen;
+//! the guest is shut down through its agent and verifies both disks itself. The guest's write
+//! latency per stretch is printed (from its own ack log).
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use kube::api::{Api, Patch, PatchParams};
-use livedisk_api::DiskSnapshot;
+use livedisk_api::{DiskMerge, DiskSnapshot, Phase};
 use livedisk_e2e::eventually;
 use livedisk_e2e::vm::{disk_snapshot, instance, instances, virtual_machine, wait_for_phase};
 use livedisk_node_e2e::live_vm::{guest_agent, last_seq};
@@ -112,6 +114,7 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
 
     // A crash-consistent cut first (no freeze): the check below must tell it from a frozen one.
     let snapshots: Api<DiskSnapshot> = Api::namespaced(cluster.client.clone(), n);
+    let idle_upto = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
     cluster
         .create_object(n, disk_snapshot("crash", VM, "Never", None))
         .await?;
@@ -124,6 +127,7 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
         .create_object(n, disk_snapshot("frozen", VM, "Required", None))
         .await?;
     let frozen = wait_for_phase(&snapshots, "frozen", "Ready", 180).await?;
+    let frozen_upto = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
     let status = frozen.status.clone().unwrap_or_default();
     let freeze = status.guest_freeze.clone().context("no guest freeze")?;
     let indications: Vec<&str> = status
@@ -256,7 +260,78 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
         .await
         .context("the frozen cut of the block disk")?;
 
+    // A live merge under the running VM: a snapshot of the ext4 disk, then an active commit of
+    // every layer above it (the active layer included) into its layer, rate-limited so that its
+    // progress shows while it runs.
+    cluster
+        .create_object(
+            n,
+            json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskSnapshot",
+                   "metadata": {"name": "data-base"},
+                   "spec": {"source": {"persistentVolumeClaimName": DATA_DISK}}}),
+        )
+        .await?;
+    wait_for_phase(&snapshots, "data-base", "Ready", 120).await?;
+    let merge_from = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
+    cluster
+        .create_object(
+            n,
+            json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskMerge",
+                   "metadata": {"name": "data-commit"},
+                   "spec": {"persistentVolumeClaimName": DATA_DISK, "mode": "Commit",
+                            "baseSnapshotName": "data-base", "bandwidthLimit": "1Mi"}}),
+        )
+        .await?;
+    let merges: Api<DiskMerge> = Api::namespaced(cluster.client.clone(), n);
+    let seen = std::cell::Cell::new(0i64);
+    let merged = eventually(300, "DiskMerge data-commit Completed", || async {
+        let status = merges.get("data-commit").await?.status.unwrap_or_default();
+        if status.phase == Phase::Running
+            && let Some(p) = &status.progress
+        {
+            seen.set(seen.get().max(p.bytes_done));
+        }
+        match status.phase {
+            Phase::Completed => Ok(Some(status)),
+            Phase::Failed | Phase::Cancelled => bail!("DiskMerge data-commit: {status:?}"),
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    let progress_seen = seen.get();
+    let merge_to = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
+    ensure!(
+        progress_seen > 0,
+        "no progress seen while the merge ran: {merged:?}"
+    );
+    ensure!(
+        merged.merged_snapshots == ["data-base"],
+        "merged: {:?}",
+        merged.merged_snapshots
+    );
+    println!("DiskMerge data-commit: progress seen up to {progress_seen} bytes while Running");
+
     // The guest stops through its agent and verifies both disks itself.
+    let before_shutdown = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
+    let during = cluster.logs(n, "vm").await?;
+    live_vm::print_latency(
+        "live_vm",
+        &during,
+        &[
+            ("idle (before any snapshot)", 1, idle_upto),
+            (
+                "the frozen DiskSnapshot, ask to Ready",
+                block_upto,
+                frozen_upto,
+            ),
+            (
+                "the DiskMerge (active commit, 1 MiB/s)",
+                merge_from,
+                merge_to,
+            ),
+            ("everything until the shutdown", 1, before_shutdown),
+        ],
+    );
     guest_agent(&socket, "guest-shutdown")?;
     cluster.wait_phase(n, "vm", "Succeeded", 300).await?;
     let end = cluster.logs(n, "vm").await?;

@@ -54,6 +54,7 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         return Err(error);
     }
 
+    let idle_upto = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
     // 2. The disks move to node-b under the running VM.
     let migrations: Api<DiskMigration> = Api::namespaced(cluster.client.clone(), n);
     let disk_migration = |name: &str, claim: &str, target: &str| {
@@ -83,6 +84,7 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         );
     }
     let after_disks = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
+    let disks_from = idle_upto;
     eventually(
         120,
         "the guest on node-a writing to its disks on node-b",
@@ -158,6 +160,27 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
             .and(last_seq(&logs, "LDFILE ")))
     })
     .await?;
+
+    let on_b = last_seq(&cluster.logs(n, "vm-b").await?, "LDACK ").unwrap_or(0);
+    let both = format!("{source_logs}{}", cluster.logs(n, "vm-b").await?);
+    live_vm::print_latency(
+        "live_vm_migration",
+        &both,
+        &[
+            ("idle on node-a (before any move)", 1, idle_upto),
+            (
+                "the two DiskMigrations, start to Completed",
+                disks_from,
+                after_disks,
+            ),
+            (
+                "QEMU's migration (the ask to the last ack on a)",
+                before,
+                moved_at + 1,
+            ),
+            ("on node-b after both moves", moved_at + 1, on_b),
+        ],
+    );
 
     // 5. Shut down through its agent on node-b: the guest verifies both disks, every write of
     // its whole life (before and after both moves).

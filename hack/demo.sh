@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# `make demo`: a running VM's disks through livedisk, on the local cluster of `make up`, driven
+# only by applying the manifests of examples/demo/ (one step at a time, with the objects' phases
+# and progress as they change). What KubeVirt's node side would do and cannot here (keep the VMI's
+# status, drive QEMU's migration over its monitor) the script does, and says so.
+#
+#   make demo                      (runs `make up` first when no cluster answers)
+#   hack/demo.sh [--keep]          --keep: leave the namespace livedisk-demo for a look afterwards
+#
+# Steps: the VM (two ReadWriteMany block PVCs, ext4 on one, the real qemu-guest-agent) starts on
+# node-a; a DiskSnapshot of the VM inside a guest freeze, its ext4 checked clean on a clone; a
+# DiskMerge (active commit) under the running VM; DiskMigrations bring both disks to node-b; the
+# VM's QEMU is live-migrated to a pod on node-b; the guest is shut down through its agent and
+# verifies every write of its life. Ends with one summary line; exit 0 only if every step held.
+# Env: LIVEDISK_STATE_DIR (the cluster's state dir; default ./.livedisk), LIVEDISK_DEMO_NAMESPACE.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STATE="${LIVEDISK_STATE_DIR:-$ROOT/.livedisk}"
+NS="${LIVEDISK_DEMO_NAMESPACE:-livedisk-demo}"
+DEMO="$ROOT/examples/demo"
+KEEP=0
+case "${1:-}" in
+  --keep) KEEP=1 ;;
+  -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "demo: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
+T0=$SECONDS
+step() { echo; echo "=== demo [$((SECONDS - T0))s] $*"; }
+say() { echo "    $*"; }
+die() { echo "demo: FAILED: $*" >&2; exit 1; }
+[ -f "$STATE/env" ] || die "no cluster in $STATE: run \`make up\` first (or make demo, which does)"
+# shellcheck disable=SC1091
+source "$STATE/env"
+kubectl get nodes node-a node-b >/dev/null 2>&1 || die "the cluster of $STATE does not answer: run \`make up\`"
+k() { kubectl -n "$NS" "$@"; }
+# A node directory of the demo's pods (hostPath /var/lib/livedisk/demo), on this host.
+node_dir() { echo "$STATE/nodes/$1/var/lib/livedisk/demo"; }
+# Runs a hack/vm tool on a socket from the socket's directory (a long path does not fit a unix
+# socket address).
+on_socket() { # TOOL SOCKET ARGS...
+  local tool="$1" socket="$2"; shift 2
+  (cd "$(dirname "$socket")" && "$ROOT/hack/vm/$tool" "$(basename "$socket")" "$@")
+}
+last_seq() { # POD PREFIX -> the newest seq on its PREFIX lines
+  k logs "$1" 2>/dev/null | sed -n "s/^$2 {\"seq\":\([0-9]*\),.*/\1/p" | sort -n | tail -n 1
+}
+# Waits until OBJECT (kind/name) has .status.phase PHASE, printing its phase and progress each
+# time they change; fails on Failed or after SECONDS.
+follow() { # KIND/NAME PHASE SECONDS
+  local object="$1" want="$2" limit="$3" start=$SECONDS last="" now
+  while :; do
+    now="$(k get "$object" -o jsonpath='{.status.phase}{" "}{.status.stage}{" "}{.status.progress.percent}{" "}{.status.progress.bytesDone}{" "}{.status.progress.bytesTotal}' 2>/dev/null || true)"
+    # phase [stage] [percent% (done of total bytes)]
+    now="$(echo "$now" | awk '{ line = $1; i = 2
+      if ($i != "" && $i !~ /^[0-9]+$/) { line = line " " $i; i++ }
+      if ($i != "") line = line sprintf(" %s%% (%s of %s bytes)", $i, $(i+1), $(i+2))
+      print line }')"
+    if [ "$now" != "$last" ]; then say "$object: $now"; last="$now"; fi
+    case "$now" in
+      "$want"|"$want "*) return 0 ;;
+      Failed*) k get "$object" -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}' >&2
+               die "$object failed" ;;
+    esac
+    [ $((SECONDS - start)) -lt "$limit" ] || die "$object is not $want after ${limit}s"
+    sleep 0.5
+  done
+}
+
+step "a fresh namespace $NS"
+if kubectl get namespace "$NS" >/dev/null 2>&1; then
+  say "deleting the previous demo's namespace"
+  kubectl delete namespace "$NS" --wait=true --timeout=180s >/dev/null
+fi
+kubectl create namespace "$NS" >/dev/null
+for node in node-a node-b; do rm -f "$(node_dir "$node")"/{qga,qmp}.sock; done
+
+step "the VM on node-a: two block PVCs, ext4 on one, the real qemu-guest-agent ($DEMO/00-*.yaml, 01-*.yaml)"
+k apply -f "$DEMO/00-vm-disks.yaml" -f "$DEMO/01-vm-on-node-a.yaml" | sed 's/^/    /'
+say "booting (QEMU with TCG in the pod: tens of seconds)..."
+for _ in $(seq 1 300); do
+  [ "$(last_seq demo-vm-a LDFILE)" -ge 50 ] 2>/dev/null && break
+  phase="$(k get pod demo-vm-a -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+  [ "$phase" != Failed ] && [ "$phase" != Succeeded ] || { k logs demo-vm-a | tail -n 20 >&2; die "the VM pod ended: $phase"; }
+  sleep 1
+done
+[ "$(last_seq demo-vm-a LDFILE)" -ge 50 ] 2>/dev/null || die "the guest did not start writing in 300 s"
+say "the guest writes: block write #$(last_seq demo-vm-a LDACK), ext4 file write #$(last_seq demo-vm-a LDFILE)"
+
+step "KubeVirt's objects for it ($DEMO/02-virtualmachine.yaml); the instance's status as virt-handler would write it"
+k apply -f "$DEMO/02-virtualmachine.yaml" | sed 's/^/    /'
+k patch virtualmachineinstance demo-vm --type merge -p \
+  '{"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}, {"type": "AgentConnected", "status": "True"}]}}' >/dev/null
+k annotate virtualmachineinstance demo-vm --overwrite \
+  "livedisk.io/standin-guest-agent-socket=$(node_dir node-a)/qga.sock" >/dev/null
+say "the virt-api stand-in forwards freezes to the guest's agent on node-a"
+
+step "a DiskSnapshot of the whole VM, inside a guest freeze ($DEMO/10-snapshot.yaml)"
+k apply -f "$DEMO/10-snapshot.yaml" | sed 's/^/    /'
+follow disksnapshot/demo-frozen Ready 180
+frozen_ms="$(k get disksnapshot demo-frozen -o jsonpath='{.status.guestFreeze.frozenMilliseconds}')"
+say "guest frozen ${frozen_ms} ms; indications: $(k get disksnapshot demo-frozen -o jsonpath='{.status.indications[*].indication}')"
+member="$(k get disksnapshot demo-frozen -o jsonpath='{.status.volumes[?(@.claimName=="demo-data")].volumeSnapshotName}')"
+[ -n "$member" ] || die "demo-frozen names no member snapshot of demo-data"
+say "checking the snapshot's ext4 on a clone (PVC from VolumeSnapshot $member): dumpe2fs, e2fsck -fn"
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: demo-frozen-data}
+spec:
+  storageClassName: livedisk
+  volumeMode: Block
+  accessModes: ["ReadWriteOnce"]
+  resources: {requests: {storage: 256Mi}}
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $member}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: demo-check-snapshot}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-a}
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  containers:
+    - name: check
+      image: livedisk/vm-test:0.1.0
+      imagePullPolicy: Never
+      command: ["sh", "-c", "set -e; ! dumpe2fs -h /dev/xvda 2>/dev/null | grep -q needs_recovery; e2fsck -fn /dev/xvda"]
+      volumeDevices: [{name: clone, devicePath: /dev/xvda}]
+  volumes: [{name: clone, persistentVolumeClaim: {claimName: demo-frozen-data}}]
+EOF
+for _ in $(seq 1 240); do
+  phase="$(k get pod demo-check-snapshot -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+  case "$phase" in Succeeded|Failed) break ;; esac
+  sleep 1
+done
+k logs demo-check-snapshot | sed 's/^/    | /'
+[ "$phase" = Succeeded ] || die "the snapshot's ext4 is not clean ($phase)"
+say "clean: no journal to replay, e2fsck found nothing"
+
+step "a DiskMerge (active commit) under the running VM ($DEMO/20-merge.yaml)"
+k apply -f "$DEMO/20-merge.yaml" | sed 's/^/    /'
+follow diskmerge/demo-data-commit Completed 300
+merged="$(k get diskmerge demo-data-commit -o jsonpath='{.status.mergedSnapshots[*]}')"
+say "merged away: $merged; the guest writes on: block write #$(last_seq demo-vm-a LDACK)"
+
+step "both disks move to node-b under the running VM ($DEMO/30-migrate-disks.yaml)"
+k apply -f "$DEMO/30-migrate-disks.yaml" | sed 's/^/    /'
+follow diskmigration/demo-blocks-to-node-b Completed 600
+follow diskmigration/demo-data-to-node-b Completed 600
+pauses="$(for m in demo-blocks-to-node-b demo-data-to-node-b; do k get diskmigration "$m" -o jsonpath='{.status.cutoverPauseMilliseconds}'; echo -n ' '; done)"
+say "cutover pauses (ms): $pauses; the VM on node-a now reads and writes them on node-b"
+
+step "the VM moves: QEMU on node-b waits for it ($DEMO/31-vm-on-node-b.yaml), then a live migration"
+k apply -f "$DEMO/31-vm-on-node-b.yaml" | sed 's/^/    /'
+for _ in $(seq 1 240); do
+  k logs demo-vm-b 2>/dev/null | grep -q "waiting for a live migration" && [ -S "$(node_dir node-b)/qmp.sock" ] && break
+  sleep 1
+done
+[ -S "$(node_dir node-b)/qmp.sock" ] || die "QEMU on node-b did not start"
+ip="$(k get pod demo-vm-b -o jsonpath='{.status.podIP}')"
+say "migrating over QEMU's monitor (virt-handler's part in KubeVirt) to tcp:$ip:4444..."
+migrated="$(on_socket migrate "$(node_dir node-a)/qmp.sock" "tcp:$ip:4444" 2> >(sed 's/^/    /' >&2))" || die "the live migration failed"
+paused="$(echo "$migrated" | sed -n 's/.*"downtime_ms": \([0-9]*\).*/\1/p')"
+total="$(echo "$migrated" | sed -n 's/.*"total_ms": \([0-9]*\).*/\1/p')"
+say "done in ${total} ms; the guest was paused ${paused} ms"
+for _ in $(seq 1 60); do
+  [ "$(k get pod demo-vm-a -o jsonpath='{.status.phase}')" = Succeeded ] && break
+  sleep 1
+done
+say "node-a's pod: $(k logs demo-vm-a | grep '^LIVEDISK-MIGRATED' || echo 'no LIVEDISK-MIGRATED')"
+after="$(last_seq demo-vm-a LDACK)"
+for _ in $(seq 1 120); do
+  [ "$(last_seq demo-vm-b LDACK)" -gt "$((after + 100))" ] 2>/dev/null && break
+  sleep 1
+done
+say "the guest writes on node-b: block write #$(last_seq demo-vm-b LDACK)"
+
+step "the guest shuts down through its agent and verifies every write of its life"
+on_socket guest-agent "$(node_dir node-b)/qga.sock" guest-shutdown
+for _ in $(seq 1 300); do
+  phase="$(k get pod demo-vm-b -o jsonpath='{.status.phase}')"
+  case "$phase" in Succeeded|Failed) break ;; esac
+  sleep 1
+done
+result="$(k logs demo-vm-b | grep '^LIVEDISK-RESULT' | tail -n 1)"
+say "$result"
+[ "$phase" = Succeeded ] && [[ "$result" == *"status=ok"* ]] || die "the guest's verification: $phase, $result"
+writes="$(echo "$result" | sed -n 's/.* writes=\([0-9]*\) .*/\1/p')"
+
+echo
+echo "demo: ok in $((SECONDS - T0))s: VM snapshot frozen ${frozen_ms} ms (clean ext4); live merge done; disks moved to node-b (cutover ${pauses% } ms); VM migrated (paused ${paused} ms); guest verified ${writes} block writes and its ext4 file, no I/O error"
+if [ "$KEEP" = 0 ]; then kubectl delete namespace "$NS" --wait=false >/dev/null; else echo "kept: kubectl -n $NS get all,livedisk"; fi
