@@ -34,6 +34,10 @@ die() { echo "demo: FAILED: $*" >&2; exit 1; }
 # shellcheck disable=SC1091
 source "$STATE/env"
 kubectl get nodes node-a node-b >/dev/null 2>&1 || die "the cluster of $STATE does not answer: run \`make up\`"
+# The manifests name the test image of this version's chart (its appVersion).
+image="$(sed -n 's/^ *image: //p' "$DEMO/01-vm-on-node-a.yaml")"
+[ -z "${LIVEDISK_TEST_IMAGE:-}" ] || [ "$LIVEDISK_TEST_IMAGE" = "$image" ] \
+  || die "the cluster's test image is $LIVEDISK_TEST_IMAGE, examples/demo/ names $image: update the manifests"
 k() { kubectl -n "$NS" "$@"; }
 # A node directory of the demo's pods (hostPath /var/lib/livedisk/demo), on this host.
 node_dir() { echo "$STATE/nodes/$1/var/lib/livedisk/demo"; }
