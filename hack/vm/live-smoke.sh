@@ -57,23 +57,7 @@ cleanup() {
 trap cleanup EXIT
 
 # Runs one QMP command on the daemon; prints its "return" (JSON), fails on an "error".
-qmp() { # COMMAND ARGUMENTS_JSON
-  python3 - "$WORK/qsd.qmp" "$@" <<'EOF'
-import json, socket, sys
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
-f = sock.makefile("rw")
-def call(cmd, args=None):
-    f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n"); f.flush()
-    while True:
-        msg = json.loads(f.readline())
-        if "return" in msg: return msg["return"]
-        if "error" in msg: sys.exit("QMP %s: %s" % (cmd, msg["error"]["desc"]))
-json.loads(f.readline())  # greeting
-call("qmp_capabilities")
-print(json.dumps(call(sys.argv[2], json.loads(sys.argv[3]))))
-EOF
-}
+qmp() { "$ROOT/hack/vm/qmp" "$WORK/qsd.qmp" "$@"; } # COMMAND ARGUMENTS_JSON
 # One transaction: both volumes' active layers become snapshots, new overlays NAME-a/b take the
 # writes (the engine's group snapshot does the same).
 snapshot_both() { # NAME

@@ -90,23 +90,7 @@ attach() { # QCOW2 NAME
 }
 
 # Runs one QMP command on SOCKET; prints its "return" (JSON), fails on an "error".
-qmp() { # SOCKET COMMAND ARGUMENTS_JSON
-  python3 - "$@" <<'EOF'
-import json, socket, sys
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
-f = sock.makefile("rw")
-def call(cmd, args=None):
-    f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n"); f.flush()
-    while True:
-        msg = json.loads(f.readline())
-        if "return" in msg: return msg["return"]
-        if "error" in msg: sys.exit("QMP %s: %s" % (cmd, msg["error"]["desc"]))
-json.loads(f.readline())  # greeting
-call("qmp_capabilities")
-print(json.dumps(call(sys.argv[2], json.loads(sys.argv[3]))))
-EOF
-}
+qmp() { "$ROOT/hack/vm/qmp" "$@"; } # SOCKET COMMAND ARGUMENTS_JSON
 
 # Where vm-run runs, and where its ack logs live (inside the image: under its /tmp).
 if [ -n "$ROOTFS" ]; then

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{PodClaim, PodSpec, VolumeMode};
+use crate::{Cluster, PodClaim, PodSpec, VolumeMode};
 
 /// The block disk (vda) and the ext4 disk (vdc) of a live VM pod.
 pub const DEVICES: [&str; 2] = ["/dev/xvda", "/dev/xvdb"];
@@ -38,6 +38,23 @@ pub fn pod<'a>(name: &'a str, node: &'a str, claims: [&'a str; 2], script: &'a s
         ],
         ..PodSpec::once_without_claims(name, node, script)
     }
+}
+
+/// Waits until the guest of `pod` writes on both disks (boot under TCG: tens of seconds); on a
+/// timeout, what the pod's description says is printed.
+pub async fn wait_writing(cluster: &Cluster, ns: &str, pod: &str) -> Result<()> {
+    let started =
+        livedisk_e2e::eventually(300, &format!("the guest's writers in {pod}"), || async {
+            let logs = cluster.logs(ns, pod).await.unwrap_or_default();
+            Ok(last_seq(&logs, "LDFILE ")
+                .filter(|s| *s >= 50)
+                .and(last_seq(&logs, "LDACK ").filter(|s| *s >= 100)))
+        })
+        .await;
+    if started.is_err() {
+        eprintln!("{}", cluster.describe(ns, pod).await);
+    }
+    started.map(|_| ())
 }
 
 /// The newest `seq` on the `prefix` lines (`LDACK `, `LDFILE `) of a VM's output.

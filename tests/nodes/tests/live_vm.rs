@@ -76,17 +76,7 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
     let script = live_vm::script(TAG, "");
     let vm_pod = live_vm::pod("vm", NODE, [BLOCK_DISK, DATA_DISK], &script);
     cluster.run_pod(n, &vm_pod).await?;
-    let started = eventually(300, "the guest's writers on both disks", || async {
-        let logs = cluster.logs(n, "vm").await.unwrap_or_default();
-        Ok(last_seq(&logs, "LDFILE ")
-            .filter(|s| *s >= 50)
-            .and(last_seq(&logs, "LDACK ").filter(|s| *s >= 100)))
-    })
-    .await;
-    if let Err(error) = started {
-        eprintln!("{}", cluster.describe(n, "vm").await);
-        return Err(error);
-    }
+    live_vm::wait_writing(&cluster, n, "vm").await?;
     let socket = cluster.ack_path(NODE, n, "qga.sock");
     ensure!(
         guest_agent(&socket, "guest-ping")? == "{}",

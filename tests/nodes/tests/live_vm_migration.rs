@@ -42,17 +42,7 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
     cluster
         .run_pod(n, &live_vm::pod("vm-a", SOURCE, DISKS, &source_script))
         .await?;
-    let started = eventually(300, "the guest's writers on node-a", || async {
-        let logs = cluster.logs(n, "vm-a").await.unwrap_or_default();
-        Ok(last_seq(&logs, "LDFILE ")
-            .filter(|s| *s >= 50)
-            .and(last_seq(&logs, "LDACK ").filter(|s| *s >= 100)))
-    })
-    .await;
-    if let Err(error) = started {
-        eprintln!("{}", cluster.describe(n, "vm-a").await);
-        return Err(error);
-    }
+    live_vm::wait_writing(&cluster, n, "vm-a").await?;
 
     let idle_upto = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
     // 2. The disks move to node-b under the running VM.
