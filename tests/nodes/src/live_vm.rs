@@ -57,6 +57,28 @@ pub async fn wait_writing(cluster: &Cluster, ns: &str, pod: &str) -> Result<()> 
     started.map(|_| ())
 }
 
+/// Shuts the guest of `pod` down through its agent at `socket` and waits for the pod to end;
+/// fails unless the guest's own verification of both disks passed. Returns its result line.
+pub async fn shut_down_verified(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    socket: &Path,
+) -> Result<String> {
+    guest_agent(socket, "guest-shutdown")?;
+    cluster.wait_phase(ns, pod, "Succeeded", 300).await?;
+    let logs = cluster.logs(ns, pod).await?;
+    let result = logs
+        .lines()
+        .rfind(|l| l.starts_with("LIVEDISK-RESULT"))
+        .unwrap_or_default()
+        .to_string();
+    if !(result.contains("status=ok") && result.contains("verified=vda,ext4")) {
+        bail!("the guest's own verification in {pod}: {result}");
+    }
+    Ok(result)
+}
+
 /// The newest `seq` on the `prefix` lines (`LDACK `, `LDFILE `) of a VM's output.
 pub fn last_seq(logs: &str, prefix: &str) -> Option<u64> {
     logs.lines()

@@ -322,17 +322,7 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
             ("everything until the shutdown", 1, before_shutdown),
         ],
     );
-    guest_agent(&socket, "guest-shutdown")?;
-    cluster.wait_phase(n, "vm", "Succeeded", 300).await?;
-    let end = cluster.logs(n, "vm").await?;
-    let result = end
-        .lines()
-        .rfind(|l| l.starts_with("LIVEDISK-RESULT"))
-        .unwrap_or_default();
-    ensure!(
-        result.contains("status=ok") && result.contains("verified=vda,ext4"),
-        "the guest's own verification: {result}"
-    );
+    let result = live_vm::shut_down_verified(&cluster, n, "vm", &socket).await?;
     println!("{result}");
     ns.delete().await
 }

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 use kube::api::{Api, DeleteParams};
 use livedisk_api::{DiskMigration, Phase};
 use livedisk_e2e::eventually;
-use livedisk_node_e2e::live_vm::{guest_agent, last_seq, migrate};
+use livedisk_node_e2e::live_vm::{last_seq, migrate};
 use livedisk_node_e2e::{Cluster, TestNamespace, VolumeMode, live_vm};
 use serde_json::json;
 
@@ -174,17 +174,8 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
 
     // 5. Shut down through its agent on node-b: the guest verifies both disks, every write of
     // its whole life (before and after both moves).
-    guest_agent(&cluster.ack_path(TARGET, n, "qga.sock"), "guest-shutdown")?;
-    cluster.wait_phase(n, "vm-b", "Succeeded", 300).await?;
-    let end = cluster.logs(n, "vm-b").await?;
-    let result = end
-        .lines()
-        .rfind(|l| l.starts_with("LIVEDISK-RESULT"))
-        .unwrap_or_default();
-    ensure!(
-        result.contains("status=ok") && result.contains("verified=vda,ext4"),
-        "the guest's own verification on node-b: {result}"
-    );
+    let socket = cluster.ack_path(TARGET, n, "qga.sock");
+    let result = live_vm::shut_down_verified(&cluster, n, "vm-b", &socket).await?;
     let writes: u64 = result
         .split_whitespace()
         .find_map(|w| w.strip_prefix("writes="))
