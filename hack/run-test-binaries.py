@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Runs the workspace's test binaries in two lanes side by side, where `cargo test` runs them one
+after another: the binaries of the packages named by --cluster-package (the tests against the
+shared local cluster, which kill its node plugins and daemons and cut its links: one at a time,
+as before) in one lane, every other binary (engines and daemons of their own in temporary
+directories, unit tests) in the other. Most of the cluster tests' time is spent waiting on real
+parts (a merge throttled to a rate, a daemon restarted), so the second lane costs them little.
+
+    cargo test ... --no-run --message-format=json | hack/run-test-binaries.py \
+        --cluster-package livedisk-e2e --durations FILE [--seed FILE] [--log-dir DIR]
+
+Reads cargo's JSON messages on stdin and runs every test executable in its package's directory
+(as cargo does). Each binary's whole output is printed, unmixed, when it ends, after a line that
+says which one it was and how long it took; a line every minute says which are still running.
+Within a lane the longest binaries go first (durations from FILE, kept from the last run, or the
+committed --seed). Exit status: 0 if every binary passed, 101 (cargo's) otherwise.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+def test_binaries(messages):
+    """(name, executable, package dir, package name) of every test executable in cargo's JSON
+    messages."""
+    found = []
+    for line in messages:
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        msg = json.loads(line)
+        if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+            continue
+        if not msg.get("profile", {}).get("test"):
+            continue
+        target = msg["target"]
+        package = os.path.dirname(msg["manifest_path"])
+        kind = target["kind"][0]
+        name = f"{os.path.basename(package)}/{target['name']}" + ("" if kind == "test" else f" ({kind})")
+        package_name = msg["package_id"].split("#")[-1].split("@")[0]
+        if "/" in package_name or ":" in package_name:
+            # Older cargo: "name version (source)".
+            package_name = msg["package_id"].split(" ")[0]
+        found.append((name, msg["executable"], package, package_name))
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cluster-package", action="append", default=[])
+    ap.add_argument("--durations", required=True)
+    ap.add_argument("--seed", default=None)
+    ap.add_argument("--cluster-threads", type=int, default=None,
+                    help="RUST_TEST_THREADS of the cluster lane's binaries (default: libtest's)")
+    ap.add_argument("--log-dir", default=None)
+    args = ap.parse_args()
+    binaries = test_binaries(sys.stdin)
+    if not binaries:
+        print("run-test-binaries: no test executables in cargo's output", file=sys.stderr)
+        return 2
+    last = {}
+    for path in (args.seed, args.durations):
+        try:
+            with open(path) as f:
+                last.update(json.load(f))
+        except (TypeError, OSError, ValueError):
+            pass
+    # Unknown ones first (they may be long), then the longest.
+    binaries.sort(key=lambda b: -last.get(b[0], float("inf")))
+    lanes = [
+        [b for b in binaries if b[3] in args.cluster_package],
+        [b for b in binaries if b[3] not in args.cluster_package],
+    ]
+    lock = threading.Lock()
+    running = {}
+    durations = dict(last)
+    failed = []
+    t0 = time.monotonic()
+
+    def stamp():
+        return f"[{time.monotonic() - t0:.0f}s]"
+
+    def worker(queue):
+        while True:
+            with lock:
+                if not queue:
+                    return
+                name, exe, package, package_name = queue.pop(0)
+                running[name] = time.monotonic()
+                print(f"=== tests {stamp()} {name}: started", flush=True)
+            start = time.monotonic()
+            env = dict(os.environ)
+            if args.cluster_threads and package_name in args.cluster_package:
+                env["RUST_TEST_THREADS"] = str(args.cluster_threads)
+            proc = subprocess.run(
+                [exe], cwd=package, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )
+            took = time.monotonic() - start
+            out = proc.stdout.decode(errors="replace")
+            with lock:
+                del running[name]
+                durations[name] = round(took, 1)
+                verdict = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                if proc.returncode != 0:
+                    failed.append(name)
+                print(f"=== tests {stamp()} {name}: {verdict} in {took:.0f}s", flush=True)
+                print(f"     Running {name} ({exe})", flush=True)
+                sys.stdout.write(out)
+                sys.stdout.flush()
+                if args.log_dir:
+                    os.makedirs(args.log_dir, exist_ok=True)
+                    with open(os.path.join(args.log_dir, name.replace("/", "--").replace(" ", "") + ".log"), "w") as f:
+                        f.write(out)
+
+    threads = [threading.Thread(target=worker, args=(lane,), daemon=True) for lane in lanes]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=60)
+            if t.is_alive():
+                break
+        with lock:
+            if running:
+                now = time.monotonic()
+                still = ", ".join(f"{n} ({now - s:.0f}s)" for n, s in running.items())
+                waiting = sum(len(lane) for lane in lanes)
+            print(f"=== tests {stamp()} running: {still}; {waiting} waiting", flush=True)
+    try:
+        with open(args.durations, "w") as f:
+            json.dump(durations, f, indent=1, sort_keys=True)
+    except OSError as e:
+        print(f"run-test-binaries: could not keep the durations: {e}", file=sys.stderr)
+    print(f"=== tests {stamp()} {len(binaries)} test binaries, {len(failed)} failed"
+          + (": " + ", ".join(failed) if failed else ""), flush=True)
+    return 101 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
