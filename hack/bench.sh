@@ -20,7 +20,15 @@
 #   h    exports on the same cluster, through the operator and a node's TLS
 #        front: a snapshot read over NBD with TLS vs qemu-nbd without TLS on
 #        the same layer file (nbdcopy), and an incremental backup's bytes
-#        read vs the bytes changed.
+#        read vs the bytes changed;
+#   k    the disk path for a VM, on the engine of a–d: the test VM's guest
+#        (TCG) measures direct I/O on one volume through the CSI consumer
+#        device, QEMU's NBD client on the daemon's socket and a vhost-user-blk
+#        export of the daemon (and a raw file), one boot each, interleaved;
+#   l    the guest's write latency during each step of `make demo`'s story
+#        (snapshot, merge, migrations, incremental backups) against the same
+#        VM idle: hack/demo.sh on a chart cluster of real nodes of its own
+#        (hack/lib/chart-cluster.sh, release images; always stopped again).
 #
 # Environment (all optional):
 #   LIVEDISK_BENCH_SCALE       data sizes x this (default 1: 256 MiB snapshot
@@ -31,7 +39,7 @@
 #   LIVEDISK_BENCH_EXTENTS     changed extents (default 100000; (c) on a 1 TiB
 #                              disk, (e) on a 64 GiB volume)
 #   LIVEDISK_BENCH_ONLY        run only these benchmarks, e.g. "b,d" or "e"
-#                              (default: all, a–j; only e, f, h, i and j start a cluster)
+#                              (default: all, a–k; only e, f, h, i and j start a cluster)
 #   LIVEDISK_BENCH_DISK_SNAPSHOTS  (f) DiskSnapshots (default 1000)
 #   LIVEDISK_BENCH_CLAIMS      (f) PVCs they are spread over (default 50); e.g.
 #                              100 of 5 for a quick run
@@ -48,6 +56,10 @@
 #   LIVEDISK_BENCH_CONTROLLER_METRICS_PORT (the snapshot-metadata HTTP port + 1)
 #   LIVEDISK_BENCH_NODE_METRICS_PORT (9090, inside each node's network namespace)
 #   LIVEDISK_BENCH_POOL_GIB    size of the nodes' sparse pool image (default 160)
+# Scenario l's chart cluster: LIVEDISK_BENCH_NODES_STATE_DIR (.livedisk/bench-nodes), ports
+#   LIVEDISK_BENCH_NODES_APISERVER_PORT (16643), its etcd 25890/25900, controller-manager 30457,
+#   scheduler 30459, snapshot-metadata 17643/17680, virt-api stand-in 16644, virt-controller 30482;
+#   LIVEDISK_BENCH_NODES_LINK_PREFIX (ln), LIVEDISK_BENCH_NODES_SUBNET (10.234)
 # This script tells the binary where the driver is (scenario e):
 #   LIVEDISK_BENCH_CONTROLLER_SOCKET, LIVEDISK_BENCH_NODE_SOCKET, LIVEDISK_BENCH_NODE,
 #   LIVEDISK_BENCH_NODES_DIR, LIVEDISK_BENCH_STAGING_DIR
@@ -71,6 +83,17 @@ if [ -n "${LIVEDISK_BENCH_ONLY+set}" ]; then
   case ",${LIVEDISK_BENCH_ONLY// /}," in *,e,*|*,f,*|*,h,*|*,i,*|*,j,*) ;; *) with_cluster=0 ;; esac
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+
+# Scenario k boots the test VM (hack/vm/vm-run with the guest of hack/vm/build.sh, cached).
+if [ -z "${LIVEDISK_BENCH_ONLY+set}" ] || [[ ",${LIVEDISK_BENCH_ONLY// /}," == *,k,* ]]; then
+  command -v qemu-system-x86_64 >/dev/null || {
+    echo "bench: scenario k needs qemu-system-x86_64: apt-get install qemu-system-x86" >&2
+    exit 1
+  }
+  echo "bench: the test VM's guest (hack/vm/build.sh; cached)" >&2
+  LIVEDISK_BENCH_VM_GUEST="$(hack/vm/build.sh | tail -n 1)"
+  export LIVEDISK_BENCH_VM_GUEST LIVEDISK_BENCH_VM_RUN="$ROOT/hack/vm/vm-run"
+fi
 
 echo "bench: building (release)" >&2
 if [ "$with_operator" = 1 ]; then
@@ -155,6 +178,33 @@ if [ "$with_cluster" = 1 ]; then
     export LIVEDISK_BENCH_AUDIT_DIR="$LIVEDISK_STATE_DIR/logs"
     export LIVEDISK_BENCH_LOG_DIR="$LIVEDISK_STATE_DIR/logs"
   fi
+fi
+
+# Scenario l: the demo on a chart cluster of its own, in a subshell (its own state, ports and
+# trap), before the benchmark reads the demo's output.
+if [ -z "${LIVEDISK_BENCH_ONLY+set}" ] || [[ ",${LIVEDISK_BENCH_ONLY// /}," == *,l,* ]]; then
+  [ "$(id -u)" -eq 0 ] || { echo "bench: scenario l needs root (real nodes: namespaces, mounts)" >&2; exit 1; }
+  demo_log="$ROOT/.livedisk/bench-demo.log"
+  mkdir -p "$(dirname "$demo_log")"
+  echo "bench: scenario l: make demo's story on a chart cluster of real nodes (output: $demo_log)" >&2
+  (
+    unset LIVEDISK_APISERVER_ADDRESS LIVEDISK_FAKE_NODES LIVEDISK_NODES LIVEDISK_TEST_IMAGE \
+      LIVEDISK_HELM_VALUES LIVEDISK_UP_MODE LIVEDISK_NODES_DIR KUBECONFIG
+    export LIVEDISK_STATE_DIR="${LIVEDISK_BENCH_NODES_STATE_DIR:-$ROOT/.livedisk/bench-nodes}"
+    export LIVEDISK_APISERVER_PORT="${LIVEDISK_BENCH_NODES_APISERVER_PORT:-16643}"
+    export LIVEDISK_ETCD_PORT=25890 LIVEDISK_ETCD_PEER_PORT=25900 LIVEDISK_KCM_PORT=30457 \
+      LIVEDISK_SCHEDULER_PORT=30459 LIVEDISK_SNAPSHOT_METADATA_PORT=17643 \
+      LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT=17680 LIVEDISK_VIRT_API_STANDIN_PORT=16644 \
+      LIVEDISK_VIRT_CONTROLLER_PORT=30482
+    export LIVEDISK_LINK_PREFIX="${LIVEDISK_BENCH_NODES_LINK_PREFIX:-ln}" \
+      LIVEDISK_SUBNET="${LIVEDISK_BENCH_NODES_SUBNET:-10.234}" LIVEDISK_IMAGE_PROFILE=release
+    # shellcheck source=hack/lib/chart-cluster.sh
+    source hack/lib/chart-cluster.sh
+    trap 'chart_cluster_down >/dev/null 2>&1' EXIT
+    chart_cluster_up >&2
+    hack/demo.sh | tee "$demo_log" >&2
+  ) || { echo "bench: scenario l: the demo failed (see $demo_log)" >&2; exit 1; }
+  export LIVEDISK_BENCH_DEMO_LOG="$demo_log"
 fi
 
 "$TARGET_DIR/release/livedisk-bench" "$@"

@@ -1,8 +1,10 @@
 //! `make demo`'s story as a test: hack/demo.sh on the chart's real nodes, in a namespace of its
 //! own. The script asserts each step itself (the snapshot's ext4 clean on a clone, the merge and
-//! the migrations completed, QEMU's migration completed, the guest's own verification of every
-//! write after both moves) and ends with one summary line; the test checks that line and that
-//! the guest reported its result on node-b.
+//! the migrations completed, QEMU's migration completed, three backups over HTTPS restored into
+//! a new volume equal byte for byte to the last snapshot, the guest's own verification of every
+//! write after both moves, a rollback with the VM stopped that the guest verifies when it boots
+//! again) and ends with one summary line; the test checks that line, the guests' results and the
+//! comparison in the output.
 
 use anyhow::{Context, Result, ensure};
 use livedisk_node_e2e::Cluster;
@@ -38,5 +40,26 @@ async fn make_demo_runs_its_story_on_real_nodes() -> Result<()> {
             && stdout.contains("verified=vda,ext4"),
         "the guest's result is in the output"
     );
+    ensure!(
+        stdout.contains("| equal byte for byte"),
+        "the restore pod's comparison is in the output"
+    );
+    ensure!(
+        stdout
+            .lines()
+            .any(|l| l.contains("LIVEDISK-RESULT mode=verify status=ok")
+                && l.contains("point_in_time=")),
+        "the rebooted guest's point-in-time check of the rolled-back disk is in the output"
+    );
+    for step in [
+        "incremental backups",
+        "a DiskMerge",
+        "QEMU's live migration",
+    ] {
+        ensure!(
+            stdout.lines().any(|l| l.trim_start().starts_with(step)),
+            "no latency row for {step:?}"
+        );
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! when its `pwrite` returns, and logs every acknowledged write. The verifier
 //! checks that the latest acknowledged write of every block reads back.
 
+pub mod bench;
 pub mod block;
 pub mod verify;
 pub mod writer;

@@ -1,4 +1,5 @@
-//! `livedisk-verifier write|verify`: the checksummed writer/verifier as a tool.
+//! `livedisk-verifier write|verify|bench`: the checksummed writer/verifier as a tool, and the
+//! test VM's disk benchmark.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -53,6 +54,17 @@ enum Cmd {
         /// ...and nothing issued from this sequence number on (issued once the cut was done).
         #[arg(long, requires = "acked_before")]
         issued_after: Option<u64>,
+    },
+    /// Direct-I/O benchmark of a disk (overwrites its first `mib` MiB): prints one JSON line.
+    Bench {
+        #[arg(long)]
+        path: PathBuf,
+        /// Sequential passes over this many MiB (1 MiB requests).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        mib: u64,
+        /// 4 KiB random writes, then as many reads, at depth 1.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+        ops: u64,
     },
 }
 
@@ -131,6 +143,11 @@ fn main() -> anyhow::Result<()> {
             if !r.ok() {
                 anyhow::bail!("{} blocks failed verification", r.mismatches.len());
             }
+        }
+        Cmd::Bench { path, mib, ops } => {
+            let r = livedisk_verifier::bench::bench(&path, mib, ops)
+                .with_context(|| path.display().to_string())?;
+            println!("{}", serde_json::to_string(&r)?);
         }
     }
     Ok(())

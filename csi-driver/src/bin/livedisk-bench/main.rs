@@ -1,4 +1,4 @@
-//! `livedisk-bench`: the node engine's benchmarks (a–d and g, on an engine of
+//! `livedisk-bench`: the node engine's benchmarks (a–d, g and k, on an engine of
 //! its own), the CSI driver's snapshot path through its sockets (e) and
 //! DiskSnapshots at scale through the operator (f), both on the cluster
 //! hack/bench.sh starts, run by `make bench` through hack/bench.sh. Prints
@@ -13,6 +13,7 @@ mod table;
 mod at_scale;
 mod audit;
 mod csi;
+mod demo_latency;
 mod exports;
 mod merge_latency;
 mod migration;
@@ -21,6 +22,7 @@ mod report;
 mod scenarios;
 mod through_csi;
 mod tools;
+mod vm_path;
 mod watch;
 
 use std::path::PathBuf;
@@ -32,12 +34,13 @@ use livedisk_engine::{Engine, EngineConfig};
 use csi::CsiTarget;
 use scenarios::Config;
 
-/// The benchmarks, by row letter: a–d and g on an engine of the benchmark's own, e through the
+/// The benchmarks, by row letter: a–d, g and k on an engine of the benchmark's own, e through the
 /// driver's CSI sockets, f through the operator, h through the operator and a node's export
 /// front, i and j through the operator and both nodes (e, f, h, i and j on hack/bench.sh's
-/// cluster).
-const ALL: [char; 10] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'];
-const ENGINE_ONLY: [char; 5] = ['a', 'b', 'c', 'd', 'g'];
+/// cluster), l from `make demo`'s story on a chart cluster of real nodes that hack/bench.sh
+/// starts (its latency table; see demo_latency.rs).
+const ALL: [char; 12] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l'];
+const ENGINE_ONLY: [char; 6] = ['a', 'b', 'c', 'd', 'g', 'k'];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -63,7 +66,7 @@ fn parse_only(v: &str) -> Result<Vec<char>> {
         match part.chars().collect::<Vec<_>>()[..] {
             [letter] if ALL.contains(&letter) => picked.push(letter),
             _ => anyhow::bail!(
-                "LIVEDISK_BENCH_ONLY: unknown benchmark {part:?} (choose from a to g)"
+                "LIVEDISK_BENCH_ONLY: unknown benchmark {part:?} (choose from a to l)"
             ),
         }
     }
@@ -133,6 +136,9 @@ async fn engine_scenarios(e: &Engine, c: &Config) -> Result<(Vec<report::Row>, b
     }
     if c.selected('g') {
         rows.extend(merge_latency::merge_write_latency(e, c).await?);
+    }
+    if c.selected('k') {
+        rows.extend(vm_path::vm_disk_path(e, c).await?);
     }
     Ok((rows, dropped))
 }
@@ -230,6 +236,9 @@ async fn main() -> Result<()> {
     if let Some((csi, operator)) = migration_on {
         rows.extend(migration::migration(csi, operator, &c).await?);
     }
+    if c.selected('l') {
+        rows.extend(demo_latency::demo_latency()?);
+    }
 
     println!("{}", machine_facts().await);
     println!(
@@ -264,7 +273,8 @@ mod tests {
         assert_eq!(parse_only("f,g").unwrap(), ['f', 'g']);
         assert_eq!(parse_only("h,i").unwrap(), ['h', 'i']);
         assert_eq!(parse_only("i,j").unwrap(), ['i', 'j']);
-        assert!(parse_only("k").is_err());
+        assert_eq!(parse_only("k,l").unwrap(), ['k', 'l']);
+        assert!(parse_only("m").is_err());
         assert!(parse_only("ab").is_err());
         assert!(parse_only(" , ").is_err());
     }

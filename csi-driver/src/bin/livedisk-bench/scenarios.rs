@@ -52,7 +52,7 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
-async fn attached_volume(e: &Engine, size: u64) -> Result<(VolumeId, String)> {
+pub async fn attached_volume(e: &Engine, size: u64) -> Result<(VolumeId, String)> {
     let vol = VolumeId::generate();
     e.create_volume(&vol, size).await.context("create volume")?;
     let uri = e.attach_volume(&vol).await.context("attach")?.uri();
