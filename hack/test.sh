@@ -94,14 +94,14 @@ hack/csi-sanity.sh
 step "gRPC clients of other implementations: Python grpcio (gRPC's C core) calls every service on the controller's and both nodes' sockets, default options and grpc.default_authority=localhost"
 hack/grpc-clients.sh
 
-step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster): two lanes, the cluster's tests (3 at a time in a binary) beside the rest"
+step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster): two lanes, the cluster's tests beside the rest"
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"
 binaries="$LIVEDISK_STATE_DIR/test-binaries.json"
 # Built in the build step above: this only lists them.
 cargo test --workspace --exclude livedisk-node-e2e --no-run --message-format=json >"$binaries"
 set +e
-python3 hack/run-test-binaries.py --cluster-package livedisk-e2e --cluster-threads 3 \
+python3 hack/run-test-binaries.py --cluster-package livedisk-e2e \
   --durations "$ROOT/.livedisk/test-durations.json" --seed hack/test-durations.json \
   <"$binaries" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
