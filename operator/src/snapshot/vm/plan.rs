@@ -394,8 +394,20 @@ pub enum GroupsState {
     Taking,
 }
 
+/// Pure: whether a group's error is one the snapshot-controller gets past by itself on its next
+/// pass. An optimistic-concurrency conflict on one of its own updates ("the object has been
+/// modified; please apply your changes to the latest version and try again") is shown in the
+/// group's status until that pass, which then goes on (seen: a DiskSnapshot failed on one).
+pub fn transient_group_error(message: &str) -> bool {
+    message.contains("the object has been modified")
+}
+
 pub fn groups_state(groups: &[GroupFacts]) -> GroupsState {
-    if let Some(error) = groups.iter().find_map(|g| g.error.clone()) {
+    if let Some(error) = groups
+        .iter()
+        .filter_map(|g| g.error.clone())
+        .find(|e| !transient_group_error(e))
+    {
         return GroupsState::Failed(error);
     }
     if groups.iter().all(|g| g.ready) {
@@ -637,9 +649,20 @@ mod tests {
             ..taking
         };
         assert_eq!(
-            groups_state(&[ready, failed]),
+            groups_state(&[ready.clone(), failed]),
             GroupsState::Failed("boom".into())
         );
+        // A conflict on the controller's own update is waited out: the group is still taking.
+        let conflicted = GroupFacts {
+            error: Some(
+                "snapshot controller failed to update groupsnapcontent-1 on API server: \
+                 Operation cannot be fulfilled on volumegroupsnapshotcontents: the object has \
+                 been modified; please apply your changes to the latest version and try again"
+                    .into(),
+            ),
+            ..GroupFacts::default()
+        };
+        assert_eq!(groups_state(&[ready, conflicted]), GroupsState::Taking);
         assert!(quiesce_timed_out(60_000, 60_000));
         let taken = GroupFacts {
             volume_handles: Some(vec!["v2".into(), "v1".into()]),
