@@ -80,6 +80,20 @@ latency() { # WHAT FROM TO
             at50 = int((NR - 1) * 0.50 + 0.5) + 1; at99 = int((NR - 1) * 0.99 + 0.5) + 1
             printf "%-44s %7d %8.2f %8.2f %8.2f\n", what, NR, v[at50] / 1e6, v[at99] / 1e6, v[NR] / 1e6 }')")
 }
+# A block PVC cloned from VolumeSnapshot SNAPSHOT, as YAML (a document of the manifests below).
+clone_claim() { # NAME SNAPSHOT
+  cat <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  storageClassName: livedisk
+  volumeMode: Block
+  accessModes: ["ReadWriteOnce"]
+  resources: {requests: {storage: 256Mi}}
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $2}
+EOF
+}
 # Waits until POD has ended; prints its phase.
 pod_end() { # POD SECONDS
   local phase=""
@@ -155,16 +169,7 @@ say "guest frozen ${frozen_ms} ms; indications: $(k get disksnapshot demo-frozen
 member="$(k get disksnapshot demo-frozen -o jsonpath='{.status.volumes[?(@.claimName=="demo-data")].volumeSnapshotName}')"
 [ -n "$member" ] || die "demo-frozen names no member snapshot of demo-data"
 say "checking the snapshot's ext4 on a clone (PVC from VolumeSnapshot $member): dumpe2fs, e2fsck -fn"
-k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: demo-frozen-data}
-spec:
-  storageClassName: livedisk
-  volumeMode: Block
-  accessModes: ["ReadWriteOnce"]
-  resources: {requests: {storage: 256Mi}}
-  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $member}
+{ clone_claim demo-frozen-data "$member"; cat <<EOF; } | k apply -f - >/dev/null
 ---
 apiVersion: v1
 kind: Pod
@@ -294,16 +299,7 @@ k apply -f "$DEMO/43-restored-volume.yaml" | sed 's/^/    /'
 last_snapshot="$(k get disksnapshot demo-blocks-b3 -o jsonpath='{.status.volumeSnapshotName}')"
 [ -n "$last_snapshot" ] || die "demo-blocks-b3 names no VolumeSnapshot"
 say "a clone of demo-blocks-b3 (PVC from VolumeSnapshot $last_snapshot) to compare with"
-k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: demo-blocks-b3-clone}
-spec:
-  storageClassName: livedisk
-  volumeMode: Block
-  accessModes: ["ReadWriteOnce"]
-  resources: {requests: {storage: 256Mi}}
-  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $last_snapshot}
+{ clone_claim demo-blocks-b3-clone "$last_snapshot"; cat <<EOF; } | k apply -f - >/dev/null
 ---
 apiVersion: v1
 kind: Pod
