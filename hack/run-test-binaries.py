@@ -25,6 +25,18 @@ import threading
 import time
 
 
+def package_name(package_id, package_dir):
+    """A package's name from cargo's package ID: "path+file:///…/dir#name@version", or
+    "path+file:///…/dir#version" when the name is the directory's, or (older cargo)
+    "name version (source)"."""
+    if "#" not in package_id:
+        return package_id.split(" ")[0]
+    fragment = package_id.rsplit("#", 1)[1]
+    if "@" in fragment:
+        return fragment.split("@")[0]
+    return os.path.basename(package_dir)
+
+
 def test_binaries(messages):
     """(name, executable, package dir, package name) of every test executable in cargo's JSON
     messages."""
@@ -42,11 +54,7 @@ def test_binaries(messages):
         package = os.path.dirname(msg["manifest_path"])
         kind = target["kind"][0]
         name = f"{os.path.basename(package)}/{target['name']}" + ("" if kind == "test" else f" ({kind})")
-        package_name = msg["package_id"].split("#")[-1].split("@")[0]
-        if "/" in package_name or ":" in package_name:
-            # Older cargo: "name version (source)".
-            package_name = msg["package_id"].split(" ")[0]
-        found.append((name, msg["executable"], package, package_name))
+        found.append((name, msg["executable"], package, package_name(msg["package_id"], package)))
     return found
 
 
@@ -55,8 +63,6 @@ def main():
     ap.add_argument("--cluster-package", action="append", default=[])
     ap.add_argument("--durations", required=True)
     ap.add_argument("--seed", default=None)
-    ap.add_argument("--cluster-threads", type=int, default=None,
-                    help="RUST_TEST_THREADS of the cluster lane's binaries (default: libtest's)")
     ap.add_argument("--log-dir", default=None)
     args = ap.parse_args()
     binaries = test_binaries(sys.stdin)
@@ -90,15 +96,12 @@ def main():
             with lock:
                 if not queue:
                     return
-                name, exe, package, package_name = queue.pop(0)
+                name, exe, package, _ = queue.pop(0)
                 running[name] = time.monotonic()
                 print(f"=== tests {stamp()} {name}: started", flush=True)
             start = time.monotonic()
-            env = dict(os.environ)
-            if args.cluster_threads and package_name in args.cluster_package:
-                env["RUST_TEST_THREADS"] = str(args.cluster_threads)
             proc = subprocess.run(
-                [exe], cwd=package, env=env, stdin=subprocess.DEVNULL,
+                [exe], cwd=package, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
             took = time.monotonic() - start
@@ -131,7 +134,7 @@ def main():
                 now = time.monotonic()
                 still = ", ".join(f"{n} ({now - s:.0f}s)" for n, s in running.items())
                 waiting = sum(len(lane) for lane in lanes)
-            print(f"=== tests {stamp()} running: {still}; {waiting} waiting", flush=True)
+                print(f"=== tests {stamp()} running: {still}; {waiting} waiting", flush=True)
     try:
         with open(args.durations, "w") as f:
             json.dump(durations, f, indent=1, sort_keys=True)
