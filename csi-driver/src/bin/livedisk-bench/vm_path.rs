@@ -134,19 +134,20 @@ pub async fn vm_disk_path(e: &Engine, c: &Config) -> Result<Vec<Row>> {
         )
         .await
         .context("adding the vhost-user-blk export")?;
-    let device = ConsumerDevice::attach(e, &vol).await;
-    let measured = match &device {
-        Ok(d) => measure(&vm, c, &d.path, &uri, &socket, &raw_s, mib, ops).await,
-        Err(_) => Err(anyhow::anyhow!("no consumer device")),
+    // The export goes again whatever happens to the device or the runs.
+    let measured = match ConsumerDevice::attach(e, &vol).await {
+        Ok(device) => {
+            let measured = measure(&vm, c, &device.path, &uri, &socket, &raw_s, mib, ops).await;
+            device.release(e, &vol).await.map(|()| measured)
+        }
+        Err(error) => Err(error),
     };
-    let removed = e
-        .qmp()
+    e.qmp()
         .execute("block-export-del", json!({"id": VHOST_EXPORT}))
-        .await;
-    device?.release(e, &vol).await?;
-    removed.context("removing the vhost-user-blk export")?;
+        .await
+        .context("removing the vhost-user-blk export")?;
     let _ = std::fs::remove_file(&raw);
-    measured
+    measured?
 }
 
 fn progress(msg: &str) {
