@@ -39,6 +39,8 @@ echo "generated CRDs match the Rust types"
 
 step "building the workspace and its tests"
 cargo build --workspace --all-targets
+# The second phase's tests, built now: it runs beside the first phase's test binaries.
+cargo test -p livedisk-node-e2e --no-run
 
 step "the live test VM without a cluster: two volumes on qemu-storage-daemon, ext4, the real qemu-guest-agent's freeze (hack/vm/live-smoke.sh)"
 live_vm_status=0
@@ -65,21 +67,34 @@ step "local cluster (the first run builds the Go harness: many minutes, with pro
 # shellcheck source=hack/lib/own-cluster.sh
 source hack/lib/own-cluster.sh
 cleanup() {
-  step "stopping the driver and the local cluster"
   # The background node build, if still running (its own session: Go's children go with it).
   [ -z "${node_build_pid:-}" ] || kill -- "-$node_build_pid" 2>/dev/null || true
   [ -z "${images_test_pid:-}" ] || kill -- "-$images_test_pid" 2>/dev/null || true
-  own_cluster_down
+  # The second phase, if still running: its EXIT trap stops its nodes and cluster.
+  if [ -n "${nodes_pid:-}" ]; then
+    step "stopping the chart on real nodes (hack/test-nodes.sh)"
+    kill -- "-$nodes_pid" 2>/dev/null || true
+    wait "$nodes_pid" 2>/dev/null || true
+  fi
+  if [ -z "${own_cluster_stopped:-}" ]; then
+    step "stopping the driver and the local cluster"
+    own_cluster_down
+  fi
 }
 trap cleanup EXIT
 own_cluster_up
 
 # The nodes' runtime (containerd, runc, CNI plugins, CoreDNS, pause) is needed only by the second
 # phase: built meanwhile, at low priority, while the first phase mostly waits on its cluster. A
-# no-op when cached.
+# no-op when cached. Its exit status goes to a file: the second phase (hack/test-nodes.sh) waits
+# for it.
 node_build_log="$LIVEDISK_STATE_DIR/logs/node-build.log"
+node_build_status="$LIVEDISK_STATE_DIR/logs/node-build.status"
+rm -f "$node_build_status"
 echo "node runtime build (hack/harness/node-build.sh) in the background, log: $node_build_log"
-setsid nice -n 15 hack/harness/node-build.sh >"$node_build_log" 2>&1 &
+# shellcheck disable=SC2016 # expanded by the inner shell
+setsid nice -n 15 bash -c 'hack/harness/node-build.sh; echo $? >"$1"' node-build "$node_build_status" \
+  >"$node_build_log" 2>&1 &
 node_build_pid=$!
 
 step "Helm chart: lint, template, server-side dry run of every rendered object"
@@ -94,7 +109,16 @@ hack/csi-sanity.sh
 step "gRPC clients of other implementations: Python grpcio (gRPC's C core) calls every service on the controller's and both nodes' sockets, default options and grpc.default_authority=localhost"
 hack/grpc-clients.sh
 
-step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster): two lanes, the cluster's tests beside the rest"
+step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster): two lanes, the cluster's tests beside the rest; the chart on real nodes beside them"
+# The second phase (hack/test-nodes.sh: a chart cluster of real nodes on its own ports, links and
+# subnet, and the tests of tests/nodes/) runs beside the first phase's test binaries: both
+# mostly wait on real parts. Its output is printed whole when it ends.
+nodes_state="${LIVEDISK_TEST_NODES_STATE_DIR:-$ROOT/.livedisk/test-nodes}"
+nodes_log="$ROOT/.livedisk/test-nodes.log"
+echo "the chart on real nodes: hack/test-nodes.sh in the background, log: $nodes_log"
+NODE_BUILD_STATUS="$node_build_status" setsid hack/test-nodes.sh >"$nodes_log" 2>&1 &
+nodes_pid=$!
+nodes_t0=$SECONDS
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"
 binaries="$LIVEDISK_STATE_DIR/test-binaries.json"
@@ -109,6 +133,7 @@ set -e
 
 step "stopping the processes-layout cluster"
 own_cluster_down
+own_cluster_stopped=1
 
 step "waiting for the images test"
 while kill -0 "$images_test_pid" 2>/dev/null; do
@@ -123,36 +148,24 @@ grep -E '^(PASS|FAIL) ' "$images_log" || true
 tail -n 1 "$images_log"
 [ "$status" -ne 0 ] || status=$images_status
 [ "$status" -ne 0 ] || status=$live_vm_status
-
-step "waiting for the node runtime build"
-while kill -0 "$node_build_pid" 2>/dev/null; do
-  echo "  node-build: $(tail -n 1 "$node_build_log" 2>/dev/null)"; sleep 30
-done
-wait "$node_build_pid" || { tail -n 30 "$node_build_log"; echo "node runtime build failed"; exit 1; }
-tail -n 1 "$node_build_log"
 audit_logs=("$LIVEDISK_STATE_DIR"/logs/audit*.log)
 
-step "the chart on real nodes: node-a and node-b (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS), helm install"
-# Same ports (the first cluster is down), its own state dir, links and subnet.
-export LIVEDISK_STATE_DIR="${LIVEDISK_TEST_NODES_STATE_DIR:-$ROOT/.livedisk/test-nodes}"
-export LIVEDISK_LINK_PREFIX="${LIVEDISK_TEST_NODES_LINK_PREFIX:-lr}" LIVEDISK_SUBNET="${LIVEDISK_TEST_NODES_SUBNET:-10.237}"
-export LIVEDISK_IMAGE_PROFILE=dev
-# shellcheck source=hack/lib/chart-cluster.sh
-source hack/lib/chart-cluster.sh
-cleanup() {
-  step "stopping the nodes and the cluster"
-  chart_cluster_down
-}
-trap cleanup EXIT
-chart_cluster_up
-
-step "cargo test -p livedisk-node-e2e (pods started by kubelet on real nodes, the chart's driver)"
+step "waiting for the chart on real nodes (running for $((SECONDS - nodes_t0))s)"
+while kill -0 "$nodes_pid" 2>/dev/null; do
+  echo "  nodes: $(grep -E '^(=== nodes|test .* \.\.\. |test result)' "$nodes_log" 2>/dev/null | tail -n 1)"; sleep 30
+done
 set +e
-cargo test -p livedisk-node-e2e --no-fail-fast 2>&1 | tee -a "$log"
-node_status=${PIPESTATUS[0]}
+wait "$nodes_pid"
+node_status=$?
 set -e
+nodes_pid=""
+if grep -q '^node runtime build failed' "$nodes_log"; then
+  tail -n 30 "$node_build_log" 2>/dev/null || true
+fi
+echo "--- hack/test-nodes.sh (exit $node_status, $((SECONDS - nodes_t0))s since it started):"
+tee -a "$log" <"$nodes_log"
 [ "$status" -ne 0 ] || status=$node_status
-audit_logs+=("$LIVEDISK_STATE_DIR"/logs/audit*.log)
+audit_logs+=("$nodes_state"/logs/audit*.log)
 count() { awk -v what="$1" '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ "^" what) n += $i } END { print n + 0 }' "$log"; }
 step "RBAC proof: the API server's audit log of the whole run against the chart's grants"
 rendered="$LIVEDISK_STATE_DIR/chart-rendered.yaml"
