@@ -78,7 +78,11 @@ fn bad_chunks(path: &Path, count: u64) -> Vec<String> {
 /// A read-only check of an unmounted filesystem; panics with its report unless clean.
 fn check_clean(fs_type: &str, device: &Path) {
     let out = run_check(fs_type, device);
-    assert!(out.status.success(), "{}", check_report(fs_type, device, &out));
+    assert!(
+        out.status.success(),
+        "{}",
+        check_report(fs_type, device, &out)
+    );
 }
 
 /// `e2fsck -fn` or `xfs_repair -n` on `device`.
