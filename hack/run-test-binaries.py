@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Runs the workspace's test binaries in two lanes side by side, where `cargo test` runs them one
-after another: the binaries of the packages named by --cluster-package (the tests against the
-shared local cluster, which kill its node plugins and daemons and cut its links: one at a time,
-as before) in one lane, every other binary (engines and daemons of their own in temporary
-directories, unit tests) in the other. Most of the cluster tests' time is spent waiting on real
-parts (a merge throttled to a rate, a daemon restarted), so the second lane costs them little.
+"""Runs the workspace's test binaries in lanes side by side, where `cargo test` runs them one
+after another: the binaries of the packages named by --cluster-package (the tests against a
+local cluster, which kill its node plugins and daemons and cut its links: one at a time on each
+cluster) in one lane per cluster, every other binary (engines and daemons of their own in
+temporary directories, unit tests) in another. Most of the cluster tests' time is spent waiting
+on real parts (a merge throttled to a rate, a daemon restarted), so the lanes cost each other
+little.
 
     cargo test ... --no-run --message-format=json | hack/run-test-binaries.py \
-        --cluster-package livedisk-e2e --durations FILE [--seed FILE] [--log-dir DIR]
+        --cluster-package livedisk-e2e --durations FILE [--seed FILE] [--log-dir DIR] \
+        [--cluster-env FILE]...
+
+The first cluster lane runs its binaries with this process's environment (its cluster's
+LIVEDISK_STATE_DIR, KUBECONFIG, ...); each --cluster-env FILE (KEY=VALUE lines: another
+cluster's) adds a lane whose binaries run with those variables on top. The cluster lanes take
+their binaries from one queue.
 
 Reads cargo's JSON messages on stdin and runs every test executable in its package's directory
 (as cargo does). Each binary's whole output is printed, unmixed, when it ends, after a line that
@@ -58,13 +65,28 @@ def test_binaries(messages):
     return found
 
 
+def read_env(path):
+    """KEY=VALUE lines of `path` (blank lines and # comments skipped)."""
+    env = {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            key, _, value = line.partition("=")
+            env[key.strip()] = value
+    return env
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cluster-package", action="append", default=[])
     ap.add_argument("--durations", required=True)
     ap.add_argument("--seed", default=None)
     ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--cluster-env", action="append", default=[])
     args = ap.parse_args()
+    cluster_envs = [dict(os.environ)] + [dict(os.environ, **read_env(p)) for p in args.cluster_env]
     binaries = test_binaries(sys.stdin)
     if not binaries:
         print("run-test-binaries: no test executables in cargo's output", file=sys.stderr)
@@ -78,10 +100,13 @@ def main():
             pass
     # Unknown ones first (they may be long), then the longest.
     binaries.sort(key=lambda b: -last.get(b[0], float("inf")))
-    lanes = [
-        [b for b in binaries if b[3] in args.cluster_package],
-        [b for b in binaries if b[3] not in args.cluster_package],
-    ]
+    cluster_queue = [b for b in binaries if b[3] in args.cluster_package]
+    other_queue = [b for b in binaries if b[3] not in args.cluster_package]
+    queues = [cluster_queue, other_queue]
+    # (queue, environment, lane label) per worker.
+    lanes = [(cluster_queue, env, f"cluster {i + 1}" if len(cluster_envs) > 1 else None)
+             for i, env in enumerate(cluster_envs)]
+    lanes.append((other_queue, dict(os.environ), None))
     lock = threading.Lock()
     running = {}
     durations = dict(last)
@@ -91,17 +116,18 @@ def main():
     def stamp():
         return f"[{time.monotonic() - t0:.0f}s]"
 
-    def worker(queue):
+    def worker(queue, env, label):
+        on = f" (on {label})" if label else ""
         while True:
             with lock:
                 if not queue:
                     return
                 name, exe, package, _ = queue.pop(0)
                 running[name] = time.monotonic()
-                print(f"=== tests {stamp()} {name}: started", flush=True)
+                print(f"=== tests {stamp()} {name}: started{on}", flush=True)
             start = time.monotonic()
             proc = subprocess.run(
-                [exe], cwd=package, stdin=subprocess.DEVNULL,
+                [exe], cwd=package, stdin=subprocess.DEVNULL, env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
             took = time.monotonic() - start
@@ -112,7 +138,7 @@ def main():
                 verdict = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 if proc.returncode != 0:
                     failed.append(name)
-                print(f"=== tests {stamp()} {name}: {verdict} in {took:.0f}s", flush=True)
+                print(f"=== tests {stamp()} {name}: {verdict} in {took:.0f}s{on}", flush=True)
                 print(f"     Running {name} ({exe})", flush=True)
                 sys.stdout.write(out)
                 sys.stdout.flush()
@@ -121,7 +147,7 @@ def main():
                     with open(os.path.join(args.log_dir, name.replace("/", "--").replace(" ", "") + ".log"), "w") as f:
                         f.write(out)
 
-    threads = [threading.Thread(target=worker, args=(lane,), daemon=True) for lane in lanes]
+    threads = [threading.Thread(target=worker, args=lane, daemon=True) for lane in lanes]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -133,7 +159,7 @@ def main():
             if running:
                 now = time.monotonic()
                 still = ", ".join(f"{n} ({now - s:.0f}s)" for n, s in running.items())
-                waiting = sum(len(lane) for lane in lanes)
+                waiting = sum(len(q) for q in queues)
                 print(f"=== tests {stamp()} running: {still}; {waiting} waiting", flush=True)
     try:
         with open(args.durations, "w") as f:

@@ -76,10 +76,39 @@ cleanup() {
     kill -- "-$nodes_pid" 2>/dev/null || true
     wait "$nodes_pid" 2>/dev/null || true
   fi
+  [ -z "${second_up_pid:-}" ] || wait "$second_up_pid" 2>/dev/null || true
   if [ -z "${own_cluster_stopped:-}" ]; then
-    step "stopping the driver and the local cluster"
+    step "stopping the drivers and the local clusters"
     own_cluster_down
+    second_cluster own_cluster_down >/dev/null 2>&1
   fi
+}
+# The first phase's end-to-end binaries each need a cluster to themselves while they run (they
+# kill its node plugins and daemons, cut its links, own its operator's Lease): a second
+# processes-layout cluster with its own driver lets two of them run at once. COMMAND... runs with
+# its settings (state dir, ports, links, subnet).
+second_cluster() { # COMMAND...
+  (
+    export LIVEDISK_STATE_DIR="${LIVEDISK_TEST_STATE_DIR_2:-$ROOT/.livedisk/test-cluster-2}"
+    export LIVEDISK_APISERVER_PORT=16843 LIVEDISK_ETCD_PORT=26090 LIVEDISK_ETCD_PEER_PORT=26100 \
+      LIVEDISK_KCM_PORT=30657 LIVEDISK_SCHEDULER_PORT=30659 LIVEDISK_SNAPSHOT_METADATA_PORT=17843 \
+      LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT=17880 LIVEDISK_VIRT_API_STANDIN_PORT=16844 \
+      LIVEDISK_VIRT_CONTROLLER_PORT=18382 LIVEDISK_LINK_PREFIX=lu LIVEDISK_SUBNET=10.239
+    "$@"
+  )
+}
+second_env="$ROOT/.livedisk/test-cluster-2.env"
+# Starts the second cluster and its driver and writes the variables its tests need (KEY=VALUE).
+second_cluster_up() {
+  own_cluster_up
+  hack/driver.sh start
+  local v
+  for v in LIVEDISK_STATE_DIR LIVEDISK_APISERVER_PORT LIVEDISK_ETCD_PORT LIVEDISK_ETCD_PEER_PORT \
+    LIVEDISK_KCM_PORT LIVEDISK_SCHEDULER_PORT LIVEDISK_SNAPSHOT_METADATA_PORT \
+    LIVEDISK_SNAPSHOT_METADATA_HTTP_PORT LIVEDISK_VIRT_API_STANDIN_PORT LIVEDISK_VIRT_CONTROLLER_PORT \
+    LIVEDISK_LINK_PREFIX LIVEDISK_SUBNET KUBECONFIG PATH LIVEDISK_HARNESS_BIN; do
+    echo "$v=${!v:-}"
+  done >"$second_env"
 }
 trap cleanup EXIT
 own_cluster_up
@@ -103,13 +132,29 @@ hack/test-chart.sh
 step "the CSI driver on the cluster: controller + sidecars, two nodes in their own namespaces"
 hack/driver.sh start
 
+# The second cluster starts meanwhile (csi-sanity and the gRPC clients use the first).
+second_log="$LIVEDISK_STATE_DIR/logs/second-cluster.log"
+rm -f "$second_env"
+echo "a second processes-layout cluster and driver for the end-to-end binaries, in the background, log: $second_log"
+second_cluster second_cluster_up >"$second_log" 2>&1 &
+second_up_pid=$!
+
 step "csi-sanity (kubernetes-csi/csi-test v5) against the two-node driver: node-a's and node-b's node service, mount and block access types"
 hack/csi-sanity.sh
 
 step "gRPC clients of other implementations: Python grpcio (gRPC's C core) calls every service on the controller's and both nodes' sockets, default options and grpc.default_authority=localhost"
 hack/grpc-clients.sh
 
-step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on the local cluster): two lanes, the cluster's tests beside the rest; the chart on real nodes beside them"
+step "waiting for the second processes-layout cluster"
+set +e
+wait "$second_up_pid"
+second_status=$?
+set -e
+second_up_pid=""
+[ "$second_status" -eq 0 ] && [ -s "$second_env" ] || { tail -n 30 "$second_log"; echo "the second cluster did not start"; exit 1; }
+tail -n 1 "$second_log"
+
+step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on two local clusters): three lanes, two clusters' end-to-end binaries beside the rest; the chart on real nodes beside them"
 # The second phase (hack/test-nodes.sh: a chart cluster of real nodes on its own ports, links and
 # subnet, and the tests of tests/nodes/) runs beside the first phase's test binaries: both
 # mostly wait on real parts. Its output is printed whole when it ends.
@@ -127,12 +172,13 @@ cargo test --workspace --exclude livedisk-node-e2e --no-run --message-format=jso
 set +e
 python3 hack/run-test-binaries.py --cluster-package livedisk-e2e \
   --durations "$ROOT/.livedisk/test-durations.json" --seed hack/test-durations.json \
-  <"$binaries" 2>&1 | tee "$log"
+  --cluster-env "$second_env" <"$binaries" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
-step "stopping the processes-layout cluster"
+step "stopping the processes-layout clusters"
 own_cluster_down
+second_cluster own_cluster_down
 own_cluster_stopped=1
 
 step "waiting for the images test"
@@ -148,7 +194,7 @@ grep -E '^(PASS|FAIL) ' "$images_log" || true
 tail -n 1 "$images_log"
 [ "$status" -ne 0 ] || status=$images_status
 [ "$status" -ne 0 ] || status=$live_vm_status
-audit_logs=("$LIVEDISK_STATE_DIR"/logs/audit*.log)
+audit_logs=("$LIVEDISK_STATE_DIR"/logs/audit*.log "$(second_cluster printenv LIVEDISK_STATE_DIR)"/logs/audit*.log)
 
 step "waiting for the chart on real nodes (running for $((SECONDS - nodes_t0))s)"
 while kill -0 "$nodes_pid" 2>/dev/null; do

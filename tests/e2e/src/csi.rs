@@ -302,6 +302,24 @@ pub async fn kill_engine_daemon(node_name: &str) -> Result<i32> {
     Ok(pid)
 }
 
+/// CreateSnapshot of `volume` through the controller as csi-snapshotter calls it, retried while
+/// the answer is ABORTED (another operation on the volume in progress: the node's own work on a
+/// snapshot taken just before, for one), as csi-snapshotter retries it.
+pub async fn create_snapshot_retrying(name: &str, volume: &str) -> Result<Snapshot> {
+    crate::eventually(
+        60,
+        &format!("CreateSnapshot {name} of {volume}"),
+        || async {
+            match create_snapshot(name, volume).await {
+                Ok(snapshot) => Ok(Some(snapshot)),
+                Err(e) if busy(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await
+}
+
 /// CreateSnapshot of `volume` through the controller, as csi-snapshotter calls it.
 pub async fn create_snapshot(name: &str, volume: &str) -> Result<Snapshot> {
     controller()

@@ -27,8 +27,8 @@ use livedisk_api::internal::{GROUP_SNAPSHOT_LABEL, LivediskSnapshot};
 use livedisk_csi_proto::csi::v1::group_controller_client::GroupControllerClient;
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, channel, controller, create_block_volume, create_snapshot, delete_volume,
-    detach_block, restore_block_volume, socket_dir,
+    attach_block, channel, controller, create_block_volume, create_snapshot_retrying,
+    delete_volume, detach_block, restore_block_volume, socket_dir,
 };
 use livedisk_e2e::disks::{ScratchDir, claim_bound_on, host_device, must, pvc};
 use livedisk_e2e::phases::{verify, write_phase};
@@ -133,7 +133,8 @@ async fn a_group_snapshot_of_two_volumes_is_one_instant_and_its_members_are_ordi
     // calls, while the writer goes on. They are two instants, which the same measure shows.
     let mut separate = Vec::new();
     for (tag, volume) in [("a", &a), ("b", &b)] {
-        let snapshot = create_snapshot(&format!("separate-{tag}-{suffix}"), volume).await?;
+        let snapshot =
+            create_snapshot_retrying(&format!("separate-{tag}-{suffix}"), volume).await?;
         separate.push(snapshot.snapshot_id);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
