@@ -95,6 +95,7 @@ pub async fn serve(
         phase: AttachmentPhase::Ready,
         host: Some(front.config.host.clone()),
         port: Some(i32::from(front.config.nbd_port)),
+        export: Some(info.name.clone()),
         error: None,
     })
 }
@@ -140,6 +141,15 @@ pub async fn stop(
             Ok(()) | Err(EngineError::NotFound(_)) => Ok(()),
             Err(error) => Err(error.into()),
         };
+    }
+    // An incoming migration's import export (see `Engine::attach_volume`) is the source's way
+    // in, whatever else uses the volume here: it goes once no grant names it.
+    let import = livedisk_engine::record::import_export_name(&volume);
+    if !front.grants.export_shared(&name, &import) && front.engine.serves_import(&volume)? {
+        match front.engine.detach_import(&volume).await {
+            Ok(()) | Err(EngineError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     if attached_locally || front.grants.export_shared(&name, volume.as_str()) {
         return Ok(());
