@@ -366,12 +366,19 @@ impl Engine {
     /// Writable NBD export of the volume for its consumer. It follows the
     /// active layer across snapshots and merges (QEMU moves the export's
     /// node), and is re-created from the record after a daemon restart.
+    pub async fn attach_volume(&self, volume: &VolumeId) -> Result<ExportInfo> {
+        self.export(volume, ExportTarget::Volume, None).await
+    }
+
+    /// The writable export another node is served (a remote attachment, or a migration's
+    /// source mirroring into its import): the consumer export, shared with a local consumer.
     ///
     /// An incoming migration's volume on a node that also attaches it remotely (its consumer
     /// came here before its disk) is served under [`ExportTarget::Import`] instead: the remote
     /// attachment's export holds the consumer export's name, and the source's mirror must
-    /// reach the import, not write back into itself through that attachment.
-    pub async fn attach_volume(&self, volume: &VolumeId) -> Result<ExportInfo> {
+    /// reach the import, not write back into itself through that attachment. It stays the
+    /// import until no grant names it (`detach_import`), also after the handover.
+    pub async fn serve_volume(&self, volume: &VolumeId) -> Result<ExportInfo> {
         let target = if self.serves_import(volume)? {
             ExportTarget::Import
         } else {
@@ -380,7 +387,7 @@ impl Engine {
         self.export(volume, target, None).await
     }
 
-    /// Whether `attach_volume` serves `volume` as an import: it does already, or the volume
+    /// Whether `serve_volume` serves `volume` as an import: it does already, or the volume
     /// is an incoming migration's and this node attaches it remotely.
     pub fn serves_import(&self, volume: &VolumeId) -> Result<bool> {
         let Some(rec) = self.store.load(volume)? else {
@@ -396,7 +403,7 @@ impl Engine {
         self.unexport(volume, ExportTarget::Volume).await
     }
 
-    /// Stops the import export of `volume` (see [`Engine::attach_volume`]). Idempotent.
+    /// Stops the import export of `volume` (see [`Engine::serve_volume`]). Idempotent.
     pub async fn detach_import(&self, volume: &VolumeId) -> Result<()> {
         self.unexport(volume, ExportTarget::Import).await
     }
