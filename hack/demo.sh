@@ -9,8 +9,8 @@
 #
 # Steps: the VM (two ReadWriteMany block PVCs, ext4 on one, the real qemu-guest-agent) starts on
 # node-a; a DiskSnapshot of the VM inside a guest freeze, its ext4 checked clean on a clone; a
-# DiskMerge (active commit) under the running VM; DiskMigrations bring both disks to node-b; the
-# VM's QEMU is live-migrated to a pod on node-b; a full and two incremental backups of the block
+# DiskMerge (active commit) under the running VM; the VM's QEMU is live-migrated to a pod on
+# node-b, which attaches the disks remotely; DiskMigrations bring both disks after it; a full and two incremental backups of the block
 # disk over HTTPS DiskExports (the reference client, `livedisk-csi backup`, in pods on node-a),
 # restored into a new volume and compared byte for byte with the last snapshot; the guest is shut
 # down through its agent and verifies every write of its life; with the VM stopped, a DiskRestore
@@ -203,17 +203,8 @@ latency "a DiskMerge (active commit, 1 MiB/s)" "$from" "$(block_seq)"
 merged="$(k get diskmerge demo-data-commit -o jsonpath='{.status.mergedSnapshots[*]}')"
 say "merged away: $merged; the guest writes on: block write #$(last_seq demo-vm-a LDACK)"
 
-step "both disks move to node-b under the running VM ($DEMO/30-migrate-disks.yaml)"
-from="$(block_seq)"
-k apply -f "$DEMO/30-migrate-disks.yaml" | sed 's/^/    /'
-follow diskmigration/demo-blocks-to-node-b Completed 600
-follow diskmigration/demo-data-to-node-b Completed 600
-latency "DiskMigrations of both disks to node-b" "$from" "$(block_seq)"
-pauses="$(for m in demo-blocks-to-node-b demo-data-to-node-b; do k get diskmigration "$m" -o jsonpath='{.status.cutoverPauseMilliseconds}'; echo -n ' '; done)"
-say "cutover pauses (ms): $pauses; the VM on node-a now reads and writes them on node-b"
-
-step "the VM moves: QEMU on node-b waits for it ($DEMO/31-vm-on-node-b.yaml), then a live migration"
-k apply -f "$DEMO/31-vm-on-node-b.yaml" | sed 's/^/    /'
+step "the VM moves first: QEMU on node-b waits for it with the same disks, attached there remotely ($DEMO/30-vm-on-node-b.yaml), then a live migration"
+k apply -f "$DEMO/30-vm-on-node-b.yaml" | sed 's/^/    /'
 for _ in $(seq 1 240); do
   k logs demo-vm-b 2>/dev/null | grep -q "waiting for a live migration" && [ -S "$(node_dir node-b)/qmp.sock" ] && break
   sleep 1
@@ -238,6 +229,31 @@ for _ in $(seq 1 120); do
 done
 say "the guest writes on node-b: block write #$(last_seq demo-vm-b LDACK)"
 latency "QEMU's live migration to node-b" "$from" "$(block_seq)"
+
+step "both disks follow the VM to node-b, under the running guest there ($DEMO/31-migrate-disks.yaml)"
+from="$(block_seq)"
+k apply -f "$DEMO/31-migrate-disks.yaml" | sed 's/^/    /'
+follow diskmigration/demo-blocks-to-node-b Completed 600
+follow diskmigration/demo-data-to-node-b Completed 600
+latency "DiskMigrations of both disks to node-b" "$from" "$(block_seq)"
+pauses="$(for m in demo-blocks-to-node-b demo-data-to-node-b; do k get diskmigration "$m" -o jsonpath='{.status.cutoverPauseMilliseconds}'; echo -n ' '; done)"
+say "cutover pauses (ms): $pauses"
+for claim in demo-blocks demo-data; do
+  volume="$(k get pvc "$claim" -o jsonpath='{.spec.volumeName}')"
+  handle="$(kubectl get pv "$volume" -o jsonpath='{.spec.csi.volumeHandle}')"
+  for _ in $(seq 1 120); do
+    kubectl get livediskattachment "$handle.node-b" >/dev/null 2>&1 || break
+    sleep 1
+  done
+  ! kubectl get livediskattachment "$handle.node-b" >/dev/null 2>&1 \
+    || die "node-b still attaches $claim remotely after its DiskMigration"
+done
+after="$(block_seq)"
+for _ in $(seq 1 120); do
+  [ "$(block_seq)" -gt "$((after + 100))" ] 2>/dev/null && break
+  sleep 1
+done
+say "node-b's guest now writes to its local volumes (the remote attachments to node-a are withdrawn): block write #$(block_seq)"
 
 step "backups of the block disk while the VM runs: a full and two incrementals over HTTPS DiskExports ($DEMO/40-*.yaml, 41-*, 42-*)"
 livedisk_image="$(kubectl -n livedisk-system get pods -l app.kubernetes.io/component=node \
@@ -361,5 +377,5 @@ printf '    %-44s %7s %8s %8s %8s\n' "while" "writes" "p50" "p99" "max"
 for row in "${LATENCY[@]}"; do echo "    $row"; done
 
 echo
-echo "demo: ok in $((SECONDS - T0))s: VM snapshot frozen ${frozen_ms} ms (clean ext4); live merge done; disks moved to node-b (cutover ${pauses% } ms); VM migrated (paused ${paused} ms); full + 2 incremental backups restored equal to the last snapshot; guest verified ${writes} block writes and its ext4 file, no I/O error; rolled back with the VM stopped, the guest verified the restored disk"
+echo "demo: ok in $((SECONDS - T0))s: VM snapshot frozen ${frozen_ms} ms (clean ext4); live merge done; VM migrated to node-b (paused ${paused} ms); its disks followed (cutover ${pauses% } ms); full + 2 incremental backups restored equal to the last snapshot; guest verified ${writes} block writes and its ext4 file, no I/O error; rolled back with the VM stopped, the guest verified the restored disk"
 if [ "$KEEP" = 0 ]; then kubectl delete namespace "$NS" --wait=false >/dev/null; else echo "kept: kubectl -n $NS get all,livedisk"; fi

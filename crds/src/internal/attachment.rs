@@ -89,6 +89,11 @@ pub struct LivediskAttachmentStatus {
     /// The front's NBD port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
+    /// The NBD export name the client opens: the volume's ID, or its import name for an
+    /// incoming migration's volume on a node that also attaches it remotely. Absent from owners
+    /// that predate it: the volume's ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
     /// Why the owner cannot serve it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<NodeError>,

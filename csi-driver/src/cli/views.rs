@@ -247,6 +247,7 @@ pub fn exports(recs: &[VolumeRecord], live: &HashSet<String>, socket: &Path) -> 
             let (name, eid) = r.export_names(&e.target);
             let (kind, writable) = match e.target {
                 ExportTarget::Volume => ("volume", true),
+                ExportTarget::Import => ("import", true),
                 ExportTarget::Snapshot { .. } => ("snapshot", false),
             };
             let dirty_bitmap = e

@@ -4,7 +4,9 @@
 //! when the object goes.
 //!
 //! The engine's consumer export is shared by the local consumer and every remote one: it is
-//! stopped only when none of them is left.
+//! stopped only when none of them is left. An incoming migration's volume on a node that also
+//! attaches it remotely is served under an import export of its own (`Engine::serve_volume`),
+//! stopped once no attachment names it.
 //!
 //! An attachment that names a snapshot (a cross-node restore's source) is served the same way
 //! with the engine's read-only export of that snapshot, shared with any `DiskExport` of it.
@@ -47,7 +49,7 @@ pub async fn serve(
         ));
     };
     let served = match attachment.spec.snapshot_id.as_deref() {
-        None => front.engine.attach_volume(&volume).await,
+        None => front.engine.serve_volume(&volume).await,
         Some(snapshot) => match SnapshotId::parse(snapshot) {
             Ok(snapshot) => export_snapshot_of(front, &volume, &snapshot).await,
             Err(_) => {
@@ -95,6 +97,7 @@ pub async fn serve(
         phase: AttachmentPhase::Ready,
         host: Some(front.config.host.clone()),
         port: Some(i32::from(front.config.nbd_port)),
+        export: Some(info.name.clone()),
         error: None,
     })
 }
@@ -140,6 +143,15 @@ pub async fn stop(
             Ok(()) | Err(EngineError::NotFound(_)) => Ok(()),
             Err(error) => Err(error.into()),
         };
+    }
+    // An incoming migration's import export (see `Engine::serve_volume`) is the source's way
+    // in, whatever else uses the volume here: it goes once no grant names it.
+    let import = livedisk_engine::record::import_export_name(&volume);
+    if !front.grants.export_shared(&name, &import) && front.engine.serves_import(&volume)? {
+        match front.engine.detach_import(&volume).await {
+            Ok(()) | Err(EngineError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     if attached_locally || front.grants.export_shared(&name, volume.as_str()) {
         return Ok(());

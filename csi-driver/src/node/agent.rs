@@ -65,7 +65,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn remote_attacher(&self) -> super::remote_attach::RemoteAttacher {
+    pub(super) fn remote_attacher(&self) -> super::remote_attach::RemoteAttacher {
         super::remote_attach::RemoteAttacher::new(
             self.client.clone(),
             self.node_name.clone(),
@@ -552,6 +552,7 @@ async fn reconcile_attachment(
                             .exists()
                         });
                     crate::export::attachment::stop(front, &attachment, local).await?;
+                    end_attachment_kept_for_others(agent, front, &attachment, local).await?;
                 }
                 Ok(Action::await_change())
             }
@@ -559,6 +560,34 @@ async fn reconcile_attachment(
     })
     .await;
     done_if_gone(result)
+}
+
+/// A migration that moved a volume away while another node used it through this one leaves
+/// this node attached to the new owner on that node's behalf (`finish_pivot`: the export that
+/// node reads stays, now over an NBD client of the new owner). Once the last such node let go
+/// and no consumer here uses the volume, that attachment ends too: the engine's part and this
+/// node's LivediskAttachment to the new owner.
+async fn end_attachment_kept_for_others(
+    agent: &Agent,
+    front: &crate::export::Front,
+    attachment: &LivediskAttachment,
+    attached_locally: bool,
+) -> Result<(), CsiError> {
+    if attached_locally || attachment.spec.snapshot_id.is_some() {
+        return Ok(());
+    }
+    let Ok(volume) = livedisk_engine::VolumeId::parse(&attachment.spec.volume_id) else {
+        return Ok(());
+    };
+    if agent.engine.record(&volume).is_ok()
+        || agent.engine.remote_record(&volume)?.is_none()
+        || front.grants.serves_export(volume.as_str())
+    {
+        return Ok(());
+    }
+    agent.remote_attacher().detach(&volume).await?;
+    tracing::info!(%volume, "remote attachment kept for another node ended");
+    Ok(())
 }
 
 async fn reconcile_restore(

@@ -397,6 +397,9 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
     let (Some(host), Some(port)) = (served_to_me.host, served_to_me.port) else {
         return Ok(Action::requeue(STEP));
     };
+    // The import's name on the target: the volume's ID, or its import name when the target
+    // also attaches the volume remotely (a consumer there came before its disk).
+    let export = served_to_me.export.unwrap_or_else(|| volume.to_string());
     let speed = m.spec.bandwidth_bytes_per_second.map(|b| b.max(0) as u64);
     let progress = match agent.engine.mirror_progress(&volume).await {
         Ok(Some(p)) => p,
@@ -405,7 +408,7 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
                 host,
                 port: u16::try_from(port)
                     .map_err(|_| CsiError::Internal(format!("port {port} out of range")))?,
-                export: volume.to_string(),
+                export,
                 ca_pem: me.ca_pem.clone(),
                 cert_pem: me.leaf_pem.clone(),
                 key_pem: front.key.key_pem().to_string(),
@@ -670,6 +673,7 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
     match status.phase {
         MigrationPhase::Completed => {
             agent.engine.import_commit(&volume)?;
+            take_over_consumer(agent, &volume).await?;
             return Ok(Action::await_change());
         }
         MigrationPhase::Failed | MigrationPhase::Cancelled => {
@@ -685,6 +689,7 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
     }
     if pivoted {
         agent.engine.import_commit(&volume)?;
+        take_over_consumer(agent, &volume).await?;
         return Ok(Action::await_change());
     }
     let target = status.target.clone().unwrap_or_default();
@@ -847,6 +852,23 @@ async fn import_files(
     agent.engine.import_finish(volume, rec).await
 }
 
+/// After the handover: a consumer of the volume on this node that used it through a remote
+/// attachment (it came here before its disk) now writes to the local volume, without the old
+/// owner on its way, and the attachment to the old owner is withdrawn. An attachment made
+/// before its export sat on a switchable filter keeps its way through the old owner until the
+/// consumer stages the volume again (logged).
+async fn take_over_consumer(agent: &Agent, volume: &VolumeId) -> Result<(), CsiError> {
+    match agent.engine.localize_remote_attachment(volume).await {
+        Ok(_) => {}
+        Err(EngineError::FailedPrecondition(message)) => {
+            tracing::warn!(%volume, %message, "consumer here keeps its way through the old owner");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    agent.remote_attacher().forget_old_owner(volume).await
+}
+
 async fn target_cleanup(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action, CsiError> {
     agent.imports.stop(&m.name_any());
     let volume =
@@ -858,6 +880,7 @@ async fn target_cleanup(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Act
         .is_some_and(|s| s.pivoted);
     if pivoted {
         agent.engine.import_commit(&volume)?;
+        take_over_consumer(agent, &volume).await?;
     } else if agent.engine.is_incoming(&volume)? || agent.engine.record(&volume).is_err() {
         agent.engine.import_discard(&volume).await?;
     }

@@ -333,6 +333,39 @@ impl RemoteAttacher {
     }
 }
 
+impl RemoteAttacher {
+    /// After a migration brought `volume` to this node while a consumer here used it through a
+    /// remote attachment, and the engine switched that consumer to the local volume
+    /// (`Engine::localize_remote_attachment`): withdraws the old owner's admission, which ends
+    /// what the old owner kept for it. Nothing while the engine still attaches the volume
+    /// remotely. Idempotent.
+    pub async fn forget_old_owner(&self, volume: &VolumeId) -> Result<(), CsiError> {
+        if self.is_attached(volume).await? {
+            return Ok(());
+        }
+        let name = attachment_name(volume.as_str(), &self.node_name);
+        let api = self.attachments();
+        match api.get_opt(&name).await? {
+            Some(a)
+                if a.spec.snapshot_id.is_none()
+                    && a.spec.client_node == self.node_name
+                    && a.spec.node_name != self.node_name
+                    && a.metadata.deletion_timestamp.is_none() =>
+            {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(%volume, old_owner = %a.spec.node_name, "remote attachment to the old owner withdrawn");
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The owner answered: Ready or Failed.
 fn served() -> impl Condition<LivediskAttachment> {
     |object: Option<&LivediskAttachment>| {

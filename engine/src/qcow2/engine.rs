@@ -3,7 +3,7 @@
 //! primitives the operations are built from. The operations themselves live
 //! one per file beside this one; this file imports none of them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -247,6 +247,20 @@ impl Engine {
             .flatten()
             .filter_map(|n| n.get("id").and_then(Value::as_str))
             .map(str::to_owned)
+            .collect())
+    }
+
+    /// The daemon's exports: id → the node each sits on.
+    pub(super) async fn export_nodes(&self) -> Result<HashMap<String, String>> {
+        let v = self.qmp.execute("query-block-exports", json!({})).await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| {
+                let id = n.get("id").and_then(Value::as_str)?;
+                let node = n.get("node-name").and_then(Value::as_str)?;
+                Some((id.to_owned(), node.to_owned()))
+            })
             .collect())
     }
 

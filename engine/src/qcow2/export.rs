@@ -50,7 +50,7 @@ impl Engine {
         let target = &export.target;
         let (name, eid) = rec.export_names(target);
         let (node, writable) = match target {
-            ExportTarget::Volume => {
+            ExportTarget::Volume | ExportTarget::Import => {
                 let a = rec
                     .active()
                     .ok_or_else(|| EngineError::NotFound(format!("volume {}", rec.id)))?;
@@ -140,7 +140,13 @@ impl Engine {
         target: &ExportTarget,
     ) -> Result<()> {
         let (_, eid) = rec.export_names(target);
-        self.delete_export_and_wait(&eid).await
+        self.delete_export_and_wait(&eid).await?;
+        if *target == ExportTarget::Volume && self.remote_record(&rec.id)?.is_none() {
+            // The consumer's export of a volume that came to this node under a remote
+            // attachment sat on the attachment's filter node (`localize_remote_attachment`).
+            self.remove_remote_filter(&rec.id).await?;
+        }
+        Ok(())
     }
 
     /// Deletes an export (safe mode: refused while a client is connected)
@@ -296,6 +302,14 @@ impl Engine {
             Some(e) => e.changed_since.is_some(),
             None => true,
         };
+        // The consumer export's id is also that of a remote attachment's export of the volume:
+        // one this record does not name is the attachment's, not ours to stop.
+        if target == ExportTarget::Volume
+            && !rec.exports.iter().any(|e| e.target == target)
+            && self.remote_record(volume)?.is_some()
+        {
+            return Ok(());
+        }
         self.remove_export(&rec, &target).await?;
         if let ExportTarget::Snapshot { id } = &target
             && has_bitmap
@@ -356,7 +370,41 @@ impl Engine {
         self.export(volume, ExportTarget::Volume, None).await
     }
 
+    /// The writable export another node is served (a remote attachment, or a migration's
+    /// source mirroring into its import): the consumer export, shared with a local consumer.
+    ///
+    /// An incoming migration's volume on a node that also attaches it remotely (its consumer
+    /// came here before its disk) is served under [`ExportTarget::Import`] instead: the remote
+    /// attachment's export holds the consumer export's name, and the source's mirror must
+    /// reach the import, not write back into itself through that attachment. It stays the
+    /// import until no grant names it (`detach_import`), also after the handover.
+    pub async fn serve_volume(&self, volume: &VolumeId) -> Result<ExportInfo> {
+        let target = if self.serves_import(volume)? {
+            ExportTarget::Import
+        } else {
+            ExportTarget::Volume
+        };
+        self.export(volume, target, None).await
+    }
+
+    /// Whether `serve_volume` serves `volume` as an import: it does already, or the volume
+    /// is an incoming migration's and this node attaches it remotely.
+    pub fn serves_import(&self, volume: &VolumeId) -> Result<bool> {
+        let Some(rec) = self.store.load(volume)? else {
+            return Ok(false);
+        };
+        if rec.exports.iter().any(|e| e.target == ExportTarget::Import) {
+            return Ok(true);
+        }
+        Ok(self.is_incoming(volume)? && self.remote_record(volume)?.is_some())
+    }
+
     pub async fn detach_volume(&self, volume: &VolumeId) -> Result<()> {
         self.unexport(volume, ExportTarget::Volume).await
+    }
+
+    /// Stops the import export of `volume` (see [`Engine::serve_volume`]). Idempotent.
+    pub async fn detach_import(&self, volume: &VolumeId) -> Result<()> {
+        self.unexport(volume, ExportTarget::Import).await
     }
 }

@@ -89,6 +89,11 @@ pub struct MigrationMarker {
     pub target_host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
+    /// The export the mirror writes into on the target: the volume's ID, or its import name
+    /// when the target also attaches the volume remotely (`ExportTarget::Import`). Absent in
+    /// markers written before it was recorded: the volume's ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_export: Option<String>,
 }
 
 /// What the source serves for the copy.
@@ -283,6 +288,7 @@ impl Engine {
                     step: MigrationStep::Copying,
                     target_host: None,
                     target_port: None,
+                    target_export: None,
                 },
             )?;
         }
@@ -406,6 +412,7 @@ impl Engine {
                 step: MigrationStep::Mirroring,
                 target_host: Some(target.host.clone()),
                 target_port: Some(target.port),
+                target_export: Some(target.export.clone()),
                 ..marker
             },
         )?;
@@ -687,11 +694,16 @@ impl Engine {
             .iter()
             .any(|e| matches!(e.target, ExportTarget::Volume));
         match (consumer, &marker.target_host, marker.target_port) {
+            // The NBD client stays connected to the export the mirror wrote into; a restarted
+            // daemon opens that one again.
             (true, Some(host), Some(port)) => self.write_remote_record(&RemoteRecord {
                 volume: volume.clone(),
                 host: host.clone(),
                 port,
-                export: volume.to_string(),
+                export: marker
+                    .target_export
+                    .clone()
+                    .unwrap_or_else(|| volume.to_string()),
             })?,
             _ => {
                 self.close_remote_node(volume).await?;
@@ -874,6 +886,7 @@ impl Engine {
                 step: MigrationStep::Copying,
                 target_host: None,
                 target_port: None,
+                target_export: None,
             };
             let marker = serde_json::to_vec_pretty(&marker).map_err(io::Error::other)?;
             atomic_write(&dir.join(MARKER_FILE), &marker)?;
@@ -905,7 +918,12 @@ impl Engine {
                         "volume {volume} is held by this node; it is not an import"
                     )));
                 }
-                self.remove_export(&rec, &ExportTarget::Volume).await?;
+                // The import's own export; the consumer export only if this node does not
+                // also attach the volume remotely (then that id is the attachment's).
+                self.remove_export(&rec, &ExportTarget::Import).await?;
+                if self.remote_record(volume)?.is_none() {
+                    self.remove_export(&rec, &ExportTarget::Volume).await?;
+                }
                 for l in rec.layers.iter().rev() {
                     self.blockdev_del(&rec.node_name(l.seq)).await?;
                 }

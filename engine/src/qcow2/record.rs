@@ -83,6 +83,10 @@ pub enum ExportTarget {
     Volume,
     /// A snapshot's point-in-time view, read-only.
     Snapshot { id: SnapshotId },
+    /// An incoming migration's volume, writable, served to the source's mirror under a name of
+    /// its own: this node uses the volume through a remote attachment whose export has the
+    /// consumer export's name (`remote.rs`), and the mirror must not write into that.
+    Import,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,9 +417,19 @@ impl VolumeRecord {
     pub fn export_names(&self, target: &ExportTarget) -> (String, String) {
         match target {
             ExportTarget::Volume => (self.id.to_string(), format!("v{}", &self.id.hex()[..24])),
+            ExportTarget::Import => (
+                import_export_name(&self.id),
+                format!("m{}", &self.id.hex()[..24]),
+            ),
             ExportTarget::Snapshot { id } => (id.to_string(), format!("s{}", &id.hex()[..24])),
         }
     }
+}
+
+/// The NBD export name an incoming migration's volume is served under while this node also
+/// attaches it remotely ([`ExportTarget::Import`]).
+pub fn import_export_name(volume: &VolumeId) -> String {
+    format!("{volume}.import")
 }
 
 /// Replaces `path` with `body` atomically and durably: write a temporary

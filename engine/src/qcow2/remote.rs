@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::engine::{Engine, Result};
-use super::record::{atomic_write, atomic_write_private};
+use super::record::{ExportRecord, ExportTarget, atomic_write, atomic_write_private};
 use super::types::ExportInfo;
 use crate::error::EngineError;
 use livedisk_common::VolumeId;
@@ -56,6 +56,14 @@ pub struct RemoteRecord {
     pub host: String,
     pub port: u16,
     pub export: String,
+}
+
+/// The raw filter node a remote attachment's export sits on, over its NBD client node: the
+/// export's way to the volume can then be changed under a connected consumer
+/// (`blockdev-reopen` of the filter's `file`), which is how a volume that migrates to this node
+/// becomes local to its consumer here (`localize_remote_attachment`).
+pub(super) fn filter_node(volume: &VolumeId) -> String {
+    format!("rf{}", &volume.hex()[..24])
 }
 
 /// The daemon's names for a remote volume's objects: TLS credentials, NBD client node, export.
@@ -198,17 +206,30 @@ impl Engine {
         }
     }
 
-    /// Makes the daemon serve a recorded attachment: credentials, NBD client, export. Each step
-    /// finds what a previous (interrupted) attempt left.
+    /// Makes the daemon serve a recorded attachment: credentials, NBD client, its filter node,
+    /// export. Each step finds what a previous (interrupted) attempt left.
     async fn open_remote(&self, record: &RemoteRecord) -> Result<()> {
         let (_, node, export) = names(&record.volume);
+        let filter = filter_node(&record.volume);
         self.open_remote_node(record).await?;
+        let filtered = self
+            .qmp
+            .execute(
+                "blockdev-add",
+                json!({ "driver": "raw", "node-name": filter, "file": node }),
+            )
+            .await;
+        match filtered {
+            Ok(_) => {}
+            Err(e) if e.desc_contains("Duplicate nodes") || e.desc_contains("already") => {}
+            Err(e) => return Err(e.into()),
+        }
         let exported = self
             .qmp
             .execute(
                 "block-export-add",
                 json!({
-                    "type": "nbd", "id": export, "node-name": node,
+                    "type": "nbd", "id": export, "node-name": filter,
                     "name": record.volume.to_string(), "writable": true,
                 }),
             )
@@ -304,8 +325,86 @@ impl Engine {
         }
         let (_, _, export) = names(volume);
         self.delete_export_and_wait(&export).await?;
+        self.remove_remote_filter(volume).await?;
         self.close_remote_node(volume).await?;
         self.remove_remote_files(volume)
+    }
+
+    /// Removes the filter node of `volume`'s remote attachment (once no export sits on it).
+    /// Idempotent.
+    pub(super) async fn remove_remote_filter(&self, volume: &VolumeId) -> Result<()> {
+        match self
+            .qmp
+            .execute("blockdev-del", json!({ "node-name": filter_node(volume) }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.desc_contains("Failed to find node") || e.desc_contains("not found") => {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes a volume that has come to this node (a migration's import, handed over) local to
+    /// the consumer that used it here through a remote attachment: the attachment's filter
+    /// node is switched, under the connected consumer, from the NBD client to the volume's
+    /// active layer (`blockdev-reopen`); the export becomes the volume's consumer export in its
+    /// record, and the NBD client, its credentials and the attachment's record go. Returns
+    /// whether the volume was attached remotely (false: nothing to do).
+    ///
+    /// Crash-safe in this order: until the record names the consumer export, a restarted daemon
+    /// serves the attachment as before (through the old owner) and this is called again; after
+    /// it, the export is re-created on the active layer whichever way the filter pointed.
+    pub async fn localize_remote_attachment(&self, volume: &VolumeId) -> Result<bool> {
+        let _g = self.locks.try_lock(volume)?;
+        if self.remote_record(volume)?.is_none() && !self.has_remote_files(volume) {
+            return Ok(false);
+        }
+        let mut rec = self.load(volume)?;
+        if self.is_incoming(volume)? {
+            return Err(EngineError::FailedPrecondition(format!(
+                "volume {volume} is still being migrated to this node"
+            )));
+        }
+        let active = rec
+            .active()
+            .ok_or_else(|| EngineError::NotFound(format!("volume {volume}")))?;
+        let active = rec.node_name(active.seq);
+        let (_, _, export) = names(volume);
+        let filter = filter_node(volume);
+        match self.export_nodes().await?.get(&export) {
+            Some(node) if *node == filter => {
+                self.qmp
+                    .execute(
+                        "blockdev-reopen",
+                        json!({ "options": [{ "driver": "raw", "node-name": filter, "file": active }] }),
+                    )
+                    .await?;
+            }
+            Some(node) if *node == active => {}
+            Some(node) => {
+                // An attachment made before exports sat on a filter: its consumer keeps the
+                // way through the old owner until it is staged again.
+                return Err(EngineError::FailedPrecondition(format!(
+                    "the remote attachment of volume {volume} is exported from node {} (no \
+                     filter node to switch); stage the volume again to use it locally",
+                    node
+                )));
+            }
+            None => {}
+        }
+        if !rec.exports.iter().any(|e| e.target == ExportTarget::Volume) {
+            rec.exports.push(ExportRecord {
+                target: ExportTarget::Volume,
+                changed_since: None,
+            });
+            self.store.save(&rec)?;
+        }
+        self.close_remote_node(volume).await?;
+        self.remove_remote_files(volume)?;
+        tracing::info!(%volume, "remote attachment switched to the local volume under its consumer");
+        Ok(true)
     }
 
     /// After a daemon (re)start: every recorded remote attachment served again. One that cannot

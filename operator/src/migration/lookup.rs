@@ -1,14 +1,13 @@
 //! Dereference stage of a DiskMigration: the claim's volume and the node that holds it (shared
 //! with DiskMerge and DiskRestore), whether the target runs the livedisk node plugin (its
-//! LivediskNode), the other migrations of the volume that have not ended, and whether a consumer
-//! on the target uses the volume remotely. Reads go straight
+//! LivediskNode) and the other migrations of the volume that have not ended. Reads go straight
 //! to the API server: a DiskMigration is looked up a handful of times before its node work
 //! exists, and never after.
 
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use livedisk_api::DiskMigrationSpec;
-use livedisk_api::internal::{LivediskAttachment, LivediskMigration, LivediskNode};
+use livedisk_api::internal::{LivediskMigration, LivediskNode};
 
 use super::plan::{self, Lookup};
 use super::{LABEL_NAME, LABEL_NAMESPACE};
@@ -40,30 +39,12 @@ pub async fn lookup(
         .await
         .map_err(observe_error(format!("LivediskNode {target}")))?
         .is_some();
-    let consumer_on_target = match &volume {
-        Some(volume) => remote_consumer(client, volume, target).await?,
-        None => false,
-    };
     Ok(Lookup {
         claim,
         source,
         target_known,
         busy,
-        consumer_on_target,
     })
-}
-
-/// Whether `node` uses `volume` through a remote attachment (named `<volume>.<node>`) that is
-/// not being deleted.
-async fn remote_consumer(client: &Client, volume: &str, node: &str) -> Result<bool, Error> {
-    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
-    let name = format!("{volume}.{node}");
-    let found = attachments
-        .get_opt(&name)
-        .await
-        .map_err(observe_error(format!("LivediskAttachment {name}")))?;
-    Ok(found
-        .is_some_and(|a| a.metadata.deletion_timestamp.is_none() && a.spec.snapshot_id.is_none()))
 }
 
 /// The migrations of `volume` other than `own_work` that have not ended (selected on the

@@ -23,9 +23,6 @@ pub struct Lookup {
     /// Other migrations of the same volume that have not ended (`DiskMigration ns/name`, or the
     /// node work's name where its labels do not say).
     pub busy: Vec<String>,
-    /// Whether a consumer on the target node uses the volume through a remote attachment (its
-    /// LivediskAttachment `<volume>.<target>` exists and is not being deleted).
-    pub consumer_on_target: bool,
 }
 
 /// Why a DiskMigration cannot start. Each variant is a condition reason; none of them changed
@@ -60,10 +57,6 @@ pub enum Refusal {
         "the volume {volume} is being moved by {others}; nothing was moved, this migration starts once that one ended"
     )]
     Busy { volume: String, others: String },
-    #[error(
-        "the volume {volume} is attached remotely on the target node {node} (a consumer there uses it through the node that holds it); moving a volume under a consumer on its target is not supported yet (tried: the mirror to the target made no progress and the consumer's I/O stalled); nothing was moved, this migration starts once that consumer has stopped or moved"
-    )]
-    ConsumerOnTarget { volume: String, node: String },
 }
 
 impl decide::Refusal for Refusal {
@@ -79,7 +72,6 @@ impl decide::Refusal for Refusal {
             Refusal::AlreadyOnTarget { .. } => "AlreadyOnTarget",
             Refusal::InvalidBandwidth(_) => "InvalidBandwidth",
             Refusal::Busy { .. } => "MigrationInProgress",
-            Refusal::ConsumerOnTarget { .. } => "ConsumerOnTarget",
         }
     }
 
@@ -93,8 +85,7 @@ impl decide::Refusal for Refusal {
             | Refusal::ClaimNotBound(_)
             | Refusal::NoNode(_)
             | Refusal::TargetNotFound(_)
-            | Refusal::Busy { .. }
-            | Refusal::ConsumerOnTarget { .. } => true,
+            | Refusal::Busy { .. } => true,
             Refusal::OtherDriver { .. }
             | Refusal::NotLivediskVolume { .. }
             | Refusal::AlreadyOnTarget { .. }
@@ -157,12 +148,6 @@ pub fn plan(spec: &DiskMigrationSpec, lookup: &Lookup) -> Result<LivediskMigrati
         return Err(Refusal::Busy {
             volume,
             others: lookup.busy.join(", "),
-        });
-    }
-    if lookup.consumer_on_target {
-        return Err(Refusal::ConsumerOnTarget {
-            volume,
-            node: spec.target_node_name.clone(),
         });
     }
     Ok(LivediskMigrationSpec {
@@ -239,7 +224,6 @@ mod tests {
             source: Some("node-a".into()),
             target_known: true,
             busy: vec![],
-            consumer_on_target: false,
         }
     }
 
@@ -324,15 +308,6 @@ mod tests {
         let mut l = lookup();
         l.source = None;
         waits(&refuse(&spec(), &l), "VolumeNotFound");
-
-        let mut l = lookup();
-        l.consumer_on_target = true;
-        let consumer = refuse(&spec(), &l);
-        waits(&consumer, "ConsumerOnTarget");
-        assert!(
-            consumer.to_string().contains("target node node-b"),
-            "{consumer}"
-        );
 
         let mut l = lookup();
         l.target_known = false;

@@ -12,6 +12,11 @@
 //!   node plugin killed, each mid-copy, then the target's link cut after the pivot while the
 //!   source's consumer is served remotely: the migration completes, the writer sees no error,
 //!   every acknowledged write reads back.
+//! * To the node whose consumer uses the volume through a remote attachment (a VM moved before
+//!   its disk): under that consumer's writer, the migration completes with no write error, the
+//!   consumer's way through the old owner is withdrawn (its LivediskAttachment goes), and with
+//!   the old owner's link cut the consumer still writes and reads back: its export now sits on
+//!   the target's own volume.
 //! * Cancelled while the mirror runs (a bandwidth limit keeps it running): Cancelled, the volume
 //!   stays on the source with every write, and the target keeps nothing.
 
@@ -21,7 +26,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use livedisk_api::internal::{LivediskMigration, LivediskSnapshot, LivediskVolume};
+use livedisk_api::internal::{
+    LivediskAttachment, LivediskMigration, LivediskSnapshot, LivediskVolume, attachment_name,
+};
 use livedisk_api::{DiskMigration, MigrationStage, Phase};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
@@ -241,6 +248,89 @@ async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -
     take_snapshot(&client, &ns, "after", "disk").await?;
     detach_block(TARGET, &volume, "migrated").await?;
     let _ = migrations.delete("move", &DeleteParams::default()).await;
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn a_volume_moves_to_the_node_whose_consumer_uses_it_remotely() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
+    let namespace = TestNamespace::create(&client, "migrate-to-consumer").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-to-consumer")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    // The consumer is on the target, the volume on the source: a remote attachment.
+    let staged = stage_as_kubelet(TARGET, &volume, "remote").await?;
+    let device = host_device(TARGET, &staged)?;
+    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
+    let remote = attachment_name(&volume, TARGET);
+    ensure!(
+        attachments.get_opt(&remote).await?.is_some(),
+        "{volume} is not attached remotely on {TARGET}"
+    );
+    let log1 = dir.0.join("before.log");
+    write_phase(&device, 1, BLOCKS, &log1)?;
+
+    let log2 = dir.0.join("during.log");
+    let writer = start_writer(&device, 2, 20_000, &log2)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    migration(&client, &ns, "to-consumer", "disk", json!({})).await?;
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    let done = eventually(300, "DiskMigration to-consumer Completed", || async {
+        let status = migrations
+            .get("to-consumer")
+            .await?
+            .status
+            .unwrap_or_default();
+        ensure!(
+            !matches!(status.phase, Phase::Failed | Phase::Cancelled),
+            "migration ended {:?}: {:?}",
+            status.phase,
+            status.conditions
+        );
+        Ok((status.phase == Phase::Completed).then_some(status))
+    })
+    .await?;
+    println!(
+        "to the consumer's node: cutover pause {:?} ms, verification {:?}",
+        done.cutover_pause_milliseconds, done.verification
+    );
+    // The consumer's way through the old owner is withdrawn once its export is local.
+    eventually(120, "the remote attachment withdrawn", || async {
+        Ok(attachments.get_opt(&remote).await?.is_none().then_some(()))
+    })
+    .await?;
+    finish_writer(writer)?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    ensure!(
+        !pool_has(SOURCE, &volume)?,
+        "the source still holds {volume}"
+    );
+    verify(&device, 2, &log2)?;
+
+    // The old owner cut off: the consumer still writes and reads back. Through the old owner,
+    // its writes would wait on the NBD client's reconnect for minutes.
+    set_link(SOURCE, false)?;
+    let log3 = dir.0.join("cut.log");
+    let (device3, log3c) = (device.clone(), log3.clone());
+    let cut = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            write_phase(&device3, 3, 256, &log3c)?;
+            verify(&device3, 3, &log3c)
+        }),
+    )
+    .await;
+    set_link(SOURCE, true)?;
+    cut.context("the consumer's writes waited on the cut-off old owner")???;
+
+    // Unstaged the local way: nothing of the old attachment is left to end.
+    detach_block(TARGET, &volume, "remote").await?;
+    let _ = migrations
+        .delete("to-consumer", &DeleteParams::default())
+        .await;
     namespace.delete().await
 }
 

@@ -1,6 +1,7 @@
 //! `make demo`'s story as a test: hack/demo.sh on the chart's real nodes, in a namespace of its
-//! own. The script asserts each step itself (the snapshot's ext4 clean on a clone, the merge and
-//! the migrations completed, QEMU's migration completed, three backups over HTTPS restored into
+//! own. The script asserts each step itself (the snapshot's ext4 clean on a clone, the merge
+//! completed, QEMU's migration completed, then the disks' migrations to the guest's new node
+//! completed and its remote attachments withdrawn, three backups over HTTPS restored into
 //! a new volume equal byte for byte to the last snapshot, the guest's own verification of every
 //! write after both moves, a rollback with the VM stopped that the guest verifies when it boots
 //! again) and ends with one summary line; the test checks that line, the guests' results and the
@@ -51,10 +52,15 @@ async fn make_demo_runs_its_story_on_real_nodes() -> Result<()> {
                 && l.contains("point_in_time=")),
         "the rebooted guest's point-in-time check of the rolled-back disk is in the output"
     );
+    ensure!(
+        stdout.contains("node-b's guest now writes to its local volumes"),
+        "the disks followed the VM and node-b's guest uses them locally"
+    );
     for step in [
         "incremental backups",
         "a DiskMerge",
         "QEMU's live migration",
+        "DiskMigrations of both disks",
     ] {
         ensure!(
             stdout.lines().any(|l| l.trim_start().starts_with(step)),

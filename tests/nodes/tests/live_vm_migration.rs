@@ -1,21 +1,22 @@
-//! A running VM and its disks moved from node-a to node-b while the guest writes, as KubeVirt
-//! users move one: the disks are ReadWriteMany block PVCs.
+//! A running VM and its disks moved from node-a to node-b while the guest writes, in the order
+//! KubeVirt users move one: the VM first, then its disks. The disks are ReadWriteMany block PVCs.
 //!
 //! 1. The VM runs in a pod on node-a (the test VM's live mode, docs/vm-test.md): a block writer
 //!    on one disk, ext4 with a file writer on the other, a real qemu-guest-agent.
-//! 2. A DiskMigration of each disk moves the volume to node-b (the engine mirrors it live and
-//!    cuts over); the VM on node-a goes on through a remote attachment to node-b.
-//! 3. The same VM starts on node-b with `-incoming`, its disks staged there (local now); a
-//!    DiskMigration back to node-a is refused while node-a's VM uses the volumes remotely
-//!    (ConsumerOnTarget: moving a volume under a consumer on its target stalled when tried).
-//! 4. QEMU's live migration moves the guest from node-a's pod to node-b's (hack/vm/migrate plays
+//! 2. The same VM starts on node-b with `-incoming`, its disks staged there too: node-b uses them
+//!    through remote attachments to node-a, which holds them.
+//! 3. QEMU's live migration moves the guest from node-a's pod to node-b's (hack/vm/migrate plays
 //!    virt-handler, which drives it over QEMU's monitor in KubeVirt); the source pod ends saying
 //!    its guest moved away.
+//! 4. A DiskMigration of each disk brings the volume to node-b under the running guest (its
+//!    consumer on the target): the engine mirrors it live and cuts over, node-b's exports are
+//!    switched to the local volumes under the guest, and the remote attachments to node-a go.
 //! 5. The guest, shut down through its agent on node-b, verifies every write it acknowledged on
 //!    both disks, before and after both moves.
 
 use anyhow::{Context, Result, bail, ensure};
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
+use livedisk_api::internal::{LivediskAttachment, attachment_name};
 use livedisk_api::{DiskMigration, Phase};
 use livedisk_e2e::eventually;
 use livedisk_node_e2e::live_vm::{last_seq, migrate};
@@ -43,49 +44,10 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         .run_pod(n, &live_vm::pod("vm-a", SOURCE, DISKS, &source_script))
         .await?;
     live_vm::wait_writing(&cluster, n, "vm-a").await?;
-
     let idle_upto = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
-    // 2. The disks move to node-b under the running VM.
-    let migrations: Api<DiskMigration> = Api::namespaced(cluster.client.clone(), n);
-    let disk_migration = |name: &str, claim: &str, target: &str| {
-        json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskMigration",
-               "metadata": {"name": name},
-               "spec": {"persistentVolumeClaimName": claim, "targetNodeName": target,
-                        "verify": true}})
-    };
-    for claim in DISKS {
-        cluster
-            .create_object(n, disk_migration(claim, claim, TARGET))
-            .await?;
-    }
-    for claim in DISKS {
-        let done = eventually(600, &format!("DiskMigration {claim} Completed"), || async {
-            let status = migrations.get(claim).await?.status.unwrap_or_default();
-            match status.phase {
-                Phase::Completed => Ok(Some(status)),
-                Phase::Failed | Phase::Cancelled => bail!("DiskMigration {claim}: {status:?}"),
-                _ => Ok(None),
-            }
-        })
-        .await?;
-        println!(
-            "DiskMigration {claim}: {}",
-            serde_json::to_string(&done).unwrap_or_default()
-        );
-    }
-    let after_disks = last_seq(&cluster.logs(n, "vm-a").await?, "LDACK ").unwrap_or(0);
-    let disks_from = idle_upto;
-    eventually(
-        120,
-        "the guest on node-a writing to its disks on node-b",
-        || async {
-            let logs = cluster.logs(n, "vm-a").await.unwrap_or_default();
-            Ok(last_seq(&logs, "LDACK ").filter(|s| *s > after_disks + 200))
-        },
-    )
-    .await?;
 
-    // 3. The destination: the same VM, waiting for its state on node-b with the same disks.
+    // 2. The destination: the same VM, waiting for its state on node-b with the same disks
+    // (attached there remotely: node-a holds them).
     let target_script = live_vm::script(TAG, &format!("--incoming tcp:0.0.0.0:{PORT}"));
     cluster
         .run_pod(n, &live_vm::pod("vm-b", TARGET, DISKS, &target_script))
@@ -100,23 +62,21 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         eprintln!("{}", cluster.describe(n, "vm-b").await);
         return Err(error);
     }
-    // A volume is not moved under a consumer on its target: node-a's VM uses it remotely now.
-    cluster
-        .create_object(n, disk_migration("back", DISKS[0], SOURCE))
-        .await?;
-    let refused = eventually(60, "DiskMigration back refused", || async {
-        let status = migrations.get("back").await?.status.unwrap_or_default();
-        Ok(status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Stalled" && c.reason == "ConsumerOnTarget")
-            .map(|c| c.message.clone()))
-    })
-    .await?;
-    println!("refused: {refused}");
-    migrations.delete("back", &DeleteParams::default()).await?;
+    let attachments: Api<LivediskAttachment> = Api::all(cluster.client.clone());
+    let mut volumes = vec![];
+    for claim in DISKS {
+        let volume = cluster.volume_handle(n, claim).await?;
+        ensure!(
+            attachments
+                .get_opt(&attachment_name(&volume, TARGET))
+                .await?
+                .is_some(),
+            "{claim} ({volume}) is not attached remotely on {TARGET}"
+        );
+        volumes.push(volume);
+    }
 
-    // 4. The guest moves.
+    // 3. The guest moves.
     let target_ip = cluster
         .pods(n)
         .get("vm-b")
@@ -151,6 +111,57 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
     })
     .await?;
 
+    // 4. The disks follow the guest: DiskMigrations to node-b, whose guest uses them remotely.
+    let migrations: Api<DiskMigration> = Api::namespaced(cluster.client.clone(), n);
+    let disks_from = last_seq(&cluster.logs(n, "vm-b").await?, "LDACK ").unwrap_or(0);
+    for claim in DISKS {
+        cluster
+            .create_object(
+                n,
+                json!({"apiVersion": "livedisk.io/v1alpha1", "kind": "DiskMigration",
+                       "metadata": {"name": claim},
+                       "spec": {"persistentVolumeClaimName": claim, "targetNodeName": TARGET,
+                                "verify": true}}),
+            )
+            .await?;
+    }
+    for claim in DISKS {
+        let done = eventually(600, &format!("DiskMigration {claim} Completed"), || async {
+            let status = migrations.get(claim).await?.status.unwrap_or_default();
+            match status.phase {
+                Phase::Completed => Ok(Some(status)),
+                Phase::Failed | Phase::Cancelled => bail!("DiskMigration {claim}: {status:?}"),
+                _ => Ok(None),
+            }
+        })
+        .await?;
+        println!(
+            "DiskMigration {claim}: {}",
+            serde_json::to_string(&done).unwrap_or_default()
+        );
+    }
+    let after_disks = last_seq(&cluster.logs(n, "vm-b").await?, "LDACK ").unwrap_or(0);
+    // node-b's guest no longer goes through node-a: its remote attachments are withdrawn (their
+    // connections end with them), and the guest goes on writing.
+    for volume in &volumes {
+        let name = attachment_name(volume, TARGET);
+        eventually(
+            120,
+            &format!("LivediskAttachment {name} withdrawn"),
+            || async { Ok(attachments.get_opt(&name).await?.is_none().then_some(())) },
+        )
+        .await?;
+    }
+    eventually(
+        120,
+        "the guest on node-b writing to its disks, now local",
+        || async {
+            let logs = cluster.logs(n, "vm-b").await.unwrap_or_default();
+            Ok(last_seq(&logs, "LDACK ").filter(|s| *s > after_disks + 200))
+        },
+    )
+    .await?;
+
     let on_b = last_seq(&cluster.logs(n, "vm-b").await?, "LDACK ").unwrap_or(0);
     let both = format!("{source_logs}{}", cluster.logs(n, "vm-b").await?);
     live_vm::print_latency(
@@ -159,16 +170,16 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         &[
             ("idle on node-a (before any move)", 1, idle_upto),
             (
-                "the two DiskMigrations, start to Completed",
-                disks_from,
-                after_disks,
-            ),
-            (
                 "QEMU's migration (the ask to the last ack on a)",
                 before,
                 moved_at + 1,
             ),
-            ("on node-b after both moves", moved_at + 1, on_b),
+            (
+                "the two DiskMigrations, start to Completed",
+                disks_from,
+                after_disks,
+            ),
+            ("on node-b after both moves", after_disks, on_b),
         ],
     );
 
@@ -182,9 +193,9 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         .and_then(|w| w.parse().ok())
         .context("no writes= in the result")?;
     ensure!(
-        writes > moved_at,
-        "the guest's log ({writes} writes) covers the writes before the move ({moved_at})"
+        writes > after_disks,
+        "the guest's log ({writes} writes) covers the writes before the disks moved ({after_disks})"
     );
-    println!("moved after block ack {moved_at}; {result}");
+    println!("guest moved after block ack {moved_at}, disks after {after_disks}; {result}");
     ns.delete().await
 }
