@@ -688,8 +688,10 @@ async fn target_step(agent: &Arc<Agent>, m: &LivediskMigration) -> Result<Action
         _ => {}
     }
     if pivoted {
+        // The consumer here is taken over once the migration completed, not before: until
+        // then the source compares its old chain with this node's copy outside what its NBD
+        // client saw written since the pivot, and the consumer's writes must go that way.
         agent.engine.import_commit(&volume)?;
-        take_over_consumer(agent, &volume).await?;
         return Ok(Action::await_change());
     }
     let target = status.target.clone().unwrap_or_default();

@@ -273,7 +273,7 @@ async fn a_volume_moves_to_the_node_whose_consumer_uses_it_remotely() -> Result<
     write_phase(&device, 1, BLOCKS, &log1)?;
 
     let log2 = dir.0.join("during.log");
-    let writer = start_writer(&device, 2, 20_000, &log2)?;
+    let mut writer = start_writer(&device, 2, 60_000, &log2)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     migration(&client, &ns, "to-consumer", "disk", json!({})).await?;
     let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
@@ -293,8 +293,14 @@ async fn a_volume_moves_to_the_node_whose_consumer_uses_it_remotely() -> Result<
     })
     .await?;
     println!(
-        "to the consumer's node: cutover pause {:?} ms, verification {:?}",
-        done.cutover_pause_milliseconds, done.verification
+        "to the consumer's node: cutover pause {:?} ms, verification {:?}, {} writes acknowledged",
+        done.cutover_pause_milliseconds,
+        done.verification,
+        acked(&log2)
+    );
+    ensure!(
+        writer.try_wait()?.is_none(),
+        "the writer ended before the migration did: the move was not under it (raise its count)"
     );
     // The consumer's way through the old owner is withdrawn once its export is local.
     eventually(120, "the remote attachment withdrawn", || async {
