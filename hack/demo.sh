@@ -353,6 +353,20 @@ result="$(k logs demo-vm-b | grep '^LIVEDISK-RESULT' | tail -n 1)"
 say "$result"
 [ "$phase" = Succeeded ] && [[ "$result" == *"status=ok"* ]] || die "the guest's verification: $phase, $result"
 writes="$(echo "$result" | sed -n 's/.* writes=\([0-9]*\) .*/\1/p')"
+# Ground truth without livedisk and without the guest: qemu-img reads the block disk's layer files
+# in node-b's pool (the engine daemon still has them open: a shared read), and the verifier of the
+# test VM's build checks the raw image against every write the guest acknowledged.
+handle="$(kubectl get pv "$(k get pvc demo-blocks -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')"
+top="$(for f in "$STATE"/nodes/node-b/var/lib/livedisk/pools/*/"$handle"/layer-*.qcow2; do
+  [ -e "$f" ] && echo "$(basename "$f" .qcow2 | sed 's/^layer-//') $f"; done | sort -n | tail -n 1 | cut -d' ' -f2-)"
+[ -n "$top" ] || die "no layer files of demo-blocks ($handle) in node-b's pool"
+verifier="$("$ROOT/hack/vm/build.sh" | tail -n 1)/livedisk-verifier"
+qemu-img convert -U -f qcow2 -O raw "$top" "$LOGS/blocks.raw"
+vm_logs | sed -n 's/^LDACK //p' | awk '!seen[$0]++' >"$LOGS/acks.jsonl"
+"$verifier" verify --path "$LOGS/blocks.raw" --tag 9 --log "$LOGS/acks.jsonl" >"$LOGS/offline.log" 2>&1 \
+  || die "offline: node-b's layer files of demo-blocks lack acknowledged writes: $(tail -n 2 "$LOGS/offline.log" | tr '\n' ' ')"
+rm -f "$LOGS/blocks.raw"
+say "offline: qemu-img's read of node-b's layer files ($(basename "$top") and what it stands on) holds every one of the guest's $(wc -l <"$LOGS/acks.jsonl") acknowledged block writes"
 
 step "with the VM stopped, the block disk rolls back to the first backup's snapshot ($DEMO/50-rollback.yaml)"
 keep_logs
