@@ -357,8 +357,8 @@ writes="$(echo "$result" | sed -n 's/.* writes=\([0-9]*\) .*/\1/p')"
 # in node-b's pool (the engine daemon still has them open: a shared read), and the verifier of the
 # test VM's build checks the raw image against every write the guest acknowledged.
 handle="$(kubectl get pv "$(k get pvc demo-blocks -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')"
-top="$(for f in "$STATE"/nodes/node-b/var/lib/livedisk/pools/*/"$handle"/layer-*.qcow2; do
-  [ -e "$f" ] && echo "$(basename "$f" .qcow2 | sed 's/^layer-//') $f"; done | sort -n | tail -n 1 | cut -d' ' -f2-)"
+top="$(find "$STATE/nodes/node-b/var/lib/livedisk/pools" -path "*/$handle/layer-*.qcow2" 2>/dev/null \
+  | sed 's/.*layer-\([0-9]*\)\.qcow2$/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2-)"
 [ -n "$top" ] || die "no layer files of demo-blocks ($handle) in node-b's pool"
 verifier="$("$ROOT/hack/vm/build.sh" | tail -n 1)/livedisk-verifier"
 qemu-img convert -U -f qcow2 -O raw "$top" "$LOGS/blocks.raw"
