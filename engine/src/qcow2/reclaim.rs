@@ -48,13 +48,19 @@ impl Reclaimer {
             uuid::Uuid::new_v4().simple(),
             name.to_string_lossy()
         ));
-        // Twice: a background thread may remove the (then empty) directory
-        // between our create_dir_all and the rename.
-        for _ in 0..2 {
+        // A few times: a background thread may remove the (then empty)
+        // directory between our create_dir_all and the rename, or inside
+        // create_dir_all itself (its mkdir finds the directory, which is gone
+        // by the time it looks again: AlreadyExists, seen under load).
+        for _ in 0..4 {
             if !file.exists() {
                 return Ok(());
             }
-            std::fs::create_dir_all(&self.dir)?;
+            match std::fs::create_dir_all(&self.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
             match std::fs::rename(file, &target) {
                 Ok(()) => {
                     self.spawn_unlink(Some(target));
