@@ -302,6 +302,23 @@ pub async fn kill_engine_daemon(node_name: &str) -> Result<i32> {
     Ok(pid)
 }
 
+/// `call` retried while it answers ABORTED (another operation on the volume in progress), as
+/// the CSI sidecars and kubelet retry it; any other answer is returned.
+pub async fn retry_aborted<T, F, Fut>(what: &str, call: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    crate::eventually(60, what, || async {
+        match call().await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if busy(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
 /// CreateSnapshot of `volume` through the controller as csi-snapshotter calls it, retried while
 /// the answer is ABORTED (another operation on the volume in progress: the node's own work on a
 /// snapshot taken just before, for one), as csi-snapshotter retries it.

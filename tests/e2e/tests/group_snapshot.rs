@@ -27,8 +27,9 @@ use livedisk_api::internal::{GROUP_SNAPSHOT_LABEL, LivediskSnapshot};
 use livedisk_csi_proto::csi::v1::group_controller_client::GroupControllerClient;
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
-    attach_block, channel, controller, create_block_volume, create_snapshot_retrying,
-    delete_volume, detach_block, restore_block_volume, socket_dir,
+    attach_block, attach_block_as_kubelet, channel, controller, create_block_volume,
+    create_snapshot_retrying, delete_volume, detach_block, restore_block_volume, retry_aborted,
+    socket_dir,
 };
 use livedisk_e2e::disks::{ScratchDir, claim_bound_on, host_device, must, pvc};
 use livedisk_e2e::phases::{verify, write_phase};
@@ -81,9 +82,14 @@ fn newest_seq(device: &str) -> Result<Option<u64>> {
 }
 
 /// A volume restored from `snapshot` on `node`, staged there: its host device.
+/// A volume restored from `snapshot` and staged, as the provisioner and kubelet do it (both
+/// retry ABORTED: the node may still be busy with the snapshot's volume).
 async fn restored(name: &str, snapshot: &str, node: &str) -> Result<(String, String)> {
-    let volume = restore_block_volume(name, snapshot, node).await?;
-    let device = host_device(node, &attach_block(node, &volume, name).await?)?;
+    let volume = retry_aborted(&format!("restore {name}"), || {
+        restore_block_volume(name, snapshot, node)
+    })
+    .await?;
+    let device = host_device(node, &attach_block_as_kubelet(node, &volume, name).await?)?;
     Ok((volume, device))
 }
 
