@@ -262,6 +262,21 @@ async fn a_running_vm_snapshotted_inside_its_real_guest_agents_freeze_has_a_clea
         )
         .await?;
     wait_for_phase(&snapshots, "data-base", "Ready", 120).await?;
+    // Something to merge: the guest's file writes on the ext4 disk after data-base (a slow
+    // guest on a loaded machine once wrote none, and the commit of an empty layer ended before
+    // any progress could show).
+    let file_from = last_seq(&cluster.logs(n, "vm").await?, "LDFILE ").unwrap_or(0);
+    eventually(
+        180,
+        "1000 file writes of the guest after data-base",
+        || async {
+            let logs = cluster.logs(n, "vm").await.unwrap_or_default();
+            Ok(last_seq(&logs, "LDFILE ")
+                .filter(|s| *s >= file_from + 1000)
+                .map(|_| ()))
+        },
+    )
+    .await?;
     let merge_from = last_seq(&cluster.logs(n, "vm").await?, "LDACK ").unwrap_or(0);
     cluster
         .create_object(
