@@ -6,8 +6,8 @@
 # always stops what it started.
 #
 # Env: LIVEDISK_TEST_NODES_STATE_DIR (.livedisk/test-nodes), LIVEDISK_TEST_NODES_LINK_PREFIX
-# (lr), LIVEDISK_TEST_NODES_SUBNET (10.237), LIVEDISK_TEST_NODES_APISERVER_PORT (16743; the
-# other ports follow from the defaults below); NODE_BUILD_STATUS: a file the node runtime build
+# (lr), LIVEDISK_TEST_NODES_SUBNET (10.237), LIVEDISK_TEST_NODES_APISERVER_PORT (16743; its
+# other ports are fixed below); NODE_BUILD_STATUS: a file the node runtime build
 # (hack/harness/node-build.sh, run by hack/test.sh in the background) writes its exit status to,
 # waited for before the nodes start.
 set -euo pipefail
