@@ -66,6 +66,17 @@ vm_logs() {
 }
 keep_logs() { local pod; for pod in demo-vm-a demo-vm-b; do k logs "$pod" >"$LOGS/$pod"; done; }
 block_seq() { vm_logs | sed -n 's/^LDACK {"seq":\([0-9]*\),.*/\1/p' | sort -n | tail -n 1; }
+# Waits (at most 120 s) until the guest has acknowledged 100 block writes past AFTER.
+block_writes_past() { # AFTER
+  for _ in $(seq 1 120); do
+    [ "$(block_seq)" -gt "$(($1 + 100))" ] 2>/dev/null && return
+    sleep 1
+  done
+}
+# The volume ID (CSI volume handle) of CLAIM.
+volume_handle() { # CLAIM
+  kubectl get pv "$(k get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'
+}
 # The guest's write latency while the step WHAT ran, between its block writes FROM and TO: a
 # table row kept for the end (writes, p50, p99, max in ms; from the guest's own LDACK lines).
 LATENCY=()
@@ -222,11 +233,7 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 say "node-a's pod: $(k logs demo-vm-a | grep '^LIVEDISK-MIGRATED' || echo 'no LIVEDISK-MIGRATED')"
-after="$(last_seq demo-vm-a LDACK)"
-for _ in $(seq 1 120); do
-  [ "$(last_seq demo-vm-b LDACK)" -gt "$((after + 100))" ] 2>/dev/null && break
-  sleep 1
-done
+block_writes_past "$(last_seq demo-vm-a LDACK)"
 say "the guest writes on node-b: block write #$(last_seq demo-vm-b LDACK)"
 latency "QEMU's live migration to node-b" "$from" "$(block_seq)"
 
@@ -239,8 +246,7 @@ latency "DiskMigrations of both disks to node-b" "$from" "$(block_seq)"
 pauses="$(for m in demo-blocks-to-node-b demo-data-to-node-b; do k get diskmigration "$m" -o jsonpath='{.status.cutoverPauseMilliseconds}'; echo -n ' '; done)"
 say "cutover pauses (ms): $pauses"
 for claim in demo-blocks demo-data; do
-  volume="$(k get pvc "$claim" -o jsonpath='{.spec.volumeName}')"
-  handle="$(kubectl get pv "$volume" -o jsonpath='{.spec.csi.volumeHandle}')"
+  handle="$(volume_handle "$claim")"
   for _ in $(seq 1 120); do
     kubectl get livediskattachment "$handle.node-b" >/dev/null 2>&1 || break
     sleep 1
@@ -248,11 +254,7 @@ for claim in demo-blocks demo-data; do
   ! kubectl get livediskattachment "$handle.node-b" >/dev/null 2>&1 \
     || die "node-b still attaches $claim remotely after its DiskMigration"
 done
-after="$(block_seq)"
-for _ in $(seq 1 120); do
-  [ "$(block_seq)" -gt "$((after + 100))" ] 2>/dev/null && break
-  sleep 1
-done
+block_writes_past "$(block_seq)"
 say "node-b's guest now writes to its local volumes (the remote attachments to node-a are withdrawn): block write #$(block_seq)"
 
 step "backups of the block disk while the VM runs: a full and two incrementals over HTTPS DiskExports ($DEMO/40-*.yaml, 41-*, 42-*)"
@@ -356,7 +358,7 @@ writes="$(echo "$result" | sed -n 's/.* writes=\([0-9]*\) .*/\1/p')"
 # Ground truth without livedisk and without the guest: qemu-img reads the block disk's layer files
 # in node-b's pool (the engine daemon still has them open: a shared read), and the verifier of the
 # test VM's build checks the raw image against every write the guest acknowledged.
-handle="$(kubectl get pv "$(k get pvc demo-blocks -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')"
+handle="$(volume_handle demo-blocks)"
 top="$(find "$STATE/nodes/node-b/var/lib/livedisk/pools" -path "*/$handle/layer-*.qcow2" 2>/dev/null \
   | sed 's/.*layer-\([0-9]*\)\.qcow2$/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2-)"
 [ -n "$top" ] || die "no layer files of demo-blocks ($handle) in node-b's pool"
