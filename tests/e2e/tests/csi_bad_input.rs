@@ -5,6 +5,7 @@ use anyhow::Result;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use livedisk_api::internal::{LivediskSnapshot, LivediskVolume};
+use livedisk_common::names;
 use livedisk_csi_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, access_mode::Mode,
 };
@@ -18,6 +19,20 @@ use tonic::Code;
 
 const UNKNOWN_VOLUME: &str = "vol-00000000-0000-4000-8000-000000000000";
 const UNKNOWN_SNAPSHOT: &str = "snap-00000000-0000-4000-8000-000000000000";
+/// Every CreateVolume name the test sends (the IDs a wrongly accepted request would create).
+const VOLUME_NAMES: [&str; 8] = [
+    "",
+    "bad-no-caps",
+    "bad-multi",
+    "bad-parameter",
+    "bad-range",
+    "bad-source-path",
+    "bad-source-volume",
+    "bad-too-big",
+];
+/// The CreateSnapshot name the test sends (besides none).
+const SNAPSHOT_NAME: &str = "bad-snap";
+const SNAPSHOT_NAMES: [&str; 2] = ["", SNAPSHOT_NAME];
 
 fn capability(mode: Mode) -> VolumeCapability {
     VolumeCapability {
@@ -27,6 +42,10 @@ fn capability(mode: Mode) -> VolumeCapability {
 }
 
 fn create(name: &str) -> CreateVolumeRequest {
+    assert!(
+        VOLUME_NAMES.contains(&name),
+        "{name:?} is missing from VOLUME_NAMES, so the final check would not look for it"
+    );
     CreateVolumeRequest {
         name: name.into(),
         volume_capabilities: vec![capability(Mode::SingleNodeWriter)],
@@ -57,20 +76,36 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     let kube = client().await?;
     let volumes: Api<LivediskVolume> = Api::all(kube.clone());
     let snapshots: Api<LivediskSnapshot> = Api::all(kube.clone());
-    // The names of the internal objects. Other tests' cleanup may still delete objects while
-    // this runs, so "nothing changed" means: no object appeared. (Every delete below names an
-    // unknown or malformed ID, which no object can carry.)
+    // The internal objects that exist. Other binaries on the same cluster may still create or
+    // delete objects while this runs (a leftover VolumeSnapshot's content being cut as its
+    // namespace goes), so "nothing changed" is checked for the objects this test's requests
+    // could have made: the IDs derived from the names it sends (every other request names an
+    // unknown or malformed ID, which no object can carry).
     let names = || async {
         let mut names = std::collections::BTreeSet::new();
         for volume in volumes.list(&ListParams::default()).await?.items {
-            names.insert(format!("LivediskVolume/{}", volume.name_any()));
+            names.insert(volume.name_any());
         }
         for snapshot in snapshots.list(&ListParams::default()).await?.items {
-            names.insert(format!("LivediskSnapshot/{}", snapshot.name_any()));
+            names.insert(snapshot.name_any());
         }
         Ok::<_, anyhow::Error>(names)
     };
+    let ours = VOLUME_NAMES
+        .iter()
+        .map(|name| names::volume_id_for(name).to_string())
+        .chain(
+            SNAPSHOT_NAMES
+                .iter()
+                .map(|name| names::snapshot_id_for(name).to_string()),
+        )
+        .collect::<std::collections::BTreeSet<_>>();
     let before = names().await?;
+    let already = before.intersection(&ours).cloned().collect::<Vec<_>>();
+    anyhow::ensure!(
+        already.is_empty(),
+        "objects named like this test's requests exist before it runs: {already:?}"
+    );
     let mut c = controller().await?;
 
     expect(
@@ -224,7 +259,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     expect(
         "CreateSnapshot without a source",
         c.create_snapshot(CreateSnapshotRequest {
-            name: "bad-snap".into(),
+            name: SNAPSHOT_NAME.into(),
             ..Default::default()
         })
         .await,
@@ -233,7 +268,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     expect(
         "CreateSnapshot of an unknown volume",
         c.create_snapshot(CreateSnapshotRequest {
-            name: "bad-snap".into(),
+            name: SNAPSHOT_NAME.into(),
             source_volume_id: UNKNOWN_VOLUME.into(),
             ..Default::default()
         })
@@ -243,7 +278,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
     expect(
         "CreateSnapshot of a path-like volume ID",
         c.create_snapshot(CreateSnapshotRequest {
-            name: "bad-snap".into(),
+            name: SNAPSHOT_NAME.into(),
             source_volume_id: "vol-../../x".into(),
             ..Default::default()
         })
@@ -267,7 +302,7 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
         expect(
             what,
             c.create_snapshot(CreateSnapshotRequest {
-                name: "bad-snap".into(),
+                name: SNAPSHOT_NAME.into(),
                 source_volume_id: UNKNOWN_VOLUME.into(),
                 parameters: parameters
                     .iter()
@@ -491,19 +526,20 @@ async fn every_rpc_answers_bad_input_with_the_spec_code_and_changes_nothing() ->
 
     // The ResourceExhausted volume was removed again; nothing else was ever created.
     let settled = async {
-        let mut appeared = Vec::new();
+        let mut made = Vec::new();
         for _ in 0..100 {
-            appeared = names()
-                .await?
-                .difference(&before)
-                .cloned()
-                .collect::<Vec<_>>();
-            if appeared.is_empty() {
+            let now = names().await?;
+            made = now.intersection(&ours).cloned().collect::<Vec<_>>();
+            if made.is_empty() {
+                let others = now.difference(&before).collect::<Vec<_>>();
+                if !others.is_empty() {
+                    eprintln!("objects of other tests appeared meanwhile (not ours): {others:?}");
+                }
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        anyhow::bail!("bad input left internal objects behind: {appeared:?}")
+        anyhow::bail!("bad input left internal objects behind: {made:?}")
     };
     settled.await
 }
