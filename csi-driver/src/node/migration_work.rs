@@ -253,7 +253,7 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
         .await?;
     }
     if pivoted {
-        return finish(agent, m, &volume).await;
+        return finish(agent, m, &volume, None).await;
     }
     let target = status.target.clone().unwrap_or_default();
     if let Some(error) = target.error.clone() {
@@ -529,15 +529,18 @@ async fn source_step(agent: &Agent, m: &LivediskMigration) -> Result<Action, Csi
         .await?;
         return Ok(Action::await_change());
     }
-    finish(agent, m, &volume).await
+    // `m` was read before this pass reported the mirror's bytes: its progress is older.
+    finish(agent, m, &volume, Some(overall.bytes_total)).await
 }
 
 /// After the pivot: the cutover finished if a crash interrupted it, the inventory handed to the
 /// target, the grants withdrawn, the attachment kept only while a consumer here uses it.
+/// `moved_bytes` is the move's total when this pass knows it; otherwise the last one reported.
 async fn finish(
     agent: &Agent,
     m: &LivediskMigration,
     volume: &VolumeId,
+    moved_bytes: Option<i64>,
 ) -> Result<Action, CsiError> {
     let name = m.name_any();
     agent.engine.complete_migration_out(volume).await?;
@@ -546,8 +549,9 @@ async fn finish(
     if agent.engine.remote_record(volume)?.is_none() {
         delete_attachment(agent, volume).await?;
     }
-    let status = m.status.clone().unwrap_or_default();
-    let total = status.progress.map(|p| p.bytes_total).unwrap_or(0);
+    let total = moved_bytes
+        .or_else(|| m.status.as_ref()?.progress.as_ref().map(|p| p.bytes_total))
+        .unwrap_or(0);
     patch_status(
         &agent.client,
         &name,
@@ -631,7 +635,7 @@ async fn source_cleanup(agent: &Agent, m: &LivediskMigration) -> Result<Action, 
     if pivoted_already(agent, m, &volume)? {
         if !m.status.as_ref().is_some_and(|s| s.phase.is_terminal()) {
             // Deleted mid-cutover: the target is the truth; finish the hand-over first.
-            finish(agent, m, &volume).await?;
+            finish(agent, m, &volume, None).await?;
         }
         withdraw_grants(agent, &m.name_any());
     } else {

@@ -90,6 +90,11 @@ async fn a_running_vm_moves_to_another_node_without_an_io_error() -> Result<()> 
         &format!("tcp:{target_ip}:{PORT}"),
     )?;
     ensure!(summary["status"] == "completed", "migration: {summary}");
+    // A migration that moved memory took time: 0 would be a figure read before QEMU set it.
+    ensure!(
+        summary["total_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "the migration's summary has no total time: {summary}"
+    );
     println!(
         "QEMU migrated node-a -> node-b: total {} ms, guest paused {} ms, {} bytes sent",
         summary["total_ms"], summary["downtime_ms"], summary["transferred_bytes"]
