@@ -17,6 +17,10 @@
 //!   consumer's way through the old owner is withdrawn (its LivediskAttachment goes), and with
 //!   the old owner's link cut the consumer still writes and reads back: its export now sits on
 //!   the target's own volume.
+//! * Staged on both nodes (a VM on the source, the QEMU it will move to waiting on the target),
+//!   moved under the source's writer: every write reads back through both consumers, the
+//!   target's consumer ends up local, the source's goes on through the target until it unstages,
+//!   and then no LivediskAttachment of the volume is left.
 //! * Cancelled while the mirror runs (a bandwidth limit keeps it running): Cancelled, the volume
 //!   stays on the source with every write, and the target keeps nothing.
 
@@ -337,6 +341,124 @@ async fn a_volume_moves_to_the_node_whose_consumer_uses_it_remotely() -> Result<
     let _ = migrations
         .delete("to-consumer", &DeleteParams::default())
         .await;
+    namespace.delete().await
+}
+
+/// A ReadWriteMany block volume staged on both nodes (a VM writing on the source while the QEMU
+/// it will live-migrate to waits on the target with the same disk) moves under the source's
+/// writer: both consumers keep their data, the target's ends up on its local volume, and the
+/// source's goes on through the target until it unstages, which then leaves nothing attached.
+#[tokio::test]
+async fn a_volume_used_on_both_nodes_moves_under_the_source_writer() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let _operator = operator_with_fronts(&client, &[SOURCE, TARGET]).await?;
+    let namespace = TestNamespace::create(&client, "migrate-both").await?;
+    let ns = namespace.name.clone();
+    let dir = ScratchDir::new("disk-migration-both")?;
+    let volume = volume_on_source(&client, &ns, "disk").await?;
+    let on_source = host_device(SOURCE, &attach_block(SOURCE, &volume, "local").await?)?;
+    let on_target = host_device(TARGET, &stage_as_kubelet(TARGET, &volume, "remote").await?)?;
+    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
+    let target_to_source = attachment_name(&volume, TARGET);
+    ensure!(
+        attachments.get_opt(&target_to_source).await?.is_some(),
+        "{volume} is not attached remotely on {TARGET}"
+    );
+
+    let log = dir.0.join("during.log");
+    let mut writer = start_writer(&on_source, 1, 40_000, &log)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    migration(&client, &ns, "both", "disk", json!({})).await?;
+    let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
+    let done = eventually(300, "DiskMigration both Completed", || async {
+        let status = migrations.get("both").await?.status.unwrap_or_default();
+        ensure!(
+            !matches!(status.phase, Phase::Failed | Phase::Cancelled),
+            "migration ended {:?}: {:?}",
+            status.phase,
+            status.conditions
+        );
+        Ok((status.phase == Phase::Completed).then_some(status))
+    })
+    .await?;
+    println!(
+        "staged on both nodes: cutover pause {:?} ms, verification {:?}, {} writes acknowledged",
+        done.cutover_pause_milliseconds,
+        done.verification,
+        acked(&log)
+    );
+    ensure!(
+        writer.try_wait()?.is_none(),
+        "the writer ended before the migration did: the move was not under it (raise its count)"
+    );
+    ensure!(
+        done.progress.as_ref().is_some_and(|p| p.bytes_total > 0),
+        "no bytes reported moved: {:?}",
+        done.progress
+    );
+    // The target's consumer is switched to its local volume: its way through the old owner goes.
+    eventually(120, "the target's remote attachment withdrawn", || async {
+        Ok(attachments
+            .get_opt(&target_to_source)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    finish_writer(writer)?;
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    ensure!(
+        !pool_has(SOURCE, &volume)?,
+        "the source still holds {volume}"
+    );
+    // Every acknowledged write, through the source's consumer (served by the target now) and
+    // through the target's (local now).
+    verify(&on_source, 1, &log)?;
+    verify(&on_target, 1, &log)?;
+
+    // The source's consumer lets go: its attachment to the new owner ends with it.
+    detach_block(SOURCE, &volume, "local").await?;
+    let source_to_target = attachment_name(&volume, SOURCE);
+    eventually(
+        120,
+        "the source's attachment to the new owner ended",
+        || async {
+            Ok(attachments
+                .get_opt(&source_to_target)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    // The old owner cut off: the target's consumer writes and reads back on its own.
+    set_link(SOURCE, false)?;
+    let log2 = dir.0.join("after.log");
+    let (device2, log2c) = (on_target.clone(), log2.clone());
+    let after = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            write_phase(&device2, 2, 256, &log2c)?;
+            verify(&device2, 2, &log2c)
+        }),
+    )
+    .await;
+    set_link(SOURCE, true)?;
+    after.context("the target's consumer waited on the cut-off old owner")???;
+
+    detach_block(TARGET, &volume, "remote").await?;
+    ensure!(
+        attachments
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .all(|a| a.spec.volume_id != volume),
+        "a LivediskAttachment of {volume} is left"
+    );
+    let _ = migrations.delete("both", &DeleteParams::default()).await;
     namespace.delete().await
 }
 
