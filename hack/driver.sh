@@ -64,6 +64,12 @@ start_bg() {
   echo $! > "$PIDS/$name.pid"
 }
 
+# group_running PGID: a process of the group still runs. Zombies do not count: an orphan is
+# reaped by PID 1, which here takes about 2 s each, and a stop would wait that long for nothing.
+group_running() {
+  ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+}
+
 stop_one() {
   local name="$1" pid
   [ -f "$PIDS/$name.pid" ] || return 0
@@ -72,7 +78,7 @@ stop_one() {
   # (engine-ns.sh exec, env) and what they run go together.
   if kill -0 "$pid" 2>/dev/null; then
     kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 100); do group_running "$pid" || break; sleep 0.1; done
     kill -9 -- "-$pid" 2>/dev/null || true
   fi
   rm -f "$PIDS/$name.pid"

@@ -79,7 +79,11 @@ stop_frontends() {
     local pid
     pid="$(cat "$frontends_pid")"
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # A zombie has exited (PID 1 reaps orphans here only after about 2 s).
+    for _ in $(seq 1 50); do
+      grep -qs '^State:[[:space:]]*[^Z[:space:]]' "/proc/$pid/status" || break
+      sleep 0.1
+    done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$frontends_pid"
