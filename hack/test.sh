@@ -126,17 +126,6 @@ setsid nice -n 15 bash -c 'hack/harness/node-build.sh; echo $? >"$1"' node-build
   >"$node_build_log" 2>&1 &
 node_build_pid=$!
 
-# The second phase (hack/test-nodes.sh: a chart cluster of real nodes on its own ports, links and
-# subnet, and the tests of tests/nodes/) runs from here on beside the first phase: it is the
-# longest part of the run, and both mostly wait on real parts (its first minutes start a cluster
-# and nodes while this one runs csi-sanity). Its output is printed whole when it ends.
-nodes_state="${LIVEDISK_TEST_NODES_STATE_DIR:-$ROOT/.livedisk/test-nodes}"
-nodes_log="$ROOT/.livedisk/test-nodes.log"
-echo "the chart on real nodes: hack/test-nodes.sh in the background, log: $nodes_log"
-NODE_BUILD_STATUS="$node_build_status" setsid hack/test-nodes.sh >"$nodes_log" 2>&1 &
-nodes_pid=$!
-nodes_t0=$SECONDS
-
 step "Helm chart: lint, template, server-side dry run of every rendered object"
 hack/test-chart.sh
 
@@ -165,7 +154,16 @@ second_up_pid=""
 [ "$second_status" -eq 0 ] && [ -s "$second_env" ] || { tail -n 30 "$second_log"; echo "the second cluster did not start"; exit 1; }
 tail -n 1 "$second_log"
 
-step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on two local clusters): three lanes, two clusters' end-to-end binaries beside the rest (the chart on real nodes runs on beside them)"
+step "cargo test --workspace (unit, engine on real qemu-storage-daemon, e2e on two local clusters): three lanes, two clusters' end-to-end binaries beside the rest; the chart on real nodes beside them"
+# The second phase (hack/test-nodes.sh: a chart cluster of real nodes on its own ports, links and
+# subnet, and the tests of tests/nodes/) runs beside the first phase's test binaries: both
+# mostly wait on real parts. Its output is printed whole when it ends.
+nodes_state="${LIVEDISK_TEST_NODES_STATE_DIR:-$ROOT/.livedisk/test-nodes}"
+nodes_log="$ROOT/.livedisk/test-nodes.log"
+echo "the chart on real nodes: hack/test-nodes.sh in the background, log: $nodes_log"
+NODE_BUILD_STATUS="$node_build_status" setsid hack/test-nodes.sh >"$nodes_log" 2>&1 &
+nodes_pid=$!
+nodes_t0=$SECONDS
 echo "QEMU under test: $(qemu-storage-daemon --version | head -n1)"
 log="$LIVEDISK_STATE_DIR/cargo-test.log"
 binaries="$LIVEDISK_STATE_DIR/test-binaries.json"
