@@ -33,7 +33,7 @@ use kube::{Client, ResourceExt};
 use livedisk_api::internal::{
     LivediskAttachment, LivediskMigration, LivediskSnapshot, LivediskVolume, attachment_name,
 };
-use livedisk_api::{DiskMigration, MigrationStage, Phase};
+use livedisk_api::{DiskMigration, DiskMigrationStatus, MigrationStage, Phase};
 use livedisk_csi_proto::csi::v1::*;
 use livedisk_e2e::csi::{
     attach_block, detach_block, kill_engine_daemon, kill_node_plugin, set_link,
@@ -136,6 +136,110 @@ async fn delta(base: &str, target: &str) -> Result<Vec<(i64, i64)>> {
     Ok(out)
 }
 
+/// The LivediskAttachment by which the target uses `volume` (staged there, held by the
+/// source), and its name; an error if there is none.
+async fn attached_remotely_on_target(
+    client: &Client,
+    volume: &str,
+) -> Result<(Api<LivediskAttachment>, String)> {
+    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
+    let name = attachment_name(volume, TARGET);
+    ensure!(
+        attachments.get_opt(&name).await?.is_some(),
+        "{volume} is not attached remotely on {TARGET}"
+    );
+    Ok((attachments, name))
+}
+
+/// A DiskMigration `name` of the claim "disk" to the target under a writer of `writes` blocks
+/// with `tag` on `device`, completed while the writer still runs: the writer (to finish) and
+/// the migration's status.
+async fn migrate_under_writer(
+    client: &Client,
+    migrations: &Api<DiskMigration>,
+    name: &str,
+    device: &str,
+    (tag, writes): (u64, u64),
+    log: &Path,
+) -> Result<(std::process::Child, DiskMigrationStatus)> {
+    let mut writer = start_writer(device, tag, writes, log)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ns = migrations.namespace().context("a namespaced API")?;
+    migration(client, ns, name, "disk", json!({})).await?;
+    let done = completed(migrations, name).await?;
+    println!(
+        "{name}: cutover pause {:?} ms, verification {:?}, {} writes acknowledged",
+        done.cutover_pause_milliseconds,
+        done.verification,
+        acked(log)
+    );
+    still_writing(&mut writer)?;
+    Ok((writer, done))
+}
+
+/// The inventory names the target as `volume`'s node, and the source's pool keeps nothing of it.
+async fn held_by_the_target_alone(client: &Client, volume: &str) -> Result<()> {
+    let volumes: Api<LivediskVolume> = Api::all(client.clone());
+    let node = volumes.get(volume).await?.spec.node_name;
+    ensure!(node == TARGET, "the inventory names {node} for {volume}");
+    ensure!(
+        !pool_has(SOURCE, volume)?,
+        "the source still holds {volume}"
+    );
+    Ok(())
+}
+
+/// Waits for the DiskMigration `name` to complete: its status; an error if it failed or was
+/// cancelled.
+async fn completed(migrations: &Api<DiskMigration>, name: &str) -> Result<DiskMigrationStatus> {
+    eventually(300, &format!("DiskMigration {name} Completed"), || async {
+        let status = migrations.get(name).await?.status.unwrap_or_default();
+        ensure!(
+            !matches!(status.phase, Phase::Failed | Phase::Cancelled),
+            "migration ended {:?}: {:?}",
+            status.phase,
+            status.conditions
+        );
+        Ok((status.phase == Phase::Completed).then_some(status))
+    })
+    .await
+}
+
+/// Fails unless the writer still runs: the migration that just completed was under it.
+fn still_writing(writer: &mut std::process::Child) -> Result<()> {
+    ensure!(
+        writer.try_wait()?.is_none(),
+        "the writer ended before the migration did: the move was not under it (raise its count)"
+    );
+    Ok(())
+}
+
+/// Waits until the LivediskAttachment `name` is gone.
+async fn withdrawn(attachments: &Api<LivediskAttachment>, name: &str, what: &str) -> Result<()> {
+    eventually(120, what, || async {
+        Ok(attachments.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+/// With the old owner (the source) cut off, a consumer of the moved volume on the target writes
+/// 256 blocks with `tag` and reads them back within 60 s. Through the old owner, its writes would
+/// wait on the NBD client's reconnect for minutes.
+async fn writes_with_the_old_owner_cut(device: &str, tag: u64, log: &Path) -> Result<()> {
+    set_link(SOURCE, false)?;
+    let (device, log) = (device.to_string(), log.to_path_buf());
+    let cut = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            write_phase(&device, tag, 256, &log)?;
+            verify(&device, tag, &log)
+        }),
+    )
+    .await;
+    set_link(SOURCE, true)?;
+    cut.context("the consumer's writes waited on the cut-off old owner")??
+}
+
 /// Whether a node's pool (a host directory in this layout) holds anything of `volume`.
 fn pool_has(node: &str, volume: &str) -> Result<bool> {
     let pool = livedisk_e2e::csi::socket_dir()?
@@ -219,8 +323,7 @@ async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -
     );
 
     // Ownership moved: the inventory names the target, the source keeps no copy.
-    let volumes: Api<LivediskVolume> = Api::all(client.clone());
-    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
+    held_by_the_target_alone(&client, &volume).await?;
     let snapshots: Api<LivediskSnapshot> = Api::all(client.clone());
     for s in &snaps {
         ensure!(
@@ -228,10 +331,6 @@ async fn a_volume_moves_under_a_writer_with_its_snapshots_and_changed_blocks() -
             "snapshot {s} stayed"
         );
     }
-    ensure!(
-        !pool_has(SOURCE, &volume)?,
-        "the source still holds {volume}"
-    );
 
     // Every acknowledged write is there: through the source's (now remote) consumer...
     verify(&device, 3, &log3)?;
@@ -267,74 +366,29 @@ async fn a_volume_moves_to_the_node_whose_consumer_uses_it_remotely() -> Result<
     // The consumer is on the target, the volume on the source: a remote attachment.
     let staged = stage_as_kubelet(TARGET, &volume, "remote").await?;
     let device = host_device(TARGET, &staged)?;
-    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
-    let remote = attachment_name(&volume, TARGET);
-    ensure!(
-        attachments.get_opt(&remote).await?.is_some(),
-        "{volume} is not attached remotely on {TARGET}"
-    );
+    let (attachments, remote) = attached_remotely_on_target(&client, &volume).await?;
     let log1 = dir.0.join("before.log");
     write_phase(&device, 1, BLOCKS, &log1)?;
 
     let log2 = dir.0.join("during.log");
-    let mut writer = start_writer(&device, 2, 60_000, &log2)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    migration(&client, &ns, "to-consumer", "disk", json!({})).await?;
     let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
-    let done = eventually(300, "DiskMigration to-consumer Completed", || async {
-        let status = migrations
-            .get("to-consumer")
-            .await?
-            .status
-            .unwrap_or_default();
-        ensure!(
-            !matches!(status.phase, Phase::Failed | Phase::Cancelled),
-            "migration ended {:?}: {:?}",
-            status.phase,
-            status.conditions
-        );
-        Ok((status.phase == Phase::Completed).then_some(status))
-    })
+    let (writer, _) = migrate_under_writer(
+        &client,
+        &migrations,
+        "to-consumer",
+        &device,
+        (2, 60_000),
+        &log2,
+    )
     .await?;
-    println!(
-        "to the consumer's node: cutover pause {:?} ms, verification {:?}, {} writes acknowledged",
-        done.cutover_pause_milliseconds,
-        done.verification,
-        acked(&log2)
-    );
-    ensure!(
-        writer.try_wait()?.is_none(),
-        "the writer ended before the migration did: the move was not under it (raise its count)"
-    );
     // The consumer's way through the old owner is withdrawn once its export is local.
-    eventually(120, "the remote attachment withdrawn", || async {
-        Ok(attachments.get_opt(&remote).await?.is_none().then_some(()))
-    })
-    .await?;
+    withdrawn(&attachments, &remote, "the remote attachment withdrawn").await?;
     finish_writer(writer)?;
-    let volumes: Api<LivediskVolume> = Api::all(client.clone());
-    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
-    ensure!(
-        !pool_has(SOURCE, &volume)?,
-        "the source still holds {volume}"
-    );
+    held_by_the_target_alone(&client, &volume).await?;
     verify(&device, 2, &log2)?;
 
-    // The old owner cut off: the consumer still writes and reads back. Through the old owner,
-    // its writes would wait on the NBD client's reconnect for minutes.
-    set_link(SOURCE, false)?;
-    let log3 = dir.0.join("cut.log");
-    let (device3, log3c) = (device.clone(), log3.clone());
-    let cut = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            write_phase(&device3, 3, 256, &log3c)?;
-            verify(&device3, 3, &log3c)
-        }),
-    )
-    .await;
-    set_link(SOURCE, true)?;
-    cut.context("the consumer's writes waited on the cut-off old owner")???;
+    // The old owner cut off: the consumer still writes and reads back.
+    writes_with_the_old_owner_cut(&device, 3, &dir.0.join("cut.log")).await?;
 
     // Unstaged the local way: nothing of the old attachment is left to end.
     detach_block(TARGET, &volume, "remote").await?;
@@ -359,60 +413,26 @@ async fn a_volume_used_on_both_nodes_moves_under_the_source_writer() -> Result<(
     let volume = volume_on_source(&client, &ns, "disk").await?;
     let on_source = host_device(SOURCE, &attach_block(SOURCE, &volume, "local").await?)?;
     let on_target = host_device(TARGET, &stage_as_kubelet(TARGET, &volume, "remote").await?)?;
-    let attachments: Api<LivediskAttachment> = Api::all(client.clone());
-    let target_to_source = attachment_name(&volume, TARGET);
-    ensure!(
-        attachments.get_opt(&target_to_source).await?.is_some(),
-        "{volume} is not attached remotely on {TARGET}"
-    );
+    let (attachments, target_to_source) = attached_remotely_on_target(&client, &volume).await?;
 
     let log = dir.0.join("during.log");
-    let mut writer = start_writer(&on_source, 1, 40_000, &log)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    migration(&client, &ns, "both", "disk", json!({})).await?;
     let migrations: Api<DiskMigration> = Api::namespaced(client.clone(), &ns);
-    let done = eventually(300, "DiskMigration both Completed", || async {
-        let status = migrations.get("both").await?.status.unwrap_or_default();
-        ensure!(
-            !matches!(status.phase, Phase::Failed | Phase::Cancelled),
-            "migration ended {:?}: {:?}",
-            status.phase,
-            status.conditions
-        );
-        Ok((status.phase == Phase::Completed).then_some(status))
-    })
-    .await?;
-    println!(
-        "staged on both nodes: cutover pause {:?} ms, verification {:?}, {} writes acknowledged",
-        done.cutover_pause_milliseconds,
-        done.verification,
-        acked(&log)
-    );
-    ensure!(
-        writer.try_wait()?.is_none(),
-        "the writer ended before the migration did: the move was not under it (raise its count)"
-    );
+    let (writer, done) =
+        migrate_under_writer(&client, &migrations, "both", &on_source, (1, 40_000), &log).await?;
     ensure!(
         done.progress.as_ref().is_some_and(|p| p.bytes_total > 0),
         "no bytes reported moved: {:?}",
         done.progress
     );
     // The target's consumer is switched to its local volume: its way through the old owner goes.
-    eventually(120, "the target's remote attachment withdrawn", || async {
-        Ok(attachments
-            .get_opt(&target_to_source)
-            .await?
-            .is_none()
-            .then_some(()))
-    })
+    withdrawn(
+        &attachments,
+        &target_to_source,
+        "the target's remote attachment withdrawn",
+    )
     .await?;
     finish_writer(writer)?;
-    let volumes: Api<LivediskVolume> = Api::all(client.clone());
-    ensure!(volumes.get(&volume).await?.spec.node_name == TARGET);
-    ensure!(
-        !pool_has(SOURCE, &volume)?,
-        "the source still holds {volume}"
-    );
+    held_by_the_target_alone(&client, &volume).await?;
     // Every acknowledged write, through the source's consumer (served by the target now) and
     // through the target's (local now).
     verify(&on_source, 1, &log)?;
@@ -421,32 +441,14 @@ async fn a_volume_used_on_both_nodes_moves_under_the_source_writer() -> Result<(
     // The source's consumer lets go: its attachment to the new owner ends with it.
     detach_block(SOURCE, &volume, "local").await?;
     let source_to_target = attachment_name(&volume, SOURCE);
-    eventually(
-        120,
+    withdrawn(
+        &attachments,
+        &source_to_target,
         "the source's attachment to the new owner ended",
-        || async {
-            Ok(attachments
-                .get_opt(&source_to_target)
-                .await?
-                .is_none()
-                .then_some(()))
-        },
     )
     .await?;
     // The old owner cut off: the target's consumer writes and reads back on its own.
-    set_link(SOURCE, false)?;
-    let log2 = dir.0.join("after.log");
-    let (device2, log2c) = (on_target.clone(), log2.clone());
-    let after = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            write_phase(&device2, 2, 256, &log2c)?;
-            verify(&device2, 2, &log2c)
-        }),
-    )
-    .await;
-    set_link(SOURCE, true)?;
-    after.context("the target's consumer waited on the cut-off old owner")???;
+    writes_with_the_old_owner_cut(&on_target, 2, &dir.0.join("after.log")).await?;
 
     detach_block(TARGET, &volume, "remote").await?;
     ensure!(
